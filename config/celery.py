@@ -1,0 +1,43 @@
+"""Celery configuration derived from ``Settings``: queues, routes, JSON only, Redis results, events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu import Exchange, Queue
+
+from config.settings import Settings
+from tasks import names
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.result_backend,
+        # JSON only, in both directions: a pickle message is refused by every worker.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_queues": tuple(Queue(name, Exchange(name, type="direct"), routing_key=name) for name in names.QUEUES),
+        "task_default_queue": names.SEARCH_QUEUE,
+        "task_default_exchange": names.SEARCH_QUEUE,
+        "task_default_routing_key": names.SEARCH_QUEUE,
+        "task_routes": {name: {"queue": queue} for name, queue in names.ROUTES.items()},
+        # Short, idempotent tasks: ack after running so a killed worker's task is redelivered.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 4,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "result_expires": settings.result_expires_s,
+        "result_backend_transport_options": {"retry_policy": {"timeout": 2.0}},
+        "redis_socket_timeout": 5.0,
+        "redis_socket_connect_timeout": 2.0,
+        "broker_connection_retry_on_startup": True,
+        # Flower sees every task, including when it was sent.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": False,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+    }

@@ -1,0 +1,101 @@
+"""Typed settings, read from the environment (prefix ``MEMQ_``) once per process.
+
+Every field is documented in the README's configuration table; keep the two in step
+(``tests/test_settings.py`` checks that each field appears there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from memq.errors import ConfigError
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+SEARCH_STRATEGIES = ("auto", "exact", "vector_search")
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker_url: str = DEFAULT_REDIS_URL
+    result_backend: str = DEFAULT_REDIS_URL
+    redis_url: str = ""  # cache and tenant versions; empty means "the broker's Redis"
+    mongodb_uri: str = "mongodb://127.0.0.1:27017"
+    mongodb_db: str = "memq"
+    mongodb_pool_size: int = 16
+    mongodb_timeout_ms: int = 3000
+    embed_model: str = "all-MiniLM-L6-v2"
+    embed_device: str = "auto"
+    embed_batch_size: int = 64
+    search_strategy: str = "auto"
+    vector_index: str = "memq_vector"
+    num_candidates_factor: int = 20
+    candidate_oversample: int = 3
+    exact_cache_max_vectors: int = 2_000_000
+    recency_half_life_s: float = 7 * 24 * 3600.0
+    retrieve_timeout_s: float = 10.0
+    max_query_chars: int = 4096
+    max_content_chars: int = 32768
+    max_batch_items: int = 1000
+    result_cache_ttl_s: int = 300
+    embedding_cache_ttl_s: int = 86400
+    single_flight_lock_s: float = 10.0  # how long identical concurrent misses wait on one chord at most
+    result_expires_s: int = 600
+    visibility_timeout_s: int = 300
+    search_max_retries: int = 3
+    flower_basic_auth: str = field(default="", repr=False)
+    metrics_port: int = 0
+
+    @property
+    def cache_redis_url(self) -> str:
+        return self.redis_url or self.broker_url
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f"MEMQ_{f.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f.name, raw, f.type)
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.search_strategy not in SEARCH_STRATEGIES:
+            raise ConfigError(
+                f"MEMQ_SEARCH_STRATEGY must be one of {', '.join(SEARCH_STRATEGIES)}, got {self.search_strategy!r}"
+            )
+        for name in ("mongodb_pool_size", "embed_batch_size", "num_candidates_factor", "candidate_oversample"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"MEMQ_{name.upper()} must be >= 1")
+        if self.recency_half_life_s <= 0:
+            raise ConfigError("MEMQ_RECENCY_HALF_LIFE_S must be > 0")
+        for name in ("result_cache_ttl_s", "embedding_cache_ttl_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"MEMQ_{name.upper()} must be >= 0 (0 disables the cache)")
+        if self.single_flight_lock_s <= 0:
+            raise ConfigError("MEMQ_SINGLE_FLIGHT_LOCK_S must be > 0")
+
+
+def _parse(name: str, raw: str, type_name: object) -> object:
+    kind = str(type_name)
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"MEMQ_{name.upper()} must be a number, got {raw!r}") from None
+    return raw
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read from the environment on first use."""
+    return Settings.from_env()

@@ -1,0 +1,247 @@
+"""The ``memq`` command line. ``--json`` prints machine-readable output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from memq.errors import InvalidInput, MemqError
+
+WORKER_DEFAULTS: dict[str, list[str]] = {
+    # One process, threads share the model; never forks after CUDA is initialised.
+    "embed": ["--pool", "threads", "--concurrency", "4"],
+    # I/O-bound Mongo queries and numpy (releases the GIL); threads share one Mongo pool and matrix cache.
+    "search": ["--pool", "threads", "--concurrency", "8"],
+    "ingest": ["--pool", "threads", "--concurrency", "2"],
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["worker"]:
+        return run_worker(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except InvalidInput as exc:
+        return _fail(args, "invalid_input", str(exc), field=exc.field)
+    except MemqError as exc:
+        return _fail(args, type(exc).__name__, str(exc))
+
+
+def _fail(args: argparse.Namespace, kind: str, message: str, **extra: str) -> int:
+    if getattr(args, "json", False):
+        print(json.dumps({"error": kind, "message": message, **extra}))
+    else:
+        print(f"memq: error: {message}", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memq", description="Celery retrieval workers for agent memory.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("worker", help="start a worker: memq worker embed|search|ingest [celery worker args]")
+
+    p = sub.add_parser("remember", help="embed and store memories")
+    p.add_argument("--memory-id", required=True)
+    p.add_argument("--type", required=True, dest="memory_type")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text")
+    source.add_argument("--file", type=Path, help="JSONL: one object per line with 'content' (and optional fields)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_remember)
+
+    p = sub.add_parser("retrieve", help="retrieve ranked memories")
+    p.add_argument("query")
+    p.add_argument("--memory-id", required=True)
+    p.add_argument("--limit", action="append", required=True, metavar="TYPE=K")
+    p.add_argument("--weights", metavar="relevance=1,recency=0,importance=0")
+    p.add_argument("--timeout-s", type=float, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_retrieve)
+
+    p = sub.add_parser("forget", help="delete a tenant's memories")
+    p.add_argument("--memory-id", required=True)
+    p.add_argument("--type", dest="memory_type")
+    p.add_argument("--id", action="append", dest="ids", metavar="ID")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_forget)
+
+    p = sub.add_parser("indexes", help="create indexes (idempotent) and print the Atlas vector index")
+    p.add_argument("--dimensions", type=int, default=384)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_indexes)
+
+    p = sub.add_parser("demo", help="start everything locally, ingest samples, retrieve, stop")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_demo)
+
+    p = sub.add_parser("status", help="workers per queue, queue depths, Redis/MongoDB reachability, models")
+    p.add_argument("--timeout-s", type=float, default=1.0, help="how long to wait for worker replies")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser("flower", help="Flower for this app; basic auth from MEMQ_FLOWER_BASIC_AUTH")
+    p.add_argument("--port", type=int, default=5555)
+    p.add_argument("--address", default="0.0.0.0")
+    p.set_defaults(handler=cmd_flower)
+    return parser
+
+
+def run_worker(argv: list[str]) -> int:
+    if not argv or argv[0] not in WORKER_DEFAULTS:
+        print("usage: memq worker embed|search|ingest [--device cuda:N] [celery worker args...]", file=sys.stderr)
+        return 2
+    kind, extra = argv[0], argv[1:]
+    if "--device" in extra:
+        at = extra.index("--device")
+        os.environ["MEMQ_EMBED_DEVICE"] = extra[at + 1]
+        del extra[at : at + 2]
+    os.environ["MEMQ_WORKER_KIND"] = kind
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from tasks.app import app
+
+    args = ["worker", "-Q", kind, *WORKER_DEFAULTS[kind]]
+    if not any(a in ("-n", "--hostname") or a.startswith("--hostname=") for a in extra):
+        args += ["-n", f"{kind}@%h"]
+    app.worker_main([*args, *extra])
+    return 0
+
+
+def parse_pairs(values: Sequence[str], field: str, number: type) -> dict[str, Any]:
+    pairs: dict[str, Any] = {}
+    for value in values:
+        for part in value.split(","):
+            name, sep, raw = part.partition("=")
+            if not sep or not name.strip():
+                raise InvalidInput(field, f"expected NAME=VALUE, got {part!r}")
+            try:
+                pairs[name.strip()] = number(raw)
+            except ValueError:
+                raise InvalidInput(field, f"{name.strip()}: {raw!r} is not a number") from None
+    return pairs
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    items = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput("file", f"cannot read {path}: {exc}") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidInput("file", f"line {number}: not JSON ({exc.msg})") from None
+        if not isinstance(item, dict):
+            raise InvalidInput("file", f"line {number}: expected an object with 'content'")
+        items.append(item)
+    if not items:
+        raise InvalidInput("file", f"{path} holds no memories")
+    return items
+
+
+def cmd_remember(args: argparse.Namespace) -> int:
+    from tasks.client import remember
+
+    items: list[Any] = read_jsonl(args.file) if args.file else [{"content": args.text}]
+    result = remember(args.memory_id, args.memory_type, items)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"stored {len(result['ids'])} memories in {result['type']} "
+            f"({result['inserted']} new, {result['updated']} updated) for {result['memory_id']}"
+        )
+    return 0
+
+
+def cmd_retrieve(args: argparse.Namespace) -> int:
+    from tasks.client import retrieve
+
+    limits = parse_pairs(args.limit, "limit", int)
+    weights = parse_pairs([args.weights], "weights", float) if args.weights else None
+    result = retrieve(args.query, args.memory_id, limits, weights=weights, timeout_s=args.timeout_s)
+    print(json.dumps(result) if args.json else format_result(result))
+    return 0
+
+
+def format_result(result: dict[str, Any]) -> str:
+    lines = [f"query: {result['query']!r}  memory_id: {result['memory_id']}  cached: {result.get('cached')}"]
+    for memory_type, items in result["results"].items():
+        lines.append(f"  {memory_type} ({len(items)})")
+        for item in items:
+            lines.append(f"    {item['memory_signal']:.3f}  cos={item['score']:.3f}  {item['content'][:80]}")
+    for memory_type, message in result.get("errors", {}).items():
+        lines.append(f"  {memory_type}: ERROR {message}")
+    timings = result.get("timings_ms", {})
+    if timings:
+        lines.append("  timings_ms: " + json.dumps(_round(timings)))
+    return "\n".join(lines)
+
+
+def _round(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 2)
+    if isinstance(value, dict):
+        return {k: _round(v) for k, v in value.items()}
+    return value
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    from tasks.client import forget
+
+    result = forget(args.memory_id, args.memory_type, args.ids)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"deleted {sum(result['deleted'].values())} memories of {result['memory_id']}")
+    return 0
+
+
+def cmd_indexes(args: argparse.Namespace) -> int:
+    from tasks.client import create_indexes
+
+    result = create_indexes(args.dimensions)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for memory_type, names in result["indexes"].items():
+            vector = result["vector_indexes"].get(memory_type)
+            print(f"{memory_type}: {', '.join(names)}; vector index: {vector}")
+        print("Atlas vector index definition:")
+        print(json.dumps(result["vector_index_definition"], indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from memq.demo import run_demo
+
+    return run_demo(as_json=args.json)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from memq.status import collect_status, format_status
+
+    status = collect_status(timeout_s=args.timeout_s)
+    print(json.dumps(status) if args.json else format_status(status))
+    return 0 if status["ok"] else 1
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    from memq.flower import run_flower
+
+    return run_flower(args.port, args.address)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Every Redis key memq writes lives under one prefix, with a format version in it.
+
+| key                                       | what                                            | written by   |
+|-------------------------------------------|-------------------------------------------------|--------------|
+| ``memq:v1:ver:<tenant digest>:<type>``    | a tenant's data version per memory type (INCR)  | store/forget |
+| ``memq:v1:res:<fingerprint>:<versions>``  | a cached retrieval result (JSON envelope, TTL)  | merge        |
+| ``memq:v1:lock:<fingerprint>:<versions>`` | the single-flight lock of that result (PX)      | the client   |
+| ``memq:v1:emb:<digest of model, text>``   | a cached embedding (format byte + float32, TTL) | embed tasks  |
+
+``<fingerprint>`` is ``sha256`` of the request's identity (see ``memq.requests.cache_identity``) and
+``<versions>`` the requested types' data versions joined by ``.``: a write bumps a version, so the
+entries written before it can no longer be named (nothing is scanned or deleted; they expire by TTL).
+Bump ``PREFIX`` when a key's layout changes; the values carry their own format version too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+PREFIX = "memq:v1"
+RESULT_PREFIX = f"{PREFIX}:res:"
+LOCK_PREFIX = f"{PREFIX}:lock:"
+FINGERPRINT_CHARS = 40
+_VERSIONS = r"\d{1,19}(?:\.\d{1,19})*"
+_RESULT_KEY = re.compile(rf"^{re.escape(RESULT_PREFIX)}([0-9a-f]{{{FINGERPRINT_CHARS}}}):({_VERSIONS})$")
+
+
+def tenant_version(memory_id: str, memory_type: str) -> str:
+    return f"{PREFIX}:ver:{_digest(memory_id)}:{memory_type}"
+
+
+def result_cache(suffix: str) -> str:
+    """``suffix``: ``<fingerprint>:<versions>``."""
+    return f"{RESULT_PREFIX}{suffix}"
+
+
+def result_lock(suffix: str) -> str:
+    return f"{LOCK_PREFIX}{suffix}"
+
+
+def lock_of(result_key: str) -> str:
+    """The single-flight lock that guards ``result_key``."""
+    return result_lock(result_key.removeprefix(RESULT_PREFIX))
+
+
+def parse_result_key(key: str) -> tuple[str, list[int]] | None:
+    """``(fingerprint, versions)`` of a well-formed result key, else ``None``."""
+    match = _RESULT_KEY.match(key)
+    if match is None:
+        return None
+    return match.group(1), [int(v) for v in match.group(2).split(".")]
+
+
+def fingerprint(identity: Mapping[str, Any]) -> str:
+    """A stable digest of a JSON-safe mapping (key order and float formatting cannot change it)."""
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:FINGERPRINT_CHARS]
+
+
+def embedding_cache(model: str, text: str) -> str:
+    return f"{PREFIX}:emb:{_digest(model + chr(0) + text)}"
+
+
+def memory_object_id(memory_id: str, key: str) -> str:
+    """The stored ``_id``: unique per (tenant, key), so tenants' ids never collide."""
+    return _digest(memory_id + "\x1f" + key)
+
+
+def content_key(content: str) -> str:
+    return hashlib.sha256(content.encode("utf-8")).hexdigest()[:24]
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]

@@ -1,0 +1,127 @@
+"""Checked, JSON-safe request payloads, built once in the client and checked again in the tasks."""
+
+from __future__ import annotations
+
+import time
+import unicodedata
+from typing import Any
+
+from config.settings import SEARCH_STRATEGIES, Settings
+from memq import keys, validation
+from memq.errors import InvalidInput
+from memq.ranking import candidates_for
+
+RESULT_FORMAT = 1  # bump when the result's shape changes: old cache entries are then never read
+MAX_CACHE_TTL_S = 30 * 24 * 3600
+CACHE_FIELDS = ("cache_key", "cache_ttl_s")
+
+
+def retrieval_request(
+    settings: Settings,
+    query: Any,
+    memory_id: Any,
+    limits: Any,
+    weights: Any = None,
+    timeout_s: Any = None,
+    strategy: Any = None,
+) -> dict[str, Any]:
+    checked_query = validation.check_query(query, settings.max_query_chars)
+    checked_memory_id = validation.check_memory_id(memory_id)
+    checked_limits = validation.check_limits(limits)
+    checked_weights = validation.check_weights(weights)
+    checked_timeout_s = validation.check_timeout(settings.retrieve_timeout_s if timeout_s is None else timeout_s)
+    chosen_strategy = settings.search_strategy if strategy is None else strategy
+    if chosen_strategy not in SEARCH_STRATEGIES:
+        raise InvalidInput("strategy", f"must be one of {SEARCH_STRATEGIES}, got {chosen_strategy!r}")
+    now = time.time()
+    return {
+        "query": checked_query,
+        "memory_id": checked_memory_id,
+        "limits": checked_limits,
+        "weights": checked_weights,
+        "strategy": chosen_strategy,
+        "candidates": {
+            t: candidates_for(k, checked_weights, settings.candidate_oversample) for t, k in checked_limits.items()
+        },
+        "timeout_s": checked_timeout_s,
+        "requested_at": now,
+        "deadline_ts": now + checked_timeout_s,
+    }
+
+
+def recheck_retrieval_request(settings: Settings, request: Any) -> dict[str, Any]:
+    """A worker's second look at a request that arrived over the wire."""
+    if not isinstance(request, dict):
+        raise InvalidInput("request", "must be an object")
+    checked = retrieval_request(
+        settings,
+        request.get("query"),
+        request.get("memory_id"),
+        request.get("limits"),
+        request.get("weights"),
+        request.get("timeout_s"),
+        request.get("strategy"),
+    )
+    for field in ("requested_at", "deadline_ts"):
+        if isinstance(request.get(field), int | float):
+            checked[field] = float(request[field])
+    if request.get("cache_key") is not None or request.get("cache_ttl_s") is not None:
+        checked = with_cache(checked, request.get("cache_key"), request.get("cache_ttl_s"))
+    return checked
+
+
+def normalise_query(query: str) -> str:
+    """The query as the result cache sees it: Unicode NFC, runs of whitespace as one space."""
+    return " ".join(unicodedata.normalize("NFC", query).split())
+
+
+def cache_identity(settings: Settings, request: dict[str, Any]) -> dict[str, Any]:
+    """Everything that decides a retrieval's result, apart from the tenant's data versions (and the
+    clock, through recency, which moves little within a cache TTL). ``timeout_s`` is not in it."""
+    return {
+        "format": RESULT_FORMAT,
+        "query": normalise_query(request["query"]),
+        "memory_id": request["memory_id"],
+        "limits": sorted(request["limits"].items()),
+        "weights": sorted(request["weights"].items()),
+        "strategy": request["strategy"],
+        "model": settings.embed_model,
+        "candidate_oversample": settings.candidate_oversample,
+        "num_candidates_factor": settings.num_candidates_factor,
+        "recency_half_life_s": settings.recency_half_life_s,
+        "vector_index": settings.vector_index,
+    }
+
+
+def cache_fingerprint(settings: Settings, request: dict[str, Any]) -> str:
+    return keys.fingerprint(cache_identity(settings, request))
+
+
+def with_cache(request: dict[str, Any], cache_key: Any, cache_ttl_s: Any) -> dict[str, Any]:
+    """The request plus where ``memq.merge`` stores its result. The key must be a result key
+    (``memq:v1:res:<fingerprint>:<one version per requested type>``); the fingerprint itself is not
+    recomputed here, because a client may run with other settings (another model name) than the worker."""
+    parsed = keys.parse_result_key(cache_key) if isinstance(cache_key, str) else None
+    if parsed is None:
+        raise InvalidInput("cache_key", f"must be a result cache key under {keys.RESULT_PREFIX!r}")
+    if len(parsed[1]) != len(request["limits"]):
+        raise InvalidInput("cache_key", "must carry one data version per requested memory type")
+    if isinstance(cache_ttl_s, bool) or not isinstance(cache_ttl_s, int) or not 1 <= cache_ttl_s <= MAX_CACHE_TTL_S:
+        raise InvalidInput("cache_ttl_s", f"must be an integer number of seconds in 1..{MAX_CACHE_TTL_S}")
+    return {**request, "cache_key": cache_key, "cache_ttl_s": cache_ttl_s}
+
+
+def remember_request(settings: Settings, memory_id: Any, memory_type: Any, items: Any) -> dict[str, Any]:
+    return {
+        "memory_id": validation.check_memory_id(memory_id),
+        "memory_type": validation.check_memory_type(memory_type).value,
+        "items": validation.check_items(items, settings.max_batch_items, settings.max_content_chars),
+    }
+
+
+def forget_request(memory_id: Any, memory_type: Any = None, ids: Any = None) -> dict[str, Any]:
+    return {
+        "memory_id": validation.check_memory_id(memory_id),
+        "memory_type": None if memory_type is None else validation.check_memory_type(memory_type).value,
+        "ids": validation.check_ids(ids),
+    }

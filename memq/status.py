@@ -1,0 +1,153 @@
+"""``memq status``: the fleet at a glance, from the outside.
+
+- Redis (the broker) and MongoDB: reachable or not, with the error.
+- Queue depths: messages waiting in ``embed``, ``search``, ``ingest`` (read through the broker).
+- Workers: every worker's answer to the ``memq_info`` inspect command (``workers/control.py``): kind,
+  queues, pool and concurrency, tasks in flight, and for embed workers the model, device and dimensions.
+
+The fleet is healthy (``ok``) when Redis and MongoDB answer and every queue has at least one worker.
+Nothing here imports torch; pymongo is imported only to ping MongoDB.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu.utils.url import maybe_sanitize_url
+
+from config import Settings, get_settings
+from tasks import names
+
+STATUS_TIMEOUT_S = 1.0
+
+
+def collect_status(settings: Settings | None = None, timeout_s: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
+    settings = settings or get_settings()
+    redis_state = redis_reachability(settings.broker_url, timeout_s)
+    mongo_state = mongo_reachability(settings.mongodb_uri, timeout_ms=int(timeout_s * 1000))
+    workers: dict[str, dict[str, Any]] = {}
+    depths: dict[str, int | None] = dict.fromkeys(names.QUEUES)
+    if redis_state["reachable"]:  # never block on a broker that is down
+        from tasks.app import app
+
+        workers = worker_infos(app, timeout_s)
+        depths = queue_depths(app, names.QUEUES)
+    queues = {
+        queue: {"depth": depths[queue], "workers": sorted(h for h, w in workers.items() if queue in w["queues"])}
+        for queue in names.QUEUES
+    }
+    ok = redis_state["reachable"] and mongo_state["reachable"] and all(q["workers"] for q in queues.values())
+    return {"ok": ok, "redis": redis_state, "mongodb": mongo_state, "queues": queues, "workers": workers}
+
+
+def redis_reachability(url: str, timeout_s: float) -> dict[str, Any]:
+    import redis
+
+    state: dict[str, Any] = {"url": maybe_sanitize_url(url), "reachable": False, "error": None}
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        state["reachable"] = bool(client.ping())
+    except (redis.RedisError, OSError, ValueError) as exc:
+        state["error"] = f"{type(exc).__name__}: {exc}"
+    return state
+
+
+def mongo_reachability(uri: str, timeout_ms: int) -> dict[str, Any]:
+    import pymongo
+    from pymongo.errors import PyMongoError
+
+    state: dict[str, Any] = {"url": maybe_sanitize_url(uri), "reachable": False, "error": None}
+    try:
+        client: pymongo.MongoClient = pymongo.MongoClient(
+            uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms, appname="memq-status"
+        )
+        try:
+            client.admin.command("ping")
+            state["reachable"] = True
+        finally:
+            client.close()
+    except (PyMongoError, ValueError) as exc:
+        state["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    return state
+
+
+def queue_depths(app: Any, queues: tuple[str, ...]) -> dict[str, int | None]:
+    """Messages waiting per queue. A Redis queue with nothing waiting has no key: that reads as 0."""
+    from kombu.exceptions import ChannelError
+
+    depths: dict[str, int | None] = {}
+    with app.connection_for_read() as connection:
+        channel = connection.default_channel
+        for queue in queues:
+            try:
+                depths[queue] = int(channel.queue_declare(queue=queue, passive=True).message_count)
+            except ChannelError:
+                depths[queue] = 0
+    return depths
+
+
+def worker_infos(app: Any, timeout_s: float) -> dict[str, dict[str, Any]]:
+    """Each worker's ``memq_info`` reply by hostname; a worker without the command still shows up."""
+    from workers.control import INFO_COMMAND
+
+    replies = app.control.broadcast(INFO_COMMAND, reply=True, timeout=timeout_s) or []
+    infos: dict[str, dict[str, Any]] = {}
+    for reply in replies:
+        for hostname, info in reply.items():
+            infos[hostname] = normalised_info(hostname, info)
+    return dict(sorted(infos.items()))
+
+
+def normalised_info(hostname: str, info: Any) -> dict[str, Any]:
+    if not isinstance(info, dict) or "error" in info:
+        error = info.get("error") if isinstance(info, dict) else repr(info)
+        return {"kind": hostname.split("@", 1)[0], "queues": [], "error": str(error)}
+    return info
+
+
+def format_status(status: dict[str, Any]) -> str:
+    lines = [f"memq status: {'ok' if status['ok'] else 'NOT OK'}"]
+    for name in ("redis", "mongodb"):
+        service = status[name]
+        state = "reachable" if service["reachable"] else f"UNREACHABLE ({service['error']})"
+        lines.append(f"  {name:<8} {service['url']}  {state}")
+    lines.append("")
+    lines += _table(
+        ["QUEUE", "DEPTH", "WORKERS"],
+        [[queue, _text(q["depth"]), ", ".join(q["workers"]) or "NONE"] for queue, q in status["queues"].items()],
+    )
+    lines.append("")
+    lines += _table(
+        ["WORKER", "KIND", "QUEUES", "POOL", "ACTIVE", "MODEL", "DEVICE", "DIM"],
+        [_worker_row(hostname, info) for hostname, info in status["workers"].items()] or [["(none)"] + [""] * 7],
+    )
+    return "\n".join(lines)
+
+
+def _worker_row(hostname: str, info: dict[str, Any]) -> list[str]:
+    if "error" in info:
+        return [hostname, info["kind"], "", "", "", f"error: {info['error']}", "", ""]
+    pool = info.get("pool") or {}
+    model = info.get("model") or {}
+    return [
+        hostname,
+        info["kind"] or "?",
+        ",".join(info["queues"]),
+        f"{pool.get('implementation', '?')} x{pool.get('concurrency', '?')}",
+        _text(info.get("active_tasks")),
+        _text(model.get("name")) if model else "-",
+        _text(model.get("device")) if model else "-",
+        _text(model.get("dimensions")) if model else "-",
+    ]
+
+
+def _text(value: Any) -> str:
+    return "?" if value is None else str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]

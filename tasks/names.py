@@ -1,0 +1,45 @@
+"""Stable task names and their queues. Import-light: a web app can ``send_task`` by these names
+without importing torch, pymongo or any worker code.
+
+| name                  | queue  | args                                                   |
+|-----------------------|--------|--------------------------------------------------------|
+| memq.retrieve         | search | query, memory_id, limits, weights=None                 |
+| memq.remember         | ingest | memory_id, memory_type, items                          |
+| memq.forget           | ingest | memory_id, memory_type=None, ids=None                  |
+| memq.create_indexes   | ingest | (none)                                                 |
+| memq.embed_query      | embed  | query                                   (canvas step)  |
+| memq.embed_texts      | embed  | texts                                   (canvas step)  |
+| memq.search           | search | embedded, memory_id, memory_type, k, strategy, deadline_ts |
+| memq.merge            | search | results, request                        (chord body)   |
+| memq.store            | ingest | embedded, memory_id, memory_type, items (chain step)   |
+| memq.noop             | search | anything; returns at once (benchmark floor)            |
+"""
+
+RETRIEVE = "memq.retrieve"
+REMEMBER = "memq.remember"
+FORGET = "memq.forget"
+CREATE_INDEXES = "memq.create_indexes"
+EMBED_QUERY = "memq.embed_query"
+EMBED_TEXTS = "memq.embed_texts"
+SEARCH = "memq.search"
+MERGE = "memq.merge"
+STORE = "memq.store"
+NOOP = "memq.noop"
+
+EMBED_QUEUE = "embed"
+SEARCH_QUEUE = "search"
+INGEST_QUEUE = "ingest"
+QUEUES = (EMBED_QUEUE, SEARCH_QUEUE, INGEST_QUEUE)
+
+ROUTES = {
+    EMBED_QUERY: EMBED_QUEUE,
+    EMBED_TEXTS: EMBED_QUEUE,
+    SEARCH: SEARCH_QUEUE,
+    MERGE: SEARCH_QUEUE,
+    RETRIEVE: SEARCH_QUEUE,
+    STORE: INGEST_QUEUE,
+    NOOP: SEARCH_QUEUE,
+    REMEMBER: INGEST_QUEUE,
+    FORGET: INGEST_QUEUE,
+    CREATE_INDEXES: INGEST_QUEUE,
+}

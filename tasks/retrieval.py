@@ -1,0 +1,91 @@
+"""Retrieval tasks: thin wrappers that check arguments, retry transient failures, and route.
+
+The logic is in ``workers.steps``; the canvas is built in ``tasks.canvas``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery import Task
+
+from config import get_settings
+from memq import validation
+from memq.errors import InvalidInput, TransientError
+from memq.requests import recheck_retrieval_request
+from tasks import names
+from tasks.app import app
+
+log = logging.getLogger(__name__)
+
+RETRY_BACKOFF_S = (0.05, 0.2, 0.5, 1.0, 2.0)
+
+
+@app.task(name=names.EMBED_QUERY, autoretry_for=(TransientError,), max_retries=3, retry_backoff=0.1)
+def embed_query(query: str) -> dict[str, Any]:
+    from workers import steps
+
+    return steps.embed_query(validation.check_query(query, get_settings().max_query_chars))
+
+
+@app.task(name=names.SEARCH, bind=True, max_retries=None)
+def search(
+    self: Task,
+    embedded: dict[str, Any],
+    memory_id: str,
+    memory_type: str,
+    k: int,
+    strategy: str = "auto",
+    deadline_ts: float | None = None,
+) -> dict[str, Any]:
+    """One type's search. Never raises: a failure is reported for this type only, so the chord's
+    other types still arrive. Transient store errors retry with bounded backoff inside the deadline."""
+    from workers import steps
+
+    try:
+        memory_id = validation.check_memory_id(memory_id)
+        memory_type = validation.check_memory_type(memory_type).value
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
+            raise InvalidInput("k", "must be an integer in 1..1000")
+        return steps.search_type(embedded, memory_id, memory_type, k, strategy)
+    except InvalidInput as exc:
+        return steps.search_failed(str(memory_type), f"invalid input: {exc}", embedded)
+    except TransientError as exc:
+        attempt = self.request.retries
+        settings = get_settings()
+        backoff_s = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+        within_deadline = deadline_ts is None or time.time() + backoff_s < deadline_ts - 0.25
+        if attempt < settings.search_max_retries and within_deadline:
+            log.warning("search %s for %s failed (%s); retry %d", memory_type, memory_id, exc, attempt + 1)
+            raise self.retry(countdown=backoff_s, exc=exc) from exc
+        return steps.search_failed(memory_type, f"unavailable after {attempt + 1} attempt(s): {exc}", embedded)
+    except Exception as exc:
+        log.exception("search %s for %s failed", memory_type, memory_id)
+        return steps.search_failed(str(memory_type), f"{type(exc).__name__}: {exc}", embedded)
+
+
+@app.task(name=names.MERGE)
+def merge(results: list[dict[str, Any]], request: dict[str, Any]) -> dict[str, Any]:
+    from workers import steps
+
+    return steps.merge(results, recheck_retrieval_request(get_settings(), request))
+
+
+@app.task(name=names.RETRIEVE, bind=True)
+def retrieve(
+    self: Task,
+    query: str,
+    memory_id: str,
+    limits: dict[str, int],
+    weights: dict[str, float] | None = None,
+    timeout_s: float | None = None,
+) -> Any:
+    """Entry point for ``send_task('memq.retrieve', ...)``: checks, then replaces itself with the canvas.
+    The caller's ``AsyncResult`` resolves to the merged result."""
+    from memq.requests import retrieval_request
+    from tasks.canvas import retrieval_canvas
+
+    request = retrieval_request(get_settings(), query, memory_id, limits, weights, timeout_s)
+    raise self.replace(retrieval_canvas(request))

@@ -1,0 +1,339 @@
+"""The Redis caches against real services: the result cache (hits without a task, invalidation by a tenant's
+writes, TTL, identity, single-flight, format version, Redis down) and the embed tasks' embedding cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+
+from config import get_settings
+from memq import keys, result_cache, services
+from memq.errors import InvalidInput, RetrievalTimeout
+from memq.requests import cache_fingerprint, recheck_retrieval_request, retrieval_request, with_cache
+from memq.vectors import from_wire
+from tasks import client, names
+
+pytestmark = pytest.mark.usefixtures("fleet")
+
+FOOD = [
+    "loves spicy Thai green curry",
+    "is vegetarian since 2019",
+    "hates coriander in any dish",
+    "bakes sourdough bread on Sundays",
+]
+QUERY = "what does she like to eat?"
+LIMITS = {"semantic": 3, "episodic": 1}
+RETRIEVAL_TASKS = (names.EMBED_QUERY, names.SEARCH, names.MERGE)
+
+
+def seed(tenant: str) -> None:
+    client.remember(tenant, "semantic", FOOD)
+    client.remember(tenant, "episodic", ["user: book a table for Friday"])
+
+
+def executed(app: Any) -> Counter[str]:
+    """Tasks run so far by the session's workers, by name (the workers' own counts)."""
+    replies = app.control.inspect(timeout=2.0).stats() or {}
+    total: Counter[str] = Counter()
+    for stats in replies.values():
+        total.update(stats.get("total", {}))
+    return Counter({name: total[name] for name in RETRIEVAL_TASKS})
+
+
+def contents(result: dict[str, Any], memory_type: str = "long_term_memory") -> list[str]:
+    return [item["content"] for item in result["results"][memory_type]]
+
+
+def result_keys(cache_redis: redis.Redis, query: str, tenant: str, limits: dict[str, int], **kwargs: Any) -> list[str]:
+    request = retrieval_request(get_settings(), query, tenant, limits, **kwargs)
+    pattern = keys.result_cache(cache_fingerprint(get_settings(), request)) + ":*"
+    return [key.decode() for key in cache_redis.scan_iter(match=pattern, count=1000)]
+
+
+def run_client(script: str, **env: str) -> list[Any]:
+    """``script`` in a fresh client process with these settings; each line it prints is JSON."""
+    code = f"import json, time\nfrom tasks import client\n{script}"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, **env}
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+
+
+def test_a_repeated_question_is_answered_from_the_cache_without_any_task(tenant: str, app: Any) -> None:
+    seed(tenant)
+    first = client.retrieve(QUERY, tenant, LIMITS)
+    hits_before = result_cache.counts()["hit"]
+    tasks_before = executed(app)
+
+    second = client.retrieve(QUERY, tenant, LIMITS)
+    respaced = client.retrieve("  what does  she like\tto eat? ", tenant, LIMITS)
+
+    assert executed(app) == tasks_before
+    assert first["cached"] is False and second["cached"] is True and respaced["cached"] is True
+    assert second["results"] == first["results"] and second["errors"] == first["errors"] == {}
+    assert respaced["results"] == first["results"] and respaced["query"] == "what does  she like\tto eat?"
+    assert first["timings_ms"]["cache_ms"] > 0 and "merge_ms" in first["timings_ms"]
+    assert set(second["timings_ms"]) == {"cache_ms", "total_ms"} and second["timings_ms"]["cache_ms"] > 0
+    assert result_cache.counts()["hit"] == hits_before + 2
+
+
+def test_a_write_makes_that_tenants_cached_results_unreachable_and_leaves_other_tenants_cached(
+    tenant: str, app: Any
+) -> None:
+    other = tenant + "-other"
+    for who in (tenant, other):
+        client.remember(who, "semantic", FOOD[:2])
+        client.retrieve(QUERY, who, {"semantic": 5})
+        assert client.retrieve(QUERY, who, {"semantic": 5})["cached"] is True
+
+    client.remember(tenant, "semantic", [FOOD[2]])
+    after_remember = client.retrieve(QUERY, tenant, {"semantic": 5})
+    other_after = client.retrieve(QUERY, other, {"semantic": 5})
+
+    assert after_remember["cached"] is False and sorted(contents(after_remember)) == sorted(FOOD[:3])
+    assert other_after["cached"] is True and sorted(contents(other_after)) == sorted(FOOD[:2])
+
+    client.remember(tenant, "semantic", [{"content": FOOD[0], "importance": 1.0}])
+    after_importance = client.retrieve(QUERY, tenant, {"semantic": 5})
+    assert after_importance["cached"] is False
+    assert {i["content"]: i["importance"] for i in after_importance["results"]["long_term_memory"]}[FOOD[0]] == 1.0
+
+    forgotten = client.remember(tenant, "semantic", [FOOD[1]])["ids"][0]
+    client.forget(tenant, "semantic", ids=[forgotten])
+    after_forget = client.retrieve(QUERY, tenant, {"semantic": 5})
+    assert after_forget["cached"] is False and FOOD[1] not in contents(after_forget)
+
+    client.remember(other, "episodic", ["user: a write to another type"])  # semantic-only entries stay valid
+    assert client.retrieve(QUERY, other, {"semantic": 5})["cached"] is True
+    assert client.retrieve(QUERY, other, {"semantic": 5, "episodic": 1})["cached"] is False
+
+
+def test_cached_results_expire_after_the_configured_ttl(tenant: str, cache_redis: redis.Redis) -> None:
+    seed(tenant)
+
+    flags = run_client(
+        f"for pause_s in (0, 0, 1.3):\n"
+        f"    time.sleep(pause_s)\n"
+        f"    print(json.dumps(client.retrieve({QUERY!r}, {tenant!r}, {LIMITS!r})['cached']))\n",
+        MEMQ_RESULT_CACHE_TTL_S="1",
+    )
+
+    assert flags == [False, True, False]
+    [key] = result_keys(cache_redis, QUERY, tenant, LIMITS)
+    assert 0 < cache_redis.pttl(key) <= 1000
+
+
+def test_a_ttl_of_zero_disables_the_result_cache(tenant: str, cache_redis: redis.Redis) -> None:
+    seed(tenant)
+
+    flags = run_client(
+        f"for _ in range(2):\n    print(json.dumps(client.retrieve({QUERY!r}, {tenant!r}, {LIMITS!r})['cached']))\n",
+        MEMQ_RESULT_CACHE_TTL_S="0",
+    )
+
+    assert flags == [False, False]
+    assert result_keys(cache_redis, QUERY, tenant, LIMITS) == []
+
+
+def test_other_weights_limits_strategy_or_model_miss_and_another_timeout_hits(tenant: str) -> None:
+    seed(tenant)
+    client.retrieve(QUERY, tenant, LIMITS)
+
+    assert client.retrieve(QUERY, tenant, LIMITS, weights={"relevance": 1})["cached"] is False
+    assert client.retrieve(QUERY, tenant, {"semantic": 2, "episodic": 1})["cached"] is False
+    assert client.retrieve(QUERY, tenant, {"semantic": 3})["cached"] is False
+    assert client.retrieve(QUERY, tenant, LIMITS, strategy="exact")["cached"] is False
+    assert client.retrieve(QUERY.upper(), tenant, LIMITS)["cached"] is False
+    assert client.retrieve(QUERY, tenant, LIMITS, timeout_s=7.5)["cached"] is True
+    other_model = run_client(
+        f"for _ in range(2):\n    print(json.dumps(client.retrieve({QUERY!r}, {tenant!r}, {LIMITS!r})['cached']))\n",
+        MEMQ_EMBED_MODEL="sentence-transformers/all-MiniLM-L6-v2",
+    )
+    assert other_model == [False, True]
+
+
+def test_a_burst_of_20_identical_requests_runs_one_chord(tenant: str, app: Any) -> None:
+    seed(tenant)
+    before = executed(app)
+    start = threading.Barrier(20)
+
+    def one(_: int) -> dict[str, Any]:
+        start.wait()
+        return client.retrieve("favourite dishes for a dinner party", tenant, LIMITS)
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        results = list(pool.map(one, range(20)))
+
+    ran = executed(app) - before
+    assert ran == Counter({names.EMBED_QUERY: 1, names.SEARCH: len(LIMITS), names.MERGE: 1})
+    assert [r["cached"] for r in results].count(False) == 1
+    assert all(r["results"] == results[0]["results"] and r["errors"] == {} for r in results)
+
+
+def test_waiters_take_over_when_the_single_flight_holder_never_finishes(tenant: str) -> None:
+    seed(tenant)
+    settings = get_settings()
+    dead_holder = result_cache.lookup(settings, retrieval_request(settings, QUERY, tenant, LIMITS, timeout_s=1.0))
+    assert dead_holder.leader  # it holds the lock for 1 s and never runs the chord
+
+    result = client.retrieve(QUERY, tenant, LIMITS, timeout_s=10.0)
+
+    assert result["cached"] is False and len(result["results"]["long_term_memory"]) == 3
+    assert result["timings_ms"]["wait_ms"] >= 500  # it waited for the lock to expire, then ran the chord
+    assert client.retrieve(QUERY, tenant, LIMITS)["cached"] is True
+
+
+def test_a_waiter_gives_up_at_its_own_timeout(tenant: str) -> None:
+    seed(tenant)
+    settings = get_settings()
+    holder = result_cache.lookup(settings, retrieval_request(settings, QUERY, tenant, LIMITS, timeout_s=5.0))
+    assert holder.leader
+
+    try:
+        with pytest.raises(RetrievalTimeout, match="identical"):
+            client.retrieve(QUERY, tenant, LIMITS, timeout_s=0.3)
+    finally:
+        result_cache.release(settings, holder)
+    assert client.retrieve(QUERY, tenant, LIMITS)["cached"] is False
+
+
+def test_a_result_with_errors_is_kept_only_for_the_callers_waiting_on_it(
+    tenant: str, mongo_db: Any, cache_redis: redis.Redis
+) -> None:
+    seed(tenant)
+    mongo_db["conversation_memory"].insert_one(
+        {"_id": f"corrupt-{tenant}", "memory_id": tenant, "content": "broken", "embedding": "not-a-vector"}
+    )
+
+    partial = client.retrieve(QUERY, tenant, LIMITS)
+    [key] = result_keys(cache_redis, QUERY, tenant, LIMITS)
+    ttl_ms = cache_redis.pttl(key)
+    time.sleep(result_cache.PARTIAL_RESULT_TTL_MS / 1000 + 0.1)
+    again = client.retrieve(QUERY, tenant, LIMITS)
+
+    assert "conversation_memory" in partial["errors"] and len(partial["results"]["long_term_memory"]) == 3
+    assert ttl_ms <= result_cache.PARTIAL_RESULT_TTL_MS
+    assert again["cached"] is False and "conversation_memory" in again["errors"]
+
+
+def test_an_entry_written_in_another_format_is_never_served(tenant: str, cache_redis: redis.Redis) -> None:
+    seed(tenant)
+    fresh = client.retrieve(QUERY, tenant, LIMITS)
+    [key] = result_keys(cache_redis, QUERY, tenant, LIMITS)
+    cache_redis.set(key, json.dumps({"format": 999, "result": {"results": {"long_term_memory": []}}}), ex=60)
+
+    after = client.retrieve(QUERY, tenant, LIMITS)
+
+    assert after["cached"] is False
+    assert {t: [i["id"] for i in items] for t, items in after["results"].items()} == {
+        t: [i["id"] for i in items] for t, items in fresh["results"].items()
+    }
+    assert client.retrieve(QUERY, tenant, LIMITS)["cached"] is True  # rewritten in the current format
+
+
+def test_retrieval_succeeds_uncached_when_the_cache_redis_goes_down(tenant: str) -> None:
+    seed(tenant)
+    cache = services.start_redis_server()
+    code = (
+        "import json, sys\n"
+        "from memq import result_cache\n"
+        "from tasks import client\n"
+        "def ask():\n"
+        f"    r = client.retrieve({QUERY!r}, {tenant!r}, {LIMITS!r})\n"
+        "    print(json.dumps({'cached': r['cached'], 'n': len(r['results']['long_term_memory']),"
+        " 'counts': result_cache.counts()}), flush=True)\n"
+        "ask()\n"
+        "sys.stdin.readline()\n"
+        "ask(); ask()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env={**os.environ, "MEMQ_REDIS_URL": cache.url},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        up = json.loads(proc.stdout.readline())
+        cache.stop()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        cache.stop()
+        if proc.poll() is None:
+            proc.kill()
+
+    assert proc.returncode == 0, err[-3000:]
+    down = [json.loads(line) for line in out.splitlines()]
+    assert up["cached"] is False and up["counts"]["miss"] == 1
+    assert [(d["cached"], d["n"]) for d in down] == [(False, 3), (False, 3)]
+    assert down[-1]["counts"]["error"] == 2  # one failed round trip, then the cache is skipped for a while
+    assert "result cache unavailable" in err
+
+
+def test_worker_side_cache_writes_degrade_when_redis_is_unreachable() -> None:
+    from workers import embedding_cache
+
+    dead = redis.Redis(port=services.free_port(), socket_connect_timeout=0.2, socket_timeout=0.2)
+    key = keys.result_cache("0" * keys.FINGERPRINT_CHARS + ":1")
+    result = {"query": "q", "results": {}, "errors": {}, "timings_ms": {}, "cached": False}
+    try:
+        assert result_cache.store(dead, key, result, 60) is False
+        assert embedding_cache.lookup("m", ["a", "b"], client=dead) == [None, None]
+        assert embedding_cache.store("m", ["a"], [np.ones(4, dtype=np.float32)], client=dead) is False
+    finally:
+        embedding_cache._down_until = 0.0
+
+
+def test_the_embed_tasks_serve_repeated_texts_from_the_embedding_cache(app: Any, cache_redis: redis.Redis) -> None:
+    model = get_settings().embed_model
+    planted_text, new_text = f"planted {uuid.uuid4().hex}", f"new text {uuid.uuid4().hex}"
+    planted = np.random.default_rng(7).standard_normal(384).astype(np.float32)
+    cache_redis.set(keys.embedding_cache(model, planted_text), b"\x01" + planted.astype("<f4").tobytes(), ex=60)
+
+    bulk = app.send_task(names.EMBED_TEXTS, args=([planted_text, new_text, new_text],), queue=names.EMBED_QUEUE)
+    out = bulk.get(timeout=60)
+    query = app.send_task(names.EMBED_QUERY, args=(planted_text,), queue=names.EMBED_QUEUE).get(timeout=60)
+
+    vectors = [from_wire(v) for v in out["vectors"]]
+    assert out["embedding_cache"] == {"hits": 1, "computed": 1}
+    assert np.array_equal(vectors[0], planted) and np.array_equal(vectors[1], vectors[2])
+    assert vectors[1].shape == (384,) and np.linalg.norm(vectors[1]) == pytest.approx(1.0, abs=1e-4)
+    stored = cache_redis.get(keys.embedding_cache(model, new_text))
+    assert stored is not None and np.array_equal(np.frombuffer(stored, dtype="<f4", offset=1), vectors[1])
+    assert 0 < cache_redis.ttl(keys.embedding_cache(model, new_text)) <= get_settings().embedding_cache_ttl_s
+    assert query["embed_cache"] == "hit" and np.array_equal(from_wire(query["vector"]), planted)
+
+
+def test_a_cache_key_in_a_request_is_checked_and_survives_the_workers_recheck() -> None:
+    settings = get_settings()
+    request = retrieval_request(settings, QUERY, "tenant-x", LIMITS)
+    key = keys.result_cache(cache_fingerprint(settings, request) + ":3.0")
+
+    rechecked = recheck_retrieval_request(settings, json.loads(json.dumps(with_cache(request, key, 300))))
+
+    assert rechecked["cache_key"] == key and rechecked["cache_ttl_s"] == 300
+    for bad_key, field in (("memq:v1:ver:x", "cache_key"), (key + ".1", "cache_key"), (key[:-4], "cache_key")):
+        with pytest.raises(InvalidInput) as caught:
+            with_cache(request, bad_key, 300)
+        assert caught.value.field == field
+    for bad_ttl in (0, -1, "300", True, 10**9):
+        with pytest.raises(InvalidInput) as caught:
+            with_cache(request, key, bad_ttl)
+        assert caught.value.field == "cache_ttl_s"

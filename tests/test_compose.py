@@ -1,0 +1,166 @@
+"""docker-compose.yml and the Dockerfile stay in step with the CLI and the settings.
+
+No Docker engine is needed: the file is parsed here, each ``memq`` command is parsed by memq's own
+argument parser (and a worker's Celery options by Celery's), and every ``MEMQ_*`` variable must be a
+field of ``Settings``. Where a compose client is installed, it validates the file too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import yaml
+
+from config import Settings
+from memq import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_PATH = ROOT / "docker-compose.yml"
+DOCKERFILE_PATH = ROOT / "Dockerfile"
+ONE_SHOT_SERVICES = {"indexes"}
+IMAGE_HEALTHCHECK_SERVICES = {"mongodb"}  # mongodb-atlas-local declares its own HEALTHCHECK
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE_PATH.read_text())
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return compose["services"]
+
+
+def memq_commands(services: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    return {name: service["command"] for name, service in services.items() if service.get("command", [""])[0] == "memq"}
+
+
+def celery_worker_args(kind: str, extra: list[str]) -> list[str]:
+    """What ``memq worker KIND EXTRA`` hands to Celery: memq's defaults, then EXTRA less ``--device``."""
+    extra = list(extra)
+    if "--device" in extra:
+        at = extra.index("--device")
+        del extra[at : at + 2]
+    return ["-Q", kind, *cli.WORKER_DEFAULTS[kind], *extra]
+
+
+def parse_celery_worker(args: list[str]) -> dict[str, Any]:
+    from celery.bin.base import CLIContext
+    from celery.bin.worker import worker
+
+    from tasks.app import app
+
+    context = CLIContext(app=app, no_color=True, workdir=None, quiet=True)
+    return dict(worker.make_context("worker", args, obj=context).params)
+
+
+def test_every_memq_command_in_compose_parses_with_the_cli(services: dict[str, dict[str, Any]]) -> None:
+    commands = memq_commands(services)
+    assert {"worker", "flower", "indexes"} <= {command[1] for command in commands.values()}
+    for name, command in commands.items():
+        if command[1] == "worker":
+            assert command[2] in cli.WORKER_DEFAULTS, name
+            try:
+                parse_celery_worker(celery_worker_args(command[2], command[3:]))
+            except click.UsageError as exc:
+                pytest.fail(f"{name}: {exc}")
+        else:
+            cli.build_parser().parse_args(command[1:])  # exits (fails the test) on an unknown option
+
+
+def test_each_queue_has_a_worker_service_and_the_worker_options_take_effect(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    kinds = {command[2]: name for name, command in memq_commands(services).items() if command[1] == "worker"}
+    assert set(kinds) == {"embed", "search", "ingest"}
+    search = parse_celery_worker(celery_worker_args("search", services["search-worker"]["command"][3:]))
+    assert search["queues"] == ["search"] and search["concurrency"] == 8
+    pool = int(services["search-worker"]["environment"]["MEMQ_MONGODB_POOL_SIZE"])
+    assert pool >= search["concurrency"]  # a search thread never waits for a Mongo socket
+
+
+def test_every_memq_variable_in_compose_is_a_setting(compose: dict[str, Any]) -> None:
+    fields = {f"MEMQ_{field.name.upper()}" for field in dataclasses.fields(Settings)}
+    used = set(re.findall(r"\bMEMQ_[A-Z0-9_]+", COMPOSE_PATH.read_text()))
+    environments = [service.get("environment", {}) for service in compose["services"].values()]
+    used |= {key for environment in environments for key in environment}
+    assert used, "no MEMQ_* variable found"
+    assert used <= fields, f"not settings: {sorted(used - fields)}"
+
+
+def test_mongodb_is_atlas_local_so_vector_search_works(services: dict[str, dict[str, Any]]) -> None:
+    assert services["mongodb"]["image"].startswith("mongodb/mongodb-atlas-local")
+    for name in memq_commands(services):
+        uri = services[name]["environment"]["MEMQ_MONGODB_URI"]
+        assert uri.startswith("mongodb://mongodb:27017"), name
+
+
+def test_the_gpu_embed_worker_reserves_a_gpu_and_runs_on_cuda(services: dict[str, dict[str, Any]]) -> None:
+    gpu, cpu = services["embed-worker-gpu"], services["embed-worker"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert gpu["command"][gpu["command"].index("--device") + 1] == "cuda"
+    assert "cu" in gpu["build"]["args"]["TORCH_INDEX_URL"].rsplit("/", 1)[-1]
+    assert gpu["profiles"] == ["gpu"]
+    assert cpu["command"][cpu["command"].index("--device") + 1] == "cpu" and "deploy" not in cpu
+
+
+def test_search_workers_can_be_scaled(services: dict[str, dict[str, Any]]) -> None:
+    search = services["search-worker"]
+    assert "container_name" not in search and "ports" not in search and "hostname" not in search
+
+
+def test_every_long_running_service_has_a_healthcheck(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        if name in ONE_SHOT_SERVICES | IMAGE_HEALTHCHECK_SERVICES:
+            continue
+        assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+
+
+def test_worker_healthchecks_ping_their_own_worker(services: dict[str, dict[str, Any]]) -> None:
+    for name, command in memq_commands(services).items():
+        if command[1] == "worker":
+            probe = services[name]["healthcheck"]["test"][-1]
+            assert f"inspect ping -d {command[2]}@$$HOSTNAME" in probe, name
+
+
+def test_workers_get_time_for_a_warm_shutdown(services: dict[str, dict[str, Any]]) -> None:
+    for name, command in memq_commands(services).items():
+        if command[1] == "worker":
+            assert services[name]["stop_signal"] == "SIGTERM", name
+            assert services[name]["stop_grace_period"], name
+
+
+def test_flower_takes_its_credentials_from_the_environment(services: dict[str, dict[str, Any]]) -> None:
+    auth = services["flower"]["environment"]["MEMQ_FLOWER_BASIC_AUTH"]
+    assert auth.startswith("${MEMQ_FLOWER_BASIC_AUTH:?")  # required; no default password
+    assert services["flower"]["command"][:2] == ["memq", "flower"]
+
+
+def test_the_dockerfile_declares_every_build_arg_compose_passes(services: dict[str, dict[str, Any]]) -> None:
+    dockerfile = DOCKERFILE_PATH.read_text()
+    declared = set(re.findall(r"^ARG (\w+)", dockerfile, flags=re.MULTILINE))
+    for name, service in services.items():
+        assert set(service.get("build", {}).get("args", {})) <= declared, name
+    assert re.search(r'pip install --index-url "\$\{TORCH_INDEX_URL\}" torch', dockerfile)
+    assert 'pip install ".[${MEMQ_EXTRAS}]"' in dockerfile
+
+
+@pytest.mark.skipif(not shutil.which("docker-compose"), reason="no docker-compose client installed")
+def test_docker_compose_accepts_the_file() -> None:
+    result = subprocess.run(
+        ["docker-compose", "-f", str(COMPOSE_PATH), "config", "--quiet"],
+        env={"PATH": "/usr/bin:/bin:/usr/local/bin", "MEMQ_FLOWER_BASIC_AUTH": "ops:secret"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 0, result.stderr

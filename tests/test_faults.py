@@ -1,0 +1,585 @@
+"""Faults: workers killed under load, Redis restarted, MongoDB paused or stopped, ingestion redelivered.
+
+Everything here runs on a private rig, so the session fleet and other modules never see the faults: its own
+redis-server and nx-27017 on spare ports, and its own workers (two embed, two search, one ingest). The
+clients run in subprocesses (this file, run as a script: ``python tests/test_faults.py MODE ...``), because
+settings are read once per process and this test process talks to the session's Redis.
+
+Accounting: every retrieval a client sends ends as exactly one of
+
+- ``complete``: every requested type has its expected number of memories and ``errors`` is empty;
+- ``reported``: the result arrived and each type that lacks memories is named under ``errors``;
+- ``timeout`` / ``unavailable`` / ``failed``: the client raised ``RetrievalTimeout`` / ``TransientError`` /
+  ``TaskFailed`` (clear errors);
+- ``silent``: a type lacks memories and no error says why (never allowed);
+- ``crash``: any other exception (never allowed);
+- ``hung``: the call had not returned ``HANG_MARGIN_S`` past its own timeout (never allowed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from tests/
+    sys.path.insert(0, str(ROOT))
+
+import pytest  # noqa: E402
+
+from memq import services  # noqa: E402
+
+LIMITS = {"semantic": 2, "episodic": 1}
+EXPECTED = {"long_term_memory": 2, "conversation_memory": 1}
+SEMANTIC = ["loves spicy Thai green curry", "bakes sourdough bread on Sundays", "works night shifts in the ICU"]
+EPISODIC = ["user: book a table for two on Friday"]
+VISIBILITY_TIMEOUT_S = 10
+HANG_MARGIN_S = 15.0
+# A search attempt is not bounded by the caller's deadline: pymongo's socket timeout (2 x MEMQ_MONGODB_TIMEOUT_MS)
+# and its retryable read make one attempt against a paused server take several seconds, and the retry check
+# only looks at the time before the backoff. Proposed fix (checked on a scratch copy): tasks/retrieval.search
+# passes deadline_ts to workers/steps.search_type, which runs the attempt under
+# ``pymongo.timeout(max(0.05, min(2 * mongodb_timeout_ms / 1000, deadline_ts - time.time() - 0.5)))``.
+MONGO_ATTEMPT_UNBOUNDED = "search attempts against a paused MongoDB outlive the caller's deadline"
+# While the result store's Redis is down, Celery's result consumer gives up reconnecting with a bare
+# ``RuntimeError`` ("Retry limit exceeded ... must be restarted"), which tasks/client.py lets through: not a
+# memq error. The same client process works again once Redis is back. Proposed fix: in tasks/client.py, turn
+# that RuntimeError (``str(exc) == celery.backends.asynchronous.E_RETRY_LIMIT_EXCEEDED``) into TransientError
+# in ``_send`` and ``_wait``.
+RESULT_STORE_RUNTIME_ERROR = "the client raises a bare RuntimeError while the result store's Redis is down"
+# A worker that holds unacknowledged messages when Redis goes away can exit ("Unrecoverable error:
+# AttributeError('NoneType' object has no attribute 'hostname')") from kombu's Channel.close ->
+# restore_unacked, after the transport connection was dropped: a kombu bug, not memq's. Until it is fixed
+# upstream, run workers under a supervisor that restarts them (docker-compose.yml does).
+WORKER_DIES_WITH_UNACKED = "kombu: a worker holding unacked messages can die when Redis goes away"
+CLEAR = ("complete", "reported", "timeout", "unavailable", "failed")
+
+
+# -- the client side (runs in a subprocess configured for the rig) ----------------------------------------------
+
+
+def classify(result: dict[str, Any]) -> str:
+    for memory_type, expected in EXPECTED.items():
+        if len(result["results"].get(memory_type, [])) < expected and memory_type not in result["errors"]:
+            return "silent"
+    return "reported" if result["errors"] else "complete"
+
+
+def one_retrieval(tenant: str, timeout_s: float) -> dict[str, Any]:
+    from memq.errors import RetrievalTimeout, TaskFailed, TransientError
+    from tasks import client
+
+    started = time.monotonic()
+    outcome, detail, errors = "complete", "", {}
+    try:
+        result = client.retrieve("what does this person eat?", tenant, LIMITS, timeout_s=timeout_s)
+        outcome = classify(result)
+        errors = {memory_type: message[:200] for memory_type, message in result["errors"].items()}
+    except RetrievalTimeout as exc:
+        outcome, detail = "timeout", str(exc)
+    except TransientError as exc:
+        outcome, detail = "unavailable", str(exc)
+    except TaskFailed as exc:
+        outcome, detail = "failed", str(exc)
+    except Exception as exc:
+        outcome, detail = "crash", f"{type(exc).__name__}: {exc}"
+    return {"outcome": outcome, "detail": detail[:300], "errors": errors, "elapsed_s": time.monotonic() - started}
+
+
+def drive_load(tenants: list[str], seconds: float, threads: int, timeout_s: float, progress: str) -> dict[str, Any]:
+    """``threads`` clients retrieving back to back for ``seconds``; every call is accounted for."""
+    records: list[dict[str, Any]] = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + seconds
+    sent = 0
+
+    def client_loop(seed: int) -> None:
+        nonlocal sent
+        rng = random.Random(seed)
+        while time.monotonic() < stop_at:
+            with lock:
+                sent += 1
+            record = one_retrieval(rng.choice(tenants), timeout_s)
+            with lock:
+                records.append(record)
+                Path(progress).write_text(json.dumps([r["outcome"] for r in records]))
+
+    workers = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=max(0.0, stop_at - time.monotonic()) + timeout_s + HANG_MARGIN_S)
+    with lock:
+        hung = sum(1 for worker in workers if worker.is_alive())
+        return {"sent": sent, "records": list(records), "hung": hung}
+
+
+def drive_timeline(tenant: str, timeout_s: float, stop_file: str, progress: str, limit_s: float) -> dict[str, Any]:
+    """One client retrieving back to back until ``stop_file`` exists: what a caller sees through an outage."""
+    records: list[dict[str, Any]] = []
+    deadline = time.monotonic() + limit_s
+    while not os.path.exists(stop_file) and time.monotonic() < deadline:
+        records.append(one_retrieval(tenant, timeout_s))
+        Path(progress).write_text(json.dumps(records))
+        time.sleep(0.2)
+    return {"records": records}
+
+
+def drive_remember(tenant: str, memory_type: str, contents: list[str]) -> dict[str, Any]:
+    from memq.errors import MemqError
+    from tasks import client
+
+    try:
+        return {"ok": client.remember(tenant, memory_type, [{"content": c} for c in contents], timeout_s=180)}
+    except MemqError as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=("load", "timeline", "remember", "retrieve"))
+    parser.add_argument("--tenants", default="[]")
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--timeout-s", type=float, default=20)
+    parser.add_argument("--progress", default=os.devnull)
+    parser.add_argument("--stop-file", default="")
+    parser.add_argument("--type", default="semantic")
+    parser.add_argument("--contents", default="[]")
+    args = parser.parse_args()
+    tenants = json.loads(args.tenants)
+    if args.mode == "load":
+        out = drive_load(tenants, args.seconds, args.threads, args.timeout_s, args.progress)
+    elif args.mode == "timeline":
+        out = drive_timeline(tenants[0], args.timeout_s, args.stop_file, args.progress, args.seconds)
+    elif args.mode == "remember":
+        out = drive_remember(tenants[0], args.type, json.loads(args.contents))
+    else:
+        out = one_retrieval(tenants[0], args.timeout_s)
+    print(json.dumps(out), flush=True)
+    os._exit(0)  # never wait for a hung client thread
+
+
+if __name__ == "__main__":
+    main()
+
+
+# -- the rig ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Driver:
+    """A client subprocess; ``progress`` is a file it rewrites as calls finish."""
+
+    process: subprocess.Popen[str]
+    progress: Path
+
+    def seen(self) -> list[Any]:
+        try:
+            return list(json.loads(self.progress.read_text() or "[]"))
+        except (OSError, ValueError):
+            return []
+
+    def result(self, timeout_s: float) -> dict[str, Any]:
+        try:
+            out, err = self.process.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            out, err = self.process.communicate()
+            raise AssertionError(f"the client process hung past {timeout_s:g} s:\n{err[-3000:]}") from None
+        assert self.process.returncode == 0, err[-3000:]
+        return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+@dataclass
+class Rig:
+    redis: services.Service
+    mongo: services.Service
+    env: dict[str, str]
+    fleet: services.Fleet
+    app: Any
+    hosts: dict[str, list[str]] = field(default_factory=dict)
+    tmp: Path = Path()
+
+    def client(self, mode: str, *args: str, progress: Path | None = None) -> Driver:
+        progress = progress or self.tmp / f"progress-{uuid.uuid4().hex[:8]}.json"
+        command = [sys.executable, str(Path(__file__)), mode, "--progress", str(progress), *args]
+        process = subprocess.Popen(
+            command, env=self.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        return Driver(process, progress)
+
+    def remember(self, tenant: str, memory_type: str, contents: list[str]) -> dict[str, Any]:
+        args = ["--tenants", json.dumps([tenant]), "--type", memory_type, "--contents", json.dumps(contents)]
+        return self.client("remember", *args).result(240)
+
+    def retrieve(self, tenant: str, timeout_s: float = 20) -> dict[str, Any]:
+        args = ["--tenants", json.dumps([tenant]), "--timeout-s", str(timeout_s)]
+        return self.client("retrieve", *args).result(timeout_s + 60)
+
+    def seed(self, tenant: str) -> None:
+        for memory_type, contents in (("semantic", SEMANTIC), ("episodic", EPISODIC)):
+            assert "ok" in self.remember(tenant, memory_type, contents)
+
+    def all_hosts(self) -> list[str]:
+        return [host for hosts in self.hosts.values() for host in hosts]
+
+    def answering(self) -> set[str]:
+        from kombu.exceptions import OperationalError
+        from redis.exceptions import RedisError
+
+        try:
+            replies = self.app.control.ping(destination=self.all_hosts(), timeout=2.0) or []
+        except (OperationalError, RedisError, OSError):  # this process's connection from before a restart
+            return set()
+        return {host for reply in replies for host in reply}
+
+    def dead(self) -> list[str]:
+        return [host for host, process in self.fleet.workers.items() if process.poll() is not None]
+
+    def revive(self) -> None:
+        """Restart any worker that exited, so that later tests find the whole fleet."""
+        dead = self.dead()
+        for host in dead:
+            self.fleet.start(next(k for k, hosts in self.hosts.items() if host in hosts), name=host.split("@")[0])
+        if dead:
+            self.fleet.wait_ready(self.app, dead, timeout_s=240)
+
+    def mongo_count(self, tenant: str, collection: str = "long_term_memory") -> int:
+        import pymongo
+
+        client = pymongo.MongoClient(self.mongo.url, serverSelectionTimeoutMS=10000)
+        try:
+            return int(client[self.env["MEMQ_MONGODB_DB"]][collection].count_documents({"memory_id": tenant}))
+        finally:
+            client.close()
+
+
+def private_app(broker_url: str) -> Any:
+    """A Celery app on the rig's Redis, for pings and raw tasks (never the process's current app)."""
+    from celery import Celery
+
+    from config.celery import celery_config
+    from config.settings import Settings
+
+    app = Celery("memq-faults", set_as_current=False)
+    app.config_from_object(celery_config(Settings(broker_url=broker_url, result_backend=broker_url)))
+    return app
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    redis_service = services.start_redis_server_with()
+    mongo = services.start_nx27017()
+    env = services.memq_env(
+        os.environ,
+        redis_service.url,
+        mongo.url,
+        MEMQ_MONGODB_DB="memq_faults",
+        MEMQ_REDIS_URL="",
+        MEMQ_VISIBILITY_TIMEOUT_S=str(VISIBILITY_TIMEOUT_S),
+        MEMQ_MONGODB_TIMEOUT_MS="1000",
+        MEMQ_METRICS_PORT="0",
+    )
+    fleet = services.Fleet(env)
+    app = private_app(redis_service.url)
+    rig = Rig(redis_service, mongo, env, fleet, app, tmp=tmp_path_factory.mktemp("faults"))
+    try:
+        for kind, count in (("embed", 2), ("search", 2), ("ingest", 1)):
+            rig.hosts[kind] = [fleet.start(kind, name=f"faults-{kind}{i}") for i in range(count)]
+        fleet.wait_ready(app, rig.all_hosts(), timeout_s=240)
+        yield rig
+    finally:
+        fleet.stop_all()
+        if os.environ.get("MEMQ_TEST_SHOW_WORKER_LOGS"):
+            for host in rig.all_hosts():
+                sys.stderr.write(f"\n--- {host}\n{fleet.log_tail(host, 200)}\n")
+        app.close()
+        rig.mongo.stop()
+        rig.redis.stop()
+
+
+@pytest.fixture(scope="module")
+def seeded(rig: Rig) -> list[str]:
+    tenants = [f"load-{i}-{uuid.uuid4().hex[:6]}" for i in range(4)]
+    for tenant in tenants:
+        rig.seed(tenant)
+    return tenants
+
+
+def fresh_tenant(rig: Rig) -> str:
+    """A seeded tenant no search worker has cached yet, so its searches must read MongoDB."""
+    tenant = f"fresh-{uuid.uuid4().hex[:8]}"
+    rig.seed(tenant)
+    return tenant
+
+
+def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    services.wait_until(check, timeout_s, what, interval_s=0.2)
+
+
+def tally(records: list[dict[str, Any]]) -> Counter[str]:
+    return Counter(record["outcome"] for record in records)
+
+
+# -- worker death under load -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["search", "embed"])
+def test_killing_a_worker_under_load_leaves_every_request_completed_or_clearly_failed(
+    rig: Rig, seeded: list[str], kind: str
+) -> None:
+    load = rig.client(
+        "load", "--tenants", json.dumps(seeded), "--seconds", "25", "--threads", "16", "--timeout-s", "20"
+    )
+    wait_for(lambda: len(load.seen()) >= 32, 120, "the load to reach a steady state")
+    victim = rig.hosts[kind][0]
+
+    rig.fleet.kill(victim)  # kill -9, mid-load
+    killed_at, done_at_kill = time.monotonic(), len(load.seen())
+    wait_for(lambda: len(load.seen()) >= done_at_kill + 32, 120, "the surviving worker to keep serving")
+    # Restart once the victim's unacknowledged messages are past the visibility timeout: the restarted
+    # worker's first poll hands them back to the queue (late acks + redelivery).
+    wait_for(lambda: time.monotonic() - killed_at > VISIBILITY_TIMEOUT_S + 1, 60, "the visibility timeout")
+    rig.fleet.start(kind, name=victim.split("@")[0])
+    rig.fleet.wait_ready(rig.app, [victim], timeout_s=240)
+    summary = load.result(25 + 20 + HANG_MARGIN_S + 120)
+
+    outcomes = tally(summary["records"])
+    print(f"kill -9 {kind}: sent {summary['sent']}, {dict(outcomes)}, {done_at_kill} finished before the kill")
+    assert summary["hung"] == 0, outcomes
+    assert outcomes["silent"] == 0 and outcomes["crash"] == 0, [
+        r for r in summary["records"] if r["outcome"] in {"silent", "crash"}
+    ]
+    assert summary["sent"] == len(summary["records"]) == sum(outcomes[o] for o in CLEAR), outcomes
+    assert all(r["elapsed_s"] <= 20 + HANG_MARGIN_S for r in summary["records"])
+    assert outcomes["complete"] > done_at_kill  # requests kept completing after the kill
+    # ... and the fleet serves normally after, the restarted worker included.
+    after = rig.client(
+        "load", "--tenants", json.dumps(seeded), "--seconds", "3", "--threads", "16", "--timeout-s", "30"
+    )
+    assert tally(after.result(120)["records"]).keys() == {"complete"}
+    assert rig.answering() == set(rig.all_hosts())
+
+
+# -- Redis restart --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(reason=RESULT_STORE_RUNTIME_ERROR, strict=False)
+def test_clients_get_clear_errors_while_redis_is_down_and_the_same_client_recovers_after(
+    rig: Rig, seeded: list[str]
+) -> None:
+    stop_file = rig.tmp / f"stop-{uuid.uuid4().hex[:6]}"
+    timeline = rig.client(
+        "timeline", "--tenants", json.dumps(seeded[:1]), "--timeout-s", "5", "--seconds", "300",
+        "--stop-file", str(stop_file),
+    )  # fmt: skip
+
+    def outcomes_since(index: int) -> list[str]:
+        return [r["outcome"] for r in timeline.seen()[index:]]
+
+    try:
+        wait_for(lambda: outcomes_since(0).count("complete") >= 3, 120, "retrievals before the restart")
+        services.stop_process(rig.redis)
+        down_from = len(timeline.seen())
+        wait_for(lambda: len([o for o in outcomes_since(down_from) if o != "complete"]) >= 3, 120, "errors")
+        rig.redis = services.start_redis_server_with(services._port_of(rig.redis.url))
+        up_from = len(timeline.seen())
+        wait_for(lambda: outcomes_since(up_from).count("complete") >= 3, 180, "retrievals after the restart")
+    finally:
+        stop_file.touch()
+        rig.revive()  # a worker busy at the moment Redis went away may have exited (see the next tests)
+    records = timeline.result(60)["records"]
+    (rig.tmp / "redis-restart-timeline.json").write_text(json.dumps(records, indent=1))
+
+    during = [r for r in records[down_from:up_from] if r["outcome"] != "complete"]
+    assert during and all(r["outcome"] in {"unavailable", "timeout"} for r in during), during
+    assert all(r["elapsed_s"] <= 5 + HANG_MARGIN_S for r in records), records
+    assert {r["outcome"] for r in records} <= set(CLEAR), records
+    assert records[-1]["outcome"] == "complete"
+
+
+def test_idle_workers_reconnect_to_a_restarted_redis_without_being_restarted(rig: Rig, seeded: list[str]) -> None:
+    wait_for(lambda: rig.answering() == set(rig.all_hosts()), 60, "every worker to answer a ping")
+    pids = {host: process.pid for host, process in rig.fleet.workers.items()}
+
+    rig.redis = services.restart_redis_server(rig.redis, down_s=3.0)
+
+    wait_for(lambda: rig.answering() == set(rig.all_hosts()), 120, "every worker to answer a ping again")
+    assert rig.dead() == []
+    assert {host: process.pid for host, process in rig.fleet.workers.items()} == pids
+    assert rig.retrieve(seeded[0])["outcome"] == "complete"
+
+
+@pytest.mark.xfail(strict=False, reason=WORKER_DIES_WITH_UNACKED)
+def test_a_worker_busy_with_a_task_when_redis_goes_down_reconnects_without_a_restart(rig: Rig) -> None:
+    from tasks import names
+
+    texts = [f"text {i} " + " ".join(uuid.uuid4().hex for _ in range(20)) for i in range(300)]
+    logs = {host: Path(rig.fleet.logdir) / f"{host.split('@')[0]}.log" for host in rig.hosts["embed"]}
+    lost_before = {
+        host: log.read_text(errors="replace").count("Connection to broker lost") for host, log in logs.items()
+    }
+    pending = rig.app.send_task(names.EMBED_TEXTS, args=(texts,), queue=names.EMBED_QUEUE)
+
+    def busy() -> list[str]:
+        return [host for host, log in logs.items() if str(pending.id) in log.read_text(errors="replace")]
+
+    victim = rig.hosts["embed"][0]
+    try:
+        wait_for(lambda: bool(busy()), 120, "the task to start")
+        victim = busy()[0]
+        services.stop_process(rig.redis)
+        wait_for(
+            lambda: (
+                logs[victim].read_text(errors="replace").count("Connection to broker lost") > lost_before[victim]
+                or rig.fleet.workers[victim].poll() is not None
+            ),
+            60,
+            "the worker to notice",
+        )
+        rig.redis = services.start_redis_server_with(services._port_of(rig.redis.url))
+        wait_for(lambda: rig.answering() == set(rig.all_hosts()) or bool(rig.dead()), 120, "the fleet to reconnect")
+        dead = rig.dead()
+    finally:
+        if rig.redis.process is None or rig.redis.process.poll() is not None:
+            rig.redis = services.start_redis_server_with(services._port_of(rig.redis.url))
+        rig.revive()
+
+    assert dead == [], rig.fleet.log_tail(victim, 60)
+
+
+# -- MongoDB paused or stopped ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "timeout_s",
+    [
+        30.0,
+        pytest.param(5.0, marks=pytest.mark.xfail(strict=True, reason=MONGO_ATTEMPT_UNBOUNDED)),
+    ],
+)
+def test_a_paused_mongodb_is_reported_under_errors_within_the_callers_timeout(rig: Rig, timeout_s: float) -> None:
+    tenant = fresh_tenant(rig)
+    assert rig.mongo.process is not None
+    services.pause(rig.mongo.process)
+    try:
+        during = rig.retrieve(tenant, timeout_s=timeout_s)
+    finally:
+        services.resume(rig.mongo.process)
+
+    assert during["outcome"] == "reported", during
+    errors = during["errors"]
+    assert set(errors) == set(EXPECTED)
+    assert all("unavailable after" in message for message in errors.values()), errors
+    assert max(int(m.split("after ")[1].split(" ")[0]) for m in errors.values()) >= 2  # it retried
+    assert during["elapsed_s"] <= timeout_s
+    assert rig.retrieve(tenant)["outcome"] == "complete"
+
+
+def test_a_stopped_mongodb_is_reported_and_searches_recover_once_it_is_back(rig: Rig) -> None:
+    tenant = fresh_tenant(rig)
+    services.stop_process(rig.mongo)
+    try:
+        during = rig.retrieve(tenant, timeout_s=12)
+    finally:
+        rig.mongo = services.start_nx27017_at(services._port_of(rig.mongo.url), str(rig.mongo.workdir))
+
+    assert during["outcome"] == "reported", during
+    assert set(during["errors"]) == set(EXPECTED)
+    assert during["elapsed_s"] <= 12
+    assert rig.retrieve(tenant)["outcome"] == "complete"
+
+
+def test_ingestion_while_mongodb_is_down_retries_and_stores_each_memory_once(rig: Rig) -> None:
+    tenant = f"ingest-{uuid.uuid4().hex[:8]}"
+    contents = [f"memory {i}: {uuid.uuid4().hex}" for i in range(20)]
+    ingest_log = Path(rig.fleet.logdir) / "faults-ingest0.log"
+    retries_before = ingest_log.read_text(errors="replace").count("Retry in")
+    services.stop_process(rig.mongo)
+    try:
+        pending = rig.client("remember", "--tenants", json.dumps([tenant]), "--contents", json.dumps(contents))
+        wait_for(lambda: ingest_log.read_text(errors="replace").count("Retry in") > retries_before, 120, "a retry")
+    finally:
+        rig.mongo = services.start_nx27017_at(services._port_of(rig.mongo.url), str(rig.mongo.workdir))
+    stored = pending.result(240)
+
+    assert "ok" in stored, stored
+    assert stored["ok"]["inserted"] == len(contents)
+    assert rig.mongo_count(tenant) == len(contents)
+    again = rig.remember(tenant, "semantic", contents)
+    assert again["ok"]["inserted"] == 0 and again["ok"]["updated"] == len(contents)
+    assert rig.mongo_count(tenant) == len(contents)
+
+
+# -- redelivered ingestion --------------------------------------------------------------------------------------
+
+
+def test_a_redelivered_store_message_writes_no_duplicate_memories(rig: Rig) -> None:
+    from tasks import names
+
+    tenant = f"redeliver-{uuid.uuid4().hex[:8]}"
+    items = [{"content": f"fact {i} {uuid.uuid4().hex}"} for i in range(10)] + [{"id": "own-id", "content": "x y z"}]
+    embedded = rig.app.send_task(names.EMBED_TEXTS, args=([i["content"] for i in items],), queue=names.EMBED_QUEUE).get(
+        timeout=120
+    )
+    task_id = str(uuid.uuid4())
+
+    # The same message twice, as after a worker died between its write and its ack.
+    def deliver() -> dict[str, Any]:
+        sent = rig.app.send_task(
+            names.STORE, args=(embedded, tenant, "semantic", items), task_id=task_id, queue=names.INGEST_QUEUE
+        )
+        result = dict(sent.get(timeout=120))
+        sent.forget()
+        return result
+
+    first = deliver()
+    second = deliver()
+
+    assert first["inserted"] == len(items) and second["inserted"] == 0 and second["updated"] == len(items)
+    assert first["ids"] == second["ids"]
+    assert rig.mongo_count(tenant) == len(items)
+
+
+def test_an_ingest_worker_killed_mid_store_is_redelivered_and_writes_each_memory_once(rig: Rig) -> None:
+    from tasks import names
+
+    tenant = f"killed-{uuid.uuid4().hex[:8]}"
+    items = [{"content": f"batch memory {i} {uuid.uuid4().hex}"} for i in range(300)]
+    embedded = rig.app.send_task(names.EMBED_TEXTS, args=([i["content"] for i in items],), queue=names.EMBED_QUEUE).get(
+        timeout=300
+    )
+    victim = rig.hosts["ingest"][0]
+    sent_at = time.monotonic()
+    result = rig.app.send_task(names.STORE, args=(embedded, tenant, "semantic", items), queue=names.INGEST_QUEUE)
+
+    def running() -> bool:
+        active = rig.app.control.inspect(destination=[victim], timeout=0.5).active() or {}
+        return any(task["id"] == result.id for task in active.get(victim, []))
+
+    wait_for(running, 120, "the store task to start")
+    rig.fleet.kill(victim)
+    written_when_killed = rig.mongo_count(tenant)
+    assert not result.ready()
+    wait_for(lambda: time.monotonic() - sent_at > VISIBILITY_TIMEOUT_S + 1, 60, "the visibility timeout")
+    rig.fleet.start("ingest", name=victim.split("@")[0])
+    rig.fleet.wait_ready(rig.app, [victim], timeout_s=120)
+
+    stored = result.get(timeout=180)
+
+    assert rig.mongo_count(tenant) == len(items), written_when_killed
+    assert stored["inserted"] + stored["updated"] == len(items)
+    assert len(set(stored["ids"])) == len(items)

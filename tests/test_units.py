@@ -1,0 +1,163 @@
+"""Plain functions, no services: validation, ranking, vector codecs, settings, the matrix cache."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from config.settings import Settings
+from memq import ranking, validation
+from memq.errors import ConfigError, InvalidInput
+from memq.memory_types import MemoryType
+from memq.vectors import from_stored, from_wire, to_bson, to_wire
+from workers.search import MatrixCache, TenantMatrix, top_k
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("alias", "expected"),
+    [("semantic", "long_term_memory"), ("episodic", "conversation_memory"), ("procedural", "workflow_memory")],
+)
+def test_aliases_name_memorizz_types(alias: str, expected: str) -> None:
+    assert validation.check_memory_type(alias) is MemoryType(expected)
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda: validation.check_query("", 100), "query"),
+        (lambda: validation.check_query("   ", 100), "query"),
+        (lambda: validation.check_query("x" * 101, 100), "query"),
+        (lambda: validation.check_query(b"bytes", 100), "query"),
+        (lambda: validation.check_memory_id({"$ne": None}), "memory_id"),
+        (lambda: validation.check_memory_id({"$gt": ""}), "memory_id"),
+        (lambda: validation.check_memory_id("$where"), "memory_id"),
+        (lambda: validation.check_memory_id(""), "memory_id"),
+        (lambda: validation.check_memory_id(42), "memory_id"),
+        (lambda: validation.check_memory_type("dreams"), "type"),
+        (lambda: validation.check_limits({}), "limits"),
+        (lambda: validation.check_limits({"semantic": 0}), "limits['semantic']"),
+        (lambda: validation.check_limits({"semantic": 101}), "limits['semantic']"),
+        (lambda: validation.check_limits({"semantic": True}), "limits['semantic']"),
+        (lambda: validation.check_limits({"semantic": 1, "long_term_memory": 2}), "limits"),
+        (lambda: validation.check_limits({"nightmares": 1}), "limits['nightmares']"),
+        (lambda: validation.check_weights({"relevance": -1}), "weights['relevance']"),
+        (lambda: validation.check_weights({"relevance": math.nan}), "weights['relevance']"),
+        (lambda: validation.check_weights({"relevance": 0, "recency": 0, "importance": 0}), "weights"),
+        (lambda: validation.check_weights({"fame": 1}), "weights"),
+        (lambda: validation.check_weights([1, 2]), "weights"),
+        (lambda: validation.check_timeout(0), "timeout_s"),
+        (lambda: validation.check_items([], 10, 100), "items"),
+        (lambda: validation.check_items("text", 10, 100), "items"),
+        (lambda: validation.check_items([{"content": ""}], 10, 100), "items[0].content"),
+        (lambda: validation.check_items([{"content": "x", "importance": 2}], 10, 100), "items[0].importance"),
+        (lambda: validation.check_items([{"content": "x", "metadata": {"$set": 1}}], 10, 100), "items[0].metadata"),
+        (lambda: validation.check_items([{"content": "x", "colour": "red"}], 10, 100), "items[0]"),
+        (lambda: validation.check_items([{"content": "x"}] * 11, 10, 100), "items"),
+        (lambda: validation.check_items([{"content": "x", "created_at": "yesterday"}], 10, 100), "items[0].created_at"),
+        (lambda: validation.check_ids("abc"), "ids"),
+    ],
+)
+def test_bad_input_names_the_field(call: object, field: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        call()  # type: ignore[operator]
+    assert caught.value.field == field
+    assert str(caught.value).startswith(field)
+
+
+def test_limits_accept_aliases_and_values() -> None:
+    assert validation.check_limits({"semantic": 3, "toolbox": 1}) == {"long_term_memory": 3, "toolbox": 1}
+
+
+def test_items_are_normalised_with_defaults() -> None:
+    [item] = validation.check_items([{"content": "hi", "id": 7, "created_at": "2026-01-01T00:00:00"}], 10, 100)
+    assert item == {"content": "hi", "id": "7", "importance": 0.5, "created_at": 1767225600.0}
+
+
+def test_relevance_only_ranking_keeps_cosine_order() -> None:
+    items = [
+        {"id": str(i), "score": s, "importance": imp} for i, (s, imp) in enumerate([(0.9, 0), (0.5, 1), (-0.2, 1)])
+    ]
+    ranked = ranking.rank_type(items, 3, {"relevance": 1, "recency": 0, "importance": 0}, 0.0, 3600)
+    assert [i["id"] for i in ranked] == ["0", "1", "2"]
+
+
+def test_recency_halves_every_half_life() -> None:
+    assert ranking.recency(0, 3600, 3600) == pytest.approx(0.5)
+    assert ranking.recency(0, 7200, 3600) == pytest.approx(0.25)
+    assert ranking.recency(100, 50, 3600) == 1.0
+
+
+def test_memory_signal_is_the_weighted_mean_of_its_terms() -> None:
+    item = {"score": 0.8, "importance": 0.2, "last_accessed_at_ts": 0.0}
+    weights = {"relevance": 1.0, "recency": 1.0, "importance": 2.0}
+    assert ranking.memory_signal(item, weights, 3600, 3600) == pytest.approx((0.8 + 0.5 + 0.4) / 4)
+
+
+def test_candidates_are_oversampled_only_when_other_signals_count() -> None:
+    assert ranking.candidates_for(5, {"relevance": 1, "recency": 0, "importance": 0}, 3) == 5
+    assert ranking.candidates_for(5, {"relevance": 1, "recency": 1, "importance": 0}, 3) == 15
+
+
+def test_vectors_round_trip_on_the_wire_and_at_rest() -> None:
+    vector = np.random.default_rng(0).standard_normal(384).astype(np.float32)
+    assert np.array_equal(from_wire(to_wire(vector)), vector)
+    stored = to_bson(vector)
+    assert np.array_equal(from_stored(stored), vector)
+    assert np.array_equal(from_stored(bytes(stored)), vector)  # nx-27017 returns plain bytes
+    assert np.allclose(from_stored(vector.tolist()), vector)
+
+
+def test_exact_top_k_is_sorted_by_cosine_with_id_tie_break() -> None:
+    matrix = np.array([[1, 0], [0, 1], [1, 0], [0.6, 0.8]], dtype=np.float32)
+    entry = TenantMatrix(1, [{"id": i} for i in ("b", "c", "a", "d")], matrix)
+    got = top_k(entry, np.array([1, 0], dtype=np.float32), 3)
+    assert [i["id"] for i in got] == ["a", "b", "d"]
+    assert [i["score"] for i in got] == pytest.approx([1, 1, 0.6])
+
+
+def test_the_matrix_cache_evicts_least_recent_tenants_past_its_vector_budget() -> None:
+    cache = MatrixCache(max_vectors=4)
+
+    def entry(n: int, version: int = 1) -> TenantMatrix:
+        return TenantMatrix(version, [{"id": str(i)} for i in range(n)], np.zeros((n, 2), dtype=np.float32))
+
+    cache.put(("a", "t"), entry(2))
+    cache.put(("b", "t"), entry(2))
+    assert cache.get(("a", "t"), 1) is not None  # a is now most recent
+    cache.put(("c", "t"), entry(2))
+    assert cache.get(("b", "t"), 1) is None
+    assert cache.get(("a", "t"), 1) is not None and cache.get(("c", "t"), 1) is not None
+    assert cache.get(("a", "t"), 2) is None  # a newer tenant version never reads the old matrix
+
+
+def test_settings_parse_types_and_refuse_bad_values() -> None:
+    settings = Settings.from_env({"MEMQ_MONGODB_POOL_SIZE": "32", "MEMQ_RECENCY_HALF_LIFE_S": "60.5"})
+    assert settings.mongodb_pool_size == 32 and settings.recency_half_life_s == 60.5
+    assert settings.cache_redis_url == settings.broker_url
+    with pytest.raises(ConfigError, match="MEMQ_SEARCH_STRATEGY"):
+        Settings.from_env({"MEMQ_SEARCH_STRATEGY": "fuzzy"})
+    with pytest.raises(ConfigError, match="MEMQ_MONGODB_POOL_SIZE"):
+        Settings.from_env({"MEMQ_MONGODB_POOL_SIZE": "many"})
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    documented = set(re.findall(r"`(MEMQ_[A-Z0-9_]+)`", readme))
+    fields = {f"MEMQ_{name.upper()}" for name in Settings.__dataclass_fields__}
+    assert fields - documented == set()
+
+
+def test_the_celery_config_accepts_json_only() -> None:
+    from config.celery import celery_config
+
+    config = celery_config(Settings())
+    assert config["accept_content"] == ["json"] and config["result_accept_content"] == ["json"]
+    assert config["task_serializer"] == "json" and config["result_serializer"] == "json"
+    assert {q.name for q in config["task_queues"]} == {"embed", "search", "ingest"}
+    assert config["worker_send_task_events"] and config["task_send_sent_event"]

@@ -1,0 +1,81 @@
+"""The embedding cache: ``memq:v1:emb:<digest of (model, text)>`` → a format byte + float32 little-endian.
+
+The embed tasks read it for every text in one ``MGET`` and write what they computed in one pipeline, with
+``MEMQ_EMBEDDING_CACHE_TTL_S`` (0 disables). The model's name is in the key, so another model never reads
+these vectors. A Redis error is a miss with a warning (then the cache is left alone for ``RETRY_AFTER_S``):
+the text is embedded as if there were no cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import redis
+
+from config import get_settings
+from memq import keys
+from workers.metrics import CACHE_REQUESTS
+from workers.redis_conn import cache_redis
+
+log = logging.getLogger(__name__)
+
+FORMAT_BYTE = b"\x01"  # bump when the stored encoding changes: entries of another format read as misses
+RETRY_AFTER_S = 1.0
+
+_down_until = 0.0
+
+
+def encode_vector(vector: np.ndarray) -> bytes:
+    return FORMAT_BYTE + np.ascontiguousarray(vector, dtype="<f4").tobytes()
+
+
+def decode_vector(raw: bytes | None) -> np.ndarray | None:
+    if not raw or raw[:1] != FORMAT_BYTE or (len(raw) - 1) % 4 != 0 or len(raw) == 1:
+        return None
+    return np.frombuffer(raw, dtype="<f4", offset=1)
+
+
+def lookup(model: str, texts: Sequence[str], client: redis.Redis | None = None) -> list[np.ndarray | None]:
+    """One vector (or ``None``: compute it) per text, in order, from one MGET."""
+    if not texts or not _usable():
+        return [None] * len(texts)
+    try:
+        raw = (client or cache_redis.get()).mget([keys.embedding_cache(model, text) for text in texts])
+    except (redis.RedisError, OSError) as exc:
+        _went_down(exc)
+        CACHE_REQUESTS.labels(cache="embedding", outcome="error").inc(len(texts))
+        return [None] * len(texts)
+    vectors = [decode_vector(value) for value in raw]
+    hits = sum(vector is not None for vector in vectors)
+    CACHE_REQUESTS.labels(cache="embedding", outcome="hit").inc(hits)
+    CACHE_REQUESTS.labels(cache="embedding", outcome="miss").inc(len(texts) - hits)
+    return vectors
+
+
+def store(model: str, texts: Sequence[str], vectors: Sequence[np.ndarray], client: redis.Redis | None = None) -> bool:
+    """Cache freshly computed vectors (one pipeline, one round trip); ``False`` when Redis failed."""
+    ttl_s = get_settings().embedding_cache_ttl_s
+    if not texts or not _usable():
+        return False
+    try:
+        pipe = (client or cache_redis.get()).pipeline(transaction=False)
+        for text, vector in zip(texts, vectors, strict=True):
+            pipe.set(keys.embedding_cache(model, text), encode_vector(vector), ex=ttl_s)
+        pipe.execute()
+    except (redis.RedisError, OSError) as exc:
+        _went_down(exc)
+        return False
+    return True
+
+
+def _usable() -> bool:
+    return get_settings().embedding_cache_ttl_s > 0 and time.monotonic() >= _down_until
+
+
+def _went_down(exc: Exception) -> None:
+    global _down_until
+    _down_until = time.monotonic() + RETRY_AFTER_S
+    log.warning("embedding cache unavailable (%s); embedding without it for the next %g s", exc, RETRY_AFTER_S)

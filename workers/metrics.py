@@ -1,0 +1,48 @@
+"""Prometheus metrics per stage, scraped per worker (``MEMQ_METRICS_PORT``).
+
+With several processes per worker (prefork), set ``PROMETHEUS_MULTIPROC_DIR``: prometheus_client then
+aggregates across processes, and the exporter reads that directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+FAST_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+EMBED_SECONDS = Histogram("memq_embed_seconds", "Time of one forward pass", ["device"], buckets=FAST_BUCKETS_S)
+EMBED_BATCH_SIZE = Histogram("memq_embed_batch_size", "Texts per forward pass", ["device"], buckets=BATCH_BUCKETS)
+SEARCH_SECONDS = Histogram(
+    "memq_search_seconds", "One type's search", ["memory_type", "strategy"], buckets=FAST_BUCKETS_S
+)
+MERGE_SECONDS = Histogram("memq_merge_seconds", "Ranking and merging one retrieval", buckets=FAST_BUCKETS_S)
+CACHE_REQUESTS = Counter("memq_cache_requests_total", "Cache look-ups by cache and outcome", ["cache", "outcome"])
+STORE_WRITES = Counter("memq_memories_written_total", "Memories upserted", ["memory_type"])
+MONGO_CHECKOUTS = Counter("memq_mongo_pool_checkouts_total", "Connections checked out of the Mongo pool")
+MONGO_CHECKOUT_FAILURES = Counter("memq_mongo_pool_checkout_failures_total", "Failed pool checkouts", ["reason"])
+MONGO_CHECKOUT_WAIT = Histogram(
+    "memq_mongo_pool_checkout_wait_seconds", "Time waiting for a pooled Mongo connection", buckets=FAST_BUCKETS_S
+)
+
+
+def serve(port: int) -> None:
+    """Expose /metrics on ``port`` (0: off). Multi-process safe via PROMETHEUS_MULTIPROC_DIR."""
+    if port <= 0:
+        return
+    registry = None
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    try:
+        start_http_server(port, addr="0.0.0.0", registry=registry) if registry else start_http_server(port)
+        log.info("metrics on :%d/metrics", port)
+    except OSError as exc:
+        log.warning("metrics port %d unavailable: %s", port, exc)

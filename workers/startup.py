@@ -1,0 +1,65 @@
+"""Worker start-up: each worker kind builds its own process resources before taking tasks.
+
+``memq worker KIND`` sets ``MEMQ_WORKER_KIND``. With the threads or solo pool, resources are built
+once in the worker process at ``worker_init``; with prefork they are built in each child at
+``worker_process_init`` (after fork: no CUDA context or Mongo socket crosses a fork).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from celery.signals import worker_init, worker_process_init, worker_shutdown
+
+import workers.control  # noqa: F401  (registers the memq_info inspect command used by `memq status`)
+from config import get_settings
+from workers import metrics
+
+log = logging.getLogger(__name__)
+WORKER_KIND_ENV = "MEMQ_WORKER_KIND"
+
+
+def build_resources(kind: str) -> None:
+    if kind == "embed":
+        from workers.embedder import embedder
+
+        model = embedder.get()
+        log.info("embed worker: model %s on %s", model.model_name, model.device)
+    elif kind in ("search", "ingest"):
+        from workers.redis_conn import cache_redis
+        from workers.store import mongo_client
+
+        mongo_client.get()
+        cache_redis.get()
+
+
+def _forks_children(sender: Any) -> bool:
+    pool = getattr(sender, "pool_cls", None)
+    name = getattr(pool, "__module__", str(pool)) if pool is not None else ""
+    return "prefork" in name or "processes" in name
+
+
+@worker_init.connect
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    kind = os.environ.get(WORKER_KIND_ENV, "")
+    if not kind:
+        return
+    metrics.serve(get_settings().metrics_port)
+    if not _forks_children(sender):
+        build_resources(kind)
+
+
+@worker_process_init.connect
+def _on_worker_process_init(**_: Any) -> None:
+    kind = os.environ.get(WORKER_KIND_ENV, "")
+    if kind:
+        build_resources(kind)
+
+
+@worker_shutdown.connect
+def _on_worker_shutdown(**_: Any) -> None:
+    from workers.store import mongo_client
+
+    mongo_client.reset()

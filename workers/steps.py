@@ -1,0 +1,145 @@
+"""The pipeline's logic as plain functions; the Celery tasks in ``tasks/`` only wrap these.
+
+Each step takes and returns JSON-safe values, so it runs the same in a test, a worker or a benchmark.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from config import get_settings
+from memq import ranking, result_cache
+from memq.vectors import from_wire, to_wire
+from workers import embedding_cache, store, versions
+from workers import search as search_strategies
+from workers.embedder import embedder
+from workers.metrics import EMBED_BATCH_SIZE, EMBED_SECONDS, MERGE_SECONDS, STORE_WRITES
+from workers.redis_conn import cache_redis
+
+INTERNAL_ITEM_FIELDS = ("created_at_ts", "last_accessed_at_ts")
+
+
+def embed_query(query: str) -> dict[str, Any]:
+    """The query's vector: from the embedding cache when this model embedded this text before."""
+    model = embedder.get()
+    started = time.perf_counter()
+    cached = embedding_cache.lookup(model.model_name, [query])[0]
+    if cached is not None:
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        return {"vector": to_wire(cached), "model": model.model_name, "embed_ms": elapsed_ms, "embed_cache": "hit"}
+    started = time.perf_counter()
+    vector = model.encode([query])[0]
+    elapsed_s = time.perf_counter() - started
+    EMBED_SECONDS.labels(device=model.device).observe(elapsed_s)
+    EMBED_BATCH_SIZE.labels(device=model.device).observe(1)
+    embedding_cache.store(model.model_name, [query], [vector])
+    return {"vector": to_wire(vector), "model": model.model_name, "embed_ms": elapsed_s * 1000, "embed_cache": "miss"}
+
+
+def embed_texts(texts: Sequence[str], on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Vectors for ``texts`` in order: cached ones from one MGET, the rest (each distinct text once) through
+    the model in chunks, then cached."""
+    model = embedder.get()
+    texts = list(texts)
+    vectors = embedding_cache.lookup(model.model_name, texts)
+    missing = list(dict.fromkeys(text for text, vector in zip(texts, vectors, strict=True) if vector is None))
+    hits = len(texts) - sum(vector is None for vector in vectors)
+    started = time.perf_counter()
+    if missing:
+        progress = None if on_progress is None else (lambda done, _: on_progress(hits + done, len(texts)))
+        rows = model.encode_in_chunks(missing, progress)
+        EMBED_SECONDS.labels(device=model.device).observe(time.perf_counter() - started)
+        EMBED_BATCH_SIZE.labels(device=model.device).observe(len(missing))
+        embedding_cache.store(model.model_name, missing, list(rows))
+        computed = dict(zip(missing, rows, strict=True))
+        vectors = [computed[text] if vector is None else vector for text, vector in zip(texts, vectors, strict=True)]
+    return {
+        "vectors": [to_wire(vector) for vector in vectors],
+        "model": model.model_name,
+        "embed_ms": (time.perf_counter() - started) * 1000,
+        "embedding_cache": {"hits": hits, "computed": len(missing)},
+    }
+
+
+def search_type(embedded: dict[str, Any], memory_id: str, memory_type: str, k: int, strategy: str) -> dict[str, Any]:
+    started = time.perf_counter()
+    outcome = search_strategies.search(memory_id, memory_type, from_wire(embedded["vector"]), k, strategy)
+    return {
+        "type": memory_type,
+        "items": outcome.items,
+        "strategy": outcome.strategy,
+        "matrix_cache": outcome.matrix_cache,
+        "search_ms": (time.perf_counter() - started) * 1000,
+        "embed_ms": embedded.get("embed_ms"),
+        "model": embedded.get("model"),
+    }
+
+
+def search_failed(memory_type: str, message: str, embedded: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"type": memory_type, "items": [], "error": message, "embed_ms": (embedded or {}).get("embed_ms")}
+
+
+def merge(results: Sequence[dict[str, Any]], request: dict[str, Any]) -> dict[str, Any]:
+    """Rank each type's candidates by memory_signal, keep its k, report per-type errors and timings."""
+    started = time.perf_counter()
+    settings = get_settings()
+    now_ts = time.time()
+    limits: dict[str, int] = request["limits"]
+    weights: dict[str, float] = request["weights"]
+    ranked: dict[str, list[dict[str, Any]]] = {t: [] for t in limits}
+    errors: dict[str, str] = {}
+    timings: dict[str, Any] = {"search_ms": {}}
+    for result in results:
+        memory_type = result["type"]
+        if result.get("embed_ms") is not None:
+            timings["embed_ms"] = result["embed_ms"]
+        if "error" in result:
+            errors[memory_type] = result["error"]
+            continue
+        timings["search_ms"][memory_type] = result["search_ms"]
+        best = ranking.rank_type(result["items"], limits[memory_type], weights, now_ts, settings.recency_half_life_s)
+        ranked[memory_type] = [_public(item) for item in best]
+    merge_s = time.perf_counter() - started
+    MERGE_SECONDS.observe(merge_s)
+    timings["merge_ms"] = merge_s * 1000
+    if request.get("requested_at"):
+        timings["total_ms"] = (time.time() - request["requested_at"]) * 1000
+    merged = {
+        "query": request["query"],
+        "memory_id": request["memory_id"],
+        "results": ranked,
+        "errors": errors,
+        "timings_ms": timings,
+        "cached": False,
+    }
+    if request.get("cache_key"):
+        result_cache.store(cache_redis.get(), request["cache_key"], merged, request["cache_ttl_s"])
+    return merged
+
+
+def _public(item: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in item.items() if key not in INTERNAL_ITEM_FIELDS}
+
+
+def store_memories(
+    embedded: dict[str, Any], memory_id: str, memory_type: str, items: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
+    vectors = np.stack([from_wire(v) for v in embedded["vectors"]])
+    writes = store.build_writes(memory_id, memory_type, items, vectors, embedded["model"], time.time())
+    counts = store.upsert(memory_type, writes)
+    versions.bump_versions(memory_id, [memory_type])
+    STORE_WRITES.labels(memory_type=memory_type).inc(len(writes))
+    return {"memory_id": memory_id, "type": memory_type, "ids": [store.memory_key(i) for i in items], **counts}
+
+
+def forget(memory_id: str, memory_type: str | None, ids: Sequence[str] | None) -> dict[str, Any]:
+    from memq.memory_types import MemoryType
+
+    types = [memory_type] if memory_type else [t.value for t in MemoryType]
+    deleted = {t: store.delete(memory_id, t, ids) for t in types}
+    versions.bump_versions(memory_id, types)
+    return {"memory_id": memory_id, "deleted": deleted}

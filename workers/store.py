@@ -1,0 +1,271 @@
+"""MongoDB access: one pooled ``MongoClient`` per worker process, built after fork.
+
+Every query filters on ``memory_id`` in the database query itself, so a tenant's request can never
+read, rank or delete another tenant's documents.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pymongo
+from pymongo import UpdateOne
+from pymongo.collection import Collection
+from pymongo.errors import ConnectionFailure, ExecutionTimeout, OperationFailure, PyMongoError
+
+from config import get_settings
+from memq import keys
+from memq.errors import StoreUnavailable
+from memq.memory_types import ROLE_TYPES, MemoryType
+from memq.vectors import to_bson
+from workers.process_local import ProcessLocal
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_FIELD = "embedding"
+ITEM_FIELDS_OUT = ("role", "tags", "metadata")
+
+
+def _connect() -> pymongo.MongoClient:
+    settings = get_settings()
+    return pymongo.MongoClient(
+        settings.mongodb_uri,
+        maxPoolSize=settings.mongodb_pool_size,
+        serverSelectionTimeoutMS=settings.mongodb_timeout_ms,
+        connectTimeoutMS=settings.mongodb_timeout_ms,
+        socketTimeoutMS=settings.mongodb_timeout_ms * 2,
+        tz_aware=True,
+        appname="memq",
+        event_listeners=_pool_listeners(),
+    )
+
+
+def _pool_listeners() -> list[Any]:
+    from workers.mongo_metrics import MongoPoolMetrics
+
+    return [MongoPoolMetrics()]
+
+
+mongo_client: ProcessLocal[pymongo.MongoClient] = ProcessLocal(_connect, close=lambda client: client.close())
+
+
+@contextmanager
+def transient_errors() -> Iterator[None]:
+    """Connection-level MongoDB failures become ``StoreUnavailable`` (retryable)."""
+    try:
+        yield
+    except (ConnectionFailure, ExecutionTimeout) as exc:
+        raise StoreUnavailable(f"MongoDB unavailable: {exc}") from exc
+
+
+def collection(memory_type: str) -> Collection:
+    return mongo_client.get()[get_settings().mongodb_db][MemoryType(memory_type).value]
+
+
+def to_datetime(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=UTC)
+
+
+def _timestamp(value: Any) -> float | None:
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+    if isinstance(value, int | float):
+        return float(value)
+    return None
+
+
+def _iso(value: Any) -> str | None:
+    ts = _timestamp(value)
+    return None if ts is None else to_datetime(ts).isoformat()
+
+
+def to_item(doc: dict[str, Any], score: float) -> dict[str, Any]:
+    """A stored document → a JSON-safe result item (no embedding)."""
+    item: dict[str, Any] = {
+        "id": doc.get("key", doc["_id"]),
+        "content": doc.get("content", ""),
+        "score": float(score),
+        "created_at": _iso(doc.get("created_at")),
+        "last_accessed_at": _iso(doc.get("last_accessed_at")),
+        "importance": float(doc.get("importance", 0.5)),
+        "created_at_ts": _timestamp(doc.get("created_at")),
+        "last_accessed_at_ts": _timestamp(doc.get("last_accessed_at")),
+    }
+    for name in ITEM_FIELDS_OUT:
+        if doc.get(name) is not None:
+            item[name] = doc[name]
+    return item
+
+
+def memory_key(item: dict[str, Any]) -> str:
+    """The id a caller sees: theirs if they gave one, else a digest of the content."""
+    return item.get("id") or keys.content_key(item["content"])
+
+
+def build_writes(
+    memory_id: str, memory_type: str, items: Sequence[dict[str, Any]], vectors: np.ndarray, model: str, now_ts: float
+) -> list[UpdateOne]:
+    """Idempotent upserts: ``_id`` is derived from (memory_id, key), so a redelivered write never
+    duplicates, and ``created_at`` is set only when the memory is first inserted."""
+    writes = []
+    for item, vector in zip(items, vectors, strict=True):
+        key = memory_key(item)
+        fields: dict[str, Any] = {
+            "memory_id": memory_id,
+            "key": key,
+            "content": item["content"],
+            EMBEDDING_FIELD: to_bson(vector),
+            "model": model,
+            "importance": item.get("importance", 0.5),
+            "last_accessed_at": to_datetime(item.get("created_at", now_ts)),
+            "updated_at": to_datetime(now_ts),
+        }
+        for name in ITEM_FIELDS_OUT:
+            if name in item:
+                fields[name] = item[name]
+        on_insert = {"created_at": to_datetime(item.get("created_at", now_ts))}
+        if "created_at" in item:
+            fields["created_at"] = on_insert.pop("created_at")
+        update: dict[str, Any] = {"$set": fields}
+        if on_insert:
+            update["$setOnInsert"] = on_insert
+        writes.append(
+            UpdateOne({"_id": keys.memory_object_id(memory_id, key), "memory_id": memory_id}, update, upsert=True)
+        )
+    return writes
+
+
+def upsert(memory_type: str, writes: list[UpdateOne]) -> dict[str, int]:
+    with transient_errors():
+        result = collection(memory_type).bulk_write(writes, ordered=False)
+    return {"inserted": result.upserted_count, "updated": result.matched_count}
+
+
+def load_tenant(memory_id: str, memory_type: str) -> list[dict[str, Any]]:
+    """Every document of this tenant and type, embeddings included (exact search)."""
+    with transient_errors():
+        return list(collection(memory_type).find({"memory_id": memory_id}))
+
+
+def vector_search(
+    memory_id: str, memory_type: str, query: np.ndarray, limit: int, num_candidates: int, index: str
+) -> list[dict[str, Any]]:
+    """Atlas ``$vectorSearch`` with ``memory_id`` as a pre-filter inside the stage (never after)."""
+    pipeline = [
+        {
+            "$vectorSearch": {
+                "index": index,
+                "path": EMBEDDING_FIELD,
+                "queryVector": to_bson(query),
+                "numCandidates": max(num_candidates, limit),
+                "limit": limit,
+                "filter": {"memory_id": {"$eq": memory_id}},
+            }
+        },
+        {"$set": {"_vector_score": {"$meta": "vectorSearchScore"}}},
+        {"$project": {EMBEDDING_FIELD: 0}},
+    ]
+    with transient_errors():
+        docs = list(collection(memory_type).aggregate(pipeline))
+    # Atlas reports cosine as (1 + cos) / 2; memq reports the cosine itself.
+    return [to_item(doc, 2.0 * float(doc.get("_vector_score", 0.5)) - 1.0) for doc in docs]
+
+
+def probe_vector_search(memory_type: str, index: str, dimensions: int) -> bool:
+    """Does this server run ``$vectorSearch`` on this collection? Found out by trying the stage."""
+    stage = {
+        "$vectorSearch": {
+            "index": index,
+            "path": EMBEDDING_FIELD,
+            "queryVector": [0.0] * (dimensions - 1) + [1.0],
+            "numCandidates": 1,
+            "limit": 1,
+            "filter": {"memory_id": {"$eq": "\x1fmemq-probe"}},
+        }
+    }
+    try:
+        with transient_errors():
+            list(collection(memory_type).aggregate([stage]))
+    except OperationFailure as exc:
+        log.info("$vectorSearch not usable on %s (%s); exact search used", memory_type, exc)
+        return False
+    return True
+
+
+def delete(memory_id: str, memory_type: str, ids: Sequence[str] | None) -> int:
+    query: dict[str, Any] = {"memory_id": memory_id}
+    if ids is not None:
+        query["_id"] = {"$in": [keys.memory_object_id(memory_id, key) for key in ids]}
+    with transient_errors():
+        return collection(memory_type).delete_many(query).deleted_count
+
+
+def ensure_indexes(memory_types: Sequence[str]) -> dict[str, list[str]]:
+    """Idempotent: creating an index that exists with the same keys is a no-op in MongoDB."""
+    created: dict[str, list[str]] = {}
+    for memory_type in memory_types:
+        coll = collection(memory_type)
+        names = [
+            coll.create_index([("memory_id", 1), ("created_at", -1)], name="memory_id_created_at"),
+            coll.create_index([("tags", 1)], name="tags", sparse=True),
+            _create_text_index(coll),
+        ]
+        if MemoryType(memory_type) in ROLE_TYPES:
+            names.append(coll.create_index([("memory_id", 1), ("role", 1)], name="memory_id_role"))
+        created[memory_type] = names
+    return created
+
+
+def _create_text_index(coll: Collection) -> str:
+    try:
+        return coll.create_index([("content", "text")], name="content_text")
+    except OperationFailure as exc:
+        # nx-27017 workaround: re-creating an existing text index fails there with "constraint failed"
+        # (MongoDB treats it as a no-op). Anything else is a real error.
+        if "constraint failed" in str(exc):
+            return "content_text"
+        raise
+
+
+def vector_index_definition(dimensions: int, index: str) -> dict[str, Any]:
+    """The Atlas Vector Search index, with ``memory_id`` declared as a filter field."""
+    return {
+        "name": index,
+        "type": "vectorSearch",
+        "definition": {
+            "fields": [
+                {"type": "vector", "path": EMBEDDING_FIELD, "numDimensions": dimensions, "similarity": "cosine"},
+                {"type": "filter", "path": "memory_id"},
+            ]
+        },
+    }
+
+
+def ensure_vector_indexes(memory_types: Sequence[str], dimensions: int, index: str) -> dict[str, str]:
+    """Create the Atlas vector index where the server supports search indexes; report otherwise."""
+    from pymongo.operations import SearchIndexModel
+
+    outcome: dict[str, str] = {}
+    definition = vector_index_definition(dimensions, index)
+    database = mongo_client.get()[get_settings().mongodb_db]
+    for memory_type in memory_types:
+        coll = collection(memory_type)
+        try:
+            if memory_type not in database.list_collection_names():
+                database.create_collection(memory_type)  # Atlas indexes only existing collections
+            existing = {ix.get("name") for ix in coll.list_search_indexes()}
+            if index in existing:
+                outcome[memory_type] = "exists"
+                continue
+            coll.create_search_index(
+                SearchIndexModel(definition=definition["definition"], name=index, type="vectorSearch")
+            )
+            outcome[memory_type] = "created"
+        except PyMongoError as exc:
+            outcome[memory_type] = f"unsupported: {str(exc).splitlines()[0][:120]}"
+    return outcome
