@@ -143,7 +143,14 @@ def flower(metered: MeteredFleet, tmp_path_factory: pytest.TempPathFactory) -> I
     log_path = str(tmp_path_factory.mktemp("flower") / "flower.log")
     command = [sys.executable, "-m", "memq.cli", "flower", "--port", str(port), "--address", "127.0.0.1"]
     served = serve(command, port, "/healthcheck", env, log_path)
+
+    def receives_events() -> bool:
+        # /healthcheck answers before Flower's event receiver is bound: wait for the workers' heartbeats.
+        metrics = parse_samples(httpx.get(served.base_url + "/metrics", timeout=5).text)
+        return all(total(metrics, "flower_worker_online", worker=name) == 1 for name in metered.hostnames.values())
+
     try:
+        services.wait_until(receives_events, 30, "Flower receiving the workers' events", interval_s=0.5)
         yield served
     finally:
         stop(served)
