@@ -15,9 +15,14 @@ class InvalidInput(MemqError, ValueError):
     """The caller sent something memq refuses; ``field`` names what was wrong."""
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
+        # args are (field, message), so the exception survives Celery's round trip (pickle test, JSON
+        # rebuild as ``InvalidInput(*args)``) and the caller still learns which field was wrong.
+        super().__init__(field, message)
         self.field = field
         self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
 
     def to_dict(self) -> dict[str, str]:
         return {"field": self.field, "message": self.message}

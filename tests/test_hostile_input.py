@@ -422,11 +422,6 @@ def test_a_raw_bulk_embedding_of_hostile_texts_fails_with_invalid_input(app: Any
     assert state == "FAILURE" and refused(value, "texts")
 
 
-# InvalidInput's args are ("field: message",) but its __init__ takes (field, message): it does not survive a
-# pickle round trip, so Celery's worker stores it as its first picklable base, MemqError, and tasks/client.py's
-# _remote_error (which looks for "InvalidInput") never sees it. Fix in memq/errors.py: pass (field, message) to
-# super().__init__ and define __str__ as f"{self.field}: {self.message}".
-@pytest.mark.xfail(strict=True, reason="a worker's InvalidInput arrives as MemqError (not picklable)")
 def test_a_workers_invalid_input_reaches_the_caller_as_invalid_input_with_its_field(app: Any) -> None:
     state, value = outcome_of(app, names.FORGET, [{"$ne": None}, None, None], names.INGEST_QUEUE)
 
@@ -434,10 +429,6 @@ def test_a_workers_invalid_input_reaches_the_caller_as_invalid_input_with_its_fi
     assert isinstance(value, InvalidInput) and value.field == "memory_id"
 
 
-# steps.merge ranks whatever results arrive: a type with no result at all (a header task lost, or a duplicated
-# one counted in its place by the chord) comes back as an empty list with no error. Fix in workers/steps.merge:
-# after the loop, ``for t in limits: if t not in seen: errors[t] = "no search result arrived"``.
-@pytest.mark.xfail(strict=True, reason="merge reports a requested type with no result as silently empty")
 def test_a_merge_that_lacks_a_requested_type_reports_it_under_errors(app: Any) -> None:
     """What a duplicated or lost chord header delivers: results for some requested types only."""
     request = {"query": "q", "memory_id": "tenant-ok", "limits": {"semantic": 1, "episodic": 1}}

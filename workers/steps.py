@@ -65,9 +65,13 @@ def embed_texts(texts: Sequence[str], on_progress: Callable[[int, int], None] | 
     }
 
 
-def search_type(embedded: dict[str, Any], memory_id: str, memory_type: str, k: int, strategy: str) -> dict[str, Any]:
+def search_type(
+    embedded: dict[str, Any], memory_id: str, memory_type: str, k: int, strategy: str, budget_s: float | None = None
+) -> dict[str, Any]:
+    """One type's ranked candidates; MongoDB work takes at most ``budget_s`` (``None``: the client's timeouts)."""
     started = time.perf_counter()
-    outcome = search_strategies.search(memory_id, memory_type, from_wire(embedded["vector"]), k, strategy)
+    with store.time_limit(budget_s):
+        outcome = search_strategies.search(memory_id, memory_type, from_wire(embedded["vector"]), k, strategy)
     return {
         "type": memory_type,
         "items": outcome.items,
@@ -103,6 +107,10 @@ def merge(results: Sequence[dict[str, Any]], request: dict[str, Any]) -> dict[st
         timings["search_ms"][memory_type] = result["search_ms"]
         best = ranking.rank_type(result["items"], limits[memory_type], weights, now_ts, settings.recency_half_life_s)
         ranked[memory_type] = [_public(item) for item in best]
+    arrived = {result["type"] for result in results}
+    for memory_type in limits:
+        if memory_type not in arrived:  # a lost (or duplicated-in-its-place) chord header: never silently empty
+            errors[memory_type] = "no search result arrived for this type"
     merge_s = time.perf_counter() - started
     MERGE_SECONDS.observe(merge_s)
     timings["merge_ms"] = merge_s * 1000
