@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 from config import get_settings
 from config.settings import Settings
 from memq import result_cache
-from memq.errors import InvalidInput, MemqError, RetrievalTimeout, TaskFailed, TransientError
+from memq.errors import MemqError, RetrievalTimeout, TaskFailed, TransientError
 from memq.requests import forget_request, remember_request, retrieval_request, with_cache
 from tasks import names
 from tasks.app import app
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 ASYNC_THREADS = 64
 INGEST_TIMEOUT_S = 300.0
+RESULT_STORE_OUTAGE = "result backend unavailable: Celery could not reconnect to the result store"
 
 _executor: ThreadPoolExecutor | None = None
 
@@ -135,6 +136,10 @@ def _send(send: Callable[[], AsyncResult]) -> AsyncResult:
         return send()
     except (OperationalError, RedisError, OSError) as exc:
         raise TransientError(f"broker unavailable: {exc}") from exc
+    except RuntimeError as exc:
+        if _is_result_store_outage(exc):
+            raise TransientError(RESULT_STORE_OUTAGE) from exc
+        raise
 
 
 def _wait(result: AsyncResult, timeout_s: float, what: str) -> dict[str, Any]:
@@ -145,19 +150,18 @@ def _wait(result: AsyncResult, timeout_s: float, what: str) -> dict[str, Any]:
     except (OperationalError, RedisError, OSError) as exc:
         raise TransientError(f"result backend unavailable: {exc}") from exc
     except MemqError:
-        raise
+        raise  # InvalidInput from a worker arrives rebuilt as itself, its field intact
     except Exception as exc:
-        raise _remote_error(exc) from exc
+        if isinstance(exc, RuntimeError) and _is_result_store_outage(exc):
+            raise TransientError(RESULT_STORE_OUTAGE) from exc
+        raise TaskFailed(f"{type(exc).__name__}: {exc}") from exc
     else:
         with contextlib.suppress(RedisError, OSError):
             result.forget()  # the caller has it; don't leave it in Redis until result_expires
         return payload
 
 
-def _remote_error(exc: Exception) -> MemqError:
-    """A worker's exception arrives rebuilt from JSON; keep invalid input recognisable."""
-    text = str(exc)
-    if type(exc).__name__ == "InvalidInput" and ":" in text:
-        field, _, message = text.partition(":")
-        return InvalidInput(field.strip(), message.strip())
-    return TaskFailed(f"{type(exc).__name__}: {text}")
+def _is_result_store_outage(exc: RuntimeError) -> bool:
+    """Celery's Redis result consumer gives up reconnecting with a bare ``RuntimeError``; the next call in the
+    same process reconnects, so to the caller this is a transient outage, not a crash."""
+    return "result store" in str(exc)

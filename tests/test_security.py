@@ -174,10 +174,6 @@ def test_a_client_error_for_an_unreachable_broker_never_shows_the_password() -> 
     assert PASSWORD not in shown.stdout + shown.stderr
 
 
-# Celery's result consumer raises a bare RuntimeError ("Retry limit exceeded while trying to reconnect to the
-# Celery result store backend") from apply_async when the result store's Redis is unreachable; tasks/client.py's
-# ``_send``/``_wait`` let it through, so the CLI prints a traceback. Fix: map that RuntimeError to TransientError.
-@pytest.mark.xfail(strict=True, reason="tasks/client.py lets Celery's result-store RuntimeError through")
 def test_an_unreachable_broker_is_a_one_line_error_with_exit_code_2() -> None:
     shown = retrieve_through(f"redis://127.0.0.1:{services.free_port()}/0")
 
