@@ -12,6 +12,7 @@ from typing import Any
 from celery import Task
 
 from config import get_settings
+from config.settings import Settings
 from memq import validation
 from memq.errors import InvalidInput, TransientError
 from memq.requests import recheck_retrieval_request
@@ -21,6 +22,8 @@ from tasks.app import app
 log = logging.getLogger(__name__)
 
 RETRY_BACKOFF_S = (0.05, 0.2, 0.5, 1.0, 2.0)
+DELIVERY_MARGIN_S = 0.5  # left of the caller's deadline for merge and the result's way back
+MIN_ATTEMPT_S = 0.05
 
 
 @app.task(name=names.EMBED_QUERY, autoretry_for=(TransientError,), max_retries=3, retry_backoff=0.1)
@@ -49,14 +52,17 @@ def search(
         memory_type = validation.check_memory_type(memory_type).value
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
             raise InvalidInput("k", "must be an integer in 1..1000")
-        return steps.search_type(embedded, memory_id, memory_type, k, strategy)
+        budget_s = attempt_budget_s(deadline_ts, get_settings(), attempts_left=search_attempts_left(self))
+        return steps.search_type(embedded, memory_id, memory_type, k, strategy, budget_s)
     except InvalidInput as exc:
         return steps.search_failed(str(memory_type), f"invalid input: {exc}", embedded)
     except TransientError as exc:
         attempt = self.request.retries
         settings = get_settings()
         backoff_s = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
-        within_deadline = deadline_ts is None or time.time() + backoff_s < deadline_ts - 0.25
+        within_deadline = (
+            deadline_ts is None or time.time() + backoff_s + MIN_ATTEMPT_S < deadline_ts - DELIVERY_MARGIN_S
+        )
         if attempt < settings.search_max_retries and within_deadline:
             log.warning("search %s for %s failed (%s); retry %d", memory_type, memory_id, exc, attempt + 1)
             raise self.retry(countdown=backoff_s, exc=exc) from exc
@@ -64,6 +70,21 @@ def search(
     except Exception as exc:
         log.exception("search %s for %s failed", memory_type, memory_id)
         return steps.search_failed(str(memory_type), f"{type(exc).__name__}: {exc}", embedded)
+
+
+def search_attempts_left(task: Task) -> int:
+    return max(1, get_settings().search_max_retries + 1 - task.request.retries)
+
+
+def attempt_budget_s(deadline_ts: float | None, settings: Settings, attempts_left: int) -> float | None:
+    """How long one search attempt may spend in MongoDB: never past the caller's deadline (less a margin for
+    merge and delivery), and half of what is left while retries remain, so a stalled server still leaves
+    time to retry and to report the type under ``errors`` before the caller gives up."""
+    if deadline_ts is None:
+        return None
+    remaining_s = deadline_ts - time.time() - DELIVERY_MARGIN_S
+    share_s = remaining_s / 2 if attempts_left > 1 else remaining_s
+    return max(MIN_ATTEMPT_S, min(2 * settings.mongodb_timeout_ms / 1000, share_s))
 
 
 @app.task(name=names.MERGE)

@@ -63,6 +63,17 @@ def transient_errors() -> Iterator[None]:
         raise StoreUnavailable(f"MongoDB unavailable: {exc}") from exc
 
 
+@contextmanager
+def time_limit(budget_s: float | None) -> Iterator[None]:
+    """Every MongoDB operation inside takes at most ``budget_s`` in all (pymongo's client-side operation
+    timeout: server selection, pool wait and socket reads together); ``None`` keeps the client's timeouts."""
+    if budget_s is None:
+        yield
+        return
+    with pymongo.timeout(budget_s):
+        yield
+
+
 def collection(memory_type: str) -> Collection:
     return mongo_client.get()[get_settings().mongodb_db][MemoryType(memory_type).value]
 
