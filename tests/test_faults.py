@@ -47,11 +47,6 @@ SEMANTIC = ["loves spicy Thai green curry", "bakes sourdough bread on Sundays", 
 EPISODIC = ["user: book a table for two on Friday"]
 VISIBILITY_TIMEOUT_S = 10
 HANG_MARGIN_S = 15.0
-# A worker that holds unacknowledged messages when Redis goes away can exit ("Unrecoverable error:
-# AttributeError('NoneType' object has no attribute 'hostname')") from kombu's Channel.close ->
-# restore_unacked, after the transport connection was dropped: a kombu bug, not memq's. Until it is fixed
-# upstream, run workers under a supervisor that restarts them (docker-compose.yml does).
-WORKER_DIES_WITH_UNACKED = "kombu: a worker holding unacked messages can die when Redis goes away"
 CLEAR = ("complete", "reported", "timeout", "unavailable", "failed")
 
 
@@ -410,7 +405,6 @@ def test_idle_workers_reconnect_to_a_restarted_redis_without_being_restarted(rig
     assert rig.retrieve(seeded[0])["outcome"] == "complete"
 
 
-@pytest.mark.xfail(strict=False, reason=WORKER_DIES_WITH_UNACKED)
 def test_a_worker_busy_with_a_task_when_redis_goes_down_reconnects_without_a_restart(rig: Rig) -> None:
     from tasks import names
 
