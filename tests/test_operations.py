@@ -267,6 +267,29 @@ def test_each_worker_serves_its_stage_metrics_after_a_retrieval(metered: Metered
     assert total(embed, "memq_merge_seconds_count") == 0  # each worker reports only its own stages
 
 
+def test_concurrent_embed_tasks_share_forward_passes_in_the_embed_workers_batcher(
+    app: Any, metered: MeteredFleet
+) -> None:
+    """The chord's embed step goes through the worker's dynamic batcher: queries of embed tasks that arrive
+    together are encoded in one forward pass (more texts than passes), while each task gets its own vector."""
+
+    def passes_and_texts() -> tuple[float, float]:
+        samples = metered.metrics("embed")
+        return total(samples, "memq_embed_batch_size_count"), total(samples, "memq_embed_batch_size_sum")
+
+    passes_before, texts_before = passes_and_texts()
+    for attempt in range(5):  # other suites' embed workers share the queue: repeat until this one took a burst
+        queries = [f"burst {attempt}-{i} {uuid.uuid4().hex}" for i in range(64)]
+        sent = [app.send_task(names.EMBED_QUERY, args=[q], queue=names.EMBED_QUEUE) for q in queries]
+        vectors = [result.get(timeout=120)["vector"] for result in sent]
+        assert len(set(vectors)) == len(queries)
+        passes, texts = passes_and_texts()
+        if texts - texts_before > passes - passes_before:
+            break
+
+    assert texts - texts_before > passes - passes_before > 0
+
+
 # -- Flower ----------------------------------------------------------------------------------------------
 
 

@@ -60,6 +60,8 @@ def _on_worker_process_init(**_: Any) -> None:
 
 @worker_shutdown.connect
 def _on_worker_shutdown(**_: Any) -> None:
+    from workers.embedder import embedder
     from workers.store import mongo_client
 
+    embedder.reset()  # the batcher finishes the queries already queued, then stops
     mongo_client.reset()
