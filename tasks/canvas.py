@@ -26,7 +26,11 @@ def retrieval_canvas(request: dict[str, Any]) -> Signature:
         )
         for memory_type in request["limits"]
     ]
-    embed = app.signature(names.EMBED_QUERY, args=(request["query"],), queue=names.EMBED_QUEUE, expires=expires)
+    # The embedding travels to the searches in the messages; storing it as a result too would cost a 2 KB
+    # SET + PUBLISH per retrieval that nobody reads (its failures are still stored: see tasks/retrieval.py).
+    embed = app.signature(
+        names.EMBED_QUERY, args=(request["query"],), queue=names.EMBED_QUEUE, expires=expires, ignore_result=True
+    )
     merge = app.signature(names.MERGE, kwargs={"request": request}, queue=names.SEARCH_QUEUE)
     return chain(embed, chord(searches, merge))
 
@@ -34,7 +38,7 @@ def retrieval_canvas(request: dict[str, Any]) -> Signature:
 def remember_canvas(request: dict[str, Any]) -> Signature:
     """``embed_texts(contents) | store(...)``: embedding on the embed queue, the bulk write on ingest."""
     texts = [item["content"] for item in request["items"]]
-    embed = app.signature(names.EMBED_TEXTS, args=(texts,), queue=names.EMBED_QUEUE)
+    embed = app.signature(names.EMBED_TEXTS, args=(texts,), queue=names.EMBED_QUEUE, ignore_result=True)
     store = app.signature(
         names.STORE,
         args=(request["memory_id"], request["memory_type"], request["items"]),

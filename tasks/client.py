@@ -34,6 +34,7 @@ from memq.requests import forget_request, remember_request, retrieval_request, w
 from tasks import names
 from tasks.app import app
 from tasks.canvas import remember_canvas, retrieval_canvas
+from tasks.waiting import ResultWaiter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,6 +43,7 @@ INGEST_TIMEOUT_S = 300.0
 RESULT_STORE_OUTAGE = "result backend unavailable: Celery could not reconnect to the result store"
 
 _executor: ThreadPoolExecutor | None = None
+_waiter = ResultWaiter(app)
 
 
 def retrieve(
@@ -144,7 +146,7 @@ def _send(send: Callable[[], AsyncResult]) -> AsyncResult:
 
 def _wait(result: AsyncResult, timeout_s: float, what: str) -> dict[str, Any]:
     try:
-        payload = result.get(timeout=timeout_s, propagate=True)
+        payload = _waiter.wait(result, timeout_s)
     except CeleryTimeoutError:
         raise RetrievalTimeout(f"{what} did not finish within {timeout_s:g} s") from None
     except (OperationalError, RedisError, OSError) as exc:

@@ -16,7 +16,7 @@ from tasks.app import app
 INGEST_RETRY = {"autoretry_for": (TransientError,), "max_retries": 5, "retry_backoff": 0.5, "retry_jitter": True}
 
 
-@app.task(name=names.EMBED_TEXTS, bind=True, **INGEST_RETRY)
+@app.task(name=names.EMBED_TEXTS, bind=True, store_errors_even_if_ignored=True, **INGEST_RETRY)
 def embed_texts(self: Task, texts: list[str]) -> dict[str, Any]:
     from workers import steps
 

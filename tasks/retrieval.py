@@ -26,7 +26,15 @@ DELIVERY_MARGIN_S = 0.5  # left of the caller's deadline for merge and the resul
 MIN_ATTEMPT_S = 0.05
 
 
-@app.task(name=names.EMBED_QUERY, autoretry_for=(TransientError,), max_retries=3, retry_backoff=0.1)
+# store_errors_even_if_ignored: the canvas does not store this step's result, but a failure must be stored so
+# that Celery marks the rest of the chain failed and the caller learns it at once instead of timing out.
+@app.task(
+    name=names.EMBED_QUERY,
+    autoretry_for=(TransientError,),
+    max_retries=3,
+    retry_backoff=0.1,
+    store_errors_even_if_ignored=True,
+)
 def embed_query(query: str) -> dict[str, Any]:
     from workers import steps
 

@@ -148,6 +148,34 @@ def test_one_failing_type_is_reported_and_the_others_still_arrive(tenant: str, m
     assert "long_term_memory" not in result["errors"]
 
 
+def test_a_failing_embedding_step_reaches_the_caller_as_its_error_not_as_a_timeout(tenant: str) -> None:
+    """The embed step's result is not stored, but its failure is: Celery marks the rest of the chain failed,
+    so the caller's wait on the last step ends with the worker's error."""
+    from config import get_settings
+    from memq.requests import retrieval_request
+    from tasks.canvas import retrieval_canvas
+
+    request = retrieval_request(get_settings(), "a query", tenant, {"semantic": 2}, timeout_s=60)
+    request["query"] = "x" * (get_settings().max_query_chars + 1)  # past the client's check, refused by the worker
+
+    with pytest.raises(InvalidInput) as refused:
+        client._wait(retrieval_canvas(request).apply_async(), 60, what="retrieval")
+
+    assert refused.value.field == "query"
+
+
+def test_an_apply_async_get_in_the_same_process_still_works_beside_the_client(tenant: str) -> None:
+    """The client waits through its own result connection; a plain AsyncResult.get() here is untouched."""
+    from tasks import names
+    from tasks.app import app
+
+    remember_all(tenant, "semantic", FOOD[:2])
+    plain = app.send_task(names.FORGET, args=(tenant, "semantic", None), queue=names.INGEST_QUEUE)
+
+    assert client.retrieve("food", tenant, {"semantic": 1})["memory_id"] == tenant
+    assert plain.get(timeout=60)["deleted"] == {"long_term_memory": 2}
+
+
 def test_forget_deletes_only_its_own_tenant(tenant: str, mongo_db: Any) -> None:
     other = tenant + "-other"
     remember_all(tenant, "semantic", FOOD[:2])

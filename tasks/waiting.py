@@ -1,0 +1,108 @@
+"""Waiting for many task results at once in one client process, with one reader of the result store.
+
+Celery's default way to wait (``AsyncResult.get``) has every waiting thread drain a pub/sub connection of
+its own and, for a chain, read each parent task's state with a Redis GET on every wake-up: milliseconds of
+client CPU per retrieval, growing with the number of threads a web app waits on.
+
+``ResultWaiter`` owns a private result backend (its own pub/sub connection, which nothing else reads) and
+one daemon thread per process that drains it. A caller registers the id of the result it wants (a
+SUBSCRIBE) and sleeps on its own event, which the drain thread sets when that result, and only it, arrives.
+Failures of earlier steps of memq's canvases reach the last step's result (Celery marks the rest of a failed
+chain failed; the embed steps store their errors although their results are not stored), so the parents need
+no polling. ``AsyncResult.get`` elsewhere in the process keeps working as before: it never touches this
+backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from celery import Celery, states
+from celery.backends.base import Backend
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import AsyncResult
+
+log = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT_S = 1.0  # the drain thread's longest sleep on the socket
+RETRY_AFTER_S = 0.5  # pause after a failed drain (the result store is down)
+
+
+class ResultWaiter:
+    def __init__(self, app: Celery) -> None:
+        self._app = app
+        self._lock = threading.Lock()  # SUBSCRIBE/UNSUBSCRIBE go out one at a time on the private connection
+        self._backend: Backend | None = None
+        self._pid: int | None = None
+
+    def wait(self, sent: AsyncResult, timeout_s: float) -> Any:
+        """The task's return value; raises its exception, or that of an earlier step of its chain that failed,
+        or ``celery.exceptions.TimeoutError`` after ``timeout_s`` (the subscriptions are then dropped)."""
+        ended = threading.Event()
+        failed: list[AsyncResult] = []
+
+        def on_earlier_step(step: AsyncResult) -> None:
+            if step.state in states.PROPAGATE_STATES:  # a failed step is marked on its chain's header, not here
+                failed.append(step)
+                ended.set()
+
+        with self._lock:
+            backend = self._started_backend()
+            last = AsyncResult(sent.id, backend=backend, app=self._app)
+            earlier = [AsyncResult(step.id, backend=backend, app=self._app) for step in _earlier_steps(sent)]
+            last.then(lambda _: ended.set())
+            for step in earlier:
+                step.then(on_earlier_step)
+        try:
+            self._read_once(backend, [last, *earlier])
+            if not ended.wait(timeout_s):
+                raise CeleryTimeoutError(f"the result did not arrive within {timeout_s:g} s")
+            if failed:
+                failed[0].maybe_throw()
+            return last.get(timeout=timeout_s, propagate=True, follow_parents=False)  # cached by now: no wait
+        finally:
+            with self._lock:
+                for result in (last, *earlier):
+                    backend.remove_pending_result(result)  # no-op for those already fulfilled
+
+    @staticmethod
+    def _read_once(backend: Backend, results: list[AsyncResult]) -> None:
+        """Results stored before the SUBSCRIBE went out were published to no one: one MGET finds them, and
+        they go through the same callbacks as a published one."""
+        stored = backend.client.mget([backend.get_key_for_task(result.id) for result in results])
+        for raw in stored:
+            if raw is not None:
+                meta = backend.decode_result(raw)
+                if meta["status"] in states.READY_STATES:
+                    backend.result_consumer.on_state_change(meta, None)
+
+    def _started_backend(self) -> Backend:
+        """This process's private backend and its drain thread (both built again after a fork)."""
+        if self._backend is None or self._pid != os.getpid():
+            backend = self._app._get_backend()  # a new instance, not the app's thread-local one
+            threading.Thread(target=self._drain_forever, args=(backend,), name="memq-result-drain", daemon=True).start()
+            self._backend, self._pid = backend, os.getpid()
+        return self._backend
+
+    @staticmethod
+    def _drain_forever(backend: Backend) -> None:
+        while True:
+            try:
+                backend.result_consumer.drain_events(timeout=DRAIN_TIMEOUT_S)
+            except Exception as exc:  # the store is down or reconnecting: callers time out, never hang
+                log.warning("result store unavailable while waiting for results: %s", exc)
+                time.sleep(RETRY_AFTER_S)
+
+
+def _earlier_steps(result: Any) -> list[Any]:
+    """The results of the steps before ``result`` in its chain (a chord's header counts as one step)."""
+    steps = []
+    parent = result.parent
+    while parent is not None and getattr(parent, "id", None):
+        steps.append(parent)
+        parent = parent.parent
+    return steps
