@@ -52,6 +52,9 @@ def test_a_retrieval_returns_every_requested_type(tenant: str) -> None:
     assert result["errors"] == {}
     assert result["memory_id"] == tenant and result["cached"] is False
     assert set(result["timings_ms"]["search_ms"]) == set(result["results"])
+    waits = result["timings_ms"]["queue_ms"]
+    assert set(waits) == {"embed", "search", "merge"} and set(waits["search"]) == set(result["results"])
+    assert min(waits["embed"], waits["merge"], *waits["search"].values()) >= 0  # one host: one clock
     for item in result["results"]["long_term_memory"]:
         assert {"id", "content", "score", "memory_signal", "created_at", "importance"} <= set(item)
         assert "embedding" not in item

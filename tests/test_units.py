@@ -161,3 +161,26 @@ def test_the_celery_config_accepts_json_only() -> None:
     assert config["task_serializer"] == "json" and config["result_serializer"] == "json"
     assert {q.name for q in config["task_queues"]} == {"embed", "search", "ingest"}
     assert config["worker_send_task_events"] and config["task_send_sent_event"]
+
+
+def test_queue_waits_are_the_gaps_between_each_steps_stamps() -> None:
+    from workers.steps import queue_waits_ms
+
+    embed = {"embed_started_ts": 100.010, "embed_ended_ts": 100.020}
+    results = [
+        {"type": "long_term_memory", "search_started_ts": 100.023, "search_ms": 1.0, **embed},
+        {"type": "workflow_memory", "search_started_ts": 100.025, "search_ms": 4.0, **embed},
+        {"type": "conversation_memory", "items": [], "error": "down", **embed},
+    ]
+
+    waits = queue_waits_ms(results, requested_at=100.000, merge_started_ts=100.035)
+
+    assert waits["embed"] == pytest.approx(10.0)
+    assert waits["search"] == pytest.approx({"long_term_memory": 3.0, "workflow_memory": 5.0})
+    assert waits["merge"] == pytest.approx(6.0)  # after the last search to end (100.029)
+
+
+def test_queue_waits_leave_out_what_has_no_stamp() -> None:
+    from workers.steps import queue_waits_ms
+
+    assert queue_waits_ms([{"type": "long_term_memory", "items": [], "search_ms": 0.0}], None, 1.0) == {"search": {}}

@@ -26,18 +26,23 @@ QUERY_WAIT_S = 60.0  # longest wait for the batcher's forward pass of one query
 
 def embed_query(query: str) -> dict[str, Any]:
     """The query's vector: from the embedding cache when this model embedded this text before."""
+    started_ts = time.time()  # wall clock: merge turns the steps' stamps into queue waits
     model = embedder.get()
     started = time.perf_counter()
-    cached = embedding_cache.lookup(model.model_name, [query])[0]
-    if cached is not None:
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        return {"vector": to_wire(cached), "model": model.model_name, "embed_ms": elapsed_ms, "embed_cache": "hit"}
-    started = time.perf_counter()
-    # Through the process's batcher: concurrent embed tasks share forward passes (it records the metrics).
-    vector = model.encode_queries([query], QUERY_WAIT_S)[0]
-    elapsed_s = time.perf_counter() - started
-    embedding_cache.store(model.model_name, [query], [vector])
-    return {"vector": to_wire(vector), "model": model.model_name, "embed_ms": elapsed_s * 1000, "embed_cache": "miss"}
+    vector = embedding_cache.lookup(model.model_name, [query])[0]
+    cache = "hit" if vector is not None else "miss"
+    if vector is None:
+        # Through the process's batcher: concurrent embed tasks share forward passes (it records the metrics).
+        vector = model.encode_queries([query], QUERY_WAIT_S)[0]
+        embedding_cache.store(model.model_name, [query], [vector])
+    return {
+        "vector": to_wire(vector),
+        "model": model.model_name,
+        "embed_ms": (time.perf_counter() - started) * 1000,
+        "embed_cache": cache,
+        "embed_started_ts": started_ts,
+        "embed_ended_ts": time.time(),
+    }
 
 
 def embed_texts(texts: Sequence[str], on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
@@ -69,6 +74,7 @@ def search_type(
     embedded: dict[str, Any], memory_id: str, memory_type: str, k: int, strategy: str, budget_s: float | None = None
 ) -> dict[str, Any]:
     """One type's ranked candidates; MongoDB work takes at most ``budget_s`` (``None``: the client's timeouts)."""
+    started_ts = time.time()
     started = time.perf_counter()
     with store.time_limit(budget_s):
         outcome = search_strategies.search(memory_id, memory_type, from_wire(embedded["vector"]), k, strategy)
@@ -78,17 +84,24 @@ def search_type(
         "strategy": outcome.strategy,
         "matrix_cache": outcome.matrix_cache,
         "search_ms": (time.perf_counter() - started) * 1000,
-        "embed_ms": embedded.get("embed_ms"),
+        "search_started_ts": started_ts,
         "model": embedded.get("model"),
+        **_embed_timings(embedded),
     }
 
 
 def search_failed(memory_type: str, message: str, embedded: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"type": memory_type, "items": [], "error": message, "embed_ms": (embedded or {}).get("embed_ms")}
+    return {"type": memory_type, "items": [], "error": message, **_embed_timings(embedded or {})}
+
+
+def _embed_timings(embedded: dict[str, Any]) -> dict[str, Any]:
+    """The embed step's timings, passed along by each search so that merge sees them."""
+    return {key: embedded.get(key) for key in ("embed_ms", "embed_started_ts", "embed_ended_ts")}
 
 
 def merge(results: Sequence[dict[str, Any]], request: dict[str, Any]) -> dict[str, Any]:
     """Rank each type's candidates by memory_signal, keep its k, report per-type errors and timings."""
+    started_ts = time.time()
     started = time.perf_counter()
     settings = get_settings()
     now_ts = time.time()
@@ -116,6 +129,7 @@ def merge(results: Sequence[dict[str, Any]], request: dict[str, Any]) -> dict[st
     timings["merge_ms"] = merge_s * 1000
     if request.get("requested_at"):
         timings["total_ms"] = (time.time() - request["requested_at"]) * 1000
+    timings["queue_ms"] = queue_waits_ms(results, request.get("requested_at"), started_ts)
     merged = {
         "query": request["query"],
         "memory_id": request["memory_id"],
@@ -127,6 +141,26 @@ def merge(results: Sequence[dict[str, Any]], request: dict[str, Any]) -> dict[st
     if request.get("cache_key"):
         result_cache.store(cache_redis.get(), request["cache_key"], merged, request["cache_ttl_s"])
     return merged
+
+
+def queue_waits_ms(
+    results: Sequence[dict[str, Any]], requested_at: float | None, merge_started_ts: float
+) -> dict[str, Any]:
+    """How long each step waited between the previous one and its start (queue, prefetch, chord bookkeeping),
+    from the steps' wall-clock stamps; a stamp that is missing leaves its wait out. Across hosts these include
+    clock skew."""
+    embed = next((r for r in results if r.get("embed_started_ts")), {})
+    waits: dict[str, Any] = {"search": {}}
+    if requested_at and embed:
+        waits["embed"] = (embed["embed_started_ts"] - requested_at) * 1000
+    searched = [r for r in results if r.get("search_started_ts")]
+    for result in searched:
+        if result.get("embed_ended_ts"):
+            waits["search"][result["type"]] = (result["search_started_ts"] - result["embed_ended_ts"]) * 1000
+    if searched:
+        last_search_ended_ts = max(r["search_started_ts"] + r["search_ms"] / 1000 for r in searched)
+        waits["merge"] = (merge_started_ts - last_search_ended_ts) * 1000
+    return waits
 
 
 def _public(item: dict[str, Any]) -> dict[str, Any]:
