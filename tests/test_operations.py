@@ -299,32 +299,40 @@ def flower_tasks(flower: Served) -> dict[str, dict[str, Any]]:
     return dict(response.json())
 
 
-def chord_of(tasks: dict[str, dict[str, Any]], query: str) -> list[dict[str, Any]]:
-    """The tasks of the retrieval whose embed step got ``query``: all tasks sharing its root id."""
-    roots = {t["root_id"] for t in tasks.values() if t["name"] == names.EMBED_QUERY and query in (t["args"] or "")}
-    return [task for task in tasks.values() if task["root_id"] in roots]
-
-
 def test_flower_finds_a_retrievals_chord_tasks_by_name_in_its_api_and_metrics(
     flower: Served, metered: MeteredFleet, tenant: str
 ) -> None:
+    from config import get_settings
+    from memq.requests import retrieval_request
+    from tasks.canvas import retrieval_canvas
+
     client.remember(tenant, "semantic", FACTS)
-    query = f"what does {tenant} like to eat?"
+    request = retrieval_request(
+        get_settings(), f"what does {tenant} like to eat?", tenant, {"semantic": 2, "episodic": 1}
+    )
+    sent = retrieval_canvas(request).apply_async()  # the canvas client.retrieve sends, so its ids are known here
+    client._wait(sent, 60, what="retrieval")
+    steps = {sent.parent.parent.id: names.EMBED_QUERY, sent.id: names.MERGE}
+    steps.update({search.id: names.SEARCH for search in sent.parent.results})
 
-    client.retrieve(query, tenant, {"semantic": 2, "episodic": 1})
+    def seen_in_flower() -> dict[str, dict[str, Any]]:
+        tasks = flower_tasks(flower)
+        return {task_id: tasks[task_id] for task_id in steps if task_id in tasks}
 
-    expected = sorted([names.EMBED_QUERY, names.SEARCH, names.SEARCH, names.MERGE])
+    def every_step_succeeded() -> bool:
+        # Events from several workers reach Flower in any order: wait until each step's success is in.
+        seen = seen_in_flower()
+        return len(seen) == len(steps) and all(task["state"] == "SUCCESS" for task in seen.values())
 
-    def chord_done() -> bool:
-        # Events from different workers reach Flower in any order: wait until every step has succeeded there.
-        chord = chord_of(flower_tasks(flower), query)
-        return sorted(t["name"] for t in chord) == expected and all(t["state"] == "SUCCESS" for t in chord)
-
-    services.wait_until(chord_done, 30, "every step of the chord succeeded in Flower", interval_s=0.5)
-    chord = chord_of(flower_tasks(flower), query)
-    assert all(task["worker"] for task in chord)
-    merge = next(task for task in chord if task["name"] == names.MERGE)
-    assert tenant in merge["kwargs"]
+    try:
+        services.wait_until(every_step_succeeded, 30, "every step of the chord succeeded in Flower", interval_s=0.5)
+    except RuntimeError:
+        pytest.fail(f"steps {steps}; Flower saw {seen_in_flower()}")
+    chord = seen_in_flower()
+    assert {task_id: task["name"] for task_id, task in chord.items()} == steps
+    assert all(task["worker"] for task in chord.values())
+    assert len({task["root_id"] for task in chord.values()}) == 1
+    assert tenant in chord[sent.id]["kwargs"]
     workers = httpx.get(flower.base_url + "/api/workers", params={"refresh": "1"}, auth=FLOWER_AUTH, timeout=10)
     assert set(workers.json()) >= set(metered.hostnames.values())
     metrics = parse_samples(httpx.get(flower.base_url + "/metrics", timeout=5).text)
