@@ -7,10 +7,10 @@ client CPU per retrieval, growing with the number of threads a web app waits on.
 ``ResultWaiter`` owns a private result backend (its own pub/sub connection, which nothing else reads) and
 one daemon thread per process that drains it. A caller registers the id of the result it wants (a
 SUBSCRIBE) and sleeps on its own event, which the drain thread sets when that result, and only it, arrives.
-Failures of earlier steps of memq's canvases reach the last step's result (Celery marks the rest of a failed
-chain failed; the embed steps store their errors although their results are not stored), so the parents need
-no polling. ``AsyncResult.get`` elsewhere in the process keeps working as before: it never touches this
-backend.
+It also subscribes to the chain's earlier steps: Celery stores a failed step's error on that step and on the
+chord header after it, not on the last step (the embed steps store their errors although their results are not
+stored), so a failure ends the wait at once without polling the parents. ``AsyncResult.get`` elsewhere in the
+process keeps working as before: it never touches this backend.
 """
 
 from __future__ import annotations
