@@ -38,6 +38,7 @@ class ResultWaiter:
         self._lock = threading.Lock()  # SUBSCRIBE/UNSUBSCRIBE go out one at a time on the private connection
         self._backend: Backend | None = None
         self._pid: int | None = None
+        self._drain_thread: threading.Thread | None = None
 
     def wait(self, sent: AsyncResult, timeout_s: float) -> Any:
         """The task's return value; raises its exception, or that of an earlier step of its chain that failed,
@@ -51,12 +52,15 @@ class ResultWaiter:
                 ended.set()
 
         with self._lock:
-            backend = self._started_backend()
+            backend = self._process_backend()
             last = AsyncResult(sent.id, backend=backend, app=self._app)
             earlier = [AsyncResult(step.id, backend=backend, app=self._app) for step in _earlier_steps(sent)]
             last.then(lambda _: ended.set())
             for step in earlier:
                 step.then(on_earlier_step)
+            # After the first SUBSCRIBE: the consumer has its pub/sub connection, so the drain thread blocks on
+            # it instead of sleeping a whole drain timeout on a consumer that has none yet.
+            self._ensure_draining(backend)
         try:
             self._read_once(backend, [last, *earlier])
             if not ended.wait(timeout_s):
@@ -80,13 +84,20 @@ class ResultWaiter:
                 if meta["status"] in states.READY_STATES:
                     backend.result_consumer.on_state_change(meta, None)
 
-    def _started_backend(self) -> Backend:
-        """This process's private backend and its drain thread (both built again after a fork)."""
+    def _process_backend(self) -> Backend:
+        """This process's private backend (built again after a fork)."""
         if self._backend is None or self._pid != os.getpid():
-            backend = self._app._get_backend()  # a new instance, not the app's thread-local one
-            threading.Thread(target=self._drain_forever, args=(backend,), name="memq-result-drain", daemon=True).start()
-            self._backend, self._pid = backend, os.getpid()
+            self._backend = self._app._get_backend()  # a new instance, not the app's thread-local one
+            self._pid = os.getpid()
+            self._drain_thread = None
         return self._backend
+
+    def _ensure_draining(self, backend: Backend) -> None:
+        if self._drain_thread is None:
+            self._drain_thread = threading.Thread(
+                target=self._drain_forever, args=(backend,), name="memq-result-drain", daemon=True
+            )
+            self._drain_thread.start()
 
     @staticmethod
     def _drain_forever(backend: Backend) -> None:
