@@ -60,14 +60,14 @@ def merges_run(app: Any) -> int:
 
 def set_result_cache_ttl_s(ttl_s: int) -> None:
     """Settings are read once per process; the bench switches the cache off and on between phases."""
-    from config import get_settings
+    from memq.settings import get_settings
 
     os.environ["MEMQ_RESULT_CACHE_TTL_S"] = str(ttl_s)
     get_settings.cache_clear()
 
 
 def ingest(tenant: str, per_type: int) -> None:
-    from tasks import client
+    from memq import client
 
     for memory_type in ("long_term_memory", "conversation_memory", "workflow_memory"):
         items = corpus.memories(memory_type, per_type, seed=len(memory_type))
@@ -76,10 +76,9 @@ def ingest(tenant: str, per_type: int) -> None:
 
 
 def latency_series(tenant: str, iterations: int, queries: Any) -> dict[str, list[float]]:
-    from config import get_settings
-    from memq import result_cache
+    from memq import client, result_cache
     from memq.requests import retrieval_request
-    from tasks import client
+    from memq.settings import get_settings
 
     hot = next(queries)
     client.retrieve(hot, tenant, LIMITS)
@@ -98,7 +97,7 @@ def latency_series(tenant: str, iterations: int, queries: Any) -> dict[str, list
 
 
 def burst(app: Any, tenant: str, size: int, rounds: int, queries: Any) -> dict[str, Any]:
-    from tasks import client
+    from memq import client
 
     latencies: list[float] = []
     merges_before = merges_run(app)
@@ -117,7 +116,7 @@ def burst(app: Any, tenant: str, size: int, rounds: int, queries: Any) -> dict[s
 
 
 def embedding_cache_series(app: Any, texts: int, rounds: int) -> dict[str, Any]:
-    from tasks import names
+    from memq import names
 
     def embed(batch: list[str]) -> dict[str, Any]:
         return dict(app.send_task(names.EMBED_TEXTS, args=(batch,), queue=names.EMBED_QUEUE).get(timeout=120))
@@ -137,7 +136,7 @@ def embedding_cache_series(app: Any, texts: int, rounds: int) -> dict[str, Any]:
 
 def run(args: argparse.Namespace, fleet: services.Fleet) -> dict[str, Any]:
     from memq import result_cache
-    from tasks.app import app
+    from memq.app import app
 
     hosts = [fleet.start(kind) for kind in services.WORKER_KINDS]
     fleet.wait_ready(app, hosts)
@@ -145,7 +144,7 @@ def run(args: argparse.Namespace, fleet: services.Fleet) -> dict[str, Any]:
     print(f"ingesting {3 * args.per_type} memories ...", file=sys.stderr)
     ingest(tenant, args.per_type)
     queries = iter(corpus.queries(100_000, seed=11))
-    from tasks import client
+    from memq import client
 
     for _ in range(3):  # steady state: model warm, tenant matrices loaded in the search worker
         client.retrieve(next(queries), tenant, LIMITS)

@@ -42,7 +42,7 @@ def shapes(app: Any) -> dict[str, Callable[[], Any]]:
 
 
 def measure(env: dict[str, str], pool_args: list[str], iterations: int) -> dict[str, float]:
-    from tasks.app import app
+    from memq.app import app
 
     fleet = services.Fleet(env)
     out: dict[str, float] = {}

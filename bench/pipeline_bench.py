@@ -64,7 +64,7 @@ class Baselines:
     def __init__(self, mongodb_uri: str, db: str) -> None:
         import pymongo
 
-        from workers.embedder import resolve_model_path
+        from memq.workers.embedder import resolve_model_path
 
         self.model_path = resolve_model_path("all-MiniLM-L6-v2")
         self.db = pymongo.MongoClient(mongodb_uri)[db]
@@ -189,11 +189,11 @@ def machine() -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, fleet: services.Fleet, mongodb_uri: str) -> dict[str, Any]:
-    from config import get_settings
+    from bench.floor import floor_canvas
+    from memq import client
+    from memq.app import app
     from memq.requests import retrieval_request
-    from tasks import client
-    from tasks.app import app
-    from tasks.canvas import floor_canvas
+    from memq.settings import get_settings
 
     hosts = [fleet.start(kind) for kind in services.WORKER_KINDS]
     fleet.wait_ready(app, hosts)

@@ -1,6 +1,6 @@
 """Does Redis grow without bound under retrievals? Counts the keys Celery and memq leave behind.
 
-Runs N retrievals (default 10,000) through ``tasks.client.retrieve`` on a private fleet (its own redis-server,
+Runs N retrievals (default 10,000) through ``memq.retrieve`` on a private fleet (its own redis-server,
 nx-27017, one embed, one search and one ingest worker) with a short ``MEMQ_RESULT_EXPIRES_S``, and counts
 Redis keys by kind: before, right after, and once the expiry has passed. Also checks that every result key
 carries a TTL. Prints a table and writes ``bench/results/result_keys.json``.
@@ -75,8 +75,8 @@ def wait_for_expiry(client: Any, kind: str, until: float) -> dict[str, Any]:
 
 
 def run_retrievals(n: int, threads: int, tenants: list[str]) -> dict[str, Any]:
+    from memq import client
     from memq.errors import MemqError
-    from tasks import client
 
     outcomes: Counter[str] = Counter()
     lock = threading.Lock()
@@ -114,7 +114,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "result_keys.json")
     args = parser.parse_args()
 
-    redis_service = services.start_redis_server_with()
+    redis_service = services.start_redis_server()
     mongo = services.start_nx27017()
     env = services.memq_env(
         os.environ, redis_service.url, mongo.url, MEMQ_MONGODB_DB="memq_bench_keys",
@@ -123,8 +123,8 @@ def main() -> int:
     os.environ.update(env)  # before anything reads the settings
     import redis
 
-    from tasks import client
-    from tasks.app import app
+    from memq import client
+    from memq.app import app
 
     fleet = services.Fleet(env)
     try:

@@ -40,11 +40,11 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
 
 
 def run_variant(env: dict[str, str], flags: dict[str, list[str]], tenant: str, iterations: int) -> dict[str, list]:
-    from config import get_settings
+    from bench.floor import floor_canvas
+    from memq import client
+    from memq.app import app
     from memq.requests import retrieval_request
-    from tasks import client
-    from tasks.app import app
-    from tasks.canvas import floor_canvas
+    from memq.settings import get_settings
 
     fleet = services.Fleet(env)
     run = uuid.uuid4().hex[:8]  # rounds share one Redis: no query may repeat across fleets (cache hits)
@@ -115,11 +115,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def seed_corpus(env: dict[str, str], tenant: str, per_type: int) -> None:
-    from tasks import client
+    from memq import client
 
     fleet = services.Fleet(env)
     try:
-        from tasks.app import app
+        from memq.app import app
 
         fleet.wait_ready(app, [fleet.start(kind) for kind in services.WORKER_KINDS])
         client.forget(tenant)

@@ -1,5 +1,4 @@
-"""memq configuration: one typed settings object read from MEMQ_* once, plus Celery's config."""
+"""Celery and deployment configuration of the worker service (installed as ``memq.config``).
 
-from config.settings import Settings, get_settings
-
-__all__ = ["Settings", "get_settings"]
+Settings themselves are read once, from ``MEMQ_*``, by ``memq.settings``.
+"""

@@ -6,8 +6,8 @@ from typing import Any
 
 from kombu import Exchange, Queue
 
-from config.settings import Settings
-from tasks import names
+from memq import names
+from memq.settings import Settings
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

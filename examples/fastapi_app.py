@@ -19,8 +19,8 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from memq.client import aremember, aretrieve
 from memq.errors import InvalidInput, MemqError, RetrievalTimeout, TaskFailed, TransientError
-from tasks.client import aremember, aretrieve
 
 app = FastAPI(title="memq example", version="1")
 

@@ -1,3 +1,29 @@
-"""memq: Celery task-queue retrieval workers for agent memory."""
+"""memq: Celery task-queue retrieval workers for agent memory.
+
+What a web app uses::
+
+    from memq import retrieve, aretrieve, remember, forget
+    from memq.errors import InvalidInput, RetrievalTimeout, TransientError
+
+``import memq`` itself is instant: the client (Celery, Redis) is imported on first use of one of these
+names, and nothing here ever imports torch, sentence-transformers, pymongo or the worker side.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+__all__ = ["__version__", "aforget", "aremember", "aretrieve", "create_indexes", "forget", "remember", "retrieve"]
+
+if TYPE_CHECKING:
+    from memq.client import aforget, aremember, aretrieve, create_indexes, forget, remember, retrieve
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__ and name != "__version__":
+        from memq import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'memq' has no attribute {name!r}")

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from memq import names
 from memq.errors import InvalidInput, MemqError
 
 WORKER_DEFAULTS: dict[str, list[str]] = {
@@ -63,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", action="append", required=True, metavar="TYPE=K")
     p.add_argument("--weights", metavar="relevance=1,recency=0,importance=0")
     p.add_argument("--timeout-s", type=float, default=None)
+    p.add_argument("--mode", help="hybrid (default), vector or lexical")
+    p.add_argument("--tag", action="append", dest="tags", metavar="TAG", help="only memories with this tag (repeat)")
+    p.add_argument("--all-tags", action="store_true", help="with --tag: memories with every tag, not any")
+    p.add_argument("--after", help="only memories created at or after this time (ISO-8601 or Unix seconds)")
+    p.add_argument("--before", help="only memories created at or before this time (ISO-8601 or Unix seconds)")
+    p.add_argument("--role", help="only memories of this role (e.g. user, assistant)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_retrieve)
 
@@ -74,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_forget)
 
     p = sub.add_parser("indexes", help="create indexes (idempotent) and print the Atlas vector index")
-    p.add_argument("--dimensions", type=int, default=384)
+    p.add_argument("--dimensions", type=int, default=None, help="default: MEMQ_EMBED_DIMENSIONS")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_indexes)
 
@@ -96,17 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_worker(argv: list[str]) -> int:
     if not argv or argv[0] not in WORKER_DEFAULTS:
-        print("usage: memq worker embed|search|ingest [--device cuda:N] [celery worker args...]", file=sys.stderr)
+        print(
+            "usage: memq worker embed|search|ingest [--device cuda:N | --gpus 0,1] [celery worker args...]",
+            file=sys.stderr,
+        )
         return 2
     kind, extra = argv[0], argv[1:]
+    if kind == "embed" and any(arg == "--gpus" or arg.startswith("--gpus=") for arg in extra):
+        from memq.workers.gpu_launcher import run_from_argv
+
+        return int(run_from_argv(extra) or 0)  # one pinned embed worker per GPU, supervised together
     if "--device" in extra:
         at = extra.index("--device")
         os.environ["MEMQ_EMBED_DEVICE"] = extra[at + 1]
         del extra[at : at + 2]
-    os.environ["MEMQ_WORKER_KIND"] = kind
+    os.environ[names.WORKER_KIND_ENV] = kind
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from tasks.app import app
+    from memq.app import app
 
     args = ["worker", "-Q", kind, *WORKER_DEFAULTS[kind]]
     if not any(a in ("-n", "--hostname") or a.startswith("--hostname=") for a in extra):
@@ -127,6 +141,29 @@ def parse_pairs(values: Sequence[str], field: str, number: type) -> dict[str, An
             except ValueError:
                 raise InvalidInput(field, f"{name.strip()}: {raw!r} is not a number") from None
     return pairs
+
+
+def filters_from(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The retrieve command's filter flags as ``retrieve``'s ``filters`` (checked there, like any caller's)."""
+    filters: dict[str, Any] = {}
+    if args.tags:
+        filters["tags"] = args.tags
+    if args.all_tags:
+        filters["tags_match"] = "all"
+    for flag, name in ((args.after, "created_after"), (args.before, "created_before")):
+        if flag is not None:
+            filters[name] = float(flag) if _is_number(flag) else flag
+    if args.role is not None:
+        filters["role"] = args.role
+    return filters or None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -151,7 +188,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def cmd_remember(args: argparse.Namespace) -> int:
-    from tasks.client import remember
+    from memq.client import remember
 
     items: list[Any] = read_jsonl(args.file) if args.file else [{"content": args.text}]
     result = remember(args.memory_id, args.memory_type, items)
@@ -166,39 +203,26 @@ def cmd_remember(args: argparse.Namespace) -> int:
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:
-    from tasks.client import retrieve
+    from memq.client import retrieve
+    from memq.display import format_result
 
     limits = parse_pairs(args.limit, "limit", int)
     weights = parse_pairs([args.weights], "weights", float) if args.weights else None
-    result = retrieve(args.query, args.memory_id, limits, weights=weights, timeout_s=args.timeout_s)
+    result = retrieve(
+        args.query,
+        args.memory_id,
+        limits,
+        weights=weights,
+        timeout_s=args.timeout_s,
+        mode=args.mode,
+        filters=filters_from(args),
+    )
     print(json.dumps(result) if args.json else format_result(result))
     return 0
 
 
-def format_result(result: dict[str, Any]) -> str:
-    lines = [f"query: {result['query']!r}  memory_id: {result['memory_id']}  cached: {result.get('cached')}"]
-    for memory_type, items in result["results"].items():
-        lines.append(f"  {memory_type} ({len(items)})")
-        for item in items:
-            lines.append(f"    {item['memory_signal']:.3f}  cos={item['score']:.3f}  {item['content'][:80]}")
-    for memory_type, message in result.get("errors", {}).items():
-        lines.append(f"  {memory_type}: ERROR {message}")
-    timings = result.get("timings_ms", {})
-    if timings:
-        lines.append("  timings_ms: " + json.dumps(_round(timings)))
-    return "\n".join(lines)
-
-
-def _round(value: Any) -> Any:
-    if isinstance(value, float):
-        return round(value, 2)
-    if isinstance(value, dict):
-        return {k: _round(v) for k, v in value.items()}
-    return value
-
-
 def cmd_forget(args: argparse.Namespace) -> int:
-    from tasks.client import forget
+    from memq.client import forget
 
     result = forget(args.memory_id, args.memory_type, args.ids)
     if args.json:
@@ -209,17 +233,19 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 
 def cmd_indexes(args: argparse.Namespace) -> int:
-    from tasks.client import create_indexes
+    from memq.client import create_indexes
 
     result = create_indexes(args.dimensions)
     if args.json:
         print(json.dumps(result))
     else:
         for memory_type, names in result["indexes"].items():
-            vector = result["vector_indexes"].get(memory_type)
-            print(f"{memory_type}: {', '.join(names)}; vector index: {vector}")
-        print("Atlas vector index definition:")
+            vector, text = result["vector_indexes"].get(memory_type), result["text_indexes"].get(memory_type)
+            print(f"{memory_type}: {', '.join(names)}; vector index: {vector}; search index: {text}")
+        print("Atlas Vector Search index definition:")
         print(json.dumps(result["vector_index_definition"], indent=2))
+        print("Atlas Search index definition (hybrid and lexical modes):")
+        print(json.dumps(result["text_index_definition"], indent=2))
     return 0
 
 

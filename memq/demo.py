@@ -57,9 +57,9 @@ def run_demo(as_json: bool = False) -> int:
 
 
 def _run(fleet: services.Fleet, say: Any, as_json: bool) -> int:
-    from memq.cli import format_result
-    from tasks import client
-    from tasks.app import app
+    from memq import client
+    from memq.app import app
+    from memq.display import format_result
 
     started = time.perf_counter()
     hosts = [fleet.start(kind) for kind in services.WORKER_KINDS]

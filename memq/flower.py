@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 
-from config import get_settings
 from memq.errors import ConfigError
+from memq.settings import get_settings
 
 DEFAULT_PORT = 5555
 
@@ -30,8 +30,8 @@ def flower_argv(port: int, address: str) -> list[str]:
 
 
 def run_flower(port: int = DEFAULT_PORT, address: str = "0.0.0.0") -> int:
-    """Runs until SIGTERM/SIGINT, like ``celery -A tasks.app flower --basic-auth=...``."""
+    """Runs until SIGTERM/SIGINT, like ``celery -A memq.app flower --basic-auth=...``."""
     os.environ["FLOWER_BASIC_AUTH"] = basic_auth_from_settings()
-    from tasks.app import app
+    from memq.app import app
 
     return int(app.start(flower_argv(port, address)) or 0)

@@ -4,16 +4,33 @@ from __future__ import annotations
 
 import time
 import unicodedata
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
-from config.settings import SEARCH_STRATEGIES, Settings
 from memq import keys, validation
 from memq.errors import InvalidInput
 from memq.ranking import candidates_for
+from memq.settings import SEARCH_STRATEGIES, Settings
 
-RESULT_FORMAT = 1  # bump when the result's shape changes: old cache entries are then never read
+RESULT_FORMAT = 2  # bump when the result's shape changes: old cache entries are then never read
 MAX_CACHE_TTL_S = 30 * 24 * 3600
-CACHE_FIELDS = ("cache_key", "cache_ttl_s")
+
+
+class RetrievalRequest(TypedDict):
+    """A checked retrieval, as the client builds it and the canvas and merge receive it (JSON-safe)."""
+
+    query: str
+    memory_id: str
+    limits: dict[str, int]  # memory type -> k
+    weights: dict[str, float]  # relevance, recency, importance
+    strategy: str  # auto | exact | vector_search
+    mode: str  # hybrid | vector | lexical
+    filters: dict[str, Any]  # see memq.validation.check_filters
+    candidates: dict[str, int]  # memory type -> how many candidates its search returns
+    timeout_s: float
+    requested_at: float
+    deadline_ts: float
+    cache_key: NotRequired[str]  # where memq.merge stores the result
+    cache_ttl_s: NotRequired[int]
 
 
 def retrieval_request(
@@ -24,7 +41,9 @@ def retrieval_request(
     weights: Any = None,
     timeout_s: Any = None,
     strategy: Any = None,
-) -> dict[str, Any]:
+    mode: Any = None,
+    filters: Any = None,
+) -> RetrievalRequest:
     checked_query = validation.check_query(query, settings.max_query_chars)
     checked_memory_id = validation.check_memory_id(memory_id)
     checked_limits = validation.check_limits(limits)
@@ -40,6 +59,8 @@ def retrieval_request(
         "limits": checked_limits,
         "weights": checked_weights,
         "strategy": chosen_strategy,
+        "mode": validation.check_mode(mode),
+        "filters": validation.check_filters(filters),
         "candidates": {
             t: candidates_for(k, checked_weights, settings.candidate_oversample) for t, k in checked_limits.items()
         },
@@ -49,7 +70,7 @@ def retrieval_request(
     }
 
 
-def recheck_retrieval_request(settings: Settings, request: Any) -> dict[str, Any]:
+def recheck_retrieval_request(settings: Settings, request: Any) -> RetrievalRequest:
     """A worker's second look at a request that arrived over the wire."""
     if not isinstance(request, dict):
         raise InvalidInput("request", "must be an object")
@@ -61,6 +82,8 @@ def recheck_retrieval_request(settings: Settings, request: Any) -> dict[str, Any
         request.get("weights"),
         request.get("timeout_s"),
         request.get("strategy"),
+        request.get("mode"),
+        request.get("filters"),
     )
     for field in ("requested_at", "deadline_ts"):
         if isinstance(request.get(field), int | float):
@@ -75,7 +98,7 @@ def normalise_query(query: str) -> str:
     return " ".join(unicodedata.normalize("NFC", query).split())
 
 
-def cache_identity(settings: Settings, request: dict[str, Any]) -> dict[str, Any]:
+def cache_identity(settings: Settings, request: RetrievalRequest) -> dict[str, Any]:
     """Everything that decides a retrieval's result, apart from the tenant's data versions (and the
     clock, through recency, which moves little within a cache TTL). ``timeout_s`` is not in it."""
     return {
@@ -85,19 +108,22 @@ def cache_identity(settings: Settings, request: dict[str, Any]) -> dict[str, Any
         "limits": sorted(request["limits"].items()),
         "weights": sorted(request["weights"].items()),
         "strategy": request["strategy"],
+        "mode": request["mode"],
+        "filters": sorted(request["filters"].items()),
         "model": settings.embed_model,
         "candidate_oversample": settings.candidate_oversample,
         "num_candidates_factor": settings.num_candidates_factor,
         "recency_half_life_s": settings.recency_half_life_s,
         "vector_index": settings.vector_index,
+        "text_index": settings.text_index,
     }
 
 
-def cache_fingerprint(settings: Settings, request: dict[str, Any]) -> str:
+def cache_fingerprint(settings: Settings, request: RetrievalRequest) -> str:
     return keys.fingerprint(cache_identity(settings, request))
 
 
-def with_cache(request: dict[str, Any], cache_key: Any, cache_ttl_s: Any) -> dict[str, Any]:
+def with_cache(request: RetrievalRequest, cache_key: Any, cache_ttl_s: Any) -> RetrievalRequest:
     """The request plus where ``memq.merge`` stores its result. The key must be a result key
     (``memq:v1:res:<fingerprint>:<one version per requested type>``); the fingerprint itself is not
     recomputed here, because a client may run with other settings (another model name) than the worker."""

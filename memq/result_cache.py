@@ -9,8 +9,9 @@ them takes it), within their own timeout.
 Worker side (``store``): ``memq.merge`` writes the result under the key the client chose and drops the
 lock, in one transaction.
 
-Any Redis error degrades to a miss with a warning (never a failed retrieval), and the cache is then left
-alone for ``RETRY_AFTER_S`` so a dead Redis costs nothing per call. Import-light: redis, json, prometheus.
+Any Redis error degrades to a miss with a warning (never a failed retrieval), and the cache's breaker then
+leaves it alone a while (``memq.cache_redis``), so a dead Redis costs nothing per call.
+Import-light: redis, json, prometheus.
 """
 
 from __future__ import annotations
@@ -18,22 +19,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 from prometheus_client import REGISTRY, Counter, Histogram
+from redis.commands.core import Script
 
-from config.settings import Settings
 from memq import keys
-from memq.requests import RESULT_FORMAT, cache_fingerprint
+from memq.cache_redis import Breaker, cache_redis
+from memq.requests import RESULT_FORMAT, RetrievalRequest, cache_fingerprint
+from memq.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SOCKET_TIMEOUT_S = 0.25
-RETRY_AFTER_S = 1.0  # after a Redis error, skip the cache this long
 POLL_FIRST_S = 0.002
 POLL_MAX_S = 0.010
 PARTIAL_RESULT_TTL_MS = 250  # a result with per-type errors is kept only for the callers waiting on it
@@ -85,53 +85,27 @@ class Lookup:
     wait_ms: float = 0.0
 
 
-class _Connection:
-    """The process's cache Redis client and its scripts, built on first use and rebuilt after fork."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pid: int | None = None
-        self._url = ""
-        self.client: redis.Redis | None = None
-        self.lookup: Any = None
-        self.release: Any = None
-        self.down_until = 0.0
-
-    def get(self, url: str) -> _Connection:
-        if self._pid == os.getpid() and self._url == url and self.client is not None:
-            return self
-        with self._lock:
-            if self._pid != os.getpid() or self._url != url or self.client is None:
-                client = redis.Redis.from_url(
-                    url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S
-                )
-                self.lookup = client.register_script(LOOKUP_LUA)
-                self.release = client.register_script(RELEASE_LUA)
-                self.client, self._pid, self._url, self.down_until = client, os.getpid(), url, 0.0
-        return self
-
-
-_connection = _Connection()
+LOOKUP = Script(None, LOOKUP_LUA.encode())  # run with ``client=``: EVALSHA, falling back to EVAL once per server
+RELEASE = Script(None, RELEASE_LUA.encode())
+breaker = Breaker("result cache")
 
 
 def enabled(settings: Settings) -> bool:
     return settings.result_cache_ttl_s > 0
 
 
-def lookup(settings: Settings, request: dict[str, Any]) -> Lookup:
+def lookup(settings: Settings, request: RetrievalRequest) -> Lookup:
     """One round trip: a hit (``result`` set, marked ``cached: true``), the lock (``leader``), or ``wait``."""
     if not enabled(settings):
         return _count(Lookup("disabled"))
-    conn = _connection.get(settings.cache_redis_url)
-    if time.monotonic() < conn.down_until:
+    if breaker.is_open():
         return _count(Lookup("error"))
-    return _count(_attempt(conn, settings, request, os.urandom(8).hex()))
+    return _count(_attempt(settings, request, os.urandom(8).hex()))
 
 
-def wait(settings: Settings, request: dict[str, Any], first: Lookup) -> Lookup:
+def wait(settings: Settings, request: RetrievalRequest, first: Lookup) -> Lookup:
     """Poll until the in-flight identical retrieval's result is cached (``shared``), the lock is ours
     (``leader``: its holder died or its result was not cacheable), Redis fails, or the deadline passes."""
-    conn = _connection.get(settings.cache_redis_url)
     started = time.perf_counter()
     cache_ms = first.cache_ms
     interval_s = POLL_FIRST_S
@@ -142,7 +116,7 @@ def wait(settings: Settings, request: dict[str, Any], first: Lookup) -> Lookup:
             break
         time.sleep(min(interval_s, remaining_s))
         interval_s = min(interval_s * 1.5, POLL_MAX_S)
-        found = _attempt(conn, settings, request, first.token)
+        found = _attempt(settings, request, first.token)
         cache_ms += found.cache_ms
         if found.outcome != "wait":
             found.outcome = "shared" if found.outcome == "hit" else found.outcome
@@ -158,9 +132,8 @@ def release(settings: Settings, found: Lookup) -> None:
     """Drop our single-flight lock if it is still ours (``memq.merge`` normally dropped it already)."""
     if not found.leader or found.cache_key is None:
         return
-    conn = _connection.get(settings.cache_redis_url)
     try:
-        conn.release(keys=[keys.lock_of(found.cache_key)], args=[found.token])
+        RELEASE(keys=[keys.lock_of(found.cache_key)], args=[found.token], client=cache_redis.get())
     except (redis.RedisError, OSError) as exc:
         log.warning("result cache: could not release the single-flight lock (%s); it expires by itself", exc)
 
@@ -200,16 +173,15 @@ def counts() -> dict[str, float]:
     return {outcome: REGISTRY.get_sample_value(LOOKUPS_TOTAL, {"outcome": outcome}) or 0.0 for outcome in OUTCOMES}
 
 
-def _attempt(conn: _Connection, settings: Settings, request: dict[str, Any], token: str) -> Lookup:
+def _attempt(settings: Settings, request: RetrievalRequest, token: str) -> Lookup:
     started = time.perf_counter()
     version_keys = [keys.tenant_version(request["memory_id"], t) for t in request["limits"]]
     lock_ms = max(1, int(min(request["timeout_s"], settings.single_flight_lock_s) * 1000))
     args = [cache_fingerprint(settings, request), keys.RESULT_PREFIX, keys.LOCK_PREFIX, token, lock_ms]
     try:
-        reply = conn.lookup(keys=version_keys, args=args)
+        reply = LOOKUP(keys=version_keys, args=args, client=cache_redis.get())
     except (redis.RedisError, OSError) as exc:
-        conn.down_until = time.monotonic() + RETRY_AFTER_S
-        log.warning("result cache unavailable (%s); retrieving uncached for the next %g s", exc, RETRY_AFTER_S)
+        breaker.trip(exc)
         return Lookup("error", cache_ms=_elapsed_ms(started))
     cache_key = keys.result_cache(reply[0].decode())
     kind = reply[1].decode()
@@ -224,7 +196,7 @@ def _attempt(conn: _Connection, settings: Settings, request: dict[str, Any], tok
     return Lookup("hit", cache_key, _served(stored, request, cache_ms), cache_ms=cache_ms)
 
 
-def _served(stored: dict[str, Any], request: dict[str, Any], cache_ms: float) -> dict[str, Any]:
+def _served(stored: dict[str, Any], request: RetrievalRequest, cache_ms: float) -> dict[str, Any]:
     timings = {"cache_ms": cache_ms, "total_ms": (time.time() - request["requested_at"]) * 1000}
     return {**stored, "query": request["query"], "cached": True, "timings_ms": timings}
 

@@ -83,28 +83,15 @@ class Service:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def start_redis_server(port: int | None = None) -> Service:
-    """A throwaway redis-server (no persistence) on a free port."""
+def start_redis_server(port: int | None = None, password: str | None = None) -> Service:
+    """A throwaway redis-server (no persistence) on ``port`` (default: a free one), optionally with
+    ``requirepass``; the URL carries the password."""
     port = port or free_port()
     workdir = tempfile.mkdtemp(prefix="memq-redis-")
-    process = subprocess.Popen(
-        [
-            redis_server_binary(),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            workdir,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
+    command = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    command += ["--dir", workdir, *(["--requirepass", password] if password else [])]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://:{password}@127.0.0.1:{port}/0" if password else f"redis://127.0.0.1:{port}/0"
     wait_until(lambda: redis_answers(url), 15, f"redis-server on port {port}")
     return Service("redis", url, process, workdir)
 
@@ -116,28 +103,15 @@ def ensure_redis(url: str) -> Service:
     return start_redis_server()
 
 
-def start_nx27017(port: int | None = None) -> Service:
-    """nx-27017 (SQLite-backed MongoDB wire server) on a free port, data in a temp directory."""
+def start_nx27017(port: int | None = None, workdir: str | None = None) -> Service:
+    """nx-27017 (SQLite-backed MongoDB wire server) on ``port`` (default: a free one), its data in ``workdir``
+    (default: a new temporary directory; pass the old one to restart with the same data)."""
     port = port or free_port()
-    workdir = tempfile.mkdtemp(prefix="memq-nx-")
+    workdir = workdir or tempfile.mkdtemp(prefix="memq-nx-")
     executable = shutil.which("nx-27017") or str(Path(sys.executable).with_name("nx-27017"))
-    process = subprocess.Popen(
-        [
-            executable,
-            "--host",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "--data-dir",
-            workdir,
-            "--log-file",
-            os.path.join(workdir, "nx.log"),
-            "--pid-file",
-            os.path.join(workdir, "nx.pid"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    command = [executable, "--host", "127.0.0.1", "-p", str(port), "--data-dir", workdir]
+    command += ["--log-file", os.path.join(workdir, "nx.log"), "--pid-file", os.path.join(workdir, "nx.pid")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     uri = f"mongodb://127.0.0.1:{port}"
     wait_until(lambda: mongo_answers(uri), 30, f"nx-27017 on port {port}")
     return Service("mongodb", uri, process, workdir)
@@ -248,98 +222,3 @@ def running(*services: Service) -> Iterator[tuple[Service, ...]]:
     finally:
         for service in reversed(services):
             service.stop()
-
-
-# -- fault injection helpers (tests/test_faults.py, tests/test_security.py) ---------------------------------
-
-
-def pause(process: subprocess.Popen[bytes]) -> None:
-    """SIGSTOP: the process keeps its sockets open but answers nothing (a hung or very slow server)."""
-    process.send_signal(signal.SIGSTOP)
-
-
-def resume(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGCONT)
-
-
-def stop_process(service: Service, timeout_s: float = 10.0) -> None:
-    """Stop the service's process and keep its working directory (its data), unlike ``Service.stop``."""
-    process = service.process
-    if process is None or process.poll() is not None:
-        return
-    process.send_signal(signal.SIGCONT)  # a paused process cannot act on SIGTERM
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=5)
-
-
-def _port_of(url: str) -> int:
-    from urllib.parse import urlsplit
-
-    port = urlsplit(url).port
-    if port is None:
-        raise ValueError(f"no port in {url!r}")
-    return port
-
-
-def start_redis_server_with(port: int | None = None, password: str | None = None) -> Service:
-    """A throwaway redis-server like ``start_redis_server``, optionally with ``requirepass``; the URL
-    carries the password."""
-    port = port or free_port()
-    workdir = tempfile.mkdtemp(prefix="memq-redis-")
-    command = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    command += ["--dir", workdir]
-    if password:
-        command += ["--requirepass", password]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://:{password}@127.0.0.1:{port}/0" if password else f"redis://127.0.0.1:{port}/0"
-    wait_until(lambda: redis_answers(url), 15, f"redis-server on port {port}")
-    return Service("redis", url, process, workdir)
-
-
-def restart_redis_server(service: Service, down_s: float = 0.0) -> Service:
-    """Stop a redis-server this process started and start a fresh one on the same port (no persistence:
-    what was in it is gone, as after a crash). ``down_s``: how long it stays down in between."""
-    port = _port_of(service.url)
-    stop_process(service)
-    if service.workdir:
-        shutil.rmtree(service.workdir, ignore_errors=True)
-    if down_s > 0:
-        time.sleep(down_s)
-    return start_redis_server_with(port)
-
-
-def start_nx27017_at(port: int, workdir: str) -> Service:
-    """nx-27017 on this port with this data directory (restarts keep their data)."""
-    executable = shutil.which("nx-27017") or str(Path(sys.executable).with_name("nx-27017"))
-    process = subprocess.Popen(
-        [
-            executable,
-            "--host",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "--data-dir",
-            workdir,
-            "--log-file",
-            os.path.join(workdir, "nx.log"),
-            "--pid-file",
-            os.path.join(workdir, "nx.pid"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    uri = f"mongodb://127.0.0.1:{port}"
-    wait_until(lambda: mongo_answers(uri), 30, f"nx-27017 on port {port}")
-    return Service("mongodb", uri, process, workdir)
-
-
-def restart_nx27017(service: Service) -> Service:
-    """Stop nx-27017 and start it again on the same port and data directory."""
-    if service.workdir is None:
-        raise ValueError("only an nx-27017 this process started can be restarted")
-    stop_process(service)
-    return start_nx27017_at(_port_of(service.url), service.workdir)

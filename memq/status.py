@@ -2,7 +2,7 @@
 
 - Redis (the broker) and MongoDB: reachable or not, with the error.
 - Queue depths: messages waiting in ``embed``, ``search``, ``ingest`` (read through the broker).
-- Workers: every worker's answer to the ``memq_info`` inspect command (``workers/control.py``): kind,
+- Workers: every worker's answer to the ``memq_info`` inspect command (``memq.workers.control``): kind,
   queues, pool and concurrency, tasks in flight, and for embed workers the model, device and dimensions.
 
 The fleet is healthy (``ok``) when Redis and MongoDB answer and every queue has at least one worker.
@@ -15,8 +15,8 @@ from typing import Any
 
 from kombu.utils.url import maybe_sanitize_url
 
-from config import Settings, get_settings
-from tasks import names
+from memq import names
+from memq.settings import Settings, get_settings
 
 STATUS_TIMEOUT_S = 1.0
 
@@ -28,7 +28,7 @@ def collect_status(settings: Settings | None = None, timeout_s: float = STATUS_T
     workers: dict[str, dict[str, Any]] = {}
     depths: dict[str, int | None] = dict.fromkeys(names.QUEUES)
     if redis_state["reachable"]:  # never block on a broker that is down
-        from tasks.app import app
+        from memq.app import app
 
         workers = worker_infos(app, timeout_s)
         depths = queue_depths(app, names.QUEUES)
@@ -88,9 +88,7 @@ def queue_depths(app: Any, queues: tuple[str, ...]) -> dict[str, int | None]:
 
 def worker_infos(app: Any, timeout_s: float) -> dict[str, dict[str, Any]]:
     """Each worker's ``memq_info`` reply by hostname; a worker without the command still shows up."""
-    from workers.control import INFO_COMMAND
-
-    replies = app.control.broadcast(INFO_COMMAND, reply=True, timeout=timeout_s) or []
+    replies = app.control.broadcast(names.INFO_COMMAND, reply=True, timeout=timeout_s) or []
     infos: dict[str, dict[str, Any]] = {}
     for reply in replies:
         for hostname, info in reply.items():

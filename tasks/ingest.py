@@ -6,19 +6,19 @@ from typing import Any
 
 from celery import Task
 
-from config import get_settings
+from memq import names
+from memq.app import app
 from memq.errors import InvalidInput, TransientError
 from memq.memory_types import MemoryType
 from memq.requests import forget_request, remember_request
-from tasks import names
-from tasks.app import app
+from memq.settings import get_settings
 
 INGEST_RETRY = {"autoretry_for": (TransientError,), "max_retries": 5, "retry_backoff": 0.5, "retry_jitter": True}
 
 
 @app.task(name=names.EMBED_TEXTS, bind=True, store_errors_even_if_ignored=True, **INGEST_RETRY)
 def embed_texts(self: Task, texts: list[str]) -> dict[str, Any]:
-    from workers import steps
+    from memq.workers import steps
 
     settings = get_settings()
     if not isinstance(texts, list) or not texts or len(texts) > settings.max_batch_items:
@@ -36,7 +36,7 @@ def embed_texts(self: Task, texts: list[str]) -> dict[str, Any]:
 
 @app.task(name=names.STORE, **INGEST_RETRY)
 def store(embedded: dict[str, Any], memory_id: str, memory_type: str, items: list[dict[str, Any]]) -> dict[str, Any]:
-    from workers import steps
+    from memq.workers import steps
 
     request = remember_request(get_settings(), memory_id, memory_type, items)
     if not isinstance(embedded, dict) or len(embedded.get("vectors", [])) != len(request["items"]):
@@ -47,29 +47,34 @@ def store(embedded: dict[str, Any], memory_id: str, memory_type: str, items: lis
 @app.task(name=names.REMEMBER, bind=True)
 def remember(self: Task, memory_id: str, memory_type: str, items: list[dict[str, Any]]) -> Any:
     """Entry point for ``send_task('memq.remember', ...)``: checks, then becomes embed | store."""
-    from tasks.canvas import remember_canvas
+    from memq.canvas import remember_canvas
 
     raise self.replace(remember_canvas(remember_request(get_settings(), memory_id, memory_type, items)))
 
 
 @app.task(name=names.FORGET, **INGEST_RETRY)
 def forget(memory_id: str, memory_type: str | None = None, ids: list[str] | None = None) -> dict[str, Any]:
-    from workers import steps
+    from memq.workers import steps
 
     request = forget_request(memory_id, memory_type, ids)
     return steps.forget(request["memory_id"], request["memory_type"], request["ids"])
 
 
 @app.task(name=names.CREATE_INDEXES, **INGEST_RETRY)
-def create_indexes(dimensions: int = 384) -> dict[str, Any]:
-    from workers import store as mongo
+def create_indexes(dimensions: int | None = None) -> dict[str, Any]:
+    from memq.workers import store as mongo
 
     settings = get_settings()
+    dimensions = settings.embed_dimensions if dimensions is None else dimensions
     if isinstance(dimensions, bool) or not isinstance(dimensions, int) or not 1 <= dimensions <= 8192:
         raise InvalidInput("dimensions", "must be an integer in 1..8192")
     types = [t.value for t in MemoryType]
+    vector_index = mongo.vector_index_definition(dimensions, settings.vector_index)
+    text_index = mongo.text_index_definition(settings.text_index)
     return {
         "indexes": mongo.ensure_indexes(types),
-        "vector_indexes": mongo.ensure_vector_indexes(types, dimensions, settings.vector_index),
-        "vector_index_definition": mongo.vector_index_definition(dimensions, settings.vector_index),
+        "vector_indexes": mongo.ensure_search_indexes(types, vector_index),
+        "vector_index_definition": vector_index,
+        "text_indexes": mongo.ensure_search_indexes(types, text_index),
+        "text_index_definition": text_index,
     }

@@ -11,13 +11,11 @@ from typing import Any
 
 from celery import Task
 
-from config import get_settings
-from config.settings import Settings
-from memq import validation
+from memq import names, validation
+from memq.app import app
 from memq.errors import InvalidInput, TransientError
 from memq.requests import recheck_retrieval_request
-from tasks import names
-from tasks.app import app
+from memq.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +34,7 @@ MIN_ATTEMPT_S = 0.05
     store_errors_even_if_ignored=True,
 )
 def embed_query(query: str) -> dict[str, Any]:
-    from workers import steps
+    from memq.workers import steps
 
     return steps.embed_query(validation.check_query(query, get_settings().max_query_chars))
 
@@ -50,18 +48,28 @@ def search(
     k: int,
     strategy: str = "auto",
     deadline_ts: float | None = None,
+    query: str | None = None,
+    mode: str = "vector",
+    filters: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One type's search. Never raises: a failure is reported for this type only, so the chord's
     other types still arrive. Transient store errors retry with bounded backoff inside the deadline."""
-    from workers import steps
+    from memq.workers import steps
 
     try:
+        settings = get_settings()
         memory_id = validation.check_memory_id(memory_id)
         memory_type = validation.check_memory_type(memory_type).value
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
-            raise InvalidInput("k", "must be an integer in 1..1000")
-        budget_s = attempt_budget_s(deadline_ts, get_settings(), attempts_left=search_attempts_left(self))
-        return steps.search_type(embedded, memory_id, memory_type, k, strategy, budget_s)
+        k = validation.check_search_k(k)
+        wanted = steps.Wanted(
+            query=None if query is None else validation.check_query(query, settings.max_query_chars),
+            mode=validation.check_mode(mode),
+            filters=validation.check_filters(filters),
+        )
+        if wanted.mode != "vector" and wanted.query is None:
+            raise InvalidInput("query", f"is needed for mode {wanted.mode!r}")
+        budget_s = attempt_budget_s(deadline_ts, settings, attempts_left=search_attempts_left(self))
+        return steps.search_type(embedded, memory_id, memory_type, k, strategy, wanted, budget_s)
     except InvalidInput as exc:
         return steps.search_failed(str(memory_type), f"invalid input: {exc}", embedded)
     except TransientError as exc:
@@ -97,7 +105,7 @@ def attempt_budget_s(deadline_ts: float | None, settings: Settings, attempts_lef
 
 @app.task(name=names.MERGE)
 def merge(results: list[dict[str, Any]], request: dict[str, Any]) -> dict[str, Any]:
-    from workers import steps
+    from memq.workers import steps
 
     return steps.merge(results, recheck_retrieval_request(get_settings(), request))
 
@@ -110,11 +118,14 @@ def retrieve(
     limits: dict[str, int],
     weights: dict[str, float] | None = None,
     timeout_s: float | None = None,
+    mode: str | None = None,
+    filters: dict[str, Any] | None = None,
 ) -> Any:
     """Entry point for ``send_task('memq.retrieve', ...)``: checks, then replaces itself with the canvas.
     The caller's ``AsyncResult`` resolves to the merged result."""
+    from memq.canvas import retrieval_canvas
     from memq.requests import retrieval_request
-    from tasks.canvas import retrieval_canvas
 
-    request = retrieval_request(get_settings(), query, memory_id, limits, weights, timeout_s)
+    settings = get_settings()
+    request = retrieval_request(settings, query, memory_id, limits, weights, timeout_s, mode=mode, filters=filters)
     raise self.replace(retrieval_canvas(request))

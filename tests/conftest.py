@@ -61,7 +61,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def app() -> Any:
-    from tasks.app import app as celery_app
+    from memq.app import app as celery_app
 
     return celery_app
 
@@ -99,7 +99,7 @@ def mongo_db() -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def embedder() -> Any:
     """The real model in the test process, to compute expected answers independently."""
-    from workers.embedder import Embedder
+    from memq.workers.embedder import Embedder
 
     return Embedder("all-MiniLM-L6-v2", "cpu")
 

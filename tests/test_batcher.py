@@ -20,9 +20,9 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
-from workers.batcher import BatcherClosed, DynamicBatcher
-from workers.embedder import Embedder, choose_device, resolve_model_path
-from workers.gpu_launcher import Supervisor, parse_gpus, split_gpus_arg, worker_command
+from memq.workers.batcher import BatcherClosed, DynamicBatcher
+from memq.workers.embedder import Embedder, choose_device, resolve_model_path
+from memq.workers.gpu_launcher import Supervisor, parse_gpus, split_gpus_arg, worker_command
 
 WAIT_S = 60.0
 QUERIES = [
@@ -282,7 +282,7 @@ def test_bulk_encode_in_chunks_reports_progress_and_keeps_input_order(embedder: 
 
 def test_closing_the_embedder_drains_its_batcher_and_a_later_query_starts_a_new_one(embedder: Embedder) -> None:
     old = embedder.query_batcher()
-    embedder.close(WAIT_S)
+    embedder.close()
     assert not old.is_running()
     row = embedder.encode_queries(["after close"], WAIT_S)
     assert embedder.query_batcher() is not old and row.shape == (1, embedder.dimensions)
@@ -370,12 +370,12 @@ def test_when_one_gpu_worker_dies_the_launcher_stops_the_others_and_reports_its_
 
 
 def test_memq_worker_embed_gpus_rejects_a_bad_gpu_list_before_starting_anything() -> None:
-    from workers.gpu_launcher import run_from_argv
+    from memq.workers.gpu_launcher import run_from_argv
 
     assert run_from_argv(["--concurrency", "4"]) is None
     assert run_from_argv(["--gpus", "0,0"]) == 2
     done = subprocess.run(
-        [sys.executable, "-c", "from workers.gpu_launcher import run_from_argv; print(run_from_argv(['--gpus']))"],
+        [sys.executable, "-c", "from memq.workers.gpu_launcher import run_from_argv; print(run_from_argv(['--gpus']))"],
         capture_output=True,
         text=True,
         timeout=WAIT_S,

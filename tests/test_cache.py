@@ -18,12 +18,11 @@ import numpy as np
 import pytest
 import redis
 
-from config import get_settings
-from memq import keys, result_cache, services
+from memq import client, keys, names, result_cache, services
 from memq.errors import InvalidInput, RetrievalTimeout
 from memq.requests import cache_fingerprint, recheck_retrieval_request, retrieval_request, with_cache
+from memq.settings import get_settings
 from memq.vectors import from_wire
-from tasks import client, names
 
 pytestmark = pytest.mark.usefixtures("fleet")
 
@@ -64,7 +63,7 @@ def result_keys(cache_redis: redis.Redis, query: str, tenant: str, limits: dict[
 
 def run_client(script: str, **env: str) -> list[Any]:
     """``script`` in a fresh client process with these settings; each line it prints is JSON."""
-    code = f"import json, time\nfrom tasks import client\n{script}"
+    code = f"import json, time\nfrom memq import client\n{script}"
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, **env}
     )
@@ -250,7 +249,7 @@ def test_retrieval_succeeds_uncached_when_the_cache_redis_goes_down(tenant: str)
     code = (
         "import json, sys\n"
         "from memq import result_cache\n"
-        "from tasks import client\n"
+        "from memq import client\n"
         "def ask():\n"
         f"    r = client.retrieve({QUERY!r}, {tenant!r}, {LIMITS!r})\n"
         "    print(json.dumps({'cached': r['cached'], 'n': len(r['results']['long_term_memory']),"
@@ -288,7 +287,7 @@ def test_retrieval_succeeds_uncached_when_the_cache_redis_goes_down(tenant: str)
 
 
 def test_worker_side_cache_writes_degrade_when_redis_is_unreachable() -> None:
-    from workers import embedding_cache
+    from memq.workers import embedding_cache
 
     dead = redis.Redis(port=services.free_port(), socket_connect_timeout=0.2, socket_timeout=0.2)
     key = keys.result_cache("0" * keys.FINGERPRINT_CHARS + ":1")
@@ -298,7 +297,7 @@ def test_worker_side_cache_writes_degrade_when_redis_is_unreachable() -> None:
         assert embedding_cache.lookup("m", ["a", "b"], client=dead) == [None, None]
         assert embedding_cache.store("m", ["a"], [np.ones(4, dtype=np.float32)], client=dead) is False
     finally:
-        embedding_cache._down_until = 0.0
+        embedding_cache.breaker.reset()
 
 
 def test_the_embed_tasks_serve_repeated_texts_from_the_embedding_cache(app: Any, cache_redis: redis.Redis) -> None:

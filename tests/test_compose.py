@@ -18,8 +18,8 @@ import click
 import pytest
 import yaml
 
-from config import Settings
 from memq import cli
+from memq.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_PATH = ROOT / "docker-compose.yml"
@@ -55,7 +55,7 @@ def parse_celery_worker(args: list[str]) -> dict[str, Any]:
     from celery.bin.base import CLIContext
     from celery.bin.worker import worker
 
-    from tasks.app import app
+    from memq.app import app
 
     context = CLIContext(app=app, no_color=True, workdir=None, quiet=True)
     return dict(worker.make_context("worker", args, obj=context).params)

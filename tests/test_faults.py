@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from tests/
     sys.path.insert(0, str(ROOT))
 
+import faultkit  # noqa: E402
 import pytest  # noqa: E402
 
 from memq import services  # noqa: E402
@@ -61,8 +62,8 @@ def classify(result: dict[str, Any]) -> str:
 
 
 def one_retrieval(tenant: str, timeout_s: float) -> dict[str, Any]:
+    from memq import client
     from memq.errors import RetrievalTimeout, TaskFailed, TransientError
-    from tasks import client
 
     started = time.monotonic()
     outcome, detail, errors = "complete", "", {}
@@ -121,8 +122,8 @@ def drive_timeline(tenant: str, timeout_s: float, stop_file: str, progress: str,
 
 
 def drive_remember(tenant: str, memory_type: str, contents: list[str]) -> dict[str, Any]:
+    from memq import client
     from memq.errors import MemqError
-    from tasks import client
 
     try:
         return {"ok": client.remember(tenant, memory_type, [{"content": c} for c in contents], timeout_s=180)}
@@ -254,8 +255,8 @@ def private_app(broker_url: str) -> Any:
     """A Celery app on the rig's Redis, for pings and raw tasks (never the process's current app)."""
     from celery import Celery
 
-    from config.celery import celery_config
-    from config.settings import Settings
+    from memq.config.celery import celery_config
+    from memq.settings import Settings
 
     app = Celery("memq-faults", set_as_current=False)
     app.config_from_object(celery_config(Settings(broker_url=broker_url, result_backend=broker_url)))
@@ -264,7 +265,7 @@ def private_app(broker_url: str) -> Any:
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    redis_service = services.start_redis_server_with()
+    redis_service = services.start_redis_server()
     mongo = services.start_nx27017()
     env = services.memq_env(
         os.environ,
@@ -374,10 +375,10 @@ def test_clients_get_clear_errors_while_redis_is_down_and_the_same_client_recove
 
     try:
         wait_for(lambda: outcomes_since(0).count("complete") >= 3, 120, "retrievals before the restart")
-        services.stop_process(rig.redis)
+        faultkit.stop_process(rig.redis)
         down_from = len(timeline.seen())
         wait_for(lambda: len([o for o in outcomes_since(down_from) if o != "complete"]) >= 3, 120, "errors")
-        rig.redis = services.start_redis_server_with(services._port_of(rig.redis.url))
+        rig.redis = services.start_redis_server(faultkit.port_of(rig.redis.url))
         up_from = len(timeline.seen())
         wait_for(lambda: outcomes_since(up_from).count("complete") >= 3, 180, "retrievals after the restart")
     finally:
@@ -397,7 +398,7 @@ def test_idle_workers_reconnect_to_a_restarted_redis_without_being_restarted(rig
     wait_for(lambda: rig.answering() == set(rig.all_hosts()), 60, "every worker to answer a ping")
     pids = {host: process.pid for host, process in rig.fleet.workers.items()}
 
-    rig.redis = services.restart_redis_server(rig.redis, down_s=3.0)
+    rig.redis = faultkit.restart_redis_server(rig.redis, down_s=3.0)
 
     wait_for(lambda: rig.answering() == set(rig.all_hosts()), 120, "every worker to answer a ping again")
     assert rig.dead() == []
@@ -406,7 +407,7 @@ def test_idle_workers_reconnect_to_a_restarted_redis_without_being_restarted(rig
 
 
 def test_a_worker_busy_with_a_task_when_redis_goes_down_reconnects_without_a_restart(rig: Rig) -> None:
-    from tasks import names
+    from memq import names
 
     texts = [f"text {i} " + " ".join(uuid.uuid4().hex for _ in range(20)) for i in range(300)]
     logs = {host: Path(rig.fleet.logdir) / f"{host.split('@')[0]}.log" for host in rig.hosts["embed"]}
@@ -422,7 +423,7 @@ def test_a_worker_busy_with_a_task_when_redis_goes_down_reconnects_without_a_res
     try:
         wait_for(lambda: bool(busy()), 120, "the task to start")
         victim = busy()[0]
-        services.stop_process(rig.redis)
+        faultkit.stop_process(rig.redis)
         wait_for(
             lambda: (
                 logs[victim].read_text(errors="replace").count("Connection to broker lost") > lost_before[victim]
@@ -431,12 +432,12 @@ def test_a_worker_busy_with_a_task_when_redis_goes_down_reconnects_without_a_res
             60,
             "the worker to notice",
         )
-        rig.redis = services.start_redis_server_with(services._port_of(rig.redis.url))
+        rig.redis = services.start_redis_server(faultkit.port_of(rig.redis.url))
         wait_for(lambda: rig.answering() == set(rig.all_hosts()) or bool(rig.dead()), 120, "the fleet to reconnect")
         dead = rig.dead()
     finally:
         if rig.redis.process is None or rig.redis.process.poll() is not None:
-            rig.redis = services.start_redis_server_with(services._port_of(rig.redis.url))
+            rig.redis = services.start_redis_server(faultkit.port_of(rig.redis.url))
         rig.revive()
 
     assert dead == [], rig.fleet.log_tail(victim, 60)
@@ -449,11 +450,11 @@ def test_a_worker_busy_with_a_task_when_redis_goes_down_reconnects_without_a_res
 def test_a_paused_mongodb_is_reported_under_errors_within_the_callers_timeout(rig: Rig, timeout_s: float) -> None:
     tenant = fresh_tenant(rig)
     assert rig.mongo.process is not None
-    services.pause(rig.mongo.process)
+    faultkit.pause(rig.mongo.process)
     try:
         during = rig.retrieve(tenant, timeout_s=timeout_s)
     finally:
-        services.resume(rig.mongo.process)
+        faultkit.resume(rig.mongo.process)
 
     assert during["outcome"] == "reported", during
     errors = during["errors"]
@@ -466,11 +467,11 @@ def test_a_paused_mongodb_is_reported_under_errors_within_the_callers_timeout(ri
 
 def test_a_stopped_mongodb_is_reported_and_searches_recover_once_it_is_back(rig: Rig) -> None:
     tenant = fresh_tenant(rig)
-    services.stop_process(rig.mongo)
+    faultkit.stop_process(rig.mongo)
     try:
         during = rig.retrieve(tenant, timeout_s=12)
     finally:
-        rig.mongo = services.start_nx27017_at(services._port_of(rig.mongo.url), str(rig.mongo.workdir))
+        rig.mongo = services.start_nx27017(faultkit.port_of(rig.mongo.url), str(rig.mongo.workdir))
 
     assert during["outcome"] == "reported", during
     assert set(during["errors"]) == set(EXPECTED)
@@ -483,12 +484,12 @@ def test_ingestion_while_mongodb_is_down_retries_and_stores_each_memory_once(rig
     contents = [f"memory {i}: {uuid.uuid4().hex}" for i in range(20)]
     ingest_log = Path(rig.fleet.logdir) / "faults-ingest0.log"
     retries_before = ingest_log.read_text(errors="replace").count("Retry in")
-    services.stop_process(rig.mongo)
+    faultkit.stop_process(rig.mongo)
     try:
         pending = rig.client("remember", "--tenants", json.dumps([tenant]), "--contents", json.dumps(contents))
         wait_for(lambda: ingest_log.read_text(errors="replace").count("Retry in") > retries_before, 120, "a retry")
     finally:
-        rig.mongo = services.start_nx27017_at(services._port_of(rig.mongo.url), str(rig.mongo.workdir))
+        rig.mongo = services.start_nx27017(faultkit.port_of(rig.mongo.url), str(rig.mongo.workdir))
     stored = pending.result(240)
 
     assert "ok" in stored, stored
@@ -503,7 +504,7 @@ def test_ingestion_while_mongodb_is_down_retries_and_stores_each_memory_once(rig
 
 
 def test_a_redelivered_store_message_writes_no_duplicate_memories(rig: Rig) -> None:
-    from tasks import names
+    from memq import names
 
     tenant = f"redeliver-{uuid.uuid4().hex[:8]}"
     items = [{"content": f"fact {i} {uuid.uuid4().hex}"} for i in range(10)] + [{"id": "own-id", "content": "x y z"}]
@@ -530,7 +531,7 @@ def test_a_redelivered_store_message_writes_no_duplicate_memories(rig: Rig) -> N
 
 
 def test_an_ingest_worker_killed_mid_store_is_redelivered_and_writes_each_memory_once(rig: Rig) -> None:
-    from tasks import names
+    from memq import names
 
     tenant = f"killed-{uuid.uuid4().hex[:8]}"
     items = [{"content": f"batch memory {i} {uuid.uuid4().hex}"} for i in range(300)]

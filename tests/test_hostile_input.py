@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from memq import client, names
 from memq.errors import InvalidInput, MemqError
-from tasks import client, names
 
 pytestmark = pytest.mark.usefixtures("fleet")
 

@@ -22,8 +22,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from memq import services
-from tasks import client, names
+from memq import client, names, services
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOWER_AUTH = ("ops", "s3cret-for-tests")
@@ -302,9 +301,9 @@ def flower_tasks(flower: Served) -> dict[str, dict[str, Any]]:
 def test_flower_finds_a_retrievals_chord_tasks_by_name_in_its_api_and_metrics(
     flower: Served, metered: MeteredFleet, tenant: str
 ) -> None:
-    from config import get_settings
+    from memq.canvas import retrieval_canvas
     from memq.requests import retrieval_request
-    from tasks.canvas import retrieval_canvas
+    from memq.settings import get_settings
 
     client.remember(tenant, "semantic", FACTS)
     request = retrieval_request(

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from memq import client
 from memq.errors import InvalidInput
 from memq.vectors import from_stored
-from tasks import client
 
 pytestmark = pytest.mark.usefixtures("fleet")
 
@@ -64,7 +64,7 @@ def test_exact_results_equal_a_brute_force_top_k_computed_here(tenant: str, embe
     remember_all(tenant, "semantic", FOOD + WORK)
     query = "which meals does this person enjoy?"
 
-    result = client.retrieve(query, tenant, {"semantic": 4}, weights=RELEVANCE_ONLY, strategy="exact")
+    result = client.retrieve(query, tenant, {"semantic": 4}, weights=RELEVANCE_ONLY, strategy="exact", mode="vector")
 
     q = embedder.encode([query])[0]
     rows = embedder.encode(FOOD + WORK)
@@ -154,9 +154,9 @@ def test_one_failing_type_is_reported_and_the_others_still_arrive(tenant: str, m
 def test_a_failing_embedding_step_reaches_the_caller_as_its_error_not_as_a_timeout(tenant: str) -> None:
     """The embed step's result is not stored, but its failure is: Celery marks the rest of the chain failed,
     so the caller's wait on the last step ends with the worker's error."""
-    from config import get_settings
+    from memq.canvas import retrieval_canvas
     from memq.requests import retrieval_request
-    from tasks.canvas import retrieval_canvas
+    from memq.settings import get_settings
 
     request = retrieval_request(get_settings(), "a query", tenant, {"semantic": 2}, timeout_s=60)
     request["query"] = "x" * (get_settings().max_query_chars + 1)  # past the client's check, refused by the worker
@@ -169,8 +169,8 @@ def test_a_failing_embedding_step_reaches_the_caller_as_its_error_not_as_a_timeo
 
 def test_an_apply_async_get_in_the_same_process_still_works_beside_the_client(tenant: str) -> None:
     """The client waits through its own result connection; a plain AsyncResult.get() here is untouched."""
-    from tasks import names
-    from tasks.app import app
+    from memq import names
+    from memq.app import app
 
     remember_all(tenant, "semantic", FOOD[:2])
     plain = app.send_task(names.FORGET, args=(tenant, "semantic", None), queue=names.INGEST_QUEUE)
@@ -262,7 +262,7 @@ def test_send_task_by_name_needs_no_torch(tenant: str) -> None:
     remember_all(tenant, "semantic", FOOD)
     code = (
         "import sys, json\n"
-        "from tasks.app import app\n"
+        "from memq.app import app\n"
         f"r = app.send_task('memq.retrieve', args=['food', {tenant!r}, {{'semantic': 2}}])\n"
         "out = r.get(timeout=30)\n"
         "assert 'torch' not in sys.modules and 'pymongo' not in sys.modules, 'heavy import'\n"
@@ -276,7 +276,7 @@ def test_send_task_by_name_needs_no_torch(tenant: str) -> None:
 
 def test_importing_the_client_loads_no_model_or_driver() -> None:
     heavy = "('torch', 'sentence_transformers', 'pymongo')"
-    code = f"import sys, tasks.client; print(sorted(m for m in {heavy} if m in sys.modules))"
+    code = f"import sys, memq.client; print(sorted(m for m in {heavy} if m in sys.modules))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=os.environ)
 
     assert proc.returncode == 0, proc.stderr
@@ -315,8 +315,10 @@ def test_vector_search_matches_exact_search_on_a_real_atlas(tenant: str) -> None
     remember_all(tenant, "semantic", FOOD + WORK)
     time.sleep(5)  # Atlas indexes asynchronously
 
-    exact = client.retrieve("meals", tenant, {"semantic": 3}, weights=RELEVANCE_ONLY, strategy="exact")
-    vector = client.retrieve("meals", tenant, {"semantic": 3}, weights=RELEVANCE_ONLY, strategy="vector_search")
+    exact = client.retrieve("meals", tenant, {"semantic": 3}, weights=RELEVANCE_ONLY, strategy="exact", mode="vector")
+    vector = client.retrieve(
+        "meals", tenant, {"semantic": 3}, weights=RELEVANCE_ONLY, strategy="vector_search", mode="vector"
+    )
 
     assert [i["id"] for i in vector["results"]["long_term_memory"]] == [
         i["id"] for i in exact["results"]["long_term_memory"]

@@ -18,8 +18,7 @@ from typing import Any
 import pytest
 from kombu import Exchange, Producer
 
-from memq import services
-from tasks import client, names
+from memq import client, names, services
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = f"pw-{uuid.uuid4().hex}"
@@ -109,7 +108,7 @@ def test_the_celery_config_accepts_json_only_in_both_directions(app: Any) -> Non
 
 @pytest.fixture(scope="module")
 def protected_redis() -> Iterator[services.Service]:
-    service = services.start_redis_server_with(password=PASSWORD)
+    service = services.start_redis_server(password=PASSWORD)
     try:
         yield service
     finally:
@@ -119,8 +118,8 @@ def protected_redis() -> Iterator[services.Service]:
 def private_app(broker_url: str) -> Any:
     from celery import Celery
 
-    from config.celery import celery_config
-    from config.settings import Settings
+    from memq.config.celery import celery_config
+    from memq.settings import Settings
 
     app = Celery("memq-security", set_as_current=False)
     app.config_from_object(celery_config(Settings(broker_url=broker_url, result_backend=broker_url)))

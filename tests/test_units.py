@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from config.settings import Settings
 from memq import ranking, validation
 from memq.errors import ConfigError, InvalidInput
 from memq.memory_types import MemoryType
+from memq.settings import Settings
 from memq.vectors import from_stored, from_wire, to_bson, to_wire
-from workers.search import MatrixCache, TenantMatrix, top_k
+from memq.workers.search import MatrixCache, TenantMatrix, top_k
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,10 +93,39 @@ def test_recency_halves_every_half_life() -> None:
     assert ranking.recency(100, 50, 3600) == 1.0
 
 
-def test_memory_signal_is_the_weighted_mean_of_its_terms() -> None:
-    item = {"score": 0.8, "importance": 0.2, "last_accessed_at_ts": 0.0}
+def test_memory_signal_is_the_weighted_mean_of_its_terms_each_normalised_over_the_candidates() -> None:
+    items = [
+        {"id": "a", "score": 0.8, "importance": 0.2, "last_accessed_at_ts": 0.0},
+        {"id": "b", "score": 0.4, "importance": 0.6, "last_accessed_at_ts": 3600.0},
+        {"id": "c", "score": 0.6, "importance": 0.4, "last_accessed_at_ts": 3600.0},
+    ]
     weights = {"relevance": 1.0, "recency": 1.0, "importance": 2.0}
-    assert ranking.memory_signal(item, weights, 3600, 3600) == pytest.approx((0.8 + 0.5 + 0.4) / 4)
+
+    ranked = {item["id"]: item for item in ranking.rank_type(items, 3, weights, 3600, 3600)}
+
+    assert ranked["a"]["memory_signal"] == pytest.approx((1.0 + 0.0 + 0.0) / 4)
+    assert ranked["b"]["memory_signal"] == pytest.approx((0.0 + 1.0 + 2 * 1.0) / 4)
+    assert ranked["c"]["memory_signal"] == pytest.approx((0.5 + 1.0 + 2 * 0.5) / 4)
+    assert ranked["a"]["scores"]["recency"] == pytest.approx(0.5) and ranked["b"]["scores"]["importance"] == 0.6
+
+
+def test_a_barely_related_important_memory_does_not_outrank_a_clearly_relevant_one_under_default_weights() -> None:
+    same_day = 1_000_000.0
+    barely = {"id": "barely", "score": 0.10, "importance": 0.9, "created_at_ts": same_day}
+    clearly = {"id": "clearly", "score": 0.50, "importance": 0.3, "created_at_ts": same_day}
+
+    ranked = ranking.rank_type([barely, clearly], 2, validation.check_weights(None), same_day, 7 * 24 * 3600)
+
+    assert [item["id"] for item in ranked] == ["clearly", "barely"]
+
+
+def test_hybrid_fusion_ranks_a_memory_strong_on_both_signals_first_and_keeps_each_mode_pure() -> None:
+    vector = np.array([0.9, 0.2, 0.6])
+    lexical = np.array([0.0, 9.0, 5.0])
+
+    assert np.argmax(ranking.fuse(vector, lexical, "hybrid")) == 2
+    assert ranking.fuse(vector, lexical, "vector").tolist() == vector.tolist()
+    assert ranking.fuse(vector, lexical, "lexical").tolist() == lexical.tolist()
 
 
 def test_candidates_are_oversampled_only_when_other_signals_count() -> None:
@@ -154,7 +183,7 @@ def test_every_setting_is_documented_in_the_readme() -> None:
 
 
 def test_the_celery_config_accepts_json_only() -> None:
-    from config.celery import celery_config
+    from memq.config.celery import celery_config
 
     config = celery_config(Settings())
     assert config["accept_content"] == ["json"] and config["result_accept_content"] == ["json"]
@@ -164,7 +193,7 @@ def test_the_celery_config_accepts_json_only() -> None:
 
 
 def test_queue_waits_are_the_gaps_between_each_steps_stamps() -> None:
-    from workers.steps import queue_waits_ms
+    from memq.workers.steps import queue_waits_ms
 
     embed = {"embed_started_ts": 100.010, "embed_ended_ts": 100.020}
     results = [
@@ -181,6 +210,43 @@ def test_queue_waits_are_the_gaps_between_each_steps_stamps() -> None:
 
 
 def test_queue_waits_leave_out_what_has_no_stamp() -> None:
-    from workers.steps import queue_waits_ms
+    from memq.workers.steps import queue_waits_ms
 
     assert queue_waits_ms([{"type": "long_term_memory", "items": [], "search_ms": 0.0}], None, 1.0) == {"search": {}}
+
+
+def test_an_oversample_whose_candidates_cannot_fit_a_search_is_refused_at_start_up() -> None:
+    with pytest.raises(ConfigError, match="MEMQ_CANDIDATE_OVERSAMPLE"):
+        Settings.from_env({"MEMQ_CANDIDATE_OVERSAMPLE": "11"})
+
+
+def test_the_largest_limit_under_the_largest_oversample_still_fits_one_search() -> None:
+    settings = Settings.from_env({"MEMQ_CANDIDATE_OVERSAMPLE": str(validation.MAX_OVERSAMPLE)})
+    weights = validation.check_weights(None)
+
+    candidates = ranking.candidates_for(validation.MAX_LIMIT, weights, settings.candidate_oversample)
+
+    assert candidates == validation.check_search_k(candidates) == validation.MAX_CANDIDATES
+
+
+def test_a_search_of_more_candidates_than_allowed_names_k() -> None:
+    with pytest.raises(InvalidInput) as caught:
+        validation.check_search_k(validation.MAX_CANDIDATES + 1)
+    assert caught.value.field == "k"
+
+
+def test_a_result_store_outage_is_recognised_by_its_cause_not_its_text() -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from memq.client import is_result_store_outage
+
+    def raised_from(cause: BaseException, text: str) -> RuntimeError:
+        try:
+            raise RuntimeError(text) from cause
+        except RuntimeError as exc:
+            return exc
+
+    assert is_result_store_outage(raised_from(RedisConnectionError("refused"), "Retry limit exceeded"))
+    assert is_result_store_outage(raised_from(ConnectionRefusedError(), "anything at all"))
+    assert not is_result_store_outage(raised_from(ValueError("bad"), "the result store said no"))
+    assert not is_result_store_outage(RuntimeError("result store"))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from workers.metrics import EMBED_BATCH_SIZE, EMBED_SECONDS
+from memq.workers.metrics import EMBED_BATCH_SIZE, EMBED_SECONDS
 
 log = logging.getLogger(__name__)
 

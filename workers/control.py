@@ -1,6 +1,6 @@
 """``memq_info``: a Celery inspect command that says what a worker is (``memq status`` asks every worker).
 
-Registered at import (``workers.startup`` imports this module, so every worker has it). It reads only
+Registered at import (``memq.workers.startup`` imports this module, so every worker has it). It reads only
 what the worker already built: an embed worker that has not loaded its model yet says so instead of
 loading it inside a control message.
 """
@@ -13,10 +13,8 @@ from typing import Any
 from celery.worker import state as worker_state
 from celery.worker.control import inspect_command
 
-from config import get_settings
-
-INFO_COMMAND = "memq_info"
-WORKER_KIND_ENV = "MEMQ_WORKER_KIND"
+from memq.names import INFO_COMMAND, WORKER_KIND_ENV
+from memq.settings import get_settings
 
 
 @inspect_command(name=INFO_COMMAND)
@@ -53,7 +51,7 @@ def pool_info(state: Any) -> dict[str, Any]:
 
 
 def model_info() -> dict[str, Any]:
-    from workers.embedder import embedder
+    from memq.workers.embedder import embedder
 
     settings = get_settings()
     if not embedder.is_built():

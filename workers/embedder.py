@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from config import get_settings
-from workers.batcher import DynamicBatcher
-from workers.process_local import ProcessLocal
+from memq.errors import ConfigError
+from memq.process_local import ProcessLocal
+from memq.settings import get_settings
+from memq.workers.batcher import DynamicBatcher
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +133,8 @@ class Embedder:
         self.max_forward_texts = CUDA_FORWARD_MAX_TEXTS if self._on_cuda else LEAN_PATH_MAX_TEXTS
         self.stats = EncodeStats()
         self._lock = threading.Lock()
-        self._batcher: DynamicBatcher | None = None
-        self._batcher_pid: int | None = None
-        self._batcher_lock = threading.Lock()
+        # Started on first use in this process: its thread never crosses a fork.
+        self._batcher: ProcessLocal[DynamicBatcher] = ProcessLocal(self._new_batcher, close=lambda b: b.close(30.0))
         self._warm_up()  # first calls allocate (and on CUDA pick kernels); pay before taking tasks
         log.info(
             "embedder ready: model=%s device=%s dim=%d in %.0f ms",
@@ -163,24 +163,12 @@ class Embedder:
         return self.query_batcher().encode(texts, timeout_s)
 
     def query_batcher(self) -> DynamicBatcher:
-        """The process's batcher, started on first use in this process (its thread never crosses a fork)."""
-        pid = os.getpid()
-        batcher = self._batcher
-        if batcher is not None and self._batcher_pid == pid:
-            return batcher
-        with self._batcher_lock:
-            if self._batcher is None or self._batcher_pid != pid:
-                self._batcher = self._new_batcher()
-                self._batcher_pid = pid
-            return self._batcher
+        """The process's batcher, started on first use in this process."""
+        return self._batcher.get()
 
-    def close(self, timeout_s: float | None = 30.0) -> None:
+    def close(self) -> None:
         """Finish the queries already queued, then stop the batcher (worker shutdown)."""
-        with self._batcher_lock:
-            batcher, self._batcher = self._batcher, None
-            owned = self._batcher_pid == os.getpid()
-        if batcher is not None and owned:
-            batcher.close(timeout_s)
+        self._batcher.reset()
 
     def encode_in_chunks(
         self, texts: Sequence[str], on_progress: Callable[[int, int], None] | None = None
@@ -245,7 +233,13 @@ class Embedder:
 
 def _build() -> Embedder:
     settings = get_settings()
-    return Embedder(settings.embed_model, settings.embed_device, settings.embed_batch_size)
+    model = Embedder(settings.embed_model, settings.embed_device, settings.embed_batch_size)
+    if model.dimensions != settings.embed_dimensions:
+        raise ConfigError(
+            f"model {settings.embed_model} embeds in {model.dimensions} dimensions but MEMQ_EMBED_DIMENSIONS is "
+            f"{settings.embed_dimensions}: set it to {model.dimensions} (and create the vector indexes for it)"
+        )
+    return model
 
 
 def _close(model: Embedder) -> None:

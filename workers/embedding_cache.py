@@ -2,30 +2,27 @@
 
 The embed tasks read it for every text in one ``MGET`` and write what they computed in one pipeline, with
 ``MEMQ_EMBEDDING_CACHE_TTL_S`` (0 disables). The model's name is in the key, so another model never reads
-these vectors. A Redis error is a miss with a warning (then the cache is left alone for ``RETRY_AFTER_S``):
+these vectors. A Redis error is a miss with a warning (then the cache's breaker leaves it alone a while):
 the text is embedded as if there were no cache.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 
 import numpy as np
 import redis
 
-from config import get_settings
 from memq import keys
-from workers.metrics import CACHE_REQUESTS
-from workers.redis_conn import cache_redis
+from memq.cache_redis import Breaker, cache_redis
+from memq.settings import get_settings
+from memq.workers.metrics import CACHE_REQUESTS
 
 log = logging.getLogger(__name__)
 
 FORMAT_BYTE = b"\x01"  # bump when the stored encoding changes: entries of another format read as misses
-RETRY_AFTER_S = 1.0
-
-_down_until = 0.0
+breaker = Breaker("embedding cache")
 
 
 def encode_vector(vector: np.ndarray) -> bytes:
@@ -45,7 +42,7 @@ def lookup(model: str, texts: Sequence[str], client: redis.Redis | None = None) 
     try:
         raw = (client or cache_redis.get()).mget([keys.embedding_cache(model, text) for text in texts])
     except (redis.RedisError, OSError) as exc:
-        _went_down(exc)
+        breaker.trip(exc)
         CACHE_REQUESTS.labels(cache="embedding", outcome="error").inc(len(texts))
         return [None] * len(texts)
     vectors = [decode_vector(value) for value in raw]
@@ -66,16 +63,10 @@ def store(model: str, texts: Sequence[str], vectors: Sequence[np.ndarray], clien
             pipe.set(keys.embedding_cache(model, text), encode_vector(vector), ex=ttl_s)
         pipe.execute()
     except (redis.RedisError, OSError) as exc:
-        _went_down(exc)
+        breaker.trip(exc)
         return False
     return True
 
 
 def _usable() -> bool:
-    return get_settings().embedding_cache_ttl_s > 0 and time.monotonic() >= _down_until
-
-
-def _went_down(exc: Exception) -> None:
-    global _down_until
-    _down_until = time.monotonic() + RETRY_AFTER_S
-    log.warning("embedding cache unavailable (%s); embedding without it for the next %g s", exc, RETRY_AFTER_S)
+    return get_settings().embedding_cache_ttl_s > 0 and not breaker.is_open()

@@ -23,6 +23,9 @@ SEARCH_SECONDS = Histogram(
 )
 MERGE_SECONDS = Histogram("memq_merge_seconds", "Ranking and merging one retrieval", buckets=FAST_BUCKETS_S)
 CACHE_REQUESTS = Counter("memq_cache_requests_total", "Cache look-ups by cache and outcome", ["cache", "outcome"])
+VERSION_BUMP_FAILURES = Counter(
+    "memq_version_bump_failures_total", "Writes whose tenant data version could not be bumped (each is retried)"
+)
 STORE_WRITES = Counter("memq_memories_written_total", "Memories upserted", ["memory_type"])
 MONGO_CHECKOUTS = Counter("memq_mongo_pool_checkouts_total", "Connections checked out of the Mongo pool")
 MONGO_CHECKOUT_FAILURES = Counter("memq_mongo_pool_checkout_failures_total", "Failed pool checkouts", ["reason"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pymongo import monitoring
 
-from workers.metrics import MONGO_CHECKOUT_FAILURES, MONGO_CHECKOUT_WAIT, MONGO_CHECKOUTS
+from memq.workers.metrics import MONGO_CHECKOUT_FAILURES, MONGO_CHECKOUT_WAIT, MONGO_CHECKOUTS
 
 
 class MongoPoolMetrics(monitoring.ConnectionPoolListener):

@@ -1,8 +1,10 @@
 """Search strategies for one (tenant, memory type).
 
-- ``exact``: cosine over the tenant's vectors in this worker. The (memory_id, type) → float32 matrix is
-  cached per process and keyed on the tenant's data version (``workers.versions``), so a write makes
-  the cached matrix unreachable at once; a warm search is one matrix-vector product.
+- ``exact``: in this worker, over the tenant's memories loaded by one ``find`` on ``memory_id``: the cosine
+  matrix, the BM25 index (``workers.lexical``) and the filter columns (created_at, role, tags) are built
+  together, cached per process and keyed on the tenant's data version (``workers.versions``), so a write
+  makes them unreachable at once. A warm search is one matrix-vector product and one sparse BM25 sum, fused
+  (``memq.ranking.fuse``), with the filters applied before the top k; it makes no MongoDB round trip.
 - ``vector_search``: Atlas ``$vectorSearch`` with ``memory_id`` as a pre-filter.
 - ``auto``: ``vector_search`` where the server runs the stage, ``exact`` elsewhere (nx-27017, mongod).
 """
@@ -12,25 +14,42 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from config import get_settings
+from memq import ranking
+from memq.process_local import ProcessLocal
+from memq.settings import get_settings
 from memq.vectors import from_stored, normalise
-from workers import store, versions
-from workers.metrics import CACHE_REQUESTS, SEARCH_SECONDS
-from workers.process_local import ProcessLocal
+from memq.workers import store, versions
+from memq.workers.lexical import LexicalIndex
+from memq.workers.metrics import CACHE_REQUESTS, SEARCH_SECONDS
 
 PROBE_TTL_S = 60.0
 
 
 @dataclass
 class TenantMatrix:
+    """Everything an exact search of one (tenant, type) needs, built from one ``find``."""
+
     version: int
     items: list[dict[str, Any]]
     matrix: np.ndarray  # (n, d) float32, rows L2-normalised
+    lexical: LexicalIndex | None = None  # BM25 over the items' content
+    created_ts: np.ndarray = field(default_factory=lambda: np.zeros(0))  # Unix seconds, NaN where unknown
+    roles: list[str | None] = field(default_factory=list)
+    tags: list[frozenset[str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What a search is asked for beyond the vector: the query text, the mode and the filters."""
+
+    query: str | None = None
+    mode: str = "vector"
+    filters: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -81,23 +100,70 @@ _probe_results: dict[str, tuple[bool, float]] = {}
 def build_matrix(docs: list[dict[str, Any]], version: int) -> TenantMatrix:
     items = [store.to_item(doc, 0.0) for doc in docs]
     if not docs:
-        return TenantMatrix(version, items, np.zeros((0, 0), dtype=np.float32))
+        return TenantMatrix(version, items, np.zeros((0, 0), dtype=np.float32), LexicalIndex([]))
     matrix = normalise(np.stack([from_stored(doc[store.EMBEDDING_FIELD]) for doc in docs]))
-    return TenantMatrix(version, items, matrix)
+    created = [item["created_at_ts"] for item in items]
+    return TenantMatrix(
+        version,
+        items,
+        matrix,
+        LexicalIndex([f"{doc.get('content', '')} {doc.get(store.CONTEXT_FIELD) or ''}" for doc in docs]),
+        np.array([np.nan if ts is None else ts for ts in created], dtype=np.float64),
+        [item.get("role") for item in items],
+        [frozenset(item.get("tags") or ()) for item in items],
+    )
 
 
-def top_k(entry: TenantMatrix, query: np.ndarray, k: int) -> list[dict[str, Any]]:
-    """Exact cosine top-k; ties broken by id so results are deterministic."""
+def filter_mask(entry: TenantMatrix, filters: dict[str, Any]) -> np.ndarray:
+    """Which rows pass every filter (all of them when there is none)."""
+    mask = np.ones(len(entry.items), dtype=bool)
+    if "created_after" in filters:
+        mask &= entry.created_ts >= filters["created_after"]  # NaN (unknown) compares False: left out
+    if "created_before" in filters:
+        mask &= entry.created_ts <= filters["created_before"]
+    if "role" in filters:
+        mask &= np.array([role == filters["role"] for role in entry.roles], dtype=bool)
+    if "tags" in filters:
+        named = frozenset(filters["tags"])
+        if filters.get("tags_match") == "all":
+            passes = [named <= tags for tags in entry.tags]
+        else:
+            passes = [not named.isdisjoint(tags) for tags in entry.tags]
+        mask &= np.array(passes, dtype=bool)
+    return mask
+
+
+def top_k(entry: TenantMatrix, query: np.ndarray, k: int, wanted: Wanted | None = None) -> list[dict[str, Any]]:
+    """The k best rows that pass the filters, by the mode's score (``memq.ranking.fuse``); ties broken by
+    cosine, then id, so results are deterministic. Each item carries its ``scores``."""
+    wanted = wanted or Wanted()
     if not entry.items or k <= 0:
         return []
-    scores = entry.matrix @ normalise(query.astype(np.float32))
-    k = min(k, len(scores))
-    picked = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-    order = sorted(picked.tolist(), key=lambda i: (-float(scores[i]), str(entry.items[i]["id"])))
-    return [{**entry.items[i], "score": float(scores[i])} for i in order]
+    vector = entry.matrix @ normalise(query.astype(np.float32)) if query.size else np.zeros(len(entry.items))
+    lexical = np.zeros(len(entry.items), dtype=np.float32)
+    if wanted.mode != "vector" and wanted.query is not None and entry.lexical is not None:
+        lexical = entry.lexical.scores(wanted.query)
+    eligible = np.flatnonzero(filter_mask(entry, wanted.filters))
+    if eligible.size == 0:
+        return []
+    fused = ranking.fuse(vector[eligible], lexical[eligible], wanted.mode)
+    k = min(k, eligible.size)
+    picked = np.argpartition(-fused, k - 1)[:k] if k < eligible.size else np.arange(eligible.size)
+    order = sorted(
+        picked.tolist(),
+        key=lambda i: (-float(fused[i]), -float(vector[eligible[i]]), str(entry.items[eligible[i]]["id"])),
+    )
+    return [
+        _scored(entry.items[eligible[i]], float(vector[eligible[i]]), float(lexical[eligible[i]]), float(fused[i]))
+        for i in order
+    ]
 
 
-def exact_search(memory_id: str, memory_type: str, query: np.ndarray, k: int) -> SearchOutcome:
+def _scored(item: dict[str, Any], vector: float, lexical: float, fused: float) -> dict[str, Any]:
+    return {**item, "score": fused, "scores": {"vector": vector, "lexical": lexical, "fused": fused}}
+
+
+def exact_search(memory_id: str, memory_type: str, query: np.ndarray, k: int, wanted: Wanted) -> SearchOutcome:
     known = versions.read_versions(memory_id, [memory_type])
     key = (memory_id, memory_type)
     cache = matrix_cache.get()
@@ -113,32 +179,64 @@ def exact_search(memory_id: str, memory_type: str, query: np.ndarray, k: int) ->
             cache.put(key, entry)
             outcome = "miss"
     CACHE_REQUESTS.labels(cache="matrix", outcome=outcome).inc()
-    return SearchOutcome(top_k(entry, query, k), "exact", outcome)
+    return SearchOutcome(top_k(entry, query, k, wanted), "exact", outcome)
+
+
+def supports(stage: str, memory_type: str, dimensions: int) -> bool:
+    """Does this server run ``stage`` ($vectorSearch, $search, $rankFusion) here? Found out by trying it,
+    remembered for ``PROBE_TTL_S``."""
+    key = f"{stage}:{memory_type}"
+    cached = _probe_results.get(key)
+    now = time.monotonic()
+    if cached is None or now - cached[1] > PROBE_TTL_S:
+        _probe_results[key] = (store.probe_stage(stage, memory_type, dimensions), now)
+        cached = _probe_results[key]
+    return cached[0]
 
 
 def resolve_strategy(requested: str, memory_type: str, dimensions: int) -> str:
     if requested != "auto":
         return requested
-    settings = get_settings()
-    cached = _probe_results.get(memory_type)
-    now = time.monotonic()
-    if cached is None or now - cached[1] > PROBE_TTL_S:
-        supported = store.probe_vector_search(memory_type, settings.vector_index, dimensions)
-        _probe_results[memory_type] = (supported, now)
-        cached = _probe_results[memory_type]
-    return "vector_search" if cached[0] else "exact"
+    return "vector_search" if supports("$vectorSearch", memory_type, dimensions) else "exact"
 
 
-def search(memory_id: str, memory_type: str, query: np.ndarray, k: int, strategy: str) -> SearchOutcome:
-    settings = get_settings()
-    chosen = resolve_strategy(strategy, memory_type, int(query.shape[0]))
+def search(
+    memory_id: str, memory_type: str, query: np.ndarray, k: int, strategy: str, wanted: Wanted | None = None
+) -> SearchOutcome:
+    wanted = wanted or Wanted()
+    dimensions = int(query.shape[0])
+    chosen = resolve_strategy(strategy, memory_type, dimensions)
     started = time.perf_counter()
+    outcome = None
     if chosen == "vector_search":
-        items = store.vector_search(
-            memory_id, memory_type, query, k, k * settings.num_candidates_factor, settings.vector_index
-        )
-        outcome = SearchOutcome(items, "vector_search", "n/a")
-    else:
-        outcome = exact_search(memory_id, memory_type, query, k)
+        outcome = server_search(memory_id, memory_type, query, k, wanted, dimensions)
+    if outcome is None:  # exact asked for, or the server lacks the stage this mode needs
+        outcome = exact_search(memory_id, memory_type, query, k, wanted)
     SEARCH_SECONDS.labels(memory_type=memory_type, strategy=outcome.strategy).observe(time.perf_counter() - started)
     return outcome
+
+
+def server_search(
+    memory_id: str, memory_type: str, query: np.ndarray, k: int, wanted: Wanted, dimensions: int
+) -> SearchOutcome | None:
+    """The search in MongoDB Atlas, ``memory_id`` and every filter inside each stage: ``$vectorSearch``;
+    ``$search``; for hybrid ``$rankFusion`` of both (MongoDB 8.1+), else both lists fused here. ``None`` when the
+    server lacks what the mode needs (the caller then searches exactly)."""
+    settings = get_settings()
+    num_candidates = k * settings.num_candidates_factor
+    if wanted.mode == "vector":
+        items = store.vector_search(memory_id, memory_type, query, k, num_candidates, settings, wanted.filters)
+        return SearchOutcome(items, "vector_search", "n/a")
+    if wanted.query is None or not supports("$search", memory_type, dimensions):
+        return None
+    if wanted.mode == "lexical":
+        items = store.text_search(memory_id, memory_type, wanted.query, k, settings, wanted.filters)
+        return SearchOutcome(items, "text_search", "n/a")
+    if supports("$rankFusion", memory_type, dimensions):
+        items = store.rank_fusion_search(
+            memory_id, memory_type, query, wanted.query, k, num_candidates, settings, wanted.filters
+        )
+        return SearchOutcome(items, "rank_fusion", "n/a")
+    vector_items = store.vector_search(memory_id, memory_type, query, k, num_candidates, settings, wanted.filters)
+    text_items = store.text_search(memory_id, memory_type, wanted.query, k, settings, wanted.filters)
+    return SearchOutcome(ranking.fuse_lists(vector_items, text_items, k), "vector_search+text_search", "n/a")

@@ -13,23 +13,23 @@ from typing import Any
 
 from celery.signals import worker_init, worker_process_init, worker_shutdown
 
-import workers.control  # noqa: F401  (registers the memq_info inspect command used by `memq status`)
-from config import get_settings
-from workers import metrics
+import memq.workers.control  # noqa: F401  (registers the memq_info inspect command used by `memq status`)
+from memq.names import WORKER_KIND_ENV
+from memq.settings import get_settings
+from memq.workers import metrics
 
 log = logging.getLogger(__name__)
-WORKER_KIND_ENV = "MEMQ_WORKER_KIND"
 
 
 def build_resources(kind: str) -> None:
     if kind == "embed":
-        from workers.embedder import embedder
+        from memq.workers.embedder import embedder
 
         model = embedder.get()
         log.info("embed worker: model %s on %s", model.model_name, model.device)
     elif kind in ("search", "ingest"):
-        from workers.redis_conn import cache_redis
-        from workers.store import mongo_client
+        from memq.cache_redis import cache_redis
+        from memq.workers.store import mongo_client
 
         mongo_client.get()
         cache_redis.get()
@@ -60,8 +60,8 @@ def _on_worker_process_init(**_: Any) -> None:
 
 @worker_shutdown.connect
 def _on_worker_shutdown(**_: Any) -> None:
-    from workers.embedder import embedder
-    from workers.store import mongo_client
+    from memq.workers.embedder import embedder
+    from memq.workers.store import mongo_client
 
     embedder.reset()  # the batcher finishes the queries already queued, then stops
     mongo_client.reset()

@@ -11,14 +11,15 @@ from typing import Any
 
 import numpy as np
 
-from config import get_settings
 from memq import ranking, result_cache
+from memq.cache_redis import cache_redis
+from memq.settings import get_settings
 from memq.vectors import from_wire, to_wire
-from workers import embedding_cache, store, versions
-from workers import search as search_strategies
-from workers.embedder import embedder
-from workers.metrics import EMBED_BATCH_SIZE, EMBED_SECONDS, MERGE_SECONDS, STORE_WRITES
-from workers.redis_conn import cache_redis
+from memq.workers import embedding_cache, store, versions
+from memq.workers import search as search_strategies
+from memq.workers.embedder import embedder
+from memq.workers.metrics import EMBED_BATCH_SIZE, EMBED_SECONDS, MERGE_SECONDS, STORE_WRITES
+from memq.workers.search import Wanted
 
 INTERNAL_ITEM_FIELDS = ("created_at_ts", "last_accessed_at_ts")
 QUERY_WAIT_S = 60.0  # longest wait for the batcher's forward pass of one query
@@ -71,13 +72,20 @@ def embed_texts(texts: Sequence[str], on_progress: Callable[[int, int], None] | 
 
 
 def search_type(
-    embedded: dict[str, Any], memory_id: str, memory_type: str, k: int, strategy: str, budget_s: float | None = None
+    embedded: dict[str, Any],
+    memory_id: str,
+    memory_type: str,
+    k: int,
+    strategy: str,
+    wanted: Wanted | None = None,
+    budget_s: float | None = None,
 ) -> dict[str, Any]:
     """One type's ranked candidates; MongoDB work takes at most ``budget_s`` (``None``: the client's timeouts)."""
     started_ts = time.time()
     started = time.perf_counter()
+    vector = from_wire(embedded["vector"])
     with store.time_limit(budget_s):
-        outcome = search_strategies.search(memory_id, memory_type, from_wire(embedded["vector"]), k, strategy)
+        outcome = search_strategies.search(memory_id, memory_type, vector, k, strategy, wanted)
     return {
         "type": memory_type,
         "items": outcome.items,
@@ -109,7 +117,7 @@ def merge(results: Sequence[dict[str, Any]], request: dict[str, Any]) -> dict[st
     weights: dict[str, float] = request["weights"]
     ranked: dict[str, list[dict[str, Any]]] = {t: [] for t in limits}
     errors: dict[str, str] = {}
-    timings: dict[str, Any] = {"search_ms": {}}
+    timings: dict[str, Any] = {"search_ms": {}, "matrix_cache": {}}
     for result in results:
         memory_type = result["type"]
         if result.get("embed_ms") is not None:
@@ -118,6 +126,7 @@ def merge(results: Sequence[dict[str, Any]], request: dict[str, Any]) -> dict[st
             errors[memory_type] = result["error"]
             continue
         timings["search_ms"][memory_type] = result["search_ms"]
+        timings["matrix_cache"][memory_type] = result.get("matrix_cache")
         best = ranking.rank_type(result["items"], limits[memory_type], weights, now_ts, settings.recency_half_life_s)
         ranked[memory_type] = [_public(item) for item in best]
     arrived = {result["type"] for result in results}

@@ -18,16 +18,18 @@ from pymongo import UpdateOne
 from pymongo.collection import Collection
 from pymongo.errors import ConnectionFailure, ExecutionTimeout, OperationFailure, PyMongoError
 
-from config import get_settings
 from memq import keys
 from memq.errors import StoreUnavailable
 from memq.memory_types import ROLE_TYPES, MemoryType
+from memq.process_local import ProcessLocal
+from memq.settings import Settings, get_settings
 from memq.vectors import to_bson
-from workers.process_local import ProcessLocal
 
 log = logging.getLogger(__name__)
 
 EMBEDDING_FIELD = "embedding"
+CONTEXT_FIELD = "context"  # text the writer supplied beside the content: searched lexically, never embedded
+FILTER_PATHS = ("tags", "created_at", "role")  # what retrieval filters on, besides memory_id
 ITEM_FIELDS_OUT = ("role", "tags", "metadata")
 
 
@@ -46,7 +48,7 @@ def _connect() -> pymongo.MongoClient:
 
 
 def _pool_listeners() -> list[Any]:
-    from workers.mongo_metrics import MongoPoolMetrics
+    from memq.workers.mongo_metrics import MongoPoolMetrics
 
     return [MongoPoolMetrics()]
 
@@ -136,7 +138,7 @@ def build_writes(
             "last_accessed_at": to_datetime(item.get("created_at", now_ts)),
             "updated_at": to_datetime(now_ts),
         }
-        for name in ITEM_FIELDS_OUT:
+        for name in (*ITEM_FIELDS_OUT, CONTEXT_FIELD):
             if name in item:
                 fields[name] = item[name]
         on_insert = {"created_at": to_datetime(item.get("created_at", now_ts))}
@@ -163,47 +165,158 @@ def load_tenant(memory_id: str, memory_type: str) -> list[dict[str, Any]]:
         return list(collection(memory_type).find({"memory_id": memory_id}))
 
 
-def vector_search(
-    memory_id: str, memory_type: str, query: np.ndarray, limit: int, num_candidates: int, index: str
-) -> list[dict[str, Any]]:
-    """Atlas ``$vectorSearch`` with ``memory_id`` as a pre-filter inside the stage (never after)."""
-    pipeline = [
-        {
-            "$vectorSearch": {
-                "index": index,
-                "path": EMBEDDING_FIELD,
-                "queryVector": to_bson(query),
-                "numCandidates": max(num_candidates, limit),
-                "limit": limit,
-                "filter": {"memory_id": {"$eq": memory_id}},
-            }
-        },
-        {"$set": {"_vector_score": {"$meta": "vectorSearchScore"}}},
-        {"$project": {EMBEDDING_FIELD: 0}},
-    ]
-    with transient_errors():
-        docs = list(collection(memory_type).aggregate(pipeline))
-    # Atlas reports cosine as (1 + cos) / 2; memq reports the cosine itself.
-    return [to_item(doc, 2.0 * float(doc.get("_vector_score", 0.5)) - 1.0) for doc in docs]
+def vector_filter(memory_id: str, filters: dict[str, Any]) -> dict[str, Any]:
+    """The ``$vectorSearch`` pre-filter: ``memory_id`` and every filter, inside the stage (never after)."""
+    clauses: list[dict[str, Any]] = [{"memory_id": {"$eq": memory_id}}]
+    if "tags" in filters:
+        if filters.get("tags_match") == "all":
+            clauses += [{"tags": {"$eq": tag}} for tag in filters["tags"]]
+        else:
+            clauses.append({"tags": {"$in": list(filters["tags"])}})
+    created: dict[str, Any] = {}
+    if "created_after" in filters:
+        created["$gte"] = to_datetime(filters["created_after"])
+    if "created_before" in filters:
+        created["$lte"] = to_datetime(filters["created_before"])
+    if created:
+        clauses.append({"created_at": created})
+    if "role" in filters:
+        clauses.append({"role": {"$eq": filters["role"]}})
+    return clauses[0] if len(clauses) == 1 else {"$and": clauses}
 
 
-def probe_vector_search(memory_type: str, index: str, dimensions: int) -> bool:
-    """Does this server run ``$vectorSearch`` on this collection? Found out by trying the stage."""
-    stage = {
+def search_filter(memory_id: str, filters: dict[str, Any]) -> list[dict[str, Any]]:
+    """The same filters as Atlas Search ``compound.filter`` clauses."""
+    clauses: list[dict[str, Any]] = [{"equals": {"path": "memory_id", "value": memory_id}}]
+    if "tags" in filters:
+        if filters.get("tags_match") == "all":
+            clauses += [{"equals": {"path": "tags", "value": tag}} for tag in filters["tags"]]
+        else:
+            clauses.append({"in": {"path": "tags", "value": list(filters["tags"])}})
+    created: dict[str, Any] = {}
+    if "created_after" in filters:
+        created["gte"] = to_datetime(filters["created_after"])
+    if "created_before" in filters:
+        created["lte"] = to_datetime(filters["created_before"])
+    if created:
+        clauses.append({"range": {"path": "created_at", **created}})
+    if "role" in filters:
+        clauses.append({"equals": {"path": "role", "value": filters["role"]}})
+    return clauses
+
+
+def _vector_stage(
+    memory_id: str, query: np.ndarray, limit: int, num_candidates: int, index: str, filters: dict[str, Any]
+) -> dict[str, Any]:
+    return {
         "$vectorSearch": {
             "index": index,
             "path": EMBEDDING_FIELD,
-            "queryVector": [0.0] * (dimensions - 1) + [1.0],
-            "numCandidates": 1,
-            "limit": 1,
-            "filter": {"memory_id": {"$eq": "\x1fmemq-probe"}},
+            "queryVector": to_bson(query),
+            "numCandidates": max(num_candidates, limit),
+            "limit": limit,
+            "filter": vector_filter(memory_id, filters),
         }
+    }
+
+
+def _text_stage(memory_id: str, text: str, index: str, filters: dict[str, Any]) -> dict[str, Any]:
+    must = [{"text": {"query": text, "path": ["content", CONTEXT_FIELD]}}]
+    return {"$search": {"index": index, "compound": {"must": must, "filter": search_filter(memory_id, filters)}}}
+
+
+def _aggregate(memory_type: str, pipeline: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    with transient_errors():
+        return list(collection(memory_type).aggregate([*pipeline, {"$project": {EMBEDDING_FIELD: 0}}]))
+
+
+def _scored_item(doc: dict[str, Any], fused: float, vector: float | None, lexical: float | None) -> dict[str, Any]:
+    return {**to_item(doc, fused), "scores": {"vector": vector, "lexical": lexical, "fused": fused}}
+
+
+def vector_search(
+    memory_id: str,
+    memory_type: str,
+    query: np.ndarray,
+    limit: int,
+    num_candidates: int,
+    settings: Settings,
+    filters: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Atlas ``$vectorSearch`` with ``memory_id`` and the filters as a pre-filter inside the stage."""
+    stage = _vector_stage(memory_id, query, limit, num_candidates, settings.vector_index, filters or {})
+    docs = _aggregate(memory_type, [stage, {"$set": {"_vector_score": {"$meta": "vectorSearchScore"}}}])
+    # Atlas reports cosine as (1 + cos) / 2; memq reports the cosine itself.
+    cosines = [2.0 * float(doc.get("_vector_score", 0.5)) - 1.0 for doc in docs]
+    return [_scored_item(doc, cos, cos, None) for doc, cos in zip(docs, cosines, strict=True)]
+
+
+def text_search(
+    memory_id: str, memory_type: str, text: str, limit: int, settings: Settings, filters: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Atlas Search (BM25) over ``content``, ``memory_id`` and the filters as ``compound.filter`` clauses."""
+    stage = _text_stage(memory_id, text, settings.text_index, filters or {})
+    docs = _aggregate(memory_type, [stage, {"$limit": limit}, {"$set": {"_text_score": {"$meta": "searchScore"}}}])
+    return [_scored_item(doc, float(doc["_text_score"]), None, float(doc["_text_score"])) for doc in docs]
+
+
+def rank_fusion_search(
+    memory_id: str,
+    memory_type: str,
+    query: np.ndarray,
+    text: str,
+    limit: int,
+    num_candidates: int,
+    settings: Settings,
+    filters: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Hybrid in the server: ``$rankFusion`` (MongoDB 8.1+) of ``$vectorSearch`` and ``$search``, each with
+    ``memory_id`` and the filters inside."""
+    fusion = {
+        "$rankFusion": {
+            "input": {
+                "pipelines": _fusion_pipelines(memory_id, query, text, limit, num_candidates, settings, filters or {})
+            },
+            "scoreDetails": True,
+        }
+    }
+    docs = _aggregate(memory_type, [fusion, {"$limit": limit}, {"$set": {"_fusion": {"$meta": "scoreDetails"}}}])
+    return [_scored_item(doc, float((doc.get("_fusion") or {}).get("value", 0.0)), None, None) for doc in docs]
+
+
+def _fusion_pipelines(
+    memory_id: str,
+    query: np.ndarray,
+    text: str,
+    limit: int,
+    num_candidates: int,
+    settings: Settings,
+    filters: dict[str, Any],
+) -> dict[str, list[dict[str, Any]]]:
+    depth = max(limit, num_candidates // 2)
+    return {
+        "vector": [_vector_stage(memory_id, query, depth, num_candidates, settings.vector_index, filters)],
+        "text": [_text_stage(memory_id, text, settings.text_index, filters), {"$limit": depth}],
+    }
+
+
+def probe_stage(stage: str, memory_type: str, dimensions: int) -> bool:
+    """Does this server run ``stage`` on this collection? Found out by trying it on a tenant that cannot exist."""
+    settings = get_settings()
+    nobody = "\x1fmemq-probe"
+    vector = np.zeros(dimensions, dtype=np.float32)
+    vector[-1] = 1.0
+    pipelines = _fusion_pipelines(nobody, vector, "probe", 1, 1, settings, {})
+    stages = {
+        "$vectorSearch": pipelines["vector"][0],
+        "$search": pipelines["text"][0],
+        "$rankFusion": {"$rankFusion": {"input": {"pipelines": pipelines}}},
     }
     try:
         with transient_errors():
-            list(collection(memory_type).aggregate([stage]))
+            list(collection(memory_type).aggregate([stages[stage], {"$limit": 1}]))
     except OperationFailure as exc:
-        log.info("$vectorSearch not usable on %s (%s); exact search used", memory_type, exc)
+        log.info("%s not usable on %s (%s)", stage, memory_type, str(exc).splitlines()[0][:160])
         return False
     return True
 
@@ -244,25 +357,32 @@ def _create_text_index(coll: Collection) -> str:
 
 
 def vector_index_definition(dimensions: int, index: str) -> dict[str, Any]:
-    """The Atlas Vector Search index, with ``memory_id`` declared as a filter field."""
-    return {
-        "name": index,
-        "type": "vectorSearch",
-        "definition": {
-            "fields": [
-                {"type": "vector", "path": EMBEDDING_FIELD, "numDimensions": dimensions, "similarity": "cosine"},
-                {"type": "filter", "path": "memory_id"},
-            ]
-        },
+    """The Atlas Vector Search index, with ``memory_id`` and every filter's field declared as filter fields."""
+    filter_fields = [{"type": "filter", "path": path} for path in ("memory_id", *FILTER_PATHS)]
+    vector = {"type": "vector", "path": EMBEDDING_FIELD, "numDimensions": dimensions, "similarity": "cosine"}
+    return {"name": index, "type": "vectorSearch", "definition": {"fields": [vector, *filter_fields]}}
+
+
+def text_index_definition(index: str) -> dict[str, Any]:
+    """The Atlas Search index: ``content`` analysed in English (BM25), the filter fields as tokens and a date."""
+    fields: dict[str, Any] = {
+        "content": {"type": "string", "analyzer": "lucene.english"},
+        CONTEXT_FIELD: {"type": "string", "analyzer": "lucene.english"},
+        "memory_id": {"type": "token"},
+        "role": {"type": "token"},
+        "tags": {"type": "token"},
+        "created_at": {"type": "date"},
     }
+    return {"name": index, "type": "search", "definition": {"mappings": {"dynamic": False, "fields": fields}}}
 
 
-def ensure_vector_indexes(memory_types: Sequence[str], dimensions: int, index: str) -> dict[str, str]:
-    """Create the Atlas vector index where the server supports search indexes; report otherwise."""
+def ensure_search_indexes(memory_types: Sequence[str], definition: dict[str, Any]) -> dict[str, str]:
+    """Create an Atlas search index (``vectorSearch`` or ``search``) where the server supports them; report
+    otherwise."""
     from pymongo.operations import SearchIndexModel
 
     outcome: dict[str, str] = {}
-    definition = vector_index_definition(dimensions, index)
+    index = definition["name"]
     database = mongo_client.get()[get_settings().mongodb_db]
     for memory_type in memory_types:
         coll = collection(memory_type)
@@ -274,7 +394,7 @@ def ensure_vector_indexes(memory_types: Sequence[str], dimensions: int, index: s
                 outcome[memory_type] = "exists"
                 continue
             coll.create_search_index(
-                SearchIndexModel(definition=definition["definition"], name=index, type="vectorSearch")
+                SearchIndexModel(definition=definition["definition"], name=index, type=definition["type"])
             )
             outcome[memory_type] = "created"
         except PyMongoError as exc:

@@ -13,7 +13,9 @@ from collections.abc import Iterable
 import redis
 
 from memq import keys
-from workers.redis_conn import cache_redis
+from memq.cache_redis import cache_redis
+from memq.errors import TransientError
+from memq.workers.metrics import VERSION_BUMP_FAILURES
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +31,18 @@ def read_versions(memory_id: str, memory_types: Iterable[str]) -> dict[str, int]
 
 
 def bump_versions(memory_id: str, memory_types: Iterable[str]) -> None:
-    """Called after a write has been acknowledged by MongoDB. Raises on Redis errors: a write whose
-    invalidation failed must be retried, or caches would serve stale memories."""
-    client = cache_redis.get()
-    pipe = client.pipeline(transaction=False)
-    for t in memory_types:
-        pipe.incr(keys.tenant_version(memory_id, t))
-    pipe.execute()
+    """Called after a write has been acknowledged by MongoDB. A Redis error is a ``TransientError``, so the
+    store / forget task retries (the write is idempotent): a write whose invalidation failed must not pass
+    for done, or every cache would go on serving the tenant's data from before it."""
+    names = list(memory_types)
+    try:
+        pipe = cache_redis.get().pipeline(transaction=False)
+        for t in names:
+            pipe.incr(keys.tenant_version(memory_id, t))
+        pipe.execute()
+    except (redis.RedisError, OSError) as exc:
+        VERSION_BUMP_FAILURES.inc()
+        raise TransientError(
+            f"the write reached MongoDB but the data version of {', '.join(names)} could not be bumped in Redis "
+            f"({exc}); until it is, caches may serve this tenant's memories from before the write"
+        ) from exc

@@ -1,6 +1,6 @@
 """The API a web app calls. Import-light: no torch, no pymongo, no worker code.
 
-    from tasks.client import retrieve, aretrieve, remember, forget
+    from memq.client import retrieve, aretrieve, remember, forget
 
 Every call checks its input before anything is sent (``InvalidInput`` names the field), and waits at
 most ``timeout_s`` (``RetrievalTimeout``). ``aretrieve``/``aremember`` never block the event loop.
@@ -26,20 +26,19 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
-from config import get_settings
-from config.settings import Settings
-from memq import result_cache
+from memq import names, result_cache
+from memq.app import app
+from memq.canvas import remember_canvas, retrieval_canvas
 from memq.errors import MemqError, RetrievalTimeout, TaskFailed, TransientError
-from memq.requests import forget_request, remember_request, retrieval_request, with_cache
-from tasks import names
-from tasks.app import app
-from tasks.canvas import remember_canvas, retrieval_canvas
-from tasks.waiting import ResultWaiter
+from memq.requests import RetrievalRequest, forget_request, remember_request, retrieval_request, with_cache
+from memq.settings import Settings, get_settings
+from memq.waiting import ResultWaiter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 ASYNC_THREADS = 64
 INGEST_TIMEOUT_S = 300.0
+CONNECTION_ERRORS = (OperationalError, RedisError, OSError)
 RESULT_STORE_OUTAGE = "result backend unavailable: Celery could not reconnect to the result store"
 
 _executor: ThreadPoolExecutor | None = None
@@ -53,10 +52,16 @@ def retrieve(
     weights: dict[str, float] | None = None,
     timeout_s: float | None = None,
     strategy: str | None = None,
+    mode: str | None = None,
+    filters: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Relevant memories of each requested type, ranked; see the README for the result's shape."""
+    """Relevant memories of each requested type, ranked; see the README for the result's shape.
+
+    ``mode``: ``hybrid`` (default: BM25 and cosine fused), ``vector`` or ``lexical``. ``filters``: ``tags`` (with
+    ``tags_match`` ``any`` (default) or ``all``), ``created_after``, ``created_before``, ``role``; applied in
+    the search, before its top k."""
     settings = get_settings()
-    request = retrieval_request(settings, query, memory_id, limits, weights, timeout_s, strategy)
+    request = retrieval_request(settings, query, memory_id, limits, weights, timeout_s, strategy, mode, filters)
     found = result_cache.lookup(settings, request)
     if found.outcome == "wait":
         found = result_cache.wait(settings, request, found)
@@ -68,7 +73,7 @@ def retrieve(
     return _run_chord(settings, request, found)
 
 
-def _run_chord(settings: Settings, request: dict[str, Any], found: result_cache.Lookup) -> dict[str, Any]:
+def _run_chord(settings: Settings, request: RetrievalRequest, found: result_cache.Lookup) -> dict[str, Any]:
     """The chord, under the cache key when there is one (``memq.merge`` fills it); ``timings_ms`` gets the
     cache's share."""
     if found.cache_key is not None:
@@ -108,7 +113,8 @@ def forget(
     return _wait(result, timeout_s, what="forget")
 
 
-def create_indexes(dimensions: int = 384, timeout_s: float = 120.0) -> dict[str, Any]:
+def create_indexes(dimensions: int | None = None, timeout_s: float = 120.0) -> dict[str, Any]:
+    """Create memq's indexes (idempotent); ``dimensions``: the vector index's, by default the model's."""
     result = _send(lambda: app.send_task(names.CREATE_INDEXES, args=(dimensions,), queue=names.INGEST_QUEUE))
     return _wait(result, timeout_s, what="create_indexes")
 
@@ -139,7 +145,7 @@ def _send(send: Callable[[], AsyncResult]) -> AsyncResult:
     except (OperationalError, RedisError, OSError) as exc:
         raise TransientError(f"broker unavailable: {exc}") from exc
     except RuntimeError as exc:
-        if _is_result_store_outage(exc):
+        if is_result_store_outage(exc):
             raise TransientError(RESULT_STORE_OUTAGE) from exc
         raise
 
@@ -154,7 +160,7 @@ def _wait(result: AsyncResult, timeout_s: float, what: str) -> dict[str, Any]:
     except MemqError:
         raise  # InvalidInput from a worker arrives rebuilt as itself, its field intact
     except Exception as exc:
-        if isinstance(exc, RuntimeError) and _is_result_store_outage(exc):
+        if is_result_store_outage(exc):
             raise TransientError(RESULT_STORE_OUTAGE) from exc
         raise TaskFailed(f"{type(exc).__name__}: {exc}") from exc
     else:
@@ -163,7 +169,8 @@ def _wait(result: AsyncResult, timeout_s: float, what: str) -> dict[str, Any]:
         return payload
 
 
-def _is_result_store_outage(exc: RuntimeError) -> bool:
-    """Celery's Redis result consumer gives up reconnecting with a bare ``RuntimeError``; the next call in the
-    same process reconnects, so to the caller this is a transient outage, not a crash."""
-    return "result store" in str(exc)
+def is_result_store_outage(exc: BaseException) -> bool:
+    """Celery's result consumer gives up reconnecting with a bare ``RuntimeError`` raised from the connection
+    error (``celery.backends.asynchronous``); the next call in the same process reconnects, so to the caller
+    this is a transient outage, not a crash. Recognised by its cause, never by its text."""
+    return isinstance(exc, RuntimeError) and isinstance(exc.__cause__, CONNECTION_ERRORS)

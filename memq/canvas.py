@@ -8,11 +8,12 @@ from typing import Any
 from celery import chain, chord
 from celery.canvas import Signature
 
-from tasks import names
-from tasks.app import app
+from memq import names
+from memq.app import app
+from memq.requests import RetrievalRequest
 
 
-def retrieval_canvas(request: dict[str, Any]) -> Signature:
+def retrieval_canvas(request: RetrievalRequest) -> Signature:
     """``embed(query) | group(search(type) for type in limits) | merge``: the query is embedded once,
     each type is searched in parallel on the search queue, and merge ranks the union."""
     expires = datetime.fromtimestamp(request["deadline_ts"], tz=UTC)
@@ -20,7 +21,13 @@ def retrieval_canvas(request: dict[str, Any]) -> Signature:
         app.signature(
             names.SEARCH,
             args=(request["memory_id"], memory_type, request["candidates"][memory_type]),
-            kwargs={"strategy": request["strategy"], "deadline_ts": request["deadline_ts"]},
+            kwargs={
+                "strategy": request["strategy"],
+                "deadline_ts": request["deadline_ts"],
+                "query": request["query"],
+                "mode": request["mode"],
+                "filters": request["filters"],
+            },
             queue=names.SEARCH_QUEUE,
             expires=expires,
         )
@@ -45,14 +52,3 @@ def remember_canvas(request: dict[str, Any]) -> Signature:
         queue=names.INGEST_QUEUE,
     )
     return chain(embed, store)
-
-
-def floor_canvas(request: dict[str, Any]) -> Signature:
-    """The retrieval canvas's shape with a real embedding and no-op searches and merge: the floor a
-    retrieval can reach on this fleet (broker hops, chord bookkeeping, one forward pass)."""
-    noops = [
-        app.signature(names.NOOP, args=(request["memory_id"], memory_type), queue=names.SEARCH_QUEUE)
-        for memory_type in request["limits"]
-    ]
-    embed = app.signature(names.EMBED_QUERY, args=(request["query"],), queue=names.EMBED_QUEUE)
-    return chain(embed, chord(noops, app.signature(names.NOOP, queue=names.SEARCH_QUEUE)))

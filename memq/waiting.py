@@ -16,7 +16,6 @@ process keeps working as before: it never touches this backend.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from typing import Any
@@ -25,6 +24,8 @@ from celery import Celery, states
 from celery.backends.base import Backend
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
+
+from memq.process_local import ProcessLocal
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,9 @@ class ResultWaiter:
     def __init__(self, app: Celery) -> None:
         self._app = app
         self._lock = threading.Lock()  # SUBSCRIBE/UNSUBSCRIBE go out one at a time on the private connection
-        self._backend: Backend | None = None
-        self._pid: int | None = None
-        self._drain_thread: threading.Thread | None = None
+        # This process's private backend (built again after a fork) and its drain thread (started lazily).
+        self._backend: ProcessLocal[Backend] = ProcessLocal(app._get_backend)  # a new instance, not the app's
+        self._drain_thread: ProcessLocal[threading.Thread] = ProcessLocal(self._start_draining)
 
     def wait(self, sent: AsyncResult, timeout_s: float) -> Any:
         """The task's return value; raises its exception, or that of an earlier step of its chain that failed,
@@ -52,7 +53,7 @@ class ResultWaiter:
                 ended.set()
 
         with self._lock:
-            backend = self._process_backend()
+            backend = self._backend.get()
             last = AsyncResult(sent.id, backend=backend, app=self._app)
             earlier = [AsyncResult(step.id, backend=backend, app=self._app) for step in _earlier_steps(sent)]
             last.then(lambda _: ended.set())
@@ -60,7 +61,7 @@ class ResultWaiter:
                 step.then(on_earlier_step)
             # After the first SUBSCRIBE: the consumer has its pub/sub connection, so the drain thread blocks on
             # it instead of sleeping a whole drain timeout on a consumer that has none yet.
-            self._ensure_draining(backend)
+            self._drain_thread.get()
         try:
             self._read_once(backend, [last, *earlier])
             if not ended.wait(timeout_s):
@@ -84,20 +85,12 @@ class ResultWaiter:
                 if meta["status"] in states.READY_STATES:
                     backend.result_consumer.on_state_change(meta, None)
 
-    def _process_backend(self) -> Backend:
-        """This process's private backend (built again after a fork)."""
-        if self._backend is None or self._pid != os.getpid():
-            self._backend = self._app._get_backend()  # a new instance, not the app's thread-local one
-            self._pid = os.getpid()
-            self._drain_thread = None
-        return self._backend
-
-    def _ensure_draining(self, backend: Backend) -> None:
-        if self._drain_thread is None:
-            self._drain_thread = threading.Thread(
-                target=self._drain_forever, args=(backend,), name="memq-result-drain", daemon=True
-            )
-            self._drain_thread.start()
+    def _start_draining(self) -> threading.Thread:
+        thread = threading.Thread(
+            target=self._drain_forever, args=(self._backend.get(),), name="memq-result-drain", daemon=True
+        )
+        thread.start()
+        return thread
 
     @staticmethod
     def _drain_forever(backend: Backend) -> None:

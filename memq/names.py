@@ -43,3 +43,8 @@ ROUTES = {
     FORGET: INGEST_QUEUE,
     CREATE_INDEXES: INGEST_QUEUE,
 }
+
+# The inspect command every worker answers (``memq status`` broadcasts it; ``memq.workers.control`` registers it).
+INFO_COMMAND = "memq_info"
+# ``memq worker KIND`` exports the kind here; each worker kind builds its own resources from it.
+WORKER_KIND_ENV = "MEMQ_WORKER_KIND"

@@ -1,7 +1,7 @@
 """Typed settings, read from the environment (prefix ``MEMQ_``) once per process.
 
 Every field is documented in the README's configuration table; keep the two in step
-(``tests/test_settings.py`` checks that each field appears there).
+(``tests/test_units.py`` checks that each field appears there).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from memq.errors import ConfigError
+from memq.validation import MAX_CANDIDATES, MAX_LIMIT, MAX_OVERSAMPLE
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 SEARCH_STRATEGIES = ("auto", "exact", "vector_search")
@@ -29,9 +30,11 @@ class Settings:
     mongodb_timeout_ms: int = 3000
     embed_model: str = "all-MiniLM-L6-v2"
     embed_device: str = "auto"
+    embed_dimensions: int = 384  # the model's output; store and index creation check vectors against it
     embed_batch_size: int = 64
     search_strategy: str = "auto"
     vector_index: str = "memq_vector"
+    text_index: str = "memq_text"  # the Atlas Search index hybrid and lexical search use on Atlas
     num_candidates_factor: int = 20
     candidate_oversample: int = 3
     exact_cache_max_vectors: int = 2_000_000
@@ -71,7 +74,12 @@ class Settings:
             raise ConfigError(
                 f"MEMQ_SEARCH_STRATEGY must be one of {', '.join(SEARCH_STRATEGIES)}, got {self.search_strategy!r}"
             )
-        for name in ("mongodb_pool_size", "embed_batch_size", "num_candidates_factor", "candidate_oversample"):
+        if not 1 <= self.candidate_oversample <= MAX_OVERSAMPLE:
+            raise ConfigError(
+                f"MEMQ_CANDIDATE_OVERSAMPLE must be in 1..{MAX_OVERSAMPLE}, got {self.candidate_oversample}: "
+                f"a limit of {MAX_LIMIT} times it must fit in the {MAX_CANDIDATES} candidates one search returns"
+            )
+        for name in ("mongodb_pool_size", "embed_batch_size", "embed_dimensions", "num_candidates_factor"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"MEMQ_{name.upper()} must be >= 1")
         if self.recency_half_life_s <= 0:

@@ -1,0 +1,59 @@
+"""The process's Redis client for caches and tenant data versions (not the broker's connection), with one
+timeout policy and one circuit breaker for everything that treats Redis as optional.
+
+- ``cache_redis``: built on first use in each process (rebuilt after fork) from ``MEMQ_REDIS_URL`` (or the
+  broker's URL), with ``SOCKET_TIMEOUT_S`` for connecting and for each reply: a cache that is slow to
+  answer costs a caller at most that, then the caller goes on without it.
+- ``Breaker``: after a Redis error a cache is left alone for ``RETRY_AFTER_S``, so a dead Redis costs
+  nothing per call; the result cache and the embedding cache each hold one. Tenant data versions use no
+  breaker: a write whose version bump fails must be retried (``bump_versions`` raises ``TransientError``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import redis
+
+from memq.process_local import ProcessLocal
+from memq.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+SOCKET_TIMEOUT_S = 0.25
+RETRY_AFTER_S = 1.0
+HEALTH_CHECK_INTERVAL_S = 30
+
+
+def connect(url: str) -> redis.Redis:
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=SOCKET_TIMEOUT_S,
+        health_check_interval=HEALTH_CHECK_INTERVAL_S,
+    )
+
+
+cache_redis: ProcessLocal[redis.Redis] = ProcessLocal(
+    lambda: connect(get_settings().cache_redis_url), close=lambda client: client.close()
+)
+
+
+class Breaker:
+    """Open (skip the cache) for ``retry_after_s`` after each failure; closed again by itself."""
+
+    def __init__(self, name: str, retry_after_s: float = RETRY_AFTER_S) -> None:
+        self.name = name
+        self.retry_after_s = retry_after_s
+        self._open_until = 0.0
+
+    def is_open(self) -> bool:
+        return time.monotonic() < self._open_until
+
+    def trip(self, exc: BaseException) -> None:
+        self._open_until = time.monotonic() + self.retry_after_s
+        log.warning("%s unavailable (%s); going on without it for the next %g s", self.name, exc, self.retry_after_s)
+
+    def reset(self) -> None:
+        self._open_until = 0.0
