@@ -8,9 +8,11 @@ pass its path; never commit it to this repository.
     python -m bench.locomo_bench --data PATH/locomo10.zip                                           # full run
     python -m bench.locomo_bench --data PATH/locomo10.zip --limit-conversations 1 --limit-questions 30  # quick
 
-Each conversation is one tenant; each turn one ``conversation_memory`` (``memory_text``). Every question with
+Each conversation is one tenant; each turn one ``conversation_memory``: ``content`` is ``"Speaker: text"``,
+``context`` (indexed lexically only) its photo caption and the turn before it (``context_text``). Every question with
 evidence (category 5, adversarial, left out) is asked of memq in each mode (hybrid, vector, lexical) and of
-(a) brute-force MiniLM cosine and (b) plain BM25 (``bm25s`` defaults, English stopwords, no stemmer).
+(a) brute-force MiniLM cosine over the contents and (b) plain BM25 (``bm25s`` defaults, English stopwords, no
+stemmer) over contents and contexts, the same text memq's BM25 sees.
 """
 
 from __future__ import annotations
@@ -74,11 +76,17 @@ def session_date(text: str) -> str:
 
 
 def memory_text(turn: dict[str, Any]) -> str:
-    """What a turn is stored (and baselines index) as."""
-    text = f"{turn['speaker']}: {turn['text']}"
-    if turn.get("blip_caption"):
-        text += f" [shares a photo of {turn['blip_caption']}]"
-    return text
+    """A turn's ``content``: what is embedded, returned and indexed."""
+    return f"{turn['speaker']}: {turn['text']}"
+
+
+def context_text(turn: dict[str, Any], previous: dict[str, Any] | None) -> str:
+    """A turn's ``context``, text its writer supplies beside it (indexed lexically only): the photo it shares, and
+    the turn before it in the same session."""
+    parts = [f"[photo: {turn['blip_caption']}]"] if turn.get("blip_caption") else []
+    if previous is not None:
+        parts.append(f"[previous: {memory_text(previous)} {context_text(previous, None)}]")
+    return " ".join(parts)
 
 
 def evidence_ids(raw: list[str], known: set[str]) -> tuple[list[str], int]:
@@ -94,9 +102,19 @@ def conversation(name: str, sample: dict[str, Any], dropped: Counter[str], limit
     sessions = sorted((int(m.group(1)), k) for k in conv if (m := SESSION_KEY.fullmatch(k)))
     for _, key in sessions:
         created_at = session_date(conv[f"{key}_date_time"])
+        previous = None
         for turn in conv[key]:
-            text = memory_text(turn)
-            out.items.append({"id": turn["dia_id"], "content": text, "created_at": created_at, "role": turn["speaker"]})
+            item = {
+                "id": turn["dia_id"],
+                "content": memory_text(turn),
+                "created_at": created_at,
+                "role": turn["speaker"],
+            }
+            context = context_text(turn, previous)
+            if context:
+                item["context"] = context
+            out.items.append(item)
+            previous = turn
     known = {item["id"] for item in out.items}
     for qa in sample.get("qa", []):
         if qa.get("category") == 5:
@@ -157,13 +175,14 @@ def run_baselines(convs: list[Conversation]) -> dict[str, dict[str, list[list[st
     for conv in convs:
         ids = [item["id"] for item in conv.items]
         texts = [item["content"] for item in conv.items]
+        indexed = [f"{item['content']} {item.get('context', '')}" for item in conv.items]  # what memq's BM25 sees
         questions = [q for q, _ in conv.questions]
         k = min(K, len(texts))
         similarity = embedder.encode(questions) @ embedder.encode(texts).T
         top = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
         out["minilm_cosine"][conv.name] = [[ids[i] for i in row] for row in top]
         index = bm25s.BM25()
-        index.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+        index.index(bm25s.tokenize(indexed, stopwords="en", show_progress=False), show_progress=False)
         docs, _ = index.retrieve(
             bm25s.tokenize(questions, stopwords="en", show_progress=False), k=k, show_progress=False
         )
