@@ -38,6 +38,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "task_track_started": False,
+        # Every task message passes memq's guard first: a malformed one is dead-lettered, never fatal. A web
+        # process never builds a consumer, so it never imports this.
+        "worker_consumer": "memq.workers.guard:GuardedConsumer",
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
     }

@@ -11,11 +11,14 @@ Nothing here imports torch; pymongo is imported only to ping MongoDB.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import redis
 from kombu.utils.url import maybe_sanitize_url
 
-from memq import names
+from memq import keys, names
+from memq.cache_redis import cache_redis
 from memq.settings import Settings, get_settings
 
 STATUS_TIMEOUT_S = 1.0
@@ -37,7 +40,34 @@ def collect_status(settings: Settings | None = None, timeout_s: float = STATUS_T
         for queue in names.QUEUES
     }
     ok = redis_state["reachable"] and mongo_state["reachable"] and all(q["workers"] for q in queues.values())
-    return {"ok": ok, "redis": redis_state, "mongodb": mongo_state, "queues": queues, "workers": workers}
+    dead = dead_letter_count() if redis_state["reachable"] else None
+    return {
+        "ok": ok,
+        "redis": redis_state,
+        "mongodb": mongo_state,
+        "queues": queues,
+        "workers": workers,
+        "dead_letters": dead,
+    }
+
+
+def dead_letters(limit: int = 100) -> list[dict[str, Any]]:
+    """The newest ``limit`` messages the workers quarantined (``memq.workers.guard``)."""
+    return [json.loads(raw) for raw in cache_redis.get().lrange(keys.DEAD_LETTERS, 0, max(0, limit - 1))]
+
+
+def dead_letter_count() -> int | None:
+    try:
+        return int(cache_redis.get().llen(keys.DEAD_LETTERS))
+    except (redis.RedisError, OSError):
+        return None
+
+
+def purge_dead_letters() -> int:
+    pipe = cache_redis.get().pipeline(transaction=True)
+    pipe.llen(keys.DEAD_LETTERS)
+    pipe.delete(keys.DEAD_LETTERS)
+    return int(pipe.execute()[0])
 
 
 def redis_reachability(url: str, timeout_s: float) -> dict[str, Any]:
@@ -119,6 +149,8 @@ def format_status(status: dict[str, Any]) -> str:
         ["WORKER", "KIND", "QUEUES", "POOL", "ACTIVE", "MODEL", "DEVICE", "DIM"],
         [_worker_row(hostname, info) for hostname, info in status["workers"].items()] or [["(none)"] + [""] * 7],
     )
+    lines.append("")
+    lines.append(f"  dead letters: {_text(status.get('dead_letters'))} (memq dead-letters lists them)")
     return "\n".join(lines)
 
 

@@ -1,0 +1,175 @@
+"""Raw, malformed messages on memq's queues, published as a hostile or buggy producer with broker access would:
+the worker stays alive, the message is dead-lettered with its reason, nothing is left queued or unacknowledged."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+import redis
+
+from memq import client, keys, names, services
+from memq.errors import RetrievalTimeout, TransientError
+
+pytestmark = pytest.mark.usefixtures("fleet")
+DEEP = 100_000
+
+
+@pytest.fixture
+def broker() -> redis.Redis:
+    return redis.Redis.from_url(os.environ["MEMQ_BROKER_URL"])
+
+
+@pytest.fixture(autouse=True)
+def empty_dead_letters(broker: redis.Redis) -> Iterator[None]:
+    broker.delete(keys.DEAD_LETTERS)
+    yield
+    broker.delete(keys.DEAD_LETTERS)
+
+
+def envelope(queue: str, headers: Any, body: bytes, content_type: str = "application/json") -> dict[str, Any]:
+    """What kombu's Redis transport pushes onto a queue's list."""
+    return {
+        "body": base64.b64encode(body).decode(),
+        "content-encoding": "utf-8",
+        "content-type": content_type,
+        "headers": headers,
+        "properties": {
+            "correlation_id": str(uuid.uuid4()),
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": queue, "routing_key": queue},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+
+
+def good_headers(task: str = names.NOOP) -> dict[str, Any]:
+    return {"id": str(uuid.uuid4()), "task": task, "lang": "py", "argsrepr": "()", "kwargsrepr": "{}"}
+
+
+def publish(broker: redis.Redis, queue: str, message: dict[str, Any] | str) -> None:
+    broker.lpush(queue, message if isinstance(message, str) else json.dumps(message))
+
+
+def deep_header_envelope(queue: str) -> str:
+    """An envelope whose header nests 100,000 lists deep: kombu's own JSON encoder could not even write it."""
+    marker = '"__deep__"'
+    text = json.dumps(envelope(queue, {**good_headers(), "x": "__deep__"}, b"[[], {}, {}]"))
+    return text.replace(marker, "[" * DEEP + "]" * DEEP)
+
+
+BAD_BODIES = [b"[1]", b'{"a": 1}', b"null", b"5", b'"abc"', b"[[], {}]", b"\xff\xfe not json"]
+BAD_HEADERS = [
+    {"task": names.NOOP},
+    {"id": None, "task": names.NOOP},
+    {"id": 5, "task": names.NOOP},
+    {"id": str(uuid.uuid4())},
+    {"id": str(uuid.uuid4()), "task": 5},
+    {"id": str(uuid.uuid4()), "task": ["memq.noop"]},
+    {"id": str(uuid.uuid4()), "task": "memq.no_such_task"},
+    {**good_headers(), "timelimit": 7},
+    {**good_headers(), "retries": "many"},
+]
+
+
+def poison(queue: str) -> list[str]:
+    messages = [json.dumps(envelope(queue, good_headers(), body)) for body in BAD_BODIES]
+    messages += [json.dumps(envelope(queue, headers, b"[[], {}, {}]")) for headers in BAD_HEADERS]
+    return [*messages, deep_header_envelope(queue)]
+
+
+def wait_for(check: Any, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def unacked_of(broker: redis.Redis, queue: str) -> int:
+    """Messages of ``queue`` a worker holds unacknowledged (kombu's Redis transport keeps them in a hash)."""
+    held = broker.hvals("unacked")
+    return sum(1 for raw in held if json.loads(raw)[2] == queue) if held else 0
+
+
+@pytest.mark.parametrize("queue", names.QUEUES)
+def test_every_malformed_message_is_dead_lettered_and_the_worker_keeps_serving(
+    queue: str, broker: redis.Redis, fleet: services.Fleet, tenant: str
+) -> None:
+    messages = poison(queue)
+    for message in messages:
+        publish(broker, queue, message)
+
+    wait_for(lambda: broker.llen(keys.DEAD_LETTERS) >= len(messages))
+
+    assert broker.llen(queue) == 0 and unacked_of(broker, queue) == 0
+    assert all(process.poll() is None for process in fleet.workers.values())
+    letters = [json.loads(raw) for raw in broker.lrange(keys.DEAD_LETTERS, 0, -1)]
+    reasons = {letter["reason"] for letter in letters}
+    assert reasons == {"bad_body", "undecodable", "bad_headers", "unknown_task", "undecodable_envelope"}
+    client.remember(tenant, "semantic", ["keeps bees in the garden"])
+    assert client.retrieve("bees", tenant, {"semantic": 1})["results"]["long_term_memory"]
+
+
+def test_a_message_redelivered_past_the_limit_is_dead_lettered_instead_of_run(broker: redis.Redis) -> None:
+    headers = {**good_headers(), "redelivered": True}
+    limit = int(os.environ.get("MEMQ_MAX_DELIVERIES", "5"))
+    for _ in range(limit):  # deliveries 2..limit+1 of the same message
+        message = envelope(names.SEARCH_QUEUE, headers, b'[["x", "y"], {}, {}]')
+        message["properties"]["delivery_info"]["redelivered"] = True
+        publish(broker, names.SEARCH_QUEUE, message)
+
+    wait_for(lambda: broker.llen(keys.DEAD_LETTERS) >= 1 and broker.llen(names.SEARCH_QUEUE) == 0)
+
+    letters = [json.loads(raw) for raw in broker.lrange(keys.DEAD_LETTERS, 0, -1)]
+    assert [letter["reason"] for letter in letters] == ["too_many_deliveries"]
+    assert f"delivered {limit + 1} times" in letters[0]["detail"]
+
+
+def test_poison_on_the_search_queue_under_load_never_hangs_a_retrieval(broker: redis.Redis, tenant: str) -> None:
+    client.remember(tenant, "semantic", ["runs a small bakery", "plays the cello", "grows chillies"])
+
+    def one(i: int) -> str:
+        try:
+            result = client.retrieve(f"hobby number {i}", tenant, {"semantic": 2}, timeout_s=20)
+        except (RetrievalTimeout, TransientError) as exc:
+            return type(exc).__name__
+        return "complete" if len(result["results"]["long_term_memory"]) == 2 else "reported"
+
+    with ThreadPoolExecutor(16) as pool:
+        outcomes = pool.map(one, range(48))
+        for message in (poison(names.SEARCH_QUEUE) * 4)[:64]:
+            publish(broker, names.SEARCH_QUEUE, message)
+        seen = list(outcomes)
+
+    assert seen.count("complete") == len(seen)
+    wait_for(lambda: broker.llen(names.SEARCH_QUEUE) == 0)
+
+
+def test_dead_letters_are_listed_counted_and_purged_by_the_cli(broker: redis.Redis) -> None:
+    publish(broker, names.INGEST_QUEUE, envelope(names.INGEST_QUEUE, good_headers(), b"[1]"))
+    wait_for(lambda: broker.llen(keys.DEAD_LETTERS) == 1)
+
+    def cli(*args: str) -> dict[str, Any]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "memq.cli", *args, "--json"], capture_output=True, text=True, timeout=60
+        )
+        assert proc.stdout, proc.stderr
+        return json.loads(proc.stdout)
+
+    status = cli("status")
+    listed = cli("dead-letters", "--purge")
+
+    assert status["dead_letters"] == 1
+    assert listed["dead_letters"][0]["reason"] == "bad_body" and listed["dead_letters"][0]["queue"] == "ingest"
+    assert listed["purged"] == 1 and broker.llen(keys.DEAD_LETTERS) == 0

@@ -1,0 +1,235 @@
+"""Poison-message quarantine: a message a worker cannot run never kills, stalls or loops it.
+
+Every task message a memq worker receives first passes ``check``: the shape of Celery's protocol 2 (headers
+``id`` and ``task`` non-empty strings naming a registered task; a body that decodes to ``[args: list, kwargs:
+dict, embed: dict]``; the headers Celery's ``Request`` unpacks — ``timelimit``, ``retries``, ``eta``, ``expires``,
+``shadow`` — of the types it expects), and a delivery limit: a message the broker has redelivered
+``MEMQ_MAX_DELIVERIES`` times (a worker died or lost its connection with it, again and again) is not run again.
+A message that fails the check, or that still makes Celery's handler raise, is acknowledged and recorded in the
+dead-letter list instead (``record``), counted in ``memq_dead_letters_total{queue,reason}``, listed by ``memq
+dead-letters`` and ``memq status``. What a task does with well-formed arguments is the task's business: its own
+checks answer bad values with ``InvalidInput``.
+
+Hooked in through Celery's documented extension points: ``GuardedConsumer`` is the worker's consumer class
+(setting ``worker_consumer``), and ``GuardedRedisTransport`` (setting ``broker_transport``, worker processes only)
+catches an envelope the transport cannot even decode (a 100,000-deep JSON header exhausts the decoder's stack).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import reprlib
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery.worker.consumer import Consumer
+from kombu.transport import redis as kombu_redis
+
+from memq import keys
+from memq.cache_redis import cache_redis
+from memq.settings import get_settings
+from memq.workers.metrics import DEAD_LETTERS
+
+log = logging.getLogger(__name__)
+
+BODY_PREVIEW_CHARS = 256
+HEADERS_PREVIEW_CHARS = 512
+DELIVERY_COUNT_TTL_S = 24 * 3600
+EMBED_LISTS = ("callbacks", "errbacks", "chain")
+
+
+@dataclass(frozen=True)
+class Problem:
+    reason: str  # a short, fixed code: the metric's label
+    detail: str  # what exactly, for the operator
+
+
+def check(message: Any, registered: Mapping[str, Any]) -> Problem | None:
+    """Why this message must not run, or ``None``."""
+    headers = message.headers
+    if not isinstance(headers, dict):
+        return Problem("bad_headers", f"headers are {type(headers).__name__}, not an object")
+    for name in ("id", "task"):
+        if not isinstance(headers.get(name), str) or not headers[name]:
+            return Problem("bad_headers", f"header {name!r} is missing or not a non-empty string")
+    if headers["task"] not in registered:
+        return Problem("unknown_task", f"no task named {headers['task'][:200]!r}")
+    problem = _check_request_headers(headers)
+    if problem is not None:
+        return problem
+    try:
+        body = message.decode()
+    except Exception as exc:  # kombu's decoders raise many kinds; all mean "cannot be read"
+        return Problem("undecodable", f"{type(exc).__name__}: {str(exc)[:200]}")
+    return _check_body(body)
+
+
+def _check_request_headers(headers: dict[str, Any]) -> Problem | None:
+    timelimit = headers.get("timelimit")
+    if timelimit is not None and not (
+        isinstance(timelimit, list | tuple)
+        and len(timelimit) == 2
+        and all(limit is None or (_is_number(limit) and limit >= 0) for limit in timelimit)
+    ):
+        return Problem("bad_headers", "header 'timelimit' is not [soft, hard] seconds")
+    if headers.get("retries") is not None and not (
+        isinstance(headers["retries"], int) and not isinstance(headers["retries"], bool)
+    ):
+        return Problem("bad_headers", "header 'retries' is not an integer")
+    if headers.get("shadow") is not None and not isinstance(headers["shadow"], str):
+        return Problem("bad_headers", "header 'shadow' is not a string")
+    for name in ("eta", "expires"):
+        if headers.get(name) is not None and not isinstance(headers[name], str):
+            return Problem("bad_headers", f"header {name!r} is not an ISO-8601 string")
+    return None
+
+
+def _check_body(body: Any) -> Problem | None:
+    if not (isinstance(body, list | tuple) and len(body) == 3):
+        return Problem("bad_body", f"body is not [args, kwargs, embed]: {type(body).__name__}")
+    args, kwargs, embed = body
+    if not isinstance(args, list | tuple) or not isinstance(kwargs, dict) or not isinstance(embed, dict):
+        return Problem("bad_body", "body is not [list, object, object]")
+    if not all(isinstance(name, str) for name in kwargs):
+        return Problem("bad_body", "kwargs has a key that is not a string")
+    for name in EMBED_LISTS:
+        if embed.get(name) is not None and not isinstance(embed[name], list | tuple):
+            return Problem("bad_body", f"embed {name!r} is not a list")
+    if embed.get("chord") is not None and not isinstance(embed["chord"], dict):
+        return Problem("bad_body", "embed 'chord' is not an object")
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def over_delivery_limit(message: Any, client: redis.Redis, max_deliveries: int) -> Problem | None:
+    """Counts redeliveries (the broker flags them) per task id; the first delivery costs nothing."""
+    info = message.delivery_info or {}
+    if not (info.get("redelivered") or (message.headers or {}).get("redelivered")):
+        return None
+    key = keys.delivery_count(str(message.headers["id"]))
+    try:
+        pipe = client.pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, DELIVERY_COUNT_TTL_S)
+        redeliveries = int(pipe.execute()[0])
+    except (redis.RedisError, OSError) as exc:
+        log.warning("delivery count unavailable (%s); running the redelivered message", exc)
+        return None
+    deliveries = redeliveries + 1
+    if deliveries > max_deliveries:
+        return Problem("too_many_deliveries", f"delivered {deliveries} times (MEMQ_MAX_DELIVERIES={max_deliveries})")
+    return None
+
+
+def queue_of(message: Any) -> str:
+    info = getattr(message, "delivery_info", None) or {}
+    return str(info.get("routing_key") or info.get("exchange") or "unknown")[:100]
+
+
+def entry(queue: str, problem: Problem, headers: Any, body: Any) -> dict[str, Any]:
+    """One dead letter: where it came from, why, and enough of it to find its producer (never all of it)."""
+    return {
+        "queue": queue,
+        "reason": problem.reason,
+        "detail": problem.detail,
+        "headers": _preview(headers, HEADERS_PREVIEW_CHARS),
+        "body": _preview(body, BODY_PREVIEW_CHARS),
+        "at": time.time(),
+    }
+
+
+def _preview(value: Any, limit: int) -> str:
+    if isinstance(value, bytes | bytearray | memoryview):
+        text = bytes(value[: limit * 4]).decode("utf-8", errors="replace")
+    elif isinstance(value, str):
+        text = value
+    else:
+        text = _SHORT_REPR.repr(value)  # bounded depth and length: safe on a hostile structure
+    return text[:limit]
+
+
+def _short_repr() -> reprlib.Repr:
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 4, 80, 80
+    short.maxlist = short.maxdict = short.maxtuple = 8
+    return short
+
+
+_SHORT_REPR = _short_repr()
+
+
+def record(client: redis.Redis, letter: dict[str, Any], max_entries: int) -> None:
+    """Newest first, at most ``max_entries`` kept. A Redis error is logged: the message is dropped all the same,
+    because keeping it would loop."""
+    DEAD_LETTERS.labels(queue=letter["queue"], reason=letter["reason"]).inc()
+    log.error("dead-lettered a message from %s: %s (%s)", letter["queue"], letter["reason"], letter["detail"])
+    try:
+        pipe = client.pipeline(transaction=False)
+        pipe.lpush(keys.DEAD_LETTERS, json.dumps(letter, separators=(",", ":")))
+        pipe.ltrim(keys.DEAD_LETTERS, 0, max_entries - 1)
+        pipe.execute()
+    except (redis.RedisError, OSError) as exc:
+        log.error("dead-letter list unavailable (%s); the message was dropped", exc)
+
+
+class GuardedConsumer(Consumer):
+    """Celery's consumer, with ``check`` and the delivery limit in front of every task message."""
+
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:
+        handle = super().create_task_handler(*args, **kwargs)
+        settings = get_settings()
+
+        def on_task_received(message: Any) -> Any:
+            problem = check(message, self.app.tasks) or over_delivery_limit(
+                message, cache_redis.get(), settings.max_deliveries
+            )
+            if problem is not None:
+                return self._quarantine(message, problem)
+            try:
+                return handle(message)
+            except self.connection_errors:
+                raise  # the connection's trouble, not the message's: Celery reconnects
+            except Exception as exc:
+                return self._quarantine(message, Problem("handler_error", f"{type(exc).__name__}: {exc}"[:300]))
+
+        return on_task_received
+
+    def _quarantine(self, message: Any, problem: Problem) -> None:
+        """Record, then acknowledge: whatever fails here is logged, never raised into the consumer."""
+        try:
+            letter = entry(queue_of(message), problem, message.headers, message.body)
+            record(cache_redis.get(), letter, get_settings().dead_letter_max)
+        except Exception:
+            log.exception("could not record a dead letter (%s); dropping the message", problem.reason)
+        try:
+            message.ack()
+        except self.connection_errors:
+            raise  # not acknowledged: the broker redelivers it, and the delivery limit ends it
+        except Exception as exc:  # already acknowledged or rejected by Celery before it raised
+            log.warning("could not acknowledge a dead-lettered message (%s)", exc)
+
+
+class GuardedRedisChannel(kombu_redis.Channel):
+    """The Redis channel, except that an envelope which cannot be decoded is dead-lettered, not fatal."""
+
+    def _brpop_read(self, **options: Any) -> bool:
+        try:
+            return bool(super()._brpop_read(**options))
+        except (RecursionError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            try:
+                letter = entry("unknown", Problem("undecodable_envelope", type(exc).__name__), None, None)
+                record(cache_redis.get(), letter, get_settings().dead_letter_max)
+            except Exception:
+                log.exception("could not record an undecodable envelope; dropping it")
+            return True  # one message was consumed (and is dropped)
+
+
+class GuardedRedisTransport(kombu_redis.Transport):
+    Channel = GuardedRedisChannel
