@@ -209,7 +209,12 @@ def start_and_run(convs: list[Conversation], modes: list[str]) -> tuple[dict[str
     mongo_service = services.ensure_mongodb(os.environ.get("MEMQ_MONGODB_URI"))
     database = f"memq_locomo_{datetime.now(UTC):%Y%m%d_%H%M%S}_{os.getpid()}"
     env = services.memq_env(
-        os.environ, redis_service.url, mongo_service.url, MEMQ_MONGODB_DB=database, MEMQ_RESULT_CACHE_TTL_S="0"
+        os.environ,
+        redis_service.url,
+        mongo_service.url,
+        MEMQ_MONGODB_DB=database,
+        MEMQ_RESULT_CACHE_TTL_S="0",
+        MEMQ_EMBEDDING_CACHE_TTL_S="0",  # each mode embeds its query: modes are asked in turn, per question
     )
     os.environ.update(env)  # before memq's client is imported: it uses the same Redis and MongoDB
     fleet = services.Fleet(env)

@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from memq.client import aremember, aretrieve
+from memq import aremember, aretrieve
 from memq.errors import InvalidInput, MemqError, RetrievalTimeout, TaskFailed, TransientError
 
 app = FastAPI(title="memq example", version="1")

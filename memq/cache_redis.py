@@ -4,9 +4,9 @@ timeout policy and one circuit breaker for everything that treats Redis as optio
 - ``cache_redis``: built on first use in each process (rebuilt after fork) from ``MEMQ_REDIS_URL`` (or the
   broker's URL), with ``SOCKET_TIMEOUT_S`` for connecting and for each reply: a cache that is slow to
   answer costs a caller at most that, then the caller goes on without it.
-- ``Breaker``: after a Redis error a cache is left alone for ``RETRY_AFTER_S``, so a dead Redis costs
-  nothing per call; the result cache and the embedding cache each hold one. Tenant data versions use no
-  breaker: a write whose version bump fails must be retried (``bump_versions`` raises ``TransientError``).
+- ``breaker``: after a Redis error the caches (results, embeddings) leave Redis alone for ``RETRY_AFTER_S``, so
+  a dead Redis costs nothing per call. Tenant data versions do not use it: a write whose version bump fails
+  must be retried (``bump_versions`` raises ``TransientError``).
 """
 
 from __future__ import annotations
@@ -43,8 +43,7 @@ cache_redis: ProcessLocal[redis.Redis] = ProcessLocal(
 class Breaker:
     """Open (skip the cache) for ``retry_after_s`` after each failure; closed again by itself."""
 
-    def __init__(self, name: str, retry_after_s: float = RETRY_AFTER_S) -> None:
-        self.name = name
+    def __init__(self, retry_after_s: float = RETRY_AFTER_S) -> None:
         self.retry_after_s = retry_after_s
         self._open_until = 0.0
 
@@ -53,7 +52,10 @@ class Breaker:
 
     def trip(self, exc: BaseException) -> None:
         self._open_until = time.monotonic() + self.retry_after_s
-        log.warning("%s unavailable (%s); going on without it for the next %g s", self.name, exc, self.retry_after_s)
+        log.warning("cache Redis unavailable (%s); caching off for the next %g s", exc, self.retry_after_s)
 
     def reset(self) -> None:
         self._open_until = 0.0
+
+
+breaker = Breaker()  # one per process, for the one cache Redis

@@ -22,6 +22,9 @@ WORKER_DEFAULTS: dict[str, list[str]] = {
 }
 
 
+GUARDED_REDIS_TRANSPORT = "memq.workers.guard:GuardedRedisTransport"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["worker"]:
@@ -94,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_status)
 
+    p = sub.add_parser("dead-letters", help="messages the workers quarantined instead of running (newest first)")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--purge", action="store_true", help="empty the list (after showing it)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_dead_letters)
+
     p = sub.add_parser("flower", help="Flower for this app; basic auth from MEMQ_FLOWER_BASIC_AUTH")
     p.add_argument("--port", type=int, default=5555)
     p.add_argument("--address", default="0.0.0.0")
@@ -122,6 +131,9 @@ def run_worker(argv: list[str]) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from memq.app import app
 
+    # Worker processes only: envelopes the transport cannot decode are dead-lettered (memq.workers.guard).
+    if app.conf.broker_url.startswith(("redis://", "rediss://", "unix://")):
+        app.conf.broker_transport = GUARDED_REDIS_TRANSPORT
     args = ["worker", "-Q", kind, *WORKER_DEFAULTS[kind]]
     if not any(a in ("-n", "--hostname") or a.startswith("--hostname=") for a in extra):
         args += ["-n", f"{kind}@%h"]
@@ -166,7 +178,24 @@ def _is_number(text: str) -> bool:
     return True
 
 
+MAX_JSONL_DEPTH = 32  # levels of nesting in one JSONL line; the line's object is level 1
+
+
+def json_depth(value: Any) -> int:
+    """How deeply parsed JSON nests: a scalar is 0, ``{}`` and ``[]`` are 1, ``[[1]]`` is 2 (no recursion)."""
+    deepest = 0
+    pending = [(value, 1)]
+    while pending:
+        node, depth = pending.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, depth)
+            pending.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """One memory object per line; a line that is not JSON, not an object, or nested deeper than
+    ``MAX_JSONL_DEPTH`` is ``InvalidInput`` naming the line."""
     items = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -179,6 +208,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             item = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InvalidInput("file", f"line {number}: not JSON ({exc.msg})") from None
+        except RecursionError:  # json.loads of a line nested thousands deep
+            item = None
+            depth = MAX_JSONL_DEPTH + 1
+        else:
+            depth = json_depth(item)
+        if depth > MAX_JSONL_DEPTH:
+            raise InvalidInput("file", f"line {number}: nested deeper than {MAX_JSONL_DEPTH} levels")
         if not isinstance(item, dict):
             raise InvalidInput("file", f"line {number}: expected an object with 'content'")
         items.append(item)
@@ -192,14 +228,17 @@ def cmd_remember(args: argparse.Namespace) -> int:
 
     items: list[Any] = read_jsonl(args.file) if args.file else [{"content": args.text}]
     result = remember(args.memory_id, args.memory_type, items)
+    failed = result.get("failed") or []
     if args.json:
         print(json.dumps(result))
     else:
         print(
-            f"stored {len(result['ids'])} memories in {result['type']} "
+            f"stored {len(result['ids']) - len(failed)} memories in {result['type']} "
             f"({result['inserted']} new, {result['updated']} updated) for {result['memory_id']}"
         )
-    return 0
+        for entry in failed:
+            print(f"memq: not written: item {entry['index']} ({entry['reason']})", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:
@@ -261,6 +300,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     status = collect_status(timeout_s=args.timeout_s)
     print(json.dumps(status) if args.json else format_status(status))
     return 0 if status["ok"] else 1
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    from memq.status import dead_letters, purge_dead_letters
+
+    letters = dead_letters(limit=args.limit)
+    purged = purge_dead_letters() if args.purge else None
+    if args.json:
+        print(json.dumps({"dead_letters": letters, "purged": purged}))
+        return 0
+    for letter in letters:
+        print(f"{letter['at']:.3f}  {letter['queue']:<8} {letter['reason']:<20} {letter['detail']}")
+        print(f"    headers: {letter['headers'][:160]}")
+        print(f"    body:    {letter['body'][:160]}")
+    print(f"{len(letters)} dead letter(s) shown" + (f"; purged {purged}" if purged is not None else ""))
+    return 0
 
 
 def cmd_flower(args: argparse.Namespace) -> int:

@@ -26,7 +26,7 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
-from memq import names, result_cache
+from memq import keys, names, result_cache
 from memq.app import app
 from memq.canvas import remember_canvas, retrieval_canvas
 from memq.errors import MemqError, RetrievalTimeout, TaskFailed, TransientError
@@ -74,10 +74,11 @@ def retrieve(
 
 
 def _run_chord(settings: Settings, request: RetrievalRequest, found: result_cache.Lookup) -> dict[str, Any]:
-    """The chord, under the cache key when there is one (``memq.merge`` fills it); ``timings_ms`` gets the
-    cache's share."""
-    if found.cache_key is not None:
-        request = with_cache(request, found.cache_key, settings.result_cache_ttl_s)
+    """The chord, asking ``memq.merge`` to cache its result when the cache answered (the data versions the
+    look-up read travel with it; merge derives the key itself); ``timings_ms`` gets the cache's share."""
+    parsed = keys.parse_result_key(found.cache_key) if found.cache_key is not None else None
+    if parsed is not None:
+        request = with_cache(request, parsed[1], settings.result_cache_ttl_s)
     try:
         result = _send(lambda: retrieval_canvas(request).apply_async())
         timeout_s = max(0.001, request["deadline_ts"] - time.time()) if found.wait_ms else request["timeout_s"]

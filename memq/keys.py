@@ -6,11 +6,19 @@
 | ``memq:v1:res:<fingerprint>:<versions>``  | a cached retrieval result (JSON envelope, TTL)  | merge        |
 | ``memq:v1:lock:<fingerprint>:<versions>`` | the single-flight lock of that result (PX)      | the client   |
 | ``memq:v1:emb:<digest of model, text>``   | a cached embedding (format byte + float32, TTL) | embed tasks  |
+| ``memq:v1:dead``                          | dead-lettered messages (JSON, newest first)     | workers      |
+| ``memq:v1:deliveries:<task id>``          | how often a message was redelivered (1 day TTL) | workers      |
 
 ``<fingerprint>`` is ``sha256`` of the request's identity (see ``memq.requests.cache_identity``) and
 ``<versions>`` the requested types' data versions joined by ``.``: a write bumps a version, so the
 entries written before it can no longer be named (nothing is scanned or deleted; they expire by TTL).
 Bump ``PREFIX`` when a key's layout changes; the values carry their own format version too.
+
+A stored memory's MongoDB ``_id`` (``memory_object_id``) is data, not a Redis key: its format has its own version,
+``OBJECT_ID_FORMAT``, and moving it leaves ``PREFIX`` (and every cache) alone. Format 1 digested
+``memory_id + "\\x1f" + key``, so ``("p", "q\\x1fnotes")`` and ``("p\\x1fq", "notes")`` shared an ``_id``; format 2
+digests the JSON-encoded pair. Memories stored under format 1 keep their ``_id`` until moved by
+``scripts/migrate_object_ids.py`` (README, "Stored ids and their migration").
 """
 
 from __future__ import annotations
@@ -27,6 +35,13 @@ LOCK_PREFIX = f"{PREFIX}:lock:"
 FINGERPRINT_CHARS = 40
 _VERSIONS = r"\d{1,19}(?:\.\d{1,19})*"
 _RESULT_KEY = re.compile(rf"^{re.escape(RESULT_PREFIX)}([0-9a-f]{{{FINGERPRINT_CHARS}}}):({_VERSIONS})$")
+
+
+DEAD_LETTERS = f"{PREFIX}:dead"
+
+
+def delivery_count(task_id: str) -> str:
+    return f"{PREFIX}:deliveries:{_digest(task_id)}"
 
 
 def tenant_version(memory_id: str, memory_type: str) -> str:
@@ -65,9 +80,14 @@ def embedding_cache(model: str, text: str) -> str:
     return f"{PREFIX}:emb:{_digest(model + chr(0) + text)}"
 
 
+OBJECT_ID_FORMAT = 2
+
+
 def memory_object_id(memory_id: str, key: str) -> str:
-    """The stored ``_id``: unique per (tenant, key), so tenants' ids never collide."""
-    return _digest(memory_id + "\x1f" + key)
+    """The stored ``_id`` (format ``OBJECT_ID_FORMAT``): a digest of the JSON-encoded pair ``[memory_id, key]``,
+    an unambiguous encoding, so no two (tenant, key) pairs share an ``_id`` whatever characters they hold."""
+    pair = json.dumps([memory_id, key], ensure_ascii=True, separators=(",", ":"))
+    return hashlib.sha256(pair.encode("ascii")).hexdigest()[:32]
 
 
 def content_key(content: str) -> str:

@@ -11,8 +11,9 @@ from memq.errors import InvalidInput
 from memq.ranking import candidates_for
 from memq.settings import SEARCH_STRATEGIES, Settings
 
-RESULT_FORMAT = 2  # bump when the result's shape changes: old cache entries are then never read
+RESULT_FORMAT = 3  # bump when the result's or its cache envelope's shape changes: old entries are then never read
 MAX_CACHE_TTL_S = 30 * 24 * 3600
+MAX_DATA_VERSION = 2**63 - 1  # a Redis INCR counter
 
 
 class RetrievalRequest(TypedDict):
@@ -29,8 +30,8 @@ class RetrievalRequest(TypedDict):
     timeout_s: float
     requested_at: float
     deadline_ts: float
-    cache_key: NotRequired[str]  # where memq.merge stores the result
-    cache_ttl_s: NotRequired[int]
+    cache_versions: NotRequired[list[int]]  # the data versions the client read (see cache_types): cache the result
+    cache_ttl_s: NotRequired[int]  # the client's TTL; memq.merge caps it with its own
 
 
 def retrieval_request(
@@ -88,8 +89,8 @@ def recheck_retrieval_request(settings: Settings, request: Any) -> RetrievalRequ
     for field in ("requested_at", "deadline_ts"):
         if isinstance(request.get(field), int | float):
             checked[field] = float(request[field])
-    if request.get("cache_key") is not None or request.get("cache_ttl_s") is not None:
-        checked = with_cache(checked, request.get("cache_key"), request.get("cache_ttl_s"))
+    if request.get("cache_versions") is not None:  # a ``cache_key`` (older clients) is never taken: not cached
+        checked = with_cache(checked, request["cache_versions"], request.get("cache_ttl_s"))
     return checked
 
 
@@ -123,18 +124,37 @@ def cache_fingerprint(settings: Settings, request: RetrievalRequest) -> str:
     return keys.fingerprint(cache_identity(settings, request))
 
 
-def with_cache(request: RetrievalRequest, cache_key: Any, cache_ttl_s: Any) -> RetrievalRequest:
-    """The request plus where ``memq.merge`` stores its result. The key must be a result key
-    (``memq:v1:res:<fingerprint>:<one version per requested type>``); the fingerprint itself is not
-    recomputed here, because a client may run with other settings (another model name) than the worker."""
-    parsed = keys.parse_result_key(cache_key) if isinstance(cache_key, str) else None
-    if parsed is None:
-        raise InvalidInput("cache_key", f"must be a result cache key under {keys.RESULT_PREFIX!r}")
-    if len(parsed[1]) != len(request["limits"]):
-        raise InvalidInput("cache_key", "must carry one data version per requested memory type")
+def cache_types(request: RetrievalRequest) -> list[str]:
+    """The requested types in the order their data versions appear in a result key (sorted, so that the
+    order of ``limits`` cannot make two different sets of versions name one key)."""
+    return sorted(request["limits"])
+
+
+def cache_key_of(settings: Settings, request: RetrievalRequest) -> str:
+    """Where the result of a request carrying ``cache_versions`` is cached: its fingerprint with these
+    settings and the data versions the client read. Derived, never taken from a message."""
+    versions = ".".join(str(version) for version in request["cache_versions"])
+    return keys.result_cache(f"{cache_fingerprint(settings, request)}:{versions}")
+
+
+def with_cache(request: RetrievalRequest, cache_versions: Any, cache_ttl_s: Any) -> RetrievalRequest:
+    """The request plus what ``memq.merge`` needs to cache its result: the data versions the client read, one
+    per requested type in ``cache_types`` order, and the client's TTL. The message names no key: merge derives
+    it (``cache_key_of``) with its own settings, so a request can only fill its own tenant's entries, and a
+    client whose settings differ from the workers' (another model name) only misses."""
+    if (
+        not isinstance(cache_versions, list)
+        or len(cache_versions) != len(request["limits"])
+        or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_DATA_VERSION for v in cache_versions
+        )
+    ):
+        raise InvalidInput(
+            "cache_versions", f"must be a list of one data version (0..{MAX_DATA_VERSION}) per requested memory type"
+        )
     if isinstance(cache_ttl_s, bool) or not isinstance(cache_ttl_s, int) or not 1 <= cache_ttl_s <= MAX_CACHE_TTL_S:
         raise InvalidInput("cache_ttl_s", f"must be an integer number of seconds in 1..{MAX_CACHE_TTL_S}")
-    return {**request, "cache_key": cache_key, "cache_ttl_s": cache_ttl_s}
+    return {**request, "cache_versions": list(cache_versions), "cache_ttl_s": cache_ttl_s}
 
 
 def remember_request(settings: Settings, memory_id: Any, memory_type: Any, items: Any) -> dict[str, Any]:

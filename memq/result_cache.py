@@ -6,8 +6,15 @@ the single-flight lock (``SET NX PX``). The caller that gets the lock runs the c
 that arrive meanwhile poll the same script until the result appears (or the lock frees up, and one of
 them takes it), within their own timeout.
 
-Worker side (``store``): ``memq.merge`` writes the result under the key the client chose and drops the
-lock, in one transaction.
+Worker side (``store_merged``): ``memq.merge`` derives the key itself from the re-checked request (the
+fingerprint with the worker's settings, the data versions the client read; the message names no key), writes
+the result there for at most the worker's TTL and drops that key's lock, in one transaction. So a request can
+only fill its own tenant's entries; a client whose settings differ from the workers' (another model name) looks
+up another fingerprint and only misses.
+
+Every entry's envelope names the tenant and the request fingerprint it answers; the client serves an entry only
+if both are its own (and the result inside names that tenant too); anything else counts as ``foreign`` and is
+overwritten like a ``stale`` one, never served.
 
 Any Redis error degrades to a miss with a warning (never a failed retrieval), and the cache's breaker then
 leaves it alone a while (``memq.cache_redis``), so a dead Redis costs nothing per call.
@@ -28,8 +35,8 @@ from prometheus_client import REGISTRY, Counter, Histogram
 from redis.commands.core import Script
 
 from memq import keys
-from memq.cache_redis import Breaker, cache_redis
-from memq.requests import RESULT_FORMAT, RetrievalRequest, cache_fingerprint
+from memq.cache_redis import breaker, cache_redis
+from memq.requests import RESULT_FORMAT, RetrievalRequest, cache_fingerprint, cache_key_of, cache_types
 from memq.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,7 +48,7 @@ PARTIAL_RESULT_TTL_MS = 250  # a result with per-type errors is kept only for th
 LOOKUPS_TOTAL = "memq_result_cache_lookups_total"
 LOOKUPS = Counter(
     LOOKUPS_TOTAL.removesuffix("_total"),
-    "Client result-cache look-ups by outcome (hit, shared, miss, wait, stale, error, disabled, timeout)",
+    "Client result-cache look-ups by outcome (hit, shared, miss, wait, stale, foreign, error, disabled, timeout)",
     ["outcome"],
 )
 LOOKUP_SECONDS = Histogram(
@@ -49,7 +56,7 @@ LOOKUP_SECONDS = Histogram(
     "One result-cache round trip, client side",
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.25),
 )
-OUTCOMES = ("hit", "shared", "miss", "wait", "stale", "error", "disabled", "timeout")
+OUTCOMES = ("hit", "shared", "miss", "wait", "stale", "foreign", "error", "disabled", "timeout")
 
 # KEYS: the requested types' version keys. ARGV: fingerprint, result prefix, lock prefix, token, lock ms.
 # Returns {suffix, "hit", value} | {suffix, "leader"} | {suffix, "wait"}. The result and lock keys are built
@@ -73,7 +80,8 @@ return 0
 class Lookup:
     """What the cache said. ``outcome``: hit | shared (a hit after waiting) | miss (``leader``: this caller
     holds the single-flight lock; run the chord under ``cache_key``, then ``release``) | wait (an identical
-    retrieval is in flight) | stale (an entry of another format: run the chord, overwrite it) | error |
+    retrieval is in flight) | stale (an entry of another format: run the chord, overwrite it) | foreign (an
+    entry whose envelope names another tenant or request: never served; run the chord, overwrite it) | error |
     disabled (run the chord uncached) | timeout (waited until the caller's deadline)."""
 
     outcome: str
@@ -87,7 +95,6 @@ class Lookup:
 
 LOOKUP = Script(None, LOOKUP_LUA.encode())  # run with ``client=``: EVALSHA, falling back to EVAL once per server
 RELEASE = Script(None, RELEASE_LUA.encode())
-breaker = Breaker("result cache")
 
 
 def enabled(settings: Settings) -> bool:
@@ -138,13 +145,25 @@ def release(settings: Settings, found: Lookup) -> None:
         log.warning("result cache: could not release the single-flight lock (%s); it expires by itself", exc)
 
 
+def store_merged(client: redis.Redis, settings: Settings, request: RetrievalRequest, result: dict[str, Any]) -> bool:
+    """Worker side: cache ``memq.merge``'s ``result`` of a re-checked ``request`` that carries ``cache_versions``,
+    under the key derived from it with this worker's settings, for the client's TTL capped by this worker's
+    ``result_cache_ttl_s`` (0: not cached), and drop that key's single-flight lock."""
+    if not enabled(settings) or request.get("cache_versions") is None:
+        return False
+    ttl_s = min(request["cache_ttl_s"], settings.result_cache_ttl_s)
+    return store(client, cache_key_of(settings, request), result, ttl_s)
+
+
 def store(client: redis.Redis, cache_key: str, result: dict[str, Any], ttl_s: int) -> bool:
-    """Worker side: cache ``result`` and drop its single-flight lock. A result with per-type errors is kept
-    only ``PARTIAL_RESULT_TTL_MS``: long enough for the identical callers waiting on it, not for later ones."""
+    """Cache ``result`` under ``cache_key`` (its envelope names the result's ``memory_id`` and the key's
+    fingerprint) and drop its single-flight lock. A result with per-type errors is kept only
+    ``PARTIAL_RESULT_TTL_MS``: long enough for the identical callers waiting on it, not for later ones."""
     ttl_ms = ttl_s * 1000 if not result.get("errors") else min(ttl_s * 1000, PARTIAL_RESULT_TTL_MS)
+    parsed = keys.parse_result_key(cache_key)
     try:
         pipe = client.pipeline(transaction=True)
-        pipe.set(cache_key, encode_entry(result), px=ttl_ms)
+        pipe.set(cache_key, encode_entry(result, result.get("memory_id"), parsed and parsed[0]), px=ttl_ms)
         pipe.delete(keys.lock_of(cache_key))
         pipe.execute()
     except (redis.RedisError, OSError) as exc:
@@ -153,19 +172,33 @@ def store(client: redis.Redis, cache_key: str, result: dict[str, Any], ttl_s: in
     return True
 
 
-def encode_entry(result: dict[str, Any]) -> str:
-    return json.dumps({"format": RESULT_FORMAT, "stored_at": time.time(), "result": result}, separators=(",", ":"))
+def encode_entry(result: dict[str, Any], memory_id: str | None, fingerprint: str | None) -> str:
+    """The envelope: format, time, and whose answer it is (tenant and request fingerprint)."""
+    entry = {
+        "format": RESULT_FORMAT,
+        "stored_at": time.time(),
+        "memory_id": memory_id,
+        "fingerprint": fingerprint,
+        "result": result,
+    }
+    return json.dumps(entry, separators=(",", ":"))
 
 
-def decode_entry(raw: bytes | str) -> dict[str, Any] | None:
-    """The cached result, or ``None`` for an entry of another format (an older or newer deploy)."""
+def decode_entry(raw: bytes | str, memory_id: str, fingerprint: str) -> tuple[str, dict[str, Any] | None]:
+    """``("hit", result)`` for an entry of this format whose envelope names ``memory_id`` and ``fingerprint``
+    and whose result names ``memory_id``; ``("stale", None)`` for an unreadable entry or one of another format
+    (an older or newer deploy); ``("foreign", None)`` for one that answers another tenant or request."""
     try:
         entry = json.loads(raw)
-    except ValueError:
-        return None
+    except (ValueError, RecursionError):
+        return "stale", None
     if not isinstance(entry, dict) or entry.get("format") != RESULT_FORMAT or not isinstance(entry.get("result"), dict):
-        return None
-    return entry["result"]
+        return "stale", None
+    result = entry["result"]
+    owner = (entry.get("memory_id"), entry.get("fingerprint"), result.get("memory_id"))
+    if owner != (memory_id, fingerprint, memory_id):
+        return "foreign", None
+    return "hit", result
 
 
 def counts() -> dict[str, float]:
@@ -175,9 +208,10 @@ def counts() -> dict[str, float]:
 
 def _attempt(settings: Settings, request: RetrievalRequest, token: str) -> Lookup:
     started = time.perf_counter()
-    version_keys = [keys.tenant_version(request["memory_id"], t) for t in request["limits"]]
+    version_keys = [keys.tenant_version(request["memory_id"], t) for t in cache_types(request)]
     lock_ms = max(1, int(min(request["timeout_s"], settings.single_flight_lock_s) * 1000))
-    args = [cache_fingerprint(settings, request), keys.RESULT_PREFIX, keys.LOCK_PREFIX, token, lock_ms]
+    fingerprint = cache_fingerprint(settings, request)
+    args = [fingerprint, keys.RESULT_PREFIX, keys.LOCK_PREFIX, token, lock_ms]
     try:
         reply = LOOKUP(keys=version_keys, args=args, client=cache_redis.get())
     except (redis.RedisError, OSError) as exc:
@@ -189,10 +223,10 @@ def _attempt(settings: Settings, request: RetrievalRequest, token: str) -> Looku
         leader = kind == "leader"
         outcome = "miss" if leader else "wait"
         return Lookup(outcome, cache_key, token=token, leader=leader, cache_ms=_elapsed_ms(started))
-    stored = decode_entry(reply[2])
+    outcome, stored = decode_entry(reply[2], request["memory_id"], fingerprint)
     cache_ms = _elapsed_ms(started)
     if stored is None:
-        return Lookup("stale", cache_key, cache_ms=cache_ms)
+        return Lookup(outcome, cache_key, cache_ms=cache_ms)
     return Lookup("hit", cache_key, _served(stored, request, cache_ms), cache_ms=cache_ms)
 
 

@@ -49,6 +49,8 @@ class Settings:
     result_expires_s: int = 600
     visibility_timeout_s: int = 300
     search_max_retries: int = 3
+    max_deliveries: int = 5  # a message redelivered more often is dead-lettered instead of run again
+    dead_letter_max: int = 10_000  # dead letters kept (newest first)
     flower_basic_auth: str = field(default="", repr=False)
     metrics_port: int = 0
 
@@ -79,7 +81,14 @@ class Settings:
                 f"MEMQ_CANDIDATE_OVERSAMPLE must be in 1..{MAX_OVERSAMPLE}, got {self.candidate_oversample}: "
                 f"a limit of {MAX_LIMIT} times it must fit in the {MAX_CANDIDATES} candidates one search returns"
             )
-        for name in ("mongodb_pool_size", "embed_batch_size", "embed_dimensions", "num_candidates_factor"):
+        for name in (
+            "mongodb_pool_size",
+            "embed_batch_size",
+            "embed_dimensions",
+            "num_candidates_factor",
+            "max_deliveries",
+            "dead_letter_max",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"MEMQ_{name.upper()} must be >= 1")
         if self.recency_half_life_s <= 0:

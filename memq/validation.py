@@ -1,6 +1,7 @@
 """Input checks shared by the client (before anything is sent) and the tasks (again, on arrival).
 
-Each check returns the normalised value or raises ``InvalidInput`` naming the field.
+Each check returns the normalised value or raises ``InvalidInput`` naming the field. Every string accepted must be
+valid UTF-8 (``check_utf8``: no lone surrogates); timestamps lie in 1970-01-01T00:00:00Z..9999-12-31T23:59:59Z.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
+
 from memq.errors import InvalidInput
 from memq.memory_types import ALIASES, MemoryType, known_type_names
 
@@ -18,6 +21,7 @@ MAX_LIMIT = 100  # results per memory type
 MAX_CANDIDATES = 1000  # candidates one type's search may return for re-ranking
 MAX_OVERSAMPLE = MAX_CANDIDATES // MAX_LIMIT  # so that every limit's candidates fit
 MAX_TAGS = 64
+MAX_FLOAT_INT = 10**308  # larger ints do not convert to float
 MAX_TAG_CHARS = 128
 MAX_ROLE_CHARS = 64
 MODES = ("hybrid", "vector", "lexical")
@@ -29,12 +33,32 @@ WEIGHT_NAMES = ("relevance", "recency", "importance")
 # swamping it (recency 0.1 costs LoCoMo at most half a point of recall; 0.5 costs four).
 DEFAULT_WEIGHTS = {"relevance": 1.0, "recency": 0.1, "importance": 0.1}
 ITEM_FIELDS = frozenset({"content", "context", "id", "importance", "created_at", "role", "tags", "metadata"})
+MIN_TIMESTAMP = 0.0  # 1970-01-01T00:00:00Z
+MAX_TIMESTAMP = 253_402_300_799.0  # 9999-12-31T23:59:59Z: the last second a datetime (and so the store) holds
+TIMESTAMP_RANGE = "1970-01-01T00:00:00Z..9999-12-31T23:59:59Z"
+
+
+def check_utf8(text: str, field: str) -> str:
+    """``text`` if it encodes as UTF-8. A lone surrogate (``"\\ud800"`` from JSON, ``"\\udcff"`` for an undecodable
+    byte of a command-line argument) can be neither sent, stored nor printed; the message never quotes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(field, f"must be valid UTF-8 text (a lone surrogate at character {exc.start})") from None
+    return text
+
+
+def is_finite_number(value: Any) -> bool:
+    """An int or float (not a bool) that is finite as a float: ``10**400`` is not (``float()`` overflows)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return not (isinstance(value, int) and abs(value) > MAX_FLOAT_INT) and math.isfinite(value)
 
 
 def check_query(query: Any, max_chars: int) -> str:
     if not isinstance(query, str):
         raise InvalidInput("query", f"must be a string, got {type(query).__name__}")
-    text = query.strip()
+    text = check_utf8(query, "query").strip()
     if not text:
         raise InvalidInput("query", "must not be empty")
     if len(text) > max_chars:
@@ -47,6 +71,7 @@ def check_query(query: Any, max_chars: int) -> str:
 def check_memory_id(memory_id: Any) -> str:
     if not isinstance(memory_id, str):
         raise InvalidInput("memory_id", f"must be a string, got {type(memory_id).__name__}")
+    check_utf8(memory_id, "memory_id")
     if not memory_id or not memory_id.strip():
         raise InvalidInput("memory_id", "must not be empty")
     if len(memory_id) > MAX_MEMORY_ID_CHARS:
@@ -102,7 +127,7 @@ def check_weights(weights: Any) -> dict[str, float]:
         raise InvalidInput("weights", f"unknown weight(s) {sorted(map(str, unknown))}; known: {WEIGHT_NAMES}")
     checked = dict.fromkeys(WEIGHT_NAMES, 0.0)
     for name, value in weights.items():
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if not is_finite_number(value):
             raise InvalidInput(f"weights[{name!r}]", f"must be a finite number, got {value!r}")
         if not 0 <= value <= 1000:
             raise InvalidInput(f"weights[{name!r}]", f"must be in 0..1000, got {value!r}")
@@ -113,7 +138,7 @@ def check_weights(weights: Any) -> dict[str, float]:
 
 
 def check_timeout(timeout_s: Any) -> float:
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not math.isfinite(timeout_s):
+    if not is_finite_number(timeout_s):
         raise InvalidInput("timeout_s", f"must be a number of seconds, got {timeout_s!r}")
     if not 0 < timeout_s <= 3600:
         raise InvalidInput("timeout_s", f"must be in (0, 3600], got {timeout_s!r}")
@@ -143,6 +168,7 @@ def _check_item(index: int, item: Any, max_content_chars: int) -> dict[str, Any]
     content = item.get("content")
     if not isinstance(content, str) or not content.strip():
         raise InvalidInput(f"{where}.content", "must be a non-empty string")
+    check_utf8(content, f"{where}.content")
     if len(content) > max_content_chars:
         raise InvalidInput(f"{where}.content", f"is {len(content)} characters; the limit is {max_content_chars}")
     if "\x00" in content:
@@ -152,12 +178,14 @@ def _check_item(index: int, item: Any, max_content_chars: int) -> dict[str, Any]
         context = item["context"]
         if not isinstance(context, str) or len(context) > max_content_chars or "\x00" in context:
             raise InvalidInput(f"{where}.context", f"must be a string of at most {max_content_chars} characters")
-        checked["context"] = context
+        checked["context"] = check_utf8(context, f"{where}.context")
     if item.get("id") is not None:
         key = item["id"]
+        if isinstance(key, int) and not isinstance(key, bool) and abs(key) >= 10**256:  # str() of a huge int raises
+            raise InvalidInput(f"{where}.id", "must be a non-empty string of at most 256 characters")
         if not isinstance(key, str | int) or isinstance(key, bool) or not str(key).strip() or len(str(key)) > 256:
             raise InvalidInput(f"{where}.id", "must be a non-empty string of at most 256 characters")
-        checked["id"] = str(key)
+        checked["id"] = check_utf8(str(key), f"{where}.id")
     importance = item.get("importance", 0.5)
     if isinstance(importance, bool) or not isinstance(importance, int | float) or not 0 <= importance <= 1:
         raise InvalidInput(f"{where}.importance", f"must be a number in 0..1, got {importance!r}")
@@ -178,12 +206,16 @@ def _check_item(index: int, item: Any, max_content_chars: int) -> dict[str, Any]
 
 
 def _check_no_operator_keys(value: Any, where: str, depth: int = 0) -> None:
+    """Metadata: no operator-shaped or dotted keys, at most 16 levels, every key and string value UTF-8."""
     if depth > 16:
         raise InvalidInput(where, "is nested too deeply")
-    if isinstance(value, Mapping):
+    if isinstance(value, str):
+        check_utf8(value, where)
+    elif isinstance(value, Mapping):
         for key, inner in value.items():
             if not isinstance(key, str) or key.startswith("$") or "." in key or "\x00" in key:
                 raise InvalidInput(where, f"key {key!r} is not allowed (no '$' prefix, '.', or NUL)")
+            check_utf8(key, where)  # before the key joins a field name
             _check_no_operator_keys(inner, f"{where}.{key}", depth + 1)
     elif isinstance(value, list | tuple):
         for inner in value:
@@ -191,28 +223,34 @@ def _check_no_operator_keys(value: Any, where: str, depth: int = 0) -> None:
 
 
 def check_timestamp(value: Any, field: str) -> float:
-    """Unix seconds (number) or ISO-8601 text → Unix seconds."""
+    """Unix seconds (number) or ISO-8601 text (UTC without an offset) → Unix seconds, within ``TIMESTAMP_RANGE``
+    once the offset is applied: ``1e20`` or ``"9999-12-31T23:00:00-05:00"`` (10000-01-01 in UTC) are refused."""
     if isinstance(value, bool):
         raise InvalidInput(field, "must be Unix seconds or an ISO-8601 timestamp")
     if isinstance(value, int | float):
-        if not math.isfinite(value) or value < 0:
-            raise InvalidInput(field, f"must be non-negative Unix seconds, got {value!r}")
-        return float(value)
-    if isinstance(value, str):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidInput(field, f"must be finite Unix seconds, got {value!r}")
+        seconds: float = value
+    elif isinstance(value, str):
+        check_utf8(value, field)
         try:
             parsed = datetime.fromisoformat(value)
         except ValueError:
-            raise InvalidInput(field, f"is not an ISO-8601 timestamp: {value!r}") from None
+            raise InvalidInput(field, f"is not an ISO-8601 timestamp: {value[:64]!r}") from None
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=UTC)
-        return parsed.timestamp()
-    raise InvalidInput(field, "must be Unix seconds or an ISO-8601 timestamp")
+        seconds = parsed.timestamp()
+    else:
+        raise InvalidInput(field, "must be Unix seconds or an ISO-8601 timestamp")
+    if not MIN_TIMESTAMP <= seconds <= MAX_TIMESTAMP:  # compared before any conversion: 10**400 is refused too
+        raise InvalidInput(field, f"must lie within {TIMESTAMP_RANGE} (Unix seconds 0..{MAX_TIMESTAMP:.0f})")
+    return float(seconds)
 
 
 def check_role(role: Any, field: str) -> str:
     if not isinstance(role, str) or not role or len(role) > MAX_ROLE_CHARS or role.startswith("$") or "\x00" in role:
         raise InvalidInput(field, "must be a short string such as 'user' or 'assistant' (no '$' prefix)")
-    return role
+    return check_utf8(role, field)
 
 
 def check_tags(tags: Any, field: str) -> list[str]:
@@ -224,7 +262,7 @@ def check_tags(tags: Any, field: str) -> list[str]:
         raise InvalidInput(field, f"must be a list of at most {MAX_TAGS} non-empty strings of {MAX_TAG_CHARS} at most")
     if any(t.startswith("$") for t in tags):
         raise InvalidInput(field, "must not hold values starting with '$'")
-    return list(tags)
+    return [check_utf8(t, field) for t in tags]
 
 
 def check_mode(mode: Any) -> str:
@@ -272,4 +310,39 @@ def check_ids(ids: Any) -> list[str] | None:
         raise InvalidInput("ids", "must be a non-empty list of memory ids")
     if not all(isinstance(i, str) and i and not i.startswith("$") for i in ids):
         raise InvalidInput("ids", "must be strings, none starting with '$'")
-    return list(ids)
+    return [check_utf8(i, "ids") for i in ids]
+
+
+def check_embedded(embedded: Any, count: int, dimensions: int, model: str) -> np.ndarray:
+    """What ``memq.store`` is asked to write: ``{"vectors": [one base64 float32 vector per item], "model": name}``
+    (``memq.vectors.to_wire``), each vector of exactly ``dimensions`` finite values, ``model`` the embed model's
+    name. Returns the ``(count, dimensions)`` float32 matrix; anything else is ``InvalidInput`` naming the field
+    (``embedded.vectors[3]``), so that nothing is written."""
+    from memq.vectors import from_wire
+
+    if not isinstance(embedded, Mapping):
+        raise InvalidInput("embedded", "must be an object with 'vectors' and 'model'")
+    vectors = embedded.get("vectors")
+    if not isinstance(vectors, list | tuple) or len(vectors) != count:
+        raise InvalidInput("embedded.vectors", f"must be a list of one vector per item ({count})")
+    found = embedded.get("model")
+    if type(found) is not str:
+        raise InvalidInput("embedded.model", f"must be a string, got {type(found).__name__}")
+    if found != model:
+        raise InvalidInput("embedded.model", f"must be the embed model {model!r} (MEMQ_EMBED_MODEL)")
+    wire_chars = 4 * -(-4 * dimensions // 3)  # base64 of dimensions float32 values
+    matrix = np.empty((count, dimensions), dtype=np.float32)
+    for index, text in enumerate(vectors):
+        where = f"embedded.vectors[{index}]"
+        if not isinstance(text, str) or len(text) > 2 * wire_chars:
+            raise InvalidInput(where, f"must be base64 text of {dimensions} float32 values")
+        try:
+            vector = from_wire(text)
+        except ValueError:  # not base64 (binascii.Error), not ASCII, or not a whole number of float32
+            raise InvalidInput(where, f"must be base64 text of {dimensions} float32 values") from None
+        if vector.shape != (dimensions,):
+            raise InvalidInput(where, f"has {vector.size} values; the embed model has {dimensions} dimensions")
+        if not np.isfinite(vector).all():
+            raise InvalidInput(where, "must hold finite values only (no NaN or infinity)")
+        matrix[index] = vector
+    return matrix

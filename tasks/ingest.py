@@ -12,6 +12,7 @@ from memq.errors import InvalidInput, TransientError
 from memq.memory_types import MemoryType
 from memq.requests import forget_request, remember_request
 from memq.settings import get_settings
+from memq.validation import check_utf8
 
 INGEST_RETRY = {"autoretry_for": (TransientError,), "max_retries": 5, "retry_backoff": 0.5, "retry_jitter": True}
 
@@ -26,6 +27,7 @@ def embed_texts(self: Task, texts: list[str]) -> dict[str, Any]:
     for i, text in enumerate(texts):
         if not isinstance(text, str) or not text.strip() or len(text) > settings.max_content_chars:
             raise InvalidInput(f"texts[{i}]", "must be a non-empty string within the content limit")
+        check_utf8(text, f"texts[{i}]")
 
     def report(done: int, total: int) -> None:
         if self.request.id and not self.request.called_directly:
@@ -39,8 +41,8 @@ def store(embedded: dict[str, Any], memory_id: str, memory_type: str, items: lis
     from memq.workers import steps
 
     request = remember_request(get_settings(), memory_id, memory_type, items)
-    if not isinstance(embedded, dict) or len(embedded.get("vectors", [])) != len(request["items"]):
-        raise InvalidInput("embedded", "must hold one vector per item")
+    # store_memories checks `embedded` (one finite vector of the model's dimension per item, the embed model)
+    # before it writes anything: InvalidInput naming the field, e.g. embedded.vectors[3].
     return steps.store_memories(embedded, request["memory_id"], request["memory_type"], request["items"])
 
 

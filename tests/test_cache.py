@@ -20,7 +20,16 @@ import redis
 
 from memq import client, keys, names, result_cache, services
 from memq.errors import InvalidInput, RetrievalTimeout
-from memq.requests import cache_fingerprint, recheck_retrieval_request, retrieval_request, with_cache
+from memq.requests import (
+    MAX_CACHE_TTL_S,
+    RESULT_FORMAT,
+    cache_fingerprint,
+    cache_key_of,
+    cache_types,
+    recheck_retrieval_request,
+    retrieval_request,
+    with_cache,
+)
 from memq.settings import get_settings
 from memq.vectors import from_wire
 
@@ -161,7 +170,9 @@ def test_other_weights_limits_strategy_or_model_miss_and_another_timeout_hits(te
         f"for _ in range(2):\n    print(json.dumps(client.retrieve({QUERY!r}, {tenant!r}, {LIMITS!r})['cached']))\n",
         MEMQ_EMBED_MODEL="sentence-transformers/all-MiniLM-L6-v2",
     )
-    assert other_model == [False, True]
+    # merge files results under the fingerprint of the workers' settings: a client configured otherwise only misses
+    assert other_model == [False, False]
+    assert client.retrieve(QUERY, tenant, LIMITS)["cached"] is True
 
 
 def test_a_burst_of_20_identical_requests_runs_one_chord(tenant: str, app: Any) -> None:
@@ -209,23 +220,22 @@ def test_a_waiter_gives_up_at_its_own_timeout(tenant: str) -> None:
     assert client.retrieve(QUERY, tenant, LIMITS)["cached"] is False
 
 
-def test_a_result_with_errors_is_kept_only_for_the_callers_waiting_on_it(
-    tenant: str, mongo_db: Any, cache_redis: redis.Redis
-) -> None:
+def test_a_result_with_errors_is_kept_only_for_the_callers_waiting_on_it(tenant: str, cache_redis: redis.Redis) -> None:
     seed(tenant)
-    mongo_db["conversation_memory"].insert_one(
-        {"_id": f"corrupt-{tenant}", "memory_id": tenant, "content": "broken", "embedding": "not-a-vector"}
-    )
-
-    partial = client.retrieve(QUERY, tenant, LIMITS)
+    settings = get_settings()
+    fresh = client.retrieve(QUERY, tenant, LIMITS)
     [key] = result_keys(cache_redis, QUERY, tenant, LIMITS)
+    versions = keys.parse_result_key(key)[1]  # type: ignore[index]
+    request = with_cache(retrieval_request(settings, QUERY, tenant, LIMITS), versions, settings.result_cache_ttl_s)
+    partial = {**fresh, "errors": {"conversation_memory": "unavailable after 4 attempt(s)"}, "cached": False}
+
+    assert result_cache.store_merged(cache_redis, settings, request, partial)  # what memq.merge does with it
     ttl_ms = cache_redis.pttl(key)
     time.sleep(result_cache.PARTIAL_RESULT_TTL_MS / 1000 + 0.1)
     again = client.retrieve(QUERY, tenant, LIMITS)
 
-    assert "conversation_memory" in partial["errors"] and len(partial["results"]["long_term_memory"]) == 3
-    assert ttl_ms <= result_cache.PARTIAL_RESULT_TTL_MS
-    assert again["cached"] is False and "conversation_memory" in again["errors"]
+    assert 0 < ttl_ms <= result_cache.PARTIAL_RESULT_TTL_MS
+    assert again["cached"] is False and again["errors"] == {}
 
 
 def test_an_entry_written_in_another_format_is_never_served(tenant: str, cache_redis: redis.Redis) -> None:
@@ -283,10 +293,11 @@ def test_retrieval_succeeds_uncached_when_the_cache_redis_goes_down(tenant: str)
     assert up["cached"] is False and up["counts"]["miss"] == 1
     assert [(d["cached"], d["n"]) for d in down] == [(False, 3), (False, 3)]
     assert down[-1]["counts"]["error"] == 2  # one failed round trip, then the cache is skipped for a while
-    assert "result cache unavailable" in err
+    assert "cache Redis unavailable" in err  # the one breaker of the cache Redis opened
 
 
 def test_worker_side_cache_writes_degrade_when_redis_is_unreachable() -> None:
+    from memq.cache_redis import breaker
     from memq.workers import embedding_cache
 
     dead = redis.Redis(port=services.free_port(), socket_connect_timeout=0.2, socket_timeout=0.2)
@@ -297,7 +308,7 @@ def test_worker_side_cache_writes_degrade_when_redis_is_unreachable() -> None:
         assert embedding_cache.lookup("m", ["a", "b"], client=dead) == [None, None]
         assert embedding_cache.store("m", ["a"], [np.ones(4, dtype=np.float32)], client=dead) is False
     finally:
-        embedding_cache.breaker.reset()
+        breaker.reset()
 
 
 def test_the_embed_tasks_serve_repeated_texts_from_the_embedding_cache(app: Any, cache_redis: redis.Redis) -> None:
@@ -320,19 +331,96 @@ def test_the_embed_tasks_serve_repeated_texts_from_the_embedding_cache(app: Any,
     assert query["embed_cache"] == "hit" and np.array_equal(from_wire(query["vector"]), planted)
 
 
-def test_a_cache_key_in_a_request_is_checked_and_survives_the_workers_recheck() -> None:
+def test_cache_versions_in_a_request_are_checked_and_a_cache_key_in_a_message_is_dropped() -> None:
     settings = get_settings()
     request = retrieval_request(settings, QUERY, "tenant-x", LIMITS)
-    key = keys.result_cache(cache_fingerprint(settings, request) + ":3.0")
+    forged_key = keys.result_cache("f" * keys.FINGERPRINT_CHARS + ":3.0")
+    wire = json.loads(json.dumps({**with_cache(request, [3, 0], 300), "cache_key": forged_key}))
 
-    rechecked = recheck_retrieval_request(settings, json.loads(json.dumps(with_cache(request, key, 300))))
+    rechecked = recheck_retrieval_request(settings, wire)
+    old_client = recheck_retrieval_request(settings, {**request, "cache_key": forged_key, "cache_ttl_s": 300})
 
-    assert rechecked["cache_key"] == key and rechecked["cache_ttl_s"] == 300
-    for bad_key, field in (("memq:v1:ver:x", "cache_key"), (key + ".1", "cache_key"), (key[:-4], "cache_key")):
+    assert rechecked["cache_versions"] == [3, 0] and rechecked["cache_ttl_s"] == 300 and "cache_key" not in rechecked
+    assert cache_key_of(settings, rechecked) == keys.result_cache(cache_fingerprint(settings, request) + ":3.0")
+    assert cache_types(request) == ["conversation_memory", "long_term_memory"]
+    assert not {"cache_key", "cache_versions", "cache_ttl_s"} & set(old_client)
+    for bad_versions in (None, [3], [3, 0, 1], "3.0", [3, -1], [3, True], [3, 2**63], [3, 1.0]):
         with pytest.raises(InvalidInput) as caught:
-            with_cache(request, bad_key, 300)
-        assert caught.value.field == field
-    for bad_ttl in (0, -1, "300", True, 10**9):
+            with_cache(request, bad_versions, 300)
+        assert caught.value.field == "cache_versions"
+    for bad_ttl in (None, 0, -1, "300", True, 10**9):
         with pytest.raises(InvalidInput) as caught:
-            with_cache(request, key, bad_ttl)
+            with_cache(request, [3, 0], bad_ttl)
         assert caught.value.field == "cache_ttl_s"
+
+
+def forged_results(request: dict[str, Any], content: str) -> list[dict[str, Any]]:
+    """Well-formed search results for every type of ``request``, each with one item of ``content``."""
+    return [
+        {"type": t, "items": [{"id": f"forged-{t}", "content": content, "score": 1.0}], "search_ms": 1.0}
+        for t in request["limits"]
+    ]
+
+
+def test_a_forged_merge_naming_another_tenants_cache_key_does_not_change_what_that_tenant_retrieves(
+    tenant: str, app: Any, cache_redis: redis.Redis
+) -> None:
+    settings = get_settings()
+    attacker = tenant + "-attacker"
+    seed(tenant)
+    fresh = client.retrieve(QUERY, tenant, LIMITS)
+    [victim_key] = result_keys(cache_redis, QUERY, tenant, LIMITS)
+    _, versions = keys.parse_result_key(victim_key) or ("", [])
+    forged_request: dict[str, Any] = {
+        **retrieval_request(settings, QUERY, attacker, LIMITS),
+        "cache_key": victim_key,  # what a client used to send: the key merge must never trust
+        "cache_versions": versions,
+        "cache_ttl_s": MAX_CACHE_TTL_S,
+    }
+
+    app.send_task(
+        names.MERGE,
+        kwargs={"results": forged_results(forged_request, "FORGED"), "request": forged_request},
+        queue=names.SEARCH_QUEUE,
+    ).get(timeout=30)
+    after = client.retrieve(QUERY, tenant, LIMITS)
+
+    assert after["memory_id"] == tenant and after["cached"] is True
+    assert "FORGED" not in json.dumps(after["results"]) and after["results"] == fresh["results"]
+    assert 0 < cache_redis.pttl(victim_key) <= settings.result_cache_ttl_s * 1000
+    [attacker_key] = result_keys(cache_redis, QUERY, attacker, LIMITS)  # merge filed it under the sender's tenant
+    assert 0 < cache_redis.pttl(attacker_key) <= settings.result_cache_ttl_s * 1000  # bounded by the worker
+
+
+def test_a_cache_entry_naming_another_tenant_or_request_is_never_served(tenant: str, cache_redis: redis.Redis) -> None:
+    seed(tenant)
+    fresh = client.retrieve(QUERY, tenant, LIMITS)
+    [key] = result_keys(cache_redis, QUERY, tenant, LIMITS)
+    fingerprint, _ = keys.parse_result_key(key) or ("", [])
+    envelopes = [
+        (tenant + "-other", fingerprint, tenant + "-other"),  # another tenant's result
+        (tenant, "0" * keys.FINGERPRINT_CHARS, tenant),  # another request's result
+        (tenant, fingerprint, tenant + "-other"),  # an envelope that disagrees with its own result
+    ]
+
+    for owner, named_fingerprint, result_owner in envelopes:
+        planted = {**fresh, "memory_id": result_owner, "results": {t: [] for t in fresh["results"]}}
+        envelope = {
+            "format": RESULT_FORMAT,
+            "stored_at": time.time(),
+            "memory_id": owner,
+            "fingerprint": named_fingerprint,
+            "result": planted,
+        }
+        cache_redis.set(key, json.dumps(envelope), ex=60)
+        foreign_before = result_cache.counts().get("foreign", 0.0)
+
+        after = client.retrieve(QUERY, tenant, LIMITS)
+
+        assert after["cached"] is False and after["memory_id"] == tenant
+        assert after["results"] == {t: after["results"][t] for t in fresh["results"]} != planted["results"]
+        assert [i["id"] for i in after["results"]["long_term_memory"]] == [
+            i["id"] for i in fresh["results"]["long_term_memory"]
+        ]
+        assert result_cache.counts()["foreign"] == foreign_before + 1
+        assert client.retrieve(QUERY, tenant, LIMITS)["cached"] is True  # rewritten, now its own

@@ -41,6 +41,8 @@ def test_remember_from_jsonl_then_retrieve_as_json(tenant: str, tmp_path: Path) 
         "semantic=2",
         "--weights",
         "relevance=1,recency=0,importance=0",
+        "--mode",
+        "vector",
         "--json",
     )
     assert found.returncode == 0, found.stderr

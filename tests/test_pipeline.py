@@ -136,18 +136,20 @@ def test_a_rewrite_updates_content_and_keeps_created_at(tenant: str, mongo_db: A
     assert [i["content"] for i in result["results"]["long_term_memory"]] == ["likes coffee now"]
 
 
-def test_one_failing_type_is_reported_and_the_others_still_arrive(tenant: str, mongo_db: Any) -> None:
-    remember_all(tenant, "semantic", FOOD)
-    # A corrupt document (an embedding that is not a vector) makes this tenant's workflow search fail.
-    mongo_db["workflow_memory"].insert_one(
-        {"_id": f"corrupt-{tenant}", "memory_id": tenant, "content": "broken", "embedding": "not-a-vector"}
-    )
+def test_one_failing_type_is_reported_and_the_others_still_arrive(tenant: str) -> None:
+    from memq.canvas import retrieval_canvas
+    from memq.requests import retrieval_request
+    from memq.settings import get_settings
 
-    result = client.retrieve("food", tenant, {"semantic": 2, "procedural": 2})
+    remember_all(tenant, "semantic", FOOD)
+    request = retrieval_request(get_settings(), "food", tenant, {"semantic": 2, "procedural": 2})
+    request["candidates"]["workflow_memory"] = 0  # that type's search refuses k = 0 and reports it
+
+    result = retrieval_canvas(request).apply_async().get(timeout=30)
 
     assert len(result["results"]["long_term_memory"]) == 2
     assert result["results"]["workflow_memory"] == []
-    assert "workflow_memory" in result["errors"]
+    assert "workflow_memory" in result["errors"] and "k:" in result["errors"]["workflow_memory"]
     assert "long_term_memory" not in result["errors"]
 
 

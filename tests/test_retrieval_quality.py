@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 from typing import Any
 
@@ -246,3 +247,24 @@ def test_send_task_by_name_takes_mode_and_filters(tenant: str, app: Any) -> None
     )
 
     assert ids(sent.get(timeout=30)) == ["x"]
+
+
+@pytest.mark.skipif(not os.environ.get("MEMQ_TEST_REAL_MONGODB"), reason="$search needs a real Atlas/mongot")
+def test_hybrid_in_atlas_finds_the_rare_code_and_keeps_filters_inside_both_pipelines(tenant: str) -> None:
+    """On Atlas: ``$rankFusion`` of ``$vectorSearch`` and ``$search`` (or both lists fused in the worker)."""
+    created = client.create_indexes()
+    assert created["text_index_definition"]["type"] == "search"
+    memories(tenant, "semantic", [{"id": f"t{i}", "content": text} for i, text in enumerate(TRAVEL)])
+    memories(tenant, "semantic", [{"id": "rare", "content": RARE, "tags": ["storage"]}])
+    other = {"id": "rare", "content": "locker QX7731 of another tenant", "tags": ["storage"]}
+    memories(f"{tenant}-other", "semantic", [other])
+    time.sleep(5)  # Atlas indexes asynchronously
+    query = "vacation airfare and lodging QX7731"
+
+    atlas = client.retrieve(query, tenant, {"semantic": 1}, weights=RELEVANCE_ONLY, strategy="vector_search")
+    filtered = client.retrieve(
+        query, tenant, {"semantic": 5}, weights=RELEVANCE_ONLY, strategy="vector_search", filters={"tags": ["work"]}
+    )
+
+    assert [item["content"] for item in atlas["results"]["long_term_memory"]] == [RARE]
+    assert ids(filtered) == []

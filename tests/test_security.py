@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import subprocess
 import sys
 import uuid
@@ -153,7 +154,7 @@ def test_a_worker_with_a_password_in_its_broker_url_never_logs_the_password(
         app.close()
     log = Path(fleet.logdir, "secret-search.log").read_text(errors="replace")
 
-    assert "Connected to redis://:**@" in log
+    assert re.search(r"Connected to \S*://:\*\*@", log)  # the URL is shown with its password masked
     assert PASSWORD not in log
     assert PASSWORD not in status.stdout + status.stderr and '"reachable": true' in status.stdout
 

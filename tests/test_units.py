@@ -250,3 +250,275 @@ def test_a_result_store_outage_is_recognised_by_its_cause_not_its_text() -> None
     assert is_result_store_outage(raised_from(ConnectionRefusedError(), "anything at all"))
     assert not is_result_store_outage(raised_from(ValueError("bad"), "the result store said no"))
     assert not is_result_store_outage(RuntimeError("result store"))
+
+
+# -- issue #13, parts 3, 4 and 6: what a producer may write ----------------------------------------------------
+
+SURROGATE = "mid-\ud800"
+
+
+def test_a_lone_surrogate_cannot_be_encoded_as_utf8() -> None:
+    with pytest.raises(UnicodeEncodeError):
+        "x\ud800".encode("utf-8")
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda: validation.check_query(SURROGATE, 100), "query"),
+        (lambda: validation.check_memory_id(SURROGATE), "memory_id"),
+        (lambda: validation.check_items([{"content": SURROGATE}], 10, 100), "items[0].content"),
+        (lambda: validation.check_items([SURROGATE], 10, 100), "items[0].content"),
+        (lambda: validation.check_items([{"content": "x", "context": SURROGATE}], 10, 100), "items[0].context"),
+        (lambda: validation.check_items([{"content": "x", "id": SURROGATE}], 10, 100), "items[0].id"),
+        (lambda: validation.check_items([{"content": "x", "role": SURROGATE}], 10, 100), "items[0].role"),
+        (lambda: validation.check_items([{"content": "x", "tags": ["a", SURROGATE]}], 10, 100), "items[0].tags"),
+        (lambda: validation.check_items([{"content": "x", "metadata": {SURROGATE: 1}}], 10, 100), "items[0].metadata"),
+        (
+            lambda: validation.check_items([{"content": "x", "metadata": {"a": {"b": [SURROGATE]}}}], 10, 100),
+            "items[0].metadata.a.b",
+        ),
+        (lambda: validation.check_filters({"tags": [SURROGATE]}), "filters.tags"),
+        (lambda: validation.check_filters({"role": SURROGATE}), "filters.role"),
+        (lambda: validation.check_ids(["ok", SURROGATE]), "ids"),
+        (lambda: validation.check_utf8("\udcff", "anything"), "anything"),
+    ],
+)
+def test_every_accepted_string_must_be_valid_utf8(call: object, field: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        call()  # type: ignore[operator]
+    assert caught.value.field == field
+    str(caught.value).encode("utf-8")  # the message never carries the surrogate itself
+
+
+@pytest.mark.parametrize(
+    "value",
+    [1e20, -1, -0.5, 10**400, 253402300800, "9999-12-31T23:00:00-05:00", "0001-01-01T00:00:00+01:00",
+     "1969-12-31T23:59:59+00:00", "1970-01-01T00:00:00+00:01"],
+)  # fmt: skip
+def test_timestamps_outside_1970_to_9999_in_utc_are_refused(value: object) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        validation.check_timestamp(value, "items[0].created_at")
+    assert caught.value.field == "items[0].created_at"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (0, 0.0),
+        ("1970-01-01T00:00:00+00:00", 0.0),
+        (253402300799, 253402300799.0),
+        ("9999-12-31T23:59:59+00:00", 253402300799.0),
+        ("9999-12-31T18:59:59-05:00", 253402300799.0),
+    ],
+)
+def test_timestamps_at_the_edges_of_the_range_are_accepted_and_storable(value: object, expected: float) -> None:
+    from memq.workers.store import to_datetime
+
+    assert validation.check_timestamp(value, "created_at") == expected
+    to_datetime(expected)  # what the store does with it
+
+
+def test_stored_ids_digest_an_unambiguous_encoding_of_the_tenant_and_the_key() -> None:
+    import hashlib
+    import json
+
+    from memq import keys
+
+    assert keys.memory_object_id("p", "q\x1fnotes") != keys.memory_object_id("p\x1fq", "notes")
+    assert keys.memory_object_id("a", "bc") != keys.memory_object_id("ab", "c")
+    pair = json.dumps(["p", "q\x1fnotes"], ensure_ascii=True, separators=(",", ":"))
+    assert keys.memory_object_id("p", "q\x1fnotes") == hashlib.sha256(pair.encode("ascii")).hexdigest()[:32]
+
+
+def _embedded(*vectors: object, model: object = "all-MiniLM-L6-v2") -> dict[str, object]:
+    return {"vectors": list(vectors), "model": model}
+
+
+GOOD = to_wire(np.full(384, 0.05, dtype=np.float32))
+
+
+@pytest.mark.parametrize(
+    ("embedded", "field"),
+    [
+        (None, "embedded"),
+        ("vectors", "embedded"),
+        (_embedded(GOOD), "embedded.vectors"),
+        ({"vectors": GOOD, "model": "all-MiniLM-L6-v2"}, "embedded.vectors"),
+        (_embedded(GOOD, to_wire(np.ones(383, dtype=np.float32))), "embedded.vectors[1]"),
+        (_embedded(to_wire(np.ones(385, dtype=np.float32)), GOOD), "embedded.vectors[0]"),
+        (_embedded(GOOD, ""), "embedded.vectors[1]"),
+        (_embedded(GOOD, to_wire(np.full(384, np.nan, dtype=np.float32))), "embedded.vectors[1]"),
+        (_embedded(GOOD, to_wire(np.array([np.inf] + [0.0] * 383, dtype=np.float32))), "embedded.vectors[1]"),
+        (_embedded(GOOD, [0.1] * 384), "embedded.vectors[1]"),
+        (_embedded(GOOD, "%%%"), "embedded.vectors[1]"),
+        (_embedded(GOOD, "A" * 10_000_000), "embedded.vectors[1]"),
+        (_embedded(GOOD, "é" * 2048), "embedded.vectors[1]"),
+        (_embedded(GOOD, GOOD, model=["all-MiniLM-L6-v2"]), "embedded.model"),
+        (_embedded(GOOD, GOOD, model=None), "embedded.model"),
+        (_embedded(GOOD, GOOD, model="other-model"), "embedded.model"),
+    ],
+)
+def test_the_store_refuses_unsound_vectors_and_models_naming_the_field(embedded: object, field: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        validation.check_embedded(embedded, 2, 384, "all-MiniLM-L6-v2")
+    assert caught.value.field == field
+
+
+def test_the_store_decodes_sound_vectors_into_one_matrix() -> None:
+    matrix = validation.check_embedded(_embedded(GOOD, GOOD), 2, 384, "all-MiniLM-L6-v2")
+    assert matrix.shape == (2, 384) and matrix.dtype == np.float32 and np.allclose(matrix, 0.05)
+
+
+def _row(key: str, embedding: object, **fields: object) -> dict[str, object]:
+    row = {"_id": f"id-{key}", "memory_id": "t", "key": key, "content": f"content of {key}", "importance": 0.5}
+    if embedding is not None:
+        row["embedding"] = embedding
+    return {**row, **fields}
+
+
+def test_building_a_tenant_matrix_skips_and_counts_bad_rows_keeping_every_column_aligned() -> None:
+    from prometheus_client import REGISTRY
+
+    from memq.workers.search import Wanted, build_matrix
+
+    rng = np.random.default_rng(7)
+    good = {key: rng.standard_normal(384).astype(np.float32) for key in ("g1", "g2", "g3")}
+    docs = [
+        _row("bad-short", to_bson(np.ones(383, dtype=np.float32)), role="user", tags=["x"]),
+        _row("g1", to_bson(good["g1"]), role="assistant", tags=["one"]),
+        _row("bad-nan", to_bson(np.full(384, np.nan, dtype=np.float32)), role="user", tags=["x"]),
+        _row("bad-missing", None, role="user"),
+        _row("g2", bytes(to_bson(good["g2"])), role="user", tags=["two"]),  # as nx-27017 returns it
+        _row("bad-garbage", b"\x01\x02\x03", role="user"),
+        _row("bad-text", "not a vector"),
+        _row("bad-importance", to_bson(good["g1"]), importance=float("nan")),
+        _row("bad-date", to_bson(good["g1"]), created_at=1e300),
+        _row("g3", good["g3"].tolist(), role="system", tags=["three"]),
+    ]
+    labels = {"memory_type": "long_term_memory"}
+    before = REGISTRY.get_sample_value("memq_bad_stored_rows_total", labels) or 0.0
+
+    entry = build_matrix(docs, 1, "long_term_memory")
+
+    assert REGISTRY.get_sample_value("memq_bad_stored_rows_total", labels) == before + 7
+    assert [item["id"] for item in entry.items] == ["g1", "g2", "g3"]
+    assert entry.matrix.shape == (3, 384)
+    assert entry.roles == ["assistant", "user", "system"]
+    assert entry.tags == [frozenset({"one"}), frozenset({"two"}), frozenset({"three"})]
+    for key, vector in good.items():
+        [found] = top_k(entry, vector, 1, Wanted(query=f"content of {key}", mode="hybrid"))
+        assert found["id"] == key and all(math.isfinite(v) for v in found["scores"].values())
+    [lexical] = top_k(entry, good["g1"], 1, Wanted(query="content of g2", mode="lexical"))
+    assert lexical["id"] == "g2"  # the BM25 index holds the same rows in the same order
+    [user] = top_k(entry, good["g1"], 1, Wanted(filters={"role": "user"}))
+    assert user["id"] == "g2"
+
+
+def test_a_query_vector_that_is_not_finite_never_yields_nan_scores() -> None:
+    entry = TenantMatrix(1, [{"id": "a"}, {"id": "b"}], np.eye(2, dtype=np.float32))
+    got = top_k(entry, np.array([np.nan, 1.0], dtype=np.float32), 2)
+    assert all(math.isfinite(item["score"]) for item in got)
+
+
+class _FailingCollection:
+    """A collection whose unordered bulk write fails for some items, as MongoDB reports it."""
+
+    def __init__(self, failed: list[int], code: object = 11000) -> None:
+        self.failed = failed
+        self.code = code
+
+    def bulk_write(self, writes: list[object], ordered: bool) -> object:
+        from pymongo.errors import BulkWriteError
+
+        assert ordered is False
+        errors = [
+            {
+                "index": index,
+                "code": self.code,
+                "errmsg": "E11000 duplicate key error collection: memq.long_term_memory dup key: { content: 'SECRET' }",
+                "op": {"q": {"_id": "x"}, "u": {"$set": {"content": "SECRET"}}},
+            }
+            for index in self.failed
+        ]
+        written = len(writes) - len(self.failed)
+        raise BulkWriteError(
+            {"writeErrors": errors, "writeConcernErrors": [], "nUpserted": written, "nMatched": 0, "upserted": []}
+        )
+
+
+def test_a_partly_failed_batch_reports_its_failed_items_without_the_write_and_still_bumps_the_version(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import json
+
+    from memq.workers import steps, store, versions
+
+    bumped: list[tuple[str, list[str]]] = []
+    monkeypatch.setattr(store, "collection", lambda memory_type: _FailingCollection([1, 3]))
+    monkeypatch.setattr(versions, "bump_versions", lambda memory_id, types: bumped.append((memory_id, list(types))))
+    items = [{"content": f"memory {i}", "importance": 0.5} for i in range(4)]
+
+    result = steps.store_memories(_embedded(*[GOOD] * 4), "tenant", "long_term_memory", items)
+
+    assert result["failed"] == [{"index": 1, "reason": "duplicate key"}, {"index": 3, "reason": "duplicate key"}]
+    assert result["inserted"] == 2
+    assert bumped == [("tenant", ["long_term_memory"])]
+    assert "SECRET" not in json.dumps(result)
+
+
+def test_a_failed_write_reason_is_short_and_never_quotes_the_write() -> None:
+    from memq.workers.store import write_error_reason
+
+    assert write_error_reason({"code": "11000", "errmsg": "E11000 dup key: { content: 'SECRET' }"}) == "duplicate key"
+    assert (
+        write_error_reason({"code": 121, "errmsg": "Document failed validation: SECRET"})
+        == "document failed validation"
+    )
+    assert "SECRET" not in write_error_reason({"code": 2, "errmsg": "SECRET"})
+    assert "SECRET" not in write_error_reason({"errmsg": "SECRET"})
+
+
+def test_a_store_that_fails_before_writing_still_bumps_the_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection lost mid-batch may have written part of it: the version is bumped before the error goes up."""
+    from memq.errors import StoreUnavailable
+    from memq.workers import steps, store, versions
+
+    bumped: list[str] = []
+
+    def lost(memory_type: str, writes: list[object]) -> dict[str, object]:
+        raise StoreUnavailable("MongoDB unavailable: connection reset")
+
+    monkeypatch.setattr(store, "upsert", lost)
+    monkeypatch.setattr(versions, "bump_versions", lambda memory_id, types: bumped.append(memory_id))
+
+    with pytest.raises(StoreUnavailable):
+        steps.store_memories(_embedded(GOOD), "tenant", "long_term_memory", [{"content": "x", "importance": 0.5}])
+    assert bumped == ["tenant"]
+
+
+@pytest.mark.parametrize("depth", [33, 1000, 100_000])
+def test_a_jsonl_line_nested_deeper_than_32_is_refused_naming_the_line(depth: int, tmp_path: Path) -> None:
+    from memq.cli import MAX_JSONL_DEPTH, read_jsonl
+
+    path = tmp_path / "memories.jsonl"
+    deep = '{"content": "x", "metadata": {"a": ' + "[" * (depth - 2) + "]" * (depth - 2) + "}}"
+    path.write_text('{"content": "fine"}\n\n' + deep + "\n", encoding="utf-8")
+
+    with pytest.raises(InvalidInput) as caught:
+        read_jsonl(path)
+
+    assert MAX_JSONL_DEPTH == 32
+    assert caught.value.field == "file" and str(caught.value).startswith("file: line 3: ")
+
+
+def test_a_jsonl_line_nested_32_deep_is_read(tmp_path: Path) -> None:
+    from memq.cli import json_depth, read_jsonl
+
+    path = tmp_path / "memories.jsonl"
+    path.write_text('{"content": "x", "metadata": {"a": ' + "[" * 30 + "]" * 30 + "}}\n", encoding="utf-8")
+    assert json_depth(read_jsonl(path)[0]) == 32
+
+    line = {"content": "x", "metadata": {"a": [[[]]]}}
+    assert json_depth(line) == 5
+    assert json_depth([[[[]]]] * 3) == 4 and json_depth("text") == 0 and json_depth({}) == 1

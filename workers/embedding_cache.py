@@ -15,14 +15,13 @@ import numpy as np
 import redis
 
 from memq import keys
-from memq.cache_redis import Breaker, cache_redis
+from memq.cache_redis import breaker, cache_redis
 from memq.settings import get_settings
 from memq.workers.metrics import CACHE_REQUESTS
 
 log = logging.getLogger(__name__)
 
 FORMAT_BYTE = b"\x01"  # bump when the stored encoding changes: entries of another format read as misses
-breaker = Breaker("embedding cache")
 
 
 def encode_vector(vector: np.ndarray) -> bytes:

@@ -26,7 +26,15 @@ CACHE_REQUESTS = Counter("memq_cache_requests_total", "Cache look-ups by cache a
 VERSION_BUMP_FAILURES = Counter(
     "memq_version_bump_failures_total", "Writes whose tenant data version could not be bumped (each is retried)"
 )
+DEAD_LETTERS = Counter(
+    "memq_dead_letters_total", "Messages acknowledged into the dead-letter list instead of run", ["queue", "reason"]
+)
 STORE_WRITES = Counter("memq_memories_written_total", "Memories upserted", ["memory_type"])
+BAD_STORED_ROWS = Counter(
+    "memq_bad_stored_rows_total",
+    "Stored memories the exact search skipped: embedding missing, undecodable, of another dimension or not finite",
+    ["memory_type"],
+)
 MONGO_CHECKOUTS = Counter("memq_mongo_pool_checkouts_total", "Connections checked out of the Mongo pool")
 MONGO_CHECKOUT_FAILURES = Counter("memq_mongo_pool_checkout_failures_total", "Failed pool checkouts", ["reason"])
 MONGO_CHECKOUT_WAIT = Histogram(

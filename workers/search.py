@@ -4,13 +4,18 @@
   matrix, the BM25 index (``workers.lexical``) and the filter columns (created_at, role, tags) are built
   together, cached per process and keyed on the tenant's data version (``workers.versions``), so a write
   makes them unreachable at once. A warm search is one matrix-vector product and one sparse BM25 sum, fused
-  (``memq.ranking.fuse``), with the filters applied before the top k; it makes no MongoDB round trip.
+  (``memq.ranking.fuse``), with the filters applied before the top k; it makes no MongoDB round trip. A stored
+  row that cannot be searched (embedding missing, undecodable, of another dimension than ``MEMQ_EMBED_DIMENSIONS``
+  or not finite; fields unreadable) is left out of all three and counted (``memq_bad_stored_rows_total``), so one
+  bad row never fails its tenant's search.
 - ``vector_search``: Atlas ``$vectorSearch`` with ``memory_id`` as a pre-filter.
 - ``auto``: ``vector_search`` where the server runs the stage, ``exact`` elsewhere (nx-27017, mongod).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -25,7 +30,9 @@ from memq.settings import get_settings
 from memq.vectors import from_stored, normalise
 from memq.workers import store, versions
 from memq.workers.lexical import LexicalIndex
-from memq.workers.metrics import CACHE_REQUESTS, SEARCH_SECONDS
+from memq.workers.metrics import BAD_STORED_ROWS, CACHE_REQUESTS, SEARCH_SECONDS
+
+log = logging.getLogger(__name__)
 
 PROBE_TTL_S = 60.0
 
@@ -97,11 +104,44 @@ matrix_cache: ProcessLocal[MatrixCache] = ProcessLocal(lambda: MatrixCache(get_s
 _probe_results: dict[str, tuple[bool, float]] = {}
 
 
-def build_matrix(docs: list[dict[str, Any]], version: int) -> TenantMatrix:
-    items = [store.to_item(doc, 0.0) for doc in docs]
+def build_matrix(docs: list[dict[str, Any]], version: int, memory_type: str = "unknown") -> TenantMatrix:
+    """The matrix, BM25 index and filter columns of one tenant and type, row i of each from the same document.
+    Rows that cannot be searched are dropped from ``docs`` first (``usable_row``, then the finite check on the
+    stacked matrix), counted, and logged once per load."""
+    dimensions = get_settings().embed_dimensions
+    rows: list[np.ndarray] = []
+    items: list[dict[str, Any]] = []
+    kept: list[dict[str, Any]] = []
+    skipped: list[Any] = []
+    for doc in docs:
+        usable = usable_row(doc, dimensions)
+        if usable is None:
+            skipped.append(doc.get("_id"))
+            continue
+        rows.append(usable[0])
+        items.append(usable[1])
+        kept.append(doc)
+    stacked = np.stack(rows) if rows else np.zeros((0, dimensions), dtype=np.float32)
+    finite = np.isfinite(stacked).all(axis=1)
+    if not finite.all():
+        skipped += [kept[i].get("_id") for i in np.flatnonzero(~finite)]
+        keep = np.flatnonzero(finite)
+        stacked, items, kept = stacked[keep], [items[i] for i in keep], [kept[i] for i in keep]
+    if skipped:
+        BAD_STORED_ROWS.labels(memory_type=memory_type).inc(len(skipped))
+        log.warning(
+            "skipped %d of %d stored memories of %s that cannot be searched (embedding missing, undecodable, not "
+            "%d-dimensional or not finite, or fields unreadable); _id %s",
+            len(skipped),
+            len(docs),
+            memory_type,
+            dimensions,
+            ", ".join(repr(_id)[:40] for _id in skipped[:5]) + (" ..." if len(skipped) > 5 else ""),
+        )
+    docs = kept
     if not docs:
         return TenantMatrix(version, items, np.zeros((0, 0), dtype=np.float32), LexicalIndex([]))
-    matrix = normalise(np.stack([from_stored(doc[store.EMBEDDING_FIELD]) for doc in docs]))
+    matrix = normalise(stacked)
     created = [item["created_at_ts"] for item in items]
     return TenantMatrix(
         version,
@@ -112,6 +152,22 @@ def build_matrix(docs: list[dict[str, Any]], version: int) -> TenantMatrix:
         [item.get("role") for item in items],
         [frozenset(item.get("tags") or ()) for item in items],
     )
+
+
+def usable_row(doc: dict[str, Any], dimensions: int) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """A stored document's vector and result item, or ``None`` when its embedding is missing, undecodable or not
+    ``dimensions`` long, or its fields cannot make a JSON-safe item. (Finiteness is checked on the whole matrix.)"""
+    try:
+        vector = from_stored(doc[store.EMBEDDING_FIELD])
+        item = store.to_item(doc, 0.0)
+        frozenset(item.get("tags") or ())
+    except Exception:  # whatever a hand-written row holds: KeyError, TypeError, ValueError, OverflowError...
+        return None
+    if vector.shape != (dimensions,):
+        return None
+    if not isinstance(item["id"], str) or not isinstance(item["content"], str) or not math.isfinite(item["importance"]):
+        return None
+    return vector, item
 
 
 def filter_mask(entry: TenantMatrix, filters: dict[str, Any]) -> np.ndarray:
@@ -139,6 +195,8 @@ def top_k(entry: TenantMatrix, query: np.ndarray, k: int, wanted: Wanted | None 
     wanted = wanted or Wanted()
     if not entry.items or k <= 0:
         return []
+    if not np.isfinite(query).all():  # a forged query vector: no NaN scores (stored rows are finite, see build_matrix)
+        query = np.zeros_like(query)
     vector = entry.matrix @ normalise(query.astype(np.float32)) if query.size else np.zeros(len(entry.items))
     lexical = np.zeros(len(entry.items), dtype=np.float32)
     if wanted.mode != "vector" and wanted.query is not None and entry.lexical is not None:
@@ -168,14 +226,14 @@ def exact_search(memory_id: str, memory_type: str, query: np.ndarray, k: int, wa
     key = (memory_id, memory_type)
     cache = matrix_cache.get()
     if known is None:  # Redis down: never trust a cached matrix
-        entry = build_matrix(store.load_tenant(memory_id, memory_type), -1)
+        entry = build_matrix(store.load_tenant(memory_id, memory_type), -1, memory_type)
         outcome = "bypass"
     else:
         version = known[memory_type]
         entry = cache.get(key, version)
         outcome = "hit"
         if entry is None:
-            entry = build_matrix(store.load_tenant(memory_id, memory_type), version)
+            entry = build_matrix(store.load_tenant(memory_id, memory_type), version, memory_type)
             cache.put(key, entry)
             outcome = "miss"
     CACHE_REQUESTS.labels(cache="matrix", outcome=outcome).inc()

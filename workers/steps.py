@@ -5,13 +5,12 @@ Each step takes and returns JSON-safe values, so it runs the same in a test, a w
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
-
-from memq import ranking, result_cache
+from memq import ranking, result_cache, validation
 from memq.cache_redis import cache_redis
 from memq.settings import get_settings
 from memq.vectors import from_wire, to_wire
@@ -147,8 +146,8 @@ def merge(results: Sequence[dict[str, Any]], request: dict[str, Any]) -> dict[st
         "timings_ms": timings,
         "cached": False,
     }
-    if request.get("cache_key"):
-        result_cache.store(cache_redis.get(), request["cache_key"], merged, request["cache_ttl_s"])
+    if request.get("cache_versions") is not None:  # the key is derived from the request, never taken from it
+        result_cache.store_merged(cache_redis.get(), settings, request, merged)
     return merged
 
 
@@ -179,11 +178,24 @@ def _public(item: dict[str, Any]) -> dict[str, Any]:
 def store_memories(
     embedded: dict[str, Any], memory_id: str, memory_type: str, items: Sequence[dict[str, Any]]
 ) -> dict[str, Any]:
-    vectors = np.stack([from_wire(v) for v in embedded["vectors"]])
+    """Write checked ``items`` with their vectors, then bump the tenant's data version.
+
+    The vectors are checked first (``validation.check_embedded``: one per item, the model's dimension, finite,
+    from the embed model), so a bad one is ``InvalidInput`` and nothing is written. Once the bulk write ran the
+    version is bumped whatever its outcome: after a partly failed batch (which returns its ``failed`` items, see
+    ``store.upsert``) and before an error goes up (a lost connection may have written part of the batch; the task
+    is retried and the write is idempotent), so no cache goes on serving the tenant's memories from before it."""
+    settings = get_settings()
+    vectors = validation.check_embedded(embedded, len(items), settings.embed_dimensions, settings.embed_model)
     writes = store.build_writes(memory_id, memory_type, items, vectors, embedded["model"], time.time())
-    counts = store.upsert(memory_type, writes)
+    try:
+        counts = store.upsert(memory_type, writes)
+    except Exception:
+        with contextlib.suppress(Exception):  # the retried task bumps again; the write's own error goes up
+            versions.bump_versions(memory_id, [memory_type])
+        raise
     versions.bump_versions(memory_id, [memory_type])
-    STORE_WRITES.labels(memory_type=memory_type).inc(len(writes))
+    STORE_WRITES.labels(memory_type=memory_type).inc(len(writes) - len(counts["failed"]))
     return {"memory_id": memory_id, "type": memory_type, "ids": [store.memory_key(i) for i in items], **counts}
 
 

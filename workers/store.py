@@ -7,7 +7,7 @@ read, rank or delete another tenant's documents.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -16,7 +16,7 @@ import numpy as np
 import pymongo
 from pymongo import UpdateOne
 from pymongo.collection import Collection
-from pymongo.errors import ConnectionFailure, ExecutionTimeout, OperationFailure, PyMongoError
+from pymongo.errors import BulkWriteError, ConnectionFailure, ExecutionTimeout, OperationFailure, PyMongoError
 
 from memq import keys
 from memq.errors import StoreUnavailable
@@ -31,6 +31,16 @@ EMBEDDING_FIELD = "embedding"
 CONTEXT_FIELD = "context"  # text the writer supplied beside the content: searched lexically, never embedded
 FILTER_PATHS = ("tags", "created_at", "role")  # what retrieval filters on, besides memory_id
 ITEM_FIELDS_OUT = ("role", "tags", "metadata")
+# A failed write's reason as ``upsert`` reports it: by the server's error code, never its message (which quotes
+# the document).
+WRITE_ERROR_REASONS = {
+    11000: "duplicate key",
+    11001: "duplicate key",
+    121: "document failed validation",
+    10334: "document too large",
+    17419: "document too large",
+    17280: "index key too large",
+}
 
 
 def _connect() -> pymongo.MongoClient:
@@ -153,10 +163,49 @@ def build_writes(
     return writes
 
 
-def upsert(memory_type: str, writes: list[UpdateOne]) -> dict[str, int]:
-    with transient_errors():
-        result = collection(memory_type).bulk_write(writes, ordered=False)
-    return {"inserted": result.upserted_count, "updated": result.matched_count}
+def upsert(memory_type: str, writes: list[UpdateOne]) -> dict[str, Any]:
+    """One unordered bulk write: ``{"inserted", "updated", "failed"}``.
+
+    A partly failed batch (``BulkWriteError``: a unique index the operator added, a schema validator) is not an
+    exception: the other writes are in MongoDB, so it returns their counts and, under ``failed``, each failed
+    write as ``{"index": its position in the batch, "reason": a short reason}`` (``write_error_reason``: never
+    the document nor the server's message, which quotes it). The caller (``steps.store_memories``) bumps the
+    tenant's data version either way, and ``memq.store`` returns this result rather than failing, so the caller
+    learns what was written and which items to fix or re-send (the write is idempotent). A write-concern error
+    alone (written, durability unconfirmed) raises ``StoreUnavailable``, so the store is retried."""
+    try:
+        with transient_errors():
+            result = collection(memory_type).bulk_write(writes, ordered=False)
+    except BulkWriteError as exc:
+        details = exc.details or {}
+        failed = [
+            {"index": _write_index(error), "reason": write_error_reason(error)}
+            for error in details.get("writeErrors") or []
+        ]
+        if not failed:
+            raise StoreUnavailable("MongoDB did not confirm the write concern of the batch") from None
+        return {
+            "inserted": int(details.get("nUpserted") or 0),
+            "updated": int(details.get("nMatched") or 0),
+            "failed": sorted(failed, key=lambda entry: entry["index"]),
+        }
+    return {"inserted": result.upserted_count, "updated": result.matched_count, "failed": []}
+
+
+def write_error_reason(error: Mapping[str, Any]) -> str:
+    """A short reason for one failed write of a bulk write, from its code alone."""
+    try:
+        code = int(error.get("code"))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "write error"
+    return WRITE_ERROR_REASONS.get(code, f"write error {code}")
+
+
+def _write_index(error: Mapping[str, Any]) -> int:
+    try:
+        return int(error.get("index"))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return -1
 
 
 def load_tenant(memory_id: str, memory_type: str) -> list[dict[str, Any]]:
