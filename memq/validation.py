@@ -346,3 +346,56 @@ def check_embedded(embedded: Any, count: int, dimensions: int, model: str) -> np
             raise InvalidInput(where, "must hold finite values only (no NaN or infinity)")
         matrix[index] = vector
     return matrix
+
+
+SEARCH_TIMING_FIELDS = ("search_ms", "search_started_ts", "embed_ms", "embed_started_ts", "embed_ended_ts")
+MAX_ERROR_CHARS = 500
+
+
+def check_search_results(results: Any, limits: Mapping[str, int]) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The search results ``memq.merge`` received, as it may rank them: each a dict for one requested type, its
+    items with finite scores and an importance in 0..1. A malformed result (a forged message, a broken worker) is
+    left out and its type reported under errors; a malformed list is ``InvalidInput``."""
+    if not isinstance(results, list | tuple):
+        raise InvalidInput("results", "must be a list of search results")
+    kept: list[dict[str, Any]] = []
+    errors: dict[str, str] = {}
+    for result in results:
+        memory_type = result.get("type") if isinstance(result, dict) else None
+        if not isinstance(memory_type, str) or memory_type not in limits:
+            continue  # names no requested type: nothing to report it under
+        problem = _search_result_problem(result)
+        if problem is not None:
+            errors[memory_type] = f"malformed search result: {problem}"
+            continue
+        kept.append(result)
+    return kept, errors
+
+
+def _search_result_problem(result: dict[str, Any]) -> str | None:
+    for name in SEARCH_TIMING_FIELDS:
+        if result.get(name) is not None and not is_finite_number(result[name]):
+            return f"{name} is not a finite number"
+    if "error" in result:
+        return None if isinstance(result["error"], str) else "error is not a string"
+    items = result.get("items")
+    if not isinstance(items, list) or len(items) > MAX_CANDIDATES:
+        return f"items is not a list of at most {MAX_CANDIDATES}"
+    return next((problem for item in items if (problem := _item_problem(item)) is not None), None)
+
+
+def _item_problem(item: Any) -> str | None:
+    if not isinstance(item, dict) or not isinstance(item.get("id"), str) or not isinstance(item.get("content"), str):
+        return "an item is not an object with string id and content"
+    if not is_finite_number(item.get("score")):
+        return "an item's score is not a finite number"
+    importance = item.get("importance", 0.5)
+    if not is_finite_number(importance) or not 0 <= importance <= 1:
+        return "an item's importance is not in 0..1"
+    for name in ("created_at_ts", "last_accessed_at_ts"):
+        if item.get(name) is not None and not is_finite_number(item[name]):
+            return f"an item's {name} is not a finite number"
+    scores = item.get("scores", {})
+    if not isinstance(scores, dict) or any(v is not None and not is_finite_number(v) for v in scores.values()):
+        return "an item's scores are not finite numbers"
+    return None

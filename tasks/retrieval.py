@@ -61,6 +61,8 @@ def search(
         memory_id = validation.check_memory_id(memory_id)
         memory_type = validation.check_memory_type(memory_type).value
         k = validation.check_search_k(k)
+        if not isinstance(embedded, dict) or not isinstance(embedded.get("vector"), str):
+            raise InvalidInput("embedded", "must be the embed step's result, with a base64 'vector'")
         wanted = steps.Wanted(
             query=None if query is None else validation.check_query(query, settings.max_query_chars),
             mode=validation.check_mode(mode),

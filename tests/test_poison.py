@@ -173,3 +173,39 @@ def test_dead_letters_are_listed_counted_and_purged_by_the_cli(broker: redis.Red
     assert status["dead_letters"] == 1
     assert listed["dead_letters"][0]["reason"] == "bad_body" and listed["dead_letters"][0]["queue"] == "ingest"
     assert listed["purged"] == 1 and broker.llen(keys.DEAD_LETTERS) == 0
+
+
+def test_a_search_message_with_an_embedded_that_is_not_a_dict_reports_the_type_instead_of_raising(
+    app: Any, tenant: str
+) -> None:
+    sent = app.send_task(names.SEARCH, args=[["not", "a", "dict"], tenant, "semantic", 3], queue=names.SEARCH_QUEUE)
+
+    result = sent.get(timeout=30)
+
+    assert result["type"] == "long_term_memory" and result["items"] == []
+    assert result["error"].startswith("invalid input: embedded:")
+
+
+def test_a_merge_of_garbage_or_forged_results_reports_those_types_and_ranks_nothing_from_them(
+    app: Any, tenant: str
+) -> None:
+    from memq.requests import retrieval_request
+    from memq.settings import get_settings
+
+    request = retrieval_request(get_settings(), "anything", tenant, {"semantic": 2, "episodic": 2, "procedural": 1})
+    forged_item = {"id": "x", "content": "forged", "score": 0.9, "importance": 1e308}
+    results = [
+        {"type": "long_term_memory", "items": [forged_item], "search_ms": 1.0},
+        {"type": "conversation_memory", "items": "garbage"},
+        7,
+        {"type": "workflow_memory", "items": [], "search_ms": float("inf")},
+    ]
+
+    merged = app.send_task(names.MERGE, kwargs={"results": results, "request": request}, queue=names.SEARCH_QUEUE)
+    result = merged.get(timeout=30)
+
+    assert all(items == [] for items in result["results"].values())
+    assert set(result["errors"]) == {"long_term_memory", "conversation_memory", "workflow_memory"}
+    assert "importance" in result["errors"]["long_term_memory"]
+    with pytest.raises(Exception, match="results"):
+        app.send_task(names.MERGE, kwargs={"results": "garbage", "request": request}, queue="search").get(timeout=30)

@@ -268,3 +268,30 @@ def test_hybrid_in_atlas_finds_the_rare_code_and_keeps_filters_inside_both_pipel
 
     assert [item["content"] for item in atlas["results"]["long_term_memory"]] == [RARE]
     assert ids(filtered) == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "field"),
+    [(["--after", "yesterday"], "filters.created_after"), (["--role", "$admin"], "filters.role")],
+)
+def test_bad_filter_flags_are_refused_by_the_cli_in_one_line(tenant: str, flags: list[str], field: str) -> None:
+    cli = subprocess.run(
+        [*RETRIEVE_CLI, "anything", "--memory-id", tenant, "--limit", "semantic=1", *flags, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=os.environ,
+    )
+
+    assert cli.returncode == 2 and json.loads(cli.stdout)["field"] == field
+
+
+@pytest.mark.parametrize(("filters", "field"), BAD_FILTERS[:4])
+def test_bad_filters_sent_by_task_name_are_refused_naming_the_field(
+    app: Any, tenant: str, filters: Any, field: str
+) -> None:
+    sent = app.send_task("memq.retrieve", args=["anything", tenant, {"semantic": 1}], kwargs={"filters": filters})
+
+    with pytest.raises(InvalidInput) as raised:
+        sent.get(timeout=30)
+    assert raised.value.field == field

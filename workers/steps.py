@@ -12,6 +12,7 @@ from typing import Any
 
 from memq import ranking, result_cache, validation
 from memq.cache_redis import cache_redis
+from memq.requests import RetrievalRequest
 from memq.settings import get_settings
 from memq.vectors import from_wire, to_wire
 from memq.workers import embedding_cache, store, versions
@@ -101,12 +102,14 @@ def search_failed(memory_type: str, message: str, embedded: dict[str, Any] | Non
     return {"type": memory_type, "items": [], "error": message, **_embed_timings(embedded or {})}
 
 
-def _embed_timings(embedded: dict[str, Any]) -> dict[str, Any]:
-    """The embed step's timings, passed along by each search so that merge sees them."""
+def _embed_timings(embedded: Any) -> dict[str, Any]:
+    """The embed step's timings, passed along by each search so that merge sees them (none from a malformed one)."""
+    if not isinstance(embedded, dict):
+        return {}
     return {key: embedded.get(key) for key in ("embed_ms", "embed_started_ts", "embed_ended_ts")}
 
 
-def merge(results: Sequence[dict[str, Any]], request: dict[str, Any]) -> dict[str, Any]:
+def merge(results: Sequence[dict[str, Any]], request: RetrievalRequest) -> dict[str, Any]:
     """Rank each type's candidates by memory_signal, keep its k, report per-type errors and timings."""
     started_ts = time.time()
     started = time.perf_counter()
@@ -115,22 +118,24 @@ def merge(results: Sequence[dict[str, Any]], request: dict[str, Any]) -> dict[st
     limits: dict[str, int] = request["limits"]
     weights: dict[str, float] = request["weights"]
     ranked: dict[str, list[dict[str, Any]]] = {t: [] for t in limits}
-    errors: dict[str, str] = {}
+    results, errors = validation.check_search_results(results, limits)
     timings: dict[str, Any] = {"search_ms": {}, "matrix_cache": {}}
     for result in results:
         memory_type = result["type"]
         if result.get("embed_ms") is not None:
             timings["embed_ms"] = result["embed_ms"]
         if "error" in result:
-            errors[memory_type] = result["error"]
+            errors[memory_type] = result["error"][: validation.MAX_ERROR_CHARS]
             continue
-        timings["search_ms"][memory_type] = result["search_ms"]
+        timings["search_ms"][memory_type] = result.get("search_ms", 0.0)
         timings["matrix_cache"][memory_type] = result.get("matrix_cache")
         best = ranking.rank_type(result["items"], limits[memory_type], weights, now_ts, settings.recency_half_life_s)
         ranked[memory_type] = [_public(item) for item in best]
     arrived = {result["type"] for result in results}
     for memory_type in limits:
-        if memory_type not in arrived:  # a lost (or duplicated-in-its-place) chord header: never silently empty
+        if (
+            memory_type not in arrived and memory_type not in errors
+        ):  # a lost (or duplicated-in-its-place) chord header: never silently empty
             errors[memory_type] = "no search result arrived for this type"
     merge_s = time.perf_counter() - started
     MERGE_SECONDS.observe(merge_s)
