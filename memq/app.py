@@ -2,16 +2,35 @@
 
 Importing it loads no model, opens no connection and imports nothing of the worker side: the task
 definitions and the worker start-up hooks are named in ``include``, which only a worker process imports.
+
+Every task message published through it carries ``memq_published_at`` (``stamp_published_at``), from which
+``memq exporter`` reports how long the oldest message of each queue has waited.
 """
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 from celery import Celery
+from celery.signals import before_task_publish
 
 from memq.config.celery import celery_config
 from memq.settings import get_settings
 
 WORKER_MODULES = ["memq.workers.startup", "memq.tasks.retrieval", "memq.tasks.ingest", "memq.tasks.diagnostics"]
+# The header memq.exporter reads (it keeps its own copy of the name: it never imports Celery).
+PUBLISHED_AT_HEADER = "memq_published_at"
 
 app = Celery("memq", include=WORKER_MODULES)
 app.config_from_object(celery_config(get_settings()))
+
+
+@before_task_publish.connect(dispatch_uid="memq.stamp_published_at")
+def stamp_published_at(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """Stamps the publish time (Unix seconds) on every task message this process sends: a web process's
+    retrievals and writes, a worker's chain and chord steps, retries. Set on each publish, never kept from an
+    earlier one: Celery copies a task's custom headers onto its retry, whose wait starts when it is sent again.
+    Celery's documented signal (``before_task_publish``: "headers ... can be modified")."""
+    if isinstance(headers, dict):
+        headers[PUBLISHED_AT_HEADER] = time.time()

@@ -8,15 +8,17 @@ from typing import Any
 from celery import chain, chord
 from celery.canvas import Signature
 
-from memq import names
+from memq import names, sharding
 from memq.app import app
 from memq.requests import RetrievalRequest
+from memq.settings import get_settings
 
 
 def retrieval_canvas(request: RetrievalRequest) -> Signature:
     """``embed(query) | group(search(type) for type in limits) | merge``: the query is embedded once,
     each type is searched in parallel on the search queue, and merge ranks the union."""
     expires = datetime.fromtimestamp(request["deadline_ts"], tz=UTC)
+    search_queue = sharding.search_queue_for(request["memory_id"], get_settings().search_shards)
     searches = [
         app.signature(
             names.SEARCH,
@@ -28,7 +30,7 @@ def retrieval_canvas(request: RetrievalRequest) -> Signature:
                 "mode": request["mode"],
                 "filters": request["filters"],
             },
-            queue=names.SEARCH_QUEUE,
+            queue=search_queue,
             expires=expires,
         )
         for memory_type in request["limits"]

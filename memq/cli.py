@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5555)
     p.add_argument("--address", default="0.0.0.0")
     p.set_defaults(handler=cmd_flower)
+
+    p = sub.add_parser("exporter", help="Prometheus: messages waiting per queue and the oldest one's age")
+    p.add_argument("--port", type=int, default=9808)
+    p.add_argument("--address", default="0.0.0.0")
+    p.add_argument("--interval-s", type=float, default=5.0, help="seconds between two reads of the broker")
+    p.set_defaults(handler=cmd_exporter)
     return parser
 
 
@@ -122,6 +128,14 @@ def run_worker(argv: list[str]) -> int:
         from memq.workers.gpu_launcher import run_from_argv
 
         return int(run_from_argv(extra) or 0)  # one pinned embed worker per GPU, supervised together
+    if kind == "search":
+        try:
+            queues = search_worker_queues(extra)
+        except ValueError as exc:
+            print(f"memq: error: {exc}", file=sys.stderr)
+            return 2
+    else:
+        queues = [kind]
     if "--device" in extra:
         at = extra.index("--device")
         os.environ["MEMQ_EMBED_DEVICE"] = extra[at + 1]
@@ -134,11 +148,27 @@ def run_worker(argv: list[str]) -> int:
     # Worker processes only: envelopes the transport cannot decode are dead-lettered (memq.workers.guard).
     if app.conf.broker_url.startswith(("redis://", "rediss://", "unix://")):
         app.conf.broker_transport = GUARDED_REDIS_TRANSPORT
-    args = ["worker", "-Q", kind, *WORKER_DEFAULTS[kind]]
+    args = ["worker", "-Q", ",".join(queues), *WORKER_DEFAULTS[kind]]
     if not any(a in ("-n", "--hostname") or a.startswith("--hostname=") for a in extra):
         args += ["-n", f"{kind}@%h"]
     app.worker_main([*args, *extra])
     return 0
+
+
+def search_worker_queues(extra: list[str]) -> list[str]:
+    """``--shards 0,2`` (taken out of ``extra``): the shard queues this search worker serves, beside the shared
+    ``search`` queue every search worker serves (merge runs there; so do all searches without shards)."""
+    from memq import sharding
+    from memq.settings import get_settings
+
+    if "--shards" not in extra:
+        return [names.SEARCH_QUEUE]
+    at = extra.index("--shards")
+    if at + 1 >= len(extra):
+        raise ValueError("--shards needs a value, e.g. --shards 0,2")
+    chosen = sharding.parse_shards(extra[at + 1], get_settings().search_shards)
+    del extra[at : at + 2]
+    return [names.SEARCH_QUEUE, *(sharding.shard_queue(s) for s in chosen)]
 
 
 def parse_pairs(values: Sequence[str], field: str, number: type) -> dict[str, Any]:
@@ -208,6 +238,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             item = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InvalidInput("file", f"line {number}: not JSON ({exc.msg})") from None
+        except ValueError:  # e.g. an integer of more digits than Python converts
+            raise InvalidInput("file", f"line {number}: not JSON memq can read") from None
         except RecursionError:  # json.loads of a line nested thousands deep
             item = None
             depth = MAX_JSONL_DEPTH + 1
@@ -322,6 +354,12 @@ def cmd_flower(args: argparse.Namespace) -> int:
     from memq.flower import run_flower
 
     return run_flower(args.port, args.address)
+
+
+def cmd_exporter(args: argparse.Namespace) -> int:
+    from memq.exporter import run_exporter
+
+    return run_exporter(args.port, args.address, args.interval_s)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ from memq import keys, validation
 from memq.errors import InvalidInput
 from memq.ranking import candidates_for
 from memq.settings import SEARCH_STRATEGIES, Settings
+from memq.validation import MAX_CACHE_TTL_S
 
 RESULT_FORMAT = 3  # bump when the result's or its cache envelope's shape changes: old entries are then never read
-MAX_CACHE_TTL_S = 30 * 24 * 3600
 MAX_DATA_VERSION = 2**63 - 1  # a Redis INCR counter
 
 

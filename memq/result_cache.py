@@ -93,8 +93,24 @@ class Lookup:
     wait_ms: float = 0.0
 
 
+# KEYS: the requested types' version keys, the result key, its lock. ARGV: how many version keys, the versions the
+# client read, the entry, its TTL in ms. Stores only while every version is still the one the client read (else a
+# result computed before a write, or a forged one naming future versions, could be served after it); drops the lock.
+STORE_IF_CURRENT_LUA = """
+local n = tonumber(ARGV[1])
+for i = 1, n do
+  if (redis.call('GET', KEYS[i]) or '0') ~= ARGV[i + 1] then
+    redis.call('DEL', KEYS[n + 2])
+    return 0
+  end
+end
+redis.call('SET', KEYS[n + 1], ARGV[n + 2], 'PX', ARGV[n + 3])
+redis.call('DEL', KEYS[n + 2])
+return 1
+"""
 LOOKUP = Script(None, LOOKUP_LUA.encode())  # run with ``client=``: EVALSHA, falling back to EVAL once per server
 RELEASE = Script(None, RELEASE_LUA.encode())
+STORE_IF_CURRENT = Script(None, STORE_IF_CURRENT_LUA.encode())
 
 
 def enabled(settings: Settings) -> bool:
@@ -151,15 +167,29 @@ def store_merged(client: redis.Redis, settings: Settings, request: RetrievalRequ
     ``result_cache_ttl_s`` (0: not cached), and drop that key's single-flight lock."""
     if not enabled(settings) or request.get("cache_versions") is None:
         return False
-    ttl_s = min(request["cache_ttl_s"], settings.result_cache_ttl_s)
-    return store(client, cache_key_of(settings, request), result, ttl_s)
+    key = cache_key_of(settings, request)
+    ttl_ms = _ttl_ms(result, min(request["cache_ttl_s"], settings.result_cache_ttl_s))
+    version_keys = [keys.tenant_version(request["memory_id"], t) for t in cache_types(request)]
+    fingerprint = keys.parse_result_key(key)[0]  # type: ignore[index]
+    entry = encode_entry(result, request["memory_id"], fingerprint)
+    versions = [str(v) for v in request["cache_versions"]]
+    try:
+        stored = STORE_IF_CURRENT(
+            keys=[*version_keys, key, keys.lock_of(key)],
+            args=[len(version_keys), *versions, entry, ttl_ms],
+            client=client,
+        )
+    except (redis.RedisError, OSError) as exc:
+        log.warning("result cache unavailable (%s); result not cached", exc)
+        return False
+    return bool(stored)
 
 
 def store(client: redis.Redis, cache_key: str, result: dict[str, Any], ttl_s: int) -> bool:
     """Cache ``result`` under ``cache_key`` (its envelope names the result's ``memory_id`` and the key's
     fingerprint) and drop its single-flight lock. A result with per-type errors is kept only
     ``PARTIAL_RESULT_TTL_MS``: long enough for the identical callers waiting on it, not for later ones."""
-    ttl_ms = ttl_s * 1000 if not result.get("errors") else min(ttl_s * 1000, PARTIAL_RESULT_TTL_MS)
+    ttl_ms = _ttl_ms(result, ttl_s)
     parsed = keys.parse_result_key(cache_key)
     try:
         pipe = client.pipeline(transaction=True)
@@ -170,6 +200,10 @@ def store(client: redis.Redis, cache_key: str, result: dict[str, Any], ttl_s: in
         log.warning("result cache unavailable (%s); result not cached", exc)
         return False
     return True
+
+
+def _ttl_ms(result: dict[str, Any], ttl_s: int) -> int:
+    return ttl_s * 1000 if not result.get("errors") else min(ttl_s * 1000, PARTIAL_RESULT_TTL_MS)
 
 
 def encode_entry(result: dict[str, Any], memory_id: str | None, fingerprint: str | None) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from memq.errors import ConfigError
-from memq.validation import MAX_CANDIDATES, MAX_LIMIT, MAX_OVERSAMPLE
+from memq.validation import MAX_CACHE_TTL_S, MAX_CANDIDATES, MAX_LIMIT, MAX_OVERSAMPLE
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 SEARCH_STRATEGIES = ("auto", "exact", "vector_search")
@@ -49,6 +49,7 @@ class Settings:
     result_expires_s: int = 600
     visibility_timeout_s: int = 300
     search_max_retries: int = 3
+    search_shards: int = 1  # tenant-affinity shards of the search pool (memq.sharding); 1: the shared queue
     max_deliveries: int = 5  # a message redelivered more often is dead-lettered instead of run again
     dead_letter_max: int = 10_000  # dead letters kept (newest first)
     flower_basic_auth: str = field(default="", repr=False)
@@ -88,14 +89,15 @@ class Settings:
             "num_candidates_factor",
             "max_deliveries",
             "dead_letter_max",
+            "search_shards",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"MEMQ_{name.upper()} must be >= 1")
         if self.recency_half_life_s <= 0:
             raise ConfigError("MEMQ_RECENCY_HALF_LIFE_S must be > 0")
         for name in ("result_cache_ttl_s", "embedding_cache_ttl_s"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"MEMQ_{name.upper()} must be >= 0 (0 disables the cache)")
+            if not 0 <= getattr(self, name) <= MAX_CACHE_TTL_S:
+                raise ConfigError(f"MEMQ_{name.upper()} must be in 0..{MAX_CACHE_TTL_S} (0 disables the cache)")
         if self.single_flight_lock_s <= 0:
             raise ConfigError("MEMQ_SINGLE_FLIGHT_LOCK_S must be > 0")
 

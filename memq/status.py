@@ -17,7 +17,7 @@ from typing import Any
 import redis
 from kombu.utils.url import maybe_sanitize_url
 
-from memq import keys, names
+from memq import keys, names, sharding
 from memq.cache_redis import cache_redis
 from memq.settings import Settings, get_settings
 
@@ -29,17 +29,19 @@ def collect_status(settings: Settings | None = None, timeout_s: float = STATUS_T
     redis_state = redis_reachability(settings.broker_url, timeout_s)
     mongo_state = mongo_reachability(settings.mongodb_uri, timeout_ms=int(timeout_s * 1000))
     workers: dict[str, dict[str, Any]] = {}
-    depths: dict[str, int | None] = dict.fromkeys(names.QUEUES)
+    all_queues = fleet_queues(settings.search_shards)
+    depths: dict[str, int | None] = dict.fromkeys(all_queues)
     if redis_state["reachable"]:  # never block on a broker that is down
         from memq.app import app
 
         workers = worker_infos(app, timeout_s)
-        depths = queue_depths(app, names.QUEUES)
+        depths = queue_depths(app, all_queues)
     queues = {
         queue: {"depth": depths[queue], "workers": sorted(h for h, w in workers.items() if queue in w["queues"])}
-        for queue in names.QUEUES
+        for queue in all_queues
     }
-    ok = redis_state["reachable"] and mongo_state["reachable"] and all(q["workers"] for q in queues.values())
+    unserved = [queue for queue, state in queues.items() if not state["workers"]]
+    ok = redis_state["reachable"] and mongo_state["reachable"] and not unserved
     dead = dead_letter_count() if redis_state["reachable"] else None
     return {
         "ok": ok,
@@ -47,8 +49,15 @@ def collect_status(settings: Settings | None = None, timeout_s: float = STATUS_T
         "mongodb": mongo_state,
         "queues": queues,
         "workers": workers,
+        "unserved_queues": unserved,
         "dead_letters": dead,
     }
+
+
+def fleet_queues(search_shards: int) -> tuple[str, ...]:
+    """The queues a healthy fleet serves: embed, search (merge), ingest, and each search shard."""
+    shards = sharding.search_queues(search_shards) if search_shards > 1 else []
+    return (*names.QUEUES, *shards)
 
 
 def dead_letters(limit: int = 100) -> list[dict[str, Any]]:
@@ -101,7 +110,7 @@ def mongo_reachability(uri: str, timeout_ms: int) -> dict[str, Any]:
     return state
 
 
-def queue_depths(app: Any, queues: tuple[str, ...]) -> dict[str, int | None]:
+def queue_depths(app: Any, queues: tuple[str, ...] | list[str]) -> dict[str, int | None]:
     """Messages waiting per queue. A Redis queue with nothing waiting has no key: that reads as 0."""
     from kombu.exceptions import ChannelError
 
@@ -135,6 +144,8 @@ def normalised_info(hostname: str, info: Any) -> dict[str, Any]:
 
 def format_status(status: dict[str, Any]) -> str:
     lines = [f"memq status: {'ok' if status['ok'] else 'NOT OK'}"]
+    if status.get("unserved_queues"):
+        lines.append(f"  no worker serves: {', '.join(status['unserved_queues'])}")
     for name in ("redis", "mongodb"):
         service = status[name]
         state = "reachable" if service["reachable"] else f"UNREACHABLE ({service['error']})"

@@ -17,6 +17,7 @@ from memq.errors import InvalidInput
 from memq.memory_types import ALIASES, MemoryType, known_type_names
 
 MAX_MEMORY_ID_CHARS = 256
+MAX_CACHE_TTL_S = 30 * 24 * 3600  # the longest a retrieval result may be cached
 MAX_LIMIT = 100  # results per memory type
 MAX_CANDIDATES = 1000  # candidates one type's search may return for re-ranking
 MAX_OVERSAMPLE = MAX_CANDIDATES // MAX_LIMIT  # so that every limit's candidates fit
@@ -46,6 +47,14 @@ def check_utf8(text: str, field: str) -> str:
     except UnicodeEncodeError as exc:
         raise InvalidInput(field, f"must be valid UTF-8 text (a lone surrogate at character {exc.start})") from None
     return text
+
+
+def shown(value: Any) -> str:
+    """A caller's value as an error message may quote it: short, and never too large to print."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**30:
+        return "a very large integer"
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def is_finite_number(value: Any) -> bool:
@@ -103,7 +112,7 @@ def check_limits(limits: Any) -> dict[str, int]:
     for name, k in limits.items():
         memory_type = check_memory_type(name, field=f"limits[{name!r}]" if isinstance(name, str) else "limits")
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_LIMIT:
-            raise InvalidInput(f"limits[{name!r}]", f"must be an integer in 1..{MAX_LIMIT}, got {k!r}")
+            raise InvalidInput(f"limits[{name!r}]", f"must be an integer in 1..{MAX_LIMIT}, got {shown(k)}")
         if memory_type.value in checked:
             raise InvalidInput("limits", f"memory type {memory_type.value!r} is named twice")
         checked[memory_type.value] = k
@@ -113,7 +122,7 @@ def check_limits(limits: Any) -> dict[str, int]:
 def check_search_k(k: Any) -> int:
     """How many candidates one type's search returns."""
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_CANDIDATES:
-        raise InvalidInput("k", f"must be an integer in 1..{MAX_CANDIDATES}, got {k!r}")
+        raise InvalidInput("k", f"must be an integer in 1..{MAX_CANDIDATES}, got {shown(k)}")
     return k
 
 
@@ -128,9 +137,9 @@ def check_weights(weights: Any) -> dict[str, float]:
     checked = dict.fromkeys(WEIGHT_NAMES, 0.0)
     for name, value in weights.items():
         if not is_finite_number(value):
-            raise InvalidInput(f"weights[{name!r}]", f"must be a finite number, got {value!r}")
+            raise InvalidInput(f"weights[{name!r}]", f"must be a finite number, got {shown(value)}")
         if not 0 <= value <= 1000:
-            raise InvalidInput(f"weights[{name!r}]", f"must be in 0..1000, got {value!r}")
+            raise InvalidInput(f"weights[{name!r}]", f"must be in 0..1000, got {shown(value)}")
         checked[name] = float(value)
     if sum(checked.values()) <= 0:
         raise InvalidInput("weights", "at least one weight must be positive")
@@ -139,9 +148,9 @@ def check_weights(weights: Any) -> dict[str, float]:
 
 def check_timeout(timeout_s: Any) -> float:
     if not is_finite_number(timeout_s):
-        raise InvalidInput("timeout_s", f"must be a number of seconds, got {timeout_s!r}")
+        raise InvalidInput("timeout_s", f"must be a number of seconds, got {shown(timeout_s)}")
     if not 0 < timeout_s <= 3600:
-        raise InvalidInput("timeout_s", f"must be in (0, 3600], got {timeout_s!r}")
+        raise InvalidInput("timeout_s", f"must be in (0, 3600], got {shown(timeout_s)}")
     return float(timeout_s)
 
 
@@ -188,7 +197,7 @@ def _check_item(index: int, item: Any, max_content_chars: int) -> dict[str, Any]
         checked["id"] = check_utf8(str(key), f"{where}.id")
     importance = item.get("importance", 0.5)
     if isinstance(importance, bool) or not isinstance(importance, int | float) or not 0 <= importance <= 1:
-        raise InvalidInput(f"{where}.importance", f"must be a number in 0..1, got {importance!r}")
+        raise InvalidInput(f"{where}.importance", f"must be a number in 0..1, got {shown(importance)}")
     checked["importance"] = float(importance)
     if item.get("created_at") is not None:
         checked["created_at"] = check_timestamp(item["created_at"], f"{where}.created_at")
@@ -206,11 +215,20 @@ def _check_item(index: int, item: Any, max_content_chars: int) -> dict[str, Any]
 
 
 def _check_no_operator_keys(value: Any, where: str, depth: int = 0) -> None:
-    """Metadata: no operator-shaped or dotted keys, at most 16 levels, every key and string value UTF-8."""
+    """Metadata: JSON values only (objects, arrays, strings, finite numbers, 64-bit integers, booleans, null), no
+    operator-shaped or dotted keys, at most 16 levels, every key and string value UTF-8."""
     if depth > 16:
         raise InvalidInput(where, "is nested too deeply")
     if isinstance(value, str):
         check_utf8(value, where)
+    elif value is None or isinstance(value, bool):
+        return
+    elif isinstance(value, int):
+        if not -(2**63) <= value < 2**63:
+            raise InvalidInput(where, "holds an integer outside the 64-bit range MongoDB stores")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidInput(where, "holds a number that is not finite")
     elif isinstance(value, Mapping):
         for key, inner in value.items():
             if not isinstance(key, str) or key.startswith("$") or "." in key or "\x00" in key:
@@ -220,6 +238,8 @@ def _check_no_operator_keys(value: Any, where: str, depth: int = 0) -> None:
     elif isinstance(value, list | tuple):
         for inner in value:
             _check_no_operator_keys(inner, where, depth + 1)
+    else:
+        raise InvalidInput(where, f"holds a {type(value).__name__}; metadata takes JSON values only")
 
 
 def check_timestamp(value: Any, field: str) -> float:
@@ -229,7 +249,7 @@ def check_timestamp(value: Any, field: str) -> float:
         raise InvalidInput(field, "must be Unix seconds or an ISO-8601 timestamp")
     if isinstance(value, int | float):
         if isinstance(value, float) and not math.isfinite(value):
-            raise InvalidInput(field, f"must be finite Unix seconds, got {value!r}")
+            raise InvalidInput(field, f"must be finite Unix seconds, got {shown(value)}")
         seconds: float = value
     elif isinstance(value, str):
         check_utf8(value, field)
@@ -355,7 +375,8 @@ MAX_ERROR_CHARS = 500
 def check_search_results(results: Any, limits: Mapping[str, int]) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """The search results ``memq.merge`` received, as it may rank them: each a dict for one requested type, its
     items with finite scores and an importance in 0..1. A malformed result (a forged message, a broken worker) is
-    left out and its type reported under errors; a malformed list is ``InvalidInput``."""
+    left out and its type reported under errors; so is a malformed item, alone (the type's other items are kept,
+    and the type is reported); a malformed list is ``InvalidInput``."""
     if not isinstance(results, list | tuple):
         raise InvalidInput("results", "must be a list of search results")
     kept: list[dict[str, Any]] = []
@@ -368,6 +389,12 @@ def check_search_results(results: Any, limits: Mapping[str, int]) -> tuple[list[
         if problem is not None:
             errors[memory_type] = f"malformed search result: {problem}"
             continue
+        if "items" in result:
+            items = [item for item in result["items"] if item_problem(item) is None]
+            if len(items) < len(result["items"]):
+                dropped = len(result["items"]) - len(items)
+                errors[memory_type] = f"malformed search result: {dropped} malformed item(s) left out"
+                result = {**result, "items": items}
         kept.append(result)
     return kept, errors
 
@@ -381,10 +408,13 @@ def _search_result_problem(result: dict[str, Any]) -> str | None:
     items = result.get("items")
     if not isinstance(items, list) or len(items) > MAX_CANDIDATES:
         return f"items is not a list of at most {MAX_CANDIDATES}"
-    return next((problem for item in items if (problem := _item_problem(item)) is not None), None)
+    if result.get("search_started_ts") is not None and result.get("search_ms") is None:
+        return "search_started_ts without search_ms"
+    return None
 
 
-def _item_problem(item: Any) -> str | None:
+def item_problem(item: Any) -> str | None:
+    """Why one search result item cannot be ranked or returned, or ``None``."""
     if not isinstance(item, dict) or not isinstance(item.get("id"), str) or not isinstance(item.get("content"), str):
         return "an item is not an object with string id and content"
     if not is_finite_number(item.get("score")):

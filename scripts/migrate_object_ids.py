@@ -6,8 +6,9 @@ It reads ``MEMQ_MONGODB_URI`` and ``MEMQ_MONGODB_DB`` like the workers. MongoDB 
 ``_id``, so every document whose ``_id`` is not ``memory_object_id(memory_id, key)`` is inserted again under that
 ``_id`` and the old copy deleted. Safe to interrupt and to run again; run it while nothing writes memories (stop the
 ingest workers): a memory re-sent meanwhile already has its new ``_id``, and that newer copy wins over the old one.
-No data version is bumped: ids as callers see them, contents and vectors do not change. Documents without a string
-``memory_id`` and ``key`` (not written by memq) are left alone and counted as ``skipped``.
+Afterwards the data version of every (tenant, type) it moved is bumped (``MEMQ_REDIS_URL``), so no search worker keeps a
+matrix it loaded mid-move, with both copies in it. Documents without a string ``memory_id`` and ``key`` (not written by
+memq) are left alone and counted as ``skipped``.
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ def migrate(database: Any, collections: Sequence[str] | None = None, dry_run: bo
     """``{collection: {"moved", "current", "skipped"}}`` for each memory type's collection in ``database``."""
     from pymongo.errors import DuplicateKeyError
 
+    from memq.workers.versions import bump_versions
+
     report: dict[str, Any] = {}
     for name in collections or [t.value for t in MemoryType]:
         collection = database[name]
         counts = {"moved": 0, "current": 0, "skipped": 0}
+        moved_tenants: set[str] = set()
         # Listed first, so that the copies inserted below are not read again by the same cursor.
         for doc in list(collection.find({}, {"_id": 1, "memory_id": 1, "key": 1})):
             memory_id, key = doc.get("memory_id"), doc.get("key")
@@ -49,6 +53,9 @@ def migrate(database: Any, collections: Sequence[str] | None = None, dry_run: bo
             with contextlib.suppress(DuplicateKeyError):  # written again under the new _id since: that copy is newer
                 collection.insert_one({**full, "_id": new_id})
             collection.delete_one({"_id": doc["_id"]})
+            moved_tenants.add(memory_id)
+        for memory_id in moved_tenants:  # a search worker that loaded a tenant mid-move holds both copies: reload it
+            bump_versions(memory_id, [name])
         report[name] = counts
     return report
 

@@ -71,7 +71,8 @@ def search(
         if wanted.mode != "vector" and wanted.query is None:
             raise InvalidInput("query", f"is needed for mode {wanted.mode!r}")
         budget_s = attempt_budget_s(deadline_ts, settings, attempts_left=search_attempts_left(self))
-        return steps.search_type(embedded, memory_id, memory_type, k, strategy, wanted, budget_s)
+        found = steps.search_type(embedded, memory_id, memory_type, k, strategy, wanted, budget_s)
+        return {**found, "served_by": self.request.hostname}
     except InvalidInput as exc:
         return steps.search_failed(str(memory_type), f"invalid input: {exc}", embedded)
     except TransientError as exc:

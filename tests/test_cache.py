@@ -21,7 +21,6 @@ import redis
 from memq import client, keys, names, result_cache, services
 from memq.errors import InvalidInput, RetrievalTimeout
 from memq.requests import (
-    MAX_CACHE_TTL_S,
     RESULT_FORMAT,
     cache_fingerprint,
     cache_key_of,
@@ -31,6 +30,7 @@ from memq.requests import (
     with_cache,
 )
 from memq.settings import get_settings
+from memq.validation import MAX_CACHE_TTL_S
 from memq.vectors import from_wire
 
 pytestmark = pytest.mark.usefixtures("fleet")
@@ -388,8 +388,35 @@ def test_a_forged_merge_naming_another_tenants_cache_key_does_not_change_what_th
     assert after["memory_id"] == tenant and after["cached"] is True
     assert "FORGED" not in json.dumps(after["results"]) and after["results"] == fresh["results"]
     assert 0 < cache_redis.pttl(victim_key) <= settings.result_cache_ttl_s * 1000
-    [attacker_key] = result_keys(cache_redis, QUERY, attacker, LIMITS)  # merge filed it under the sender's tenant
-    assert 0 < cache_redis.pttl(attacker_key) <= settings.result_cache_ttl_s * 1000  # bounded by the worker
+    # Merge files a result only under its own request's tenant, and only while that tenant's data versions are the
+    # ones the message names: these are the victim's, not the attacker's, so nothing was cached at all.
+    assert result_keys(cache_redis, QUERY, attacker, LIMITS) == []
+
+
+def test_a_forged_merge_naming_future_versions_of_a_tenants_own_request_is_never_cached(
+    tenant: str, app: Any, cache_redis: redis.Redis
+) -> None:
+    settings = get_settings()
+    seed(tenant)
+    client.retrieve(QUERY, tenant, LIMITS)
+    [key] = result_keys(cache_redis, QUERY, tenant, LIMITS)
+    _, versions = keys.parse_result_key(key) or ("", [])
+    future = [version + 1 for version in versions]  # what the tenant's next write will make current
+    forged_request: dict[str, Any] = {
+        **retrieval_request(settings, QUERY, tenant, LIMITS),
+        "cache_versions": future,
+        "cache_ttl_s": settings.result_cache_ttl_s,
+    }
+
+    app.send_task(
+        names.MERGE,
+        kwargs={"results": forged_results(forged_request, "FORGED"), "request": forged_request},
+        queue=names.SEARCH_QUEUE,
+    ).get(timeout=30)
+    client.remember(tenant, "semantic", ["started learning the oboe"])  # the versions move on
+    after = client.retrieve(QUERY, tenant, LIMITS)
+
+    assert after["cached"] is False and "FORGED" not in json.dumps(after["results"])
 
 
 def test_a_cache_entry_naming_another_tenant_or_request_is_never_served(tenant: str, cache_redis: redis.Redis) -> None:

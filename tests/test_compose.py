@@ -13,12 +13,13 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import click
 import pytest
 import yaml
 
-from memq import cli
+from memq import cli, sharding
 from memq.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,13 +43,23 @@ def memq_commands(services: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
     return {name: service["command"] for name, service in services.items() if service.get("command", [""])[0] == "memq"}
 
 
-def celery_worker_args(kind: str, extra: list[str]) -> list[str]:
-    """What ``memq worker KIND EXTRA`` hands to Celery: memq's defaults, then EXTRA less ``--device``."""
+def celery_worker_args(kind: str, extra: list[str], search_shards: int = 1) -> list[str]:
+    """What ``memq worker KIND EXTRA`` hands to Celery, with ``MEMQ_SEARCH_SHARDS=search_shards``: the queues the
+    CLI derives (a search worker's ``--shards``), memq's defaults, then EXTRA less ``--device`` and ``--shards``."""
     extra = list(extra)
     if "--device" in extra:
         at = extra.index("--device")
         del extra[at : at + 2]
-    return ["-Q", kind, *cli.WORKER_DEFAULTS[kind], *extra]
+    queues = [kind]
+    if kind == "search":
+        with mock.patch("memq.settings.get_settings", return_value=Settings(search_shards=search_shards)):
+            queues = cli.search_worker_queues(extra)  # raises ValueError on a --shards the fleet does not have
+    return ["-Q", ",".join(queues), *cli.WORKER_DEFAULTS[kind], *extra]
+
+
+def shards_profile(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The services of the ``shards`` profile: one search worker per shard queue."""
+    return {name: service for name, service in services.items() if "shards" in service.get("profiles", [])}
 
 
 def parse_celery_worker(args: list[str]) -> dict[str, Any]:
@@ -63,13 +74,14 @@ def parse_celery_worker(args: list[str]) -> dict[str, Any]:
 
 def test_every_memq_command_in_compose_parses_with_the_cli(services: dict[str, dict[str, Any]]) -> None:
     commands = memq_commands(services)
-    assert {"worker", "flower", "indexes"} <= {command[1] for command in commands.values()}
+    assert {"worker", "flower", "indexes", "exporter"} <= {command[1] for command in commands.values()}
+    shards = len(shards_profile(services))  # the MEMQ_SEARCH_SHARDS the `shards` profile runs with
     for name, command in commands.items():
         if command[1] == "worker":
             assert command[2] in cli.WORKER_DEFAULTS, name
             try:
-                parse_celery_worker(celery_worker_args(command[2], command[3:]))
-            except click.UsageError as exc:
+                parse_celery_worker(celery_worker_args(command[2], command[3:], search_shards=shards))
+            except (click.UsageError, ValueError) as exc:
                 pytest.fail(f"{name}: {exc}")
         else:
             cli.build_parser().parse_args(command[1:])  # exits (fails the test) on an unknown option
@@ -110,6 +122,33 @@ def test_the_gpu_embed_worker_reserves_a_gpu_and_runs_on_cuda(services: dict[str
     assert "cu" in gpu["build"]["args"]["TORCH_INDEX_URL"].rsplit("/", 1)[-1]
     assert gpu["profiles"] == ["gpu"]
     assert cpu["command"][cpu["command"].index("--device") + 1] == "cpu" and "deploy" not in cpu
+
+
+def test_search_shards_are_a_profile_with_a_worker_per_shard_and_off_by_default(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    fleet_setting = compose["x-memq-env"]["MEMQ_SEARCH_SHARDS"]
+    assert fleet_setting == "${MEMQ_SEARCH_SHARDS:-1}"  # the quick start: one shared search queue, as before
+    for name in memq_commands(services):  # one value for the whole fleet, clients included
+        assert services[name]["environment"]["MEMQ_SEARCH_SHARDS"] == fleet_setting, name
+    shard_services = shards_profile(services)
+    shards = len(shard_services)
+    assert shards >= 2 and f"MEMQ_SEARCH_SHARDS={shards}" in COMPOSE_PATH.read_text()  # the documented switch
+    served = []
+    for name, service in shard_services.items():
+        assert service["command"][:3] == ["memq", "worker", "search"], name
+        queues = parse_celery_worker(celery_worker_args("search", service["command"][3:], shards))["queues"]
+        assert queues[0] == "search", name  # merge runs there: every search worker serves it
+        served += queues[1:]
+    assert sorted(served) == sorted(sharding.search_queues(shards))
+    assert "profiles" not in services["search-worker"]  # the shared queue keeps its workers with shards on
+
+
+def test_the_exporter_listens_where_compose_publishes_it(services: dict[str, dict[str, Any]]) -> None:
+    exporter = services["exporter"]
+    args = cli.build_parser().parse_args(exporter["command"][1:])
+    assert exporter["ports"] == [f"127.0.0.1:{args.port}:{args.port}"]
+    assert f":{args.port}/metrics" in exporter["healthcheck"]["test"][-1]
 
 
 def test_search_workers_can_be_scaled(services: dict[str, dict[str, Any]]) -> None:

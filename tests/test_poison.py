@@ -83,10 +83,24 @@ BAD_HEADERS = [
 ]
 
 
+def bad_envelopes(queue: str) -> list[str]:
+    """Envelopes kombu itself cannot make a message of, or record as unacknowledged."""
+    good = envelope(queue, good_headers(), b"[[], {}, {}]")
+    broken: list[Any] = [5, "abc", [1], {}, {**good, "properties": "none"}, {**good, "body": "!!!x"}]
+    for properties in (
+        {"body_encoding": "nope"},
+        {"delivery_tag": {"a": 1}},
+        {"delivery_info": "nowhere"},
+        {"delivery_info": {"routing_key": queue}},
+    ):
+        broken.append({**good, "properties": {**good["properties"], **properties}})
+    return [json.dumps(item) for item in broken]
+
+
 def poison(queue: str) -> list[str]:
     messages = [json.dumps(envelope(queue, good_headers(), body)) for body in BAD_BODIES]
     messages += [json.dumps(envelope(queue, headers, b"[[], {}, {}]")) for headers in BAD_HEADERS]
-    return [*messages, deep_header_envelope(queue)]
+    return [*messages, *bad_envelopes(queue), deep_header_envelope(queue)]
 
 
 def wait_for(check: Any, timeout_s: float = 60.0) -> None:
@@ -117,12 +131,24 @@ def test_every_malformed_message_is_dead_lettered_and_the_worker_keeps_serving(
     letters = [json.loads(raw) for raw in broker.lrange(keys.DEAD_LETTERS, 0, -1)]
     reasons = {letter["reason"] for letter in letters}
     assert reasons == {"bad_body", "undecodable", "bad_headers", "unknown_task", "undecodable_envelope"}
+    assert {letter["queue"] for letter in letters} <= {queue, "unknown"}
     client.remember(tenant, "semantic", ["keeps bees in the garden"])
     assert client.retrieve("bees", tenant, {"semantic": 1})["results"]["long_term_memory"]
 
 
+def test_a_retry_carrying_kombus_redelivered_header_is_not_counted_as_a_redelivery(broker: redis.Redis) -> None:
+    headers = {**good_headers(), "redelivered": True}  # Celery copies it onto retries of a restored task
+    for _ in range(int(os.environ.get("MEMQ_MAX_DELIVERIES", "5")) + 2):
+        publish(broker, names.SEARCH_QUEUE, envelope(names.SEARCH_QUEUE, headers, b'[["x", "y"], {}, {}]'))
+
+    wait_for(lambda: broker.llen(names.SEARCH_QUEUE) == 0)
+
+    time.sleep(0.5)
+    assert broker.llen(keys.DEAD_LETTERS) == 0
+
+
 def test_a_message_redelivered_past_the_limit_is_dead_lettered_instead_of_run(broker: redis.Redis) -> None:
-    headers = {**good_headers(), "redelivered": True}
+    headers = good_headers()
     limit = int(os.environ.get("MEMQ_MAX_DELIVERIES", "5"))
     for _ in range(limit):  # deliveries 2..limit+1 of the same message
         message = envelope(names.SEARCH_QUEUE, headers, b'[["x", "y"], {}, {}]')
@@ -206,6 +232,19 @@ def test_a_merge_of_garbage_or_forged_results_reports_those_types_and_ranks_noth
 
     assert all(items == [] for items in result["results"].values())
     assert set(result["errors"]) == {"long_term_memory", "conversation_memory", "workflow_memory"}
-    assert "importance" in result["errors"]["long_term_memory"]
+    assert "malformed item" in result["errors"]["long_term_memory"]
     with pytest.raises(Exception, match="results"):
         app.send_task(names.MERGE, kwargs={"results": "garbage", "request": request}, queue="search").get(timeout=30)
+
+
+def test_a_task_name_no_worker_knows_fails_its_caller_at_once_and_is_dead_lettered(
+    app: Any, broker: redis.Redis
+) -> None:
+    from celery.exceptions import NotRegistered
+
+    sent = app.send_task("memq.no_such_task", args=[1], queue=names.SEARCH_QUEUE)
+
+    with pytest.raises(NotRegistered):
+        sent.get(timeout=10)
+    letters = [json.loads(raw) for raw in broker.lrange(keys.DEAD_LETTERS, 0, -1)]
+    assert [letter["reason"] for letter in letters] == ["unknown_task"]

@@ -17,6 +17,8 @@ catches an envelope the transport cannot even decode (a 100,000-deep JSON header
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import reprlib
@@ -26,10 +28,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from celery.exceptions import NotRegistered
+from celery.utils.objects import Bunch
 from celery.worker.consumer import Consumer
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual as kombu_virtual
 
-from memq import keys
+from memq import keys, names
 from memq.cache_redis import cache_redis
 from memq.settings import get_settings
 from memq.workers.metrics import DEAD_LETTERS
@@ -110,8 +115,9 @@ def _is_number(value: Any) -> bool:
 
 def over_delivery_limit(message: Any, client: redis.Redis, max_deliveries: int) -> Problem | None:
     """Counts redeliveries (the broker flags them) per task id; the first delivery costs nothing."""
-    info = message.delivery_info or {}
-    if not (info.get("redelivered") or (message.headers or {}).get("redelivered")):
+    # Only the broker's flag: Celery copies unknown headers (kombu's ``redelivered`` header among them) onto a
+    # task's retries, which are new messages, not redeliveries.
+    if not (message.delivery_info or {}).get("redelivered"):
         return None
     key = keys.delivery_count(str(message.headers["id"]))
     try:
@@ -129,8 +135,18 @@ def over_delivery_limit(message: Any, client: redis.Redis, max_deliveries: int) 
 
 
 def queue_of(message: Any) -> str:
+    """The queue a message came from, as a metric label: a memq queue, else ``other`` (a producer chooses the
+    routing key; an unbounded or unprintable label would break the metrics)."""
     info = getattr(message, "delivery_info", None) or {}
-    return str(info.get("routing_key") or info.get("exchange") or "unknown")[:100]
+    queue = info.get("routing_key") if isinstance(info, dict) else None
+    return queue if isinstance(queue, str) and is_memq_queue(queue) else "other"
+
+
+def is_memq_queue(queue: str) -> bool:
+    if queue in names.QUEUES:
+        return True
+    prefix = f"{names.SEARCH_QUEUE}."
+    return queue.startswith(prefix) and queue[len(prefix) :].isdigit() and len(queue) <= len(prefix) + 4
 
 
 def entry(queue: str, problem: Problem, headers: Any, body: Any) -> dict[str, Any]:
@@ -149,10 +165,10 @@ def _preview(value: Any, limit: int) -> str:
     if isinstance(value, bytes | bytearray | memoryview):
         text = bytes(value[: limit * 4]).decode("utf-8", errors="replace")
     elif isinstance(value, str):
-        text = value
+        text = value[: limit * 4]
     else:
         text = _SHORT_REPR.repr(value)  # bounded depth and length: safe on a hostile structure
-    return text[:limit]
+    return text.encode("utf-8", errors="backslashreplace").decode("utf-8")[:limit]  # no lone surrogates
 
 
 def _short_repr() -> reprlib.Repr:
@@ -206,6 +222,8 @@ class GuardedConsumer(Consumer):
         try:
             letter = entry(queue_of(message), problem, message.headers, message.body)
             record(cache_redis.get(), letter, get_settings().dead_letter_max)
+            if problem.reason == "unknown_task":
+                self._fail_unknown_task(message)
         except Exception:
             log.exception("could not record a dead letter (%s); dropping the message", problem.reason)
         try:
@@ -215,16 +233,84 @@ class GuardedConsumer(Consumer):
         except Exception as exc:  # already acknowledged or rejected by Celery before it raised
             log.warning("could not acknowledge a dead-lettered message (%s)", exc)
 
+    def _fail_unknown_task(self, message: Any) -> None:
+        """As Celery does for a task name no worker knows: its caller gets ``NotRegistered`` at once instead of
+        waiting out its timeout (the message has a string id and task name: ``check`` passed them)."""
+        headers, properties = message.headers, message.properties or {}
+        request = Bunch(
+            name=headers["task"],
+            chord=None,
+            root_id=headers.get("root_id"),
+            correlation_id=properties.get("correlation_id"),
+            reply_to=properties.get("reply_to"),
+            errbacks=None,
+        )
+        self.app.backend.mark_as_failure(headers["id"], NotRegistered(headers["task"]), request=request)
+
+
+class PoisonEnvelope(Exception):
+    """An envelope kombu could not make a message of (its reason is the exception's text)."""
+
+
+def envelope_problem(payload: Any) -> str | None:
+    """Why kombu's Redis transport cannot make a message of ``payload`` (or record it as unacknowledged)."""
+    if not isinstance(payload, dict):
+        return f"envelope is {type(payload).__name__}, not an object"
+    properties = payload.get("properties")
+    if not isinstance(properties, dict):
+        return "properties is not an object"
+    if not isinstance(properties.get("delivery_tag"), str) or not properties["delivery_tag"]:
+        return "properties.delivery_tag is not a non-empty string"
+    info = properties.get("delivery_info")
+    if not isinstance(info, dict) or not all(isinstance(info.get(name), str) for name in ("exchange", "routing_key")):
+        return "properties.delivery_info lacks string exchange and routing_key"
+    if payload.get("headers") is not None and not isinstance(payload["headers"], dict):
+        return "headers is not an object"
+    for name in ("content-type", "content-encoding"):
+        if payload.get(name) is not None and not isinstance(payload[name], str):
+            return f"{name} is not a string"
+    return _body_problem(payload.get("body"), properties.get("body_encoding"))
+
+
+def _body_problem(body: Any, encoding: Any) -> str | None:
+    if body is not None and not isinstance(body, str):
+        return "body is not a string"
+    if encoding not in (None, "base64"):
+        return "properties.body_encoding is not base64"
+    if encoding == "base64" and body:
+        try:
+            base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            return "body is not valid base64"
+    return None
+
+
+class GuardedMessage(kombu_virtual.Message):
+    """kombu's message, refusing (``PoisonEnvelope``) an envelope it would choke on, before it is recorded."""
+
+    def __init__(self, payload: Any, channel: Any = None, **kwargs: Any) -> None:
+        problem = envelope_problem(payload)
+        if problem is not None:
+            raise PoisonEnvelope(problem)
+        try:
+            super().__init__(payload, channel=channel, **kwargs)
+        except Exception as exc:
+            raise PoisonEnvelope(f"{type(exc).__name__}: {exc}"[:200]) from exc
+
 
 class GuardedRedisChannel(kombu_redis.Channel):
-    """The Redis channel, except that an envelope which cannot be decoded is dead-lettered, not fatal."""
+    """The Redis channel, except that an envelope which cannot be decoded or made a message of is dead-lettered,
+    not fatal: it was popped from its queue and never recorded as unacknowledged, so it is simply dropped."""
+
+    Message = GuardedMessage
 
     def _brpop_read(self, **options: Any) -> bool:
         try:
             return bool(super()._brpop_read(**options))
-        except (RecursionError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (RecursionError, json.JSONDecodeError, UnicodeDecodeError, PoisonEnvelope) as exc:
+            detail = str(exc) if isinstance(exc, PoisonEnvelope) else type(exc).__name__
             try:
-                letter = entry("unknown", Problem("undecodable_envelope", type(exc).__name__), None, None)
+                letter = entry("unknown", Problem("undecodable_envelope", detail), None, None)
                 record(cache_redis.get(), letter, get_settings().dead_letter_max)
             except Exception:
                 log.exception("could not record an undecodable envelope; dropping it")

@@ -165,7 +165,9 @@ def usable_row(doc: dict[str, Any], dimensions: int) -> tuple[np.ndarray, dict[s
         return None
     if vector.shape != (dimensions,):
         return None
-    if not isinstance(item["id"], str) or not isinstance(item["content"], str) or not math.isfinite(item["importance"]):
+    if not isinstance(item["id"], str) or not isinstance(item["content"], str):
+        return None
+    if not math.isfinite(item["importance"]) or not 0 <= item["importance"] <= 1:
         return None
     return vector, item
 
@@ -198,26 +200,34 @@ def top_k(entry: TenantMatrix, query: np.ndarray, k: int, wanted: Wanted | None 
     if not np.isfinite(query).all():  # a forged query vector: no NaN scores (stored rows are finite, see build_matrix)
         query = np.zeros_like(query)
     vector = entry.matrix @ normalise(query.astype(np.float32)) if query.size else np.zeros(len(entry.items))
-    lexical = np.zeros(len(entry.items), dtype=np.float32)
-    if wanted.mode != "vector" and wanted.query is not None and entry.lexical is not None:
-        lexical = entry.lexical.scores(wanted.query)
+    lexical_used = wanted.mode != "vector" and wanted.query is not None and entry.lexical is not None
+    lexical = entry.lexical.scores(wanted.query) if lexical_used else np.zeros(len(entry.items), dtype=np.float32)
     eligible = np.flatnonzero(filter_mask(entry, wanted.filters))
     if eligible.size == 0:
         return []
     fused = ranking.fuse(vector[eligible], lexical[eligible], wanted.mode)
     k = min(k, eligible.size)
-    picked = np.argpartition(-fused, k - 1)[:k] if k < eligible.size else np.arange(eligible.size)
+    if k < eligible.size:  # every row tied with the k-th best stays in, so the tie-break below decides among them
+        kth_best = np.partition(-fused, k - 1)[k - 1]
+        picked = np.flatnonzero(-fused <= kth_best)
+    else:
+        picked = np.arange(eligible.size)
     order = sorted(
         picked.tolist(),
         key=lambda i: (-float(fused[i]), -float(vector[eligible[i]]), str(entry.items[eligible[i]]["id"])),
-    )
+    )[:k]
     return [
-        _scored(entry.items[eligible[i]], float(vector[eligible[i]]), float(lexical[eligible[i]]), float(fused[i]))
+        _scored(
+            entry.items[eligible[i]],
+            float(vector[eligible[i]]),
+            float(lexical[eligible[i]]) if lexical_used else None,
+            float(fused[i]),
+        )
         for i in order
     ]
 
 
-def _scored(item: dict[str, Any], vector: float, lexical: float, fused: float) -> dict[str, Any]:
+def _scored(item: dict[str, Any], vector: float, lexical: float | None, fused: float) -> dict[str, Any]:
     return {**item, "score": fused, "scores": {"vector": vector, "lexical": lexical, "fused": fused}}
 
 

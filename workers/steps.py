@@ -119,7 +119,7 @@ def merge(results: Sequence[dict[str, Any]], request: RetrievalRequest) -> dict[
     weights: dict[str, float] = request["weights"]
     ranked: dict[str, list[dict[str, Any]]] = {t: [] for t in limits}
     results, errors = validation.check_search_results(results, limits)
-    timings: dict[str, Any] = {"search_ms": {}, "matrix_cache": {}}
+    timings: dict[str, Any] = {"search_ms": {}, "matrix_cache": {}, "served_by": {}}
     for result in results:
         memory_type = result["type"]
         if result.get("embed_ms") is not None:
@@ -129,6 +129,8 @@ def merge(results: Sequence[dict[str, Any]], request: RetrievalRequest) -> dict[
             continue
         timings["search_ms"][memory_type] = result.get("search_ms", 0.0)
         timings["matrix_cache"][memory_type] = result.get("matrix_cache")
+        if isinstance(result.get("served_by"), str):
+            timings["served_by"][memory_type] = result["served_by"][:255]
         best = ranking.rank_type(result["items"], limits[memory_type], weights, now_ts, settings.recency_half_life_s)
         ranked[memory_type] = [_public(item) for item in best]
     arrived = {result["type"] for result in results}
@@ -171,7 +173,7 @@ def queue_waits_ms(
         if result.get("embed_ended_ts"):
             waits["search"][result["type"]] = (result["search_started_ts"] - result["embed_ended_ts"]) * 1000
     if searched:
-        last_search_ended_ts = max(r["search_started_ts"] + r["search_ms"] / 1000 for r in searched)
+        last_search_ended_ts = max(r["search_started_ts"] + r.get("search_ms", 0.0) / 1000 for r in searched)
         waits["merge"] = (merge_started_ts - last_search_ended_ts) * 1000
     return waits
 

@@ -279,6 +279,26 @@ def _aggregate(memory_type: str, pipeline: list[dict[str, Any]]) -> list[dict[st
         return list(collection(memory_type).aggregate([*pipeline, {"$project": {EMBEDDING_FIELD: 0}}]))
 
 
+def searchable(memory_type: str, scored: list[tuple[dict[str, Any], Any, Any, Any]]) -> list[dict[str, Any]]:
+    """Result items of the documents a server-side search returned, with their (fused, vector, lexical) scores;
+    a document that cannot make a valid item (a row written by hand, a score missing) is left out and counted, as
+    the exact path does, so one bad row never fails its tenant's search."""
+    from memq.validation import item_problem
+    from memq.workers.metrics import BAD_STORED_ROWS
+
+    items = []
+    for doc, fused, vector, lexical in scored:
+        try:
+            item = _scored_item(doc, float(fused), vector, lexical)
+        except (TypeError, ValueError, KeyError, OverflowError):
+            item = None
+        if item is None or item_problem(item) is not None:
+            BAD_STORED_ROWS.labels(memory_type=memory_type).inc()
+            continue
+        items.append(item)
+    return items
+
+
 def _scored_item(doc: dict[str, Any], fused: float, vector: float | None, lexical: float | None) -> dict[str, Any]:
     return {**to_item(doc, fused), "scores": {"vector": vector, "lexical": lexical, "fused": fused}}
 
@@ -297,7 +317,7 @@ def vector_search(
     docs = _aggregate(memory_type, [stage, {"$set": {"_vector_score": {"$meta": "vectorSearchScore"}}}])
     # Atlas reports cosine as (1 + cos) / 2; memq reports the cosine itself.
     cosines = [2.0 * float(doc.get("_vector_score", 0.5)) - 1.0 for doc in docs]
-    return [_scored_item(doc, cos, cos, None) for doc, cos in zip(docs, cosines, strict=True)]
+    return searchable(memory_type, [(doc, cos, cos, None) for doc, cos in zip(docs, cosines, strict=True)])
 
 
 def text_search(
@@ -306,7 +326,7 @@ def text_search(
     """Atlas Search (BM25) over ``content``, ``memory_id`` and the filters as ``compound.filter`` clauses."""
     stage = _text_stage(memory_id, text, settings.text_index, filters or {})
     docs = _aggregate(memory_type, [stage, {"$limit": limit}, {"$set": {"_text_score": {"$meta": "searchScore"}}}])
-    return [_scored_item(doc, float(doc["_text_score"]), None, float(doc["_text_score"])) for doc in docs]
+    return searchable(memory_type, [(doc, doc.get("_text_score"), None, doc.get("_text_score")) for doc in docs])
 
 
 def rank_fusion_search(
@@ -330,7 +350,10 @@ def rank_fusion_search(
         }
     }
     docs = _aggregate(memory_type, [fusion, {"$limit": limit}, {"$set": {"_fusion": {"$meta": "scoreDetails"}}}])
-    return [_scored_item(doc, float((doc.get("_fusion") or {}).get("value", 0.0)), None, None) for doc in docs]
+    scored = [
+        (doc, (doc.get("_fusion") or {}).get("value") if isinstance(doc.get("_fusion"), dict) else None) for doc in docs
+    ]
+    return searchable(memory_type, [(doc, fused, None, None) for doc, fused in scored])
 
 
 def _fusion_pipelines(
@@ -438,9 +461,16 @@ def ensure_search_indexes(memory_types: Sequence[str], definition: dict[str, Any
         try:
             if memory_type not in database.list_collection_names():
                 database.create_collection(memory_type)  # Atlas indexes only existing collections
-            existing = {ix.get("name") for ix in coll.list_search_indexes()}
+            existing = {ix.get("name"): ix for ix in coll.list_search_indexes()}
             if index in existing:
-                outcome[memory_type] = "exists"
+                current = existing[index].get("latestDefinition")
+                if current is not None and current != definition["definition"]:
+                    # An index from an older memq lacks fields this one filters on: bring it up to date (Atlas
+                    # rebuilds it in the background and keeps serving the old one meanwhile).
+                    coll.update_search_index(index, definition["definition"])
+                    outcome[memory_type] = "updated"
+                else:
+                    outcome[memory_type] = "exists"
                 continue
             coll.create_search_index(
                 SearchIndexModel(definition=definition["definition"], name=index, type=definition["type"])
