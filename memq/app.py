@@ -15,12 +15,13 @@ from typing import Any
 from celery import Celery
 from celery.signals import before_task_publish
 
+from memq import names
 from memq.config.celery import celery_config
 from memq.settings import get_settings
 
 WORKER_MODULES = ["memq.workers.startup", "memq.tasks.retrieval", "memq.tasks.ingest", "memq.tasks.diagnostics"]
 # The header memq.exporter reads (it keeps its own copy of the name: it never imports Celery).
-PUBLISHED_AT_HEADER = "memq_published_at"
+PUBLISHED_AT_HEADER = names.PUBLISHED_AT_HEADER
 
 app = Celery("memq", include=WORKER_MODULES)
 app.config_from_object(celery_config(get_settings()))

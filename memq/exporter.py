@@ -40,6 +40,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from memq import names
 from memq.errors import ConfigError
 from memq.settings import Settings, get_settings
 from memq.status import fleet_queues
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 9808
 DEFAULT_INTERVAL_S = 5.0
 # Stamped by memq.app.stamp_published_at (kept in step by tests/test_deploy.py; this module never imports Celery).
-PUBLISHED_AT_HEADER = "memq_published_at"
+PUBLISHED_AT_HEADER = names.PUBLISHED_AT_HEADER
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 SOCKET_TIMEOUT_S = 2.0
 

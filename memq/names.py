@@ -44,6 +44,10 @@ ROUTES = {
     CREATE_INDEXES: INGEST_QUEUE,
 }
 
+# Every task message published through memq's app carries its publish time (Unix seconds) here: ``memq exporter``
+# reports the age of each queue's oldest message from it.
+PUBLISHED_AT_HEADER = "memq_published_at"
+
 # The inspect command every worker answers (``memq status`` broadcasts it; ``memq.workers.control`` registers it).
 INFO_COMMAND = "memq_info"
 # ``memq worker KIND`` exports the kind here; each worker kind builds its own resources from it.
