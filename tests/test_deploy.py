@@ -23,7 +23,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import click
 import pytest
@@ -31,6 +30,7 @@ import redis
 import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from test_compose import celery_worker_args, parse_celery_worker
 
 from memq import cli, exporter, names, services, sharding
 from memq.settings import Settings
@@ -96,29 +96,11 @@ def fleet_shards(manifests: list[dict[str, Any]]) -> int:
     return int(of_kind(manifests, "ConfigMap")[CONFIG_MAP]["data"]["MEMQ_SEARCH_SHARDS"])
 
 
-def parse_celery_worker(args: list[str]) -> dict[str, Any]:
-    from celery.bin.base import CLIContext
-    from celery.bin.worker import worker
-
-    from memq.app import app
-
-    context = CLIContext(app=app, no_color=True, workdir=None, quiet=True)
-    return dict(worker.make_context("worker", args, obj=context).params)
-
-
 def worker_options(command: list[str], search_shards: int) -> dict[str, Any]:
     """Celery's parsed options for ``memq worker KIND ...`` as the CLI would start it with MEMQ_SEARCH_SHARDS =
-    ``search_shards``: ``-Q`` the queues the CLI derives, memq's defaults, the rest less ``--device``."""
+    ``search_shards`` (the same derivation as the compose test's)."""
     assert command[:2] == ["memq", "worker"] and command[2] in cli.WORKER_DEFAULTS, command
-    kind, extra = command[2], list(command[3:])
-    if "--device" in extra:
-        at = extra.index("--device")
-        del extra[at : at + 2]
-    queues = [kind]
-    if kind == "search":
-        with mock.patch("memq.settings.get_settings", return_value=Settings(search_shards=search_shards)):
-            queues = cli.search_worker_queues(extra)
-    return parse_celery_worker(["-Q", ",".join(queues), *cli.WORKER_DEFAULTS[kind], *extra])
+    return parse_celery_worker(celery_worker_args(command[2], list(command[3:]), search_shards))
 
 
 def served_queues(manifests: list[dict[str, Any]]) -> dict[str, list[str]]:

@@ -248,3 +248,15 @@ def test_a_task_name_no_worker_knows_fails_its_caller_at_once_and_is_dead_letter
         sent.get(timeout=10)
     letters = [json.loads(raw) for raw in broker.lrange(keys.DEAD_LETTERS, 0, -1)]
     assert [letter["reason"] for letter in letters] == ["unknown_task"]
+
+
+@pytest.mark.parametrize("vector", ["", "AAAA", "not base64!", None])
+def test_a_search_whose_query_vector_is_empty_short_or_garbage_reports_the_type(
+    app: Any, tenant: str, vector: Any
+) -> None:
+    client.remember(tenant, "semantic", ["keeps a vegetable patch"])
+
+    sent = app.send_task(names.SEARCH, args=[{"vector": vector}, tenant, "semantic", 3], queue=names.SEARCH_QUEUE)
+    result = sent.get(timeout=30)
+
+    assert result["items"] == [] and result["error"].startswith("invalid input: embedded:")

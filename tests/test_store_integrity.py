@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 from bson.binary import Binary
+from test_hostile_input import outcome_of
 
 from memq import client, names
 from memq.errors import InvalidInput
@@ -36,14 +37,6 @@ MODEL = "all-MiniLM-L6-v2"
 DIMENSIONS = 384
 SURROGATE = "mid-\ud800"
 TOO_LATE = "9999-12-31T23:00:00-05:00"  # 10000-01-01T04:00 in UTC
-
-
-def outcome_of(app: Any, task: str, args: list[Any], queue: str) -> tuple[str, Any]:
-    result = app.send_task(task, args=args, queue=queue)
-    value = result.get(timeout=60, propagate=False)
-    state = result.state
-    result.forget()
-    return state, value
 
 
 def stored_count(mongo_db: Any, memory_id: str, collection: str = "long_term_memory") -> int:

@@ -10,8 +10,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from memq import ranking, result_cache, validation
 from memq.cache_redis import cache_redis
+from memq.errors import InvalidInput
 from memq.requests import RetrievalRequest
 from memq.settings import get_settings
 from memq.vectors import from_wire, to_wire
@@ -83,7 +86,7 @@ def search_type(
     """One type's ranked candidates; MongoDB work takes at most ``budget_s`` (``None``: the client's timeouts)."""
     started_ts = time.time()
     started = time.perf_counter()
-    vector = from_wire(embedded["vector"])
+    vector = query_vector(embedded)
     with store.time_limit(budget_s):
         outcome = search_strategies.search(memory_id, memory_type, vector, k, strategy, wanted)
     return {
@@ -96,6 +99,18 @@ def search_type(
         "model": embedded.get("model"),
         **_embed_timings(embedded),
     }
+
+
+def query_vector(embedded: dict[str, Any]) -> np.ndarray:
+    """The embed step's query vector, which must be the model's dimension and finite (``InvalidInput`` else)."""
+    dimensions = get_settings().embed_dimensions
+    try:
+        vector = from_wire(embedded["vector"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidInput("embedded", "its 'vector' is not base64 float32") from exc
+    if vector.shape != (dimensions,) or not np.isfinite(vector).all():
+        raise InvalidInput("embedded", f"its 'vector' must hold {dimensions} finite values")
+    return vector
 
 
 def search_failed(memory_type: str, message: str, embedded: dict[str, Any] | None = None) -> dict[str, Any]:
