@@ -36,7 +36,9 @@ COLLECTIONS = ("long_term_memory", "conversation_memory", "workflow_memory")
 QUERIES = ("what does this person like", "recent plans", "how to book travel", "health notes", "work projects")
 
 
-def load_memories(uri: str, db: str, tenants: int, memories: int, dimensions: int, model: str) -> None:
+def load_memories(
+    uri: str, db: str, tenants: int, memories: int, dimensions: int, model: str, nx_27017: bool = False
+) -> None:
     import pymongo
 
     from memq.keys import memory_object_id
@@ -46,6 +48,11 @@ def load_memories(uri: str, db: str, tenants: int, memories: int, dimensions: in
     database = pymongo.MongoClient(uri)[db]
     for collection in COLLECTIONS:
         database[collection].create_index([("memory_id", 1), ("created_at", -1)])
+        if nx_27017:
+            # nx-27017 (neosqlite) plans an equality through a single-field index only; through the compound index
+            # above a cold load scans the whole collection (measured: 12 ms vs 1.5 s per load at 2,000 tenants).
+            # A real MongoDB uses the compound index's prefix, so this index is made for nx-27017 alone.
+            database[collection].create_index([("memory_id", 1)])
     now = time.time()
     for t in range(tenants):
         memory_id = f"scale-{t}"
@@ -182,7 +189,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     args = parser.parse_args()
     redis_service = services.start_redis_server()
-    mongo = services.ensure_mongodb(os.environ.get("MEMQ_MONGODB_URI"))
+    given_mongodb_uri = os.environ.get("MEMQ_MONGODB_URI")
+    mongo = services.ensure_mongodb(given_mongodb_uri)
     db = f"memq_scale_{int(time.time())}"
     env = services.memq_env(os.environ, redis_service.url, mongo.url, MEMQ_MONGODB_DB=db, MEMQ_RESULT_CACHE_TTL_S="0")
     os.environ.update(env)
@@ -192,7 +200,15 @@ def main() -> None:
     report: dict[str, Any] = {"machine": machine(), "args": vars(args), "configs": []}
     with services.running(redis_service, mongo):
         started = time.perf_counter()
-        load_memories(mongo.url, db, args.tenants, args.memories, settings.embed_dimensions, settings.embed_model)
+        load_memories(
+            mongo.url,
+            db,
+            args.tenants,
+            args.memories,
+            settings.embed_dimensions,
+            settings.embed_model,
+            nx_27017=not given_mongodb_uri,
+        )
         report["load_s"] = time.perf_counter() - started
         stream = request_stream(args.tenants, args.requests, args.zipf)
         report["distinct_tenants_requested"] = len(set(stream))
