@@ -100,19 +100,26 @@ def drive(stream: list[str], clients: int) -> dict[str, Any]:
 
     limits = dict.fromkeys(TYPES, 5)
 
-    def one(i: int) -> tuple[float, bool]:
+    def one(i: int) -> tuple[float, str]:
+        """Milliseconds and "" on success; else what went wrong (counted, never hidden, never fatal)."""
         started = time.perf_counter()
-        result = retrieve(QUERIES[i % len(QUERIES)], stream[i], limits, timeout_s=60)
-        return (time.perf_counter() - started) * 1000, not result["errors"]
+        try:
+            result = retrieve(QUERIES[i % len(QUERIES)], stream[i], limits, timeout_s=60)
+            problem = json.dumps(result["errors"]) if result["errors"] else ""
+        except Exception as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        return (time.perf_counter() - started) * 1000, problem
 
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         outcomes = list(pool.map(one, range(len(stream))))
     wall_s = time.perf_counter() - started
+    problems = [problem for _, problem in outcomes if problem]
     return {
-        "latency": summary([ms for ms, _ in outcomes]),
-        "errors": sum(not ok for _, ok in outcomes),
-        "throughput_rps": len(stream) / wall_s,
+        "latency": summary([ms for ms, problem in outcomes if not problem]),
+        "errors": len(problems),
+        "error_examples": sorted(set(problems))[:3],
+        "throughput_rps": (len(stream) - len(problems)) / wall_s,
     }
 
 
@@ -161,7 +168,7 @@ def run_config(env: dict[str, str], workers: int, sharded: bool, stream: list[st
         code = f"import json, sys; from bench.scale_bench import drive; print(json.dumps(drive({stream!r}, {clients})))"
         proc = subprocess.run([sys.executable, "-c", code], env=fleet_env, capture_output=True, text=True, timeout=3600)
         if proc.returncode != 0:
-            raise RuntimeError(proc.stderr[-2000:])
+            raise RuntimeError(proc.stderr[:3000])
         driven = json.loads(proc.stdout.strip().splitlines()[-1])
         per_worker = {host: {**scrape(port), "rss_mb": rss_mb(fleet.workers[host].pid)} for host, port in ports.items()}
     finally:
@@ -187,40 +194,74 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=6000)
     parser.add_argument("--zipf", type=float, default=1.1)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument(
+        "--configs", default="1off,2off,2on,4off,4on", help="search workers and shards off/on, comma-separated"
+    )
+    parser.add_argument(
+        "--nx-dir",
+        type=Path,
+        help="keep nx-27017's data here and reuse it when a later run asks for the same corpus (loading 1.8 M "
+        "memories takes ~6 min on 2 cores)",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     args = parser.parse_args()
+    configs = [(int(c[:-3] if c.endswith("off") else c[:-2]), c.endswith("on")) for c in args.configs.split(",")]
     redis_service = services.start_redis_server()
     given_mongodb_uri = os.environ.get("MEMQ_MONGODB_URI")
-    mongo = services.ensure_mongodb(given_mongodb_uri)
-    db = f"memq_scale_{int(time.time())}"
-    env = services.memq_env(os.environ, redis_service.url, mongo.url, MEMQ_MONGODB_DB=db, MEMQ_RESULT_CACHE_TTL_S="0")
+    corpus_name = f"memq_scale_{args.tenants}x{args.memories}"
+    reuse = False
+    if args.nx_dir and not given_mongodb_uri:
+        args.nx_dir.mkdir(parents=True, exist_ok=True)
+        reuse = (args.nx_dir / f"{corpus_name}.loaded").exists()
+        (args.nx_dir / "nx.pid").unlink(missing_ok=True)  # left by an earlier run that was killed
+        mongo = services.start_nx27017(workdir=str(args.nx_dir))
+        mongo.workdir = None  # kept for the next run
+    else:
+        mongo = services.ensure_mongodb(given_mongodb_uri)
+    db = corpus_name if args.nx_dir else f"memq_scale_{int(time.time())}"
+    # The matrix cache measured here is the exact path's: no probing for $vectorSearch (on nx-27017 each probe
+    # reads the whole collection: ~20 s at 600,000 memories).
+    env = services.memq_env(
+        os.environ,
+        redis_service.url,
+        mongo.url,
+        MEMQ_MONGODB_DB=db,
+        MEMQ_RESULT_CACHE_TTL_S="0",
+        MEMQ_SEARCH_STRATEGY="exact",
+    )
     os.environ.update(env)
     from memq.settings import get_settings
 
     settings = get_settings()
-    report: dict[str, Any] = {"machine": machine(), "args": vars(args), "configs": []}
+    shown_args = {**vars(args), "nx_dir": None, "out": str(args.out)}
+    report: dict[str, Any] = {"machine": machine(), "args": shown_args, "configs": []}
     with services.running(redis_service, mongo):
         started = time.perf_counter()
-        load_memories(
-            mongo.url,
-            db,
-            args.tenants,
-            args.memories,
-            settings.embed_dimensions,
-            settings.embed_model,
-            nx_27017=not given_mongodb_uri,
-        )
-        report["load_s"] = time.perf_counter() - started
+        if not reuse:
+            load_memories(
+                mongo.url,
+                db,
+                args.tenants,
+                args.memories,
+                settings.embed_dimensions,
+                settings.embed_model,
+                nx_27017=not given_mongodb_uri,
+            )
+            if args.nx_dir:
+                (args.nx_dir / f"{corpus_name}.loaded").touch()
+            report["load_s"] = time.perf_counter() - started
         stream = request_stream(args.tenants, args.requests, args.zipf)
         report["distinct_tenants_requested"] = len(set(stream))
         print(
-            f"loaded {args.tenants * 3 * args.memories:,} memories in {report['load_s']:.0f} s; "
+            f"{'reused' if reuse else 'loaded'} {args.tenants * 3 * args.memories:,} memories "
+            f"({report.get('load_s', 0):.0f} s); "
             f"{len(set(stream))} distinct tenants in {len(stream)} requests"
         )
         print(
             f"{'workers':>7} {'shards':>6} {'hit %':>6} {'loads':>6} {'copies':>6} {'RSS MB/worker':>14} "
-            f"{'p50 ms':>7} {'p95 ms':>7} {'req/s':>6}"
+            f"{'p50 ms':>7} {'p95 ms':>7} {'req/s':>6} {'errors':>6}"
         )
-        for workers, sharded in ((1, False), (2, False), (2, True), (4, False), (4, True)):
+        for workers, sharded in configs:
             row = run_config(env, workers, sharded, stream, args.clients)
             report["configs"].append(row)
             rss = "/".join(f"{w['rss_mb']:.0f}" for w in row["per_worker"].values())
@@ -228,13 +269,16 @@ def main() -> None:
                 f"{workers:>7} {'on' if sharded else 'off':>6} {100 * row['matrix_hit_ratio']:>6.1f} "
                 f"{row['cold_loads']:>6.0f} {row['copies_of_busy_matrices']:>6.2f} {rss:>14} "
                 f"{row['latency']['p50_ms']:>7.1f} {row['latency']['p95_ms']:>7.1f} {row['throughput_rps']:>6.1f}"
+                f" {row['errors']:>6}"
             )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "scale.json").write_text(json.dumps(report, indent=2))
-    plot(report)
+            for example in row["error_examples"]:
+                print(f"    error: {example[:300]}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    plot(report, args.out.with_suffix(".png"))
 
 
-def plot(report: dict[str, Any]) -> None:
+def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -251,7 +295,7 @@ def plot(report: dict[str, Any]) -> None:
         axis.tick_params(axis="x", rotation=30)
     fig.suptitle(f"memq search pool, {report['args']['tenants']} tenants, Zipf s={report['args']['zipf']}")
     fig.tight_layout()
-    fig.savefig(RESULTS / "scale.png", dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
