@@ -129,8 +129,10 @@ def run_worker(argv: list[str]) -> int:
 
         return int(run_from_argv(extra) or 0)  # one pinned embed worker per GPU, supervised together
     if kind == "search":
+        from memq.settings import get_settings
+
         try:
-            queues = search_worker_queues(extra)
+            queues = search_worker_queues(extra, get_settings().search_shards)
         except ValueError as exc:
             print(f"memq: error: {exc}", file=sys.stderr)
             return 2
@@ -155,19 +157,26 @@ def run_worker(argv: list[str]) -> int:
     return 0
 
 
-def search_worker_queues(extra: list[str]) -> list[str]:
-    """``--shards 0,2`` (taken out of ``extra``): the shard queues this search worker serves, beside the shared
-    ``search`` queue every search worker serves (merge runs there; so do all searches without shards)."""
+def search_worker_queues(extra: list[str], search_shards: int) -> list[str]:
+    """``--shards 0,2`` or ``--shards=0,2`` (taken out of ``extra``): the shard queues this search worker serves
+    with ``search_shards`` shards, beside the shared ``search`` queue every search worker serves (merge runs there;
+    so do all searches without shards)."""
     from memq import sharding
-    from memq.settings import get_settings
 
-    if "--shards" not in extra:
+    given = [at for at, arg in enumerate(extra) if arg == "--shards" or arg.startswith("--shards=")]
+    if not given:
         return [names.SEARCH_QUEUE]
-    at = extra.index("--shards")
-    if at + 1 >= len(extra):
-        raise ValueError("--shards needs a value, e.g. --shards 0,2")
-    chosen = sharding.parse_shards(extra[at + 1], get_settings().search_shards)
-    del extra[at : at + 2]
+    if len(given) > 1:
+        raise ValueError("--shards is given more than once; list every shard once, e.g. --shards 0,2")
+    at = given[0]
+    if extra[at] == "--shards":
+        if at + 1 >= len(extra):
+            raise ValueError("--shards needs a value, e.g. --shards 0,2")
+        spec, taken = extra[at + 1], 2
+    else:
+        spec, taken = extra[at].partition("=")[2], 1
+    chosen = sharding.parse_shards(spec, search_shards)
+    del extra[at : at + taken]
     return [names.SEARCH_QUEUE, *(sharding.shard_queue(s) for s in chosen)]
 
 

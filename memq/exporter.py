@@ -2,7 +2,8 @@
 
 Prometheus metrics on ``/metrics`` (default port 9808), one series per queue of the fleet
 (``memq.status.fleet_queues``: embed, search, ingest, and ``search.0`` … ``search.N-1`` when
-``MEMQ_SEARCH_SHARDS`` = N > 1):
+``MEMQ_SEARCH_SHARDS`` = N > 1), and one per stale shard queue (``search.<s>`` outside N) while it holds messages,
+so that the workers draining it after a change of N can still be scaled on it:
 
 - ``memq_queue_messages{queue}``: the length of the queue's Redis list (``LLEN``). kombu's Redis transport
   ``LPUSH``es each task message there and workers pop from the other end, so this counts the messages no worker
@@ -15,7 +16,8 @@ Prometheus metrics on ``/metrics`` (default port 9808), one series per queue of 
 - ``memq_exporter_broker_up``: 1 when the last sample read Redis, else 0 (the queue series are then left out
   rather than reported stale); ``memq_exporter_last_sample_timestamp_seconds``: when that sample was taken.
 
-Redis is sampled every ``--interval-s`` (one ``MULTI`` of ``LLEN`` + ``LINDEX`` per queue); a scrape serves the
+Redis is sampled every ``--interval-s`` (one pipeline of ``EXISTS`` over the possible shard queues outside N, then
+one ``MULTI`` of ``LLEN`` + ``LINDEX`` per queue); a scrape serves the
 last sample, with ages computed at scrape time. It reads only: nothing is consumed, declared or acknowledged.
 Import-light: redis-py and prometheus_client; no Celery, torch, pymongo or worker code.
 """
@@ -43,7 +45,7 @@ from prometheus_client.registry import Collector
 from memq import names
 from memq.errors import ConfigError
 from memq.settings import Settings, get_settings
-from memq.status import fleet_queues
+from memq.status import fleet_queues, stale_shard_queues
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +91,16 @@ class QueueWatch:
         self._first_seen: dict[str, tuple[str, float]] = {}  # queue -> (identity of its tail message, seen at)
 
     def sample(self) -> dict[str, QueueState]:
-        """One round trip: LLEN and LINDEX -1 of every queue, atomically. Raises redis errors."""
+        """LLEN and LINDEX -1 of every queue (and of each stale shard queue), atomically. Raises redis errors."""
+        queues = (*self.queues, *stale_shard_queues(self.client, self.queues))
         pipe = self.client.pipeline(transaction=True)
-        for queue in self.queues:
+        for queue in queues:
             pipe.llen(queue)
             pipe.lindex(queue, -1)
         replies = pipe.execute()
         now = self.clock()
         states: dict[str, QueueState] = {}
-        for at, queue in enumerate(self.queues):
+        for at, queue in enumerate(queues):
             depth, tail = int(replies[2 * at]), replies[2 * at + 1]
             if tail is None:
                 self._first_seen.pop(queue, None)

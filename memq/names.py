@@ -10,6 +10,7 @@ without importing torch, pymongo or any worker code.
 | memq.embed_query      | embed  | query                                   (canvas step)  |
 | memq.embed_texts      | embed  | texts                                   (canvas step)  |
 | memq.search           | search | embedded, memory_id, memory_type, k, strategy, deadline_ts |
+|                       | (or the tenant's search.<s> with MEMQ_SEARCH_SHARDS > 1: memq.sharding)   |
 | memq.merge            | search | results, request                        (chord body)   |
 | memq.store            | ingest | embedded, memory_id, memory_type, items (chain step)   |
 | memq.noop             | search | anything; returns at once (benchmark floor)            |

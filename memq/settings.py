@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from memq.errors import ConfigError
+from memq.sharding import MAX_SHARDS
 from memq.validation import MAX_CACHE_TTL_S, MAX_CANDIDATES, MAX_LIMIT, MAX_OVERSAMPLE
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -93,6 +94,8 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"MEMQ_{name.upper()} must be >= 1")
+        if self.search_shards > MAX_SHARDS:
+            raise ConfigError(f"MEMQ_SEARCH_SHARDS must be in 1..{MAX_SHARDS}, got {self.search_shards}")
         if self.recency_half_life_s <= 0:
             raise ConfigError("MEMQ_RECENCY_HALF_LIFE_S must be > 0")
         for name in ("result_cache_ttl_s", "embedding_cache_ttl_s"):

@@ -64,6 +64,11 @@ def parse_shards(spec: str, shards: int | None = None) -> list[int]:
         raise ValueError(f"--shards expects comma-separated shard numbers, e.g. 0,2; got {spec!r}") from None
     if not chosen or len(set(chosen)) != len(chosen) or any(s < 0 or s >= MAX_SHARDS for s in chosen):
         raise ValueError(f"--shards expects distinct shard numbers in 0..{MAX_SHARDS - 1}, got {spec!r}")
+    if shards == 1:
+        raise ValueError(
+            f"--shards {spec}: MEMQ_SEARCH_SHARDS is 1 (no shards), so searches use the shared search queue; "
+            "set MEMQ_SEARCH_SHARDS to the fleet's shard count"
+        )
     if shards is not None and any(s >= shards for s in chosen):
         raise ValueError(f"--shards {spec}: MEMQ_SEARCH_SHARDS is {shards}, so shards are 0..{shards - 1}")
     return chosen

@@ -1,17 +1,21 @@
 """``memq status``: the fleet at a glance, from the outside.
 
 - Redis (the broker) and MongoDB: reachable or not, with the error.
-- Queue depths: messages waiting in ``embed``, ``search``, ``ingest`` (read through the broker).
+- Queue depths: messages waiting in ``embed``, ``search``, ``ingest`` and each search shard (read through the
+  broker), and stale shards: ``search.<s>`` queues outside ``MEMQ_SEARCH_SHARDS`` that still hold messages or
+  have a worker (left by a change of N, or a worker started with another N).
 - Workers: every worker's answer to the ``memq_info`` inspect command (``memq.workers.control``): kind,
   queues, pool and concurrency, tasks in flight, and for embed workers the model, device and dimensions.
 
-The fleet is healthy (``ok``) when Redis and MongoDB answer and every queue has at least one worker.
+The fleet is healthy (``ok``) when Redis and MongoDB answer, every queue has at least one worker, and no stale
+shard holds messages without a worker.
 Nothing here imports torch; pymongo is imported only to ping MongoDB.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis
@@ -31,16 +35,25 @@ def collect_status(settings: Settings | None = None, timeout_s: float = STATUS_T
     workers: dict[str, dict[str, Any]] = {}
     all_queues = fleet_queues(settings.search_shards)
     depths: dict[str, int | None] = dict.fromkeys(all_queues)
+    stale: list[str] = []
     if redis_state["reachable"]:  # never block on a broker that is down
         from memq.app import app
 
         workers = worker_infos(app, timeout_s)
-        depths = queue_depths(app, all_queues)
+        served = {queue for info in workers.values() for queue in info["queues"]}
+        with broker_redis(settings.broker_url, timeout_s) as client:
+            stale = stale_shard_queues(client, all_queues, served)
+        depths = queue_depths(app, [*all_queues, *stale])
     queues = {
         queue: {"depth": depths[queue], "workers": sorted(h for h, w in workers.items() if queue in w["queues"])}
         for queue in all_queues
     }
-    unserved = [queue for queue, state in queues.items() if not state["workers"]]
+    for queue in stale:
+        served_by = sorted(h for h, w in workers.items() if queue in w["queues"])
+        queues[queue] = {"depth": depths[queue], "workers": served_by, "stale": True}
+    unserved = [
+        queue for queue, state in queues.items() if not state["workers"] and (not state.get("stale") or state["depth"])
+    ]
     ok = redis_state["reachable"] and mongo_state["reachable"] and not unserved
     dead = dead_letter_count() if redis_state["reachable"] else None
     return {
@@ -58,6 +71,23 @@ def fleet_queues(search_shards: int) -> tuple[str, ...]:
     """The queues a healthy fleet serves: embed, search (merge), ingest, and each search shard."""
     shards = sharding.search_queues(search_shards) if search_shards > 1 else []
     return (*names.QUEUES, *shards)
+
+
+def stale_shard_queues(client: redis.Redis, current: Sequence[str], served: Iterable[str] = ()) -> list[str]:
+    """Shard queues outside ``current`` that hold messages (their Redis list exists) or that a worker in ``served``
+    takes: what a change of ``MEMQ_SEARCH_SHARDS`` leaves behind. One round trip of EXISTS over every possible
+    shard queue (``sharding.MAX_SHARDS``), whatever else the broker's database holds."""
+    candidates = [queue for queue in sharding.search_queues(sharding.MAX_SHARDS) if queue not in set(current)]
+    pipe = client.pipeline(transaction=False)
+    for queue in candidates:
+        pipe.exists(queue)
+    holding = {queue for queue, exists in zip(candidates, pipe.execute(), strict=True) if exists}
+    found = holding | (set(served) & set(candidates))
+    return sorted(found, key=lambda queue: int(queue.rpartition(".")[2]))
+
+
+def broker_redis(url: str, timeout_s: float) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
 
 
 def dead_letters(limit: int = 100) -> list[dict[str, Any]]:
@@ -146,6 +176,9 @@ def format_status(status: dict[str, Any]) -> str:
     lines = [f"memq status: {'ok' if status['ok'] else 'NOT OK'}"]
     if status.get("unserved_queues"):
         lines.append(f"  no worker serves: {', '.join(status['unserved_queues'])}")
+    stale = [queue for queue, state in status["queues"].items() if state.get("stale")]
+    if stale:
+        lines.append(f"  stale shards (outside MEMQ_SEARCH_SHARDS): {', '.join(stale)}")
     for name in ("redis", "mongodb"):
         service = status[name]
         state = "reachable" if service["reachable"] else f"UNREACHABLE ({service['error']})"
@@ -153,7 +186,10 @@ def format_status(status: dict[str, Any]) -> str:
     lines.append("")
     lines += _table(
         ["QUEUE", "DEPTH", "WORKERS"],
-        [[queue, _text(q["depth"]), ", ".join(q["workers"]) or "NONE"] for queue, q in status["queues"].items()],
+        [
+            [queue + (" (stale)" if q.get("stale") else ""), _text(q["depth"]), ", ".join(q["workers"]) or "NONE"]
+            for queue, q in status["queues"].items()
+        ],
     )
     lines.append("")
     lines += _table(

@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import Task
 
-from memq import names, validation
+from memq import names, sharding, validation
 from memq.app import app
 from memq.errors import InvalidInput, TransientError
 from memq.requests import recheck_retrieval_request
@@ -74,7 +74,7 @@ def search(
         found = steps.search_type(embedded, memory_id, memory_type, k, strategy, wanted, budget_s)
         return {**found, "served_by": self.request.hostname}
     except InvalidInput as exc:
-        return steps.search_failed(str(memory_type), f"invalid input: {exc}", embedded)
+        return steps.search_failed(str(memory_type), f"invalid input: {exc}", embedded, self.request.hostname)
     except TransientError as exc:
         attempt = self.request.retries
         settings = get_settings()
@@ -84,11 +84,15 @@ def search(
         )
         if attempt < settings.search_max_retries and within_deadline:
             log.warning("search %s for %s failed (%s); retry %d", memory_type, memory_id, exc, attempt + 1)
-            raise self.retry(countdown=backoff_s, exc=exc) from exc
-        return steps.search_failed(memory_type, f"unavailable after {attempt + 1} attempt(s): {exc}", embedded)
+            # To the queue of this worker's MEMQ_SEARCH_SHARDS, not back to the one the message came from: a
+            # retry follows a change of N (and never waits on a shard queue that is being drained).
+            retry_queue = sharding.search_queue_for(memory_id, settings.search_shards)
+            raise self.retry(countdown=backoff_s, exc=exc, queue=retry_queue) from exc
+        message = f"unavailable after {attempt + 1} attempt(s): {exc}"
+        return steps.search_failed(memory_type, message, embedded, self.request.hostname)
     except Exception as exc:
         log.exception("search %s for %s failed", memory_type, memory_id)
-        return steps.search_failed(str(memory_type), f"{type(exc).__name__}: {exc}", embedded)
+        return steps.search_failed(str(memory_type), f"{type(exc).__name__}: {exc}", embedded, self.request.hostname)
 
 
 def search_attempts_left(task: Task) -> int:

@@ -13,7 +13,6 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import click
 import pytest
@@ -52,8 +51,7 @@ def celery_worker_args(kind: str, extra: list[str], search_shards: int = 1) -> l
         del extra[at : at + 2]
     queues = [kind]
     if kind == "search":
-        with mock.patch("memq.settings.get_settings", return_value=Settings(search_shards=search_shards)):
-            queues = cli.search_worker_queues(extra)  # raises ValueError on a --shards the fleet does not have
+        queues = cli.search_worker_queues(extra, search_shards)  # ValueError on a --shards the fleet does not have
     return ["-Q", ",".join(queues), *cli.WORKER_DEFAULTS[kind], *extra]
 
 

@@ -418,3 +418,18 @@ def test_the_exporter_interval_must_be_positive() -> None:
 
     with pytest.raises(ConfigError, match="interval"):
         exporter.run_exporter(port=services.free_port(), interval_s=math.nan, registry=CollectorRegistry())
+
+
+def test_the_watch_samples_a_stale_shard_queue_while_it_holds_messages(cache_redis: redis.Redis) -> None:
+    stale = "search.1023"  # outside any N a test fleet uses
+    watch = exporter.QueueWatch(cache_redis, fleet_queues(2), clock=lambda: 1000.0)
+    cache_redis.lpush(stale, envelope({"id": "s", "task": names.NOOP, exporter.PUBLISHED_AT_HEADER: 990.0}))
+    try:
+        holding = watch.sample()
+    finally:
+        cache_redis.delete(stale)
+    drained = watch.sample()
+
+    assert holding[stale] == exporter.QueueState(1, 990.0)
+    assert set(holding) == {*fleet_queues(2), stale}
+    assert set(drained) == set(fleet_queues(2))

@@ -209,3 +209,83 @@ def test_going_from_two_to_three_shards_keeps_results_exact_and_moves_about_a_th
     assert 1 <= len(moved) <= len(TENANTS) * 2 // 3
     for tenant, by_type in served.items():
         assert {worker_of_shard(host) for host in by_type.values()} == {sharding.shard_of(tenant, 3)}
+
+
+def test_a_stale_shard_queue_with_messages_and_no_worker_makes_status_not_ok_until_it_is_drained(
+    shard_fleet: ShardFleet,
+) -> None:
+    """What a shrink of MEMQ_SEARCH_SHARDS leaves behind: messages on a shard queue outside N."""
+    import redis
+
+    from memq import names
+
+    broker = redis.Redis.from_url(shard_fleet.broker.url)
+    shard_fleet.app.send_task(names.NOOP, queue="search.5")
+    status_code = "import json; from memq.status import collect_status; print(json.dumps(collect_status(timeout_s=1)))"
+    try:
+        stranded = shard_fleet.client(status_code)
+    finally:
+        broker.delete("search.5")
+    drained = shard_fleet.client(status_code)
+
+    assert stranded["queues"]["search.5"] == {"depth": 1, "workers": [], "stale": True}
+    assert stranded["ok"] is False and stranded["unserved_queues"] == ["search.5"]
+    assert "search.5" not in drained["queues"] and drained["ok"] is True
+
+
+def test_a_retried_search_goes_to_the_queue_of_the_workers_shard_count_not_back_where_it_came_from() -> None:
+    """A search published under another N (here: to search.0 for a tenant of shard 1) that fails transiently is
+    retried on its tenant's shard queue under the worker's N, where that shard's workers will take it."""
+    import numpy as np
+    import redis
+
+    from memq import names
+    from memq.vectors import to_wire
+
+    tenant = next(t for t in TENANTS if sharding.shard_of(t, SHARDS) == 1)
+    broker = services.start_redis_server()
+    dead_mongodb = f"mongodb://127.0.0.1:{services.free_port()}/?serverSelectionTimeoutMS=200"
+    env = services.memq_env(
+        os.environ, broker.url, dead_mongodb, MEMQ_SEARCH_SHARDS=str(SHARDS), MEMQ_MONGODB_TIMEOUT_MS="200"
+    )
+    fleet = services.Fleet(env)
+    from celery import Celery
+
+    from memq.config.celery import celery_config
+    from memq.settings import Settings
+
+    app = Celery("memq-retry-route", set_as_current=False)
+    app.config_from_object(celery_config(Settings(broker_url=broker.url, result_backend=broker.url)))
+    client = redis.Redis.from_url(broker.url)
+    try:
+        fleet.wait_ready(app, [fleet.start("search", name="shard0-only", extra_args=["--shards", "0"])], 120)
+        vector = np.zeros(384, dtype=np.float32)
+        vector[0] = 1.0
+        sent = app.send_task(
+            names.SEARCH, args=[{"vector": to_wire(vector)}, tenant, "semantic", 3, "exact"], queue="search.0"
+        )
+        services.wait_until(lambda: client.llen("search.1") == 1, 60, "the retry on search.1")
+        [raw] = client.lrange("search.1", 0, -1)
+        retried = json.loads(raw)["headers"]
+    finally:
+        fleet.stop_all()
+        app.close()
+        broker.stop()
+
+    assert retried["id"] == sent.id and retried["task"] == names.SEARCH and retried["retries"] == 1
+
+
+def test_shards_are_refused_without_a_shard_count_and_both_option_forms_parse() -> None:
+    from memq import cli
+    from memq.errors import ConfigError
+    from memq.settings import Settings
+
+    with pytest.raises(ValueError, match="MEMQ_SEARCH_SHARDS is 1"):
+        sharding.parse_shards("0", shards=1)
+    with pytest.raises(ConfigError, match=r"MEMQ_SEARCH_SHARDS must be in 1\.\.1024"):
+        Settings.from_env({"MEMQ_SEARCH_SHARDS": "1025"})
+    for extra in (["--shards", "0,2", "-c", "4"], ["--shards=0,2", "-c", "4"]):
+        assert cli.search_worker_queues(extra, search_shards=3) == ["search", "search.0", "search.2"]
+        assert extra == ["-c", "4"]  # taken out of what Celery sees
+    with pytest.raises(ValueError, match="more than once"):
+        cli.search_worker_queues(["--shards", "0", "--shards=1"], search_shards=3)

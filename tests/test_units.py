@@ -522,3 +522,20 @@ def test_a_jsonl_line_nested_32_deep_is_read(tmp_path: Path) -> None:
     line = {"content": "x", "metadata": {"a": [[[]]]}}
     assert json_depth(line) == 5
     assert json_depth([[[[]]]] * 3) == 4 and json_depth("text") == 0 and json_depth({}) == 1
+
+
+def test_merge_names_the_worker_of_every_type_even_one_that_failed() -> None:
+    from memq.requests import retrieval_request
+    from memq.workers import steps
+
+    request = retrieval_request(Settings(), "hobbies", "tenant-a", {"semantic": 2, "episodic": 1})
+    answered = {"type": "long_term_memory", "items": [], "search_ms": 0.4, "served_by": "search.0@host-a"}
+    failed = steps.search_failed("conversation_memory", "unavailable after 4 attempt(s)", None, "search.1@host-b")
+
+    merged = steps.merge([answered, failed], request)
+
+    assert merged["errors"] == {"conversation_memory": "unavailable after 4 attempt(s)"}
+    assert merged["timings_ms"]["served_by"] == {
+        "long_term_memory": "search.0@host-a",
+        "conversation_memory": "search.1@host-b",
+    }

@@ -113,8 +113,11 @@ def query_vector(embedded: dict[str, Any]) -> np.ndarray:
     return vector
 
 
-def search_failed(memory_type: str, message: str, embedded: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"type": memory_type, "items": [], "error": message, **_embed_timings(embedded or {})}
+def search_failed(
+    memory_type: str, message: str, embedded: dict[str, Any] | None = None, served_by: str | None = None
+) -> dict[str, Any]:
+    failed = {"type": memory_type, "items": [], "error": message, **_embed_timings(embedded or {})}
+    return failed if served_by is None else {**failed, "served_by": served_by}
 
 
 def _embed_timings(embedded: Any) -> dict[str, Any]:
@@ -139,13 +142,13 @@ def merge(results: Sequence[dict[str, Any]], request: RetrievalRequest) -> dict[
         memory_type = result["type"]
         if result.get("embed_ms") is not None:
             timings["embed_ms"] = result["embed_ms"]
+        if isinstance(result.get("served_by"), str):
+            timings["served_by"][memory_type] = result["served_by"][:255]
         if "error" in result:
             errors[memory_type] = result["error"][: validation.MAX_ERROR_CHARS]
             continue
         timings["search_ms"][memory_type] = result.get("search_ms", 0.0)
         timings["matrix_cache"][memory_type] = result.get("matrix_cache")
-        if isinstance(result.get("served_by"), str):
-            timings["served_by"][memory_type] = result["served_by"][:255]
         best = ranking.rank_type(result["items"], limits[memory_type], weights, now_ts, settings.recency_half_life_s)
         ranked[memory_type] = [_public(item) for item in best]
     arrived = {result["type"] for result in results}
