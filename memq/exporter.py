@@ -99,6 +99,8 @@ class QueueWatch:
             pipe.lindex(queue, -1)
         replies = pipe.execute()
         now = self.clock()
+        for gone in set(self._first_seen) - set(queues):  # a stale shard queue that emptied
+            del self._first_seen[gone]
         states: dict[str, QueueState] = {}
         for at, queue in enumerate(queues):
             depth, tail = int(replies[2 * at]), replies[2 * at + 1]

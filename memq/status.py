@@ -45,14 +45,18 @@ def collect_status(settings: Settings | None = None, timeout_s: float = STATUS_T
             stale = stale_shard_queues(client, all_queues, served)
         depths = queue_depths(app, [*all_queues, *stale])
     queues = {
-        queue: {"depth": depths[queue], "workers": sorted(h for h, w in workers.items() if queue in w["queues"])}
+        queue: {
+            "depth": depths[queue],
+            "workers": sorted(h for h, w in workers.items() if queue in w["queues"]),
+            "stale": False,
+        }
         for queue in all_queues
     }
     for queue in stale:
         served_by = sorted(h for h, w in workers.items() if queue in w["queues"])
         queues[queue] = {"depth": depths[queue], "workers": served_by, "stale": True}
     unserved = [
-        queue for queue, state in queues.items() if not state["workers"] and (not state.get("stale") or state["depth"])
+        queue for queue, state in queues.items() if not state["workers"] and (not state["stale"] or state["depth"])
     ]
     ok = redis_state["reachable"] and mongo_state["reachable"] and not unserved
     dead = dead_letter_count() if redis_state["reachable"] else None
@@ -176,7 +180,7 @@ def format_status(status: dict[str, Any]) -> str:
     lines = [f"memq status: {'ok' if status['ok'] else 'NOT OK'}"]
     if status.get("unserved_queues"):
         lines.append(f"  no worker serves: {', '.join(status['unserved_queues'])}")
-    stale = [queue for queue, state in status["queues"].items() if state.get("stale")]
+    stale = [queue for queue, state in status["queues"].items() if state["stale"]]
     if stale:
         lines.append(f"  stale shards (outside MEMQ_SEARCH_SHARDS): {', '.join(stale)}")
     for name in ("redis", "mongodb"):
@@ -187,7 +191,7 @@ def format_status(status: dict[str, Any]) -> str:
     lines += _table(
         ["QUEUE", "DEPTH", "WORKERS"],
         [
-            [queue + (" (stale)" if q.get("stale") else ""), _text(q["depth"]), ", ".join(q["workers"]) or "NONE"]
+            [queue + (" (stale)" if q["stale"] else ""), _text(q["depth"]), ", ".join(q["workers"]) or "NONE"]
             for queue, q in status["queues"].items()
         ],
     )

@@ -433,3 +433,22 @@ def test_the_watch_samples_a_stale_shard_queue_while_it_holds_messages(cache_red
     assert holding[stale] == exporter.QueueState(1, 990.0)
     assert set(holding) == {*fleet_queues(2), stale}
     assert set(drained) == set(fleet_queues(2))
+
+
+def test_an_unstamped_message_back_on_a_stale_shard_queue_is_aged_from_its_return(cache_redis: redis.Redis) -> None:
+    stale, now = "search.1022", [1000.0]
+    watch = exporter.QueueWatch(cache_redis, fleet_queues(1), clock=lambda: now[0])
+    message = envelope({"id": "u", "task": names.NOOP})  # no publish-time header: aged from when it was seen
+    try:
+        cache_redis.lpush(stale, message)
+        first = watch.sample()[stale]
+        cache_redis.delete(stale)
+        now[0] = 1300.0
+        watch.sample()
+        now[0] = 1605.0  # the same message restored (as kombu does after a visibility timeout)
+        cache_redis.lpush(stale, message)
+        back = watch.sample()[stale]
+    finally:
+        cache_redis.delete(stale)
+
+    assert first.oldest_since == 1000.0 and back.oldest_since == 1605.0

@@ -39,3 +39,53 @@ def test_an_event_buffered_while_a_flush_publishes_goes_out_with_the_next_flush(
             dispatcher.close()
 
     assert published == [["early"], ["late"]]
+
+
+def test_events_parked_while_the_broker_is_down_go_out_once_it_answers_even_after_two_failed_flushes() -> None:
+    published: list[list[str]] = []
+
+    class BrokerDownForTwoPublishes(app.events.Dispatcher):  # type: ignore[misc,name-defined]
+        failures_left = 2
+
+        def _publish(self, event: Any, producer: Any, routing_key: str, **options: Any) -> None:
+            if self.failures_left:  # what Celery's _publish does with buffer_while_offline when the broker is down
+                self.failures_left -= 1
+                self._outbound_buffer.append((event, routing_key, ConnectionError("broker down")))
+                return
+            published.append([e["uuid"] for e in event])
+            super()._publish(event, producer, routing_key, **options)
+
+    with Connection(os.environ["MEMQ_BROKER_URL"]) as connection:
+        dispatcher = BrokerDownForTwoPublishes(
+            connection, hostname="offline@test", buffer_group=["task"], buffer_while_offline=True
+        )
+        try:
+            dispatcher.send("task-succeeded", uuid="parked")
+            for _ in range(3):
+                dispatcher.flush()
+        finally:
+            dispatcher.close()
+
+    assert published == [["parked"]]
+
+
+def test_a_dispatcher_replaced_after_a_reconnect_hands_over_its_buffered_task_events() -> None:
+    published: list[list[str]] = []
+
+    class Recording(app.events.Dispatcher):  # type: ignore[misc,name-defined]
+        def _publish(self, event: Any, producer: Any, routing_key: str, **options: Any) -> None:
+            published.append([e["uuid"] for e in event])
+            super()._publish(event, producer, routing_key, **options)
+
+    with Connection(os.environ["MEMQ_BROKER_URL"]) as connection:
+        old = Recording(connection, hostname="old@test", buffer_group=["task"])
+        old.send("task-succeeded", uuid="buffered-before-the-reconnect")
+        old.close()
+        new = Recording(connection, hostname="new@test", buffer_group=["task"])
+        try:
+            new.extend_buffer(old)  # what Celery's Events bootstep does when the consumer reconnects
+            new.flush()
+        finally:
+            new.close()
+
+    assert published == [["buffered-before-the-reconnect"]]

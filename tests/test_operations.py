@@ -317,7 +317,8 @@ def test_flower_finds_a_retrievals_chord_tasks_by_name_in_its_api_and_metrics(
         seen = seen_in_flower()
         return len(seen) == len(steps) and all(task["state"] == "SUCCESS" for task in seen.values())
 
-    # Every step of the chord is seen succeeding, by name: no task event is lost (memq.events, celery#10434).
+    # Every step of the chord is seen succeeding, by name: memq.events keeps the task events Celery's buffered
+    # flush dropped (celery#10434); pub/sub itself loses nothing for a subscriber that stays connected.
     limits = {"semantic": 2, "episodic": 1}
     request = retrieval_request(get_settings(), f"what does {tenant} like to eat?", tenant, limits)
     sent = retrieval_canvas(request).apply_async()  # the canvas client.retrieve sends, so its ids are known here
