@@ -23,7 +23,7 @@ WORKER_MODULES = ["memq.workers.startup", "memq.tasks.retrieval", "memq.tasks.in
 # The header memq.exporter reads (it keeps its own copy of the name: it never imports Celery).
 PUBLISHED_AT_HEADER = names.PUBLISHED_AT_HEADER
 
-app = Celery("memq", include=WORKER_MODULES, events="memq.events:MemqEvents")
+app = Celery("memq", include=WORKER_MODULES, events="memq.celery_internals:MemqEvents")
 app.config_from_object(celery_config(get_settings()))
 
 

@@ -53,6 +53,7 @@ class Settings:
     search_shards: int = 1  # tenant-affinity shards of the search pool (memq.sharding); 1: the shared queue
     max_deliveries: int = 5  # a message redelivered more often is dead-lettered instead of run again
     dead_letter_max: int = 10_000  # dead letters kept (newest first)
+    remote_control: str = ""  # control commands workers obey beyond the read-only ones (memq.workers.control)
     flower_basic_auth: str = field(default="", repr=False)
     metrics_port: int = 0
 

@@ -45,6 +45,8 @@ def pytest_configure(config: pytest.Config) -> None:
         MEMQ_MONGODB_DB=f"memq_test_{uuid.uuid4().hex[:8]}",
         MEMQ_TEST_REAL_MONGODB="1" if real_mongo else "",
         MEMQ_RESULT_CACHE_TTL_S=os.environ.get("MEMQ_RESULT_CACHE_TTL_S", "300"),
+        # test_operations stops and restarts the embed consumer through remote control
+        MEMQ_REMOTE_CONTROL="cancel_consumer,add_consumer",
     )
     os.environ.update(env)
 

@@ -1,20 +1,56 @@
-"""``memq_info``: a Celery inspect command that says what a worker is (``memq status`` asks every worker).
+"""Remote control of memq workers: what a broker client may ask of them.
 
-Registered at import (``memq.workers.startup`` imports this module, so every worker has it). It reads only
-what the worker already built: an embed worker that has not loaded its model yet says so instead of
-loading it inside a control message.
+- ``memq_info``: an inspect command that says what a worker is (``memq status`` asks every worker). Registered at
+  import (``memq.workers.startup`` imports this module, so every worker has it). It reads only what the worker
+  already built: an embed worker that has not loaded its model yet says so instead of loading it.
+- ``restrict_remote_control``: a command allow-list. By default a worker answers the read-only commands that
+  ``memq status``, Flower and ``celery inspect`` use, plus ``enable_events`` and ``heartbeat`` (Flower turns events
+  on); every other command (``shutdown``, ``pool_restart``, ``cancel_consumer``, ``revoke``, ``rate_limit`` ...) is
+  refused with a reply that says so, logged and counted. ``MEMQ_REMOTE_CONTROL`` names more commands to allow
+  (``shutdown,revoke``) or ``all``. Celery's documented command table (``Panel.data``) is what is restricted.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from celery.worker import state as worker_state
-from celery.worker.control import inspect_command
+from celery.worker.control import Panel, inspect_command
 
+from memq.errors import ConfigError
 from memq.names import INFO_COMMAND, WORKER_KIND_ENV
 from memq.settings import get_settings
+from memq.workers.metrics import REFUSED_CONTROL_COMMANDS
+
+log = logging.getLogger(__name__)
+
+#: Read-only commands (Celery's own inspect commands that cannot stall a worker, and memq's) and the two control
+#: commands Flower needs; allowed by default. ``objgraph``, ``memdump`` and ``memsample`` are inspect commands too,
+#: but can hold a worker for seconds: they need ``MEMQ_REMOTE_CONTROL``.
+DEFAULT_ALLOWED_COMMANDS = frozenset(
+    {
+        "active",
+        "active_queues",
+        "clock",
+        "conf",
+        "hello",  # mingle, at worker start-up
+        "ping",
+        "query_task",
+        "registered",
+        "report",
+        "reserved",
+        "revoked",
+        "scheduled",
+        "stats",
+        INFO_COMMAND,
+        "enable_events",
+        "heartbeat",
+    }
+)
+ALL_COMMANDS = "all"
 
 
 @inspect_command(name=INFO_COMMAND)
@@ -58,3 +94,35 @@ def model_info() -> dict[str, Any]:
         return {"name": settings.embed_model, "device": settings.embed_device, "dimensions": None, "loaded": False}
     model = embedder.get()
     return {"name": model.model_name, "device": model.device, "dimensions": model.dimensions, "loaded": True}
+
+
+def allowed_commands(setting: str, known: frozenset[str]) -> frozenset[str]:
+    """The commands ``MEMQ_REMOTE_CONTROL`` (a comma-separated list, or ``all``) allows beside the defaults."""
+    extra = {name.strip() for name in setting.split(",") if name.strip()}
+    if ALL_COMMANDS in extra:
+        return known
+    unknown = sorted(extra - known)
+    if unknown:
+        raise ConfigError(
+            f"MEMQ_REMOTE_CONTROL names unknown command(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    return DEFAULT_ALLOWED_COMMANDS | extra
+
+
+def restrict_remote_control(setting: str, table: MutableMapping[str, Any] | None = None) -> list[str]:
+    """Replaces each command outside the allowed set by a refusal; returns the refused names."""
+    table = Panel.data if table is None else table
+    allowed = allowed_commands(setting, frozenset(table))
+    refused = sorted(name for name in table if name not in allowed)
+    for name in refused:
+        table[name] = _refusal(name)
+    return refused
+
+
+def _refusal(name: str) -> Callable[..., dict[str, str]]:
+    def refuse(state: Any, **_: Any) -> dict[str, str]:
+        REFUSED_CONTROL_COMMANDS.labels(command=name).inc()
+        log.warning("refused remote control command %r (allow it with MEMQ_REMOTE_CONTROL)", name)
+        return {"error": f"memq: remote control command {name!r} is disabled on this worker (MEMQ_REMOTE_CONTROL)"}
+
+    return refuse

@@ -31,10 +31,9 @@ import redis
 from celery.exceptions import NotRegistered
 from celery.utils.objects import Bunch
 from celery.worker.consumer import Consumer
-from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual as kombu_virtual
 
-from memq import keys, names
+from memq import celery_internals, keys, names
 from memq.cache_redis import cache_redis
 from memq.settings import get_settings
 from memq.workers.metrics import DEAD_LETTERS
@@ -298,24 +297,25 @@ class GuardedMessage(kombu_virtual.Message):
             raise PoisonEnvelope(f"{type(exc).__name__}: {exc}"[:200]) from exc
 
 
-class GuardedRedisChannel(kombu_redis.Channel):
-    """The Redis channel, except that an envelope which cannot be decoded or made a message of is dead-lettered,
-    not fatal: it was popped from its queue and never recorded as unacknowledged, so it is simply dropped."""
+class GuardedRedisChannel(celery_internals.GuardedRedisChannel):
+    """The Redis channel, except that an envelope which cannot be decoded or made a message of, on a task queue or
+    on a broadcast channel (remote control, events), is dead-lettered, not fatal (``memq.celery_internals``)."""
 
     Message = GuardedMessage
+    poison_errors = (*celery_internals.DECODE_ERRORS, PoisonEnvelope)
 
-    def _brpop_read(self, **options: Any) -> bool:
-        try:
-            return bool(super()._brpop_read(**options))
-        except (RecursionError, json.JSONDecodeError, UnicodeDecodeError, PoisonEnvelope) as exc:
-            detail = str(exc) if isinstance(exc, PoisonEnvelope) else type(exc).__name__
-            try:
-                letter = entry("unknown", Problem("undecodable_envelope", detail), None, None)
-                record(cache_redis.get(), letter, get_settings().dead_letter_max)
-            except Exception:
-                log.exception("could not record an undecodable envelope; dropping it")
-            return True  # one message was consumed (and is dropped)
+    def on_undecodable_envelope(self, detail: str) -> None:
+        _record_quietly("unknown", Problem("undecodable_envelope", detail))
+
+    def on_poison_broadcast(self, detail: str) -> None:
+        _record_quietly("broadcast", Problem("poison_broadcast", detail))
 
 
-class GuardedRedisTransport(kombu_redis.Transport):
-    Channel = GuardedRedisChannel
+def _record_quietly(queue: str, problem: Problem) -> None:
+    try:
+        record(cache_redis.get(), entry(queue, problem, None, None), get_settings().dead_letter_max)
+    except Exception:
+        log.exception("could not record a dead letter (%s); dropping the message", problem.reason)
+
+
+GuardedRedisTransport = celery_internals.guarded_transport(GuardedRedisChannel)

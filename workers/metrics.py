@@ -29,6 +29,9 @@ VERSION_BUMP_FAILURES = Counter(
 DEAD_LETTERS = Counter(
     "memq_dead_letters_total", "Messages acknowledged into the dead-letter list instead of run", ["queue", "reason"]
 )
+REFUSED_CONTROL_COMMANDS = Counter(
+    "memq_refused_control_commands_total", "Remote control commands refused (MEMQ_REMOTE_CONTROL)", ["command"]
+)
 STORE_WRITES = Counter("memq_memories_written_total", "Memories upserted", ["memory_type"])
 BAD_STORED_ROWS = Counter(
     "memq_bad_stored_rows_total",

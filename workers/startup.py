@@ -13,10 +13,10 @@ from typing import Any
 
 from celery.signals import worker_init, worker_process_init, worker_shutdown
 
-import memq.workers.control  # noqa: F401  (registers the memq_info inspect command used by `memq status`)
 from memq.names import WORKER_KIND_ENV
 from memq.settings import get_settings
 from memq.workers import metrics
+from memq.workers.control import restrict_remote_control  # (also registers the memq_info inspect command)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     kind = os.environ.get(WORKER_KIND_ENV, "")
     if not kind:
         return
+    refused = restrict_remote_control(get_settings().remote_control)
+    log.info("remote control: refusing %s (MEMQ_REMOTE_CONTROL)", ", ".join(refused) or "nothing")
     metrics.serve(get_settings().metrics_port)
     if not _forks_children(sender):
         build_resources(kind)
