@@ -19,7 +19,7 @@ if [ ! -x "$overlay/bin/python" ]; then
 fi
 overlay_site=$("$overlay/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 echo "import site; site.addsitedir('$main_site')" > "$overlay_site/memq-main-venv.pth"
-"$overlay/bin/python" -m pip install -q --no-deps "celery==$oldest" 2>&1 | grep -v '^WARNING: Location' || true
+"$overlay/bin/python" -m pip install -q "celery==$oldest" 2>&1 | grep -v '^WARNING: Location' || true
 export PATH="$PWD/$overlay/bin:$PWD/.venv/bin:$PATH"
 "$overlay/bin/python" -c "import celery, sys; print('oldest supported Celery:', celery.__version__); sys.exit(0 if celery.__version__.startswith('$oldest') else 1)"
 "$overlay/bin/python" -m pytest -p no:cacheprovider "$@" \
