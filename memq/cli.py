@@ -99,7 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dead-letters", help="messages the workers quarantined instead of running (newest first)")
     p.add_argument("--limit", type=int, default=100)
-    p.add_argument("--purge", action="store_true", help="empty the list (after showing it)")
+    act = p.add_mutually_exclusive_group()
+    act.add_argument("--purge", action="store_true", help="remove exactly the letters shown (after showing them)")
+    act.add_argument("--purge-all", action="store_true", help="remove every letter; prints how many")
+    act.add_argument("--replay", nargs="+", metavar="ID", help="republish these letters' messages to their queues")
+    act.add_argument("--replay-all", action="store_true", help="republish every replayable letter's message")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_dead_letters)
 
@@ -344,18 +348,37 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
-    from memq.status import dead_letters, purge_dead_letters
+    from memq import dead_letters
 
-    letters = dead_letters(limit=args.limit)
-    purged = purge_dead_letters() if args.purge else None
+    if args.replay is not None or args.replay_all:
+        replayed = dead_letters.replay(None if args.replay_all else args.replay)
+        if args.json:
+            print(json.dumps({"replayed": [vars(r) for r in replayed]}))
+        for outcome in replayed if not args.json else []:
+            print(
+                f"{outcome.id}  {outcome.outcome}"
+                + (f" -> {outcome.queue} (task {outcome.task_id})" * bool(outcome.queue))
+            )
+        return 0 if all(r.outcome == "replayed" for r in replayed) else 1
+    if args.purge_all:
+        purged = dead_letters.purge_all()
+        print(json.dumps({"purged": purged}) if args.json else f"purged all {purged} dead letter(s)")
+        return 0
+    letters = dead_letters.listed(limit=args.limit)
+    purged = dead_letters.purge(letters) if args.purge else None
     if args.json:
-        print(json.dumps({"dead_letters": letters, "purged": purged}))
+        print(json.dumps({"dead_letters": [letter.fields for letter in letters], "purged": purged}))
         return 0
     for letter in letters:
-        print(f"{letter['at']:.3f}  {letter['queue']:<8} {letter['reason']:<20} {letter['detail']}")
-        print(f"    headers: {letter['headers'][:160]}")
-        print(f"    body:    {letter['body'][:160]}")
-    print(f"{len(letters)} dead letter(s) shown" + (f"; purged {purged}" if purged is not None else ""))
+        fields, show = letter.fields, dead_letters.printable
+        replay_note = "replayable" if fields.get("replayable") else "preview only"
+        print(
+            f"{float(fields.get('at') or 0):.3f}  {show(fields.get('id', ''), 32)}  {show(fields.get('queue'), 8):<8} "
+            f"{show(fields.get('reason'), 24):<20} {show(fields.get('detail'), 200)}  [{replay_note}]"
+        )
+        print(f"    headers: {show(fields.get('headers'))}")
+        print(f"    body:    {show(fields.get('body'))}")
+    print(f"{len(letters)} dead letter(s) shown" + (f"; purged those {purged}" if purged is not None else ""))
     return 0
 
 

@@ -7,7 +7,9 @@
 | ``memq:v1:lock:<fingerprint>:<versions>`` | the single-flight lock of that result (PX)      | the client   |
 | ``memq:v1:emb:<digest of model, text>``   | a cached embedding (format byte + float32, TTL) | embed tasks  |
 | ``memq:v1:dead``                          | dead-lettered messages (JSON, newest first)     | workers      |
-| ``memq:v1:deliveries:<task id>``          | how often a message was redelivered (1 day TTL) | workers      |
+| ``memq:v1:dead:msg:<letter id>``          | a dead letter's whole message (TTL)             | workers      |
+| ``memq:v1:started:<task id>``             | redeliveries of a message that started running  | workers      |
+|                                           | and never finished (1 day TTL)                  |              |
 
 ``<fingerprint>`` is ``sha256`` of the request's identity (see ``memq.requests.cache_identity``) and
 ``<versions>`` the requested types' data versions joined by ``.``: a write bumps a version, so the
@@ -40,8 +42,12 @@ _RESULT_KEY = re.compile(rf"^{re.escape(RESULT_PREFIX)}([0-9a-f]{{{FINGERPRINT_C
 DEAD_LETTERS = f"{PREFIX}:dead"
 
 
-def delivery_count(task_id: str) -> str:
-    return f"{PREFIX}:deliveries:{_digest(task_id)}"
+def started_count(task_id: str) -> str:
+    return f"{PREFIX}:started:{_digest(task_id)}"
+
+
+def dead_message(letter_id: str) -> str:
+    return f"{DEAD_LETTERS}:msg:{letter_id}"
 
 
 def tenant_version(memory_id: str, memory_type: str) -> str:

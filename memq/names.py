@@ -53,3 +53,11 @@ PUBLISHED_AT_HEADER = "memq_published_at"
 INFO_COMMAND = "memq_info"
 # ``memq worker KIND`` exports the kind here; each worker kind builds its own resources from it.
 WORKER_KIND_ENV = "MEMQ_WORKER_KIND"
+
+
+def is_memq_queue(queue: str) -> bool:
+    """One of memq's queues: ``embed``, ``search``, ``ingest`` or a search shard ``search.<n>``."""
+    if queue in QUEUES:
+        return True
+    prefix = f"{SEARCH_QUEUE}."
+    return queue.startswith(prefix) and queue[len(prefix) :].isdigit() and len(queue) <= len(prefix) + 4

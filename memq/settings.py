@@ -53,6 +53,8 @@ class Settings:
     search_shards: int = 1  # tenant-affinity shards of the search pool (memq.sharding); 1: the shared queue
     max_deliveries: int = 5  # a message redelivered more often is dead-lettered instead of run again
     dead_letter_max: int = 10_000  # dead letters kept (newest first)
+    dead_letter_max_bytes: int = 1_048_576  # a dead letter's whole message is kept (for --replay) up to this size
+    dead_letter_ttl_s: int = 7 * 24 * 3600  # how long a dead letter's whole message is kept
     remote_control: str = ""  # control commands workers obey beyond the read-only ones (memq.workers.control)
     flower_basic_auth: str = field(default="", repr=False)
     metrics_port: int = 0
@@ -91,6 +93,8 @@ class Settings:
             "num_candidates_factor",
             "max_deliveries",
             "dead_letter_max",
+            "dead_letter_max_bytes",
+            "dead_letter_ttl_s",
             "search_shards",
         ):
             if getattr(self, name) < 1:

@@ -147,19 +147,58 @@ def test_a_retry_carrying_kombus_redelivered_header_is_not_counted_as_a_redelive
     assert broker.llen(keys.DEAD_LETTERS) == 0
 
 
-def test_a_message_redelivered_past_the_limit_is_dead_lettered_instead_of_run(broker: redis.Redis) -> None:
+def redelivered(headers: dict[str, Any], body: bytes = b'[["x", "y"], {}, {}]') -> dict[str, Any]:
+    message = envelope(names.SEARCH_QUEUE, headers, body)
+    message["properties"]["delivery_info"]["redelivered"] = True  # kombu's flag on a restored message
+    return message
+
+
+def test_a_redelivered_message_that_never_started_runs_however_often_it_is_redelivered(broker: redis.Redis) -> None:
+    headers = good_headers()  # e.g. prefetched again and again by workers that died running something else
+    for _ in range(int(os.environ.get("MEMQ_MAX_DELIVERIES", "5")) + 3):
+        publish(broker, names.SEARCH_QUEUE, redelivered(headers))
+
+    wait_for(lambda: broker.llen(names.SEARCH_QUEUE) == 0 and unacked_of(broker, names.SEARCH_QUEUE) == 0)
+
+    time.sleep(0.5)
+    assert broker.llen(keys.DEAD_LETTERS) == 0
+    assert not broker.exists(keys.started_count(headers["id"]))  # each run finished: nothing left counted
+
+
+def test_a_message_that_started_the_limit_of_times_is_dead_lettered_whole_and_its_replay_runs_it(
+    broker: redis.Redis,
+) -> None:
     headers = good_headers()
     limit = int(os.environ.get("MEMQ_MAX_DELIVERIES", "5"))
-    for _ in range(limit):  # deliveries 2..limit+1 of the same message
-        message = envelope(names.SEARCH_QUEUE, headers, b'[["x", "y"], {}, {}]')
-        message["properties"]["delivery_info"]["redelivered"] = True
-        publish(broker, names.SEARCH_QUEUE, message)
-
+    broker.set(keys.started_count(headers["id"]), limit - 1)  # killed its worker on each start so far
+    publish(broker, names.SEARCH_QUEUE, redelivered(headers))
     wait_for(lambda: broker.llen(keys.DEAD_LETTERS) >= 1 and broker.llen(names.SEARCH_QUEUE) == 0)
 
     letters = [json.loads(raw) for raw in broker.lrange(keys.DEAD_LETTERS, 0, -1)]
-    assert [letter["reason"] for letter in letters] == ["too_many_deliveries"]
-    assert f"delivered {limit + 1} times" in letters[0]["detail"]
+    assert [(letter["reason"], letter["replayable"]) for letter in letters] == [("too_many_deliveries", True)]
+    assert f"started {limit} times" in letters[0]["detail"]
+
+    replayed = cli_json("dead-letters", "--replay", letters[0]["id"])
+    result_key = f"celery-task-meta-{headers['id']}"
+    wait_for(lambda: bool(broker.exists(result_key)))
+
+    assert replayed["replayed"][0]["outcome"] == "replayed" and replayed["replayed"][0]["queue"] == "search"
+    assert json.loads(broker.get(result_key))["status"] == "SUCCESS"  # ran as a new delivery
+    assert broker.llen(keys.DEAD_LETTERS) == 0 and not broker.exists(keys.dead_message(letters[0]["id"]))
+
+
+def cli_json(*args: str) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "memq.cli", *args, "--json"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.stdout, proc.stderr
+    return dict(json.loads(proc.stdout))
+
+
+def cli_text(*args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "memq.cli", *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
 
 
 def test_poison_on_the_search_queue_under_load_never_hangs_a_retrieval(broker: redis.Redis, tenant: str) -> None:
@@ -186,19 +225,40 @@ def test_dead_letters_are_listed_counted_and_purged_by_the_cli(broker: redis.Red
     publish(broker, names.INGEST_QUEUE, envelope(names.INGEST_QUEUE, good_headers(), b"[1]"))
     wait_for(lambda: broker.llen(keys.DEAD_LETTERS) == 1)
 
-    def cli(*args: str) -> dict[str, Any]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "memq.cli", *args, "--json"], capture_output=True, text=True, timeout=60
-        )
-        assert proc.stdout, proc.stderr
-        return json.loads(proc.stdout)
-
-    status = cli("status")
-    listed = cli("dead-letters", "--purge")
+    status = cli_json("status")
+    listed = cli_json("dead-letters", "--purge")
 
     assert status["dead_letters"] == 1
     assert listed["dead_letters"][0]["reason"] == "bad_body" and listed["dead_letters"][0]["queue"] == "ingest"
     assert listed["purged"] == 1 and broker.llen(keys.DEAD_LETTERS) == 0
+
+
+def test_purge_removes_exactly_the_letters_it_showed_and_purge_all_says_how_many_it_removed(
+    broker: redis.Redis,
+) -> None:
+    for _ in range(5):
+        publish(broker, names.INGEST_QUEUE, envelope(names.INGEST_QUEUE, good_headers(), b"[1]"))
+    wait_for(lambda: broker.llen(keys.DEAD_LETTERS) == 5)
+
+    shown = cli_json("dead-letters", "--limit", "2", "--purge")
+    left = [json.loads(raw)["id"] for raw in broker.lrange(keys.DEAD_LETTERS, 0, -1)]
+    everything = cli_json("dead-letters", "--purge-all")
+
+    assert shown["purged"] == 2 and len(shown["dead_letters"]) == 2
+    assert len(left) == 3 and not {letter["id"] for letter in shown["dead_letters"]} & set(left)
+    assert everything["purged"] == 3 and broker.llen(keys.DEAD_LETTERS) == 0
+
+
+def test_a_dead_letters_preview_never_reaches_the_terminal_with_control_characters(broker: redis.Redis) -> None:
+    hostile = rb'["\u001b[2J\u001b]0;pwned\u0007", "\r\u0000"]'
+    publish(broker, names.INGEST_QUEUE, envelope(names.INGEST_QUEUE, good_headers(), hostile))
+    publish(broker, names.INGEST_QUEUE, envelope(names.INGEST_QUEUE, good_headers(), b"\x1b[31m not json \x07"))
+    wait_for(lambda: broker.llen(keys.DEAD_LETTERS) == 2)
+
+    printed = cli_text("dead-letters")
+
+    assert not any(char in printed for char in "\x1b\x07\x00\r")
+    assert "\\x1b" in printed
 
 
 def test_a_search_message_with_an_embedded_that_is_not_a_dict_reports_the_type_instead_of_raising(

@@ -3,10 +3,12 @@
 Every task message a memq worker receives first passes ``check``: the shape of Celery's protocol 2 (headers
 ``id`` and ``task`` non-empty strings naming a registered task; a body that decodes to ``[args: list, kwargs:
 dict, embed: dict]``; the headers Celery's ``Request`` unpacks — ``timelimit``, ``retries``, ``eta``, ``expires``,
-``shadow`` — of the types it expects), and a delivery limit: a message the broker has redelivered
-``MEMQ_MAX_DELIVERIES`` times (a worker died or lost its connection with it, again and again) is not run again.
+``shadow`` — of the types it expects), and a delivery limit: a message that *started* ``MEMQ_MAX_DELIVERIES``
+times without finishing (it killed or stalled its worker, again and again) is not run again; messages a dying
+worker had only prefetched are redelivered as often as it takes, at no cost (``count_started_redelivery``).
 A message that fails the check, or that still makes Celery's handler raise, is acknowledged and recorded in the
-dead-letter list instead (``record``), counted in ``memq_dead_letters_total{queue,reason}``, listed by ``memq
+dead-letter list instead (``record``, with the whole message where it is small enough, for ``memq dead-letters
+--replay``), counted in ``memq_dead_letters_total{queue,reason}``, listed by ``memq
 dead-letters`` and ``memq status``. What a task does with well-formed arguments is the task's business: its own
 checks answer bad values with ``InvalidInput``.
 
@@ -23,12 +25,14 @@ import json
 import logging
 import reprlib
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 from celery.exceptions import NotRegistered
+from celery.signals import task_postrun, task_prerun
 from celery.utils.objects import Bunch
 from celery.worker.consumer import Consumer
 from kombu.transport import virtual as kombu_virtual
@@ -113,24 +117,52 @@ def _is_number(value: Any) -> bool:
 
 
 def over_delivery_limit(message: Any, client: redis.Redis, max_deliveries: int) -> Problem | None:
-    """Counts redeliveries (the broker flags them) per task id; the first delivery costs nothing."""
+    """Refuses a redelivered message that already started ``max_deliveries`` times without finishing (it killed or
+    stalled its worker each time). A message that was only prefetched by a worker that died never started: its
+    redeliveries cost nothing, however often they happen. The first delivery is counted as started."""
     # Only the broker's flag: Celery copies unknown headers (kombu's ``redelivered`` header among them) onto a
     # task's retries, which are new messages, not redeliveries.
     if not (message.delivery_info or {}).get("redelivered"):
         return None
-    key = keys.delivery_count(str(message.headers["id"]))
     try:
-        pipe = client.pipeline(transaction=False)
-        pipe.incr(key)
-        pipe.expire(key, DELIVERY_COUNT_TTL_S)
-        redeliveries = int(pipe.execute()[0])
-    except (redis.RedisError, OSError) as exc:
-        log.warning("delivery count unavailable (%s); running the redelivered message", exc)
+        restarted = int(client.get(keys.started_count(str(message.headers["id"]))) or 0)
+    except (redis.RedisError, OSError, ValueError) as exc:
+        log.warning("started-deliveries count unavailable (%s); running the redelivered message", exc)
         return None
-    deliveries = redeliveries + 1
-    if deliveries > max_deliveries:
-        return Problem("too_many_deliveries", f"delivered {deliveries} times (MEMQ_MAX_DELIVERIES={max_deliveries})")
+    started = restarted + 1
+    if started >= max_deliveries:
+        return Problem(
+            "too_many_deliveries",
+            f"started {started} times without finishing (MEMQ_MAX_DELIVERIES={max_deliveries})",
+        )
     return None
+
+
+@task_prerun.connect(dispatch_uid="memq.guard.count_started_redelivery")
+def count_started_redelivery(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    """A redelivered message starts running: counted until it finishes (``task_postrun`` forgets it)."""
+    if task_id and _is_redelivery(task):
+        try:
+            pipe = cache_redis.get().pipeline(transaction=False)
+            pipe.incr(keys.started_count(task_id))
+            pipe.expire(keys.started_count(task_id), DELIVERY_COUNT_TTL_S)
+            pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            log.warning("could not count a started redelivery (%s)", exc)
+
+
+@task_postrun.connect(dispatch_uid="memq.guard.forget_finished_redelivery")
+def forget_finished_redelivery(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    if task_id and _is_redelivery(task):
+        try:
+            cache_redis.get().delete(keys.started_count(task_id))
+        except (redis.RedisError, OSError) as exc:
+            log.warning("could not clear a finished redelivery's count (%s)", exc)
+
+
+def _is_redelivery(task: Any) -> bool:
+    info = getattr(getattr(task, "request", None), "delivery_info", None)
+    return isinstance(info, dict) and bool(info.get("redelivered"))
 
 
 def queue_of(message: Any) -> str:
@@ -138,26 +170,51 @@ def queue_of(message: Any) -> str:
     routing key; an unbounded or unprintable label would break the metrics)."""
     info = getattr(message, "delivery_info", None) or {}
     queue = info.get("routing_key") if isinstance(info, dict) else None
-    return queue if isinstance(queue, str) and is_memq_queue(queue) else "other"
-
-
-def is_memq_queue(queue: str) -> bool:
-    if queue in names.QUEUES:
-        return True
-    prefix = f"{names.SEARCH_QUEUE}."
-    return queue.startswith(prefix) and queue[len(prefix) :].isdigit() and len(queue) <= len(prefix) + 4
+    return queue if isinstance(queue, str) and names.is_memq_queue(queue) else "other"
 
 
 def entry(queue: str, problem: Problem, headers: Any, body: Any) -> dict[str, Any]:
-    """One dead letter: where it came from, why, and enough of it to find its producer (never all of it)."""
+    """One dead letter: an id, where it came from, why, and previews enough to find its producer."""
     return {
+        "id": uuid.uuid4().hex,
         "queue": queue,
         "reason": problem.reason,
         "detail": problem.detail,
         "headers": _preview(headers, HEADERS_PREVIEW_CHARS),
         "body": _preview(body, BODY_PREVIEW_CHARS),
+        "replayable": False,
         "at": time.time(),
     }
+
+
+def whole_message(message: Any, queue: str, max_bytes: int) -> str | None:
+    """The message as ``memq dead-letters --replay`` republishes it, or ``None`` if it is larger than ``max_bytes``
+    or cannot be kept (only messages from memq's own queues are kept)."""
+    if not names.is_memq_queue(queue):
+        return None
+    body = message.body
+    raw = body.encode("utf-8", errors="surrogateescape") if isinstance(body, str) else bytes(body or b"")
+    if len(raw) > max_bytes:
+        return None
+    try:
+        kept = json.dumps(
+            {
+                "queue": queue,
+                "headers": message.headers,
+                "body": base64.b64encode(raw).decode(),
+                "content_type": message.content_type,
+                "content_encoding": message.content_encoding,
+                "properties": {
+                    name: value
+                    for name, value in (message.properties or {}).items()
+                    if name in ("correlation_id", "reply_to", "priority")
+                },
+            },
+            separators=(",", ":"),
+        )
+    except (TypeError, ValueError, RecursionError):
+        return None
+    return kept if len(kept) <= max_bytes * 2 else None
 
 
 def _preview(value: Any, limit: int) -> str:
@@ -180,13 +237,16 @@ def _short_repr() -> reprlib.Repr:
 _SHORT_REPR = _short_repr()
 
 
-def record(client: redis.Redis, letter: dict[str, Any], max_entries: int) -> None:
-    """Newest first, at most ``max_entries`` kept. A Redis error is logged: the message is dropped all the same,
-    because keeping it would loop."""
+def record(client: redis.Redis, letter: dict[str, Any], max_entries: int, message: str | None = None) -> None:
+    """Newest first, at most ``max_entries`` kept; the whole ``message`` beside it for ``MEMQ_DEAD_LETTER_TTL_S``.
+    A Redis error is logged: the message is dropped all the same, because keeping it would loop."""
     DEAD_LETTERS.labels(queue=letter["queue"], reason=letter["reason"]).inc()
     log.error("dead-lettered a message from %s: %s (%s)", letter["queue"], letter["reason"], letter["detail"])
+    letter = {**letter, "replayable": message is not None}
     try:
         pipe = client.pipeline(transaction=False)
+        if message is not None:
+            pipe.set(keys.dead_message(letter["id"]), message, ex=get_settings().dead_letter_ttl_s)
         pipe.lpush(keys.DEAD_LETTERS, json.dumps(letter, separators=(",", ":")))
         pipe.ltrim(keys.DEAD_LETTERS, 0, max_entries - 1)
         pipe.execute()
@@ -219,8 +279,10 @@ class GuardedConsumer(Consumer):
     def _quarantine(self, message: Any, problem: Problem) -> None:
         """Record, then acknowledge: whatever fails here is logged, never raised into the consumer."""
         try:
-            letter = entry(queue_of(message), problem, message.headers, message.body)
-            record(cache_redis.get(), letter, get_settings().dead_letter_max)
+            queue, settings = queue_of(message), get_settings()
+            letter = entry(queue, problem, message.headers, message.body)
+            kept = whole_message(message, queue, settings.dead_letter_max_bytes)
+            record(cache_redis.get(), letter, settings.dead_letter_max, kept)
             if problem.reason == "unknown_task":
                 self._fail_unknown_task(message)
         except Exception:
