@@ -11,10 +11,9 @@ from typing import Any
 
 from celery import Task
 
-from memq import names, sharding, validation
+from memq import names, sharding, validation, wire
 from memq.app import app
 from memq.errors import InvalidInput, TransientError
-from memq.requests import recheck_retrieval_request
 from memq.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -58,23 +57,17 @@ def search(
 
     try:
         settings = get_settings()
-        memory_id = validation.check_memory_id(memory_id)
-        memory_type = validation.check_memory_type(memory_type).value
-        k = validation.check_search_k(k)
-        if not isinstance(embedded, dict) or not isinstance(embedded.get("vector"), str):
-            raise InvalidInput("embedded", "must be the embed step's result, with a base64 'vector'")
-        wanted = steps.Wanted(
-            query=None if query is None else validation.check_query(query, settings.max_query_chars),
-            mode=validation.check_mode(mode),
-            filters=validation.check_filters(filters),
+        call = wire.parse_search_call(
+            memory_id, memory_type, k, strategy, query, mode, filters, settings.max_query_chars
         )
-        if wanted.mode != "vector" and wanted.query is None:
-            raise InvalidInput("query", f"is needed for mode {wanted.mode!r}")
+        memory_id, memory_type = call.memory_id, call.memory_type
+        wanted = steps.Wanted(query=call.query, mode=call.mode, filters=call.filters)
         budget_s = attempt_budget_s(deadline_ts, settings, attempts_left=search_attempts_left(self))
-        found = steps.search_type(embedded, memory_id, memory_type, k, strategy, wanted, budget_s)
+        # search_type checks the EmbedResult's shape (wire.parse_embed_result) before MongoDB is asked anything.
+        found = steps.search_type(embedded, memory_id, memory_type, call.k, call.strategy, wanted, budget_s)
         return {**found, "served_by": self.request.hostname}
     except InvalidInput as exc:
-        return steps.search_failed(str(memory_type), f"invalid input: {exc}", embedded, self.request.hostname)
+        return wire.search_failure(str(memory_type), f"invalid input: {exc}", embedded, self.request.hostname)
     except TransientError as exc:
         attempt = self.request.retries
         settings = get_settings()
@@ -89,10 +82,10 @@ def search(
             retry_queue = sharding.search_queue_for(memory_id, settings.search_shards)
             raise self.retry(countdown=backoff_s, exc=exc, queue=retry_queue) from exc
         message = f"unavailable after {attempt + 1} attempt(s): {exc}"
-        return steps.search_failed(memory_type, message, embedded, self.request.hostname)
+        return wire.search_failure(memory_type, message, embedded, self.request.hostname)
     except Exception as exc:
         log.exception("search %s for %s failed", memory_type, memory_id)
-        return steps.search_failed(str(memory_type), f"{type(exc).__name__}: {exc}", embedded, self.request.hostname)
+        return wire.search_failure(str(memory_type), f"{type(exc).__name__}: {exc}", embedded, self.request.hostname)
 
 
 def search_attempts_left(task: Task) -> int:
@@ -114,7 +107,7 @@ def attempt_budget_s(deadline_ts: float | None, settings: Settings, attempts_lef
 def merge(results: list[dict[str, Any]], request: dict[str, Any]) -> dict[str, Any]:
     from memq.workers import steps
 
-    return steps.merge(results, recheck_retrieval_request(get_settings(), request))
+    return steps.merge(results, request)  # checks their shape (memq.wire.parse_merge_input)
 
 
 @app.task(name=names.RETRIEVE, bind=True)

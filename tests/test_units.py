@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memq import ranking, validation
+from memq import ranking, validation, wire
 from memq.errors import ConfigError, InvalidInput
 from memq.memory_types import MemoryType
 from memq.settings import Settings
@@ -361,12 +361,12 @@ GOOD = to_wire(np.full(384, 0.05, dtype=np.float32))
 )
 def test_the_store_refuses_unsound_vectors_and_models_naming_the_field(embedded: object, field: str) -> None:
     with pytest.raises(InvalidInput) as caught:
-        validation.check_embedded(embedded, 2, 384, "all-MiniLM-L6-v2")
+        wire.parse_embedded_texts(embedded, 2, 384, "all-MiniLM-L6-v2")
     assert caught.value.field == field
 
 
 def test_the_store_decodes_sound_vectors_into_one_matrix() -> None:
-    matrix = validation.check_embedded(_embedded(GOOD, GOOD), 2, 384, "all-MiniLM-L6-v2")
+    matrix = wire.parse_embedded_texts(_embedded(GOOD, GOOD), 2, 384, "all-MiniLM-L6-v2")
     assert matrix.shape == (2, 384) and matrix.dtype == np.float32 and np.allclose(matrix, 0.05)
 
 
@@ -530,7 +530,7 @@ def test_merge_names_the_worker_of_every_type_even_one_that_failed() -> None:
 
     request = retrieval_request(Settings(), "hobbies", "tenant-a", {"semantic": 2, "episodic": 1})
     answered = {"type": "long_term_memory", "items": [], "search_ms": 0.4, "served_by": "search.0@host-a"}
-    failed = steps.search_failed("conversation_memory", "unavailable after 4 attempt(s)", None, "search.1@host-b")
+    failed = wire.search_failure("conversation_memory", "unavailable after 4 attempt(s)", None, "search.1@host-b")
 
     merged = steps.merge([answered, failed], request)
 

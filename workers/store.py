@@ -283,7 +283,7 @@ def searchable(memory_type: str, scored: list[tuple[dict[str, Any], Any, Any, An
     """Result items of the documents a server-side search returned, with their (fused, vector, lexical) scores;
     a document that cannot make a valid item (a row written by hand, a score missing) is left out and counted, as
     the exact path does, so one bad row never fails its tenant's search."""
-    from memq.validation import item_problem
+    from memq.wire import item_problem
     from memq.workers.metrics import BAD_STORED_ROWS
 
     items = []
