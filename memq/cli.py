@@ -344,7 +344,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
-    from memq.status import dead_letters, purge_dead_letters
+    from memq.dead_letters import dead_letters, purge_dead_letters
 
     letters = dead_letters(limit=args.limit)
     purged = purge_dead_letters() if args.purge else None

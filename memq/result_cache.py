@@ -6,11 +6,8 @@ the single-flight lock (``SET NX PX``). The caller that gets the lock runs the c
 that arrive meanwhile poll the same script until the result appears (or the lock frees up, and one of
 them takes it), within their own timeout.
 
-Worker side (``store_merged``): ``memq.merge`` derives the key itself from the re-checked request (the
-fingerprint with the worker's settings, the data versions the client read; the message names no key), writes
-the result there for at most the worker's TTL and drops that key's lock, in one transaction. So a request can
-only fill its own tenant's entries; a client whose settings differ from the workers' (another model name) looks
-up another fingerprint and only misses.
+The look-up's key and the data versions it names travel with the request (``memq.wire.with_cache``) to
+``memq.merge``, which files the result there (``memq.workers.result_store``) only if the key is its own request's.
 
 Every entry's envelope names the tenant and the request fingerprint it answers; the client serves an entry only
 if both are its own (and the result inside names that tenant too); anything else counts as ``foreign`` and is
@@ -44,7 +41,6 @@ log = logging.getLogger(__name__)
 
 POLL_FIRST_S = 0.002
 POLL_MAX_S = 0.010
-PARTIAL_RESULT_TTL_MS = 250  # a result with per-type errors is kept only for the callers waiting on it
 
 LOOKUPS_TOTAL = "memq_result_cache_lookups_total"
 LOOKUPS = Counter(
@@ -96,24 +92,8 @@ class Lookup:
     wait_ms: float = 0.0
 
 
-# KEYS: the requested types' version keys, the result key, its lock. ARGV: how many version keys, the versions the
-# client read, the entry, its TTL in ms. Stores only while every version is still the one the client read (else a
-# result computed before a write, or a forged one naming future versions, could be served after it); drops the lock.
-STORE_IF_CURRENT_LUA = """
-local n = tonumber(ARGV[1])
-for i = 1, n do
-  if (redis.call('GET', KEYS[i]) or '0') ~= ARGV[i + 1] then
-    redis.call('DEL', KEYS[n + 2])
-    return 0
-  end
-end
-redis.call('SET', KEYS[n + 1], ARGV[n + 2], 'PX', ARGV[n + 3])
-redis.call('DEL', KEYS[n + 2])
-return 1
-"""
 LOOKUP = Script(None, LOOKUP_LUA.encode())  # run with ``client=``: EVALSHA, falling back to EVAL once per server
 RELEASE = Script(None, RELEASE_LUA.encode())
-STORE_IF_CURRENT = Script(None, STORE_IF_CURRENT_LUA.encode())
 
 
 def enabled(settings: Settings) -> bool:
@@ -162,51 +142,6 @@ def release(settings: Settings, found: Lookup) -> None:
         RELEASE(keys=[keys.lock_of(found.cache_key)], args=[found.token], client=cache_redis.get())
     except (redis.RedisError, OSError) as exc:
         log.warning("result cache: could not release the single-flight lock (%s); it expires by itself", exc)
-
-
-def store_merged(client: redis.Redis, settings: Settings, request: RetrievalRequest, result: dict[str, Any]) -> bool:
-    """Worker side: cache ``memq.merge``'s ``result`` of a ``request`` that carries a cache key, under that key, for
-    the client's TTL capped by this worker's ``result_cache_ttl_s`` (0: not cached), and drop that key's
-    single-flight lock. Only the key of this very request is taken: its fingerprint with this worker's settings (so
-    its tenant and identity) and the versions it carries; any other (a forged key naming another tenant's entry, a
-    client whose settings differ) is refused, and the result is not cached."""
-    key = request.get("cache_key")
-    if not enabled(settings) or key is None:
-        return False
-    fingerprint = cache_fingerprint(settings, request)
-    if key != keys.result_key(fingerprint, request["cache_versions"]):
-        log.warning("result cache: a merge named a cache key that is not its request's; result not cached")
-        return False
-    ttl_ms = _ttl_ms(result, min(request["cache_ttl_s"], settings.result_cache_ttl_s))
-    version_keys = [keys.tenant_version(request["memory_id"], t) for t in cache_types(request)]
-    entry = encode_entry(result, request["memory_id"], fingerprint)
-    versions = [str(v) for v in request["cache_versions"]]
-    try:
-        stored = STORE_IF_CURRENT(
-            keys=[*version_keys, key, keys.lock_of(key)],
-            args=[len(version_keys), *versions, entry, ttl_ms],
-            client=client,
-        )
-    except (redis.RedisError, OSError) as exc:
-        log.warning("result cache unavailable (%s); result not cached", exc)
-        return False
-    return bool(stored)
-
-
-def _ttl_ms(result: dict[str, Any], ttl_s: int) -> int:
-    return ttl_s * 1000 if not result.get("errors") else min(ttl_s * 1000, PARTIAL_RESULT_TTL_MS)
-
-
-def encode_entry(result: dict[str, Any], memory_id: str | None, fingerprint: str | None) -> str:
-    """The envelope: format, time, and whose answer it is (tenant and request fingerprint)."""
-    entry = {
-        "format": RESULT_FORMAT,
-        "stored_at": time.time(),
-        "memory_id": memory_id,
-        "fingerprint": fingerprint,
-        "result": result,
-    }
-    return json.dumps(entry, separators=(",", ":"))
 
 
 def decode_entry(raw: bytes | str, memory_id: str, fingerprint: str) -> tuple[str, dict[str, Any] | None]:

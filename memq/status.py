@@ -14,15 +14,14 @@ Nothing here imports torch; pymongo is imported only to ping MongoDB.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis
 from kombu.utils.url import maybe_sanitize_url
 
-from memq import keys, names, sharding
-from memq.cache_redis import cache_redis
+from memq import names, sharding
+from memq.dead_letters import dead_letter_count
 from memq.settings import Settings, get_settings
 
 STATUS_TIMEOUT_S = 1.0
@@ -92,25 +91,6 @@ def stale_shard_queues(client: redis.Redis, current: Sequence[str], served: Iter
 
 def broker_redis(url: str, timeout_s: float) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-
-
-def dead_letters(limit: int = 100) -> list[dict[str, Any]]:
-    """The newest ``limit`` messages the workers quarantined (``memq.workers.guard``)."""
-    return [json.loads(raw) for raw in cache_redis.get().lrange(keys.DEAD_LETTERS, 0, max(0, limit - 1))]
-
-
-def dead_letter_count() -> int | None:
-    try:
-        return int(cache_redis.get().llen(keys.DEAD_LETTERS))
-    except (redis.RedisError, OSError):
-        return None
-
-
-def purge_dead_letters() -> int:
-    pipe = cache_redis.get().pipeline(transaction=True)
-    pipe.llen(keys.DEAD_LETTERS)
-    pipe.delete(keys.DEAD_LETTERS)
-    return int(pipe.execute()[0])
 
 
 def redis_reachability(url: str, timeout_s: float) -> dict[str, Any]:

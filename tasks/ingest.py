@@ -64,19 +64,19 @@ def forget(memory_id: str, memory_type: str | None = None, ids: list[str] | None
 
 @app.task(name=names.CREATE_INDEXES, **INGEST_RETRY)
 def create_indexes(dimensions: int | None = None) -> dict[str, Any]:
-    from memq.workers import store as mongo
+    from memq.workers import indexes
 
     settings = get_settings()
     dimensions = settings.embed_dimensions if dimensions is None else dimensions
     if isinstance(dimensions, bool) or not isinstance(dimensions, int) or not 1 <= dimensions <= 8192:
         raise InvalidInput("dimensions", "must be an integer in 1..8192")
     types = [t.value for t in MemoryType]
-    vector_index = mongo.vector_index_definition(dimensions, settings.vector_index)
-    text_index = mongo.text_index_definition(settings.text_index)
+    vector_index = indexes.vector_index_definition(dimensions, settings.vector_index)
+    text_index = indexes.text_index_definition(settings.text_index)
     return {
-        "indexes": mongo.ensure_indexes(types),
-        "vector_indexes": mongo.ensure_search_indexes(types, vector_index),
+        "indexes": indexes.ensure_indexes(types),
+        "vector_indexes": indexes.ensure_search_indexes(types, vector_index),
         "vector_index_definition": vector_index,
-        "text_indexes": mongo.ensure_search_indexes(types, text_index),
+        "text_indexes": indexes.ensure_search_indexes(types, text_index),
         "text_index_definition": text_index,
     }

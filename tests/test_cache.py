@@ -26,6 +26,7 @@ from memq.settings import get_settings
 from memq.validation import MAX_CACHE_TTL_S
 from memq.vectors import from_wire
 from memq.wire import parse_retrieval_request, with_cache
+from memq.workers import result_store
 
 pytestmark = pytest.mark.usefixtures("fleet")
 
@@ -229,12 +230,12 @@ def test_a_result_with_errors_is_kept_only_for_the_callers_waiting_on_it(tenant:
     request = with_cache(retrieval_request(settings, QUERY, tenant, LIMITS), key, versions, settings.result_cache_ttl_s)
     partial = {**fresh, "errors": {"conversation_memory": "unavailable after 4 attempt(s)"}, "cached": False}
 
-    assert result_cache.store_merged(cache_redis, settings, request, partial)  # what memq.merge does with it
+    assert result_store.store_merged(cache_redis, settings, request, partial)  # what memq.merge does with it
     ttl_ms = cache_redis.pttl(key)
-    time.sleep(result_cache.PARTIAL_RESULT_TTL_MS / 1000 + 0.1)
+    time.sleep(result_store.PARTIAL_RESULT_TTL_MS / 1000 + 0.1)
     again = client.retrieve(QUERY, tenant, LIMITS)
 
-    assert 0 < ttl_ms <= result_cache.PARTIAL_RESULT_TTL_MS
+    assert 0 < ttl_ms <= result_store.PARTIAL_RESULT_TTL_MS
     assert again["cached"] is False and again["errors"] == {}
 
 
@@ -306,7 +307,7 @@ def test_worker_side_cache_writes_degrade_when_redis_is_unreachable() -> None:
     key = keys.result_key(cache_fingerprint(settings, request), [1])
     result = {"query": "q", "results": {}, "errors": {}, "timings_ms": {}, "cached": False}
     try:
-        assert result_cache.store_merged(dead, settings, with_cache(request, key, [1], 60), result) is False
+        assert result_store.store_merged(dead, settings, with_cache(request, key, [1], 60), result) is False
         assert embedding_cache.lookup("m", ["a", "b"], client=dead) == [None, None]
         assert embedding_cache.store("m", ["a"], [np.ones(4, dtype=np.float32)], client=dead) is False
     finally:
@@ -373,9 +374,9 @@ def test_merge_files_a_result_only_under_the_key_of_its_own_request(cache_redis:
     ]
 
     for key in forged:
-        assert not result_cache.store_merged(cache_redis, settings, with_cache(request, key, [0, 0], 60), result)
+        assert not result_store.store_merged(cache_redis, settings, with_cache(request, key, [0, 0], 60), result)
         assert cache_redis.exists(key) == 0
-    assert result_cache.store_merged(cache_redis, settings, with_cache(request, own_key, [0, 0], 60), result)
+    assert result_store.store_merged(cache_redis, settings, with_cache(request, own_key, [0, 0], 60), result)
     assert 0 < cache_redis.pttl(own_key) <= 60_000
     cache_redis.delete(own_key)
 

@@ -10,10 +10,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from memq import ranking, result_cache, wire
+from memq import ranking, wire
 from memq.cache_redis import cache_redis
 from memq.settings import get_settings
-from memq.workers import embedding_cache, store, versions
+from memq.workers import embedding_cache, mongo, result_store, versions, writes
 from memq.workers import search as search_strategies
 from memq.workers.embedder import embedder
 from memq.workers.metrics import EMBED_BATCH_SIZE, EMBED_SECONDS, MERGE_SECONDS, STORE_WRITES
@@ -72,7 +72,7 @@ def search_type(
     started_ts = time.time()
     started = time.perf_counter()
     vector = wire.parse_embed_result(embedded, get_settings().embed_dimensions)
-    with store.time_limit(budget_s):
+    with mongo.time_limit(budget_s):
         outcome = search_strategies.search(memory_id, memory_type, vector, k, strategy, wanted)
     elapsed_ms = (time.perf_counter() - started) * 1000
     return wire.search_result(
@@ -127,7 +127,7 @@ def merge(results: Any, request: Any) -> dict[str, Any]:
         "cached": False,
     }
     if request.get("cache_key") is not None:  # filed only under the key of this very request
-        result_cache.store_merged(cache_redis.get(), settings, request, merged)
+        result_store.store_merged(cache_redis.get(), settings, request, merged)
     return merged
 
 
@@ -163,26 +163,26 @@ def store_memories(
     The vectors are checked first (``wire.parse_embedded_texts``: one per item, the model's dimension, finite,
     from the embed model), so a bad one is ``InvalidInput`` and nothing is written. Once the bulk write ran the
     version is bumped whatever its outcome: after a partly failed batch (which returns its ``failed`` items, see
-    ``store.upsert``) and before an error goes up (a lost connection may have written part of the batch; the task
+    ``writes.upsert``) and before an error goes up (a lost connection may have written part of the batch; the task
     is retried and the write is idempotent), so no cache goes on serving the tenant's memories from before it."""
     settings = get_settings()
     vectors = wire.parse_embedded_texts(embedded, len(items), settings.embed_dimensions, settings.embed_model)
-    writes = store.build_writes(memory_id, memory_type, items, vectors, embedded["model"], time.time())
+    batch = writes.build_writes(memory_id, memory_type, items, vectors, embedded["model"], time.time())
     try:
-        counts = store.upsert(memory_type, writes)
+        counts = writes.upsert(memory_type, batch)
     except Exception:
         with contextlib.suppress(Exception):  # the retried task bumps again; the write's own error goes up
             versions.bump_versions(memory_id, [memory_type])
         raise
     versions.bump_versions(memory_id, [memory_type])
-    STORE_WRITES.labels(memory_type=memory_type).inc(len(writes) - len(counts["failed"]))
-    return {"memory_id": memory_id, "type": memory_type, "ids": [store.memory_key(i) for i in items], **counts}
+    STORE_WRITES.labels(memory_type=memory_type).inc(len(batch) - len(counts["failed"]))
+    return {"memory_id": memory_id, "type": memory_type, "ids": [writes.memory_key(i) for i in items], **counts}
 
 
 def forget(memory_id: str, memory_type: str | None, ids: Sequence[str] | None) -> dict[str, Any]:
     from memq.memory_types import MemoryType
 
     types = [memory_type] if memory_type else [t.value for t in MemoryType]
-    deleted = {t: store.delete(memory_id, t, ids) for t in types}
+    deleted = {t: writes.delete(memory_id, t, ids) for t in types}
     versions.bump_versions(memory_id, types)
     return {"memory_id": memory_id, "deleted": deleted}
