@@ -15,24 +15,17 @@ from memq import names, sharding, validation, wire
 from memq.app import app
 from memq.errors import InvalidInput, TransientError
 from memq.settings import Settings, get_settings
+from memq.tasks import retry
+from memq.tasks.retry import retrying
 
 log = logging.getLogger(__name__)
-
-RETRY_BACKOFF_S = (0.05, 0.2, 0.5, 1.0, 2.0)
-DELIVERY_MARGIN_S = 0.5  # left of the caller's deadline for merge and the result's way back
-MIN_ATTEMPT_S = 0.05
 
 
 # store_errors_even_if_ignored: the canvas does not store this step's result, but a failure must be stored so
 # that Celery marks the rest of the chain failed and the caller learns it at once instead of timing out.
-@app.task(
-    name=names.EMBED_QUERY,
-    autoretry_for=(TransientError,),
-    max_retries=3,
-    retry_backoff=0.1,
-    store_errors_even_if_ignored=True,
-)
-def embed_query(query: str) -> dict[str, Any]:
+@app.task(name=names.EMBED_QUERY, bind=True, max_retries=None, store_errors_even_if_ignored=True)
+@retrying(retry.EMBED)
+def embed_query(self: Task, query: str) -> dict[str, Any]:
     from memq.workers import steps
 
     return steps.embed_query(validation.check_query(query, get_settings().max_query_chars))
@@ -69,19 +62,13 @@ def search(
     except InvalidInput as exc:
         return wire.search_failure(str(memory_type), f"invalid input: {exc}", embedded, self.request.hostname)
     except TransientError as exc:
-        attempt = self.request.retries
         settings = get_settings()
-        backoff_s = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
-        within_deadline = (
-            deadline_ts is None or time.time() + backoff_s + MIN_ATTEMPT_S < deadline_ts - DELIVERY_MARGIN_S
-        )
-        if attempt < settings.search_max_retries and within_deadline:
-            log.warning("search %s for %s failed (%s); retry %d", memory_type, memory_id, exc, attempt + 1)
-            # To the queue of this worker's MEMQ_SEARCH_SHARDS, not back to the one the message came from: a
-            # retry follows a change of N (and never waits on a shard queue that is being drained).
-            retry_queue = sharding.search_queue_for(memory_id, settings.search_shards)
-            raise self.retry(countdown=backoff_s, exc=exc, queue=retry_queue) from exc
-        message = f"unavailable after {attempt + 1} attempt(s): {exc}"
+        log.warning("search %s for %s failed (%s); attempt %d", memory_type, memory_id, exc, self.request.retries + 1)
+        # To the queue of this worker's MEMQ_SEARCH_SHARDS, not back to the one the message came from: a retry
+        # follows a change of N (and never waits on a shard queue that is being drained).
+        retry_queue = sharding.search_queue_for(memory_id, settings.search_shards)
+        retry.retry_transient(self, exc, retry.search_policy(settings.search_max_retries), deadline_ts, retry_queue)
+        message = f"unavailable after {self.request.retries + 1} attempt(s): {exc}"
         return wire.search_failure(memory_type, message, embedded, self.request.hostname)
     except Exception as exc:
         log.exception("search %s for %s failed", memory_type, memory_id)
@@ -98,9 +85,9 @@ def attempt_budget_s(deadline_ts: float | None, settings: Settings, attempts_lef
     time to retry and to report the type under ``errors`` before the caller gives up."""
     if deadline_ts is None:
         return None
-    remaining_s = deadline_ts - time.time() - DELIVERY_MARGIN_S
+    remaining_s = deadline_ts - time.time() - retry.DELIVERY_MARGIN_S
     share_s = remaining_s / 2 if attempts_left > 1 else remaining_s
-    return max(MIN_ATTEMPT_S, min(2 * settings.mongodb_timeout_ms / 1000, share_s))
+    return max(retry.MIN_ATTEMPT_S, min(2 * settings.mongodb_timeout_ms / 1000, share_s))
 
 
 @app.task(name=names.MERGE)
