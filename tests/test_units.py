@@ -452,10 +452,10 @@ def test_a_partly_failed_batch_reports_its_failed_items_without_the_write_and_st
 ) -> None:
     import json
 
-    from memq.workers import steps, versions, writes
+    from memq.workers import mongo, steps, versions
 
     bumped: list[tuple[str, list[str]]] = []
-    monkeypatch.setattr(writes, "collection", lambda memory_type: _FailingCollection([1, 3]))
+    monkeypatch.setattr(mongo, "collection", lambda memory_type: _FailingCollection([1, 3]))
     monkeypatch.setattr(versions, "bump_versions", lambda memory_id, types: bumped.append((memory_id, list(types))))
     items = [{"content": f"memory {i}", "importance": 0.5} for i in range(4)]
 

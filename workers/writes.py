@@ -16,14 +16,7 @@ from pymongo.errors import BulkWriteError
 from memq import keys
 from memq.errors import StoreUnavailable
 from memq.vectors import to_bson
-from memq.workers.mongo import (
-    CONTEXT_FIELD,
-    EMBEDDING_FIELD,
-    ITEM_FIELDS_OUT,
-    collection,
-    to_datetime,
-    transient_errors,
-)
+from memq.workers import mongo
 
 # A failed write's reason as ``upsert`` reports it: by the server's error code, never its message (which quotes
 # the document).
@@ -54,16 +47,16 @@ def build_writes(
             "memory_id": memory_id,
             "key": key,
             "content": item["content"],
-            EMBEDDING_FIELD: to_bson(vector),
+            mongo.EMBEDDING_FIELD: to_bson(vector),
             "model": model,
             "importance": item.get("importance", 0.5),
-            "last_accessed_at": to_datetime(item.get("created_at", now_ts)),
-            "updated_at": to_datetime(now_ts),
+            "last_accessed_at": mongo.to_datetime(item.get("created_at", now_ts)),
+            "updated_at": mongo.to_datetime(now_ts),
         }
-        for name in (*ITEM_FIELDS_OUT, CONTEXT_FIELD):
+        for name in (*mongo.ITEM_FIELDS_OUT, mongo.CONTEXT_FIELD):
             if name in item:
                 fields[name] = item[name]
-        on_insert = {"created_at": to_datetime(item.get("created_at", now_ts))}
+        on_insert = {"created_at": mongo.to_datetime(item.get("created_at", now_ts))}
         if "created_at" in item:
             fields["created_at"] = on_insert.pop("created_at")
         update: dict[str, Any] = {"$set": fields}
@@ -86,8 +79,8 @@ def upsert(memory_type: str, writes: list[UpdateOne]) -> dict[str, Any]:
     learns what was written and which items to fix or re-send (the write is idempotent). A write-concern error
     alone (written, durability unconfirmed) raises ``StoreUnavailable``, so the store is retried."""
     try:
-        with transient_errors():
-            result = collection(memory_type).bulk_write(writes, ordered=False)
+        with mongo.transient_errors():
+            result = mongo.collection(memory_type).bulk_write(writes, ordered=False)
     except BulkWriteError as exc:
         details = exc.details or {}
         failed = [
@@ -124,5 +117,5 @@ def delete(memory_id: str, memory_type: str, ids: Sequence[str] | None) -> int:
     query: dict[str, Any] = {"memory_id": memory_id}
     if ids is not None:
         query["_id"] = {"$in": [keys.memory_object_id(memory_id, key) for key in ids]}
-    with transient_errors():
-        return collection(memory_type).delete_many(query).deleted_count
+    with mongo.transient_errors():
+        return mongo.collection(memory_type).delete_many(query).deleted_count
