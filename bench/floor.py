@@ -8,7 +8,7 @@ from celery.canvas import Signature
 
 from memq import names
 from memq.app import app
-from memq.requests import RetrievalRequest
+from memq.wire import RetrievalRequest
 
 
 def floor_canvas(request: RetrievalRequest) -> Signature:

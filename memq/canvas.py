@@ -10,8 +10,8 @@ from celery.canvas import Signature
 
 from memq import names, sharding
 from memq.app import app
-from memq.requests import RetrievalRequest
 from memq.settings import get_settings
+from memq.wire import RetrievalRequest, search_call
 
 
 def retrieval_canvas(request: RetrievalRequest) -> Signature:
@@ -20,19 +20,7 @@ def retrieval_canvas(request: RetrievalRequest) -> Signature:
     expires = datetime.fromtimestamp(request["deadline_ts"], tz=UTC)
     search_queue = sharding.search_queue_for(request["memory_id"], get_settings().search_shards)
     searches = [
-        app.signature(
-            names.SEARCH,
-            args=(request["memory_id"], memory_type, request["candidates"][memory_type]),
-            kwargs={
-                "strategy": request["strategy"],
-                "deadline_ts": request["deadline_ts"],
-                "query": request["query"],
-                "mode": request["mode"],
-                "filters": request["filters"],
-            },
-            queue=search_queue,
-            expires=expires,
-        )
+        app.signature(names.SEARCH, *search_call(request, memory_type), queue=search_queue, expires=expires)
         for memory_type in request["limits"]
     ]
     # The embedding travels to the searches in the messages; storing it as a result too would cost a 2 KB

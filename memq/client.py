@@ -26,13 +26,14 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
-from memq import keys, names, result_cache
+from memq import names, result_cache
 from memq.app import app
 from memq.canvas import remember_canvas, retrieval_canvas
 from memq.errors import MemqError, RetrievalTimeout, TaskFailed, TransientError
-from memq.requests import RetrievalRequest, forget_request, remember_request, retrieval_request, with_cache
+from memq.requests import forget_request, remember_request, retrieval_request
 from memq.settings import Settings, get_settings
 from memq.waiting import ResultWaiter
+from memq.wire import RetrievalRequest, with_cache
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,11 +75,10 @@ def retrieve(
 
 
 def _run_chord(settings: Settings, request: RetrievalRequest, found: result_cache.Lookup) -> dict[str, Any]:
-    """The chord, asking ``memq.merge`` to cache its result when the cache answered (the data versions the
-    look-up read travel with it; merge derives the key itself); ``timings_ms`` gets the cache's share."""
-    parsed = keys.parse_result_key(found.cache_key) if found.cache_key is not None else None
-    if parsed is not None:
-        request = with_cache(request, parsed[1], settings.result_cache_ttl_s)
+    """The chord, asking ``memq.merge`` to cache its result when the cache answered (the key the look-up built
+    and the data versions it names travel with the request); ``timings_ms`` gets the cache's share."""
+    if found.cache_key is not None and found.versions is not None:
+        request = with_cache(request, found.cache_key, found.versions, settings.result_cache_ttl_s)
     try:
         result = _send(lambda: retrieval_canvas(request).apply_async())
         timeout_s = max(0.001, request["deadline_ts"] - time.time()) if found.wait_ms else request["timeout_s"]

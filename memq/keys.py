@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,8 +34,6 @@ PREFIX = "memq:v1"
 RESULT_PREFIX = f"{PREFIX}:res:"
 LOCK_PREFIX = f"{PREFIX}:lock:"
 FINGERPRINT_CHARS = 40
-_VERSIONS = r"\d{1,19}(?:\.\d{1,19})*"
-_RESULT_KEY = re.compile(rf"^{re.escape(RESULT_PREFIX)}([0-9a-f]{{{FINGERPRINT_CHARS}}}):({_VERSIONS})$")
 
 
 DEAD_LETTERS = f"{PREFIX}:dead"
@@ -59,6 +56,11 @@ def result_cache(suffix: str) -> str:
     return f"{RESULT_PREFIX}{suffix}"
 
 
+def result_key(fingerprint: str, versions: list[int]) -> str:
+    """The result cache key of a request fingerprint and the data versions it was answered at."""
+    return result_cache(f"{fingerprint}:{'.'.join(str(version) for version in versions)}")
+
+
 def result_lock(suffix: str) -> str:
     return f"{LOCK_PREFIX}{suffix}"
 
@@ -66,14 +68,6 @@ def result_lock(suffix: str) -> str:
 def lock_of(result_key: str) -> str:
     """The single-flight lock that guards ``result_key``."""
     return result_lock(result_key.removeprefix(RESULT_PREFIX))
-
-
-def parse_result_key(key: str) -> tuple[str, list[int]] | None:
-    """``(fingerprint, versions)`` of a well-formed result key, else ``None``."""
-    match = _RESULT_KEY.match(key)
-    if match is None:
-        return None
-    return match.group(1), [int(v) for v in match.group(2).split(".")]
 
 
 def fingerprint(identity: Mapping[str, Any]) -> str:

@@ -1,37 +1,20 @@
-"""Checked, JSON-safe request payloads, built once in the client and checked again in the tasks."""
+"""The edge: user input checked once (``memq.validation``) into the JSON-safe requests of ``memq.wire``, by the
+client before anything is sent, or by the ``memq.retrieve`` / ``memq.remember`` / ``memq.forget`` tasks that
+``send_task`` reaches; and what names a retrieval's cached result (``cache_identity``)."""
 
 from __future__ import annotations
 
 import time
 import unicodedata
-from typing import Any, NotRequired, TypedDict
+from typing import Any
 
 from memq import keys, validation
 from memq.errors import InvalidInput
 from memq.ranking import candidates_for
 from memq.settings import SEARCH_STRATEGIES, Settings
-from memq.validation import MAX_CACHE_TTL_S
+from memq.wire import RetrievalRequest
 
 RESULT_FORMAT = 3  # bump when the result's or its cache envelope's shape changes: old entries are then never read
-MAX_DATA_VERSION = 2**63 - 1  # a Redis INCR counter
-
-
-class RetrievalRequest(TypedDict):
-    """A checked retrieval, as the client builds it and the canvas and merge receive it (JSON-safe)."""
-
-    query: str
-    memory_id: str
-    limits: dict[str, int]  # memory type -> k
-    weights: dict[str, float]  # relevance, recency, importance
-    strategy: str  # auto | exact | vector_search
-    mode: str  # hybrid | vector | lexical
-    filters: dict[str, Any]  # see memq.validation.check_filters
-    candidates: dict[str, int]  # memory type -> how many candidates its search returns
-    timeout_s: float
-    requested_at: float
-    deadline_ts: float
-    cache_versions: NotRequired[list[int]]  # the data versions the client read (see cache_types): cache the result
-    cache_ttl_s: NotRequired[int]  # the client's TTL; memq.merge caps it with its own
 
 
 def retrieval_request(
@@ -71,29 +54,6 @@ def retrieval_request(
     }
 
 
-def recheck_retrieval_request(settings: Settings, request: Any) -> RetrievalRequest:
-    """A worker's second look at a request that arrived over the wire."""
-    if not isinstance(request, dict):
-        raise InvalidInput("request", "must be an object")
-    checked = retrieval_request(
-        settings,
-        request.get("query"),
-        request.get("memory_id"),
-        request.get("limits"),
-        request.get("weights"),
-        request.get("timeout_s"),
-        request.get("strategy"),
-        request.get("mode"),
-        request.get("filters"),
-    )
-    for field in ("requested_at", "deadline_ts"):
-        if isinstance(request.get(field), int | float):
-            checked[field] = float(request[field])
-    if request.get("cache_versions") is not None:  # a ``cache_key`` (older clients) is never taken: not cached
-        checked = with_cache(checked, request["cache_versions"], request.get("cache_ttl_s"))
-    return checked
-
-
 def normalise_query(query: str) -> str:
     """The query as the result cache sees it: Unicode NFC, runs of whitespace as one space."""
     return " ".join(unicodedata.normalize("NFC", query).split())
@@ -128,33 +88,6 @@ def cache_types(request: RetrievalRequest) -> list[str]:
     """The requested types in the order their data versions appear in a result key (sorted, so that the
     order of ``limits`` cannot make two different sets of versions name one key)."""
     return sorted(request["limits"])
-
-
-def cache_key_of(settings: Settings, request: RetrievalRequest) -> str:
-    """Where the result of a request carrying ``cache_versions`` is cached: its fingerprint with these
-    settings and the data versions the client read. Derived, never taken from a message."""
-    versions = ".".join(str(version) for version in request["cache_versions"])
-    return keys.result_cache(f"{cache_fingerprint(settings, request)}:{versions}")
-
-
-def with_cache(request: RetrievalRequest, cache_versions: Any, cache_ttl_s: Any) -> RetrievalRequest:
-    """The request plus what ``memq.merge`` needs to cache its result: the data versions the client read, one
-    per requested type in ``cache_types`` order, and the client's TTL. The message names no key: merge derives
-    it (``cache_key_of``) with its own settings, so a request can only fill its own tenant's entries, and a
-    client whose settings differ from the workers' (another model name) only misses."""
-    if (
-        not isinstance(cache_versions, list)
-        or len(cache_versions) != len(request["limits"])
-        or not all(
-            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_DATA_VERSION for v in cache_versions
-        )
-    ):
-        raise InvalidInput(
-            "cache_versions", f"must be a list of one data version (0..{MAX_DATA_VERSION}) per requested memory type"
-        )
-    if isinstance(cache_ttl_s, bool) or not isinstance(cache_ttl_s, int) or not 1 <= cache_ttl_s <= MAX_CACHE_TTL_S:
-        raise InvalidInput("cache_ttl_s", f"must be an integer number of seconds in 1..{MAX_CACHE_TTL_S}")
-    return {**request, "cache_versions": list(cache_versions), "cache_ttl_s": cache_ttl_s}
 
 
 def remember_request(settings: Settings, memory_id: Any, memory_type: Any, items: Any) -> dict[str, Any]:

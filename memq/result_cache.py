@@ -6,11 +6,8 @@ the single-flight lock (``SET NX PX``). The caller that gets the lock runs the c
 that arrive meanwhile poll the same script until the result appears (or the lock frees up, and one of
 them takes it), within their own timeout.
 
-Worker side (``store_merged``): ``memq.merge`` derives the key itself from the re-checked request (the
-fingerprint with the worker's settings, the data versions the client read; the message names no key), writes
-the result there for at most the worker's TTL and drops that key's lock, in one transaction. So a request can
-only fill its own tenant's entries; a client whose settings differ from the workers' (another model name) looks
-up another fingerprint and only misses.
+The look-up's key and the data versions it names travel with the request (``memq.wire.with_cache``) to
+``memq.merge``, which files the result there (``memq.workers.result_store``) only if the key is its own request's.
 
 Every entry's envelope names the tenant and the request fingerprint it answers; the client serves an entry only
 if both are its own (and the result inside names that tenant too); anything else counts as ``foreign`` and is
@@ -36,14 +33,14 @@ from redis.commands.core import Script
 
 from memq import keys
 from memq.cache_redis import breaker, cache_redis
-from memq.requests import RESULT_FORMAT, RetrievalRequest, cache_fingerprint, cache_key_of, cache_types
+from memq.requests import RESULT_FORMAT, cache_fingerprint, cache_types
 from memq.settings import Settings
+from memq.wire import RetrievalRequest
 
 log = logging.getLogger(__name__)
 
 POLL_FIRST_S = 0.002
 POLL_MAX_S = 0.010
-PARTIAL_RESULT_TTL_MS = 250  # a result with per-type errors is kept only for the callers waiting on it
 
 LOOKUPS_TOTAL = "memq_result_cache_lookups_total"
 LOOKUPS = Counter(
@@ -59,16 +56,17 @@ LOOKUP_SECONDS = Histogram(
 OUTCOMES = ("hit", "shared", "miss", "wait", "stale", "foreign", "error", "disabled", "timeout")
 
 # KEYS: the requested types' version keys. ARGV: fingerprint, result prefix, lock prefix, token, lock ms.
-# Returns {suffix, "hit", value} | {suffix, "leader"} | {suffix, "wait"}. The result and lock keys are built
-# here from the versions (so one round trip suffices); they are not declared, which a Redis Cluster refuses.
+# Returns {suffix, versions, "hit", value} | {suffix, versions, "leader"} | {suffix, versions, "wait"}. The result
+# and lock keys are built here from the versions (so one round trip suffices); they are not declared, which a Redis
+# Cluster refuses. The client carries the key and its versions to memq.merge (memq.wire.with_cache).
 LOOKUP_LUA = """
 local versions = {}
 for i, key in ipairs(KEYS) do versions[i] = redis.call('GET', key) or '0' end
 local suffix = ARGV[1] .. ':' .. table.concat(versions, '.')
 local value = redis.call('GET', ARGV[2] .. suffix)
-if value then return {suffix, 'hit', value} end
-if redis.call('SET', ARGV[3] .. suffix, ARGV[4], 'NX', 'PX', ARGV[5]) then return {suffix, 'leader'} end
-return {suffix, 'wait'}
+if value then return {suffix, versions, 'hit', value} end
+if redis.call('SET', ARGV[3] .. suffix, ARGV[4], 'NX', 'PX', ARGV[5]) then return {suffix, versions, 'leader'} end
+return {suffix, versions, 'wait'}
 """
 RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -86,6 +84,7 @@ class Lookup:
 
     outcome: str
     cache_key: str | None = None
+    versions: list[int] | None = None  # the data versions ``cache_key`` names, as the look-up read them
     result: dict[str, Any] | None = None
     token: str = ""
     leader: bool = False
@@ -93,24 +92,8 @@ class Lookup:
     wait_ms: float = 0.0
 
 
-# KEYS: the requested types' version keys, the result key, its lock. ARGV: how many version keys, the versions the
-# client read, the entry, its TTL in ms. Stores only while every version is still the one the client read (else a
-# result computed before a write, or a forged one naming future versions, could be served after it); drops the lock.
-STORE_IF_CURRENT_LUA = """
-local n = tonumber(ARGV[1])
-for i = 1, n do
-  if (redis.call('GET', KEYS[i]) or '0') ~= ARGV[i + 1] then
-    redis.call('DEL', KEYS[n + 2])
-    return 0
-  end
-end
-redis.call('SET', KEYS[n + 1], ARGV[n + 2], 'PX', ARGV[n + 3])
-redis.call('DEL', KEYS[n + 2])
-return 1
-"""
 LOOKUP = Script(None, LOOKUP_LUA.encode())  # run with ``client=``: EVALSHA, falling back to EVAL once per server
 RELEASE = Script(None, RELEASE_LUA.encode())
-STORE_IF_CURRENT = Script(None, STORE_IF_CURRENT_LUA.encode())
 
 
 def enabled(settings: Settings) -> bool:
@@ -135,7 +118,7 @@ def wait(settings: Settings, request: RetrievalRequest, first: Lookup) -> Lookup
     while True:
         remaining_s = request["deadline_ts"] - time.time()
         if remaining_s <= 0:
-            found = Lookup("timeout", first.cache_key, cache_ms=cache_ms)
+            found = Lookup("timeout", first.cache_key, first.versions, cache_ms=cache_ms)
             break
         time.sleep(min(interval_s, remaining_s))
         interval_s = min(interval_s * 1.5, POLL_MAX_S)
@@ -159,63 +142,6 @@ def release(settings: Settings, found: Lookup) -> None:
         RELEASE(keys=[keys.lock_of(found.cache_key)], args=[found.token], client=cache_redis.get())
     except (redis.RedisError, OSError) as exc:
         log.warning("result cache: could not release the single-flight lock (%s); it expires by itself", exc)
-
-
-def store_merged(client: redis.Redis, settings: Settings, request: RetrievalRequest, result: dict[str, Any]) -> bool:
-    """Worker side: cache ``memq.merge``'s ``result`` of a re-checked ``request`` that carries ``cache_versions``,
-    under the key derived from it with this worker's settings, for the client's TTL capped by this worker's
-    ``result_cache_ttl_s`` (0: not cached), and drop that key's single-flight lock."""
-    if not enabled(settings) or request.get("cache_versions") is None:
-        return False
-    key = cache_key_of(settings, request)
-    ttl_ms = _ttl_ms(result, min(request["cache_ttl_s"], settings.result_cache_ttl_s))
-    version_keys = [keys.tenant_version(request["memory_id"], t) for t in cache_types(request)]
-    fingerprint = keys.parse_result_key(key)[0]  # type: ignore[index]
-    entry = encode_entry(result, request["memory_id"], fingerprint)
-    versions = [str(v) for v in request["cache_versions"]]
-    try:
-        stored = STORE_IF_CURRENT(
-            keys=[*version_keys, key, keys.lock_of(key)],
-            args=[len(version_keys), *versions, entry, ttl_ms],
-            client=client,
-        )
-    except (redis.RedisError, OSError) as exc:
-        log.warning("result cache unavailable (%s); result not cached", exc)
-        return False
-    return bool(stored)
-
-
-def store(client: redis.Redis, cache_key: str, result: dict[str, Any], ttl_s: int) -> bool:
-    """Cache ``result`` under ``cache_key`` (its envelope names the result's ``memory_id`` and the key's
-    fingerprint) and drop its single-flight lock. A result with per-type errors is kept only
-    ``PARTIAL_RESULT_TTL_MS``: long enough for the identical callers waiting on it, not for later ones."""
-    ttl_ms = _ttl_ms(result, ttl_s)
-    parsed = keys.parse_result_key(cache_key)
-    try:
-        pipe = client.pipeline(transaction=True)
-        pipe.set(cache_key, encode_entry(result, result.get("memory_id"), parsed and parsed[0]), px=ttl_ms)
-        pipe.delete(keys.lock_of(cache_key))
-        pipe.execute()
-    except (redis.RedisError, OSError) as exc:
-        log.warning("result cache unavailable (%s); result not cached", exc)
-        return False
-    return True
-
-
-def _ttl_ms(result: dict[str, Any], ttl_s: int) -> int:
-    return ttl_s * 1000 if not result.get("errors") else min(ttl_s * 1000, PARTIAL_RESULT_TTL_MS)
-
-
-def encode_entry(result: dict[str, Any], memory_id: str | None, fingerprint: str | None) -> str:
-    """The envelope: format, time, and whose answer it is (tenant and request fingerprint)."""
-    entry = {
-        "format": RESULT_FORMAT,
-        "stored_at": time.time(),
-        "memory_id": memory_id,
-        "fingerprint": fingerprint,
-        "result": result,
-    }
-    return json.dumps(entry, separators=(",", ":"))
 
 
 def decode_entry(raw: bytes | str, memory_id: str, fingerprint: str) -> tuple[str, dict[str, Any] | None]:
@@ -252,16 +178,17 @@ def _attempt(settings: Settings, request: RetrievalRequest, token: str) -> Looku
         breaker.trip(exc)
         return Lookup("error", cache_ms=_elapsed_ms(started))
     cache_key = keys.result_cache(reply[0].decode())
-    kind = reply[1].decode()
+    versions = [int(version) for version in reply[1]]
+    kind = reply[2].decode()
     if kind != "hit":
         leader = kind == "leader"
         outcome = "miss" if leader else "wait"
-        return Lookup(outcome, cache_key, token=token, leader=leader, cache_ms=_elapsed_ms(started))
-    outcome, stored = decode_entry(reply[2], request["memory_id"], fingerprint)
+        return Lookup(outcome, cache_key, versions, token=token, leader=leader, cache_ms=_elapsed_ms(started))
+    outcome, stored = decode_entry(reply[3], request["memory_id"], fingerprint)
     cache_ms = _elapsed_ms(started)
     if stored is None:
-        return Lookup(outcome, cache_key, cache_ms=cache_ms)
-    return Lookup("hit", cache_key, _served(stored, request, cache_ms), cache_ms=cache_ms)
+        return Lookup(outcome, cache_key, versions, cache_ms=cache_ms)
+    return Lookup("hit", cache_key, versions, _served(stored, request, cache_ms), cache_ms=cache_ms)
 
 
 def _served(stored: dict[str, Any], request: RetrievalRequest, cache_ms: float) -> dict[str, Any]:

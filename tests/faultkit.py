@@ -1,14 +1,39 @@
-"""Fault injection for the tests: pause, stop and restart the services ``memq.services`` starts."""
+"""Test helpers: a private Celery app on a test's own broker; fault injection (pause, stop and restart the
+services ``memq.services`` starts, kill a worker)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import signal
 import subprocess
 import time
+from typing import Any
 
 from memq import services
 from memq.services import Service
+
+
+def private_app(broker_url: str, name: str = "memq-test") -> Any:
+    """A Celery app configured like memq's on ``broker_url`` (broker and result backend), for pings and raw tasks;
+    never the process's current app."""
+    from celery import Celery
+
+    from memq.config.celery import celery_config
+    from memq.settings import Settings
+
+    app = Celery(name, set_as_current=False)
+    app.config_from_object(celery_config(Settings(broker_url=broker_url, result_backend=broker_url)))
+    return app
+
+
+def kill_worker(fleet: services.Fleet, hostname: str, sig: int = signal.SIGKILL) -> None:
+    """Signal a worker's whole process group (``kill -9`` by default, mid-task) and wait for it to exit."""
+    process = fleet.workers[hostname]
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
+    process.wait(timeout=30)
 
 
 def pause(process: subprocess.Popen[bytes]) -> None:

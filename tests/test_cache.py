@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -20,18 +21,12 @@ import redis
 
 from memq import client, keys, names, result_cache, services
 from memq.errors import InvalidInput, RetrievalTimeout
-from memq.requests import (
-    RESULT_FORMAT,
-    cache_fingerprint,
-    cache_key_of,
-    cache_types,
-    recheck_retrieval_request,
-    retrieval_request,
-    with_cache,
-)
+from memq.requests import RESULT_FORMAT, cache_fingerprint, cache_types, retrieval_request
 from memq.settings import get_settings
 from memq.validation import MAX_CACHE_TTL_S
 from memq.vectors import from_wire
+from memq.wire import parse_retrieval_request, with_cache
+from memq.workers import result_store
 
 pytestmark = pytest.mark.usefixtures("fleet")
 
@@ -68,6 +63,12 @@ def result_keys(cache_redis: redis.Redis, query: str, tenant: str, limits: dict[
     request = retrieval_request(get_settings(), query, tenant, limits, **kwargs)
     pattern = keys.result_cache(cache_fingerprint(get_settings(), request)) + ":*"
     return [key.decode() for key in cache_redis.scan_iter(match=pattern, count=1000)]
+
+
+def parse_result_key(key: str) -> tuple[str, list[int]] | None:
+    """``(fingerprint, versions)`` of a well-formed result key, else ``None``."""
+    match = re.fullmatch(rf"{re.escape(keys.RESULT_PREFIX)}([0-9a-f]{{{keys.FINGERPRINT_CHARS}}}):(\d+(?:\.\d+)*)", key)
+    return None if match is None else (match.group(1), [int(v) for v in match.group(2).split(".")])
 
 
 def run_client(script: str, **env: str) -> list[Any]:
@@ -225,16 +226,16 @@ def test_a_result_with_errors_is_kept_only_for_the_callers_waiting_on_it(tenant:
     settings = get_settings()
     fresh = client.retrieve(QUERY, tenant, LIMITS)
     [key] = result_keys(cache_redis, QUERY, tenant, LIMITS)
-    versions = keys.parse_result_key(key)[1]  # type: ignore[index]
-    request = with_cache(retrieval_request(settings, QUERY, tenant, LIMITS), versions, settings.result_cache_ttl_s)
+    versions = parse_result_key(key)[1]  # type: ignore[index]
+    request = with_cache(retrieval_request(settings, QUERY, tenant, LIMITS), key, versions, settings.result_cache_ttl_s)
     partial = {**fresh, "errors": {"conversation_memory": "unavailable after 4 attempt(s)"}, "cached": False}
 
-    assert result_cache.store_merged(cache_redis, settings, request, partial)  # what memq.merge does with it
+    assert result_store.store_merged(cache_redis, settings, request, partial)  # what memq.merge does with it
     ttl_ms = cache_redis.pttl(key)
-    time.sleep(result_cache.PARTIAL_RESULT_TTL_MS / 1000 + 0.1)
+    time.sleep(result_store.PARTIAL_RESULT_TTL_MS / 1000 + 0.1)
     again = client.retrieve(QUERY, tenant, LIMITS)
 
-    assert 0 < ttl_ms <= result_cache.PARTIAL_RESULT_TTL_MS
+    assert 0 < ttl_ms <= result_store.PARTIAL_RESULT_TTL_MS
     assert again["cached"] is False and again["errors"] == {}
 
 
@@ -301,10 +302,12 @@ def test_worker_side_cache_writes_degrade_when_redis_is_unreachable() -> None:
     from memq.workers import embedding_cache
 
     dead = redis.Redis(port=services.free_port(), socket_connect_timeout=0.2, socket_timeout=0.2)
-    key = keys.result_cache("0" * keys.FINGERPRINT_CHARS + ":1")
+    settings = get_settings()
+    request = retrieval_request(settings, QUERY, "tenant-z", {"semantic": 1})
+    key = keys.result_key(cache_fingerprint(settings, request), [1])
     result = {"query": "q", "results": {}, "errors": {}, "timings_ms": {}, "cached": False}
     try:
-        assert result_cache.store(dead, key, result, 60) is False
+        assert result_store.store_merged(dead, settings, with_cache(request, key, [1], 60), result) is False
         assert embedding_cache.lookup("m", ["a", "b"], client=dead) == [None, None]
         assert embedding_cache.store("m", ["a"], [np.ones(4, dtype=np.float32)], client=dead) is False
     finally:
@@ -331,27 +334,51 @@ def test_the_embed_tasks_serve_repeated_texts_from_the_embedding_cache(app: Any,
     assert query["embed_cache"] == "hit" and np.array_equal(from_wire(query["vector"]), planted)
 
 
-def test_cache_versions_in_a_request_are_checked_and_a_cache_key_in_a_message_is_dropped() -> None:
+def test_the_cache_fields_of_a_request_are_checked_and_taken_only_with_a_key() -> None:
     settings = get_settings()
     request = retrieval_request(settings, QUERY, "tenant-x", LIMITS)
-    forged_key = keys.result_cache("f" * keys.FINGERPRINT_CHARS + ":3.0")
-    wire = json.loads(json.dumps({**with_cache(request, [3, 0], 300), "cache_key": forged_key}))
+    key = keys.result_key(cache_fingerprint(settings, request), [3, 0])
+    wire = json.loads(json.dumps(with_cache(request, key, [3, 0], 300)))
 
-    rechecked = recheck_retrieval_request(settings, wire)
-    old_client = recheck_retrieval_request(settings, {**request, "cache_key": forged_key, "cache_ttl_s": 300})
+    received = parse_retrieval_request(wire)
+    older_client = parse_retrieval_request({**request, "cache_versions": [3, 0], "cache_ttl_s": 300})
 
-    assert rechecked["cache_versions"] == [3, 0] and rechecked["cache_ttl_s"] == 300 and "cache_key" not in rechecked
-    assert cache_key_of(settings, rechecked) == keys.result_cache(cache_fingerprint(settings, request) + ":3.0")
+    assert (received["cache_key"], received["cache_versions"], received["cache_ttl_s"]) == (key, [3, 0], 300)
+    assert key == keys.result_cache(cache_fingerprint(settings, request) + ":3.0")
     assert cache_types(request) == ["conversation_memory", "long_term_memory"]
-    assert not {"cache_key", "cache_versions", "cache_ttl_s"} & set(old_client)
+    assert not {"cache_key", "cache_versions", "cache_ttl_s"} & set(older_client)
+    for bad_key in ("", 7, ["k"]):
+        with pytest.raises(InvalidInput) as caught:
+            parse_retrieval_request({**wire, "cache_key": bad_key})
+        assert caught.value.field == "cache_key"
     for bad_versions in (None, [3], [3, 0, 1], "3.0", [3, -1], [3, True], [3, 2**63], [3, 1.0]):
         with pytest.raises(InvalidInput) as caught:
-            with_cache(request, bad_versions, 300)
+            parse_retrieval_request({**wire, "cache_versions": bad_versions})
         assert caught.value.field == "cache_versions"
     for bad_ttl in (None, 0, -1, "300", True, 10**9):
         with pytest.raises(InvalidInput) as caught:
-            with_cache(request, [3, 0], bad_ttl)
+            parse_retrieval_request({**wire, "cache_ttl_s": bad_ttl})
         assert caught.value.field == "cache_ttl_s"
+
+
+def test_merge_files_a_result_only_under_the_key_of_its_own_request(cache_redis: redis.Redis) -> None:
+    settings = get_settings()
+    request = retrieval_request(settings, QUERY, "tenant-y", LIMITS)
+    other = retrieval_request(settings, QUERY, "tenant-y-other", LIMITS)
+    result = {"query": QUERY, "memory_id": "tenant-y", "results": {}, "errors": {}, "timings_ms": {}}
+    own_key = keys.result_key(cache_fingerprint(settings, request), [0, 0])
+    forged = [
+        keys.result_key(cache_fingerprint(settings, other), [0, 0]),  # another tenant's entry
+        keys.result_key(cache_fingerprint(settings, request), [0, 1]),  # versions the request does not carry
+        keys.result_cache("f" * keys.FINGERPRINT_CHARS + ":0.0"),
+    ]
+
+    for key in forged:
+        assert not result_store.store_merged(cache_redis, settings, with_cache(request, key, [0, 0], 60), result)
+        assert cache_redis.exists(key) == 0
+    assert result_store.store_merged(cache_redis, settings, with_cache(request, own_key, [0, 0], 60), result)
+    assert 0 < cache_redis.pttl(own_key) <= 60_000
+    cache_redis.delete(own_key)
 
 
 def forged_results(request: dict[str, Any], content: str) -> list[dict[str, Any]]:
@@ -370,10 +397,10 @@ def test_a_forged_merge_naming_another_tenants_cache_key_does_not_change_what_th
     seed(tenant)
     fresh = client.retrieve(QUERY, tenant, LIMITS)
     [victim_key] = result_keys(cache_redis, QUERY, tenant, LIMITS)
-    _, versions = keys.parse_result_key(victim_key) or ("", [])
+    _, versions = parse_result_key(victim_key) or ("", [])
     forged_request: dict[str, Any] = {
         **retrieval_request(settings, QUERY, attacker, LIMITS),
-        "cache_key": victim_key,  # what a client used to send: the key merge must never trust
+        "cache_key": victim_key,  # another tenant's key: merge must never file a result there
         "cache_versions": versions,
         "cache_ttl_s": MAX_CACHE_TTL_S,
     }
@@ -400,7 +427,7 @@ def test_a_forged_merge_naming_future_versions_of_a_tenants_own_request_is_never
     seed(tenant)
     client.retrieve(QUERY, tenant, LIMITS)
     [key] = result_keys(cache_redis, QUERY, tenant, LIMITS)
-    _, versions = keys.parse_result_key(key) or ("", [])
+    _, versions = parse_result_key(key) or ("", [])
     future = [version + 1 for version in versions]  # what the tenant's next write will make current
     forged_request: dict[str, Any] = {
         **retrieval_request(settings, QUERY, tenant, LIMITS),
@@ -423,7 +450,7 @@ def test_a_cache_entry_naming_another_tenant_or_request_is_never_served(tenant: 
     seed(tenant)
     fresh = client.retrieve(QUERY, tenant, LIMITS)
     [key] = result_keys(cache_redis, QUERY, tenant, LIMITS)
-    fingerprint, _ = keys.parse_result_key(key) or ("", [])
+    fingerprint, _ = parse_result_key(key) or ("", [])
     envelopes = [
         (tenant + "-other", fingerprint, tenant + "-other"),  # another tenant's result
         (tenant, "0" * keys.FINGERPRINT_CHARS, tenant),  # another request's result

@@ -251,18 +251,6 @@ class Rig:
             client.close()
 
 
-def private_app(broker_url: str) -> Any:
-    """A Celery app on the rig's Redis, for pings and raw tasks (never the process's current app)."""
-    from celery import Celery
-
-    from memq.config.celery import celery_config
-    from memq.settings import Settings
-
-    app = Celery("memq-faults", set_as_current=False)
-    app.config_from_object(celery_config(Settings(broker_url=broker_url, result_backend=broker_url)))
-    return app
-
-
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     redis_service = services.start_redis_server()
@@ -278,7 +266,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         MEMQ_METRICS_PORT="0",
     )
     fleet = services.Fleet(env)
-    app = private_app(redis_service.url)
+    app = faultkit.private_app(redis_service.url)
     rig = Rig(redis_service, mongo, env, fleet, app, tmp=tmp_path_factory.mktemp("faults"))
     try:
         for kind, count in (("embed", 2), ("search", 2), ("ingest", 1)):
@@ -331,7 +319,7 @@ def test_killing_a_worker_under_load_leaves_every_request_completed_or_clearly_f
     wait_for(lambda: len(load.seen()) >= 32, 120, "the load to reach a steady state")
     victim = rig.hosts[kind][0]
 
-    rig.fleet.kill(victim)  # kill -9, mid-load
+    faultkit.kill_worker(rig.fleet, victim)  # kill -9, mid-load
     killed_at, done_at_kill = time.monotonic(), len(load.seen())
     wait_for(lambda: len(load.seen()) >= done_at_kill + 32, 120, "the surviving worker to keep serving")
     # Restart once the victim's unacknowledged messages are past the visibility timeout: the restarted
@@ -547,7 +535,7 @@ def test_an_ingest_worker_killed_mid_store_is_redelivered_and_writes_each_memory
         return any(task["id"] == result.id for task in active.get(victim, []))
 
     wait_for(running, 120, "the store task to start")
-    rig.fleet.kill(victim)
+    faultkit.kill_worker(rig.fleet, victim)
     written_when_killed = rig.mongo_count(tenant)
     assert not result.ready()
     wait_for(lambda: time.monotonic() - sent_at > VISIBILITY_TIMEOUT_S + 1, 60, "the visibility timeout")

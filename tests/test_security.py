@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import faultkit
 import pytest
 from kombu import Exchange, Producer
 
@@ -116,24 +117,13 @@ def protected_redis() -> Iterator[services.Service]:
         service.stop()
 
 
-def private_app(broker_url: str) -> Any:
-    from celery import Celery
-
-    from memq.config.celery import celery_config
-    from memq.settings import Settings
-
-    app = Celery("memq-security", set_as_current=False)
-    app.config_from_object(celery_config(Settings(broker_url=broker_url, result_backend=broker_url)))
-    return app
-
-
 def test_a_worker_with_a_password_in_its_broker_url_never_logs_the_password(
     protected_redis: services.Service,
 ) -> None:
     assert PASSWORD in protected_redis.url
     env = services.memq_env(os.environ, protected_redis.url, os.environ["MEMQ_MONGODB_URI"])
     fleet = services.Fleet(env)
-    app = private_app(protected_redis.url)
+    app = faultkit.private_app(protected_redis.url)
     try:
         host = fleet.start("search", name="secret-search", extra_args=["--loglevel", "DEBUG"])
         fleet.wait_ready(app, [host])

@@ -10,6 +10,7 @@ import textwrap
 from collections.abc import Iterator
 from typing import Any
 
+import faultkit
 import pytest
 
 from memq import services, sharding
@@ -56,13 +57,7 @@ class ShardFleet:
             MEMQ_METRICS_PORT="0",
         )
         self.fleet = services.Fleet(self.env)
-        from celery import Celery
-
-        from memq.config.celery import celery_config
-        from memq.settings import Settings
-
-        self.app = Celery("memq-shards", set_as_current=False)
-        self.app.config_from_object(celery_config(Settings(broker_url=self.broker.url, result_backend=self.broker.url)))
+        self.app = faultkit.private_app(self.broker.url, "memq-shards")
 
     def start_search(self, shard: int, env: dict[str, str] | None = None) -> str:
         if env is not None:
@@ -151,7 +146,7 @@ def test_a_shard_without_its_worker_fails_clearly_others_are_unaffected_and_a_re
     lost = next(t for t in TENANTS if sharding.shard_of(t, SHARDS) == 1)
     kept = next(t for t in TENANTS if sharding.shard_of(t, SHARDS) == 0)
     [host] = [h for h in shard_fleet.fleet.workers if h.startswith("shard1@")]
-    shard_fleet.fleet.kill(host, sig=15)
+    faultkit.kill_worker(shard_fleet.fleet, host, sig=15)
     shard_fleet.fleet.workers.pop(host)
     try:
         outcome = shard_fleet.client(
@@ -249,13 +244,7 @@ def test_a_retried_search_goes_to_the_queue_of_the_workers_shard_count_not_back_
         os.environ, broker.url, dead_mongodb, MEMQ_SEARCH_SHARDS=str(SHARDS), MEMQ_MONGODB_TIMEOUT_MS="200"
     )
     fleet = services.Fleet(env)
-    from celery import Celery
-
-    from memq.config.celery import celery_config
-    from memq.settings import Settings
-
-    app = Celery("memq-retry-route", set_as_current=False)
-    app.config_from_object(celery_config(Settings(broker_url=broker.url, result_backend=broker.url)))
+    app = faultkit.private_app(broker.url, "memq-retry-route")
     client = redis.Redis.from_url(broker.url)
     try:
         fleet.wait_ready(app, [fleet.start("search", name="shard0-only", extra_args=["--shards", "0"])], 120)

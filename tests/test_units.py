@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memq import ranking, validation
+from memq import ranking, validation, wire
 from memq.errors import ConfigError, InvalidInput
 from memq.memory_types import MemoryType
 from memq.settings import Settings
@@ -313,7 +313,7 @@ def test_timestamps_outside_1970_to_9999_in_utc_are_refused(value: object) -> No
     ],
 )
 def test_timestamps_at_the_edges_of_the_range_are_accepted_and_storable(value: object, expected: float) -> None:
-    from memq.workers.store import to_datetime
+    from memq.workers.mongo import to_datetime
 
     assert validation.check_timestamp(value, "created_at") == expected
     to_datetime(expected)  # what the store does with it
@@ -361,12 +361,12 @@ GOOD = to_wire(np.full(384, 0.05, dtype=np.float32))
 )
 def test_the_store_refuses_unsound_vectors_and_models_naming_the_field(embedded: object, field: str) -> None:
     with pytest.raises(InvalidInput) as caught:
-        validation.check_embedded(embedded, 2, 384, "all-MiniLM-L6-v2")
+        wire.parse_embedded_texts(embedded, 2, 384, "all-MiniLM-L6-v2")
     assert caught.value.field == field
 
 
 def test_the_store_decodes_sound_vectors_into_one_matrix() -> None:
-    matrix = validation.check_embedded(_embedded(GOOD, GOOD), 2, 384, "all-MiniLM-L6-v2")
+    matrix = wire.parse_embedded_texts(_embedded(GOOD, GOOD), 2, 384, "all-MiniLM-L6-v2")
     assert matrix.shape == (2, 384) and matrix.dtype == np.float32 and np.allclose(matrix, 0.05)
 
 
@@ -452,10 +452,10 @@ def test_a_partly_failed_batch_reports_its_failed_items_without_the_write_and_st
 ) -> None:
     import json
 
-    from memq.workers import steps, store, versions
+    from memq.workers import mongo, steps, versions
 
     bumped: list[tuple[str, list[str]]] = []
-    monkeypatch.setattr(store, "collection", lambda memory_type: _FailingCollection([1, 3]))
+    monkeypatch.setattr(mongo, "collection", lambda memory_type: _FailingCollection([1, 3]))
     monkeypatch.setattr(versions, "bump_versions", lambda memory_id, types: bumped.append((memory_id, list(types))))
     items = [{"content": f"memory {i}", "importance": 0.5} for i in range(4)]
 
@@ -468,7 +468,7 @@ def test_a_partly_failed_batch_reports_its_failed_items_without_the_write_and_st
 
 
 def test_a_failed_write_reason_is_short_and_never_quotes_the_write() -> None:
-    from memq.workers.store import write_error_reason
+    from memq.workers.writes import write_error_reason
 
     assert write_error_reason({"code": "11000", "errmsg": "E11000 dup key: { content: 'SECRET' }"}) == "duplicate key"
     assert (
@@ -482,14 +482,14 @@ def test_a_failed_write_reason_is_short_and_never_quotes_the_write() -> None:
 def test_a_store_that_fails_before_writing_still_bumps_the_version(monkeypatch: pytest.MonkeyPatch) -> None:
     """A connection lost mid-batch may have written part of it: the version is bumped before the error goes up."""
     from memq.errors import StoreUnavailable
-    from memq.workers import steps, store, versions
+    from memq.workers import steps, versions, writes
 
     bumped: list[str] = []
 
     def lost(memory_type: str, writes: list[object]) -> dict[str, object]:
         raise StoreUnavailable("MongoDB unavailable: connection reset")
 
-    monkeypatch.setattr(store, "upsert", lost)
+    monkeypatch.setattr(writes, "upsert", lost)
     monkeypatch.setattr(versions, "bump_versions", lambda memory_id, types: bumped.append(memory_id))
 
     with pytest.raises(StoreUnavailable):
@@ -530,7 +530,7 @@ def test_merge_names_the_worker_of_every_type_even_one_that_failed() -> None:
 
     request = retrieval_request(Settings(), "hobbies", "tenant-a", {"semantic": 2, "episodic": 1})
     answered = {"type": "long_term_memory", "items": [], "search_ms": 0.4, "served_by": "search.0@host-a"}
-    failed = steps.search_failed("conversation_memory", "unavailable after 4 attempt(s)", None, "search.1@host-b")
+    failed = wire.search_failure("conversation_memory", "unavailable after 4 attempt(s)", None, "search.1@host-b")
 
     merged = steps.merge([answered, failed], request)
 

@@ -31,13 +31,7 @@ def split_fleet() -> Iterator[dict[str, Any]]:
         os.environ, broker.url, os.environ["MEMQ_MONGODB_URI"], MEMQ_REDIS_URL=cache.url, MEMQ_METRICS_PORT="0"
     )
     fleet = services.Fleet(env)
-    from celery import Celery
-
-    from memq.config.celery import celery_config
-    from memq.settings import Settings
-
-    app = Celery("memq-split", set_as_current=False)
-    app.config_from_object(celery_config(Settings(broker_url=broker.url, result_backend=broker.url)))
+    app = faultkit.private_app(broker.url, "memq-split")
     try:
         hosts = [fleet.start(kind, name=f"split-{kind}") for kind in services.WORKER_KINDS]
         fleet.wait_ready(app, hosts, timeout_s=240)

@@ -29,7 +29,7 @@ def build_resources(kind: str) -> None:
         log.info("embed worker: model %s on %s", model.model_name, model.device)
     elif kind in ("search", "ingest"):
         from memq.cache_redis import cache_redis
-        from memq.workers.store import mongo_client
+        from memq.workers.mongo import mongo_client
 
         mongo_client.get()
         cache_redis.get()
@@ -63,7 +63,7 @@ def _on_worker_process_init(**_: Any) -> None:
 @worker_shutdown.connect
 def _on_worker_shutdown(**_: Any) -> None:
     from memq.workers.embedder import embedder
-    from memq.workers.store import mongo_client
+    from memq.workers.mongo import mongo_client
 
     embedder.reset()  # the batcher finishes the queries already queued, then stops
     mongo_client.reset()

@@ -10,15 +10,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
-
-from memq import ranking, result_cache, validation
+from memq import ranking, wire
 from memq.cache_redis import cache_redis
-from memq.errors import InvalidInput
-from memq.requests import RetrievalRequest
 from memq.settings import get_settings
-from memq.vectors import from_wire, to_wire
-from memq.workers import embedding_cache, store, versions
+from memq.workers import embedding_cache, mongo, result_store, versions, writes
 from memq.workers import search as search_strategies
 from memq.workers.embedder import embedder
 from memq.workers.metrics import EMBED_BATCH_SIZE, EMBED_SECONDS, MERGE_SECONDS, STORE_WRITES
@@ -39,14 +34,8 @@ def embed_query(query: str) -> dict[str, Any]:
         # Through the process's batcher: concurrent embed tasks share forward passes (it records the metrics).
         vector = model.encode_queries([query], QUERY_WAIT_S)[0]
         embedding_cache.store(model.model_name, [query], [vector])
-    return {
-        "vector": to_wire(vector),
-        "model": model.model_name,
-        "embed_ms": (time.perf_counter() - started) * 1000,
-        "embed_cache": cache,
-        "embed_started_ts": started_ts,
-        "embed_ended_ts": time.time(),
-    }
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    return wire.embed_result(vector, model.model_name, elapsed_ms, cache, started_ts, time.time())
 
 
 def embed_texts(texts: Sequence[str], on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
@@ -66,77 +55,43 @@ def embed_texts(texts: Sequence[str], on_progress: Callable[[int, int], None] | 
         embedding_cache.store(model.model_name, missing, list(rows))
         computed = dict(zip(missing, rows, strict=True))
         vectors = [computed[text] if vector is None else vector for text, vector in zip(texts, vectors, strict=True)]
-    return {
-        "vectors": [to_wire(vector) for vector in vectors],
-        "model": model.model_name,
-        "embed_ms": (time.perf_counter() - started) * 1000,
-        "embedding_cache": {"hits": hits, "computed": len(missing)},
-    }
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    return wire.embedded_texts(vectors, model.model_name, elapsed_ms, hits, len(missing))
 
 
 def search_type(
-    embedded: dict[str, Any],
+    embedded: wire.EmbedResult,
     memory_id: str,
     memory_type: str,
     k: int,
     strategy: str,
     wanted: Wanted | None = None,
     budget_s: float | None = None,
-) -> dict[str, Any]:
+) -> wire.SearchResult:
     """One type's ranked candidates; MongoDB work takes at most ``budget_s`` (``None``: the client's timeouts)."""
     started_ts = time.time()
     started = time.perf_counter()
-    vector = query_vector(embedded)
-    with store.time_limit(budget_s):
+    vector = wire.parse_embed_result(embedded, get_settings().embed_dimensions)
+    with mongo.time_limit(budget_s):
         outcome = search_strategies.search(memory_id, memory_type, vector, k, strategy, wanted)
-    return {
-        "type": memory_type,
-        "items": outcome.items,
-        "strategy": outcome.strategy,
-        "matrix_cache": outcome.matrix_cache,
-        "search_ms": (time.perf_counter() - started) * 1000,
-        "search_started_ts": started_ts,
-        "model": embedded.get("model"),
-        **_embed_timings(embedded),
-    }
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    return wire.search_result(
+        memory_type, outcome.items, outcome.strategy, outcome.matrix_cache, elapsed_ms, started_ts, embedded
+    )
 
 
-def query_vector(embedded: dict[str, Any]) -> np.ndarray:
-    """The embed step's query vector, which must be the model's dimension and finite (``InvalidInput`` else)."""
-    dimensions = get_settings().embed_dimensions
-    try:
-        vector = from_wire(embedded["vector"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InvalidInput("embedded", "its 'vector' is not base64 float32") from exc
-    if vector.shape != (dimensions,) or not np.isfinite(vector).all():
-        raise InvalidInput("embedded", f"its 'vector' must hold {dimensions} finite values")
-    return vector
-
-
-def search_failed(
-    memory_type: str, message: str, embedded: dict[str, Any] | None = None, served_by: str | None = None
-) -> dict[str, Any]:
-    failed = {"type": memory_type, "items": [], "error": message, **_embed_timings(embedded or {})}
-    return failed if served_by is None else {**failed, "served_by": served_by}
-
-
-def _embed_timings(embedded: Any) -> dict[str, Any]:
-    """The embed step's timings, passed along by each search so that merge sees them (none from a malformed one)."""
-    if not isinstance(embedded, dict):
-        return {}
-    return {key: embedded.get(key) for key in ("embed_ms", "embed_started_ts", "embed_ended_ts")}
-
-
-def merge(results: Sequence[dict[str, Any]], request: RetrievalRequest) -> dict[str, Any]:
-    """Rank each type's candidates by memory_signal, keep its k, report per-type errors and timings."""
+def merge(results: Any, request: Any) -> dict[str, Any]:
+    """Rank each type's candidates by memory_signal, keep its k, report per-type errors and timings. ``results``
+    and ``request`` as they arrived: their shape is checked here, once (``wire.parse_merge_input``)."""
     started_ts = time.time()
     started = time.perf_counter()
     settings = get_settings()
     now_ts = time.time()
+    merge_input = wire.parse_merge_input(results, request, settings.search_strategy)
+    request, results, errors = merge_input["request"], merge_input["results"], merge_input["errors"]
     limits: dict[str, int] = request["limits"]
     weights: dict[str, float] = request["weights"]
     ranked: dict[str, list[dict[str, Any]]] = {t: [] for t in limits}
-    results, errors = validation.check_search_results(results, limits)
     timings: dict[str, Any] = {"search_ms": {}, "matrix_cache": {}, "served_by": {}}
     for result in results:
         memory_type = result["type"]
@@ -145,7 +100,7 @@ def merge(results: Sequence[dict[str, Any]], request: RetrievalRequest) -> dict[
         if isinstance(result.get("served_by"), str):
             timings["served_by"][memory_type] = result["served_by"][:255]
         if "error" in result:
-            errors[memory_type] = result["error"][: validation.MAX_ERROR_CHARS]
+            errors[memory_type] = result["error"][: wire.MAX_ERROR_CHARS]
             continue
         timings["search_ms"][memory_type] = result.get("search_ms", 0.0)
         timings["matrix_cache"][memory_type] = result.get("matrix_cache")
@@ -171,13 +126,13 @@ def merge(results: Sequence[dict[str, Any]], request: RetrievalRequest) -> dict[
         "timings_ms": timings,
         "cached": False,
     }
-    if request.get("cache_versions") is not None:  # the key is derived from the request, never taken from it
-        result_cache.store_merged(cache_redis.get(), settings, request, merged)
+    if request.get("cache_key") is not None:  # filed only under the key of this very request
+        result_store.store_merged(cache_redis.get(), settings, request, merged)
     return merged
 
 
 def queue_waits_ms(
-    results: Sequence[dict[str, Any]], requested_at: float | None, merge_started_ts: float
+    results: Sequence[wire.SearchResult], requested_at: float | None, merge_started_ts: float
 ) -> dict[str, Any]:
     """How long each step waited between the previous one and its start (queue, prefetch, chord bookkeeping),
     from the steps' wall-clock stamps; a stamp that is missing leaves its wait out. Across hosts these include
@@ -205,29 +160,29 @@ def store_memories(
 ) -> dict[str, Any]:
     """Write checked ``items`` with their vectors, then bump the tenant's data version.
 
-    The vectors are checked first (``validation.check_embedded``: one per item, the model's dimension, finite,
+    The vectors are checked first (``wire.parse_embedded_texts``: one per item, the model's dimension, finite,
     from the embed model), so a bad one is ``InvalidInput`` and nothing is written. Once the bulk write ran the
     version is bumped whatever its outcome: after a partly failed batch (which returns its ``failed`` items, see
-    ``store.upsert``) and before an error goes up (a lost connection may have written part of the batch; the task
+    ``writes.upsert``) and before an error goes up (a lost connection may have written part of the batch; the task
     is retried and the write is idempotent), so no cache goes on serving the tenant's memories from before it."""
     settings = get_settings()
-    vectors = validation.check_embedded(embedded, len(items), settings.embed_dimensions, settings.embed_model)
-    writes = store.build_writes(memory_id, memory_type, items, vectors, embedded["model"], time.time())
+    vectors = wire.parse_embedded_texts(embedded, len(items), settings.embed_dimensions, settings.embed_model)
+    batch = writes.build_writes(memory_id, memory_type, items, vectors, embedded["model"], time.time())
     try:
-        counts = store.upsert(memory_type, writes)
+        counts = writes.upsert(memory_type, batch)
     except Exception:
         with contextlib.suppress(Exception):  # the retried task bumps again; the write's own error goes up
             versions.bump_versions(memory_id, [memory_type])
         raise
     versions.bump_versions(memory_id, [memory_type])
-    STORE_WRITES.labels(memory_type=memory_type).inc(len(writes) - len(counts["failed"]))
-    return {"memory_id": memory_id, "type": memory_type, "ids": [store.memory_key(i) for i in items], **counts}
+    STORE_WRITES.labels(memory_type=memory_type).inc(len(batch) - len(counts["failed"]))
+    return {"memory_id": memory_id, "type": memory_type, "ids": [writes.memory_key(i) for i in items], **counts}
 
 
 def forget(memory_id: str, memory_type: str | None, ids: Sequence[str] | None) -> dict[str, Any]:
     from memq.memory_types import MemoryType
 
     types = [memory_type] if memory_type else [t.value for t in MemoryType]
-    deleted = {t: store.delete(memory_id, t, ids) for t in types}
+    deleted = {t: writes.delete(memory_id, t, ids) for t in types}
     versions.bump_versions(memory_id, types)
     return {"memory_id": memory_id, "deleted": deleted}

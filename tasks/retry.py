@@ -1,0 +1,84 @@
+"""One retry policy for every task.
+
+A transient failure (``TransientError``: MongoDB, Redis or the model's batcher unavailable) is retried through
+``Task.retry`` after ``RetryPolicy.delay_s(attempt)``, at most ``max_retries`` times, and, for a step of a
+retrieval, only while the retry can still start before the caller's deadline (less a margin for merge and the
+result's way back). Anything else (``InvalidInput`` above all) is never retried. The tasks declare
+``max_retries=None`` so that this policy alone decides.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from celery import Task
+
+from memq.errors import TransientError
+
+DELIVERY_MARGIN_S = 0.5  # left of the caller's deadline for merge and the result's way back
+MIN_ATTEMPT_S = 0.05  # the least time an attempt is worth starting with
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """``first_delay_s * factor ** attempt`` capped at ``max_delay_s``; with ``jitter``, a random share of it
+    (``[delay / 2, delay]``), so that the retries of a batch of messages that failed together spread out."""
+
+    max_retries: int
+    first_delay_s: float
+    factor: float = 2.0
+    max_delay_s: float = 30.0
+    jitter: bool = False
+
+    def delay_s(self, attempt: int) -> float:
+        delay = min(self.max_delay_s, self.first_delay_s * self.factor**attempt)
+        return random.uniform(delay / 2, delay) if self.jitter else delay
+
+
+EMBED = RetryPolicy(max_retries=3, first_delay_s=0.1, jitter=True)
+INGEST = RetryPolicy(max_retries=5, first_delay_s=0.5, jitter=True)
+
+
+def search_policy(max_retries: int) -> RetryPolicy:
+    """A type's search: short waits (0.05, 0.2, 0.8, 2 s ...), ``MEMQ_SEARCH_MAX_RETRIES`` times."""
+    return RetryPolicy(max_retries=max_retries, first_delay_s=0.05, factor=4.0, max_delay_s=2.0)
+
+
+def retry_transient(
+    task: Task, exc: TransientError, policy: RetryPolicy, deadline_ts: float | None = None, queue: str | None = None
+) -> None:
+    """Raise ``task.retry`` (to ``queue`` when given) if ``policy`` allows another attempt of ``task`` before
+    ``deadline_ts``; return when it does not, and the caller reports or raises the failure."""
+    attempt = task.request.retries
+    delay_s = policy.delay_s(attempt)
+    if attempt >= policy.max_retries:
+        return
+    if deadline_ts is not None and time.time() + delay_s + MIN_ATTEMPT_S >= deadline_ts - DELIVERY_MARGIN_S:
+        return
+    options = {} if queue is None else {"queue": queue}
+    raise task.retry(countdown=delay_s, exc=exc, **options) from exc
+
+
+def retrying(policy: RetryPolicy) -> Callable[[F], F]:
+    """For a bound task (``bind=True``) that fails as a whole: its ``TransientError`` is retried by ``policy``
+    and, once the policy gives up, raised."""
+
+    def decorate(run: F) -> F:
+        @functools.wraps(run)
+        def wrapper(self: Task, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return run(self, *args, **kwargs)
+            except TransientError as exc:
+                retry_transient(self, exc, policy)
+                raise
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
