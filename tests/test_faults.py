@@ -518,32 +518,177 @@ def test_a_redelivered_store_message_writes_no_duplicate_memories(rig: Rig) -> N
     assert rig.mongo_count(tenant) == len(items)
 
 
-def test_an_ingest_worker_killed_mid_store_is_redelivered_and_writes_each_memory_once(rig: Rig) -> None:
+class StartedTasks:
+    """The rig's ``task-started`` events as they happen (Celery sends one when a worker starts running a task),
+    so a test can act the moment a task is running instead of polling ``inspect().active()``."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.counts: Counter[str] = Counter()
+        self._changed = threading.Condition()
+        self._receiver: Any = None
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._thread.start()
+        self._until_subscribed()
+
+    def _listen(self) -> None:
+        with self.app.connection() as connection:
+            self._receiver = self.app.events.Receiver(connection, handlers={"task-started": self._on_started})
+            self._receiver.capture(limit=None, timeout=None, wakeup=False)
+
+    def _until_subscribed(self) -> None:
+        """Pub/sub delivers only to subscribers: probe events go out until one comes back."""
+        probe = f"probe-{uuid.uuid4().hex}"
+        deadline = time.monotonic() + 30
+        with self.app.events.default_dispatcher() as dispatcher:
+            while self.counts[probe] == 0:
+                assert time.monotonic() < deadline, "the event receiver did not subscribe"
+                dispatcher.send("task-started", uuid=probe)
+                time.sleep(0.2)
+
+    def _on_started(self, event: dict[str, Any]) -> None:
+        with self._changed:
+            self.counts[event["uuid"]] += 1
+            self._changed.notify_all()
+
+    def wait(self, task_id: str, times: int, timeout_s: float) -> None:
+        with self._changed:
+            assert self._changed.wait_for(lambda: self.counts[task_id] >= times, timeout_s), (
+                f"task {task_id} started {self.counts[task_id]} times, not {times}, within {timeout_s:g} s"
+            )
+
+    def close(self) -> None:
+        if self._receiver is not None:
+            self._receiver.should_stop = True
+        self._thread.join(timeout=5)
+
+
+@dataclass
+class KillableIngest:
+    """The rig's ingest worker replaced by one with one thread (so that messages behind a running one are only
+    prefetched) and a long MongoDB timeout (so that a store blocks while MongoDB is paused instead of retrying)."""
+
+    rig: Rig
+    host: str = ""
+
+    def start(self) -> str:
+        fleet = services.Fleet({**self.rig.env, "MEMQ_MONGODB_TIMEOUT_MS": "60000"}, logdir=self.rig.fleet.logdir)
+        self.host = fleet.start("ingest", name=self.rig.hosts["ingest"][0].split("@")[0], extra_args=["-c", "1"])
+        self.rig.fleet.workers[self.host] = fleet.workers[self.host]
+        self.rig.fleet.wait_ready(self.rig.app, [self.host], timeout_s=120)
+        return self.host
+
+    def kill(self) -> None:
+        faultkit.kill_worker(self.rig.fleet, self.host)
+
+    def restore_rig(self) -> None:
+        faultkit.kill_worker(self.rig.fleet, self.host, sig=15)
+        self.rig.fleet.start("ingest", name=self.host.split("@")[0])
+        self.rig.fleet.wait_ready(self.rig.app, [self.host], timeout_s=120)
+
+
+@pytest.fixture
+def killable(rig: Rig) -> Iterator[tuple[KillableIngest, StartedTasks]]:
+    faultkit.kill_worker(rig.fleet, rig.hosts["ingest"][0], sig=15)
+    ingest, started = KillableIngest(rig), StartedTasks(rig.app)
+    ingest.start()
+    try:
+        yield ingest, started
+    finally:
+        started.close()
+        assert rig.mongo.process is not None
+        faultkit.resume(rig.mongo.process)
+        ingest.restore_rig()
+
+
+def embedded_batch(rig: Rig, count: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from memq import names
 
+    items = [{"content": f"batch memory {i} {uuid.uuid4().hex}"} for i in range(count)]
+    contents = [item["content"] for item in items]
+    embedded = rig.app.send_task(names.EMBED_TEXTS, args=(contents,), queue=names.EMBED_QUEUE).get(timeout=300)
+    return embedded, items
+
+
+def send_store(rig: Rig, embedded: dict[str, Any], tenant: str, items: list[dict[str, Any]]) -> Any:
+    from memq import names
+
+    return rig.app.send_task(names.STORE, args=(embedded, tenant, "semantic", items), queue=names.INGEST_QUEUE)
+
+
+def kill_while_running(rig: Rig, ingest: KillableIngest, started: StartedTasks, task_id: str, times: int) -> None:
+    """Waits for the ``times``-th start of the task (MongoDB is paused: it cannot finish), kills its worker, and
+    starts a new one once kombu has made the message visible again."""
+    started.wait(task_id, times, timeout_s=VISIBILITY_TIMEOUT_S * 6 + 120)
+    killed_at = time.monotonic()
+    ingest.kill()
+    wait_for(lambda: time.monotonic() - killed_at > VISIBILITY_TIMEOUT_S, 60, "the visibility timeout")
+    ingest.start()
+
+
+def test_an_ingest_worker_killed_mid_store_is_redelivered_and_writes_each_memory_once(
+    rig: Rig, killable: tuple[KillableIngest, StartedTasks]
+) -> None:
+    ingest, started = killable
     tenant = f"killed-{uuid.uuid4().hex[:8]}"
-    items = [{"content": f"batch memory {i} {uuid.uuid4().hex}"} for i in range(300)]
-    embedded = rig.app.send_task(names.EMBED_TEXTS, args=([i["content"] for i in items],), queue=names.EMBED_QUEUE).get(
-        timeout=300
-    )
-    victim = rig.hosts["ingest"][0]
-    sent_at = time.monotonic()
-    result = rig.app.send_task(names.STORE, args=(embedded, tenant, "semantic", items), queue=names.INGEST_QUEUE)
+    embedded, items = embedded_batch(rig, 300)
+    assert rig.mongo.process is not None
+    faultkit.pause(rig.mongo.process)  # the store blocks on its first write until MongoDB answers again
+    result = send_store(rig, embedded, tenant, items)
 
-    def running() -> bool:
-        active = rig.app.control.inspect(destination=[victim], timeout=0.5).active() or {}
-        return any(task["id"] == result.id for task in active.get(victim, []))
-
-    wait_for(running, 120, "the store task to start")
-    faultkit.kill_worker(rig.fleet, victim)
-    written_when_killed = rig.mongo_count(tenant)
-    assert not result.ready()
-    wait_for(lambda: time.monotonic() - sent_at > VISIBILITY_TIMEOUT_S + 1, 60, "the visibility timeout")
-    rig.fleet.start("ingest", name=victim.split("@")[0])
-    rig.fleet.wait_ready(rig.app, [victim], timeout_s=120)
-
+    kill_while_running(rig, ingest, started, result.id, times=1)
+    faultkit.resume(rig.mongo.process)
     stored = result.get(timeout=180)
 
-    assert rig.mongo_count(tenant) == len(items), written_when_killed
+    assert started.counts[result.id] == 2  # killed once, finished on its redelivery
+    assert rig.mongo_count(tenant) == len(items)
     assert stored["inserted"] + stored["updated"] == len(items)
     assert len(set(stored["ids"])) == len(items)
+
+
+def test_a_store_that_kills_its_worker_every_time_is_dead_lettered_alone_and_its_replay_lands_once(
+    rig: Rig, killable: tuple[KillableIngest, StartedTasks]
+) -> None:
+    import redis
+
+    from memq import keys
+
+    ingest, started = killable
+    broker = redis.Redis.from_url(rig.redis.url)
+    broker.delete(keys.DEAD_LETTERS)
+    limit = int(rig.env.get("MEMQ_MAX_DELIVERIES", "5"))
+    embedded, items = embedded_batch(rig, 20)
+    # One thread, prefetch 4: the killer runs and the 3 innocents behind it are prefetched (received, never
+    # started). More would wait in a BRPOP reply that kombu 5.7 holds unread while the prefetch is full, and a
+    # SIGKILL loses that one message with the process (docs/guarantees.md): a transport limit, not the guard's.
+    killer_tenant, innocent_tenants = f"killer-{uuid.uuid4().hex[:6]}", [f"innocent-{i}" for i in range(3)]
+    assert rig.mongo.process is not None
+    faultkit.pause(rig.mongo.process)
+    killer = send_store(rig, embedded, killer_tenant, items)
+    innocents = [send_store(rig, embedded, f"{tenant}-{uuid.uuid4().hex[:6]}", items) for tenant in innocent_tenants]
+
+    for attempt in range(1, limit + 1):  # delivery 1..limit each started and killed its worker
+        kill_while_running(rig, ingest, started, killer.id, times=attempt)
+    wait_for(lambda: broker.llen(keys.DEAD_LETTERS) >= 1, VISIBILITY_TIMEOUT_S * 3 + 60, "the dead letter")
+    faultkit.resume(rig.mongo.process)
+    stored_innocents = [result.get(timeout=240) for result in innocents]
+
+    letters = [json.loads(raw) for raw in broker.lrange(keys.DEAD_LETTERS, 0, -1)]
+    assert [(letter["reason"], letter["replayable"]) for letter in letters] == [("too_many_deliveries", True)]
+    assert f"started {limit} times" in letters[0]["detail"]
+    assert all(stored["inserted"] == len(items) for stored in stored_innocents)  # none was dead-lettered
+    assert started.counts[killer.id] == limit and rig.mongo_count(killer_tenant) == 0
+
+    replayed = subprocess.run(
+        [sys.executable, "-m", "memq.cli", "dead-letters", "--replay", letters[0]["id"], "--json"],
+        env=rig.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    stored = killer.get(timeout=120)
+
+    assert json.loads(replayed.stdout)["replayed"][0]["outcome"] == "replayed"
+    assert stored["inserted"] == len(items) and rig.mongo_count(killer_tenant) == len(items)
+    assert broker.llen(keys.DEAD_LETTERS) == 0
