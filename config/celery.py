@@ -9,6 +9,11 @@ from kombu import Exchange, Queue
 from memq import names
 from memq.settings import Settings
 
+#: A web process's Redis budget: a call that finds Redis down or paused fails within its timeout_s plus about this
+#: much (docs/guarantees.md, "Time"). Workers keep longer ones (``worker_overrides``).
+CLIENT_SOCKET_TIMEOUT_S = 0.5
+CLIENT_RESULT_RETRY_S = 0.25
+
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     return {
@@ -28,11 +33,25 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 4,
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            "socket_timeout": CLIENT_SOCKET_TIMEOUT_S,  # a publish to a paused broker fails instead of hanging
+            "socket_connect_timeout": CLIENT_SOCKET_TIMEOUT_S,
+        },
         "result_expires": settings.result_expires_s,
-        "result_backend_transport_options": {"retry_policy": {"timeout": 2.0}},
-        "redis_socket_timeout": 5.0,
-        "redis_socket_connect_timeout": 2.0,
+        # How long Celery's own result consumer retries a lost result store. memq's client waits on its own
+        # connection (memq.waiting), so in a web process this only bounds what sending a chord costs while the
+        # store is down (Celery subscribes each step it freezes); workers, which store results, keep 2 s.
+        "result_backend_transport_options": {
+            "retry_policy": {
+                "timeout": CLIENT_RESULT_RETRY_S,
+                "interval_start": 0,
+                "interval_step": 0.05,
+                "interval_max": 0.1,
+            }
+        },
+        "redis_socket_timeout": CLIENT_SOCKET_TIMEOUT_S,
+        "redis_socket_connect_timeout": CLIENT_SOCKET_TIMEOUT_S,
         "broker_connection_retry_on_startup": True,
         # Flower sees every task, including when it was sent.
         "worker_send_task_events": True,
@@ -43,4 +62,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_consumer": "memq.workers.guard:GuardedConsumer",
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
+    }
+
+
+def worker_overrides(settings: Settings) -> dict[str, Any]:
+    """What a worker process changes (``memq worker``): it stores results and holds long-lived connections, so it
+    waits longer for a slow Redis than a web process's call may."""
+    return {
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "result_backend_transport_options": {"retry_policy": {"timeout": 2.0}},
+        "redis_socket_timeout": 5.0,
+        "redis_socket_connect_timeout": 2.0,
     }

@@ -154,6 +154,10 @@ def run_worker(argv: list[str]) -> int:
     # Worker processes only: envelopes the transport cannot decode are dead-lettered (memq.workers.guard).
     if app.conf.broker_url.startswith(("redis://", "rediss://", "unix://")):
         app.conf.broker_transport = GUARDED_REDIS_TRANSPORT
+    from memq.config.celery import worker_overrides
+    from memq.settings import get_settings
+
+    app.conf.update(worker_overrides(get_settings()))
     args = ["worker", "-Q", ",".join(queues), *WORKER_DEFAULTS[kind]]
     if not any(a in ("-n", "--hostname") or a.startswith("--hostname=") for a in extra):
         args += ["-n", f"{kind}@%h"]

@@ -32,12 +32,14 @@ from memq.canvas import remember_canvas, retrieval_canvas
 from memq.errors import MemqError, RetrievalTimeout, TaskFailed, TransientError
 from memq.requests import forget_request, remember_request, retrieval_request
 from memq.settings import Settings, get_settings
+from memq.validation import is_finite_number
 from memq.waiting import ResultWaiter
 from memq.wire import RetrievalRequest, with_cache
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 ASYNC_THREADS = 64
+ASYNC_MARGIN_S = 0.25  # how far past its timeout_s an aretrieve may end (the thread's own wait ends at timeout_s)
 INGEST_TIMEOUT_S = 300.0
 CONNECTION_ERRORS = (OperationalError, RedisError, OSError)
 RESULT_STORE_OUTAGE = "result backend unavailable: Celery could not reconnect to the result store"
@@ -81,7 +83,9 @@ def _run_chord(settings: Settings, request: RetrievalRequest, found: result_cach
         request = with_cache(request, found.cache_key, found.versions, settings.result_cache_ttl_s)
     try:
         result = _send(lambda: retrieval_canvas(request).apply_async())
-        timeout_s = max(0.001, request["deadline_ts"] - time.time()) if found.wait_ms else request["timeout_s"]
+        timeout_s = request["deadline_ts"] - time.time()  # what sending and the cache look-up left of it
+        if timeout_s <= 0:
+            raise RetrievalTimeout(f"retrieval did not finish within {request['timeout_s']:g} s (sending took it all)")
         payload = _wait(result, timeout_s, what="retrieval")
     finally:
         result_cache.release(settings, found)
@@ -120,9 +124,34 @@ def create_indexes(dimensions: int | None = None, timeout_s: float = 120.0) -> d
     return _wait(result, timeout_s, what="create_indexes")
 
 
-async def aretrieve(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """``retrieve`` for asyncio: the wait runs on a dedicated thread pool, never on the event loop."""
-    return await _in_thread(functools.partial(retrieve, *args, **kwargs))
+async def aretrieve(
+    query: str,
+    memory_id: str,
+    limits: dict[str, int],
+    weights: dict[str, float] | None = None,
+    timeout_s: float | None = None,
+    strategy: str | None = None,
+    mode: str | None = None,
+    filters: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``retrieve`` for asyncio: the wait runs on a dedicated thread pool, never on the event loop. The deadline
+    starts now, not when a pool thread is free: a call that waited for a thread gets only what is left, and the
+    caller gets ``RetrievalTimeout`` by ``timeout_s`` + ``ASYNC_MARGIN_S`` whatever the pool is doing."""
+    budget_s = get_settings().retrieve_timeout_s if timeout_s is None else timeout_s
+    deadline = time.monotonic() + budget_s if is_finite_number(budget_s) and budget_s > 0 else None
+
+    def call() -> dict[str, Any]:
+        left_s = timeout_s if deadline is None else deadline - time.monotonic()
+        if deadline is not None and left_s <= 0:  # type: ignore[operator]
+            raise RetrievalTimeout(f"retrieval did not start within {budget_s:g} s (every client thread was busy)")
+        return retrieve(query, memory_id, limits, weights, left_s, strategy, mode, filters)
+
+    if deadline is None:  # an invalid timeout_s: retrieve names it
+        return await _in_thread(call)
+    try:
+        return await asyncio.wait_for(_in_thread(call), timeout=budget_s + ASYNC_MARGIN_S)
+    except TimeoutError:
+        raise RetrievalTimeout(f"retrieval did not finish within {budget_s:g} s") from None
 
 
 async def aremember(*args: Any, **kwargs: Any) -> dict[str, Any]:

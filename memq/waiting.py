@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 1.0  # the drain thread's longest sleep on the socket
 RETRY_AFTER_S = 0.5  # pause after a failed drain (the result store is down)
-CONNECT_TIMEOUT_S = 2.0
+SOCKET_TIMEOUT_S = 0.5  # a paused or unreachable result store costs a caller at most this past its deadline
 
 
 @dataclass(eq=False)  # compared and hashed by identity: each caller's wait is its own
@@ -71,7 +71,9 @@ class _Drain:
     def __init__(self, app: Celery) -> None:
         self.app = app
         url = str(app.conf.result_backend)
-        self.client = redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S)
+        self.client = redis.Redis.from_url(
+            url, socket_connect_timeout=SOCKET_TIMEOUT_S, socket_timeout=SOCKET_TIMEOUT_S
+        )
         self.wake_channel = f"memq:waiter:wake:{uuid.uuid4().hex}".encode()
         self.commands: queue.SimpleQueue[tuple[str, _Wait]] = queue.SimpleQueue()
         self.waits: dict[bytes, set[_Wait]] = {}  # the drain thread's own, as are the next two
