@@ -39,6 +39,7 @@ class Settings:
     num_candidates_factor: int = 20
     candidate_oversample: int = 3
     exact_cache_max_vectors: int = 2_000_000
+    exact_load_timeout_s: float = 120.0  # one shared tenant load in a search worker, whatever its callers' budgets
     recency_half_life_s: float = 7 * 24 * 3600.0
     retrieve_timeout_s: float = 10.0
     max_query_chars: int = 4096
@@ -101,6 +102,8 @@ class Settings:
         for name in ("result_cache_ttl_s", "embedding_cache_ttl_s"):
             if not 0 <= getattr(self, name) <= MAX_CACHE_TTL_S:
                 raise ConfigError(f"MEMQ_{name.upper()} must be in 0..{MAX_CACHE_TTL_S} (0 disables the cache)")
+        if self.exact_load_timeout_s <= 0:
+            raise ConfigError("MEMQ_EXACT_LOAD_TIMEOUT_S must be > 0")
         if self.single_flight_lock_s <= 0:
             raise ConfigError("MEMQ_SINGLE_FLIGHT_LOCK_S must be > 0")
 

@@ -7,7 +7,10 @@
   (``memq.ranking.fuse``), with the filters applied before the top k; it makes no MongoDB round trip. A stored
   row that cannot be searched (embedding missing, undecodable, of another dimension than ``MEMQ_EMBED_DIMENSIONS``
   or not finite; fields unreadable) is left out of all three and counted (``memq_bad_stored_rows_total``), so one
-  bad row never fails its tenant's search.
+  bad row never fails its tenant's search. A miss is loaded once per (tenant, type, data version) in the process
+  (``load_shared``, single-flight): the searches that miss meanwhile wait on that one load, each within its own
+  budget, and the load runs under its own limit (``MEMQ_EXACT_LOAD_TIMEOUT_S``) and fills the cache even when
+  every search that waited on it has given up.
 - ``vector_search``: Atlas ``$vectorSearch`` with ``memory_id`` as a pre-filter.
 - ``auto``: ``vector_search`` where the server runs the stage, ``exact`` elsewhere (nx-27017, mongod).
 """
@@ -23,14 +26,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pymongo._csot
 
 from memq import ranking
+from memq.errors import StoreUnavailable
 from memq.process_local import ProcessLocal
 from memq.settings import get_settings
 from memq.vectors import from_stored, normalise
 from memq.workers import store, versions
 from memq.workers.lexical import LexicalIndex
-from memq.workers.metrics import BAD_STORED_ROWS, CACHE_REQUESTS, SEARCH_SECONDS
+from memq.workers.metrics import BAD_STORED_ROWS, CACHE_REQUESTS, MATRIX_LOADS, SEARCH_SECONDS
+from memq.workers.single_flight import FlightTimeout, SingleFlight
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +80,7 @@ class MatrixCache:
         self._entries: OrderedDict[tuple[str, str], TenantMatrix] = OrderedDict()
         self._vectors = 0
         self._lock = threading.Lock()
+        self.loads = 0  # matrices loaded from MongoDB and built by this process (single-flight: one per version)
 
     def get(self, key: tuple[str, str], version: int) -> TenantMatrix | None:
         with self._lock:
@@ -96,11 +103,19 @@ class MatrixCache:
                 _, evicted = self._entries.popitem(last=False)
                 self._vectors -= len(evicted.items)
 
+    def count_load(self) -> None:
+        with self._lock:
+            self.loads += 1
+
     def __len__(self) -> int:
         return len(self._entries)
 
 
 matrix_cache: ProcessLocal[MatrixCache] = ProcessLocal(lambda: MatrixCache(get_settings().exact_cache_max_vectors))
+# One load per (tenant, type, data version) at a time in this process, whatever the number of searches asking.
+matrix_loads: ProcessLocal[SingleFlight[tuple[str, str, int], TenantMatrix]] = ProcessLocal(
+    lambda: SingleFlight("matrix")
+)
 _probe_results: dict[str, tuple[bool, float]] = {}
 
 
@@ -243,11 +258,63 @@ def exact_search(memory_id: str, memory_type: str, query: np.ndarray, k: int, wa
         entry = cache.get(key, version)
         outcome = "hit"
         if entry is None:
-            entry = build_matrix(store.load_tenant(memory_id, memory_type), version, memory_type)
-            cache.put(key, entry)
+            entry = load_shared(memory_id, memory_type, version)
             outcome = "miss"
     CACHE_REQUESTS.labels(cache="matrix", outcome=outcome).inc()
     return SearchOutcome(top_k(entry, query, k, wanted), "exact", outcome)
+
+
+def load_shared(memory_id: str, memory_type: str, version: int) -> TenantMatrix:
+    """The tenant's matrix at ``version``, from the one load under way for it in this process or a new one.
+
+    The load runs without this search's MongoDB budget, under ``MEMQ_EXACT_LOAD_TIMEOUT_S``, and puts its matrix in
+    the cache when done. This search waits for it only as long as its own budget (``store.time_limit``) lasts, then
+    raises ``StoreUnavailable`` as a MongoDB timeout does (the task retries within the caller's deadline and finds
+    the same load, or its matrix in the cache)."""
+    load_timeout_s = get_settings().exact_load_timeout_s
+    wait_s = caller_budget_left_s(default_s=load_timeout_s)
+    try:
+        return matrix_loads.get().run(
+            (memory_id, memory_type, version), lambda: load_into_cache(memory_id, memory_type, version), wait_s
+        )
+    except FlightTimeout as exc:
+        raise StoreUnavailable(
+            f"MongoDB unavailable: loading the tenant's {memory_type} memories timed out after {wait_s:.3g} s of "
+            "this search's budget (the load goes on and fills this worker's cache)"
+        ) from exc
+
+
+def load_into_cache(memory_id: str, memory_type: str, version: int) -> TenantMatrix:
+    """One load from MongoDB under the loader's own time limit, built and put in the cache (unless a load of the
+    same version finished just before this one began)."""
+    cache = matrix_cache.get()
+    key = (memory_id, memory_type)
+    entry = cache.get(key, version)
+    if entry is not None:
+        return entry
+    with store.time_limit(get_settings().exact_load_timeout_s):
+        docs = store.load_tenant(memory_id, memory_type)
+    entry = build_matrix(docs, version, memory_type)
+    cache.put(key, entry)
+    cache.count_load()
+    MATRIX_LOADS.labels(memory_type=memory_type).inc()
+    return entry
+
+
+def caller_budget_left_s(default_s: float) -> float:
+    """What is left of the MongoDB budget the caller set with ``store.time_limit`` (pymongo's client-side
+    operation timeout), or ``default_s`` when it set none."""
+    left_s = pymongo._csot.remaining()
+    return default_s if left_s is None else max(0.0, float(left_s))
+
+
+def cache_info() -> dict[str, Any]:
+    """What this process's matrix cache holds, for ``memq_info`` (nothing is built to answer)."""
+    if not matrix_cache.is_built():
+        return {"entries": 0, "loads": 0, "loads_in_flight": 0}
+    cache = matrix_cache.get()
+    in_flight = matrix_loads.get().in_flight() if matrix_loads.is_built() else 0
+    return {"entries": len(cache), "loads": cache.loads, "loads_in_flight": in_flight}
 
 
 def supports(stage: str, memory_type: str, dimensions: int) -> bool:

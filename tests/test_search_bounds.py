@@ -1,0 +1,153 @@
+"""The search worker's bounds, without services: single-flight loads, the matrix cache's byte budget, the result's
+byte budget, and lexical top-k by partial selection."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pymongo
+import pytest
+
+from memq.errors import StoreUnavailable
+from memq.workers import search
+from memq.workers.single_flight import FlightTimeout, SingleFlight
+
+# -- single-flight ---------------------------------------------------------------------------------------------
+
+
+class Gate:
+    """A load that blocks until released, counting its calls."""
+
+    def __init__(self, value: Any = "matrix") -> None:
+        self.value = value
+        self.calls = 0
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.budget_seen: list[float | None] = []
+
+    def __call__(self) -> Any:
+        self.calls += 1
+        self.budget_seen.append(pymongo._csot.remaining())
+        self.entered.set()
+        assert self.release.wait(30)
+        return self.value
+
+
+def run_in_threads(count: int, call: Any) -> list[Any]:
+    outcomes: list[Any] = [None] * count
+
+    def one(i: int) -> None:
+        try:
+            outcomes[i] = call()
+        except Exception as exc:
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    return [threads, outcomes]
+
+
+def test_eight_threads_asking_for_the_same_key_share_one_load() -> None:
+    flights: SingleFlight[str, Any] = SingleFlight()
+    gate = Gate(value=object())
+    threads, outcomes = run_in_threads(8, lambda: flights.run("tenant/v1", gate, wait_s=30))
+    assert gate.entered.wait(10)
+    time.sleep(0.2)  # let every thread reach the flight
+    gate.release.set()
+    for thread in threads:
+        thread.join(30)
+
+    assert gate.calls == 1 and flights.started == 1
+    assert all(outcome is gate.value for outcome in outcomes)
+    assert flights.in_flight() == 0
+
+
+def test_a_waiter_whose_deadline_passes_times_out_while_the_load_goes_on_and_fills_the_cache() -> None:
+    flights: SingleFlight[str, Any] = SingleFlight()
+    cache: dict[str, str] = {}
+    gate = Gate()
+
+    def load() -> str:
+        value = gate()
+        cache["tenant/v1"] = value
+        return value
+
+    patient_threads, patient = run_in_threads(1, lambda: flights.run("tenant/v1", load, wait_s=30))
+    assert gate.entered.wait(10)
+
+    with pytest.raises(FlightTimeout):
+        flights.run("tenant/v1", load, wait_s=0.05)
+    assert flights.in_flight() == 1 and cache == {}  # the impatient caller left; the load did not
+
+    gate.release.set()
+    patient_threads[0].join(30)
+    assert patient == ["matrix"] and cache == {"tenant/v1": "matrix"} and gate.calls == 1
+
+
+def test_the_caller_that_started_a_load_may_give_up_without_cutting_it_short() -> None:
+    flights: SingleFlight[str, Any] = SingleFlight()
+    gate = Gate()
+    with pytest.raises(FlightTimeout):
+        flights.run("tenant/v1", gate, wait_s=0.05)
+    gate.release.set()
+    assert flights.run("tenant/v1", lambda: "second load", wait_s=10) in {"matrix", "second load"}
+    assert gate.calls == 1
+
+
+def test_the_load_runs_without_the_callers_mongodb_budget() -> None:
+    flights: SingleFlight[str, Any] = SingleFlight()
+    gate = Gate()
+    gate.release.set()
+    with pymongo.timeout(5):
+        assert pymongo._csot.remaining() is not None
+        flights.run("tenant/v1", gate, wait_s=10)
+    assert gate.budget_seen == [None]
+
+
+def test_a_failed_load_fails_every_waiter_and_the_next_call_loads_again() -> None:
+    flights: SingleFlight[str, Any] = SingleFlight()
+    release = threading.Event()
+
+    def failing() -> str:
+        assert release.wait(30)
+        raise StoreUnavailable("MongoDB unavailable: connection refused")
+
+    threads, outcomes = run_in_threads(3, lambda: flights.run("k", failing, wait_s=30))
+    time.sleep(0.2)
+    release.set()
+    for thread in threads:
+        thread.join(30)
+
+    assert all(isinstance(outcome, StoreUnavailable) for outcome in outcomes)
+    assert flights.run("k", lambda: "loaded", wait_s=10) == "loaded"
+    assert flights.started == 2
+
+
+def test_a_search_whose_budget_runs_out_waiting_gets_mongodb_unavailable_and_the_load_fills_the_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(search, "matrix_loads", search.ProcessLocal(lambda: SingleFlight("matrix")))
+    monkeypatch.setattr(search, "matrix_cache", search.ProcessLocal(lambda: search.MatrixCache(1000)))
+    entry = search.TenantMatrix(3, [{"id": "a"}], np.ones((1, 2), dtype=np.float32))
+    gate = Gate(entry)
+
+    def load(memory_id: str, memory_type: str, version: int) -> search.TenantMatrix:
+        loaded = gate()
+        search.matrix_cache.get().put((memory_id, memory_type), loaded)
+        return loaded
+
+    monkeypatch.setattr(search, "load_into_cache", load)
+
+    with pytest.raises(StoreUnavailable, match=r"MongoDB unavailable: .* timed out"), pymongo.timeout(0.1):
+        search.load_shared("tenant", "long_term_memory", 3)
+    gate.release.set()
+    deadline = time.monotonic() + 10
+    while search.matrix_cache.get().get(("tenant", "long_term_memory"), 3) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    assert search.matrix_cache.get().get(("tenant", "long_term_memory"), 3) is entry
+    assert gate.calls == 1
