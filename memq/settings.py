@@ -38,7 +38,8 @@ class Settings:
     text_index: str = "memq_text"  # the Atlas Search index hybrid and lexical search use on Atlas
     num_candidates_factor: int = 20
     candidate_oversample: int = 3
-    exact_cache_max_vectors: int = 2_000_000
+    exact_cache_max_vectors: int = 2_000_000  # a second bound beside exact_cache_max_bytes (the one to size by)
+    exact_cache_max_bytes: int = 2 * 1024**3  # vectors, items and BM25 indexes held by each search process
     exact_load_timeout_s: float = 120.0  # one shared tenant load in a search worker, whatever its callers' budgets
     recency_half_life_s: float = 7 * 24 * 3600.0
     retrieve_timeout_s: float = 10.0

@@ -151,3 +151,55 @@ def test_a_search_whose_budget_runs_out_waiting_gets_mongodb_unavailable_and_the
 
     assert search.matrix_cache.get().get(("tenant", "long_term_memory"), 3) is entry
     assert gate.calls == 1
+
+
+# -- the matrix cache's byte budget ------------------------------------------------------------------------------
+
+
+def cached_entry(rows: int, content_bytes: int = 10, version: int = 1) -> search.TenantMatrix:
+    items = [{"id": f"m{i}", "content": "x" * content_bytes} for i in range(rows)]
+    return search.TenantMatrix(version, items, np.zeros((rows, 8), dtype=np.float32))
+
+
+def test_an_entry_counts_its_vectors_its_items_content_and_its_bm25_index() -> None:
+    plain = cached_entry(4, content_bytes=10)
+    wordy = cached_entry(4, content_bytes=1010)
+    indexed = search.build_matrix([], 1)
+    indexed.lexical = search.LexicalIndex([f"memory {i} about hiking and jazz" for i in range(50)])
+
+    assert search.entry_nbytes(plain) == 4 * 8 * 4 + 4 * (search.ITEM_OVERHEAD_BYTES + 10 + 2)
+    assert search.entry_nbytes(wordy) - search.entry_nbytes(plain) == 4 * 1000
+    assert search.entry_nbytes(indexed) >= indexed.lexical.nbytes() > 0
+
+
+def test_the_matrix_cache_evicts_least_recent_entries_past_its_byte_budget() -> None:
+    one_entry = search.entry_nbytes(cached_entry(10, content_bytes=1000))
+    cache = search.MatrixCache(max_vectors=1_000_000, max_bytes=2 * one_entry + one_entry // 2)
+
+    cache.put(("a", "t"), cached_entry(10, content_bytes=1000))
+    cache.put(("b", "t"), cached_entry(10, content_bytes=1000))
+    assert cache.get(("a", "t"), 1) is not None  # a is now the most recent
+    cache.put(("c", "t"), cached_entry(10, content_bytes=1000))
+
+    assert cache.get(("b", "t"), 1) is None
+    assert cache.get(("a", "t"), 1) is not None and cache.get(("c", "t"), 1) is not None
+    assert cache.nbytes == 2 * one_entry <= cache.max_bytes  # type: ignore[operator]
+    assert cache.vectors == 20
+
+
+def test_an_entry_larger_than_the_byte_budget_is_not_cached_and_a_replaced_entry_frees_its_bytes() -> None:
+    cache = search.MatrixCache(max_vectors=1_000_000, max_bytes=search.entry_nbytes(cached_entry(10)))
+    cache.put(("big", "t"), cached_entry(11))
+    assert len(cache) == 0 and cache.nbytes == 0
+
+    cache.put(("a", "t"), cached_entry(10, version=1))
+    cache.put(("a", "t"), cached_entry(5, version=2))
+    assert cache.nbytes == search.entry_nbytes(cached_entry(5)) and cache.get(("a", "t"), 2) is not None
+
+
+def test_few_vectors_with_large_content_are_bounded_by_bytes_where_a_vector_count_would_not() -> None:
+    budget = 200_000
+    cache = search.MatrixCache(max_vectors=1_000_000, max_bytes=budget)
+    for tenant in range(20):
+        cache.put((f"tenant-{tenant}", "t"), cached_entry(2, content_bytes=30_000))
+    assert cache.nbytes <= budget and len(cache) == 3

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -41,6 +42,9 @@ from memq.workers.single_flight import FlightTimeout, SingleFlight
 log = logging.getLogger(__name__)
 
 PROBE_TTL_S = 60.0
+# One cached result item besides its strings: the dict, its floats and ISO dates (measured with tracemalloc on items
+# from store.to_item, CPython 3.11: about 450 bytes with no tags or metadata).
+ITEM_OVERHEAD_BYTES = 480
 
 
 @dataclass
@@ -73,12 +77,17 @@ class SearchOutcome:
 
 
 class MatrixCache:
-    """LRU of tenant matrices, bounded by the total number of vectors held."""
+    """LRU of tenant matrices, bounded by the bytes they hold (``entry_nbytes``: vectors, items, BM25 index) and by
+    the number of vectors; the least recently used entries go first. An entry larger than a bound alone is not
+    cached (its search still runs)."""
 
-    def __init__(self, max_vectors: int) -> None:
+    def __init__(self, max_vectors: int, max_bytes: int | None = None) -> None:
         self.max_vectors = max_vectors
+        self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple[str, str], TenantMatrix] = OrderedDict()
+        self._sizes: dict[tuple[str, str], int] = {}
         self._vectors = 0
+        self._bytes = 0
         self._lock = threading.Lock()
         self.loads = 0  # matrices loaded from MongoDB and built by this process (single-flight: one per version)
 
@@ -91,17 +100,31 @@ class MatrixCache:
             return entry
 
     def put(self, key: tuple[str, str], entry: TenantMatrix) -> None:
+        size = entry_nbytes(entry)
         with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self._vectors -= len(old.items)
-            if len(entry.items) > self.max_vectors:
+            self._drop(key)
+            if len(entry.items) > self.max_vectors or (self.max_bytes is not None and size > self.max_bytes):
                 return
             self._entries[key] = entry
+            self._sizes[key] = size
             self._vectors += len(entry.items)
-            while self._vectors > self.max_vectors:
-                _, evicted = self._entries.popitem(last=False)
-                self._vectors -= len(evicted.items)
+            self._bytes += size
+            while self._vectors > self.max_vectors or (self.max_bytes is not None and self._bytes > self.max_bytes):
+                self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._vectors -= len(old.items)
+            self._bytes -= self._sizes.pop(key)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    @property
+    def vectors(self) -> int:
+        return self._vectors
 
     def count_load(self) -> None:
         with self._lock:
@@ -111,12 +134,31 @@ class MatrixCache:
         return len(self._entries)
 
 
-matrix_cache: ProcessLocal[MatrixCache] = ProcessLocal(lambda: MatrixCache(get_settings().exact_cache_max_vectors))
+matrix_cache: ProcessLocal[MatrixCache] = ProcessLocal(
+    lambda: MatrixCache(get_settings().exact_cache_max_vectors, get_settings().exact_cache_max_bytes)
+)
 # One load per (tenant, type, data version) at a time in this process, whatever the number of searches asking.
 matrix_loads: ProcessLocal[SingleFlight[tuple[str, str, int], TenantMatrix]] = ProcessLocal(
     lambda: SingleFlight("matrix")
 )
 _probe_results: dict[str, tuple[bool, float]] = {}
+
+
+def entry_nbytes(entry: TenantMatrix) -> int:
+    """The memory one cached entry holds: its matrix and filter columns, its BM25 index, and its items (each
+    ``ITEM_OVERHEAD_BYTES`` for the dict and its small values, plus its content, id, tags and metadata)."""
+    columns = entry.matrix.nbytes + entry.created_ts.nbytes
+    lexical = entry.lexical.nbytes() if entry.lexical is not None else 0
+    return columns + lexical + sum(item_nbytes(item) for item in entry.items)
+
+
+def item_nbytes(item: dict[str, Any]) -> int:
+    size = ITEM_OVERHEAD_BYTES + len(str(item.get("content", "")).encode("utf-8", "replace"))
+    size += len(str(item.get("id", "")))
+    for name in ("tags", "metadata"):
+        if item.get(name):
+            size += len(json.dumps(item[name], default=str))
+    return size
 
 
 def build_matrix(docs: list[dict[str, Any]], version: int, memory_type: str = "unknown") -> TenantMatrix:
@@ -311,10 +353,17 @@ def caller_budget_left_s(default_s: float) -> float:
 def cache_info() -> dict[str, Any]:
     """What this process's matrix cache holds, for ``memq_info`` (nothing is built to answer)."""
     if not matrix_cache.is_built():
-        return {"entries": 0, "loads": 0, "loads_in_flight": 0}
+        return {"entries": 0, "vectors": 0, "bytes": 0, "loads": 0, "loads_in_flight": 0}
     cache = matrix_cache.get()
     in_flight = matrix_loads.get().in_flight() if matrix_loads.is_built() else 0
-    return {"entries": len(cache), "loads": cache.loads, "loads_in_flight": in_flight}
+    return {
+        "entries": len(cache),
+        "vectors": cache.vectors,
+        "bytes": cache.nbytes,
+        "max_bytes": cache.max_bytes,
+        "loads": cache.loads,
+        "loads_in_flight": in_flight,
+    }
 
 
 def supports(stage: str, memory_type: str, dimensions: int) -> bool:
