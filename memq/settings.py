@@ -46,6 +46,7 @@ class Settings:
     max_query_chars: int = 4096
     max_content_chars: int = 32768
     max_batch_items: int = 1000
+    max_result_bytes: int = 8 * 1024 * 1024  # one retrieval's items' content + metadata (merge drops past it)
     result_cache_ttl_s: int = 300
     embedding_cache_ttl_s: int = 86400
     single_flight_lock_s: float = 10.0  # how long identical concurrent misses wait on one chord at most
@@ -93,6 +94,7 @@ class Settings:
             "max_deliveries",
             "dead_letter_max",
             "search_shards",
+            "max_result_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"MEMQ_{name.upper()} must be >= 1")

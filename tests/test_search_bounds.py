@@ -13,6 +13,7 @@ import pytest
 
 from memq.errors import StoreUnavailable
 from memq.workers import search
+from memq.workers.result_size import bound_result_bytes, item_bytes
 from memq.workers.single_flight import FlightTimeout, SingleFlight
 
 # -- single-flight ---------------------------------------------------------------------------------------------
@@ -203,3 +204,67 @@ def test_few_vectors_with_large_content_are_bounded_by_bytes_where_a_vector_coun
     for tenant in range(20):
         cache.put((f"tenant-{tenant}", "t"), cached_entry(2, content_bytes=30_000))
     assert cache.nbytes <= budget and len(cache) == 3
+
+
+# -- the result's byte budget ------------------------------------------------------------------------------------
+
+
+def ranked(prefix: str, sizes: list[int]) -> list[dict[str, Any]]:
+    return [{"id": f"{prefix}{rank}", "content": "x" * size} for rank, size in enumerate(sizes)]
+
+
+def merged_with(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    return {"query": "q", "memory_id": "t", "results": results, "errors": {}, "cached": False}
+
+
+def test_a_result_within_its_byte_budget_is_returned_whole_and_says_it_is_not_truncated() -> None:
+    results = {"long_term_memory": ranked("s", [100, 100]), "conversation_memory": ranked("e", [50])}
+    bounded = bound_result_bytes(merged_with(results), max_bytes=250)
+    assert bounded["results"] == results and bounded["truncated"] is False and "truncated_items" not in bounded
+
+
+def test_past_the_byte_budget_the_lowest_ranked_items_are_dropped_rank_by_rank_across_types() -> None:
+    results = {"long_term_memory": ranked("s", [100, 100, 100, 100]), "conversation_memory": ranked("e", [100, 100])}
+    bounded = bound_result_bytes(merged_with(results), max_bytes=450)
+
+    assert [i["id"] for i in bounded["results"]["long_term_memory"]] == ["s0", "s1"]
+    assert [i["id"] for i in bounded["results"]["conversation_memory"]] == ["e0", "e1"]
+    assert bounded["truncated"] is True
+    assert bounded["truncated_items"] == {"long_term_memory": 2}
+
+
+def test_an_item_that_does_not_fit_drops_everything_ranked_after_it_so_no_type_has_a_gap() -> None:
+    results = {"long_term_memory": ranked("s", [10, 1000, 10]), "conversation_memory": ranked("e", [10, 10, 10])}
+    bounded = bound_result_bytes(merged_with(results), max_bytes=500)
+
+    assert [i["id"] for i in bounded["results"]["long_term_memory"]] == ["s0"]
+    assert [i["id"] for i in bounded["results"]["conversation_memory"]] == ["e0"]
+    assert bounded["truncated_items"] == {"long_term_memory": 2, "conversation_memory": 2}
+
+
+def test_content_is_counted_in_utf8_bytes_and_metadata_as_json() -> None:
+    assert item_bytes({"content": "é" * 10}) == 20
+    assert item_bytes({"content": "ab", "metadata": {"k": "v"}}) == 2 + len('{"k": "v"}')
+
+
+def test_merge_applies_the_byte_budget_after_ranking(monkeypatch: pytest.MonkeyPatch) -> None:
+    from memq.settings import Settings
+    from memq.workers import steps
+
+    monkeypatch.setattr(steps, "get_settings", lambda: Settings(max_result_bytes=250))
+    items = [
+        {"id": f"m{i}", "content": "x" * 100, "score": 1.0 - i / 10, "importance": 0.5, "created_at_ts": None}
+        for i in range(4)
+    ]
+    search_result = {"type": "long_term_memory", "items": items, "search_ms": 1.0}
+    request = {
+        "query": "q",
+        "memory_id": "t",
+        "limits": {"long_term_memory": 4},
+        "weights": {"relevance": 1.0, "recency": 0.0, "importance": 0.0},
+    }
+
+    merged = steps.merge([search_result], request)  # type: ignore[arg-type]
+
+    assert [item["id"] for item in merged["results"]["long_term_memory"]] == ["m0", "m1"]
+    assert merged["truncated"] is True and merged["truncated_items"] == {"long_term_memory": 2}

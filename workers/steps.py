@@ -22,6 +22,7 @@ from memq.workers import embedding_cache, store, versions
 from memq.workers import search as search_strategies
 from memq.workers.embedder import embedder
 from memq.workers.metrics import EMBED_BATCH_SIZE, EMBED_SECONDS, MERGE_SECONDS, STORE_WRITES
+from memq.workers.result_size import bound_result_bytes
 from memq.workers.search import Wanted
 
 INTERNAL_ITEM_FIELDS = ("created_at_ts", "last_accessed_at_ts")
@@ -171,6 +172,7 @@ def merge(results: Sequence[dict[str, Any]], request: RetrievalRequest) -> dict[
         "timings_ms": timings,
         "cached": False,
     }
+    merged = bound_result_bytes(merged, settings.max_result_bytes)
     if request.get("cache_versions") is not None:  # the key is derived from the request, never taken from it
         result_cache.store_merged(cache_redis.get(), settings, request, merged)
     return merged
