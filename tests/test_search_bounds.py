@@ -268,3 +268,52 @@ def test_merge_applies_the_byte_budget_after_ranking(monkeypatch: pytest.MonkeyP
 
     assert [item["id"] for item in merged["results"]["long_term_memory"]] == ["m0", "m1"]
     assert merged["truncated"] is True and merged["truncated_items"] == {"long_term_memory": 2}
+
+
+# -- top-k by partial selection ----------------------------------------------------------------------------------
+
+
+def full_sort_top_k(entry: search.TenantMatrix, query: np.ndarray, k: int, wanted: search.Wanted) -> list[str]:
+    """The ranking as top_k defined it before partial selection: every row sorted by (fused, cosine, id)."""
+    vector = entry.matrix @ (query / np.linalg.norm(query))
+    lexical = entry.lexical.scores(wanted.query) if wanted.mode != "vector" else np.zeros(len(entry.items))
+    fused = search.ranking.fuse(vector, lexical, wanted.mode)
+    order = sorted(range(len(entry.items)), key=lambda i: (-fused[i], -vector[i], entry.items[i]["id"]))
+    return [entry.items[i]["id"] for i in order[:k]]
+
+
+def lexical_tenant(size: int, seed: int) -> search.TenantMatrix:
+    rng = np.random.default_rng(seed)
+    words = ["alpine", "hiking", "sourdough", "piano", "jazz", "taxes", "marathon", "curry"]
+    texts = [" ".join(rng.choice(words, 2)) if i % 50 == 0 else f"note {i}" for i in range(size)]
+    matrix = rng.standard_normal((size, 8)).astype(np.float32)
+    matrix[::7] = matrix[0]  # many rows tied on cosine too
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    ids = [f"m{(i * 7919) % size:05d}" for i in range(size)]  # ids out of row order
+    return search.TenantMatrix(
+        1, [{"id": i, "content": t} for i, t in zip(ids, texts, strict=True)], matrix, search.LexicalIndex(texts)
+    )
+
+
+@pytest.mark.parametrize("k", [1, 5, 30, 200])
+@pytest.mark.parametrize("query", ["jazz piano", "sourdough", "no such word", "hiking alpine curry"])
+@pytest.mark.parametrize("mode", ["lexical", "vector", "hybrid"])
+def test_top_k_by_partial_selection_ranks_as_a_full_sort_ties_included(k: int, query: str, mode: str) -> None:
+    entry = lexical_tenant(2000, seed=k)
+    vector = entry.matrix[3] + 0.0  # the query points exactly at a row that 1 in 7 rows share
+    wanted = search.Wanted(query=query, mode=mode)
+
+    got = [item["id"] for item in search.top_k(entry, vector, k, wanted)]
+
+    assert got == full_sort_top_k(entry, vector, k, wanted)
+
+
+def test_a_lexical_query_with_fewer_matches_than_k_fills_up_by_cosine_then_id() -> None:
+    entry = lexical_tenant(2000, seed=1)
+    wanted = search.Wanted(query="sourdough", mode="lexical")
+    got = search.top_k(entry, entry.matrix[3] + 0.0, 100, wanted)
+    matched = sum(item["scores"]["lexical"] > 0 for item in got)
+
+    assert 0 < matched < 100 and all(item["scores"]["lexical"] > 0 for item in got[:matched])
+    rest = [(-item["scores"]["vector"], item["id"]) for item in got[matched:]]
+    assert rest == sorted(rest)

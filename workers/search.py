@@ -263,15 +263,11 @@ def top_k(entry: TenantMatrix, query: np.ndarray, k: int, wanted: Wanted | None 
     if eligible.size == 0:
         return []
     fused = ranking.fuse(vector[eligible], lexical[eligible], wanted.mode)
+    cosine = vector[eligible]
     k = min(k, eligible.size)
-    if k < eligible.size:  # every row tied with the k-th best stays in, so the tie-break below decides among them
-        kth_best = np.partition(-fused, k - 1)[k - 1]
-        picked = np.flatnonzero(-fused <= kth_best)
-    else:
-        picked = np.arange(eligible.size)
     order = sorted(
-        picked.tolist(),
-        key=lambda i: (-float(fused[i]), -float(vector[eligible[i]]), str(entry.items[eligible[i]]["id"])),
+        candidates(fused, cosine, k).tolist(),
+        key=lambda i: (-float(fused[i]), -float(cosine[i]), str(entry.items[eligible[i]]["id"])),
     )[:k]
     return [
         _scored(
@@ -282,6 +278,24 @@ def top_k(entry: TenantMatrix, query: np.ndarray, k: int, wanted: Wanted | None 
         )
         for i in order
     ]
+
+
+def candidates(fused: np.ndarray, cosine: np.ndarray, k: int) -> np.ndarray:
+    """The rows that can be among the k best by (fused desc, cosine desc, id), found by partial selection: every row
+    better than the k-th best fused score, and of the rows tied with it only those that can win the cosine
+    tie-break (tied again on cosine, all of them: the id decides). A lexical query that matches fewer than k
+    memories so sorts a few rows, not every zero-score row of the tenant."""
+    if k >= fused.size:
+        return np.arange(fused.size)
+    kth_best = np.partition(-fused, k - 1)[k - 1]
+    better = np.flatnonzero(-fused < kth_best)
+    tied = np.flatnonzero(-fused == kth_best)
+    needed = k - better.size
+    if tied.size > needed:
+        tied_cosine = -cosine[tied]
+        kth_cosine = np.partition(tied_cosine, needed - 1)[needed - 1]
+        tied = tied[tied_cosine <= kth_cosine]
+    return np.concatenate([better, tied])
 
 
 def _scored(item: dict[str, Any], vector: float, lexical: float | None, fused: float) -> dict[str, Any]:
