@@ -4,6 +4,7 @@ and ``search.png``.
 
     python -m bench.search_bench            # 1,000 and 10,000 memories, 300 queries per mode
     python -m bench.search_bench --quick    # 60 queries per mode
+    python -m bench.search_bench --few-matches   # lexical top-k, few vs many matches at 50,000 memories
 
 The tenant's memories are the generated corpus of ``bench.corpus`` with random unit vectors (the vectors' values do
 not change the cost); queries are held-out generated queries. It also reports the BM25 index's memory beside the
@@ -58,10 +59,71 @@ def measure(entry: TenantMatrix, queries: list[str], vectors: np.ndarray, mode: 
     return summary(times_ms)
 
 
+FEW_MATCHES_SIZE = 50_000
+RARE_WORD = "zephyrine"  # in 5 memories: a lexical query for it matches fewer than K
+
+
+def full_sort_top_k(entry: TenantMatrix, query: np.ndarray, k: int, wanted: Wanted) -> list[int]:
+    """The selection ``top_k`` made before partial selection: every row tied with the k-th best fused score sorted
+    in Python (with few matches, every zero-score row). Kept here as the baseline."""
+    from memq import ranking
+    from memq.vectors import normalise
+
+    vector = entry.matrix @ normalise(query.astype(np.float32))
+    lexical = entry.lexical.scores(wanted.query or "") if entry.lexical else np.zeros(len(entry.items))
+    fused = ranking.fuse(vector, lexical, wanted.mode)
+    kth_best = np.partition(-fused, k - 1)[k - 1]
+    picked = np.flatnonzero(-fused <= kth_best)
+    key = lambda i: (-float(fused[i]), -float(vector[i]), str(entry.items[i]["id"]))  # noqa: E731
+    return sorted(picked.tolist(), key=key)[:k]
+
+
+def few_matches(count: int, dimensions: int) -> dict[str, Any]:
+    """Lexical top-k at 50,000 memories: a query matching 5 memories vs queries matching many, partial selection
+    (``top_k``) beside the full sort it replaced."""
+    entry, _ = tenant(FEW_MATCHES_SIZE, dimensions)
+    for i in range(0, 5 * 9973, 9973):
+        entry.items[i]["content"] += f" {RARE_WORD}"
+    entry.lexical = LexicalIndex([item["content"] for item in entry.items])
+    vectors = np.random.default_rng(3).standard_normal((count, dimensions)).astype(np.float32)
+    many = corpus.queries(count, seed=11)
+    cases = {"few (5 matches)": [RARE_WORD] * count, "many (corpus queries)": many}
+    report: dict[str, Any] = {"machine": _machine(), "k": K, "memories": FEW_MATCHES_SIZE, "queries": count}
+    print(f"{'lexical query':>22} {'matches':>8} {'top_k p50':>10} {'p95':>8} {'full sort p50':>14} {'p95':>8}")
+    for name, queries in cases.items():
+        matches = float(np.median([np.count_nonzero(entry.lexical.scores(q)) for q in queries[:20]]))
+        row: dict[str, Any] = {"median_matches": matches}
+        for label, select in (("top_k", top_k), ("full_sort", full_sort_top_k)):
+            select(entry, vectors[0], K, Wanted(query=queries[0], mode="lexical"))  # warm-up
+            times_ms = []
+            for query, vector in zip(queries, vectors, strict=True):
+                started = time.perf_counter()
+                select(entry, vector, K, Wanted(query=query, mode="lexical"))
+                times_ms.append((time.perf_counter() - started) * 1000)
+            row[label] = summary(times_ms)
+        report[name] = row
+        top, full = row["top_k"], row["full_sort"]
+        print(
+            f"{name:>22} {matches:>8.0f} {top['p50_ms']:>10.2f} {top['p95_ms']:>8.2f} "
+            f"{full['p50_ms']:>14.2f} {full['p95_ms']:>8.2f}"
+        )
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "search_few_matches.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _machine() -> str:
+    return f"{platform.machine()} {platform.processor()} cpus={_cpus()}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--few-matches", action="store_true", help="lexical top-k with few vs many matches only")
     args = parser.parse_args()
+    if args.few_matches:
+        few_matches(60 if args.quick else 200, get_settings().embed_dimensions)
+        return
     dimensions = get_settings().embed_dimensions
     count = 60 if args.quick else 300
     queries = corpus.queries(count, seed=11)

@@ -13,6 +13,11 @@ so that the workers draining it after a change of N can still be scaled on it:
   memq's Celery app stamps on every publish (``memq.app.stamp_published_at``). A message without the header
   (another producer) is aged from the moment this exporter first saw it at the tail (known by its task id), so
   its age starts at 0, lags by up to one interval and restarts when the exporter restarts.
+- ``memq_exporter_errors_total{queue,reason}``: what the exporter could not read, logged and counted, never fatal:
+  ``unreadable_message`` once per tail message that is not a JSON object (not UTF-8, not JSON, or nested past the
+  decoder's recursion bound, such as a 100,000-deep array: aged like an unstamped message), ``sample_failed`` for
+  any other exception while reading one queue's sample (that queue keeps its depth; the others are unaffected) or
+  a whole sample (queue ``""``).
 - ``memq_exporter_broker_up``: 1 when the last sample read Redis, else 0 (the queue series are then left out
   rather than reported stale); ``memq_exporter_last_sample_timestamp_seconds``: when that sample was taken.
 
@@ -32,6 +37,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +45,7 @@ from typing import Any
 import redis
 from kombu.utils.url import maybe_sanitize_url
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from memq import names
@@ -66,9 +72,17 @@ class QueueState:
 def read_tail(raw: bytes) -> tuple[float | None, str]:
     """A queued envelope's ``memq_published_at`` (None when absent or not a finite number) and an identity
     for it: its task id, or a digest of the raw message when it has none (it is not even JSON, say)."""
+    published, identity, _ = read_envelope(raw)
+    return published, identity
+
+
+def read_envelope(raw: bytes) -> tuple[float | None, str, bool]:
+    """``read_tail``'s answer and whether the message was a JSON object at all. Any message is answered: one nested
+    deeper than the JSON decoder's recursion bound (``[[[[...]]]]``, a ``RecursionError``) or not UTF-8 or not JSON
+    is an unreadable message, identified by its digest."""
     try:
         envelope = json.loads(raw)
-    except ValueError:  # includes UnicodeDecodeError
+    except (ValueError, RecursionError):  # ValueError includes UnicodeDecodeError
         envelope = None
     headers = envelope.get("headers") if isinstance(envelope, dict) else None
     headers = headers if isinstance(headers, dict) else {}
@@ -78,7 +92,7 @@ def read_tail(raw: bytes) -> tuple[float | None, str]:
         published = float(stamp)
     task_id = headers.get("id")
     identity = task_id if isinstance(task_id, str) and task_id else "sha256:" + hashlib.sha256(raw).hexdigest()
-    return published, identity
+    return published, identity, isinstance(envelope, dict)
 
 
 class QueueWatch:
@@ -89,6 +103,9 @@ class QueueWatch:
         self.queues = tuple(queues)
         self.clock = clock
         self._first_seen: dict[str, tuple[str, float]] = {}  # queue -> (identity of its tail message, seen at)
+        # (queue, reason) -> count: each unreadable tail message once, and each failure to read a queue's sample
+        self.errors: Counter[tuple[str, str]] = Counter()
+        self._last_error: dict[str, str] = {}  # queue -> the last error logged for it (each change is logged once)
 
     def sample(self) -> dict[str, QueueState]:
         """LLEN and LINDEX -1 of every queue (and of each stale shard queue), atomically. Raises redis errors."""
@@ -103,16 +120,31 @@ class QueueWatch:
             del self._first_seen[gone]
         states: dict[str, QueueState] = {}
         for at, queue in enumerate(queues):
-            depth, tail = int(replies[2 * at]), replies[2 * at + 1]
-            if tail is None:
-                self._first_seen.pop(queue, None)
-                states[queue] = QueueState(depth, None)
-            else:
-                states[queue] = QueueState(depth, self._oldest_since(queue, tail, now))
+            try:
+                states[queue] = self._state(queue, replies[2 * at], replies[2 * at + 1], now)
+            except Exception as exc:  # one queue's odd reply never costs the other queues their series
+                self.record_error(queue, "sample_failed", f"{type(exc).__name__}: {exc}")
+                depth = replies[2 * at]
+                if isinstance(depth, int):
+                    states[queue] = QueueState(depth, None)
         return states
 
+    def record_error(self, queue: str, reason: str, detail: str) -> None:
+        self.errors[(queue, reason)] += 1
+        if self._last_error.get(queue) != detail:
+            self._last_error[queue] = detail
+            log.warning("memq exporter: queue %s: %s (%s)", queue, reason.replace("_", " "), detail[:300])
+
+    def _state(self, queue: str, depth: int, tail: bytes | None, now: float) -> QueueState:
+        if tail is None:
+            self._first_seen.pop(queue, None)
+            return QueueState(int(depth), None)
+        return QueueState(int(depth), self._oldest_since(queue, tail, now))
+
     def _oldest_since(self, queue: str, tail: bytes, now: float) -> float:
-        published, identity = read_tail(tail)
+        published, identity, readable = read_envelope(tail)
+        if not readable and self._first_seen.get(queue, ("", 0.0))[0] != identity:
+            self.record_error(queue, "unreadable_message", f"the next message ({len(tail)} bytes) is not a JSON object")
         if published is not None:
             self._first_seen.pop(queue, None)
             return published
@@ -134,15 +166,18 @@ class QueueExporter(Collector):
         self._up = False
         self._sampled_at: float | None = None
         self._error: str | None = None
+        self._errors: dict[tuple[str, str], int] = {}  # the watch's error counts as of the last refresh
 
     def refresh(self) -> bool:
         """Samples Redis; on an error the queue series go away and ``memq_exporter_broker_up`` reads 0."""
         try:
             states = self.watch.sample()
-        except (redis.RedisError, OSError) as exc:
+        except Exception as exc:  # the broker down, or anything else: the exporter goes on sampling
+            if not isinstance(exc, redis.RedisError | OSError):
+                self.watch.record_error("", "sample_failed", f"{type(exc).__name__}: {exc}")
             error = f"{type(exc).__name__}: {exc}"
             with self._lock:
-                self._states, self._up = {}, False
+                self._states, self._up, self._errors = {}, False, dict(self.watch.errors)
                 changed, self._error = error != self._error, error
             if changed:
                 log.warning("memq exporter: cannot read the broker: %s", error)
@@ -151,11 +186,13 @@ class QueueExporter(Collector):
             if self._error is not None:
                 log.warning("memq exporter: the broker answers again")
             self._states, self._up, self._sampled_at, self._error = states, True, self.clock(), None
+            self._errors = dict(self.watch.errors)
         return True
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
             states, up, sampled_at = dict(self._states), self._up, self._sampled_at
+            error_counts = dict(self._errors)
         now = self.clock()
         messages = GaugeMetricFamily(
             "memq_queue_messages", "Task messages waiting in the queue's Redis list (LLEN).", labels=["queue"]
@@ -171,6 +208,15 @@ class QueueExporter(Collector):
             age.add_metric([queue], waited)
         yield messages
         yield age
+        errors = CounterMetricFamily(
+            "memq_exporter_errors",
+            "Tail messages the exporter could not read (each once) and queue samples that failed, by queue "
+            "('' for a whole sample) and reason (unreadable_message, sample_failed).",
+            labels=["queue", "reason"],
+        )
+        for (queue, reason), count in sorted(error_counts.items()):
+            errors.add_metric([queue, reason], count)
+        yield errors
         yield GaugeMetricFamily("memq_exporter_broker_up", "1 when the last sample read the broker.", value=int(up))
         if sampled_at is not None:
             yield GaugeMetricFamily(

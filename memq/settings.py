@@ -38,12 +38,15 @@ class Settings:
     text_index: str = "memq_text"  # the Atlas Search index hybrid and lexical search use on Atlas
     num_candidates_factor: int = 20
     candidate_oversample: int = 3
-    exact_cache_max_vectors: int = 2_000_000
+    exact_cache_max_vectors: int = 2_000_000  # a second bound beside exact_cache_max_bytes (the one to size by)
+    exact_cache_max_bytes: int = 2 * 1024**3  # vectors, items and BM25 indexes held by each search process
+    exact_load_timeout_s: float = 120.0  # one shared tenant load in a search worker, whatever its callers' budgets
     recency_half_life_s: float = 7 * 24 * 3600.0
     retrieve_timeout_s: float = 10.0
     max_query_chars: int = 4096
     max_content_chars: int = 32768
     max_batch_items: int = 1000
+    max_result_bytes: int = 8 * 1024 * 1024  # one retrieval's items' content + metadata (merge drops past it)
     result_cache_ttl_s: int = 300
     embedding_cache_ttl_s: int = 86400
     single_flight_lock_s: float = 10.0  # how long identical concurrent misses wait on one chord at most
@@ -96,6 +99,7 @@ class Settings:
             "dead_letter_max_bytes",
             "dead_letter_ttl_s",
             "search_shards",
+            "max_result_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"MEMQ_{name.upper()} must be >= 1")
@@ -106,6 +110,8 @@ class Settings:
         for name in ("result_cache_ttl_s", "embedding_cache_ttl_s"):
             if not 0 <= getattr(self, name) <= MAX_CACHE_TTL_S:
                 raise ConfigError(f"MEMQ_{name.upper()} must be in 0..{MAX_CACHE_TTL_S} (0 disables the cache)")
+        if self.exact_load_timeout_s <= 0:
+            raise ConfigError("MEMQ_EXACT_LOAD_TIMEOUT_S must be > 0")
         if self.single_flight_lock_s <= 0:
             raise ConfigError("MEMQ_SINGLE_FLIGHT_LOCK_S must be > 0")
 

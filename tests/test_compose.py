@@ -8,6 +8,7 @@ field of ``Settings``. Where a compose client is installed, it validates the fil
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 import shutil
 import subprocess
@@ -201,3 +202,27 @@ def test_docker_compose_accepts_the_file() -> None:
     )
 
     assert result.returncode == 0, result.stderr
+
+
+def redis_options(command: list[str]) -> dict[str, str]:
+    """``redis-server --name value ...`` as a dict (the flags that take one value)."""
+    assert command[0] == "redis-server", command
+    return {flag[2:]: value for flag, value in itertools.pairwise(command) if flag.startswith("--")}
+
+
+def test_the_cache_redis_is_bounded_apart_from_the_broker_which_never_evicts(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    broker, cache = redis_options(services["redis"]["command"]), redis_options(services["cache-redis"]["command"])
+    env = compose["x-memq-env"]
+
+    assert broker["maxmemory-policy"] == "noeviction"
+    assert re.fullmatch(r"\d+(mb|gb)", cache["maxmemory"])
+    # Evicts among keys with a TTL (every cache entry and lock), never the tenant data versions (no TTL).
+    assert cache["maxmemory-policy"] in {"volatile-lru", "volatile-lfu"}
+    assert env["MEMQ_REDIS_URL"].startswith("redis://cache-redis:")
+    assert env["MEMQ_BROKER_URL"].startswith("redis://redis:") and env["MEMQ_RESULT_BACKEND"].startswith(
+        "redis://redis:"
+    )
+    for name, service in services.items():
+        if service.get("command", [""])[:2] == ["memq", "worker"]:
+            assert "cache-redis" in service["depends_on"], name

@@ -9,6 +9,7 @@ Deployment's worker serves. The exporter tests run the real ``memq exporter`` pr
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -68,6 +69,15 @@ def command_of(deployment: dict[str, Any]) -> list[str]:
     return [*container.get("command", []), *container.get("args", [])]
 
 
+def memq_deployments(manifests: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every Deployment but the Redis servers of redis.yaml."""
+    return {
+        name: d
+        for name, d in of_kind(manifests, "Deployment").items()
+        if not only_container(d)["image"].startswith("redis:")
+    }
+
+
 def workers(manifests: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {name: d for name, d in of_kind(manifests, "Deployment").items() if command_of(d)[:2] == ["memq", "worker"]}
 
@@ -125,9 +135,29 @@ def test_every_manifest_is_a_named_resource_of_a_known_kind(manifests: list[dict
         assert len(selected) == 1, f"service {name} selects {len(selected)} Deployments"
 
 
+def redis_args(deployment: dict[str, Any]) -> dict[str, str]:
+    args = only_container(deployment)["args"]
+    return {flag[2:]: value for flag, value in itertools.pairwise(args) if flag.startswith("--")}
+
+
+def test_the_cache_redis_is_bounded_apart_from_the_broker_which_never_evicts(manifests: list[dict[str, Any]]) -> None:
+    deployments = of_kind(manifests, "Deployment")
+    broker, cache = redis_args(deployments["redis"]), redis_args(deployments["cache-redis"])
+    env = shipped_env(manifests)
+
+    assert broker["maxmemory-policy"] == "noeviction"
+    assert re.fullmatch(r"\d+(mb|gb)", cache["maxmemory"])
+    assert cache["maxmemory-policy"] in {"volatile-lru", "volatile-lfu"}  # never the tenant data versions (no TTL)
+    assert env["MEMQ_REDIS_URL"].startswith("redis://cache-redis:6379/")
+    assert env["MEMQ_BROKER_URL"].startswith("redis://redis:6379/")
+    assert set(of_kind(manifests, "Service")) >= {"redis", "cache-redis"}
+    for name, deployment in workers(manifests).items():
+        assert container_env(manifests, deployment)["MEMQ_REDIS_URL"] == env["MEMQ_REDIS_URL"], name
+
+
 def test_every_memq_command_parses_with_the_cli(manifests: list[dict[str, Any]]) -> None:
     shards = fleet_shards(manifests)
-    commands = {name: command_of(d) for name, d in of_kind(manifests, "Deployment").items()}
+    commands = {name: command_of(d) for name, d in memq_deployments(manifests).items()}
     assert {command[1] for command in commands.values()} == {"worker", "exporter", "flower"}
     for name, command in commands.items():
         assert command[0] == "memq", name
@@ -192,7 +222,7 @@ def test_every_memq_variable_is_a_setting_and_the_fleet_agrees_on_the_shards(man
     used = {name for path in K8S.glob("*.yaml") for name in re.findall(r"\bMEMQ_[A-Z0-9_]+", path.read_text())}
     used |= {name for name in shipped_env(manifests) if name.startswith("MEMQ_")}
     assert used and used <= SETTINGS, f"not settings: {sorted(used - SETTINGS)}"
-    for name, deployment in of_kind(manifests, "Deployment").items():
+    for name, deployment in memq_deployments(manifests).items():
         sources = only_container(deployment)["envFrom"]
         assert [(s.get("configMapRef") or s.get("secretRef"))["name"] for s in sources] == [CONFIG_MAP, SECRET], name
         assert all(v["name"] != "MEMQ_SEARCH_SHARDS" for v in only_container(deployment).get("env", [])), name

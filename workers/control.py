@@ -69,6 +69,10 @@ def memq_info(state: Any, **_: Any) -> dict[str, Any]:
     }
     if kind == "embed":
         info["model"] = model_info()
+    if kind == "search":
+        from memq.workers.search import cache_info
+
+        info["matrix_cache"] = cache_info()
     return info
 
 

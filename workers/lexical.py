@@ -10,6 +10,7 @@ the formula), chosen on the LoCoMo dev conversations (README, "Retrieval quality
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Sequence
 
@@ -22,6 +23,7 @@ BM25_B = 0.4
 BM25_METHOD = "lucene"
 STOPWORDS = "en_plus"  # NLTK's English stop words, as bm25s ships them
 STEMMER_LANGUAGE = "english"
+VOCABULARY_ENTRY_BYTES = 2 * 50  # a dict entry and a set entry per term, their int ids included (CPython 3.11)
 
 _per_thread = threading.local()  # a PyStemmer stemmer is not thread-safe: each search thread gets its own
 
@@ -56,8 +58,11 @@ class LexicalIndex:
         return np.asarray(self._bm25.get_scores(terms), dtype=np.float32)
 
     def nbytes(self) -> int:
-        """Memory held by the index's arrays (the sparse score matrix and the vocabulary's ids)."""
+        """Memory held by the index: its arrays (the sparse score matrix) and its vocabulary (each term's string
+        and its entries in bm25s's term dict and id set, ``VOCABULARY_ENTRY_BYTES`` each besides the string)."""
         if self._bm25 is None:
             return 0
         arrays = [value for value in self._bm25.scores.values() if isinstance(value, np.ndarray)]
-        return sum(array.nbytes for array in arrays)
+        vocabulary = getattr(self._bm25, "vocab_dict", None) or {}
+        terms_bytes = sum(sys.getsizeof(term) + VOCABULARY_ENTRY_BYTES for term in vocabulary)
+        return sum(array.nbytes for array in arrays) + terms_bytes

@@ -38,6 +38,12 @@ BAD_STORED_ROWS = Counter(
     "Stored memories the exact search skipped: embedding missing, undecodable, of another dimension or not finite",
     ["memory_type"],
 )
+MATRIX_LOADS = Counter(
+    "memq_matrix_loads_total",
+    "Tenant matrices loaded from MongoDB and built by the exact search (one per tenant, type and data version, "
+    "shared by the searches that ask meanwhile)",
+    ["memory_type"],
+)
 MONGO_CHECKOUTS = Counter("memq_mongo_pool_checkouts_total", "Connections checked out of the Mongo pool")
 MONGO_CHECKOUT_FAILURES = Counter("memq_mongo_pool_checkout_failures_total", "Failed pool checkouts", ["reason"])
 MONGO_CHECKOUT_WAIT = Histogram(

@@ -5,8 +5,10 @@ indexed (``memq.workers.indexes``) lives beside it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
@@ -56,15 +58,29 @@ def transient_errors() -> Iterator[None]:
         raise StoreUnavailable(f"MongoDB unavailable: {exc}") from exc
 
 
+_deadline: ContextVar[float | None] = ContextVar("memq_mongo_deadline", default=None)
+
+
 @contextmanager
 def time_limit(budget_s: float | None) -> Iterator[None]:
     """Every MongoDB operation inside takes at most ``budget_s`` in all (pymongo's client-side operation
-    timeout: server selection, pool wait and socket reads together); ``None`` keeps the client's timeouts."""
+    timeout: server selection, pool wait and socket reads together); ``None`` keeps the client's timeouts.
+    ``budget_left_s`` tells code inside what is left of it."""
     if budget_s is None:
         yield
         return
-    with pymongo.timeout(budget_s):
-        yield
+    token = _deadline.set(time.monotonic() + budget_s)
+    try:
+        with pymongo.timeout(budget_s):
+            yield
+    finally:
+        _deadline.reset(token)
+
+
+def budget_left_s() -> float | None:
+    """What is left of the innermost ``time_limit`` around this call (``None``: none is set)."""
+    deadline = _deadline.get()
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def collection(memory_type: str) -> Collection:

@@ -7,13 +7,17 @@
   (``memq.ranking.fuse``), with the filters applied before the top k; it makes no MongoDB round trip. A stored
   row that cannot be searched (embedding missing, undecodable, of another dimension than ``MEMQ_EMBED_DIMENSIONS``
   or not finite; fields unreadable) is left out of all three and counted (``memq_bad_stored_rows_total``), so one
-  bad row never fails its tenant's search.
+  bad row never fails its tenant's search. A miss is loaded once per (tenant, type, data version) in the process
+  (``load_shared``, single-flight): the searches that miss meanwhile wait on that one load, each within its own
+  budget, and the load runs under its own limit (``MEMQ_EXACT_LOAD_TIMEOUT_S``) and fills the cache even when
+  every search that waited on it has given up.
 - ``vector_search``: Atlas ``$vectorSearch`` with ``memory_id`` as a pre-filter.
 - ``auto``: ``vector_search`` where the server runs the stage, ``exact`` elsewhere (nx-27017, mongod).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -25,16 +29,21 @@ from typing import Any
 import numpy as np
 
 from memq import ranking
+from memq.errors import StoreUnavailable
 from memq.process_local import ProcessLocal
 from memq.settings import get_settings
 from memq.vectors import from_stored, normalise
-from memq.workers import store, versions
+from memq.workers import mongo, store, versions
 from memq.workers.lexical import LexicalIndex
-from memq.workers.metrics import BAD_STORED_ROWS, CACHE_REQUESTS, SEARCH_SECONDS
+from memq.workers.metrics import BAD_STORED_ROWS, CACHE_REQUESTS, MATRIX_LOADS, SEARCH_SECONDS
+from memq.workers.single_flight import FlightTimeout, SingleFlight
 
 log = logging.getLogger(__name__)
 
 PROBE_TTL_S = 60.0
+# One cached result item besides its strings: the dict, its floats and ISO dates (measured with tracemalloc on items
+# from store.to_item, CPython 3.11: about 450 bytes with no tags or metadata).
+ITEM_OVERHEAD_BYTES = 480
 
 
 @dataclass
@@ -67,13 +76,19 @@ class SearchOutcome:
 
 
 class MatrixCache:
-    """LRU of tenant matrices, bounded by the total number of vectors held."""
+    """LRU of tenant matrices, bounded by the bytes they hold (``entry_nbytes``: vectors, items, BM25 index) and by
+    the number of vectors; the least recently used entries go first. An entry larger than a bound alone is not
+    cached (its search still runs)."""
 
-    def __init__(self, max_vectors: int) -> None:
+    def __init__(self, max_vectors: int, max_bytes: int | None = None) -> None:
         self.max_vectors = max_vectors
+        self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple[str, str], TenantMatrix] = OrderedDict()
+        self._sizes: dict[tuple[str, str], int] = {}
         self._vectors = 0
+        self._bytes = 0
         self._lock = threading.Lock()
+        self.loads = 0  # matrices loaded from MongoDB and built by this process (single-flight: one per version)
 
     def get(self, key: tuple[str, str], version: int) -> TenantMatrix | None:
         with self._lock:
@@ -84,24 +99,65 @@ class MatrixCache:
             return entry
 
     def put(self, key: tuple[str, str], entry: TenantMatrix) -> None:
+        size = entry_nbytes(entry)
         with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self._vectors -= len(old.items)
-            if len(entry.items) > self.max_vectors:
+            self._drop(key)
+            if len(entry.items) > self.max_vectors or (self.max_bytes is not None and size > self.max_bytes):
                 return
             self._entries[key] = entry
+            self._sizes[key] = size
             self._vectors += len(entry.items)
-            while self._vectors > self.max_vectors:
-                _, evicted = self._entries.popitem(last=False)
-                self._vectors -= len(evicted.items)
+            self._bytes += size
+            while self._vectors > self.max_vectors or (self.max_bytes is not None and self._bytes > self.max_bytes):
+                self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._vectors -= len(old.items)
+            self._bytes -= self._sizes.pop(key)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    @property
+    def vectors(self) -> int:
+        return self._vectors
+
+    def count_load(self) -> None:
+        with self._lock:
+            self.loads += 1
 
     def __len__(self) -> int:
         return len(self._entries)
 
 
-matrix_cache: ProcessLocal[MatrixCache] = ProcessLocal(lambda: MatrixCache(get_settings().exact_cache_max_vectors))
+matrix_cache: ProcessLocal[MatrixCache] = ProcessLocal(
+    lambda: MatrixCache(get_settings().exact_cache_max_vectors, get_settings().exact_cache_max_bytes)
+)
+# One load per (tenant, type, data version) at a time in this process, whatever the number of searches asking.
+matrix_loads: ProcessLocal[SingleFlight[tuple[str, str, int], TenantMatrix]] = ProcessLocal(
+    lambda: SingleFlight("matrix")
+)
 _probe_results: dict[str, tuple[bool, float]] = {}
+
+
+def entry_nbytes(entry: TenantMatrix) -> int:
+    """The memory one cached entry holds: its matrix and filter columns, its BM25 index, and its items (each
+    ``ITEM_OVERHEAD_BYTES`` for the dict and its small values, plus its content, id, tags and metadata)."""
+    columns = entry.matrix.nbytes + entry.created_ts.nbytes
+    lexical = entry.lexical.nbytes() if entry.lexical is not None else 0
+    return columns + lexical + sum(item_nbytes(item) for item in entry.items)
+
+
+def item_nbytes(item: dict[str, Any]) -> int:
+    size = ITEM_OVERHEAD_BYTES + len(str(item.get("content", "")).encode("utf-8", "replace"))
+    size += len(str(item.get("id", "")))
+    for name in ("tags", "metadata"):
+        if item.get(name):
+            size += len(json.dumps(item[name], default=str))
+    return size
 
 
 def build_matrix(docs: list[dict[str, Any]], version: int, memory_type: str = "unknown") -> TenantMatrix:
@@ -206,15 +262,11 @@ def top_k(entry: TenantMatrix, query: np.ndarray, k: int, wanted: Wanted | None 
     if eligible.size == 0:
         return []
     fused = ranking.fuse(vector[eligible], lexical[eligible], wanted.mode)
+    cosine = vector[eligible]
     k = min(k, eligible.size)
-    if k < eligible.size:  # every row tied with the k-th best stays in, so the tie-break below decides among them
-        kth_best = np.partition(-fused, k - 1)[k - 1]
-        picked = np.flatnonzero(-fused <= kth_best)
-    else:
-        picked = np.arange(eligible.size)
     order = sorted(
-        picked.tolist(),
-        key=lambda i: (-float(fused[i]), -float(vector[eligible[i]]), str(entry.items[eligible[i]]["id"])),
+        candidates(fused, cosine, k).tolist(),
+        key=lambda i: (-float(fused[i]), -float(cosine[i]), str(entry.items[eligible[i]]["id"])),
     )[:k]
     return [
         _scored(
@@ -225,6 +277,24 @@ def top_k(entry: TenantMatrix, query: np.ndarray, k: int, wanted: Wanted | None 
         )
         for i in order
     ]
+
+
+def candidates(fused: np.ndarray, cosine: np.ndarray, k: int) -> np.ndarray:
+    """The rows that can be among the k best by (fused desc, cosine desc, id), found by partial selection: every row
+    better than the k-th best fused score, and of the rows tied with it only those that can win the cosine
+    tie-break (tied again on cosine, all of them: the id decides). A lexical query that matches fewer than k
+    memories so sorts a few rows, not every zero-score row of the tenant."""
+    if k >= fused.size:
+        return np.arange(fused.size)
+    kth_best = np.partition(-fused, k - 1)[k - 1]
+    better = np.flatnonzero(-fused < kth_best)
+    tied = np.flatnonzero(-fused == kth_best)
+    needed = k - better.size
+    if tied.size > needed:
+        tied_cosine = -cosine[tied]
+        kth_cosine = np.partition(tied_cosine, needed - 1)[needed - 1]
+        tied = tied[tied_cosine <= kth_cosine]
+    return np.concatenate([better, tied])
 
 
 def _scored(item: dict[str, Any], vector: float, lexical: float | None, fused: float) -> dict[str, Any]:
@@ -243,11 +313,70 @@ def exact_search(memory_id: str, memory_type: str, query: np.ndarray, k: int, wa
         entry = cache.get(key, version)
         outcome = "hit"
         if entry is None:
-            entry = build_matrix(store.load_tenant(memory_id, memory_type), version, memory_type)
-            cache.put(key, entry)
+            entry = load_shared(memory_id, memory_type, version)
             outcome = "miss"
     CACHE_REQUESTS.labels(cache="matrix", outcome=outcome).inc()
     return SearchOutcome(top_k(entry, query, k, wanted), "exact", outcome)
+
+
+def load_shared(memory_id: str, memory_type: str, version: int) -> TenantMatrix:
+    """The tenant's matrix at ``version``, from the one load under way for it in this process or a new one.
+
+    The load runs without this search's MongoDB budget, under ``MEMQ_EXACT_LOAD_TIMEOUT_S``, and puts its matrix in
+    the cache when done. This search waits for it only as long as its own budget (``mongo.time_limit``) lasts, then
+    raises ``StoreUnavailable`` as a MongoDB timeout does (the task retries within the caller's deadline and finds
+    the same load, or its matrix in the cache)."""
+    load_timeout_s = get_settings().exact_load_timeout_s
+    wait_s = caller_budget_left_s(default_s=load_timeout_s)
+    try:
+        return matrix_loads.get().run(
+            (memory_id, memory_type, version), lambda: load_into_cache(memory_id, memory_type, version), wait_s
+        )
+    except FlightTimeout as exc:
+        raise StoreUnavailable(
+            f"MongoDB unavailable: loading the tenant's {memory_type} memories timed out after {wait_s:.3g} s of "
+            "this search's budget (the load goes on and fills this worker's cache)"
+        ) from exc
+
+
+def load_into_cache(memory_id: str, memory_type: str, version: int) -> TenantMatrix:
+    """One load from MongoDB under the loader's own time limit, built and put in the cache (unless a load of the
+    same version finished just before this one began)."""
+    cache = matrix_cache.get()
+    key = (memory_id, memory_type)
+    entry = cache.get(key, version)
+    if entry is not None:
+        return entry
+    with mongo.time_limit(get_settings().exact_load_timeout_s):
+        docs = store.load_tenant(memory_id, memory_type)
+    entry = build_matrix(docs, version, memory_type)
+    cache.put(key, entry)
+    cache.count_load()
+    MATRIX_LOADS.labels(memory_type=memory_type).inc()
+    return entry
+
+
+def caller_budget_left_s(default_s: float) -> float:
+    """What is left of the MongoDB budget the caller set with ``mongo.time_limit`` (pymongo's client-side
+    operation timeout), or ``default_s`` when it set none."""
+    left_s = mongo.budget_left_s()
+    return default_s if left_s is None else left_s
+
+
+def cache_info() -> dict[str, Any]:
+    """What this process's matrix cache holds, for ``memq_info`` (nothing is built to answer)."""
+    if not matrix_cache.is_built():
+        return {"entries": 0, "vectors": 0, "bytes": 0, "loads": 0, "loads_in_flight": 0}
+    cache = matrix_cache.get()
+    in_flight = matrix_loads.get().in_flight() if matrix_loads.is_built() else 0
+    return {
+        "entries": len(cache),
+        "vectors": cache.vectors,
+        "bytes": cache.nbytes,
+        "max_bytes": cache.max_bytes,
+        "loads": cache.loads,
+        "loads_in_flight": in_flight,
+    }
 
 
 def supports(stage: str, memory_type: str, dimensions: int) -> bool:

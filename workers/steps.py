@@ -17,6 +17,7 @@ from memq.workers import embedding_cache, mongo, result_store, versions, writes
 from memq.workers import search as search_strategies
 from memq.workers.embedder import embedder
 from memq.workers.metrics import EMBED_BATCH_SIZE, EMBED_SECONDS, MERGE_SECONDS, STORE_WRITES
+from memq.workers.result_size import bound_result_bytes
 from memq.workers.search import Wanted
 
 INTERNAL_ITEM_FIELDS = ("created_at_ts", "last_accessed_at_ts")
@@ -126,6 +127,7 @@ def merge(results: Any, request: Any) -> dict[str, Any]:
         "timings_ms": timings,
         "cached": False,
     }
+    merged = bound_result_bytes(merged, settings.max_result_bytes)
     if request.get("cache_key") is not None:  # filed only under the key of this very request
         result_store.store_merged(cache_redis.get(), settings, request, merged)
     return merged

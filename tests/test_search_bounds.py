@@ -1,0 +1,318 @@
+"""The search worker's bounds, without services: single-flight loads, the matrix cache's byte budget, the result's
+byte budget, and lexical top-k by partial selection."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+from memq.errors import StoreUnavailable
+from memq.workers import mongo, search
+from memq.workers.result_size import bound_result_bytes, item_bytes
+from memq.workers.single_flight import FlightTimeout, SingleFlight
+
+# -- single-flight ---------------------------------------------------------------------------------------------
+
+
+class Gate:
+    """A load that blocks until released, counting its calls."""
+
+    def __init__(self, value: Any = "matrix") -> None:
+        self.value = value
+        self.calls = 0
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.budget_seen: list[float | None] = []
+
+    def __call__(self) -> Any:
+        self.calls += 1
+        self.budget_seen.append(mongo.budget_left_s())
+        self.entered.set()
+        assert self.release.wait(30)
+        return self.value
+
+
+def run_in_threads(count: int, call: Any) -> list[Any]:
+    outcomes: list[Any] = [None] * count
+
+    def one(i: int) -> None:
+        try:
+            outcomes[i] = call()
+        except Exception as exc:
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    return [threads, outcomes]
+
+
+def test_eight_threads_asking_for_the_same_key_share_one_load() -> None:
+    flights: SingleFlight[str, Any] = SingleFlight()
+    gate = Gate(value=object())
+    threads, outcomes = run_in_threads(8, lambda: flights.run("tenant/v1", gate, wait_s=30))
+    assert gate.entered.wait(10)
+    time.sleep(0.2)  # let every thread reach the flight
+    gate.release.set()
+    for thread in threads:
+        thread.join(30)
+
+    assert gate.calls == 1 and flights.started == 1
+    assert all(outcome is gate.value for outcome in outcomes)
+    assert flights.in_flight() == 0
+
+
+def test_a_waiter_whose_deadline_passes_times_out_while_the_load_goes_on_and_fills_the_cache() -> None:
+    flights: SingleFlight[str, Any] = SingleFlight()
+    cache: dict[str, str] = {}
+    gate = Gate()
+
+    def load() -> str:
+        value = gate()
+        cache["tenant/v1"] = value
+        return value
+
+    patient_threads, patient = run_in_threads(1, lambda: flights.run("tenant/v1", load, wait_s=30))
+    assert gate.entered.wait(10)
+
+    with pytest.raises(FlightTimeout):
+        flights.run("tenant/v1", load, wait_s=0.05)
+    assert flights.in_flight() == 1 and cache == {}  # the impatient caller left; the load did not
+
+    gate.release.set()
+    patient_threads[0].join(30)
+    assert patient == ["matrix"] and cache == {"tenant/v1": "matrix"} and gate.calls == 1
+
+
+def test_the_caller_that_started_a_load_may_give_up_without_cutting_it_short() -> None:
+    flights: SingleFlight[str, Any] = SingleFlight()
+    gate = Gate()
+    with pytest.raises(FlightTimeout):
+        flights.run("tenant/v1", gate, wait_s=0.05)
+    gate.release.set()
+    assert flights.run("tenant/v1", lambda: "second load", wait_s=10) in {"matrix", "second load"}
+    assert gate.calls == 1
+
+
+def test_the_load_runs_without_the_callers_mongodb_budget() -> None:
+    flights: SingleFlight[str, Any] = SingleFlight()
+    gate = Gate()
+    gate.release.set()
+    with mongo.time_limit(5):
+        assert mongo.budget_left_s() is not None
+        flights.run("tenant/v1", gate, wait_s=10)
+    assert gate.budget_seen == [None]
+
+
+def test_a_failed_load_fails_every_waiter_and_the_next_call_loads_again() -> None:
+    flights: SingleFlight[str, Any] = SingleFlight()
+    release = threading.Event()
+
+    def failing() -> str:
+        assert release.wait(30)
+        raise StoreUnavailable("MongoDB unavailable: connection refused")
+
+    threads, outcomes = run_in_threads(3, lambda: flights.run("k", failing, wait_s=30))
+    time.sleep(0.2)
+    release.set()
+    for thread in threads:
+        thread.join(30)
+
+    assert all(isinstance(outcome, StoreUnavailable) for outcome in outcomes)
+    assert flights.run("k", lambda: "loaded", wait_s=10) == "loaded"
+    assert flights.started == 2
+
+
+def test_a_search_whose_budget_runs_out_waiting_gets_mongodb_unavailable_and_the_load_fills_the_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(search, "matrix_loads", search.ProcessLocal(lambda: SingleFlight("matrix")))
+    monkeypatch.setattr(search, "matrix_cache", search.ProcessLocal(lambda: search.MatrixCache(1000)))
+    entry = search.TenantMatrix(3, [{"id": "a"}], np.ones((1, 2), dtype=np.float32))
+    gate = Gate(entry)
+
+    def load(memory_id: str, memory_type: str, version: int) -> search.TenantMatrix:
+        loaded = gate()
+        search.matrix_cache.get().put((memory_id, memory_type), loaded)
+        return loaded
+
+    monkeypatch.setattr(search, "load_into_cache", load)
+
+    with pytest.raises(StoreUnavailable, match=r"MongoDB unavailable: .* timed out"), mongo.time_limit(0.1):
+        search.load_shared("tenant", "long_term_memory", 3)
+    gate.release.set()
+    deadline = time.monotonic() + 10
+    while search.matrix_cache.get().get(("tenant", "long_term_memory"), 3) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    assert search.matrix_cache.get().get(("tenant", "long_term_memory"), 3) is entry
+    assert gate.calls == 1
+
+
+# -- the matrix cache's byte budget ------------------------------------------------------------------------------
+
+
+def cached_entry(rows: int, content_bytes: int = 10, version: int = 1) -> search.TenantMatrix:
+    items = [{"id": f"m{i}", "content": "x" * content_bytes} for i in range(rows)]
+    return search.TenantMatrix(version, items, np.zeros((rows, 8), dtype=np.float32))
+
+
+def test_an_entry_counts_its_vectors_its_items_content_and_its_bm25_index() -> None:
+    plain = cached_entry(4, content_bytes=10)
+    wordy = cached_entry(4, content_bytes=1010)
+    indexed = search.build_matrix([], 1)
+    indexed.lexical = search.LexicalIndex([f"memory {i} about hiking and jazz" for i in range(50)])
+
+    assert search.entry_nbytes(plain) == 4 * 8 * 4 + 4 * (search.ITEM_OVERHEAD_BYTES + 10 + 2)
+    assert search.entry_nbytes(wordy) - search.entry_nbytes(plain) == 4 * 1000
+    assert search.entry_nbytes(indexed) >= indexed.lexical.nbytes() > 0
+
+
+def test_the_matrix_cache_evicts_least_recent_entries_past_its_byte_budget() -> None:
+    one_entry = search.entry_nbytes(cached_entry(10, content_bytes=1000))
+    cache = search.MatrixCache(max_vectors=1_000_000, max_bytes=2 * one_entry + one_entry // 2)
+
+    cache.put(("a", "t"), cached_entry(10, content_bytes=1000))
+    cache.put(("b", "t"), cached_entry(10, content_bytes=1000))
+    assert cache.get(("a", "t"), 1) is not None  # a is now the most recent
+    cache.put(("c", "t"), cached_entry(10, content_bytes=1000))
+
+    assert cache.get(("b", "t"), 1) is None
+    assert cache.get(("a", "t"), 1) is not None and cache.get(("c", "t"), 1) is not None
+    assert cache.nbytes == 2 * one_entry <= cache.max_bytes  # type: ignore[operator]
+    assert cache.vectors == 20
+
+
+def test_an_entry_larger_than_the_byte_budget_is_not_cached_and_a_replaced_entry_frees_its_bytes() -> None:
+    cache = search.MatrixCache(max_vectors=1_000_000, max_bytes=search.entry_nbytes(cached_entry(10)))
+    cache.put(("big", "t"), cached_entry(11))
+    assert len(cache) == 0 and cache.nbytes == 0
+
+    cache.put(("a", "t"), cached_entry(10, version=1))
+    cache.put(("a", "t"), cached_entry(5, version=2))
+    assert cache.nbytes == search.entry_nbytes(cached_entry(5)) and cache.get(("a", "t"), 2) is not None
+
+
+def test_few_vectors_with_large_content_are_bounded_by_bytes_where_a_vector_count_would_not() -> None:
+    budget = 200_000
+    cache = search.MatrixCache(max_vectors=1_000_000, max_bytes=budget)
+    for tenant in range(20):
+        cache.put((f"tenant-{tenant}", "t"), cached_entry(2, content_bytes=30_000))
+    assert cache.nbytes <= budget and len(cache) == 3
+
+
+# -- the result's byte budget ------------------------------------------------------------------------------------
+
+
+def ranked(prefix: str, sizes: list[int]) -> list[dict[str, Any]]:
+    return [{"id": f"{prefix}{rank}", "content": "x" * size} for rank, size in enumerate(sizes)]
+
+
+def merged_with(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    return {"query": "q", "memory_id": "t", "results": results, "errors": {}, "cached": False}
+
+
+def test_a_result_within_its_byte_budget_is_returned_whole_and_says_it_is_not_truncated() -> None:
+    results = {"long_term_memory": ranked("s", [100, 100]), "conversation_memory": ranked("e", [50])}
+    bounded = bound_result_bytes(merged_with(results), max_bytes=250)
+    assert bounded["results"] == results and bounded["truncated"] is False and "truncated_items" not in bounded
+
+
+def test_past_the_byte_budget_the_lowest_ranked_items_are_dropped_rank_by_rank_across_types() -> None:
+    results = {"long_term_memory": ranked("s", [100, 100, 100, 100]), "conversation_memory": ranked("e", [100, 100])}
+    bounded = bound_result_bytes(merged_with(results), max_bytes=450)
+
+    assert [i["id"] for i in bounded["results"]["long_term_memory"]] == ["s0", "s1"]
+    assert [i["id"] for i in bounded["results"]["conversation_memory"]] == ["e0", "e1"]
+    assert bounded["truncated"] is True
+    assert bounded["truncated_items"] == {"long_term_memory": 2}
+
+
+def test_an_item_that_does_not_fit_drops_everything_ranked_after_it_so_no_type_has_a_gap() -> None:
+    results = {"long_term_memory": ranked("s", [10, 1000, 10]), "conversation_memory": ranked("e", [10, 10, 10])}
+    bounded = bound_result_bytes(merged_with(results), max_bytes=500)
+
+    assert [i["id"] for i in bounded["results"]["long_term_memory"]] == ["s0"]
+    assert [i["id"] for i in bounded["results"]["conversation_memory"]] == ["e0"]
+    assert bounded["truncated_items"] == {"long_term_memory": 2, "conversation_memory": 2}
+
+
+def test_content_is_counted_in_utf8_bytes_and_metadata_as_json() -> None:
+    assert item_bytes({"content": "é" * 10}) == 20
+    assert item_bytes({"content": "ab", "metadata": {"k": "v"}}) == 2 + len('{"k": "v"}')
+
+
+def test_merge_applies_the_byte_budget_after_ranking(monkeypatch: pytest.MonkeyPatch) -> None:
+    from memq.settings import Settings
+    from memq.workers import steps
+
+    monkeypatch.setattr(steps, "get_settings", lambda: Settings(max_result_bytes=250))
+    items = [
+        {"id": f"m{i}", "content": "x" * 100, "score": 1.0 - i / 10, "importance": 0.5, "created_at_ts": None}
+        for i in range(4)
+    ]
+    search_result = {"type": "long_term_memory", "items": items, "search_ms": 1.0}
+    request = {
+        "query": "q",
+        "memory_id": "t",
+        "limits": {"long_term_memory": 4},
+        "weights": {"relevance": 1.0, "recency": 0.0, "importance": 0.0},
+    }
+
+    merged = steps.merge([search_result], request)  # type: ignore[arg-type]
+
+    assert [item["id"] for item in merged["results"]["long_term_memory"]] == ["m0", "m1"]
+    assert merged["truncated"] is True and merged["truncated_items"] == {"long_term_memory": 2}
+
+
+# -- top-k by partial selection ----------------------------------------------------------------------------------
+
+
+def full_sort_top_k(entry: search.TenantMatrix, query: np.ndarray, k: int, wanted: search.Wanted) -> list[str]:
+    """The ranking as top_k defined it before partial selection: every row sorted by (fused, cosine, id)."""
+    vector = entry.matrix @ (query / np.linalg.norm(query))
+    lexical = entry.lexical.scores(wanted.query) if wanted.mode != "vector" else np.zeros(len(entry.items))
+    fused = search.ranking.fuse(vector, lexical, wanted.mode)
+    order = sorted(range(len(entry.items)), key=lambda i: (-fused[i], -vector[i], entry.items[i]["id"]))
+    return [entry.items[i]["id"] for i in order[:k]]
+
+
+def lexical_tenant(size: int, seed: int) -> search.TenantMatrix:
+    rng = np.random.default_rng(seed)
+    words = ["alpine", "hiking", "sourdough", "piano", "jazz", "taxes", "marathon", "curry"]
+    texts = [" ".join(rng.choice(words, 2)) if i % 50 == 0 else f"note {i}" for i in range(size)]
+    matrix = rng.standard_normal((size, 8)).astype(np.float32)
+    matrix[::7] = matrix[0]  # many rows tied on cosine too
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    ids = [f"m{(i * 7919) % size:05d}" for i in range(size)]  # ids out of row order
+    return search.TenantMatrix(
+        1, [{"id": i, "content": t} for i, t in zip(ids, texts, strict=True)], matrix, search.LexicalIndex(texts)
+    )
+
+
+@pytest.mark.parametrize("k", [1, 5, 30, 200])
+@pytest.mark.parametrize("query", ["jazz piano", "sourdough", "no such word", "hiking alpine curry"])
+@pytest.mark.parametrize("mode", ["lexical", "vector", "hybrid"])
+def test_top_k_by_partial_selection_ranks_as_a_full_sort_ties_included(k: int, query: str, mode: str) -> None:
+    entry = lexical_tenant(2000, seed=k)
+    vector = entry.matrix[3] + 0.0  # the query points exactly at a row that 1 in 7 rows share
+    wanted = search.Wanted(query=query, mode=mode)
+
+    got = [item["id"] for item in search.top_k(entry, vector, k, wanted)]
+
+    assert got == full_sort_top_k(entry, vector, k, wanted)
+
+
+def test_a_lexical_query_with_fewer_matches_than_k_fills_up_by_cosine_then_id() -> None:
+    entry = lexical_tenant(2000, seed=1)
+    wanted = search.Wanted(query="sourdough", mode="lexical")
+    got = search.top_k(entry, entry.matrix[3] + 0.0, 100, wanted)
+    matched = sum(item["scores"]["lexical"] > 0 for item in got)
+
+    assert 0 < matched < 100 and all(item["scores"]["lexical"] > 0 for item in got[:matched])
+    rest = [(-item["scores"]["vector"], item["id"]) for item in got[matched:]]
+    assert rest == sorted(rest)

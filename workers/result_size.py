@@ -1,0 +1,48 @@
+"""The byte budget of one retrieval's result (``MEMQ_MAX_RESULT_BYTES``), applied by merge after ranking.
+
+An item's size is its ``content`` in UTF-8 plus its ``metadata`` as JSON: what a caller stored and gets back. Past
+the budget, the lowest-ranked items are dropped: items are taken rank by rank across the types (every type's best,
+then every type's second, ... in the order the types were asked for) until the next one does not fit, and that one
+and all ranked after it are dropped. Each type so keeps a prefix of its ranking (never a gap in it), and no type's
+best items are crowded out by another type's long tail. A result always says whether this happened:
+``"truncated": false``, or ``true`` with ``"truncated_items"``, the number dropped per type.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def item_bytes(item: dict[str, Any]) -> int:
+    size = len(str(item.get("content", "")).encode("utf-8", "replace"))
+    if item.get("metadata") is not None:
+        size += len(json.dumps(item["metadata"], default=str).encode("utf-8", "replace"))
+    return size
+
+
+def bound_result_bytes(merged: dict[str, Any], max_bytes: int) -> dict[str, Any]:
+    """``merged`` with ``results`` cut to ``max_bytes`` as described above, and ``truncated`` set."""
+    results: dict[str, list[dict[str, Any]]] = merged["results"]
+    kept = {memory_type: 0 for memory_type in results}
+    total_bytes = 0
+    deepest = max((len(items) for items in results.values()), default=0)
+    full = False
+    for rank in range(deepest):
+        for memory_type, items in results.items():
+            if rank >= len(items):
+                continue
+            size = item_bytes(items[rank])
+            if total_bytes + size > max_bytes:
+                full = True
+                break
+            total_bytes += size
+            kept[memory_type] += 1
+        if full:
+            break
+    dropped = {memory_type: len(items) - kept[memory_type] for memory_type, items in results.items()}
+    if not any(dropped.values()):
+        return {**merged, "truncated": False}
+    cut = {memory_type: items[: kept[memory_type]] for memory_type, items in results.items()}
+    counts = {memory_type: count for memory_type, count in dropped.items() if count}
+    return {**merged, "results": cut, "truncated": True, "truncated_items": counts}
