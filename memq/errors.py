@@ -28,6 +28,10 @@ class InvalidInput(MemqError, ValueError):
         return {"field": self.field, "message": self.message}
 
 
+class IndexNotReady(MemqError):
+    """An Atlas Search or Vector Search index a search needs is missing, failed or still building."""
+
+
 class TransientError(MemqError):
     """A dependency (MongoDB, Redis, a worker) failed in a way that may pass."""
 

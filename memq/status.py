@@ -29,7 +29,7 @@ STATUS_TIMEOUT_S = 1.0
 def collect_status(settings: Settings | None = None, timeout_s: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
     settings = settings or get_settings()
     redis_state = redis_reachability(settings.broker_url, timeout_s)
-    mongo_state = mongo_reachability(settings.mongodb_uri, timeout_ms=int(timeout_s * 1000))
+    mongo_state = mongo_reachability(settings.mongodb_uri, timeout_ms=int(timeout_s * 1000), settings=settings)
     workers: dict[str, dict[str, Any]] = {}
     all_queues = fleet_queues(settings.search_shards)
     depths: dict[str, int | None] = dict.fromkeys(all_queues)
@@ -104,7 +104,7 @@ def redis_reachability(url: str, timeout_s: float) -> dict[str, Any]:
     return state
 
 
-def mongo_reachability(uri: str, timeout_ms: int) -> dict[str, Any]:
+def mongo_reachability(uri: str, timeout_ms: int, settings: Settings | None = None) -> dict[str, Any]:
     import pymongo
     from pymongo.errors import PyMongoError
 
@@ -116,11 +116,37 @@ def mongo_reachability(uri: str, timeout_ms: int) -> dict[str, Any]:
         try:
             client.admin.command("ping")
             state["reachable"] = True
+            if settings is not None:
+                state["search_indexes"] = search_index_states(client[settings.mongodb_db], settings)
         finally:
             client.close()
     except (PyMongoError, ValueError) as exc:
         state["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     return state
+
+
+def search_index_states(database: Any, settings: Settings) -> dict[str, Any]:
+    """Per memory type collection that exists: the state of memq's vector and search index (ready, building,
+    missing, failed), or ``unknown`` where the server lists no search indexes (mongod, nx-27017)."""
+    from pymongo.errors import OperationFailure
+
+    from memq.memory_types import MemoryType
+    from memq.workers.index_readiness import state_from_documents
+
+    existing = set(database.list_collection_names())
+    states: dict[str, Any] = {}
+    for memory_type in MemoryType:
+        if memory_type.value not in existing:
+            continue
+        try:
+            documents = list(database[memory_type.value].list_search_indexes())
+        except OperationFailure:
+            states[memory_type.value] = "unknown"
+            continue
+        states[memory_type.value] = {
+            name: state_from_documents(documents, name) for name in (settings.vector_index, settings.text_index)
+        }
+    return states
 
 
 def queue_depths(app: Any, queues: tuple[str, ...] | list[str]) -> dict[str, int | None]:
@@ -166,6 +192,9 @@ def format_status(status: dict[str, Any]) -> str:
         service = status[name]
         state = "reachable" if service["reachable"] else f"UNREACHABLE ({service['error']})"
         lines.append(f"  {name:<8} {service['url']}  {state}")
+    for collection, indexes in (status["mongodb"].get("search_indexes") or {}).items():
+        shown = indexes if isinstance(indexes, str) else ", ".join(f"{n} {s}" for n, s in indexes.items())
+        lines.append(f"    search indexes on {collection}: {shown}")
     lines.append("")
     lines += _table(
         ["QUEUE", "DEPTH", "WORKERS"],

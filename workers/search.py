@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 
 from memq import ranking
-from memq.errors import StoreUnavailable
+from memq.errors import IndexNotReady, StoreUnavailable
 from memq.process_local import ProcessLocal
 from memq.settings import get_settings
 from memq.vectors import from_stored, normalise
-from memq.workers import mongo, store, versions
+from memq.workers import index_readiness, mongo, store, versions
 from memq.workers.lexical import LexicalIndex
 from memq.workers.metrics import BAD_STORED_ROWS, CACHE_REQUESTS, MATRIX_LOADS, SEARCH_SECONDS
 from memq.workers.single_flight import FlightTimeout, SingleFlight
@@ -397,18 +397,32 @@ def resolve_strategy(requested: str, memory_type: str, dimensions: int) -> str:
     return "vector_search" if supports("$vectorSearch", memory_type, dimensions) else "exact"
 
 
+def vector_index_building(memory_type: str, explicit: bool) -> bool:
+    """Whether the vector index is still building (``auto`` then searches exactly); raises ``IndexNotReady`` when
+    it is missing or failed, or building while ``vector_search`` was asked for by name."""
+    name = get_settings().vector_index
+    building = index_readiness.require_ready(memory_type, name, "vector") == "building"
+    if building and explicit:
+        raise IndexNotReady(f"the vector index {name!r} on {memory_type} is still building: retry when it is ready")
+    return building
+
+
 def search(
     memory_id: str, memory_type: str, query: np.ndarray, k: int, strategy: str, wanted: Wanted | None = None
 ) -> SearchOutcome:
     wanted = wanted or Wanted()
     dimensions = int(query.shape[0])
     chosen = resolve_strategy(strategy, memory_type, dimensions)
+    note = None
+    if chosen == "vector_search" and vector_index_building(memory_type, explicit=strategy == "vector_search"):
+        chosen, note = "exact", "exact (vector index building)"
     started = time.perf_counter()
     outcome = None
     if chosen == "vector_search":
         outcome = server_search(memory_id, memory_type, query, k, wanted, dimensions)
-    if outcome is None:  # exact asked for, or the server lacks the stage this mode needs
+    if outcome is None:  # exact asked for, or the server lacks the stage (or a ready index) this mode needs
         outcome = exact_search(memory_id, memory_type, query, k, wanted)
+        outcome.strategy = note or outcome.strategy
     SEARCH_SECONDS.labels(memory_type=memory_type, strategy=outcome.strategy).observe(time.perf_counter() - started)
     return outcome
 
@@ -426,6 +440,8 @@ def server_search(
         return SearchOutcome(items, "vector_search", "n/a")
     if wanted.query is None or not supports("$search", memory_type, dimensions):
         return None
+    if index_readiness.require_ready(memory_type, settings.text_index, "search") == "building":
+        return None  # searched exactly until the text index is queryable
     if wanted.mode == "lexical":
         items = store.text_search(memory_id, memory_type, wanted.query, k, settings, wanted.filters)
         return SearchOutcome(items, "text_search", "n/a")

@@ -1,0 +1,254 @@
+"""Memory under the heaviest retrievals: 9 memory types x k=100 over memories of ~4 KB, from 16 clients. Two fleets
+in one run, on the same MongoDB data and request stream: ``unbounded`` (no cache Redis ``maxmemory``, a search
+worker budget far above the data) and ``bounded`` (the budgets below). Reports the search worker's peak resident
+memory against ``MEMQ_EXACT_CACHE_MAX_BYTES`` and the cache Redis's peak ``used_memory`` against its
+``maxmemory``. Prints a table, writes ``bench/results/memory.json`` and ``memory.png``.
+
+    python -m bench.memory_bench                         # 12 tenants x 9 types x 300 memories of 4 KB, 320 requests
+    python -m bench.memory_bench --tenants 4 --requests 64   # a quick look
+
+Memories are written straight into MongoDB with random unit vectors (what is measured is memory, not ranking);
+queries are embedded by the real model. The cache Redis is its own redis-server (``MEMQ_REDIS_URL``), as in the
+compose and k8s files, with ``volatile-lru``; the broker is another one, with ``noeviction``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+
+from bench.pipeline_bench import RESULTS, machine, summary
+from bench.scale_bench import rss_mb
+from memq import services
+from memq.memory_types import MemoryType
+
+TYPES = tuple(memory_type.value for memory_type in MemoryType)  # all 9
+QUERIES = ("what does this person like", "recent plans", "how to book travel", "health notes", "work projects")
+MIB = 1024 * 1024
+BOUNDED = {"search_budget_mb": 128, "cache_maxmemory_mb": 64}
+UNBOUNDED = {"search_budget_mb": 64 * 1024, "cache_maxmemory_mb": 0}
+
+
+def load_memories(uri: str, db: str, tenants: int, memories: int, content_bytes: int, dimensions: int) -> None:
+    import pymongo
+
+    from bench.scale_bench import _dt
+    from memq.keys import memory_object_id
+    from memq.vectors import to_bson
+
+    rng = np.random.default_rng(11)
+    database = pymongo.MongoClient(uri)[db]
+    filler = ("lorem ipsum dolor sit amet " * (content_bytes // 27 + 1))[:content_bytes]
+    now = time.time()
+    for collection in TYPES:
+        database[collection].create_index([("memory_id", 1), ("created_at", -1)])
+        database[collection].create_index([("memory_id", 1)])  # nx-27017 plans equality through these only
+    for t in range(tenants):
+        memory_id = f"mem-{t}"
+        for collection in TYPES:
+            vectors = rng.standard_normal((memories, dimensions)).astype(np.float32)
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            docs = [
+                {
+                    "_id": memory_object_id(memory_id, f"m{i}"),
+                    "memory_id": memory_id,
+                    "key": f"m{i}",
+                    "content": f"{QUERIES[i % len(QUERIES)]} {i}: {filler}",
+                    "embedding": to_bson(vectors[i]),
+                    "model": "all-MiniLM-L6-v2",
+                    "importance": 0.5,
+                    "created_at": _dt(now - i * 3600),
+                    "last_accessed_at": _dt(now - i * 3600),
+                }
+                for i in range(memories)
+            ]
+            database[collection].insert_many(docs, ordered=False)
+
+
+def drive(tenants: int, requests: int, clients: int, k: int) -> dict[str, Any]:
+    """In a client process: ``requests`` retrievals of all 9 types x ``k`` from ``clients`` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from memq import retrieve
+
+    limits = dict.fromkeys(TYPES, k)
+
+    def one(i: int) -> tuple[float, str, int]:
+        started = time.perf_counter()
+        try:
+            result = retrieve(f"{QUERIES[i % len(QUERIES)]} #{i}", f"mem-{i % tenants}", limits, timeout_s=120)
+            problem = json.dumps(result["errors"])[:200] if result["errors"] else ""
+            size = len(json.dumps(result["results"]))
+        except Exception as exc:
+            problem, size = f"{type(exc).__name__}: {exc}"[:200], 0
+        return (time.perf_counter() - started) * 1000, problem, size
+
+    with ThreadPoolExecutor(clients) as pool:
+        outcomes = list(pool.map(one, range(requests)))
+    problems = [problem for _, problem, _ in outcomes if problem]
+    return {
+        "latency": summary([ms for ms, problem, _ in outcomes if not problem]),
+        "errors": len(problems),
+        "error_examples": sorted(set(problems))[:3],
+        "result_mb_max": max((size for *_, size in outcomes), default=0) / MIB,
+    }
+
+
+class Sampler:
+    """Peak RSS of one process and peak ``used_memory`` of one Redis, sampled every ``interval_s``."""
+
+    def __init__(self, pid: int, cache: redis.Redis, interval_s: float = 0.25) -> None:
+        self.pid, self.cache, self.interval_s = pid, cache, interval_s
+        self.rss_mb: list[float] = []
+        self.redis_mb: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.rss_mb.append(rss_mb(self.pid))
+            self.redis_mb.append(int(self.cache.info("memory")["used_memory"]) / MIB)
+
+
+def run_fleet(base_env: dict[str, str], label: str, budget: dict[str, int], args: argparse.Namespace) -> dict[str, Any]:
+    cache_service = services.start_redis_server()
+    cache = redis.Redis.from_url(cache_service.url)
+    cache.config_set("maxmemory", f"{budget['cache_maxmemory_mb']}mb")
+    cache.config_set("maxmemory-policy", "volatile-lru")
+    env = {
+        **base_env,
+        "MEMQ_REDIS_URL": cache_service.url,
+        "MEMQ_EXACT_CACHE_MAX_BYTES": str(budget["search_budget_mb"] * MIB),
+        "MEMQ_SEARCH_STRATEGY": "exact",
+    }
+    fleet = services.Fleet(env)
+    try:
+        hosts = [fleet.start("embed", name=f"{label}-embed"), fleet.start("search", name=f"{label}-search")]
+        from celery import Celery
+
+        from memq.config.celery import celery_config
+        from memq.settings import Settings
+
+        app = Celery("memq-memory-bench", set_as_current=False)
+        app.config_from_object(
+            celery_config(Settings(broker_url=env["MEMQ_BROKER_URL"], result_backend=env["MEMQ_BROKER_URL"]))
+        )
+        fleet.wait_ready(app, hosts, timeout_s=240)
+        app.close()
+        baseline_rss_mb = rss_mb(fleet.workers[hosts[1]].pid)
+        code = (
+            "import json; from bench.memory_bench import drive; "
+            f"print(json.dumps(drive({args.tenants}, {args.requests}, {args.clients}, {args.k})))"
+        )
+        with Sampler(fleet.workers[hosts[1]].pid, cache) as sampled:
+            proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=7200)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-3000:])
+        driven = json.loads(proc.stdout.strip().splitlines()[-1])
+        evicted = int(cache.info("stats")["evicted_keys"])
+    finally:
+        fleet.stop_all()
+        cache_service.stop()
+    return {
+        "fleet": label,
+        **budget,
+        **driven,
+        "search_rss_mb_at_start": baseline_rss_mb,
+        "search_rss_mb_peak": max(sampled.rss_mb, default=float("nan")),
+        "cache_redis_mb_peak": max(sampled.redis_mb, default=float("nan")),
+        "cache_evicted_keys": evicted,
+        "rss_series_mb": sampled.rss_mb,
+        "redis_series_mb": sampled.redis_mb,
+    }
+
+
+def report(runs: list[dict[str, Any]]) -> None:
+    print(
+        f"{'fleet':<10} {'search budget MB':>16} {'RSS start':>9} {'RSS peak':>9} {'cache maxmem MB':>15} "
+        f"{'Redis peak MB':>13} {'evicted':>8} {'p50 ms':>8} {'errors':>6}"
+    )
+    for run in runs:
+        budget = run["cache_maxmemory_mb"] or "none"
+        print(
+            f"{run['fleet']:<10} {run['search_budget_mb']:>16} {run['search_rss_mb_at_start']:>9.0f} "
+            f"{run['search_rss_mb_peak']:>9.0f} {budget!s:>15} {run['cache_redis_mb_peak']:>13.1f} "
+            f"{run['cache_evicted_keys']:>8} {run['latency']['p50_ms']:>8.0f} {run['errors']:>6}"
+        )
+
+
+def plot(runs: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in runs:
+        left.plot(np.arange(len(run["rss_series_mb"])) * 0.25, run["rss_series_mb"], label=run["fleet"])
+        right.plot(np.arange(len(run["redis_series_mb"])) * 0.25, run["redis_series_mb"], label=run["fleet"])
+    left.axhline(BOUNDED["search_budget_mb"], linestyle="--", color="grey", label="search budget (bounded)")
+    right.axhline(BOUNDED["cache_maxmemory_mb"], linestyle="--", color="grey", label="maxmemory (bounded)")
+    left.set(title="search worker RSS", xlabel="s", ylabel="MB")
+    right.set(title="cache Redis used_memory", xlabel="s", ylabel="MB")
+    left.legend()
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tenants", type=int, default=12)
+    parser.add_argument("--memories", type=int, default=300, help="per tenant and type")
+    parser.add_argument("--content-bytes", type=int, default=4096)
+    parser.add_argument("--requests", type=int, default=320)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--k", type=int, default=100)
+    args = parser.parse_args()
+
+    broker = services.start_redis_server()
+    mongo = services.start_nx27017()
+    base_env = services.memq_env(
+        {k: v for k, v in os.environ.items() if not k.startswith("MEMQ_")},
+        broker.url,
+        mongo.url,
+        MEMQ_MONGODB_DB="memq_memory_bench",
+        MEMQ_RESULT_CACHE_TTL_S="600",
+        MEMQ_METRICS_PORT="0",
+    )
+    try:
+        started = time.perf_counter()
+        load_memories(mongo.url, "memq_memory_bench", args.tenants, args.memories, args.content_bytes, 384)
+        print(f"loaded {args.tenants * 9 * args.memories} memories in {time.perf_counter() - started:.0f} s")
+        runs = [run_fleet(base_env, "unbounded", UNBOUNDED, args), run_fleet(base_env, "bounded", BOUNDED, args)]
+    finally:
+        mongo.stop()
+        broker.stop()
+    report(runs)
+    RESULTS.mkdir(exist_ok=True)
+    out = {"machine": machine(), "args": vars(args), "runs": runs}
+    (RESULTS / "memory.json").write_text(json.dumps(out, indent=1))
+    plot(runs, RESULTS / "memory.png")
+    print(f"wrote {RESULTS / 'memory.json'} and memory.png")
+
+
+if __name__ == "__main__":
+    main()

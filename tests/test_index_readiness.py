@@ -1,0 +1,83 @@
+"""Atlas indexes are checked beside the stage probe: a missing or building vector or search index is never a
+silent empty result. The states come from ``list_search_indexes`` documents as Atlas returns them."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+from memq.workers.index_readiness import state_from_documents
+
+
+def atlas_index(name: str, status: str, queryable: bool | None, **extra: Any) -> dict[str, Any]:
+    """A ``list_search_indexes`` document as MongoDB Atlas (and mongodb-atlas-local) returns it."""
+    document: dict[str, Any] = {"id": "6524096020da840844a4c4a7", "name": name, "type": "vectorSearch"}
+    document |= {"status": status, "latestDefinition": {"fields": []}, **extra}
+    if queryable is not None:
+        document["queryable"] = queryable
+    return document
+
+
+@pytest.mark.parametrize(
+    ("documents", "expected"),
+    [
+        ([], "missing"),
+        ([atlas_index("other_index", "READY", True)], "missing"),
+        ([atlas_index("memq_vector", "READY", True)], "ready"),
+        ([atlas_index("memq_vector", "PENDING", False)], "building"),
+        ([atlas_index("memq_vector", "BUILDING", False)], "building"),
+        ([atlas_index("memq_vector", "BUILDING", True)], "ready"),  # a new definition builds beside a queryable one
+        ([atlas_index("memq_vector", "STALE", True)], "ready"),
+        ([atlas_index("memq_vector", "FAILED", False)], "failed"),
+        ([atlas_index("memq_vector", "DOES_NOT_EXIST", False)], "missing"),
+        ([atlas_index("memq_vector", "DELETING", False)], "missing"),
+        ([atlas_index("memq_vector", "READY", None)], "ready"),  # older servers send no queryable field
+    ],
+)
+def test_an_index_state_is_read_from_atlas_list_search_indexes_documents(
+    documents: list[dict[str, Any]], expected: str
+) -> None:
+    assert state_from_documents(documents, "memq_vector") == expected
+
+
+def test_memq_status_lists_each_collections_vector_and_search_index_state(mongo_db: Any) -> None:
+    from memq.settings import get_settings
+    from memq.status import search_index_states
+
+    mongo_db["long_term_memory"].insert_one({"memory_id": "index-probe", "content": "x"})
+
+    states = search_index_states(mongo_db, get_settings())
+
+    assert set(states["long_term_memory"]) == {"memq_vector", "memq_text"}
+    if not os.environ.get("MEMQ_TEST_REAL_MONGODB"):  # nx-27017 answers $listSearchIndexes with none
+        assert states["long_term_memory"] == {"memq_vector": "missing", "memq_text": "missing"}
+
+
+def test_a_search_that_needs_a_missing_index_fails_naming_memq_indexes_instead_of_returning_nothing(
+    mongo_db: Any,
+) -> None:
+    from memq.errors import IndexNotReady
+    from memq.workers import index_readiness
+
+    if os.environ.get("MEMQ_TEST_REAL_MONGODB"):
+        pytest.skip("on a real Atlas the index may exist")
+    mongo_db["conversation_memory"].insert_one({"memory_id": "index-probe", "content": "x"})
+    index_readiness.forget_states()
+
+    with pytest.raises(IndexNotReady, match="memq indexes"):
+        index_readiness.require_ready("conversation_memory", "memq_vector", "vector")
+
+
+def test_a_building_vector_index_sends_auto_to_the_exact_path_and_an_explicit_request_to_an_error(
+    mongo_db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from memq.errors import IndexNotReady
+    from memq.workers import index_readiness, search
+
+    monkeypatch.setitem(index_readiness._states, ("workflow_memory", "memq_vector"), ("building", 1e18))
+
+    assert search.vector_index_building("workflow_memory", explicit=False) is True
+    with pytest.raises(IndexNotReady, match="still building"):
+        search.vector_index_building("workflow_memory", explicit=True)
