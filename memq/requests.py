@@ -55,8 +55,9 @@ def retrieval_request(
 
 
 def normalise_query(query: str) -> str:
-    """The query as the result cache sees it: Unicode NFC, runs of whitespace as one space."""
-    return " ".join(unicodedata.normalize("NFC", query).split())
+    """The query as the result cache sees it: Unicode NFKC (as the edge already made it, ``check_query``), runs of
+    whitespace as one space."""
+    return " ".join(unicodedata.normalize("NFKC", query).split())
 
 
 def cache_identity(settings: Settings, request: RetrievalRequest) -> dict[str, Any]:

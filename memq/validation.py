@@ -8,6 +8,7 @@ valid UTF-8 (``check_utf8``: no lone surrogates); timestamps lie in 1970-01-01T0
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -66,7 +67,7 @@ def is_finite_number(value: Any) -> bool:
 def check_query(query: Any, max_chars: int) -> str:
     if not isinstance(query, str):
         raise InvalidInput("query", f"must be a string, got {type(query).__name__}")
-    text = check_utf8(query, "query").strip()
+    text = unicodedata.normalize("NFKC", check_utf8(query, "query")).strip()  # one spelling for cache and search
     if not text:
         raise InvalidInput("query", "must not be empty")
     if len(text) > max_chars:

@@ -3,15 +3,26 @@
 Built by ``bm25s`` (a maintained BM25 that keeps the index as a sparse matrix and scores every document in
 one sparse column sum) from the same documents as the matrix, and cached with it (``workers.search``), so a
 write makes both unreachable at once. A memory is indexed with its ``content`` and the ``context`` its writer
-supplied beside it. Analysis: lowercase, words of two or more letters or digits, English stop words (NLTK's
-list) dropped, Snowball English stemming (PyStemmer). Parameters: ``BM25_K1``, ``BM25_B`` (Lucene's variant of
+supplied beside it. Analysis (``analyse``), the same for memories and queries:
+
+- Unicode NFKC, then case folding: NFD and NFC spellings, full-width and compatibility forms, and case all meet;
+- Chinese, Japanese and Korean runs (Han, Hiragana, Katakana, Hangul), which have no spaces between words:
+  overlapping character bigrams (a run of one character: that character), so "咖喱" finds "我喜欢吃泰国咖喱";
+- emoji and other pictographic symbols (Unicode category So): one term each;
+- everything else: words of two or more letters or digits, English stop words (NLTK's list) dropped, Snowball
+  English stemming (PyStemmer), exactly as bm25s tokenises; other alphabetic languages get words without stemming
+  or stop words (the English stemmer leaves them as they are).
+
+Parameters: ``BM25_K1``, ``BM25_B`` (Lucene's variant of
 the formula), chosen on the LoCoMo dev conversations (README, "Retrieval quality").
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
+import unicodedata
 from collections.abc import Sequence
 
 import bm25s
@@ -35,9 +46,36 @@ def _stemmer() -> Stemmer.Stemmer:
     return stemmer
 
 
+# Scripts written without spaces between words: CJK ideographs (and extensions, compatibility), Hiragana,
+# Katakana (with the prolonged sound mark), Bopomofo, Hangul syllables and jamo.
+CJK_RANGES = "\u1100-\u11ff\u3040-\u30ff\u3100-\u312f\u3130-\u318f\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+CJK_RUN = re.compile(f"[{CJK_RANGES}]+")
+SYMBOL = re.compile(r"[^\w\s]")
+
+
+def normalise(text: str) -> str:
+    """NFKC, then case folding: what every memory and query is compared as."""
+    return unicodedata.normalize("NFKC", text).casefold()
+
+
 def analyse(texts: Sequence[str]) -> list[list[str]]:
     """Each text's terms, as the index and the queries see them."""
-    return bm25s.tokenize(list(texts), stopwords=STOPWORDS, stemmer=_stemmer(), return_ids=False, show_progress=False)
+    normalised = [normalise(text) for text in texts]
+    extra = [_cjk_bigrams(text) + _symbols(text) for text in normalised]
+    words_only = [SYMBOL.sub(" ", CJK_RUN.sub(" ", text)) for text in normalised]
+    words = bm25s.tokenize(words_only, stopwords=STOPWORDS, stemmer=_stemmer(), return_ids=False, show_progress=False)
+    return [list(terms) + more for terms, more in zip(words, extra, strict=True)]
+
+
+def _cjk_bigrams(text: str) -> list[str]:
+    terms: list[str] = []
+    for run in CJK_RUN.findall(text):
+        terms += [run] if len(run) == 1 else [run[i : i + 2] for i in range(len(run) - 1)]
+    return terms
+
+
+def _symbols(text: str) -> list[str]:
+    return [char for char in SYMBOL.findall(text) if unicodedata.category(char) == "So"]
 
 
 class LexicalIndex:

@@ -259,6 +259,8 @@ def top_k(entry: TenantMatrix, query: np.ndarray, k: int, wanted: Wanted | None 
     lexical_used = wanted.mode != "vector" and wanted.query is not None and entry.lexical is not None
     lexical = entry.lexical.scores(wanted.query) if lexical_used else np.zeros(len(entry.items), dtype=np.float32)
     eligible = np.flatnonzero(filter_mask(entry, wanted.filters))
+    if wanted.mode == "lexical":  # only memories the query's terms match, as Atlas $search returns
+        eligible = eligible[lexical[eligible] > 0]
     if eligible.size == 0:
         return []
     fused = ranking.fuse(vector[eligible], lexical[eligible], wanted.mode)

@@ -1,0 +1,81 @@
+"""Lexical search beyond English: Chinese, Japanese, Korean, emoji and accented text are found by their own words,
+however the text is spelled (NFC, NFD, full-width, case), and lexical mode returns only what matches."""
+
+from __future__ import annotations
+
+import unicodedata
+from typing import Any
+
+import pytest
+
+from memq import client
+from memq.workers.lexical import LexicalIndex, analyse
+
+pytestmark = pytest.mark.usefixtures("fleet")
+
+#: A small multilingual set: each query must find its memory by lexical search alone.
+MEMORIES = [
+    "我喜欢吃泰国咖喱",  # Chinese: I like Thai curry
+    "私は毎朝コーヒーを飲みます",  # Japanese: I drink coffee every morning
+    "저는 주말마다 등산을 합니다",  # Korean: I go hiking every weekend
+    "Friday night is 🍕 night with the kids",
+    unicodedata.normalize("NFD", "Zoë moved to Köln last spring"),  # decomposed accents
+    "Ｒｅｓｅｒｖｅｄ a table at Ｌｅ Ｂｅｒｎａｒｄｉｎ",  # full-width Latin
+    "Он любит кататься на лыжах",  # Russian: he likes skiing
+    "The runners were running through the park",
+]
+QUERIES = {
+    "咖喱": 0,
+    "コーヒー": 1,
+    "등산": 2,
+    "🍕": 3,
+    "Köln": 4,  # NFC query, NFD memory
+    "zoë": 4,
+    "reserved bernardin": 5,
+    "лыжах": 6,
+    "RUN": 7,
+}
+
+
+def test_each_script_is_analysed_into_terms_that_its_queries_share() -> None:
+    index = LexicalIndex(MEMORIES)
+
+    for query, expected in QUERIES.items():
+        scores = index.scores(query)
+        assert int(scores.argmax()) == expected and scores[expected] > 0, (query, analyse([query]))
+
+
+def test_english_analysis_is_unchanged_stop_words_dropped_and_stemmed() -> None:
+    assert analyse(["The runners were running quickly"]) == [["runner", "run", "quick"]]
+
+
+@pytest.fixture(scope="module")
+def multilingual_tenant() -> str:
+    import uuid
+
+    tenant = f"multilingual-{uuid.uuid4().hex[:8]}"
+    client.remember(tenant, "semantic", MEMORIES)
+    return tenant
+
+
+@pytest.mark.parametrize("query", list(QUERIES))
+def test_a_lexical_retrieval_finds_the_memory_in_its_own_script(query: str, multilingual_tenant: str) -> None:
+    result = client.retrieve(query, multilingual_tenant, {"semantic": 3}, mode="lexical")
+
+    found = result["results"]["long_term_memory"]
+    assert found, result["errors"]
+    assert unicodedata.normalize("NFC", found[0]["content"]) == unicodedata.normalize("NFC", MEMORIES[QUERIES[query]])
+    assert all(item["scores"]["lexical"] > 0 for item in found)  # only matches, never zero-score padding
+
+
+def test_a_lexical_query_that_matches_nothing_returns_nothing(multilingual_tenant: str) -> None:
+    result = client.retrieve("submarine", multilingual_tenant, {"semantic": 3}, mode="lexical")
+
+    assert result["results"]["long_term_memory"] == [] and result["errors"] == {}
+
+
+def test_an_nfd_and_an_nfc_query_are_one_query(multilingual_tenant: str, cache_redis: Any) -> None:
+    nfc = client.retrieve("Köln", multilingual_tenant, {"semantic": 1}, mode="lexical")
+    nfd = client.retrieve(unicodedata.normalize("NFD", "Köln"), multilingual_tenant, {"semantic": 1}, mode="lexical")
+
+    assert nfd["cached"] is True and nfd["results"] == nfc["results"]
