@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -124,32 +125,26 @@ def create_indexes(dimensions: int | None = None, timeout_s: float = 120.0) -> d
     return _wait(result, timeout_s, what="create_indexes")
 
 
-async def aretrieve(
-    query: str,
-    memory_id: str,
-    limits: dict[str, int],
-    weights: dict[str, float] | None = None,
-    timeout_s: float | None = None,
-    strategy: str | None = None,
-    mode: str | None = None,
-    filters: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """``retrieve`` for asyncio: the wait runs on a dedicated thread pool, never on the event loop. The deadline
-    starts now, not when a pool thread is free: a call that waited for a thread gets only what is left, and the
-    caller gets ``RetrievalTimeout`` by ``timeout_s`` + ``ASYNC_MARGIN_S`` whatever the pool is doing."""
+async def aretrieve(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``retrieve`` for asyncio (same arguments): the wait runs on a dedicated thread pool, never on the event loop.
+    The deadline starts now, not when a pool thread is free: a call that waited for a thread gets only what is left,
+    and the caller gets ``RetrievalTimeout`` by ``timeout_s`` + ``ASYNC_MARGIN_S`` whatever the pool is doing."""
+    call = inspect.signature(retrieve).bind(*args, **kwargs)  # a wrong argument raises TypeError here, as in retrieve
+    timeout_s = call.arguments.get("timeout_s")
     budget_s = get_settings().retrieve_timeout_s if timeout_s is None else timeout_s
-    deadline = time.monotonic() + budget_s if is_finite_number(budget_s) and budget_s > 0 else None
+    if not (is_finite_number(budget_s) and budget_s > 0):  # retrieve names the bad timeout_s
+        return await _in_thread(functools.partial(retrieve, *call.args, **call.kwargs))
+    deadline = time.monotonic() + budget_s
 
-    def call() -> dict[str, Any]:
-        left_s = timeout_s if deadline is None else deadline - time.monotonic()
-        if deadline is not None and left_s <= 0:  # type: ignore[operator]
+    def run() -> dict[str, Any]:
+        left_s = deadline - time.monotonic()
+        if left_s <= 0:
             raise RetrievalTimeout(f"retrieval did not start within {budget_s:g} s (every client thread was busy)")
-        return retrieve(query, memory_id, limits, weights, left_s, strategy, mode, filters)
+        call.arguments["timeout_s"] = left_s
+        return retrieve(*call.args, **call.kwargs)
 
-    if deadline is None:  # an invalid timeout_s: retrieve names it
-        return await _in_thread(call)
     try:
-        return await asyncio.wait_for(_in_thread(call), timeout=budget_s + ASYNC_MARGIN_S)
+        return await asyncio.wait_for(_in_thread(run), timeout=budget_s + ASYNC_MARGIN_S)
     except TimeoutError:
         raise RetrievalTimeout(f"retrieval did not finish within {budget_s:g} s") from None
 
