@@ -324,9 +324,8 @@ def item_problem(item: Any) -> str | None:
     importance = item.get("importance", 0.5)
     if not is_finite_number(importance) or not 0 <= importance <= 1:
         return "an item's importance is not in 0..1"
-    for name in ("created_at_ts", "last_accessed_at_ts"):
-        if item.get(name) is not None and not is_finite_number(item[name]):
-            return f"an item's {name} is not a finite number"
+    if item.get("created_at_ts") is not None and not is_finite_number(item["created_at_ts"]):
+        return "an item's created_at_ts is not a finite number"
     scores = item.get("scores", {})
     if not isinstance(scores, dict) or any(v is not None and not is_finite_number(v) for v in scores.values()):
         return "an item's scores are not finite numbers"

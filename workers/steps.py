@@ -18,7 +18,7 @@ from memq.workers.embedder import embedder
 from memq.workers.metrics import EMBED_BATCH_SIZE, EMBED_SECONDS, MERGE_SECONDS, STORE_WRITES
 from memq.workers.search import Wanted
 
-INTERNAL_ITEM_FIELDS = ("created_at_ts", "last_accessed_at_ts")
+INTERNAL_ITEM_FIELDS = ("created_at_ts",)
 QUERY_WAIT_S = 60.0  # longest wait for the batcher's forward pass of one query
 
 
