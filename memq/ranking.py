@@ -8,7 +8,9 @@
    + w_imp * importance) / sum(w)`` with each term min-max normalised over the candidates (as in Generative
    Agents), so a term's scale cannot swamp another's: with the default weights a weakly related memory does
    not outrank a strongly related one because it is recent or important. With relevance-only weights the
-   order is the relevance order, so ``mode="vector"`` returns exactly the cosine top-k.
+   order is the relevance order, so ``mode="vector"`` returns exactly the cosine top-k. Recency is the age since
+   the memory's ``created_at`` (its own, else its first insert): nothing records an access, and re-sending a
+   memory never moves it.
 """
 
 from __future__ import annotations
@@ -26,9 +28,17 @@ HYBRID_VECTOR_WEIGHT = 0.5
 RRF_K = 60  # reciprocal rank fusion's constant, for fusing two ranked lists (Atlas without $rankFusion)
 
 
-def recency(last_access_ts: float, now_ts: float, half_life_s: float) -> float:
-    age_s = max(0.0, now_ts - last_access_ts)
+def recency(created_ts: float, now_ts: float, half_life_s: float) -> float:
+    """1 for a memory created now, halving every ``half_life_s`` of its age since ``created_at``."""
+    age_s = max(0.0, now_ts - created_ts)
     return math.exp(-LN2 * age_s / half_life_s)
+
+
+def item_recency(item: dict[str, Any], now_ts: float, half_life_s: float) -> float:
+    """An item's recency from its ``created_at_ts``; one without (a row written by hand) counts as old, never as
+    recent."""
+    created_ts = item.get("created_at_ts")
+    return 0.0 if created_ts is None else recency(float(created_ts), now_ts, half_life_s)
 
 
 def minmax(values: np.ndarray) -> np.ndarray:
@@ -75,7 +85,7 @@ def rank_type(
         return []
     raw = {
         "relevance": np.array([float(item["score"]) for item in items]),
-        "recency": np.array([recency(_last_access(item, now_ts), now_ts, half_life_s) for item in items]),
+        "recency": np.array([item_recency(item, now_ts, half_life_s) for item in items]),
         "importance": np.array([float(item.get("importance", 0.5)) for item in items]),
     }
     total_weight = sum(weights.values())
@@ -87,11 +97,6 @@ def rank_type(
         scores["importance"] = float(raw["importance"][i])
     ranked = sorted(items, key=lambda item: (-item["memory_signal"], -item["score"]))
     return ranked[:k]
-
-
-def _last_access(item: dict[str, Any], now_ts: float) -> float:
-    present = (item.get("last_accessed_at_ts"), item.get("created_at_ts"))
-    return next((float(value) for value in present if value is not None), now_ts)
 
 
 def candidates_for(k: int, weights: dict[str, float], oversample: int) -> int:

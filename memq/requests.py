@@ -14,7 +14,7 @@ from memq.ranking import candidates_for
 from memq.settings import SEARCH_STRATEGIES, Settings
 from memq.wire import RetrievalRequest
 
-RESULT_FORMAT = 3  # bump when the result's or its cache envelope's shape changes: old entries are then never read
+RESULT_FORMAT = 4  # bump when the result's or its cache envelope's shape changes: old entries are then never read
 
 
 def retrieval_request(

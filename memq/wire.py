@@ -37,6 +37,7 @@ MAX_DATA_VERSION = 2**63 - 1  # a Redis INCR counter
 MAX_ERROR_CHARS = 500
 EMBED_TIMING_FIELDS = ("embed_ms", "embed_started_ts", "embed_ended_ts")
 SEARCH_TIMING_FIELDS = ("search_ms", "search_started_ts", *EMBED_TIMING_FIELDS)
+MATRIX_CACHE_OUTCOMES = ("hit", "miss", "bypass", "n/a")  # memq.workers.search.SearchOutcome.matrix_cache
 
 
 # -- the retrieval request ---------------------------------------------------------------------------------------
@@ -93,9 +94,8 @@ def parse_retrieval_request(request: Any, default_strategy: str = "auto") -> Ret
     limits = validation.check_limits(request.get("limits"))
     weights = validation.check_weights(request.get("weights"))
     strategy = request.get("strategy", default_strategy)
-    if strategy not in SEARCH_STRATEGIES:
+    if not isinstance(strategy, str) or strategy not in SEARCH_STRATEGIES:
         raise InvalidInput("strategy", f"must be one of {SEARCH_STRATEGIES}, got {validation.shown(strategy)}")
-    candidates = request.get("candidates")
     parsed: RetrievalRequest = {
         "query": validation.check_utf8(query, "query"),
         "memory_id": validation.check_memory_id(request.get("memory_id")),
@@ -104,18 +104,40 @@ def parse_retrieval_request(request: Any, default_strategy: str = "auto") -> Ret
         "strategy": strategy,
         "mode": validation.check_mode(request.get("mode")),
         "filters": validation.check_filters(request.get("filters")),
-        "candidates": dict(candidates) if isinstance(candidates, dict) else {},
-        "timeout_s": _number_or(request.get("timeout_s"), 0.0),
-        "requested_at": _number_or(request.get("requested_at"), 0.0),
-        "deadline_ts": _number_or(request.get("deadline_ts"), 0.0),
+        "candidates": _candidates(request.get("candidates"), limits),
+        "timeout_s": _number_or(request, "timeout_s", 0.0),
+        "requested_at": _number_or(request, "requested_at", 0.0),
+        "deadline_ts": _number_or(request, "deadline_ts", 0.0),
     }
     if request.get("cache_key") is not None:  # without a key (an older client's versions) the result is not cached
         parsed = with_cache(parsed, request["cache_key"], request.get("cache_versions"), request.get("cache_ttl_s"))
     return parsed
 
 
-def _number_or(value: Any, default: float) -> float:
-    return float(value) if is_finite_number(value) else default
+def _number_or(message: dict[str, Any], name: str, default: float) -> float:
+    """``message[name]`` as a float, ``default`` when it is missing or ``None``; anything but a finite number is
+    ``InvalidInput`` naming it."""
+    value = message.get(name)
+    if value is None:
+        return default
+    if not is_finite_number(value):
+        raise InvalidInput(name, f"must be a finite number, got {validation.shown(value)}")
+    return float(value)
+
+
+def _candidates(candidates: Any, limits: dict[str, int]) -> dict[str, int]:
+    """How many candidates each requested type's search returns (missing: none said)."""
+    if candidates is None:
+        return {}
+    if not isinstance(candidates, dict) or not set(candidates) <= set(limits):
+        raise InvalidInput("candidates", "must map requested memory types to a number of candidates")
+    return {memory_type: _candidate_count(memory_type, k) for memory_type, k in candidates.items()}
+
+
+def _candidate_count(memory_type: str, k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_CANDIDATES:
+        raise InvalidInput(f"candidates.{memory_type}", f"must be an integer in 1..{MAX_CANDIDATES}")
+    return k
 
 
 # -- the embed step's result -------------------------------------------------------------------------------------
@@ -149,9 +171,17 @@ def embed_result(
 
 def parse_embed_result(embedded: Any, dimensions: int) -> np.ndarray:
     """The query vector of an ``EmbedResult`` as ``memq.search`` receives it: ``dimensions`` finite values, else
-    ``InvalidInput`` on ``embedded``."""
+    ``InvalidInput`` on ``embedded``; its other fields, which the search passes on to merge, each of their shape
+    (``embedded.model`` a string, ``embedded.embed_ms`` a finite number...) else ``InvalidInput`` naming it."""
     if not isinstance(embedded, dict) or not isinstance(embedded.get("vector"), str):
         raise InvalidInput("embedded", "must be the embed step's result, with a base64 'vector'")
+    if embedded.get("model") is not None and not isinstance(embedded["model"], str):
+        raise InvalidInput("embedded.model", "must be a string")
+    if embedded.get("embed_cache") not in (None, "hit", "miss"):
+        raise InvalidInput("embedded.embed_cache", "must be 'hit' or 'miss'")
+    for name in EMBED_TIMING_FIELDS:
+        if embedded.get(name) is not None and not is_finite_number(embedded[name]):
+            raise InvalidInput(f"embedded.{name}", "must be a finite number")
     try:
         vector = from_wire(embedded["vector"])
     except (TypeError, ValueError) as exc:
@@ -182,6 +212,7 @@ class SearchCall:
     query: str | None
     mode: str
     filters: dict[str, Any]
+    deadline_ts: float | None  # the caller's deadline (wall clock); None: none
 
 
 def search_call(request: RetrievalRequest, memory_type: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -198,9 +229,19 @@ def search_call(request: RetrievalRequest, memory_type: str) -> tuple[tuple[Any,
 
 
 def parse_search_call(
-    memory_id: Any, memory_type: Any, k: Any, strategy: Any, query: Any, mode: Any, filters: Any, max_query_chars: int
+    memory_id: Any,
+    memory_type: Any,
+    k: Any,
+    strategy: Any,
+    query: Any,
+    mode: Any,
+    filters: Any,
+    max_query_chars: int,
+    deadline_ts: Any = None,
 ) -> SearchCall:
-    if strategy not in SEARCH_STRATEGIES:
+    """What ``memq.search`` was asked, every argument after the ``EmbedResult`` of its shape, else
+    ``InvalidInput`` naming it (the ``EmbedResult`` is ``parse_embed_result``'s)."""
+    if not isinstance(strategy, str) or strategy not in SEARCH_STRATEGIES:
         raise InvalidInput("strategy", f"must be one of {SEARCH_STRATEGIES}, got {validation.shown(strategy)}")
     call = SearchCall(
         memory_id=validation.check_memory_id(memory_id),
@@ -210,6 +251,7 @@ def parse_search_call(
         query=None if query is None else validation.check_query(query, max_query_chars),
         mode=validation.check_mode(mode),
         filters=validation.check_filters(filters),
+        deadline_ts=None if deadline_ts is None else _number_or({"deadline_ts": deadline_ts}, "deadline_ts", 0.0),
     )
     if call.mode != "vector" and call.query is None:
         raise InvalidInput("query", f"is needed for mode {call.mode!r}")
@@ -305,6 +347,11 @@ def _search_result_problem(result: dict[str, Any]) -> str | None:
     for name in SEARCH_TIMING_FIELDS:
         if result.get(name) is not None and not is_finite_number(result[name]):
             return f"{name} is not a finite number"
+    for name in ("strategy", "model", "served_by"):
+        if result.get(name) is not None and not isinstance(result[name], str):
+            return f"{name} is not a string"
+    if result.get("matrix_cache") not in (None, *MATRIX_CACHE_OUTCOMES):
+        return f"matrix_cache is not one of {MATRIX_CACHE_OUTCOMES}"
     if "error" in result:
         return None if isinstance(result["error"], str) else "error is not a string"
     items = result.get("items")
@@ -324,9 +371,8 @@ def item_problem(item: Any) -> str | None:
     importance = item.get("importance", 0.5)
     if not is_finite_number(importance) or not 0 <= importance <= 1:
         return "an item's importance is not in 0..1"
-    for name in ("created_at_ts", "last_accessed_at_ts"):
-        if item.get(name) is not None and not is_finite_number(item[name]):
-            return f"an item's {name} is not a finite number"
+    if item.get("created_at_ts") is not None and not is_finite_number(item["created_at_ts"]):
+        return "an item's created_at_ts is not a finite number"
     scores = item.get("scores", {})
     if not isinstance(scores, dict) or any(v is not None and not is_finite_number(v) for v in scores.values()):
         return "an item's scores are not finite numbers"

@@ -51,9 +51,9 @@ def search(
     try:
         settings = get_settings()
         call = wire.parse_search_call(
-            memory_id, memory_type, k, strategy, query, mode, filters, settings.max_query_chars
+            memory_id, memory_type, k, strategy, query, mode, filters, settings.max_query_chars, deadline_ts
         )
-        memory_id, memory_type = call.memory_id, call.memory_type
+        memory_id, memory_type, deadline_ts = call.memory_id, call.memory_type, call.deadline_ts
         wanted = steps.Wanted(query=call.query, mode=call.mode, filters=call.filters)
         budget_s = attempt_budget_s(deadline_ts, settings, attempts_left=search_attempts_left(self))
         # search_type checks the EmbedResult's shape (wire.parse_embed_result) before MongoDB is asked anything.

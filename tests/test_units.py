@@ -93,11 +93,25 @@ def test_recency_halves_every_half_life() -> None:
     assert ranking.recency(100, 50, 3600) == 1.0
 
 
+def test_recency_is_the_age_since_created_at_whatever_else_an_item_carries() -> None:
+    old = {"id": "old", "score": 0.5, "created_at_ts": 0.0, "last_accessed_at_ts": 7200.0, "updated_at_ts": 7200.0}
+    new = {"id": "new", "score": 0.5, "created_at_ts": 3600.0}
+
+    ranked = ranking.rank_type([old, new], 2, {"relevance": 0, "recency": 1, "importance": 0}, 7200, 3600)
+
+    assert [item["id"] for item in ranked] == ["new", "old"]
+    assert ranked[1]["scores"]["recency"] == pytest.approx(0.25)
+
+
+def test_a_memory_without_created_at_counts_as_old_never_as_recent() -> None:
+    assert ranking.item_recency({"id": "hand-written", "score": 0.5}, 7200, 3600) == 0.0
+
+
 def test_memory_signal_is_the_weighted_mean_of_its_terms_each_normalised_over_the_candidates() -> None:
     items = [
-        {"id": "a", "score": 0.8, "importance": 0.2, "last_accessed_at_ts": 0.0},
-        {"id": "b", "score": 0.4, "importance": 0.6, "last_accessed_at_ts": 3600.0},
-        {"id": "c", "score": 0.6, "importance": 0.4, "last_accessed_at_ts": 3600.0},
+        {"id": "a", "score": 0.8, "importance": 0.2, "created_at_ts": 0.0},
+        {"id": "b", "score": 0.4, "importance": 0.6, "created_at_ts": 3600.0},
+        {"id": "c", "score": 0.6, "importance": 0.4, "created_at_ts": 3600.0},
     ]
     weights = {"relevance": 1.0, "recency": 1.0, "importance": 2.0}
 

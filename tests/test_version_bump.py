@@ -92,3 +92,64 @@ def test_a_store_during_a_cache_redis_outage_retries_the_version_bump_and_the_wr
     version = redis.Redis.from_url(cache.url).get(keys.tenant_version(tenant, "long_term_memory"))
     assert int(version) >= 2
     assert finished(client_call(env, retrieve.format(t=tenant)))[0] == "watched a volcano eruption in Iceland"
+
+
+# -- the one bump path of every write (workers.versions.bumped_whatever_happens), on a real Redis ---------------
+
+
+@pytest.fixture
+def dead_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process's cache Redis is one that nothing answers on (a real client, connection refused)."""
+    from memq.workers import versions
+
+    dead = redis.Redis.from_url(f"redis://127.0.0.1:{services.free_port()}/0", socket_connect_timeout=0.25)
+    monkeypatch.setattr(versions.cache_redis, "get", lambda: dead)
+
+
+def bump_failures() -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("memq_version_bump_failures_total") or 0.0
+
+
+def test_a_write_that_fails_part_way_still_moves_the_versions_of_every_type_it_may_have_touched() -> None:
+    from memq.errors import StoreUnavailable
+    from memq.workers import versions
+
+    tenant = f"bump-{uuid.uuid4().hex[:8]}"
+    types = ["long_term_memory", "conversation_memory", "workflow_memory"]
+    before = versions.read_versions(tenant, types)
+
+    with pytest.raises(StoreUnavailable), versions.bumped_whatever_happens(tenant, types):
+        raise StoreUnavailable("MongoDB unavailable: the 2nd type's delete failed")
+
+    after = versions.read_versions(tenant, types)
+    assert before is not None and after is not None
+    assert all(after[name] == before[name] + 1 for name in types)
+
+
+@pytest.mark.usefixtures("dead_cache")
+def test_a_version_bump_that_fails_after_a_write_is_a_counted_transient_error_so_the_write_is_retried() -> None:
+    from memq.errors import TransientError
+    from memq.workers import versions
+
+    counted = bump_failures()
+
+    with pytest.raises(TransientError, match="could not be bumped"), versions.bumped_whatever_happens("t", ["x"]):
+        pass  # the write succeeded
+
+    assert bump_failures() == counted + 1
+
+
+@pytest.mark.usefixtures("dead_cache")
+def test_when_the_write_and_its_version_bump_both_fail_the_writes_error_goes_up_noting_the_counted_bump() -> None:
+    from memq.errors import StoreUnavailable
+    from memq.workers import versions
+
+    counted = bump_failures()
+
+    with pytest.raises(StoreUnavailable) as caught, versions.bumped_whatever_happens("t", ["x"]):
+        raise StoreUnavailable("MongoDB unavailable")
+
+    assert any("version bump failed" in note for note in caught.value.__notes__)
+    assert bump_failures() == counted + 1

@@ -5,7 +5,6 @@ Each step takes and returns JSON-safe values, so it runs the same in a test, a w
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,7 +19,7 @@ from memq.workers.metrics import EMBED_BATCH_SIZE, EMBED_SECONDS, MERGE_SECONDS,
 from memq.workers.result_size import bound_result_bytes
 from memq.workers.search import Wanted
 
-INTERNAL_ITEM_FIELDS = ("created_at_ts", "last_accessed_at_ts")
+INTERNAL_ITEM_FIELDS = ("created_at_ts",)
 QUERY_WAIT_S = 60.0  # longest wait for the batcher's forward pass of one query
 
 
@@ -166,17 +165,13 @@ def store_memories(
     from the embed model), so a bad one is ``InvalidInput`` and nothing is written. Once the bulk write ran the
     version is bumped whatever its outcome: after a partly failed batch (which returns its ``failed`` items, see
     ``writes.upsert``) and before an error goes up (a lost connection may have written part of the batch; the task
-    is retried and the write is idempotent), so no cache goes on serving the tenant's memories from before it."""
+    is retried and the write is idempotent), so no cache goes on serving the tenant's memories from before it
+    (``versions.bumped_whatever_happens``, the one bump path of every write)."""
     settings = get_settings()
     vectors = wire.parse_embedded_texts(embedded, len(items), settings.embed_dimensions, settings.embed_model)
     batch = writes.build_writes(memory_id, memory_type, items, vectors, embedded["model"], time.time())
-    try:
+    with versions.bumped_whatever_happens(memory_id, [memory_type]):
         counts = writes.upsert(memory_type, batch)
-    except Exception:
-        with contextlib.suppress(Exception):  # the retried task bumps again; the write's own error goes up
-            versions.bump_versions(memory_id, [memory_type])
-        raise
-    versions.bump_versions(memory_id, [memory_type])
     STORE_WRITES.labels(memory_type=memory_type).inc(len(batch) - len(counts["failed"]))
     return {"memory_id": memory_id, "type": memory_type, "ids": [writes.memory_key(i) for i in items], **counts}
 
@@ -185,6 +180,9 @@ def forget(memory_id: str, memory_type: str | None, ids: Sequence[str] | None) -
     from memq.memory_types import MemoryType
 
     types = [memory_type] if memory_type else [t.value for t in MemoryType]
-    deleted = {t: writes.delete(memory_id, t, ids) for t in types}
-    versions.bump_versions(memory_id, types)
+    deleted: dict[str, int] = {}
+    # Type by type: when MongoDB fails at one, the types deleted before it must not stay cached either.
+    with versions.bumped_whatever_happens(memory_id, types):
+        for memory_type_name in types:
+            deleted[memory_type_name] = writes.delete(memory_id, memory_type_name, ids)
     return {"memory_id": memory_id, "deleted": deleted}

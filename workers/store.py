@@ -50,10 +50,8 @@ def to_item(doc: dict[str, Any], score: float) -> dict[str, Any]:
         "content": doc.get("content", ""),
         "score": float(score),
         "created_at": _iso(doc.get("created_at")),
-        "last_accessed_at": _iso(doc.get("last_accessed_at")),
         "importance": float(doc.get("importance", 0.5)),
         "created_at_ts": _timestamp(doc.get("created_at")),
-        "last_accessed_at_ts": _timestamp(doc.get("last_accessed_at")),
     }
     for name in ITEM_FIELDS_OUT:
         if doc.get(name) is not None:

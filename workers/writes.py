@@ -39,7 +39,9 @@ def build_writes(
     memory_id: str, memory_type: str, items: Sequence[dict[str, Any]], vectors: np.ndarray, model: str, now_ts: float
 ) -> list[UpdateOne]:
     """Idempotent upserts: ``_id`` is derived from (memory_id, key), so a redelivered write never
-    duplicates, and ``created_at`` is set only when the memory is first inserted."""
+    duplicates. ``created_at`` (the item's own, else the time of this write) is set only when the memory is first
+    inserted (``$setOnInsert``): re-sending a memory, changed or not, never moves it, and recency, the age since
+    ``created_at`` (``memq.ranking``), never makes a re-sent memory recent."""
     writes = []
     for item, vector in zip(items, vectors, strict=True):
         key = memory_key(item)
@@ -50,18 +52,12 @@ def build_writes(
             mongo.EMBEDDING_FIELD: to_bson(vector),
             "model": model,
             "importance": item.get("importance", 0.5),
-            "last_accessed_at": mongo.to_datetime(item.get("created_at", now_ts)),
             "updated_at": mongo.to_datetime(now_ts),
         }
         for name in (*mongo.ITEM_FIELDS_OUT, mongo.CONTEXT_FIELD):
             if name in item:
                 fields[name] = item[name]
-        on_insert = {"created_at": mongo.to_datetime(item.get("created_at", now_ts))}
-        if "created_at" in item:
-            fields["created_at"] = on_insert.pop("created_at")
-        update: dict[str, Any] = {"$set": fields}
-        if on_insert:
-            update["$setOnInsert"] = on_insert
+        update = {"$set": fields, "$setOnInsert": {"created_at": mongo.to_datetime(item.get("created_at", now_ts))}}
         writes.append(
             UpdateOne({"_id": keys.memory_object_id(memory_id, key), "memory_id": memory_id}, update, upsert=True)
         )
