@@ -34,28 +34,31 @@ def migrate(database: Any, collections: Sequence[str] | None = None, dry_run: bo
         collection = database[name]
         counts = {"moved": 0, "current": 0, "skipped": 0}
         moved_tenants: set[str] = set()
-        # Listed first, so that the copies inserted below are not read again by the same cursor.
-        for doc in list(collection.find({}, {"_id": 1, "memory_id": 1, "key": 1})):
-            memory_id, key = doc.get("memory_id"), doc.get("key")
-            if not isinstance(memory_id, str) or not isinstance(key, str):
-                counts["skipped"] += 1
-                continue
-            new_id = memory_object_id(memory_id, key)
-            if doc["_id"] == new_id:
-                counts["current"] += 1
-                continue
-            counts["moved"] += 1
-            if dry_run:
-                continue
-            full = collection.find_one({"_id": doc["_id"]})
-            if full is None:  # deleted meanwhile
-                continue
-            with contextlib.suppress(DuplicateKeyError):  # written again under the new _id since: that copy is newer
-                collection.insert_one({**full, "_id": new_id})
-            collection.delete_one({"_id": doc["_id"]})
-            moved_tenants.add(memory_id)
-        for memory_id in moved_tenants:  # a search worker that loaded a tenant mid-move holds both copies: reload it
-            bump_versions(memory_id, [name])
+        try:
+            # Listed first, so that the copies inserted below are not read again by the same cursor.
+            for doc in list(collection.find({}, {"_id": 1, "memory_id": 1, "key": 1})):
+                memory_id, key = doc.get("memory_id"), doc.get("key")
+                if not isinstance(memory_id, str) or not isinstance(key, str):
+                    counts["skipped"] += 1
+                    continue
+                new_id = memory_object_id(memory_id, key)
+                if doc["_id"] == new_id:
+                    counts["current"] += 1
+                    continue
+                counts["moved"] += 1
+                if dry_run:
+                    continue
+                full = collection.find_one({"_id": doc["_id"]})
+                if full is None:  # deleted meanwhile
+                    continue
+                # Written again under the new _id since: that copy is newer.
+                with contextlib.suppress(DuplicateKeyError):
+                    collection.insert_one({**full, "_id": new_id})
+                collection.delete_one({"_id": doc["_id"]})
+                moved_tenants.add(memory_id)
+        finally:  # a search worker that loaded a tenant mid-move holds both copies: reload it, even after a failure
+            for memory_id in moved_tenants:
+                bump_versions(memory_id, [name])
         report[name] = counts
     return report
 
