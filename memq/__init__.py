@@ -2,7 +2,7 @@
 
 What a web app uses::
 
-    from memq import retrieve, aretrieve, remember, forget
+    from memq import retrieve, aretrieve, remember, remember_many, forget
     from memq.errors import InvalidInput, RetrievalTimeout, TransientError
 
 ``import memq`` itself is instant: the client (Celery, Redis) is imported on first use of one of these
@@ -15,10 +15,29 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "aforget", "aremember", "aretrieve", "create_indexes", "forget", "remember", "retrieve"]
+__all__ = [
+    "__version__",
+    "aforget",
+    "aremember",
+    "aretrieve",
+    "create_indexes",
+    "forget",
+    "remember",
+    "remember_many",
+    "retrieve",
+]
 
 if TYPE_CHECKING:
-    from memq.client import aforget, aremember, aretrieve, create_indexes, forget, remember, retrieve
+    from memq.client import (
+        aforget,
+        aremember,
+        aretrieve,
+        create_indexes,
+        forget,
+        remember,
+        remember_many,
+        retrieve,
+    )
 
 
 def __getattr__(name: str) -> Any:

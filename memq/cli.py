@@ -6,7 +6,8 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--type", required=True, dest="memory_type")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text")
-    source.add_argument("--file", type=Path, help="JSONL: one object per line with 'content' (and optional fields)")
+    source.add_argument(
+        "--file", type=Path, help="JSONL, any size: one object per line with 'content' (and optional fields)"
+    )
+    p.add_argument(
+        "--skip", type=int, default=0, metavar="N", help="with --file: resume after line N (skip lines 1..N)"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_remember)
 
@@ -240,43 +246,104 @@ def json_depth(value: Any) -> int:
     return deepest
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """One memory object per line; a line that is not JSON, not an object, or nested deeper than
-    ``MAX_JSONL_DEPTH`` is ``InvalidInput`` naming the line."""
-    items = []
+MAX_JSONL_LINE_BYTES = 16 * 1024 * 1024  # one line is read whole; a file is never read whole
+
+
+def iter_jsonl(path: Path, after_line: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each non-blank line after ``after_line``, read lazily (lines up to
+    ``after_line`` are read, not parsed); a line that is not UTF-8 JSON, not an object, nested deeper than
+    ``MAX_JSONL_DEPTH`` or longer than ``MAX_JSONL_LINE_BYTES`` is ``InvalidInput`` naming the line."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
+        with path.open("rb") as handle:
+            number = 0
+            while raw := handle.readline(MAX_JSONL_LINE_BYTES + 1):
+                number += 1
+                if len(raw) > MAX_JSONL_LINE_BYTES:
+                    raise InvalidInput("file", f"line {number}: longer than {MAX_JSONL_LINE_BYTES} bytes")
+                if number > after_line and raw.strip():
+                    yield number, parse_jsonl_line(raw, number)
+    except OSError as exc:
         raise InvalidInput("file", f"cannot read {path}: {exc}") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InvalidInput("file", f"line {number}: not JSON ({exc.msg})") from None
-        except ValueError:  # e.g. an integer of more digits than Python converts
-            raise InvalidInput("file", f"line {number}: not JSON memq can read") from None
-        except RecursionError:  # json.loads of a line nested thousands deep
-            item = None
-            depth = MAX_JSONL_DEPTH + 1
-        else:
-            depth = json_depth(item)
-        if depth > MAX_JSONL_DEPTH:
-            raise InvalidInput("file", f"line {number}: nested deeper than {MAX_JSONL_DEPTH} levels")
-        if not isinstance(item, dict):
-            raise InvalidInput("file", f"line {number}: expected an object with 'content'")
-        items.append(item)
+
+
+def parse_jsonl_line(raw: bytes, number: int) -> dict[str, Any]:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput("file", f"line {number}: not UTF-8 text") from None
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput("file", f"line {number}: not JSON ({exc.msg})") from None
+    except ValueError:  # e.g. an integer of more digits than Python converts
+        raise InvalidInput("file", f"line {number}: not JSON memq can read") from None
+    except RecursionError:  # json.loads of a line nested thousands deep
+        item = None
+        depth = MAX_JSONL_DEPTH + 1
+    else:
+        depth = json_depth(item)
+    if depth > MAX_JSONL_DEPTH:
+        raise InvalidInput("file", f"line {number}: nested deeper than {MAX_JSONL_DEPTH} levels")
+    if not isinstance(item, dict):
+        raise InvalidInput("file", f"line {number}: expected an object with 'content'")
+    return item
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every memory object of a (small) JSONL file, as ``iter_jsonl`` reads them."""
+    items = [item for _, item in iter_jsonl(path)]
     if not items:
         raise InvalidInput("file", f"{path} holds no memories")
     return items
 
 
+def count_lines(path: Path) -> int | None:
+    """The file's lines, counted in one pass of 1 MiB reads (for the progress line's total); None if unreadable."""
+    lines, last = 0, b"\n"
+    try:
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                lines += chunk.count(b"\n")
+                last = chunk[-1:]
+    except OSError:
+        return None
+    return lines + (last != b"\n")
+
+
+class ProgressLine:
+    """One ``\\r``-rewritten line on stderr (only when stderr is a terminal): lines stored, rate, time left."""
+
+    def __init__(self, total_lines: int | None, first_line: int) -> None:
+        self.total, self.first = total_lines, first_line
+        self.started = time.monotonic()
+        self.shown = False
+
+    def show(self, progress: Any) -> None:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        rate = progress.items / elapsed
+        text = f"memq: line {progress.stored_through:,}"
+        if self.total:
+            done = (progress.stored_through - self.first) / max(self.total - self.first, 1)
+            left = (self.total - progress.stored_through) * elapsed / max(progress.stored_through - self.first, 1)
+            text += f"/{self.total:,} ({100 * done:.0f}%), about {left:.0f} s left"
+        sys.stderr.write(f"\r{text}, {rate:,.0f} memories/s   ")
+        sys.stderr.flush()
+        self.shown = True
+
+    def end(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
+            self.shown = False
+
+
 def cmd_remember(args: argparse.Namespace) -> int:
+    if args.file is not None:
+        return remember_file(args)
+    if args.skip:
+        raise InvalidInput("skip", "only with --file")
     from memq.client import remember
 
-    items: list[Any] = read_jsonl(args.file) if args.file else [{"content": args.text}]
-    result = remember(args.memory_id, args.memory_type, items)
+    result = remember(args.memory_id, args.memory_type, [{"content": args.text}])
     failed = result.get("failed") or []
     if args.json:
         print(json.dumps(result))
@@ -288,6 +355,57 @@ def cmd_remember(args: argparse.Namespace) -> int:
         for entry in failed:
             print(f"memq: not written: item {entry['index']} ({entry['reason']})", file=sys.stderr)
     return 1 if failed else 0
+
+
+def remember_file(args: argparse.Namespace) -> int:
+    """Streams the file through ``remember_numbered`` (batches of ``MEMQ_MAX_BATCH_ITEMS``, a few in flight)."""
+    from memq.client import remember_numbered
+    from memq.errors import IngestStopped
+
+    if args.skip < 0:
+        raise InvalidInput("skip", f"must be a line number >= 0, got {args.skip}")
+    bar = ProgressLine(count_lines(args.file), args.skip) if sys.stderr.isatty() and not args.json else None
+    try:
+        summary = remember_numbered(
+            args.memory_id,
+            args.memory_type,
+            iter_jsonl(args.file, args.skip),
+            stored_through=args.skip,
+            unit="line",
+            on_progress=bar.show if bar else None,
+        )
+    except IngestStopped as exc:
+        if bar:
+            bar.end()
+        return stopped_import(args, exc)
+    if bar:
+        bar.end()
+    if summary["items"] == 0 and args.skip == 0:
+        raise InvalidInput("file", f"{args.file} holds no memories")
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"stored {summary['items']} memories in {summary['type']} ({summary['inserted']} new, "
+            f"{summary['updated']} updated) for {summary['memory_id']}, in {summary['batches']} batch(es)"
+            f" through line {summary['stored_through']}"
+        )
+    return 0
+
+
+def stopped_import(args: argparse.Namespace, exc: Any) -> int:
+    """One line: the error, what is stored (every line up to ``stored_through``) and the ``--skip`` that resumes.
+    Exit 2 for a line memq refuses (``InvalidItem``), else 1."""
+    through = exc.stored_through
+    stored = f"lines 1..{through} are stored; rerun with --skip {through} to resume" if through else "nothing is stored"
+    refused = isinstance(exc, InvalidInput)
+    if args.json:
+        error = {"error": "invalid_input", "field": exc.field} if refused else {"error": "stopped"}
+        print(json.dumps({**error, "message": exc.reason, "stored_through": through, "summary": exc.summary}))
+    else:
+        where = f"{exc.field}: " if refused else ""
+        print(f"memq: error: {where}{exc.reason}; {stored}", file=sys.stderr)
+    return 2 if refused else 1
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
 """The API a web app calls. Import-light: no torch, no pymongo, no worker code.
 
-    from memq.client import retrieve, aretrieve, remember, forget
+    from memq.client import retrieve, aretrieve, remember, remember_many, forget
 
 Every call checks its input before anything is sent (``InvalidInput`` names the field), and waits at
 most ``timeout_s`` (``RetrievalTimeout``). ``aretrieve``/``aremember`` never block the event loop.
@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import inspect
+import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -27,10 +30,18 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
-from memq import names, result_cache
+from memq import names, result_cache, validation
 from memq.app import app
 from memq.canvas import remember_canvas, retrieval_canvas
-from memq.errors import MemqError, RetrievalTimeout, TaskFailed, TransientError
+from memq.errors import (
+    IngestStopped,
+    InvalidInput,
+    InvalidItem,
+    MemqError,
+    RetrievalTimeout,
+    TaskFailed,
+    TransientError,
+)
 from memq.requests import forget_request, remember_request, retrieval_request
 from memq.settings import Settings, get_settings
 from memq.validation import is_finite_number
@@ -42,6 +53,7 @@ T = TypeVar("T")
 ASYNC_THREADS = 64
 ASYNC_MARGIN_S = 0.25  # how far past its timeout_s an aretrieve may end (the thread's own wait ends at timeout_s)
 INGEST_TIMEOUT_S = 300.0
+MAX_IN_FLIGHT = 4  # remember_many: batches sent and not yet stored
 CONNECTION_ERRORS = (OperationalError, RedisError, OSError)
 RESULT_STORE_OUTAGE = "result backend unavailable: Celery could not reconnect to the result store"
 
@@ -199,3 +211,216 @@ def is_result_store_outage(exc: BaseException) -> bool:
     error (``celery.backends.asynchronous``); the next call in the same process reconnects, so to the caller
     this is a transient outage, not a crash. Recognised by its cause, never by its text."""
     return isinstance(exc, RuntimeError) and isinstance(exc.__cause__, CONNECTION_ERRORS)
+
+
+# Bulk import: any number of memories, in batches of at most MEMQ_MAX_BATCH_ITEMS, a bounded number in flight.
+
+
+@dataclasses.dataclass
+class IngestProgress:
+    """How far a bulk import got: every item up to ``stored_through`` (its 1-based position in the input; a file's
+    line) is stored. ``items``, ``batches``, ``inserted``, ``updated``: what this call stored."""
+
+    memory_id: str
+    type: str
+    stored_through: int = 0
+    items: int = 0
+    batches: int = 0
+    inserted: int = 0
+    updated: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class _Batch:
+    positions: list[int] = dataclasses.field(default_factory=list)  # its items' input positions, in order
+    items: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # checked; dropped once sent
+    result: AsyncResult | None = None
+
+
+def remember_many(
+    memory_id: str,
+    memory_type: str,
+    items: Iterable[dict[str, Any] | str],
+    batch_items: int | None = None,
+    max_in_flight: int = MAX_IN_FLIGHT,
+    on_progress: Callable[[IngestProgress], None] | None = None,
+    skip: int = 0,
+    timeout_s: float = INGEST_TIMEOUT_S,
+) -> dict[str, Any]:
+    """Store any number of memories from ``items``, read lazily (a generator, a file's lines: never all in memory).
+
+    One ``remember`` chain (embed | store) per batch of ``batch_items`` memories (default and most:
+    ``MEMQ_MAX_BATCH_ITEMS``), at most ``max_in_flight`` batches sent and not yet stored, their results awaited in
+    order (each for at most ``timeout_s``). Each batch is checked, item by item, before it is sent: a bad item stops
+    the import with ``InvalidItem`` naming its position (1-based), and nothing from its batch on is sent.
+
+    Any failure raises ``IngestStopped`` (``InvalidItem`` is one), whose ``stored_through`` says that every item up
+    to it is stored: ``skip=stored_through`` on the same input resumes (the first ``skip`` items are read and
+    dropped unchecked; storing is idempotent, so items re-sent are never duplicated). ``on_progress`` gets an
+    ``IngestProgress`` after each stored batch. Returns ``{"memory_id", "type", "stored_through", "items",
+    "batches", "inserted", "updated"}``."""
+    if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
+        raise InvalidInput("skip", f"must be an integer >= 0, got {validation.shown(skip)}")
+    if isinstance(items, dict | str | bytes) or not isinstance(items, Iterable):
+        raise InvalidInput("items", "must be an iterable of memories (a list, a generator)")
+    numbered = itertools.islice(enumerate(items, start=1), skip, None)
+    return remember_numbered(
+        memory_id,
+        memory_type,
+        numbered,
+        stored_through=skip,
+        batch_items=batch_items,
+        max_in_flight=max_in_flight,
+        on_progress=on_progress,
+        timeout_s=timeout_s,
+    )
+
+
+def remember_numbered(
+    memory_id: str,
+    memory_type: str,
+    numbered: Iterable[tuple[int, Any]],
+    *,
+    stored_through: int = 0,
+    unit: str = "item",
+    batch_items: int | None = None,
+    max_in_flight: int = MAX_IN_FLIGHT,
+    on_progress: Callable[[IngestProgress], None] | None = None,
+    timeout_s: float = INGEST_TIMEOUT_S,
+) -> dict[str, Any]:
+    """``remember_many`` over ``(position, item)`` pairs, positions increasing (``memq remember --file`` passes line
+    numbers, blank lines left out); ``stored_through``: the position already stored before the first pair. A bad
+    item is ``InvalidItem("items[<position - 1>]...", "<unit> <position>: ...")``."""
+    settings = get_settings()
+    run = _BulkImport(
+        progress=IngestProgress(
+            validation.check_memory_id(memory_id), validation.check_memory_type(memory_type).value, stored_through
+        ),
+        batch_items=_bounded_int(batch_items or settings.max_batch_items, "batch_items", settings.max_batch_items),
+        max_in_flight=_bounded_int(max_in_flight, "max_in_flight", 1024),
+        max_content_chars=settings.max_content_chars,
+        unit=unit,
+        on_progress=on_progress,
+        timeout_s=validation.check_timeout(timeout_s),
+    )
+    return run.over(numbered)
+
+
+def _bounded_int(value: Any, field: str, most: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise InvalidInput(field, f"must be an integer in 1..{most}, got {validation.shown(value)}")
+    return value
+
+
+@dataclasses.dataclass
+class _BulkImport:
+    """One ``remember_many`` call: reads, checks and sends batches, and settles them in order."""
+
+    progress: IngestProgress
+    batch_items: int
+    max_in_flight: int
+    max_content_chars: int
+    unit: str
+    on_progress: Callable[[IngestProgress], None] | None
+    timeout_s: float
+    pending: deque[_Batch] = dataclasses.field(default_factory=deque)
+
+    def over(self, numbered: Iterable[tuple[int, Any]]) -> dict[str, Any]:
+        batches = self._checked_batches(numbered)
+        while True:
+            try:
+                batch = next(batches, None)
+            except Exception as exc:  # a bad item, or the input itself failed (e.g. a file that cannot be read)
+                self._settle_all()  # the batches before it count: they move stored_through on
+                raise self._stopped(exc) from exc
+            if batch is None:
+                break
+            if len(self.pending) >= self.max_in_flight:
+                self._settle(self.pending.popleft())
+            self.pending.append(self._send(batch))
+        self._settle_all()
+        return self.progress.summary()
+
+    def _checked_batches(self, numbered: Iterable[tuple[int, Any]]) -> Iterator[_Batch]:
+        """Batches of checked items: each is read and checked whole before it is sent."""
+        batch = _Batch()
+        for position, item in numbered:
+            batch.items.append(self._checked_item(position, item))
+            batch.positions.append(position)
+            if len(batch.items) == self.batch_items:
+                yield batch
+                batch = _Batch()
+        if batch.items:
+            yield batch
+
+    def _checked_item(self, position: int, item: Any) -> dict[str, Any]:
+        """The item checked as ``remember`` checks it; a bad one is named by its 0-based index in the input (as
+        ``remember`` names a list's) and, in the message, by its 1-based position (a file's line number)."""
+        try:
+            return validation.check_items([item], 1, self.max_content_chars)[0]
+        except InvalidInput as exc:
+            field = exc.field.replace("items[0]", f"items[{position - 1}]", 1)
+            raise InvalidInput(field, f"{self.unit} {position}: {exc.message}") from None
+
+    def _send(self, batch: _Batch) -> _Batch:
+        # The items are checked (validation.check_items, one by one): this is remember_request's output.
+        request = {"memory_id": self.progress.memory_id, "memory_type": self.progress.type, "items": batch.items}
+        try:
+            batch.result = _send(lambda: remember_canvas(request).apply_async())
+        except MemqError as exc:
+            raise self._stopped(exc) from exc
+        batch.items = []
+        return batch
+
+    def _settle_all(self) -> None:
+        while self.pending:
+            self._settle(self.pending.popleft())
+
+    def _settle(self, batch: _Batch) -> None:
+        """Waits for the oldest batch; on success moves ``stored_through`` to its last item."""
+        assert batch.result is not None
+        try:
+            result = _wait(batch.result, self.timeout_s, what="remember")
+        except MemqError as exc:
+            raise self._stopped(exc) from exc
+        failed = result.get("failed") or []
+        stored = batch.positions[: _first_failed(failed, len(batch.positions))]
+        progress = self.progress
+        progress.items += len(stored)
+        progress.inserted += int(result.get("inserted", 0))
+        progress.updated += int(result.get("updated", 0))
+        progress.stored_through = stored[-1] if stored else progress.stored_through
+        if failed:
+            refused = ", ".join(self._name_failed(entry, batch.positions) for entry in failed[:5])
+            more = f" and {len(failed) - 5} more" if len(failed) > 5 else ""
+            raise IngestStopped(f"MongoDB refused {refused}{more}", progress.stored_through, progress.summary())
+        progress.batches += 1
+        if self.on_progress is not None:
+            self.on_progress(dataclasses.replace(progress))
+
+    def _name_failed(self, entry: dict[str, Any], positions: list[int]) -> str:
+        index = entry.get("index")
+        if isinstance(index, int) and 0 <= index < len(positions):
+            return f"{self.unit} {positions[index]} ({entry.get('reason')})"
+        return f"an item of {self.unit}s {positions[0]}..{positions[-1]} ({entry.get('reason')})"
+
+    def _stopped(self, exc: BaseException) -> IngestStopped:
+        progress = self.progress
+        if isinstance(exc, IngestStopped):
+            return exc
+        if isinstance(exc, InvalidInput):
+            return InvalidItem(exc.field, exc.message, progress.stored_through, progress.summary())
+        reason = str(exc) if isinstance(exc, MemqError) else f"{type(exc).__name__}: {exc}"
+        return IngestStopped(reason, progress.stored_through, progress.summary())
+
+
+def _first_failed(failed: list[dict[str, Any]], size: int) -> int:
+    """How many items of a batch come before its first refused one (all of them when none was refused; none when
+    a refused item's position is unknown)."""
+    indexes = [entry.get("index") for entry in failed]
+    if not all(isinstance(i, int) and 0 <= i < size for i in indexes):
+        return 0
+    return min(indexes, default=size)  # type: ignore[type-var]

@@ -46,3 +46,33 @@ class RetrievalTimeout(TransientError, TimeoutError):
 
 class TaskFailed(MemqError):
     """A task failed on a worker; the message is the worker's."""
+
+
+class IngestStopped(MemqError):
+    """``remember_many`` (or ``memq remember --file``) stopped before the end of its input. ``stored_through``: every
+    item up to and including this position (1-based; a file's line) is stored, so ``skip=stored_through``
+    (``--skip N``) resumes; items after it may be stored too (re-sending them never duplicates them).
+    ``reason``: why it stopped, without that hint; ``summary``: what was stored, as ``remember_many`` returns it."""
+
+    def __init__(self, reason: str, stored_through: int, summary: dict[str, object]) -> None:
+        super().__init__(f"{reason}; {resume_hint(stored_through)}")
+        self.reason = reason
+        self.stored_through = stored_through
+        self.summary = summary
+
+
+class InvalidItem(IngestStopped, InvalidInput):
+    """An ``IngestStopped`` whose reason is an item (a line) memq refuses: nothing from its batch on was sent.
+    Still an ``InvalidInput`` (``field``, ``message``) for callers that catch that."""
+
+    def __init__(self, field: str, reason: str, stored_through: int, summary: dict[str, object]) -> None:
+        InvalidInput.__init__(self, field, f"{reason}; {resume_hint(stored_through)}")
+        self.reason = reason
+        self.stored_through = stored_through
+        self.summary = summary
+
+
+def resume_hint(stored_through: int) -> str:
+    if stored_through == 0:
+        return "nothing is stored"
+    return f"items 1..{stored_through} are stored (skip={stored_through} resumes)"
