@@ -14,6 +14,10 @@ would break or obsolete it. docs/celery.md lists them with their upstream issues
      the collected connection, and the worker exits with ``AttributeError``. Here a channel whose connection was
      collected closes without that restore: the messages stay in kombu's unacked index, and kombu restores them
      after ``visibility_timeout``, as it did on Celery 5.6, which only collects.
+   - ``basic_ack`` / ``basic_reject``: a task that started before the connection was lost and ends after the
+     reconnect acknowledges on its old, collected channel; kombu then fails the same way and the worker exits.
+     Here that acknowledgement is skipped: the message stays unacknowledged and is redelivered after
+     ``visibility_timeout`` (memq's tasks are idempotent).
 2. ``event_dispatcher_class``: Celery's ``EventDispatcher`` before 5.7 publishes its buffered task events and then
    empties the buffer, dropping an event a pool thread buffers during the publish (celery#10434, fixed in 5.7).
    On Celery < 5.7 the flush here, under the dispatcher's lock, removes exactly what it published. On every
@@ -72,12 +76,33 @@ class GuardedRedisChannel(kombu_redis.Channel):
             return True
 
     def close(self) -> None:
-        if getattr(self.connection, "client", True) is not None:
+        if not self.connection_collected():
             super().close()
             return
         # Collected: restoring would need the connection's parameters, which collect() dropped.
         self._qos = None
         super().close()
+
+    def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> None:
+        if self.connection_gone():  # a task that outlived its connection: kombu restores the message
+            log.info("not acknowledging %s on a collected connection; it is redelivered", delivery_tag)
+            return
+        super().basic_ack(delivery_tag, multiple=multiple)
+
+    def basic_reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        if self.connection_gone():
+            log.info("not rejecting %s on a collected connection; it is redelivered", delivery_tag)
+            return
+        super().basic_reject(delivery_tag, requeue=requeue)
+
+    def connection_collected(self) -> bool:
+        """Whether Celery collected this channel's connection after a connection loss (``collect()`` drops the
+        transport's ``client``): nothing can reach Redis through it any more."""
+        return self.connection is not None and getattr(self.connection, "client", True) is None
+
+    def connection_gone(self) -> bool:
+        """Collected, or closed since (closing drops the channel's transport)."""
+        return self.connection is None or self.connection_collected()
 
 
 def _detail(exc: BaseException) -> str:

@@ -40,7 +40,7 @@ class Settings:
     candidate_oversample: int = 3
     exact_cache_max_vectors: int = 2_000_000  # a second bound beside exact_cache_max_bytes (the one to size by)
     exact_cache_max_bytes: int = 2 * 1024**3  # vectors, items and BM25 indexes held by each search process
-    exact_load_timeout_s: float = 120.0  # one shared tenant load in a search worker, whatever its callers' budgets
+    exact_load_timeout_s: float = 120.0  # how long a search without a deadline waits for a shared tenant load
     recency_half_life_s: float = 7 * 24 * 3600.0
     retrieve_timeout_s: float = 10.0
     max_query_chars: int = 4096

@@ -5,6 +5,7 @@ working, or a workaround that upstream made unnecessary."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -50,6 +51,41 @@ def close_a_channel_holding_a_message_after_collect(transport: type[Any]) -> tup
     except AttributeError:
         return message, True
     return message, False
+
+
+def ack_on_a_collected_channel(transport: type[Any]) -> tuple[Any, bool]:
+    """A task that outlived its connection acknowledges its message on the old channel after ``collect()``."""
+    connection = Connection(os.environ["MEMQ_BROKER_URL"], transport=transport)
+    channel = connection.channel()
+    queue = SimpleQueue(channel, f"canary-{uuid.uuid4().hex[:8]}")
+    queue.put({"hello": "canary"})
+    message = queue.get(timeout=5)
+    channel.connection.client = None
+    with contextlib.suppress(AttributeError):  # kombu's own close fails here (the test above)
+        channel.close()  # what Celery 5.7 does right after collect(); the task is still running
+    try:
+        message.ack()  # the task ends after the reconnect
+    except AttributeError:
+        return message, True
+    return message, False
+
+
+def test_a_task_that_outlived_its_connection_acks_without_stopping_the_worker_and_its_message_is_kept() -> None:
+    message, raised = ack_on_a_collected_channel(GuardedRedisTransport)
+
+    assert not raised
+    assert redis.Redis.from_url(os.environ["MEMQ_BROKER_URL"]).hexists("unacked", message.delivery_tag)
+    forget_unacked(message)
+
+
+def test_kombus_own_channel_still_fails_to_ack_after_collect() -> None:
+    message, raised = ack_on_a_collected_channel(kombu_redis.Transport)
+    forget_unacked(message)
+
+    assert raised, (
+        "kombu now acknowledges safely on a channel whose connection Celery collected: "
+        "GuardedRedisChannel.basic_ack's workaround (memq.celery_internals, docs/celery.md) can go"
+    )
 
 
 def forget_unacked(message: Any) -> None:

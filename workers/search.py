@@ -324,8 +324,9 @@ def exact_search(memory_id: str, memory_type: str, query: np.ndarray, k: int, wa
 def load_shared(memory_id: str, memory_type: str, version: int) -> TenantMatrix:
     """The tenant's matrix at ``version``, from the one load under way for it in this process or a new one.
 
-    The load runs without this search's MongoDB budget, under ``MEMQ_EXACT_LOAD_TIMEOUT_S``, and puts its matrix in
-    the cache when done. This search waits for it only as long as its own budget (``mongo.time_limit``) lasts, then
+    The load runs without this search's MongoDB budget, under the client's own timeouts (server selection, each
+    socket read: ``MEMQ_MONGODB_TIMEOUT_MS``), and puts its matrix in the cache when done. This search waits for it
+    only as long as its own budget (``mongo.time_limit``; ``MEMQ_EXACT_LOAD_TIMEOUT_S`` when it has none) lasts, then
     raises ``StoreUnavailable`` as a MongoDB timeout does (the task retries within the caller's deadline and finds
     the same load, or its matrix in the cache)."""
     load_timeout_s = get_settings().exact_load_timeout_s
@@ -342,15 +343,15 @@ def load_shared(memory_id: str, memory_type: str, version: int) -> TenantMatrix:
 
 
 def load_into_cache(memory_id: str, memory_type: str, version: int) -> TenantMatrix:
-    """One load from MongoDB under the loader's own time limit, built and put in the cache (unless a load of the
-    same version finished just before this one began)."""
+    """One load from MongoDB under the client's own timeouts (no overall limit: an unreachable server fails at
+    server selection, a stalled one at a socket read, and a large tenant takes as long as its ``find`` does), built
+    and put in the cache (unless a load of the same version finished just before this one began)."""
     cache = matrix_cache.get()
     key = (memory_id, memory_type)
     entry = cache.get(key, version)
     if entry is not None:
         return entry
-    with mongo.time_limit(get_settings().exact_load_timeout_s):
-        docs = store.load_tenant(memory_id, memory_type)
+    docs = store.load_tenant(memory_id, memory_type)
     entry = build_matrix(docs, version, memory_type)
     cache.put(key, entry)
     cache.count_load()
