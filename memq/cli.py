@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_indexes)
 
     p = sub.add_parser("demo", help="start everything locally, ingest samples, retrieve, stop")
+    p.add_argument(
+        "--join",
+        action="store_true",
+        help="where workers already answer on the broker, run through them (namespaced tenants) instead of refusing",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_demo)
 
@@ -352,7 +357,7 @@ def cmd_indexes(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from memq.demo import run_demo
 
-    return run_demo(as_json=args.json)
+    return run_demo(as_json=args.json, join=args.join)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
