@@ -9,7 +9,9 @@ Every task message published through it carries ``memq_published_at`` (``stamp_p
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from celery import Celery
@@ -23,8 +25,28 @@ WORKER_MODULES = ["memq.workers.startup", "memq.tasks.retrieval", "memq.tasks.in
 # The header memq.exporter reads (it keeps its own copy of the name: it never imports Celery).
 PUBLISHED_AT_HEADER = names.PUBLISHED_AT_HEADER
 
+
+class ConfigFromSettings(Mapping[str, Any]):
+    """Celery's configuration, derived from the settings when Celery first reads it (Celery reads its configuration
+    source lazily), so importing the app never raises: a bad ``MEMQ_*`` value surfaces as ``ConfigError`` at a
+    worker's start or a client's first call, naming the variable."""
+
+    @functools.cached_property
+    def _config(self) -> dict[str, Any]:
+        return celery_config(get_settings())
+
+    def __getitem__(self, key: str) -> Any:
+        return self._config[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._config)
+
+    def __len__(self) -> int:
+        return len(self._config)
+
+
 app = Celery("memq", include=WORKER_MODULES, events="memq.celery_internals:MemqEvents")
-app.config_from_object(celery_config(get_settings()))
+app.config_from_object(ConfigFromSettings())
 
 
 @before_task_publish.connect(dispatch_uid="memq.stamp_published_at")

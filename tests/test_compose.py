@@ -7,7 +7,6 @@ field of ``Settings``. Where a compose client is installed, it validates the fil
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import re
 import shutil
@@ -20,7 +19,7 @@ import pytest
 import yaml
 
 from memq import cli, sharding
-from memq.settings import Settings
+from memq.settings import variables
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_PATH = ROOT / "docker-compose.yml"
@@ -98,7 +97,7 @@ def test_each_queue_has_a_worker_service_and_the_worker_options_take_effect(
 
 
 def test_every_memq_variable_in_compose_is_a_setting(compose: dict[str, Any]) -> None:
-    fields = {f"MEMQ_{field.name.upper()}" for field in dataclasses.fields(Settings)}
+    fields = set(variables())
     used = set(re.findall(r"\bMEMQ_[A-Z0-9_]+", COMPOSE_PATH.read_text()))
     environments = [service.get("environment", {}) for service in compose["services"].values()]
     used |= {key for environment in environments for key in environment}

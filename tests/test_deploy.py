@@ -8,7 +8,6 @@ Deployment's worker serves. The exporter tests run the real ``memq exporter`` pr
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import math
@@ -34,14 +33,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_compose import celery_worker_args, parse_celery_worker
 
 from memq import cli, exporter, names, services, sharding
-from memq.settings import Settings
+from memq.settings import Settings, variables
 from memq.status import fleet_queues
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
 CONFIG_MAP, SECRET, TRIGGER_AUTH = "memq-config", "memq-secrets", "memq-redis"
 KINDS = {"ConfigMap", "Secret", "TriggerAuthentication", "Deployment", "ScaledObject", "Service"}
-SETTINGS = {f"MEMQ_{field.name.upper()}" for field in dataclasses.fields(Settings)}
+SETTINGS = set(variables())
 
 
 # --- the manifests -------------------------------------------------------------------------------------------

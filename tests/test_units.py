@@ -189,11 +189,91 @@ def test_settings_parse_types_and_refuse_bad_values() -> None:
         Settings.from_env({"MEMQ_MONGODB_POOL_SIZE": "many"})
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("MEMQ_RETRIEVE_TIMEOUT_S", "0"),
+        ("MEMQ_MAX_BATCH_ITEMS", "-5"),
+        ("MEMQ_MONGODB_TIMEOUT_MS", "-1"),
+        ("MEMQ_RECENCY_HALF_LIFE_S", "nan"),
+        ("MEMQ_RECENCY_HALF_LIFE_S", "inf"),
+        ("MEMQ_SINGLE_FLIGHT_LOCK_S", "-inf"),
+        ("MEMQ_EXACT_CACHE_MAX_VECTORS", "-1"),
+        ("MEMQ_EMBED_DEVICE", "tpu"),
+        ("MEMQ_EMBED_DEVICE", "cuda:x"),
+        ("MEMQ_METRICS_PORT", "65536"),
+        ("MEMQ_RESULT_EXPIRES_S", "0"),
+    ],
+)
+def test_a_setting_out_of_its_range_is_refused_naming_the_variable_and_what_it_accepts(
+    variable: str, value: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({variable: value})
+
+    assert str(caught.value).startswith(f"{variable} must be ")
+    assert repr(value) in str(caught.value)
+
+
+def test_the_range_in_the_message_is_the_fields_own() -> None:
+    with pytest.raises(ConfigError, match=r"MEMQ_RETRIEVE_TIMEOUT_S must be in \(0, 3600\] \(a finite number\)"):
+        Settings.from_env({"MEMQ_RETRIEVE_TIMEOUT_S": "0"})
+    with pytest.raises(ConfigError, match=r"MEMQ_MAX_BATCH_ITEMS must be in 1\.\.100000 \(a whole number\)"):
+        Settings.from_env({"MEMQ_MAX_BATCH_ITEMS": "-5"})
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12", "mps"])
+def test_every_device_the_embedder_knows_is_accepted(device: str) -> None:
+    assert Settings.from_env({"MEMQ_EMBED_DEVICE": device}).embed_device == device
+
+
+def test_keyword_construction_validates_like_the_environment_and_keeps_the_defaults() -> None:
+    settings = Settings(broker_url="redis://broker:6379/1", result_backend="redis://broker:6379/1")
+
+    assert settings.broker_url == "redis://broker:6379/1" and settings.mongodb_db == Settings().mongodb_db
+    with pytest.raises(ConfigError, match="MEMQ_RECENCY_HALF_LIFE_S"):
+        Settings(recency_half_life_s=math.nan)
+    with pytest.raises(ConfigError, match="unknown setting 'brokr_url'"):
+        Settings(brokr_url="redis://broker:6379/1")
+    with pytest.raises(ValueError, match="frozen"):
+        settings.broker_url = "redis://elsewhere:6379/0"  # type: ignore[misc]
+
+
+def test_a_secret_setting_is_never_echoed_in_its_error() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings(flower_basic_auth=["admin:hunter2"])  # type: ignore[arg-type]
+
+    assert "MEMQ_FLOWER_BASIC_AUTH" in str(caught.value) and "hunter2" not in str(caught.value)
+    assert "hunter2" not in repr(Settings(flower_basic_auth="admin:hunter2"))
+
+
+def test_an_empty_variable_counts_as_unset() -> None:
+    assert Settings.from_env({"MEMQ_RETRIEVE_TIMEOUT_S": "", "MEMQ_EMBED_DEVICE": ""}) == Settings()
+
+
+def test_every_number_setting_has_a_lower_and_an_upper_bound() -> None:
+    from memq.settings import number_range
+
+    numbers = [name for name, info in Settings.model_fields.items() if info.annotation in (int, float)]
+
+    assert numbers and all("None" not in number_range(name) for name in numbers)
+
+
 def test_every_setting_is_documented_in_the_readme() -> None:
     readme = (ROOT / "README.md").read_text()
     documented = set(re.findall(r"`(MEMQ_[A-Z0-9_]+)`", readme))
-    fields = {f"MEMQ_{name.upper()}" for name in Settings.__dataclass_fields__}
+    fields = {f"MEMQ_{name.upper()}" for name in Settings.model_fields}
     assert fields - documented == set()
+
+
+def test_the_readme_configuration_table_is_the_one_the_settings_model_generates() -> None:
+    from memq.settings import markdown_table
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("| variable | default | allowed | meaning |")
+    table = readme[start : readme.index("\n\n", start) + 1]
+
+    assert table == markdown_table(), "regenerate it: python -m memq.settings --markdown"
 
 
 def test_the_celery_config_accepts_json_only() -> None:
