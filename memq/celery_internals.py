@@ -79,8 +79,10 @@ class GuardedRedisChannel(kombu_redis.Channel):
         if not self.connection_collected():
             super().close()
             return
-        # Collected: restoring would need the connection's parameters, which collect() dropped.
-        self._qos = None
+        # Collected: restoring would need the connection's parameters, which collect() dropped (kombu's QoS has a
+        # public switch for that, which its exit-time finalizer honours too).
+        if self._qos is not None:
+            self._qos.restore_at_shutdown = False
         super().close()
 
     def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> None:

@@ -143,9 +143,12 @@ def test_one_failing_type_is_reported_and_the_others_still_arrive(tenant: str) -
 
     remember_all(tenant, "semantic", FOOD)
     request = retrieval_request(get_settings(), "food", tenant, {"semantic": 2, "procedural": 2})
-    request["candidates"]["workflow_memory"] = 0  # that type's search refuses k = 0 and reports it
+    canvas = retrieval_canvas(request)
+    for search in canvas.tasks[1].tasks:  # the chord's header: one memq.search per type
+        if search.args[1] == "workflow_memory":
+            search.args = (*search.args[:2], 0)  # that type's search refuses k = 0 and reports it
 
-    result = retrieval_canvas(request).apply_async().get(timeout=30)
+    result = canvas.apply_async().get(timeout=30)
 
     assert len(result["results"]["long_term_memory"]) == 2
     assert result["results"]["workflow_memory"] == []
