@@ -19,6 +19,7 @@ Accounting: every retrieval a client sends ends as exactly one of
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -274,6 +275,9 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         fleet.wait_ready(app, rig.all_hosts(), timeout_s=240)
         yield rig
     finally:
+        # Celery's AsyncResults sit in reference cycles: finalise them while the rig's Redis still answers (their
+        # __del__ unsubscribes), not at some later collection when it is gone.
+        gc.collect()
         fleet.stop_all()
         if os.environ.get("MEMQ_TEST_SHOW_WORKER_LOGS"):
             for host in rig.all_hosts():
@@ -616,14 +620,27 @@ def send_store(rig: Rig, embedded: dict[str, Any], tenant: str, items: list[dict
     return rig.app.send_task(names.STORE, args=(embedded, tenant, "semantic", items), queue=names.INGEST_QUEUE)
 
 
-def kill_while_running(rig: Rig, ingest: KillableIngest, started: StartedTasks, task_id: str, times: int) -> None:
-    """Waits for the ``times``-th start of the task (MongoDB is paused: it cannot finish), kills its worker, and
-    starts a new one once kombu has made the message visible again."""
+def kill_while_running(
+    rig: Rig, ingest: KillableIngest, started: StartedTasks, task_id: str, times: int, holding: int = 1
+) -> None:
+    """Waits for the ``times``-th start of the task (MongoDB is paused: it cannot finish) and until the worker holds
+    ``holding`` messages unacknowledged (the task and those prefetched behind it: a message still in a BRPOP reply
+    would die with the process, see docs/guarantees.md), kills the worker, and starts a new one once kombu has
+    made the messages visible again."""
+    import redis
+
     started.wait(task_id, times, timeout_s=VISIBILITY_TIMEOUT_S * 6 + 120)
+    broker = redis.Redis.from_url(rig.redis.url)
+    wait_for(lambda: unacked_on(broker, "ingest") >= holding, 60, f"{holding} messages held by the ingest worker")
     killed_at = time.monotonic()
     ingest.kill()
     wait_for(lambda: time.monotonic() - killed_at > VISIBILITY_TIMEOUT_S, 60, "the visibility timeout")
     ingest.start()
+
+
+def unacked_on(broker: Any, queue: str) -> int:
+    """Messages of ``queue`` a worker holds unacknowledged (kombu's Redis transport keeps them in a hash)."""
+    return sum(1 for raw in broker.hvals("unacked") if json.loads(raw)[2] == queue)
 
 
 def test_an_ingest_worker_killed_mid_store_is_redelivered_and_writes_each_memory_once(
@@ -659,8 +676,8 @@ def test_a_store_that_kills_its_worker_every_time_is_dead_lettered_alone_and_its
     limit = int(rig.env.get("MEMQ_MAX_DELIVERIES", "5"))
     embedded, items = embedded_batch(rig, 20)
     # One thread, prefetch 4: the killer runs and the 3 innocents behind it are prefetched (received, never
-    # started). More would wait in a BRPOP reply that kombu 5.7 holds unread while the prefetch is full, and a
-    # SIGKILL loses that one message with the process (docs/guarantees.md): a transport limit, not the guard's.
+    # started). Each kill waits until all 4 are held: a message still in a BRPOP reply dies with the process
+    # (docs/guarantees.md), a transport limit, not the guard's.
     killer_tenant, innocent_tenants = f"killer-{uuid.uuid4().hex[:6]}", [f"innocent-{i}" for i in range(3)]
     assert rig.mongo.process is not None
     faultkit.pause(rig.mongo.process)
@@ -668,7 +685,7 @@ def test_a_store_that_kills_its_worker_every_time_is_dead_lettered_alone_and_its
     innocents = [send_store(rig, embedded, f"{tenant}-{uuid.uuid4().hex[:6]}", items) for tenant in innocent_tenants]
 
     for attempt in range(1, limit + 1):  # delivery 1..limit each started and killed its worker
-        kill_while_running(rig, ingest, started, killer.id, times=attempt)
+        kill_while_running(rig, ingest, started, killer.id, times=attempt, holding=1 + len(innocents))
     wait_for(lambda: broker.llen(keys.DEAD_LETTERS) >= 1, VISIBILITY_TIMEOUT_S * 3 + 60, "the dead letter")
     faultkit.resume(rig.mongo.process)
     stored_innocents = [result.get(timeout=240) for result in innocents]
