@@ -37,6 +37,15 @@ QUERIES = ("what does this person like", "recent plans", "how to book travel", "
 MIB = 1024 * 1024
 BOUNDED = {"search_budget_mb": 128, "cache_maxmemory_mb": 64}
 UNBOUNDED = {"search_budget_mb": 64 * 1024, "cache_maxmemory_mb": 0}
+# The unbounded fleet also runs without the search worker's work bounds, as memq did before them: glibc's own
+# allocator settings, Celery's default prefetch (4 per thread), any number of loads and merges at once.
+UNBOUNDED_WORK_ENV = {
+    "MEMQ_MALLOC_ARENA_MAX": "0",
+    "MEMQ_MALLOC_MMAP_THRESHOLD_BYTES": "0",
+    "MEMQ_EXACT_LOADS_IN_FLIGHT": "64",
+    "MEMQ_MERGE_IN_FLIGHT_MAX_BYTES": str(2**40),
+}
+UNBOUNDED_SEARCH_ARGS = ("--prefetch-multiplier", "4")
 
 
 def load_memories(uri: str, db: str, tenants: int, memories: int, content_bytes: int, dimensions: int) -> None:
@@ -138,10 +147,15 @@ def run_fleet(base_env: dict[str, str], label: str, budget: dict[str, int], args
         "MEMQ_REDIS_URL": cache_service.url,
         "MEMQ_EXACT_CACHE_MAX_BYTES": str(budget["search_budget_mb"] * MIB),
         "MEMQ_SEARCH_STRATEGY": "exact",
+        **(UNBOUNDED_WORK_ENV if label == "unbounded" else {}),
     }
+    search_args = UNBOUNDED_SEARCH_ARGS if label == "unbounded" else ()
     fleet = services.Fleet(env)
     try:
-        hosts = [fleet.start("embed", name=f"{label}-embed"), fleet.start("search", name=f"{label}-search")]
+        hosts = [
+            fleet.start("embed", name=f"{label}-embed"),
+            fleet.start("search", name=f"{label}-search", extra_args=search_args),
+        ]
         from celery import Celery
 
         from memq.config.celery import celery_config

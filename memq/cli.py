@@ -18,7 +18,9 @@ WORKER_DEFAULTS: dict[str, list[str]] = {
     # One process, threads share the model; never forks after CUDA is initialised.
     "embed": ["--pool", "threads", "--concurrency", "4"],
     # I/O-bound Mongo queries and numpy (releases the GIL); threads share one Mongo pool and matrix cache.
-    "search": ["--pool", "threads", "--concurrency", "8"],
+    # Prefetch 1: a merge's message holds every type's results (MBs at k=100 over long memories); at Celery's default
+    # of 4 a busy worker held 32 of them, decoded (README, "Memory under the heaviest retrievals").
+    "search": ["--pool", "threads", "--concurrency", "8", "--prefetch-multiplier", "1"],
     "ingest": ["--pool", "threads", "--concurrency", "2"],
 }
 
@@ -151,9 +153,11 @@ def run_worker(argv: list[str]) -> int:
         del extra[at : at + 2]
     if not settings_are_valid(os.environ):
         return 2
-    if kind == "search":
-        from memq.settings import get_settings
+    from memq.settings import get_settings
+    from memq.workers import allocator
 
+    allocator.tune(get_settings().malloc_arena_max, get_settings().malloc_mmap_threshold_bytes)  # before any thread
+    if kind == "search":
         try:
             queues = search_worker_queues(extra, get_settings().search_shards)
         except ValueError as exc:

@@ -118,6 +118,38 @@ class Settings(BaseModel):
         "overhead each) and its BM25 index (sparse matrix and vocabulary); size the worker's memory by this. A "
         "tenant larger than this alone is searched without being cached",
     )
+    exact_loads_in_flight: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="tenant loads (one `find` and the matrix and BM25 build) each search process runs at once; "
+        "more wait for a slot. Each holds its tenant's documents twice over while it builds, so this bounds the "
+        "memory of loads under a burst of cold tenants",
+    )
+    merge_in_flight_max_bytes: int = Field(
+        8 * 1024**2,
+        ge=1,
+        le=2**40,
+        description="content bytes (each item's `content` and `metadata`) the merges of one search process rank and "
+        "encode at once; a merge waits, within its retrieval's deadline, until its input fits (one larger than this "
+        "runs alone). A merge holds about 6 times its input while it works",
+    )
+    malloc_arena_max: int = Field(
+        2,
+        ge=0,
+        le=1024,
+        description="glibc malloc arenas in a worker process (`mallopt(M_ARENA_MAX)`, set at `memq worker` start); "
+        "glibc's own default (8 per core) lets each thread fragment its own heap, which tripled a search worker's "
+        "resident memory under large results. 0: leave glibc's default",
+    )
+    malloc_mmap_threshold_bytes: int = Field(
+        128 * 1024,
+        ge=0,
+        le=32 * 1024**2,
+        description="allocations from this size up are given their own memory map and returned to the system when "
+        "freed (`mallopt(M_MMAP_THRESHOLD)`, which also stops glibc raising the threshold on its own after a large "
+        "free). 0: leave glibc's dynamic threshold",
+    )
     exact_load_timeout_s: float = Field(
         120.0,
         gt=0,

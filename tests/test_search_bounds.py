@@ -315,3 +315,40 @@ def test_a_lexical_query_with_fewer_matches_than_k_returns_only_the_matches() ->
     got = search.top_k(entry, entry.matrix[3] + 0.0, 100, wanted)
 
     assert 0 < len(got) < 100 and all(item["scores"]["lexical"] > 0 for item in got)
+
+
+# -- loads in flight -----------------------------------------------------------------------------------------------
+
+
+def test_loads_of_five_cold_tenants_run_at_most_two_at_a_time_and_each_fills_the_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(search, "matrix_loads", search.ProcessLocal(lambda: SingleFlight("matrix")))
+    monkeypatch.setattr(search, "matrix_cache", search.ProcessLocal(lambda: search.MatrixCache(1000)))
+    monkeypatch.setattr(search, "load_slots", search.ProcessLocal(lambda: threading.BoundedSemaphore(2)))
+    lock = threading.Lock()
+    running, most_at_once = [0], [0]
+
+    def load_tenant(memory_id: str, memory_type: str) -> list[dict[str, Any]]:
+        with lock:
+            running[0] += 1
+            most_at_once[0] = max(most_at_once[0], running[0])
+        time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+        return []
+
+    monkeypatch.setattr(search.store, "load_tenant", load_tenant)
+    outcomes: list[search.TenantMatrix] = []
+    threads = [
+        threading.Thread(target=lambda n=n: outcomes.append(search.load_shared(f"t{n}", "long_term_memory", 1)))
+        for n in range(5)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert len(outcomes) == 5
+    assert most_at_once[0] == 2
+    assert all(search.matrix_cache.get().get((f"t{n}", "long_term_memory"), 1) is not None for n in range(5))

@@ -23,6 +23,7 @@ from celery.worker.control import Panel, inspect_command
 from memq.errors import ConfigError
 from memq.names import INFO_COMMAND, WORKER_KIND_ENV
 from memq.settings import get_settings
+from memq.workers import allocator
 from memq.workers.metrics import REFUSED_CONTROL_COMMANDS
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ def memq_info(state: Any, **_: Any) -> dict[str, Any]:
         "active_tasks": len(worker_state.active_requests),
         "reserved_tasks": len(worker_state.reserved_requests),
         "metrics_port": settings.metrics_port,
+        "rss_bytes": resident_bytes(),
+        "allocator": allocator.applied(),
     }
     if kind == "embed":
         info["model"] = model_info()
@@ -74,6 +77,15 @@ def memq_info(state: Any, **_: Any) -> dict[str, Any]:
 
         info["matrix_cache"] = cache_info()
     return info
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory (Linux ``/proc``; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def consumed_queues(state: Any) -> list[str]:

@@ -140,6 +140,10 @@ matrix_cache: ProcessLocal[MatrixCache] = ProcessLocal(
 matrix_loads: ProcessLocal[SingleFlight[tuple[str, str, int], TenantMatrix]] = ProcessLocal(
     lambda: SingleFlight("matrix")
 )
+# Loads (their documents and the build) in this process at once; the others wait for a slot in their load thread.
+load_slots: ProcessLocal[threading.BoundedSemaphore] = ProcessLocal(
+    lambda: threading.BoundedSemaphore(get_settings().exact_loads_in_flight)
+)
 _probe_results: dict[str, tuple[bool, float]] = {}
 
 
@@ -351,10 +355,13 @@ def load_into_cache(memory_id: str, memory_type: str, version: int) -> TenantMat
     entry = cache.get(key, version)
     if entry is not None:
         return entry
-    docs = store.load_tenant(memory_id, memory_type)
-    entry = build_matrix(docs, version, memory_type)
-    cache.put(key, entry)
-    cache.count_load()
+    with load_slots.get():  # at most MEMQ_EXACT_LOADS_IN_FLIGHT loads hold their documents at once
+        entry = cache.get(key, version)  # filled by a load of the same version that held the slot before this one
+        if entry is not None:
+            return entry
+        entry = build_matrix(store.load_tenant(memory_id, memory_type), version, memory_type)
+        cache.put(key, entry)
+        cache.count_load()
     MATRIX_LOADS.labels(memory_type=memory_type).inc()
     return entry
 

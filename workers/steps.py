@@ -11,13 +11,15 @@ from typing import Any
 
 from memq import ranking, wire
 from memq.cache_redis import cache_redis
+from memq.process_local import ProcessLocal
 from memq.settings import get_settings
 from memq.workers import embedding_cache, mongo, result_store, versions, writes
 from memq.workers import search as search_strategies
 from memq.workers.embedder import embedder
 from memq.workers.metrics import EMBED_BATCH_SIZE, EMBED_SECONDS, MERGE_SECONDS, STORE_WRITES
-from memq.workers.result_size import bound_result_bytes
+from memq.workers.result_size import bound_result_bytes, item_bytes
 from memq.workers.search import Wanted
+from memq.workers.work_budget import ByteBudget
 
 INTERNAL_ITEM_FIELDS = ("created_at_ts",)
 QUERY_WAIT_S = 60.0  # longest wait for the batcher's forward pass of one query
@@ -80,6 +82,12 @@ def search_type(
     )
 
 
+# The content bytes merges in this process rank and encode at once.
+merge_budget: ProcessLocal[ByteBudget] = ProcessLocal(
+    lambda: ByteBudget(get_settings().merge_in_flight_max_bytes, "merges in flight (MEMQ_MERGE_IN_FLIGHT_MAX_BYTES)")
+)
+
+
 def merge(results: Any, request: Any) -> dict[str, Any]:
     """Rank each type's candidates by memory_signal, keep its k, report per-type errors and timings. ``results``
     and ``request`` as they arrived: their shape is checked here, once (``wire.parse_merge_input``)."""
@@ -88,6 +96,15 @@ def merge(results: Any, request: Any) -> dict[str, Any]:
     settings = get_settings()
     now_ts = time.time()
     merge_input = wire.parse_merge_input(results, request, settings.search_strategy)
+    input_bytes = sum(item_bytes(item) for result in merge_input["results"] for item in result.get("items", ()))
+    deadline_ts = merge_input["request"].get("deadline_ts") or None
+    wait_s = None if deadline_ts is None else max(0.0, deadline_ts - time.time())
+    with merge_budget.get().hold(input_bytes, wait_s):  # MEMQ_MERGE_IN_FLIGHT_MAX_BYTES: see workers.work_budget
+        return _merge(merge_input, started, started_ts, now_ts)
+
+
+def _merge(merge_input: wire.MergeInput, started: float, started_ts: float, now_ts: float) -> dict[str, Any]:
+    settings = get_settings()
     request, results, errors = merge_input["request"], merge_input["results"], merge_input["errors"]
     limits: dict[str, int] = request["limits"]
     weights: dict[str, float] = request["weights"]
