@@ -154,10 +154,11 @@ def run_worker(argv: list[str]) -> int:
     if not settings_are_valid(os.environ):
         return 2
     from memq.settings import get_settings
-    from memq.workers import allocator
 
-    allocator.tune(get_settings().malloc_arena_max, get_settings().malloc_mmap_threshold_bytes)  # before any thread
-    if kind == "search":
+    if kind == "search":  # measured there (README, "Memory under the heaviest retrievals"); before any thread starts
+        from memq.workers import allocator
+
+        allocator.tune(get_settings().malloc_arena_max, get_settings().malloc_mmap_threshold_bytes)
         try:
             queues = search_worker_queues(extra, get_settings().search_shards)
         except ValueError as exc:

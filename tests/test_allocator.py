@@ -3,11 +3,14 @@ reports its arenas (``malloc_stats``), with and without the tuning."""
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
 
 import pytest
+
+from memq.workers import allocator
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt and malloc_stats")
 
@@ -28,9 +31,15 @@ ctypes.CDLL(ctypes.util.find_library("c")).malloc_stats()
 """
 
 
-def arenas_used(mode: str) -> tuple[int, str]:
+def arenas_used(mode: str, **env: str) -> tuple[int, str]:
+    clean = {name: value for name, value in os.environ.items() if name not in allocator.OPERATOR_VARIABLES}
     done = subprocess.run(
-        [sys.executable, "-c", EIGHT_THREADS_ALLOCATING, mode], capture_output=True, text=True, timeout=60, check=True
+        [sys.executable, "-c", EIGHT_THREADS_ALLOCATING, mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={**clean, **env},
     )
     return sum(line.startswith("Arena ") for line in done.stderr.splitlines()), done.stdout
 
@@ -44,8 +53,8 @@ def test_a_tuned_process_allocates_from_at_most_two_arenas_where_glibc_alone_giv
     assert untuned > 2
 
 
-def test_zero_leaves_glibc_as_it_is() -> None:
-    from memq.workers import allocator
+def test_an_operators_own_glibc_variable_wins_and_memq_changes_nothing() -> None:
+    tuned, applied = arenas_used("tuned", MALLOC_ARENA_MAX="4")
 
-    assert allocator.tune(arena_max=0, mmap_threshold_bytes=0) == allocator.applied()
-    assert "arena_max" not in allocator.applied()
+    assert applied.strip() == "{}"
+    assert 2 < tuned <= 4

@@ -48,7 +48,7 @@ def test_work_larger_than_the_budget_runs_alone_and_later_work_waits_its_turn() 
     small = hold_in_thread(budget, 3, release_small, entered)
     wait_until(lambda: entered == [3])
     big = hold_in_thread(budget, 50, release_big, entered)
-    time.sleep(0.1)
+    wait_until(lambda: len(budget._turns) == 1)  # the big one is queued before the later one arrives
     later = hold_in_thread(budget, 1, release_small, entered)  # fits, but arrived after the big one
     time.sleep(0.2)
     assert entered == [3]
@@ -79,3 +79,15 @@ def test_work_that_finds_no_room_within_its_wait_raises_a_timeout_and_holds_noth
     with budget.hold(5, wait_s=1):
         assert budget.held_bytes == 5
     assert budget.held_bytes == 0
+
+
+def test_a_merge_waits_at_most_what_is_left_of_its_deadline_and_never_past_half_the_visibility_timeout() -> None:
+    from memq.settings import Settings
+    from memq.workers.steps import merge_wait_s
+
+    settings = Settings(retrieve_timeout_s=10, visibility_timeout_s=300)
+
+    assert 4 < merge_wait_s({"deadline_ts": time.time() + 5}, settings) <= 5
+    assert merge_wait_s({"deadline_ts": time.time() - 5}, settings) == 0
+    assert merge_wait_s({"deadline_ts": 0.0}, settings) == 10  # a request without a deadline: the default timeout
+    assert merge_wait_s({"deadline_ts": time.time() + 3000}, settings) == 150

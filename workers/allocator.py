@@ -6,7 +6,9 @@ reached about three times what it held. Two glibc behaviours cause it: each thre
 few MB come from those arenas and stay there, fragmented. ``mallopt(M_ARENA_MAX)`` (``MEMQ_MALLOC_ARENA_MAX``) and a
 fixed ``mallopt(M_MMAP_THRESHOLD)`` (``MEMQ_MALLOC_MMAP_THRESHOLD_BYTES``) are the settings glibc documents for
 this; they are the ``MALLOC_ARENA_MAX`` and ``MALLOC_MMAP_THRESHOLD_`` environment variables, set from inside the
-process so that ``memq worker`` needs no wrapper. Elsewhere than glibc (musl, macOS) nothing is changed.
+process so that ``memq worker`` needs no wrapper. Only search workers are tuned (where it was measured), and an
+operator's own ``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_`` or ``GLIBC_TUNABLES`` wins: then nothing is changed.
+Elsewhere than glibc (musl, macOS) nothing is changed either.
 """
 
 from __future__ import annotations
@@ -14,21 +16,28 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import platform
 
 log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # glibc malloc.h
 M_ARENA_MAX = -8
+OPERATOR_VARIABLES = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
 
 _applied: dict[str, int] = {}
 
 
 def tune(arena_max: int, mmap_threshold_bytes: int) -> dict[str, int]:
-    """Apply the settings that are not 0; returns what was applied (empty where the C library is not glibc)."""
+    """Apply the settings that are not 0; returns what was applied (empty where the C library is not glibc or the
+    operator set glibc's own variables)."""
+    own = [name for name in OPERATOR_VARIABLES if os.environ.get(name)]
+    if own:
+        log.warning("allocator: %s set in the environment; memq's allocator settings not applied", ", ".join(own))
+        return {}
     libc = _glibc()
     if libc is None:
-        log.info("allocator: not glibc (%s); left as it is", platform.libc_ver()[0] or "unknown")
+        log.warning("allocator: glibc not found (%s); left as it is", platform.libc_ver()[0] or "unknown C library")
         return {}
     for name, option, value in (
         ("arena_max", M_ARENA_MAX, arena_max),

@@ -97,10 +97,18 @@ def merge(results: Any, request: Any) -> dict[str, Any]:
     now_ts = time.time()
     merge_input = wire.parse_merge_input(results, request, settings.search_strategy)
     input_bytes = sum(item_bytes(item) for result in merge_input["results"] for item in result.get("items", ()))
-    deadline_ts = merge_input["request"].get("deadline_ts") or None
-    wait_s = None if deadline_ts is None else max(0.0, deadline_ts - time.time())
-    with merge_budget.get().hold(input_bytes, wait_s):  # MEMQ_MERGE_IN_FLIGHT_MAX_BYTES: see workers.work_budget
+    with merge_budget.get().hold(input_bytes, merge_wait_s(merge_input["request"], settings)):
         return _merge(merge_input, started, started_ts, now_ts)
+
+
+def merge_wait_s(request: dict[str, Any], settings: Any) -> float:
+    """How long a merge may wait for room in the budget: what is left of its retrieval's deadline
+    (``MEMQ_RETRIEVE_TIMEOUT_S`` for a request without one), never more than half the visibility timeout (a message
+    held longer is delivered again)."""
+    cap_s = settings.visibility_timeout_s / 2
+    deadline_ts = request.get("deadline_ts") or None
+    left_s = settings.retrieve_timeout_s if deadline_ts is None else deadline_ts - time.time()
+    return min(cap_s, max(0.0, left_s))
 
 
 def _merge(merge_input: wire.MergeInput, started: float, started_ts: float, now_ts: float) -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """A byte budget for the work a process does at once (``MEMQ_MERGE_IN_FLIGHT_MAX_BYTES`` for merges).
 
-A merge of 9 types x k = 100 over memories of ~4 KB ranks 3.6 MB of content and encodes its result twice (the result
-cache and the result backend): about 25 MB of transient memory each. Eight search threads merging at once held
-~200 MB beyond the matrix cache. ``ByteBudget.hold(nbytes)`` lets work in only while the bytes already held plus its
-own fit the budget; the rest wait (in arrival order) at most ``wait_s``. Work larger than the whole budget runs
-alone: it waits until nothing else is held. Merges are CPU-bound Python (the GIL), so waiting costs them little.
+A merge of 9 types x k = 100 over memories of ~4 KB ranks 3.6 MB of content and encodes its result for the result
+cache; Celery then encodes it again for the result backend, after the merge returns and outside the budget. Eight
+search threads doing this at once held ~200 MB beyond the matrix cache. ``ByteBudget.hold(nbytes)`` lets work in
+only while the bytes already held plus its own fit the budget; the rest wait (in arrival order) at most ``wait_s``.
+Work larger than the whole budget runs alone: it waits until nothing else is held. Merges are CPU-bound Python
+(the GIL), so waiting costs them little.
 """
 
 from __future__ import annotations
