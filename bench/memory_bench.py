@@ -35,8 +35,10 @@ from memq.memory_types import MemoryType
 TYPES = tuple(memory_type.value for memory_type in MemoryType)  # all 9
 QUERIES = ("what does this person like", "recent plans", "how to book travel", "health notes", "work projects")
 MIB = 1024 * 1024
-BOUNDED = {"search_budget_mb": 128, "cache_maxmemory_mb": 64}
-UNBOUNDED = {"search_budget_mb": 64 * 1024, "cache_maxmemory_mb": 0}
+BOUNDED = {"search_budget_mb": 128, "cache_maxmemory_mb": 64, "rss_budget_mb": 0}
+UNBOUNDED = {"search_budget_mb": 64 * 1024, "cache_maxmemory_mb": 0, "rss_budget_mb": 0}
+BUDGETED = {**BOUNDED, "rss_budget_mb": 320}  # the bounded fleet with a resident memory budget (MEMQ_SEARCH_MAX_RSS_BYTES)
+FLEETS = {"unbounded": UNBOUNDED, "bounded": BOUNDED, "budgeted": BUDGETED}
 # The unbounded fleet also runs without the search worker's work bounds, as memq did before them: glibc's own
 # allocator settings, Celery's default prefetch (4 per thread), any number of loads and merges at once.
 UNBOUNDED_WORK_ENV = {
@@ -146,11 +148,13 @@ def run_fleet(base_env: dict[str, str], label: str, budget: dict[str, int], args
         **base_env,
         "MEMQ_REDIS_URL": cache_service.url,
         "MEMQ_EXACT_CACHE_MAX_BYTES": str(budget["search_budget_mb"] * MIB),
+        "MEMQ_SEARCH_MAX_RSS_BYTES": str(budget["rss_budget_mb"] * MIB),
         "MEMQ_SEARCH_STRATEGY": "exact",
         **(UNBOUNDED_WORK_ENV if label == "unbounded" else {}),
     }
     search_args = UNBOUNDED_SEARCH_ARGS if label == "unbounded" else ()
     fleet = services.Fleet(env)
+    app = None
     try:
         hosts = [
             fleet.start("embed", name=f"{label}-embed"),
@@ -166,7 +170,6 @@ def run_fleet(base_env: dict[str, str], label: str, budget: dict[str, int], args
             celery_config(Settings(broker_url=env["MEMQ_BROKER_URL"], result_backend=env["MEMQ_BROKER_URL"]))
         )
         fleet.wait_ready(app, hosts, timeout_s=240)
-        app.close()
         baseline_rss_mb = rss_mb(fleet.workers[hosts[1]].pid)
         code = (
             "import json; from bench.memory_bench import drive; "
@@ -178,9 +181,12 @@ def run_fleet(base_env: dict[str, str], label: str, budget: dict[str, int], args
             raise RuntimeError(proc.stderr[-3000:])
         driven = json.loads(proc.stdout.strip().splitlines()[-1])
         evicted = int(cache.info("stats")["evicted_keys"])
+        guard = search_info(app, hosts[1]).get("memory_guard", {})
     finally:
         fleet.stop_all()
         cache_service.stop()
+        if app is not None:
+            app.close()
     return {
         "fleet": label,
         **budget,
@@ -189,20 +195,29 @@ def run_fleet(base_env: dict[str, str], label: str, budget: dict[str, int], args
         "search_rss_mb_peak": max(sampled.rss_mb, default=float("nan")),
         "cache_redis_mb_peak": max(sampled.redis_mb, default=float("nan")),
         "cache_evicted_keys": evicted,
+        "memory_guard": guard,
         "rss_series_mb": sampled.rss_mb,
         "redis_series_mb": sampled.redis_mb,
     }
 
 
+def search_info(app: Any, host: str) -> dict[str, Any]:
+    from memq import names
+
+    replies = app.control.broadcast(names.INFO_COMMAND, destination=[host], reply=True, timeout=5.0) or []
+    return next((reply[host] for reply in replies if host in reply), {})
+
+
 def report(runs: list[dict[str, Any]]) -> None:
     print(
-        f"{'fleet':<10} {'search budget MB':>16} {'RSS start':>9} {'RSS peak':>9} {'cache maxmem MB':>15} "
+        f"{'fleet':<10} {'search budget MB':>16} {'RSS budget MB':>13} {'RSS start':>9} {'RSS peak':>9} {'cache maxmem MB':>15} "
         f"{'Redis peak MB':>13} {'evicted':>8} {'p50 ms':>8} {'errors':>6}"
     )
     for run in runs:
         budget = run["cache_maxmemory_mb"] or "none"
         print(
-            f"{run['fleet']:<10} {run['search_budget_mb']:>16} {run['search_rss_mb_at_start']:>9.0f} "
+            f"{run['fleet']:<10} {run['search_budget_mb']:>16} {run['rss_budget_mb'] or 'none'!s:>13} "
+            f"{run['search_rss_mb_at_start']:>9.0f} "
             f"{run['search_rss_mb_peak']:>9.0f} {budget!s:>15} {run['cache_redis_mb_peak']:>13.1f} "
             f"{run['cache_evicted_keys']:>8} {run['latency']['p50_ms']:>8.0f} {run['errors']:>6}"
         )
@@ -218,7 +233,10 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     for run in runs:
         left.plot(np.arange(len(run["rss_series_mb"])) * 0.25, run["rss_series_mb"], label=run["fleet"])
         right.plot(np.arange(len(run["redis_series_mb"])) * 0.25, run["redis_series_mb"], label=run["fleet"])
-    left.axhline(BOUNDED["search_budget_mb"], linestyle="--", color="grey", label="search budget (bounded)")
+    left.axhline(BOUNDED["search_budget_mb"], linestyle="--", color="grey", label="matrix cache budget")
+    for run in runs:
+        if run["rss_budget_mb"]:
+            left.axhline(run["rss_budget_mb"], linestyle=":", color="black", label=f"RSS budget ({run['fleet']})")
     right.axhline(BOUNDED["cache_maxmemory_mb"], linestyle="--", color="grey", label="maxmemory (bounded)")
     left.set(title="search worker RSS", xlabel="s", ylabel="MB")
     right.set(title="cache Redis used_memory", xlabel="s", ylabel="MB")
@@ -236,6 +254,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=320)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--k", type=int, default=100)
+    parser.add_argument("--fleets", default="unbounded,bounded,budgeted", help="comma-separated, run in this order")
+    parser.add_argument("--rss-budget-mb", type=int, default=BUDGETED["rss_budget_mb"], help="the budgeted fleet's")
     args = parser.parse_args()
 
     broker = services.start_redis_server()
@@ -252,7 +272,8 @@ def main() -> None:
         started = time.perf_counter()
         load_memories(mongo.url, "memq_memory_bench", args.tenants, args.memories, args.content_bytes, 384)
         print(f"loaded {args.tenants * 9 * args.memories} memories in {time.perf_counter() - started:.0f} s")
-        runs = [run_fleet(base_env, "unbounded", UNBOUNDED, args), run_fleet(base_env, "bounded", BOUNDED, args)]
+        budgets = {**FLEETS, "budgeted": {**BUDGETED, "rss_budget_mb": args.rss_budget_mb}}
+        runs = [run_fleet(base_env, label, budgets[label], args) for label in args.fleets.split(",")]
     finally:
         mongo.stop()
         broker.stop()

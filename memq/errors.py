@@ -44,6 +44,11 @@ class RetrievalTimeout(TransientError, TimeoutError):
     """The fleet did not answer within the caller's timeout."""
 
 
+class WorkerBusy(RetrievalTimeout):
+    """A worker had no room for the work (a tenant load slot, its memory budget, its merge budget) within the
+    work's own deadline; another delivery, or another worker, may have it."""
+
+
 class TaskFailed(MemqError):
     """A task failed on a worker; the message is the worker's."""
 

@@ -134,6 +134,15 @@ class Settings(BaseModel):
         "encode at once; a merge waits, within its retrieval's deadline, until its input fits (one larger than this "
         "runs alone). A merge holds about 6 times its input while it works",
     )
+    search_max_rss_bytes: int = Field(
+        3 * 1024**3,
+        ge=0,
+        le=2**50,
+        description="resident memory budget of each search process (set it below the pod's or container's memory "
+        "limit, above `MEMQ_EXACT_CACHE_MAX_BYTES`): above 80 % of it a tenant load or a merge first sheds the "
+        "least recently used cached tenants and returns free pages to the system, then waits (within its deadline) "
+        "for the loads and merges running to finish; one that finds none running runs anyway. 0: no budget",
+    )
     malloc_arena_max: int = Field(
         2,
         ge=0,

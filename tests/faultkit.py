@@ -4,10 +4,13 @@ services ``memq.services`` starts, kill a worker)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
+import textwrap
 import time
 from typing import Any
 
@@ -26,6 +29,15 @@ def private_app(broker_url: str, name: str = "memq-test") -> Any:
     app = Celery(name, set_as_current=False)
     app.config_from_object(celery_config(Settings(broker_url=broker_url, result_backend=broker_url)))
     return app
+
+
+def run_client(env: dict[str, str], code: str, timeout_s: float = 180) -> Any:
+    """Run ``code`` in a client process of the fleet ``env`` points at; it prints one JSON value, returned here."""
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=timeout_s
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def kill_worker(fleet: services.Fleet, hostname: str, sig: int = signal.SIGKILL) -> None:

@@ -8,11 +8,7 @@ per process, and this test process talks to the session's Redis).
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import textwrap
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -49,18 +45,9 @@ def cut_fleet() -> Iterator[dict[str, Any]]:
         broker.stop()
 
 
-def client(env: dict[str, str], code: str, timeout_s: float = 180) -> Any:
-    """Run ``code`` in a client process on the fleet; it prints one JSON value, returned here."""
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=timeout_s
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
-
-
 def retrieved(env: dict[str, str], tenant: str, query: str) -> list[str]:
     """The contents a retrieval of the tenant's semantic memories returns (every one of them is asked for)."""
-    return client(
+    return faultkit.run_client(
         env,
         f"""
         import json
@@ -74,7 +61,7 @@ def retrieved(env: dict[str, str], tenant: str, query: str) -> list[str]:
 
 def forget_outcome(env: dict[str, str], tenant: str) -> str:
     """``forget`` of every type of the tenant: the name of the error it raised, or ``"ok"``."""
-    return client(
+    return faultkit.run_client(
         env,
         f"""
         import json
@@ -99,7 +86,7 @@ def test_a_forget_that_fails_mid_way_until_its_retries_run_out_leaves_no_deleted
 ) -> None:
     env, proxy, cache = cut_fleet["env"], cut_fleet["proxy"], cut_fleet["cache"]
     tenant = f"forget-{uuid.uuid4().hex[:8]}"
-    client(
+    faultkit.run_client(
         env,
         f"""
         import json

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from memq.errors import StoreUnavailable
+from memq.errors import StoreUnavailable, WorkerBusy
 from memq.workers import mongo, search
 from memq.workers.result_size import bound_result_bytes, item_bytes
 from memq.workers.single_flight import FlightTimeout, SingleFlight
@@ -352,3 +352,44 @@ def test_loads_of_five_cold_tenants_run_at_most_two_at_a_time_and_each_fills_the
     assert len(outcomes) == 5
     assert most_at_once[0] == 2
     assert all(search.matrix_cache.get().get((f"t{n}", "long_term_memory"), 1) is not None for n in range(5))
+
+
+def test_a_search_whose_load_still_waits_for_a_slot_is_told_the_worker_is_busy_not_that_mongodb_is_down(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(search, "matrix_loads", search.ProcessLocal(lambda: SingleFlight("matrix")))
+    monkeypatch.setattr(search, "matrix_cache", search.ProcessLocal(lambda: search.MatrixCache(1000)))
+    slots = threading.BoundedSemaphore(1)
+    monkeypatch.setattr(search, "load_slots", search.ProcessLocal(lambda: slots))
+    monkeypatch.setattr(search.store, "load_tenant", lambda memory_id, memory_type: [])
+    slots.acquire()  # another tenant's load holds the only slot
+
+    busy = pytest.raises(WorkerBusy, match=r"search worker busy: .* still waiting for a load slot")
+    with busy, mongo.time_limit(0.2):
+        search.load_shared("tenant", "long_term_memory", 1)
+    slots.release()
+    deadline = time.monotonic() + 10
+    while search.matrix_cache.get().get(("tenant", "long_term_memory"), 1) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    assert search.matrix_cache.get().get(("tenant", "long_term_memory"), 1) is not None  # the load went on
+    assert search.load_phases == {}
+
+
+def test_with_redis_down_an_uncached_load_also_waits_for_a_slot_within_the_search_s_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    slots = threading.BoundedSemaphore(1)
+    monkeypatch.setattr(search, "load_slots", search.ProcessLocal(lambda: slots))
+    loaded: list[str] = []
+    monkeypatch.setattr(search.store, "load_tenant", lambda memory_id, memory_type: loaded.append(memory_id) or [])
+    slots.acquire()
+
+    with pytest.raises(WorkerBusy, match=r"no load slot .* within 0\.2 s"), mongo.time_limit(0.2):
+        search.load_uncached("tenant", "long_term_memory")
+    assert loaded == []
+    slots.release()
+
+    with mongo.time_limit(5):
+        assert search.load_uncached("tenant", "long_term_memory").items == []
+    assert loaded == ["tenant"] and slots.acquire(blocking=False)  # the slot was given back

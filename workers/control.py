@@ -24,6 +24,7 @@ from memq.errors import ConfigError
 from memq.names import INFO_COMMAND, WORKER_KIND_ENV
 from memq.settings import get_settings
 from memq.workers import allocator
+from memq.workers.memory_guard import resident_bytes
 from memq.workers.metrics import REFUSED_CONTROL_COMMANDS
 
 log = logging.getLogger(__name__)
@@ -73,19 +74,11 @@ def memq_info(state: Any, **_: Any) -> dict[str, Any]:
     if kind == "embed":
         info["model"] = model_info()
     if kind == "search":
-        from memq.workers.search import cache_info
+        from memq.workers.search import cache_info, guard_info
 
         info["matrix_cache"] = cache_info()
+        info["memory_guard"] = guard_info()
     return info
-
-
-def resident_bytes() -> int | None:
-    """This process's resident memory (Linux ``/proc``; None elsewhere)."""
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def consumed_queues(state: Any) -> list[str]:

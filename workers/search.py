@@ -29,12 +29,13 @@ from typing import Any
 import numpy as np
 
 from memq import ranking
-from memq.errors import IndexNotReady, StoreUnavailable
+from memq.errors import IndexNotReady, StoreUnavailable, WorkerBusy
 from memq.process_local import ProcessLocal
 from memq.settings import get_settings
 from memq.vectors import from_stored, normalise
-from memq.workers import index_readiness, mongo, store, versions
+from memq.workers import allocator, index_readiness, mongo, store, versions
 from memq.workers.lexical import LexicalIndex
+from memq.workers.memory_guard import MemoryGuard, resident_bytes
 from memq.workers.metrics import BAD_STORED_ROWS, CACHE_REQUESTS, MATRIX_LOADS, SEARCH_SECONDS
 from memq.workers.single_flight import FlightTimeout, SingleFlight
 
@@ -111,6 +112,17 @@ class MatrixCache:
             while self._vectors > self.max_vectors or (self.max_bytes is not None and self._bytes > self.max_bytes):
                 self._drop(next(iter(self._entries)))
 
+    def shed(self, nbytes: int) -> int:
+        """Drop the least recently used entries until at least ``nbytes`` are freed (or the cache is empty); the
+        bytes dropped. (Memory comes back once no search still holds a dropped entry.)"""
+        freed = 0
+        with self._lock:
+            while self._entries and freed < nbytes:
+                key = next(iter(self._entries))
+                freed += self._sizes[key]
+                self._drop(key)
+        return freed
+
     def _drop(self, key: tuple[str, str]) -> None:
         old = self._entries.pop(key, None)
         if old is not None:
@@ -144,6 +156,18 @@ matrix_loads: ProcessLocal[SingleFlight[tuple[str, str, int], TenantMatrix]] = P
 load_slots: ProcessLocal[threading.BoundedSemaphore] = ProcessLocal(
     lambda: threading.BoundedSemaphore(get_settings().exact_loads_in_flight)
 )
+# Loads and merges start only while this process is under MEMQ_SEARCH_MAX_RSS_BYTES (shedding this cache first).
+memory_guard: ProcessLocal[MemoryGuard] = ProcessLocal(
+    lambda: MemoryGuard(
+        get_settings().search_max_rss_bytes,
+        shed=lambda nbytes: matrix_cache.get().shed(nbytes),
+        read_rss_bytes=resident_bytes,
+        release=allocator.release_free_memory,
+    )
+)
+# What each load under way is doing, for the error a search gets when it stops waiting for it.
+load_phases: dict[tuple[str, str, int], str] = {}
+READING = "reading MongoDB"
 _probe_results: dict[str, tuple[bool, float]] = {}
 
 
@@ -312,7 +336,7 @@ def exact_search(memory_id: str, memory_type: str, query: np.ndarray, k: int, wa
     key = (memory_id, memory_type)
     cache = matrix_cache.get()
     if known is None:  # Redis down: never trust a cached matrix
-        entry = build_matrix(store.load_tenant(memory_id, memory_type), -1, memory_type)
+        entry = load_uncached(memory_id, memory_type)
         outcome = "bypass"
     else:
         version = known[memory_type]
@@ -331,39 +355,67 @@ def load_shared(memory_id: str, memory_type: str, version: int) -> TenantMatrix:
     The load runs without this search's MongoDB budget, under the client's own timeouts (server selection, each
     socket read: ``MEMQ_MONGODB_TIMEOUT_MS``), and puts its matrix in the cache when done. This search waits for it
     only as long as its own budget (``mongo.time_limit``; ``MEMQ_EXACT_LOAD_TIMEOUT_S`` when it has none) lasts, then
-    raises ``StoreUnavailable`` as a MongoDB timeout does (the task retries within the caller's deadline and finds
-    the same load, or its matrix in the cache)."""
+    raises, as a MongoDB timeout does, ``StoreUnavailable`` when the load was reading MongoDB and ``WorkerBusy`` when
+    it was still waiting for a load slot or for memory (the task retries within the caller's deadline and finds the
+    same load, or its matrix in the cache)."""
     load_timeout_s = get_settings().exact_load_timeout_s
     wait_s = caller_budget_left_s(default_s=load_timeout_s)
+    flight_key = (memory_id, memory_type, version)
     try:
-        return matrix_loads.get().run(
-            (memory_id, memory_type, version), lambda: load_into_cache(memory_id, memory_type, version), wait_s
-        )
+        return matrix_loads.get().run(flight_key, lambda: load_into_cache(memory_id, memory_type, version), wait_s)
     except FlightTimeout as exc:
-        raise StoreUnavailable(
-            f"MongoDB unavailable: loading the tenant's {memory_type} memories timed out after {wait_s:.3g} s of "
-            "this search's budget (the load goes on and fills this worker's cache)"
-        ) from exc
+        phase = load_phases.get(flight_key, READING)
+        waited = f"loading the tenant's {memory_type} memories timed out after {wait_s:.3g} s of this search's budget"
+        goes_on = "the load goes on and fills this worker's cache"
+        if phase == READING:
+            raise StoreUnavailable(f"MongoDB unavailable: {waited} ({goes_on})") from exc
+        raise WorkerBusy(f"search worker busy: {waited}, the load still {phase} ({goes_on})") from exc
 
 
 def load_into_cache(memory_id: str, memory_type: str, version: int) -> TenantMatrix:
     """One load from MongoDB under the client's own timeouts (no overall limit: an unreachable server fails at
     server selection, a stalled one at a socket read, and a large tenant takes as long as its ``find`` does), built
-    and put in the cache (unless a load of the same version finished just before this one began)."""
+    and put in the cache (unless a load of the same version finished just before this one began). It waits for one
+    of the process's load slots, then for the memory guard, at most ``MEMQ_EXACT_LOAD_TIMEOUT_S`` for the latter."""
     cache = matrix_cache.get()
     key = (memory_id, memory_type)
+    flight_key = (memory_id, memory_type, version)
     entry = cache.get(key, version)
     if entry is not None:
         return entry
-    with load_slots.get():  # at most MEMQ_EXACT_LOADS_IN_FLIGHT loads hold their documents at once
-        entry = cache.get(key, version)  # filled by a load of the same version that held the slot before this one
-        if entry is not None:
-            return entry
-        entry = build_matrix(store.load_tenant(memory_id, memory_type), version, memory_type)
-        cache.put(key, entry)
-        cache.count_load()
+    try:
+        load_phases[flight_key] = "waiting for a load slot (MEMQ_EXACT_LOADS_IN_FLIGHT)"
+        with load_slots.get():  # at most MEMQ_EXACT_LOADS_IN_FLIGHT loads hold their documents at once
+            entry = cache.get(key, version)  # filled by a load of the same version that held the slot before
+            if entry is not None:
+                return entry
+            load_phases[flight_key] = "waiting for memory (MEMQ_SEARCH_MAX_RSS_BYTES)"
+            with memory_guard.get().admitted("a tenant load", get_settings().exact_load_timeout_s):
+                load_phases[flight_key] = READING
+                entry = build_matrix(store.load_tenant(memory_id, memory_type), version, memory_type)
+            cache.put(key, entry)
+            cache.count_load()
+    finally:
+        load_phases.pop(flight_key, None)
     MATRIX_LOADS.labels(memory_type=memory_type).inc()
     return entry
+
+
+def load_uncached(memory_id: str, memory_type: str) -> TenantMatrix:
+    """The tenant's matrix built for this search alone (Redis is down, so no data version can key a cache entry),
+    under the same load slots and memory guard as a cached load, within this search's budget."""
+    wait_s = caller_budget_left_s(default_s=get_settings().exact_load_timeout_s)
+    slots = load_slots.get()
+    if not slots.acquire(timeout=max(0.0, wait_s)):
+        raise WorkerBusy(
+            f"search worker busy: no load slot for the tenant's {memory_type} memories within {wait_s:.3g} s "
+            "(MEMQ_EXACT_LOADS_IN_FLIGHT)"
+        )
+    try:
+        with memory_guard.get().admitted("a tenant load", caller_budget_left_s(default_s=wait_s)):
+            return build_matrix(store.load_tenant(memory_id, memory_type), -1, memory_type)
+    finally:
+        slots.release()
 
 
 def caller_budget_left_s(default_s: float) -> float:
@@ -387,6 +439,13 @@ def cache_info() -> dict[str, Any]:
         "loads": cache.loads,
         "loads_in_flight": in_flight,
     }
+
+
+def guard_info() -> dict[str, Any]:
+    """What this process's memory guard has done, for ``memq_info``."""
+    if not memory_guard.is_built():
+        return {"max_rss_bytes": get_settings().search_max_rss_bytes, "in_flight": 0, "shed_bytes": 0}
+    return memory_guard.get().info()
 
 
 def supports(stage: str, memory_type: str, dimensions: int) -> bool:

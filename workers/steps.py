@@ -97,7 +97,11 @@ def merge(results: Any, request: Any) -> dict[str, Any]:
     now_ts = time.time()
     merge_input = wire.parse_merge_input(results, request, settings.search_strategy)
     input_bytes = sum(item_bytes(item) for result in merge_input["results"] for item in result.get("items", ()))
-    with merge_budget.get().hold(input_bytes, merge_wait_s(merge_input["request"], settings)):
+    request = merge_input["request"]
+    with (
+        merge_budget.get().hold(input_bytes, merge_wait_s(request, settings)),
+        search_strategies.memory_guard.get().admitted("a merge", merge_wait_s(request, settings)),
+    ):
         return _merge(merge_input, started, started_ts, now_ts)
 
 

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from memq.errors import RetrievalTimeout
+from memq.errors import WorkerBusy
 
 
 class ByteBudget:
@@ -28,15 +28,15 @@ class ByteBudget:
 
     @contextmanager
     def hold(self, nbytes: int, wait_s: float | None) -> Iterator[None]:
-        """Hold ``nbytes`` of the budget for the block; ``RetrievalTimeout`` when no room was made within
-        ``wait_s`` seconds (``None``: no limit)."""
+        """Hold ``nbytes`` of the budget for the block; ``WorkerBusy`` (a ``RetrievalTimeout``) when no room was
+        made within ``wait_s`` seconds (``None``: no limit)."""
         nbytes = max(0, nbytes)
         turn = object()
         with self._changed:
             self._turns.append(turn)
             try:
                 if not self._changed.wait_for(lambda: self._fits(turn, nbytes), timeout=wait_s):
-                    raise RetrievalTimeout(
+                    raise WorkerBusy(
                         f"{self.name}: no room for {nbytes:,} bytes within {wait_s:.3g} s "
                         f"({self.held_bytes:,} of {self.max_bytes:,} held)"
                     )

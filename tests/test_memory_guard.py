@@ -1,0 +1,207 @@
+"""The search process's memory budget (``MEMQ_SEARCH_MAX_RSS_BYTES``, ``memq.workers.memory_guard``): the guard's
+rules on a real matrix cache with the resident memory it is given, then a real search worker over its budget."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import faultkit
+import numpy as np
+import pytest
+
+from memq import names, services
+from memq.errors import WorkerBusy
+from memq.workers import search
+from memq.workers.memory_guard import MemoryGuard, resident_bytes
+
+MB = 1_000_000
+
+
+class Process:
+    """The resident memory the guard reads: a base plus what the cache holds, and how often it was released."""
+
+    def __init__(self, base_bytes: int, cache: search.MatrixCache) -> None:
+        self.base_bytes = base_bytes
+        self.cache = cache
+        self.releases = 0
+
+    def rss(self) -> int:
+        return self.base_bytes + self.cache.nbytes
+
+    def release(self) -> None:
+        self.releases += 1
+
+
+def cache_of(tenants: int, content_bytes: int) -> search.MatrixCache:
+    cache = search.MatrixCache(max_vectors=10**6)
+    for n in range(tenants):
+        items = [{"id": f"m{i}", "content": "x" * content_bytes} for i in range(10)]
+        cache.put((f"t{n}", "long_term_memory"), search.TenantMatrix(1, items, np.zeros((10, 4), dtype=np.float32)))
+    return cache
+
+
+def guard_over(process: Process, max_rss_bytes: int) -> MemoryGuard:
+    return MemoryGuard(max_rss_bytes, shed=process.cache.shed, read_rss_bytes=process.rss, release=process.release)
+
+
+def test_under_its_budget_work_is_admitted_at_once_and_nothing_is_shed() -> None:
+    process = Process(50 * MB, cache_of(4, 100_000))  # 50 MB + ~4 MB, budget 100 MB (admits below 80)
+    guard = guard_over(process, 100 * MB)
+
+    with guard.admitted("a merge", wait_s=0):
+        assert guard.in_flight == 1
+
+    assert len(process.cache) == 4 and guard.shed_bytes == 0 and guard.waited == 0 and guard.in_flight == 0
+
+
+def test_over_its_budget_the_least_recently_used_tenants_are_shed_first_and_free_pages_released() -> None:
+    process = Process(77_500_000, cache_of(4, 100_000))  # ~81.5 MB: ~1.5 MB over the 80 MB admission level
+    process.cache.get(("t0", "long_term_memory"), 1)  # t0 is now the most recently used
+    guard = guard_over(process, 100 * MB)
+
+    with guard.admitted("a tenant load", wait_s=0):
+        pass
+
+    kept = {n for n in range(4) if process.cache.get((f"t{n}", "long_term_memory"), 1) is not None}
+    assert kept == {0, 3}  # t1 and t2 (the least recently used) freed what was over
+    assert guard.shed_bytes > 1.5 * MB and process.releases >= 1 and guard.waited == 0
+
+
+def test_still_over_after_shedding_work_waits_for_the_work_running_and_then_runs() -> None:
+    process = Process(90 * MB, cache_of(0, 0))  # over, with nothing to shed
+    guard = guard_over(process, 100 * MB)
+    release, entered = threading.Event(), []
+
+    def first() -> None:
+        with guard.admitted("a merge", wait_s=0):  # nothing else running: it runs over the budget
+            entered.append("first")
+            release.wait(30)
+            process.base_bytes = 60 * MB  # what it held is freed as it ends
+
+    def second() -> None:
+        with guard.admitted("a tenant load", wait_s=30):
+            entered.append("second")
+
+    threads = [threading.Thread(target=first)]
+    threads[0].start()
+    wait_until(lambda: entered == ["first"])
+    threads.append(threading.Thread(target=second))
+    threads[1].start()
+    time.sleep(0.3)
+    assert entered == ["first"]  # waiting: over the budget while the first runs
+
+    release.set()
+    for thread in threads:
+        thread.join(30)
+    assert entered == ["first", "second"]
+    assert guard.over_budget_runs == 1 and guard.waited == 2 and guard.in_flight == 0
+
+
+def test_work_that_cannot_get_under_the_budget_within_its_wait_is_told_the_worker_is_busy() -> None:
+    process = Process(90 * MB, cache_of(0, 0))
+    guard = guard_over(process, 100 * MB)
+    release = threading.Event()
+    holder = threading.Thread(target=lambda: hold(guard, release))
+    holder.start()
+    wait_until(lambda: guard.in_flight == 1)
+
+    busy = pytest.raises(WorkerBusy, match=r"a merge waited 0\.2 s .* MEMQ_SEARCH_MAX_RSS_BYTES 100,000,000")
+    with busy, guard.admitted("a merge", wait_s=0.2):
+        pass
+
+    release.set()
+    holder.join(30)
+    assert guard.in_flight == 0
+
+
+def test_with_no_budget_the_resident_memory_is_never_read() -> None:
+    def unread() -> int:
+        raise AssertionError("read with no budget")
+
+    guard = MemoryGuard(0, shed=lambda nbytes: 0, read_rss_bytes=unread, release=lambda: None)
+
+    with guard.admitted("a merge", wait_s=0):
+        assert guard.in_flight == 1
+    assert guard.in_flight == 0
+
+
+def test_the_resident_memory_read_is_this_process_s_own() -> None:
+    before = resident_bytes()
+    block = np.ones(64 * MB // 8)  # 64 MB touched
+    after = resident_bytes()
+    del block
+
+    assert before is not None and after is not None and after - before > 50 * MB
+
+
+def hold(guard: MemoryGuard, release: threading.Event) -> None:
+    with guard.admitted("a tenant load", wait_s=0):
+        release.wait(30)
+
+
+def wait_until(condition: Any, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+# -- a real search worker over its budget ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tight_fleet() -> Iterator[dict[str, Any]]:
+    """Embed, search and ingest workers on a broker of their own; the search worker's budget is 1 byte, so it is
+    over it from the start: every load and merge sheds what is cached and runs only when nothing else does."""
+    broker = services.start_redis_server()
+    env = services.memq_env(
+        os.environ, broker.url, os.environ["MEMQ_MONGODB_URI"], MEMQ_METRICS_PORT="0", MEMQ_SEARCH_MAX_RSS_BYTES="1"
+    )
+    fleet = services.Fleet(env)
+    app = faultkit.private_app(broker.url, "memq-tight")
+    try:
+        hosts = [fleet.start(kind, name=f"tight-{kind}") for kind in ("embed", "search", "ingest")]
+        fleet.wait_ready(app, hosts, timeout_s=240)
+        yield {"env": env, "app": app, "search": hosts[1]}
+    finally:
+        fleet.stop_all()
+        app.close()
+        broker.stop()
+
+
+def search_info(app: Any, host: str) -> dict[str, Any]:
+    replies = app.control.broadcast(names.INFO_COMMAND, destination=[host], reply=True, timeout=5.0) or []
+    return next(reply[host] for reply in replies if host in reply)
+
+
+def test_a_search_worker_over_its_memory_budget_sheds_its_cached_tenants_and_answers_every_retrieval(
+    tight_fleet: dict[str, Any],
+) -> None:
+    tenants = [f"tight-{uuid.uuid4().hex[:8]}-{n}" for n in range(3)]
+    code = f"""
+        import json
+        from concurrent.futures import ThreadPoolExecutor
+        from memq import remember, retrieve
+        tenants = {tenants!r}
+        for n, tenant in enumerate(tenants):
+            remember(tenant, "semantic", [{{"content": f"tenant {{n}} plays the cello"}}, {{"content": "likes tea"}}])
+        one_by_one = [retrieve("who plays the cello?", t, {{"semantic": 1}}, timeout_s=60) for t in tenants]
+        with ThreadPoolExecutor(6) as pool:
+            at_once = list(pool.map(lambda i: retrieve(f"cello {{i}}", tenants[i % 3], {{"semantic": 1}},
+                                                       timeout_s=60), range(6)))
+        print(json.dumps([[r["errors"], [i["content"] for i in r["results"]["long_term_memory"]]]
+                          for r in one_by_one + at_once]))
+    """
+    outcomes = faultkit.run_client(tight_fleet["env"], code)
+    info = search_info(tight_fleet["app"], tight_fleet["search"])
+
+    for n, (errors, contents) in enumerate(outcomes):
+        assert errors == {} and contents == [f"tenant {n % 3} plays the cello"]
+    guard = info["memory_guard"]
+    assert guard["max_rss_bytes"] == 1 and guard["shed_bytes"] > 0 and guard["over_budget_runs"] > 0
+    assert info["matrix_cache"]["entries"] <= 1  # each load shed the tenants cached before it
+    assert guard["in_flight"] == 0
