@@ -1,11 +1,12 @@
-"""Memory under the heaviest retrievals: 9 memory types x k=100 over memories of ~4 KB, from 16 clients. Two fleets
-in one run, on the same MongoDB data and request stream: ``unbounded`` (no cache Redis ``maxmemory``, a search
-worker budget far above the data) and ``bounded`` (the budgets below). Reports the search worker's peak resident
-memory against ``MEMQ_EXACT_CACHE_MAX_BYTES`` and the cache Redis's peak ``used_memory`` against its
-``maxmemory``. Prints a table, writes ``bench/results/memory.json`` and ``memory.png``.
+"""Memory under the heaviest retrievals: 9 memory types x k=100 over memories of ~4 KB, from 16 clients. Three
+fleets in one run, on the same MongoDB data and request stream: ``unbounded`` (no cache Redis ``maxmemory``, a
+search worker cache budget far above the data, none of the work bounds), ``bounded`` (the budgets below, no resident
+memory budget) and ``budgeted`` (``bounded`` with ``MEMQ_SEARCH_MAX_RSS_BYTES``). Reports the search worker's
+resident memory against its budgets and the cache Redis's peak ``used_memory`` against its ``maxmemory``. Prints a
+table, writes ``bench/results/memory.json`` and ``memory.png``.
 
-    python -m bench.memory_bench                         # 12 tenants x 9 types x 300 memories of 4 KB, 320 requests
-    python -m bench.memory_bench --tenants 4 --requests 64   # a quick look
+    python -m bench.memory_bench --tenants 12 --requests 160   # the README's run: ~30 minutes on 2 cores
+    python -m bench.memory_bench --tenants 4 --requests 64 --fleets bounded,budgeted   # a quick look
 
 Memories are written straight into MongoDB with random unit vectors (what is measured is memory, not ranking);
 queries are embedded by the real model. The cache Redis is its own redis-server (``MEMQ_REDIS_URL``), as in the
@@ -35,9 +36,10 @@ from memq.memory_types import MemoryType
 TYPES = tuple(memory_type.value for memory_type in MemoryType)  # all 9
 QUERIES = ("what does this person like", "recent plans", "how to book travel", "health notes", "work projects")
 MIB = 1024 * 1024
-BOUNDED = {"search_budget_mb": 128, "cache_maxmemory_mb": 64, "rss_budget_mb": 0}
-UNBOUNDED = {"search_budget_mb": 64 * 1024, "cache_maxmemory_mb": 0, "rss_budget_mb": 0}
-BUDGETED = {**BOUNDED, "rss_budget_mb": 320}  # the bounded fleet with a resident memory budget (MEMQ_SEARCH_MAX_RSS_BYTES)
+BOUNDED = {"search_budget_mb": 128, "cache_maxmemory_mb": 64, "rss_budget_mb": 0, "rss_headroom_mb": 0}
+UNBOUNDED = {"search_budget_mb": 64 * 1024, "cache_maxmemory_mb": 0, "rss_budget_mb": 0, "rss_headroom_mb": 0}
+# The bounded fleet with a resident memory budget (MEMQ_SEARCH_MAX_RSS_BYTES) as well.
+BUDGETED = {**BOUNDED, "rss_budget_mb": 320, "rss_headroom_mb": 128}
 FLEETS = {"unbounded": UNBOUNDED, "bounded": BOUNDED, "budgeted": BUDGETED}
 # The unbounded fleet also runs without the search worker's work bounds, as memq did before them: glibc's own
 # allocator settings, Celery's default prefetch (4 per thread), any number of loads and merges at once.
@@ -149,6 +151,7 @@ def run_fleet(base_env: dict[str, str], label: str, budget: dict[str, int], args
         "MEMQ_REDIS_URL": cache_service.url,
         "MEMQ_EXACT_CACHE_MAX_BYTES": str(budget["search_budget_mb"] * MIB),
         "MEMQ_SEARCH_MAX_RSS_BYTES": str(budget["rss_budget_mb"] * MIB),
+        "MEMQ_SEARCH_RSS_HEADROOM_BYTES": str(budget["rss_headroom_mb"] * MIB),
         "MEMQ_SEARCH_STRATEGY": "exact",
         **(UNBOUNDED_WORK_ENV if label == "unbounded" else {}),
     }
@@ -210,7 +213,8 @@ def search_info(app: Any, host: str) -> dict[str, Any]:
 
 def report(runs: list[dict[str, Any]]) -> None:
     print(
-        f"{'fleet':<10} {'search budget MB':>16} {'RSS budget MB':>13} {'RSS start':>9} {'RSS peak':>9} {'cache maxmem MB':>15} "
+        f"{'fleet':<10} {'search budget MB':>16} {'RSS budget MB':>13} {'RSS start':>9} {'RSS peak':>9} "
+        f"{'cache maxmem MB':>15} "
         f"{'Redis peak MB':>13} {'evicted':>8} {'p50 ms':>8} {'errors':>6}"
     )
     for run in runs:
@@ -256,6 +260,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--fleets", default="unbounded,bounded,budgeted", help="comma-separated, run in this order")
     parser.add_argument("--rss-budget-mb", type=int, default=BUDGETED["rss_budget_mb"], help="the budgeted fleet's")
+    parser.add_argument("--rss-headroom-mb", type=int, default=BUDGETED["rss_headroom_mb"], help="the budgeted fleet's")
     args = parser.parse_args()
 
     broker = services.start_redis_server()
@@ -272,7 +277,8 @@ def main() -> None:
         started = time.perf_counter()
         load_memories(mongo.url, "memq_memory_bench", args.tenants, args.memories, args.content_bytes, 384)
         print(f"loaded {args.tenants * 9 * args.memories} memories in {time.perf_counter() - started:.0f} s")
-        budgets = {**FLEETS, "budgeted": {**BUDGETED, "rss_budget_mb": args.rss_budget_mb}}
+        budgeted = {**BUDGETED, "rss_budget_mb": args.rss_budget_mb, "rss_headroom_mb": args.rss_headroom_mb}
+        budgets = {**FLEETS, "budgeted": budgeted}
         runs = [run_fleet(base_env, label, budgets[label], args) for label in args.fleets.split(",")]
     finally:
         mongo.stop()

@@ -138,10 +138,20 @@ class Settings(BaseModel):
         3 * 1024**3,
         ge=0,
         le=2**50,
-        description="resident memory budget of each search process (set it below the pod's or container's memory "
-        "limit, above `MEMQ_EXACT_CACHE_MAX_BYTES`): above 80 % of it a tenant load or a merge first sheds the "
-        "least recently used cached tenants and returns free pages to the system, then waits (within its deadline) "
-        "for the loads and merges running to finish; one that finds none running runs anyway. 0: no budget",
+        description="resident memory budget of each search process: set it under the pod's or container's memory "
+        "limit and above `MEMQ_EXACT_CACHE_MAX_BYTES` + `MEMQ_SEARCH_RSS_HEADROOM_BYTES` + the process at ready "
+        "(~100 MB). Above it less the headroom, a tenant load or a merge first sheds the least recently used cached "
+        "tenants and returns free pages to the system, then waits (within its deadline) for the loads and merges "
+        "running to finish; one that finds none running runs anyway. 0: no budget",
+    )
+    search_rss_headroom_bytes: int = Field(
+        256 * 1024**2,
+        ge=0,
+        le=2**50,
+        description="the part of `MEMQ_SEARCH_MAX_RSS_BYTES` kept for what the memory guard cannot hold back: the "
+        "messages a search worker has already received (up to its concurrency, each merge message carrying every "
+        "type's results) and its chord joins. About concurrency × 3 × the largest merge message: 8 × 3 × 3.8 MB at "
+        "9 types × k = 100 over 4 KB memories",
     )
     malloc_arena_max: int = Field(
         2,

@@ -205,8 +205,8 @@ def format_status(status: dict[str, Any]) -> str:
     )
     lines.append("")
     lines += _table(
-        ["WORKER", "KIND", "QUEUES", "POOL", "ACTIVE", "MODEL", "DEVICE", "DIM"],
-        [_worker_row(hostname, info) for hostname, info in status["workers"].items()] or [["(none)"] + [""] * 7],
+        ["WORKER", "KIND", "QUEUES", "POOL", "ACTIVE", "RSS MiB", "MODEL", "DEVICE", "DIM"],
+        [_worker_row(hostname, info) for hostname, info in status["workers"].items()] or [["(none)"] + [""] * 8],
     )
     lines.append("")
     lines.append(f"  dead letters: {_text(status.get('dead_letters'))} (memq dead-letters lists them)")
@@ -215,7 +215,7 @@ def format_status(status: dict[str, Any]) -> str:
 
 def _worker_row(hostname: str, info: dict[str, Any]) -> list[str]:
     if "error" in info:
-        return [hostname, info["kind"], "", "", "", f"error: {info['error']}", "", ""]
+        return [hostname, info["kind"], "", "", "", "", f"error: {info['error']}", "", ""]
     pool = info.get("pool") or {}
     model = info.get("model") or {}
     return [
@@ -224,10 +224,19 @@ def _worker_row(hostname: str, info: dict[str, Any]) -> list[str]:
         ",".join(info["queues"]),
         f"{pool.get('implementation', '?')} x{pool.get('concurrency', '?')}",
         _text(info.get("active_tasks")),
+        resident_text(info),
         _text(model.get("name")) if model else "-",
         _text(model.get("device")) if model else "-",
         _text(model.get("dimensions")) if model else "-",
     ]
+
+
+def resident_text(info: dict[str, Any]) -> str:
+    """A worker's resident memory in MiB, and a search worker's budget (``MEMQ_SEARCH_MAX_RSS_BYTES``) beside it."""
+    rss = info.get("rss_bytes")
+    budget = (info.get("memory_guard") or {}).get("max_rss_bytes")
+    shown = "?" if rss is None else f"{rss / 2**20:,.0f}"
+    return f"{shown} / {budget / 2**20:,.0f}" if budget else shown
 
 
 def _text(value: Any) -> str:

@@ -46,14 +46,16 @@ def cache_of(tenants: int, content_bytes: int) -> search.MatrixCache:
 
 
 def guard_over(process: Process, max_rss_bytes: int) -> MemoryGuard:
-    return MemoryGuard(max_rss_bytes, shed=process.cache.shed, read_rss_bytes=process.rss, release=process.release)
+    return MemoryGuard(
+        max_rss_bytes, 20 * MB, shed=process.cache.shed, read_rss_bytes=process.rss, release=process.release
+    )
 
 
 def test_under_its_budget_work_is_admitted_at_once_and_nothing_is_shed() -> None:
-    process = Process(50 * MB, cache_of(4, 100_000))  # 50 MB + ~4 MB, budget 100 MB (admits below 80)
+    process = Process(50 * MB, cache_of(4, 100_000))  # 50 MB + ~4 MB, budget 100 MB, headroom 20 (admits below 80)
     guard = guard_over(process, 100 * MB)
 
-    with guard.admitted("a merge", wait_s=0):
+    with guard.admitted("merge", wait_s=0):
         assert guard.in_flight == 1
 
     assert len(process.cache) == 4 and guard.shed_bytes == 0 and guard.waited == 0 and guard.in_flight == 0
@@ -64,7 +66,7 @@ def test_over_its_budget_the_least_recently_used_tenants_are_shed_first_and_free
     process.cache.get(("t0", "long_term_memory"), 1)  # t0 is now the most recently used
     guard = guard_over(process, 100 * MB)
 
-    with guard.admitted("a tenant load", wait_s=0):
+    with guard.admitted("load", wait_s=0):
         pass
 
     kept = {n for n in range(4) if process.cache.get((f"t{n}", "long_term_memory"), 1) is not None}
@@ -78,13 +80,13 @@ def test_still_over_after_shedding_work_waits_for_the_work_running_and_then_runs
     release, entered = threading.Event(), []
 
     def first() -> None:
-        with guard.admitted("a merge", wait_s=0):  # nothing else running: it runs over the budget
+        with guard.admitted("merge", wait_s=0):  # nothing else running: it runs over the budget
             entered.append("first")
             release.wait(30)
             process.base_bytes = 60 * MB  # what it held is freed as it ends
 
     def second() -> None:
-        with guard.admitted("a tenant load", wait_s=30):
+        with guard.admitted("load", wait_s=30):
             entered.append("second")
 
     threads = [threading.Thread(target=first)]
@@ -110,8 +112,8 @@ def test_work_that_cannot_get_under_the_budget_within_its_wait_is_told_the_worke
     holder.start()
     wait_until(lambda: guard.in_flight == 1)
 
-    busy = pytest.raises(WorkerBusy, match=r"a merge waited 0\.2 s .* MEMQ_SEARCH_MAX_RSS_BYTES 100,000,000")
-    with busy, guard.admitted("a merge", wait_s=0.2):
+    busy = pytest.raises(WorkerBusy, match=r"a merge waited 0\.2 s .*\(MEMQ_SEARCH_MAX_RSS_BYTES 100,000,000 less")
+    with busy, guard.admitted("merge", wait_s=0.2):
         pass
 
     release.set()
@@ -123,9 +125,9 @@ def test_with_no_budget_the_resident_memory_is_never_read() -> None:
     def unread() -> int:
         raise AssertionError("read with no budget")
 
-    guard = MemoryGuard(0, shed=lambda nbytes: 0, read_rss_bytes=unread, release=lambda: None)
+    guard = MemoryGuard(0, 0, shed=lambda nbytes: 0, read_rss_bytes=unread, release=lambda: None)
 
-    with guard.admitted("a merge", wait_s=0):
+    with guard.admitted("merge", wait_s=0):
         assert guard.in_flight == 1
     assert guard.in_flight == 0
 
@@ -140,7 +142,7 @@ def test_the_resident_memory_read_is_this_process_s_own() -> None:
 
 
 def hold(guard: MemoryGuard, release: threading.Event) -> None:
-    with guard.admitted("a tenant load", wait_s=0):
+    with guard.admitted("load", wait_s=0):
         release.wait(30)
 
 

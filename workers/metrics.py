@@ -44,6 +44,15 @@ MATRIX_LOADS = Counter(
     "shared by the searches that ask meanwhile)",
     ["memory_type"],
 )
+MEMORY_SHED_BYTES = Counter(
+    "memq_memory_shed_bytes_total",
+    "Matrix cache bytes a search process dropped to stay under its memory budget (MEMQ_SEARCH_MAX_RSS_BYTES)",
+)
+MEMORY_WAITS = Counter(
+    "memq_memory_waits_total",
+    "Loads and merges that found the search process over its memory budget and waited",
+    ["work", "outcome"],
+)
 MONGO_CHECKOUTS = Counter("memq_mongo_pool_checkouts_total", "Connections checked out of the Mongo pool")
 MONGO_CHECKOUT_FAILURES = Counter("memq_mongo_pool_checkout_failures_total", "Failed pool checkouts", ["reason"])
 MONGO_CHECKOUT_WAIT = Histogram(

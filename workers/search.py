@@ -160,6 +160,7 @@ load_slots: ProcessLocal[threading.BoundedSemaphore] = ProcessLocal(
 memory_guard: ProcessLocal[MemoryGuard] = ProcessLocal(
     lambda: MemoryGuard(
         get_settings().search_max_rss_bytes,
+        get_settings().search_rss_headroom_bytes,
         shed=lambda nbytes: matrix_cache.get().shed(nbytes),
         read_rss_bytes=resident_bytes,
         release=allocator.release_free_memory,
@@ -390,7 +391,7 @@ def load_into_cache(memory_id: str, memory_type: str, version: int) -> TenantMat
             if entry is not None:
                 return entry
             load_phases[flight_key] = "waiting for memory (MEMQ_SEARCH_MAX_RSS_BYTES)"
-            with memory_guard.get().admitted("a tenant load", get_settings().exact_load_timeout_s):
+            with memory_guard.get().admitted("load", get_settings().exact_load_timeout_s):
                 load_phases[flight_key] = READING
                 entry = build_matrix(store.load_tenant(memory_id, memory_type), version, memory_type)
             cache.put(key, entry)
@@ -412,7 +413,7 @@ def load_uncached(memory_id: str, memory_type: str) -> TenantMatrix:
             "(MEMQ_EXACT_LOADS_IN_FLIGHT)"
         )
     try:
-        with memory_guard.get().admitted("a tenant load", caller_budget_left_s(default_s=wait_s)):
+        with memory_guard.get().admitted("load", caller_budget_left_s(default_s=wait_s)):
             return build_matrix(store.load_tenant(memory_id, memory_type), -1, memory_type)
     finally:
         slots.release()

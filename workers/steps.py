@@ -100,7 +100,7 @@ def merge(results: Any, request: Any) -> dict[str, Any]:
     request = merge_input["request"]
     with (
         merge_budget.get().hold(input_bytes, merge_wait_s(request, settings)),
-        search_strategies.memory_guard.get().admitted("a merge", merge_wait_s(request, settings)),
+        search_strategies.memory_guard.get().admitted("merge", merge_wait_s(request, settings)),
     ):
         return _merge(merge_input, started, started_ts, now_ts)
 
