@@ -39,7 +39,7 @@ MIB = 1024 * 1024
 BOUNDED = {"search_budget_mb": 128, "cache_maxmemory_mb": 64, "rss_budget_mb": 0, "rss_headroom_mb": 0}
 UNBOUNDED = {"search_budget_mb": 64 * 1024, "cache_maxmemory_mb": 0, "rss_budget_mb": 0, "rss_headroom_mb": 0}
 # The bounded fleet with a resident memory budget (MEMQ_SEARCH_MAX_RSS_BYTES) as well.
-BUDGETED = {**BOUNDED, "rss_budget_mb": 320, "rss_headroom_mb": 128}
+BUDGETED = {**BOUNDED, "rss_budget_mb": 448, "rss_headroom_mb": 256}
 FLEETS = {"unbounded": UNBOUNDED, "bounded": BOUNDED, "budgeted": BUDGETED}
 # The unbounded fleet also runs without the search worker's work bounds, as memq did before them: glibc's own
 # allocator settings, Celery's default prefetch (4 per thread), any number of loads and merges at once.

@@ -14,9 +14,11 @@ a tenant load or a merge begins (``admitted``). Where the resident memory is abo
    in flight, and waiting would not free it (so the fleet never stalls on a budget set too low).
 
 The headroom is for what no one admits: the messages a worker has received and decoded (at most its concurrency,
-with prefetch 1, each merge message carrying every type's results) and a search task's chord join. Measured at
-9 types x k = 100 over 4 KB memories with 8 threads, that reached about 100 MiB above the admission level (README,
-"Memory under the heaviest retrievals"); it grows with concurrency x merge message size.
+with prefetch 1, each merge message carrying every type's results), its chord joins (the last search of a
+retrieval reads every type's results and publishes the merge message) and Celery's encoding of a merge's result
+after the merge returns. At 9 types x k = 100 over 4 KB memories with 8 threads, those reached 154 MiB above the
+admission level at the worst 0.25 s sample of a 10-minute run (README, "Memory under the heaviest retrievals"):
+about concurrency x 5 x the largest merge message (3.8 MB there).
 """
 
 from __future__ import annotations
