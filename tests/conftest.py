@@ -6,7 +6,14 @@
   free port. Each run uses its own database name.
 - Workers: ``memq worker embed|search|ingest`` subprocesses (the project's own entry point).
 
-Services start in ``pytest_configure`` so that the settings every module reads at import see them.
+Services start in ``pytest_configure`` so that the settings every module reads at import see them. Under
+pytest-xdist (the README's test command runs ``-n``), the controller starts Redis and nx-27017 once and each test
+process gets its own Redis database and MongoDB database (``isolate_test_process``), so the processes' fleets,
+queues, dead letters and caches never meet.
+
+Every test is marked by what it needs (``pytest_collection_modifyitems``): ``faults`` for the modules that start
+rigs of their own and break them, ``fleet`` for tests on the session fleet, ``unit`` for the rest (real Redis
+and nx-27017 still, no worker). ``pytest -m unit`` runs in seconds.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import os
 import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -25,8 +33,32 @@ from memq import services
 _started: list[services.Service] = []
 
 
+# Modules that start fleets (or rigs) of their own, with fault injection or a configuration of their own, the
+# longest first: the order they are handed to the test processes in.
+OWN_FLEET_MODULES = {
+    name: rank
+    for rank, name in enumerate(
+        [
+            "test_faults",
+            "test_shards",
+            "test_forget_faults",
+            "test_version_bump",
+            "test_memory_guard",
+            "test_security",
+            "test_deadlines",
+        ]
+    )
+}
+REDIS_DATABASES = 16
+# The modules whose tests use the ``embedder`` fixture (the model in the test process), one xdist work unit.
+IN_PROCESS_MODEL = "in-process-model"
+IN_PROCESS_MODEL_MODULES = frozenset({"test_batcher", "test_operations", "test_pipeline", "test_units"})
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    if hasattr(config, "workerinput"):
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        isolate_test_process(int(str(workerinput["workerid"]).removeprefix("gw")))
         return
     redis_url = os.environ.get("MEMQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
     if not services.redis_answers(redis_url):
@@ -51,8 +83,63 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.update(env)
 
 
+def isolate_test_process(index: int) -> None:
+    """An xdist test process's own Redis database (the controller's, plus ``index + 1``, flushed) and MongoDB
+    database (the controller's name, plus ``_<index>``), on the services the controller started."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(os.environ["MEMQ_BROKER_URL"])
+    base = int(parts.path.strip("/") or 0)
+    database = (base + index + 1) % REDIS_DATABASES
+    url = urlunsplit(parts._replace(path=f"/{database}"))
+    redis.Redis.from_url(url).flushdb()
+    os.environ.update(
+        MEMQ_BROKER_URL=url, MEMQ_RESULT_BACKEND=url, MEMQ_MONGODB_DB=f"{os.environ['MEMQ_MONGODB_DB']}_{index}"
+    )
+
+
+def module_name(item: pytest.Item) -> str:
+    return item.module.__name__.rsplit(".", 1)[-1] if getattr(item, "module", None) else ""
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Marks each test ``faults`` (its module starts a fleet of its own), ``fleet`` or ``unit``."""
+    if module_name(item) in OWN_FLEET_MODULES:
+        item.add_marker(pytest.mark.faults)
+    else:
+        item.add_marker(pytest.mark.fleet if "fleet" in getattr(item, "fixturenames", ()) else pytest.mark.unit)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Own-fleet modules run first, the longest first, so that the shorter ones fill the other processes
+    meanwhile; then the modules that load the model in the test process."""
+    items.sort(key=lambda item: run_order(module_name(item)))
+
+
+def run_order(module: str) -> int:
+    rank = OWN_FLEET_MODULES.get(module)
+    if rank is not None:
+        return rank
+    return len(OWN_FLEET_MODULES) + (0 if module in IN_PROCESS_MODEL_MODULES else 1)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under ``-n``: one work unit per module (its module-scoped fleets and fixtures start once, in one process),
+    except that the modules that load the model in the test process share one unit (one load), handed out in
+    collection order (``pytest_collection_modifyitems``), not reordered by size."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return IN_PROCESS_MODEL if os.path.basename(path).removesuffix(".py") in IN_PROCESS_MODEL_MODULES else path
+
+    config.option.loadscopereorder = False
+    return ByModule(config, log)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if os.environ.get("MEMQ_TEST_REAL_MONGODB"):
+    if os.environ.get("MEMQ_TEST_REAL_MONGODB"):  # each process drops its own database
         import pymongo
 
         client = pymongo.MongoClient(os.environ["MEMQ_MONGODB_URI"])
@@ -68,11 +155,26 @@ def app() -> Any:
     return celery_app
 
 
+@dataclass
+class SessionFleet(services.Fleet):
+    """The session's fleet: each worker's hostname and its own Prometheus ``/metrics`` port, by kind."""
+
+    hostnames: dict[str, str] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
+
+    def start_metered(self, kind: str) -> str:
+        port = services.free_port()
+        self.hostnames[kind] = self.start(kind, extra_env={"MEMQ_METRICS_PORT": str(port)})
+        self.metrics_ports[kind] = port
+        return self.hostnames[kind]
+
+
 @pytest.fixture(scope="session")
-def fleet(app: Any) -> Iterator[services.Fleet]:
-    """One embed, one search and one ingest worker, shared by the session's integration tests."""
-    fleet = services.Fleet(dict(os.environ))
-    hosts = [fleet.start(kind) for kind in services.WORKER_KINDS]
+def fleet(app: Any) -> Iterator[SessionFleet]:
+    """One embed, one search and one ingest worker, each serving its metrics, shared by the test process's
+    integration tests (each test process has its own, on its own Redis database)."""
+    fleet = SessionFleet(dict(os.environ))
+    hosts = [fleet.start_metered(kind) for kind in services.WORKER_KINDS]
     try:
         fleet.wait_ready(app, hosts)
         yield fleet

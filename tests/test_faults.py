@@ -47,7 +47,7 @@ LIMITS = {"semantic": 2, "episodic": 1}
 EXPECTED = {"long_term_memory": 2, "conversation_memory": 1}
 SEMANTIC = ["loves spicy Thai green curry", "bakes sourdough bread on Sundays", "works night shifts in the ICU"]
 EPISODIC = ["user: book a table for two on Friday"]
-VISIBILITY_TIMEOUT_S = 10
+VISIBILITY_TIMEOUT_S = 5
 HANG_MARGIN_S = 15.0
 CLEAR = ("complete", "reported", "timeout", "unavailable", "failed")
 
@@ -83,8 +83,11 @@ def one_retrieval(tenant: str, timeout_s: float) -> dict[str, Any]:
     return {"outcome": outcome, "detail": detail[:300], "errors": errors, "elapsed_s": time.monotonic() - started}
 
 
-def drive_load(tenants: list[str], seconds: float, threads: int, timeout_s: float, progress: str) -> dict[str, Any]:
-    """``threads`` clients retrieving back to back for ``seconds``; every call is accounted for."""
+def drive_load(
+    tenants: list[str], seconds: float, threads: int, timeout_s: float, progress: str, stop_file: str = ""
+) -> dict[str, Any]:
+    """``threads`` clients retrieving back to back for ``seconds`` or until ``stop_file`` exists; every call is
+    accounted for."""
     records: list[dict[str, Any]] = []
     lock = threading.Lock()
     stop_at = time.monotonic() + seconds
@@ -93,7 +96,7 @@ def drive_load(tenants: list[str], seconds: float, threads: int, timeout_s: floa
     def client_loop(seed: int) -> None:
         nonlocal sent
         rng = random.Random(seed)
-        while time.monotonic() < stop_at:
+        while time.monotonic() < stop_at and not (stop_file and os.path.exists(stop_file)):
             with lock:
                 sent += 1
             record = one_retrieval(rng.choice(tenants), timeout_s)
@@ -146,7 +149,7 @@ def main() -> None:
     args = parser.parse_args()
     tenants = json.loads(args.tenants)
     if args.mode == "load":
-        out = drive_load(tenants, args.seconds, args.threads, args.timeout_s, args.progress)
+        out = drive_load(tenants, args.seconds, args.threads, args.timeout_s, args.progress, args.stop_file)
     elif args.mode == "timeline":
         out = drive_timeline(tenants[0], args.timeout_s, args.stop_file, args.progress, args.seconds)
     elif args.mode == "remember":
@@ -317,9 +320,11 @@ def tally(records: list[dict[str, Any]]) -> Counter[str]:
 def test_killing_a_worker_under_load_leaves_every_request_completed_or_clearly_failed(
     rig: Rig, seeded: list[str], kind: str
 ) -> None:
+    stop_file = rig.tmp / f"stop-{uuid.uuid4().hex[:8]}"
     load = rig.client(
-        "load", "--tenants", json.dumps(seeded), "--seconds", "25", "--threads", "16", "--timeout-s", "20"
-    )
+        "load", "--tenants", json.dumps(seeded), "--seconds", "90", "--threads", "16", "--timeout-s", "20",
+        "--stop-file", str(stop_file),
+    )  # fmt: skip
     wait_for(lambda: len(load.seen()) >= 32, 120, "the load to reach a steady state")
     victim = rig.hosts[kind][0]
 
@@ -331,7 +336,10 @@ def test_killing_a_worker_under_load_leaves_every_request_completed_or_clearly_f
     wait_for(lambda: time.monotonic() - killed_at > VISIBILITY_TIMEOUT_S + 1, 60, "the visibility timeout")
     rig.fleet.start(kind, name=victim.split("@")[0])
     rig.fleet.wait_ready(rig.app, [victim], timeout_s=240)
-    summary = load.result(25 + 20 + HANG_MARGIN_S + 120)
+    done_at_restart = len(load.seen())
+    wait_for(lambda: len(load.seen()) >= done_at_restart + 16, 120, "requests to finish after the restart")
+    stop_file.touch()  # the load ends once the calls under way finish
+    summary = load.result(90 + 20 + HANG_MARGIN_S + 120)
 
     outcomes = tally(summary["records"])
     print(f"kill -9 {kind}: sent {summary['sent']}, {dict(outcomes)}, {done_at_kill} finished before the kill")

@@ -38,28 +38,16 @@ ATTEMPTS = 40
 
 @dataclass
 class MeteredFleet:
-    """One worker of each kind, each with its own /metrics port (one Fleet per worker: per-worker env)."""
+    """The session fleet's workers (``tests/conftest.py``), one of each kind, each with its own /metrics port."""
 
-    fleets: dict[str, services.Fleet] = field(default_factory=dict)
     hostnames: dict[str, str] = field(default_factory=dict)
     metrics_ports: dict[str, int] = field(default_factory=dict)
-
-    def start(self, kind: str) -> None:
-        port = services.free_port()
-        fleet = services.Fleet({**os.environ, "MEMQ_METRICS_PORT": str(port)})
-        self.hostnames[kind] = fleet.start(kind, name=f"ops-{kind}")
-        self.fleets[kind] = fleet
-        self.metrics_ports[kind] = port
 
     def metrics_text(self, kind: str) -> str:
         return httpx.get(f"http://127.0.0.1:{self.metrics_ports[kind]}/metrics", timeout=5).text
 
     def metrics(self, kind: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         return parse_samples(self.metrics_text(kind))
-
-    def stop(self) -> None:
-        for fleet in self.fleets.values():
-            fleet.stop_all()
 
 
 def parse_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -76,16 +64,8 @@ def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
 
 
 @pytest.fixture(scope="module")
-def metered(app: Any) -> Iterator[MeteredFleet]:
-    fleet = MeteredFleet()
-    try:
-        for kind in services.WORKER_KINDS:
-            fleet.start(kind)
-        for kind, hostname in fleet.hostnames.items():
-            fleet.fleets[kind].wait_ready(app, [hostname])
-        yield fleet
-    finally:
-        fleet.stop()
+def metered(fleet: Any) -> MeteredFleet:
+    return MeteredFleet(dict(fleet.hostnames), dict(fleet.metrics_ports))
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
@@ -408,7 +388,7 @@ def test_the_fastapi_example_answers_a_retrieval_past_its_timeout_with_504(
 
 
 def test_the_fastapi_example_answers_other_requests_while_one_is_in_flight(web_app: Served, tenant: str) -> None:
-    bulk = [f"note {i}: {' '.join(uuid.uuid4().hex for _ in range(30))}" for i in range(300)]
+    bulk = [f"note {i}: {' '.join(uuid.uuid4().hex for _ in range(30))}" for i in range(100)]
 
     async def scenario() -> tuple[int, list[int], bool]:
         async with httpx.AsyncClient(base_url=web_app.base_url, timeout=180) as http:
@@ -452,7 +432,7 @@ def test_a_warm_shutdown_finishes_the_task_in_flight(app: Any) -> None:
     hostname = fleet.start("embed", name="ops-shutdown", extra_args=["-Q", queue])
     try:
         fleet.wait_ready(app, [hostname])
-        texts = [f"{i} " + " ".join(uuid.uuid4().hex for _ in range(30)) for i in range(200)]
+        texts = [f"{i} " + " ".join(uuid.uuid4().hex for _ in range(30)) for i in range(60)]
         result = app.send_task(names.EMBED_TEXTS, args=(texts,), queue=queue)
 
         def in_flight() -> bool:
