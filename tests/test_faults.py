@@ -446,7 +446,7 @@ def test_a_worker_busy_with_a_task_when_redis_goes_down_reconnects_without_a_res
 # -- MongoDB paused or stopped ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("timeout_s", [30.0, 5.0])
+@pytest.mark.parametrize("timeout_s", [15.0, 5.0])
 def test_a_paused_mongodb_is_reported_under_errors_within_the_callers_timeout(rig: Rig, timeout_s: float) -> None:
     tenant = fresh_tenant(rig)
     assert rig.mongo.process is not None
