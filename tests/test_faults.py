@@ -47,7 +47,8 @@ LIMITS = {"semantic": 2, "episodic": 1}
 EXPECTED = {"long_term_memory": 2, "conversation_memory": 1}
 SEMANTIC = ["loves spicy Thai green curry", "bakes sourdough bread on Sundays", "works night shifts in the ICU"]
 EPISODIC = ["user: book a table for two on Friday"]
-VISIBILITY_TIMEOUT_S = 5
+VISIBILITY_TIMEOUT_S = 10  # a task running longer than this is handed out again: room for a slow store here
+MAX_DELIVERIES = 3  # the rig's delivery limit: each delivery of the poison store costs a kill and a timeout
 HANG_MARGIN_S = 15.0
 CLEAR = ("complete", "reported", "timeout", "unavailable", "failed")
 
@@ -268,6 +269,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         MEMQ_VISIBILITY_TIMEOUT_S=str(VISIBILITY_TIMEOUT_S),
         MEMQ_MONGODB_TIMEOUT_MS="1000",
         MEMQ_METRICS_PORT="0",
+        MEMQ_MAX_DELIVERIES=str(MAX_DELIVERIES),
     )
     fleet = services.Fleet(env)
     app = faultkit.private_app(redis_service.url)
@@ -681,7 +683,7 @@ def test_a_store_that_kills_its_worker_every_time_is_dead_lettered_alone_and_its
     ingest, started = killable
     broker = redis.Redis.from_url(rig.redis.url)
     broker.delete(keys.DEAD_LETTERS)
-    limit = int(rig.env.get("MEMQ_MAX_DELIVERIES", "5"))
+    limit = MAX_DELIVERIES
     embedded, items = embedded_batch(rig, 20)
     # One thread, prefetch 4: the killer runs and the 3 innocents behind it are prefetched (received, never
     # started). Each kill waits until all 4 are held: a message still in a BRPOP reply dies with the process
