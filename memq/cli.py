@@ -147,11 +147,10 @@ def run_worker(argv: list[str]) -> int:
         if not settings_are_valid({**os.environ, "MEMQ_EMBED_DEVICE": "cuda"}):  # each child gets --device cuda:N
             return 2
         return int(run_from_argv(extra) or 0)  # one pinned embed worker per GPU, supervised together
-    if "--device" in extra:
-        at = extra.index("--device")
-        os.environ["MEMQ_EMBED_DEVICE"] = extra[at + 1]
-        del extra[at : at + 2]
-    if not settings_are_valid(os.environ):
+    device, extra = worker_device(extra)
+    if device is not None:
+        os.environ["MEMQ_EMBED_DEVICE"] = device
+    if not settings_are_valid(os.environ) or not remote_control_is_valid():
         return 2
     from memq.settings import get_settings
 
@@ -183,6 +182,29 @@ def run_worker(argv: list[str]) -> int:
         args += ["-n", f"{kind}@%h"]
     app.worker_main([*args, *extra])
     return 0
+
+
+def worker_device(extra: list[str]) -> tuple[str | None, list[str]]:
+    """``--device X`` (or ``--device=X``) taken out of a worker's arguments; a missing value is a usage error (exit
+    status 2, argparse's one line)."""
+    parser = argparse.ArgumentParser(prog="memq worker", add_help=False, allow_abbrev=False)
+    parser.add_argument("--device", help="the embed worker's device: cpu, cuda, cuda:N or mps")
+    known, rest = parser.parse_known_args(extra)
+    return known.device, rest
+
+
+def remote_control_is_valid() -> bool:
+    """``MEMQ_REMOTE_CONTROL`` names only commands the worker has (or ``all``), checked before Celery starts: a
+    misspelled list must stop the worker, not leave its remote control open."""
+    from memq.settings import get_settings
+    from memq.workers.control import check_remote_control
+
+    try:
+        check_remote_control(get_settings().remote_control)
+    except ConfigError as exc:
+        print(f"memq: error: {exc}", file=sys.stderr)
+        return False
+    return True
 
 
 def settings_are_valid(env: Mapping[str, str]) -> bool:
@@ -390,7 +412,10 @@ def remember_file(args: argparse.Namespace) -> int:
 
     if args.skip < 0:
         raise InvalidInput("skip", f"must be a line number >= 0, got {args.skip}")
-    bar = ProgressLine(count_lines(args.file), args.skip) if sys.stderr.isatty() and not args.json else None
+    lines = count_lines(args.file)
+    if args.skip > lines:
+        raise InvalidInput("skip", f"past the end: {args.file} has {lines} line(s), --skip {args.skip}")
+    bar = ProgressLine(lines, args.skip) if sys.stderr.isatty() and not args.json else None
     try:
         summary = remember_numbered(
             args.memory_id,

@@ -30,15 +30,15 @@ from memq.workers.metrics import REFUSED_CONTROL_COMMANDS
 log = logging.getLogger(__name__)
 
 #: Read-only commands (Celery's own inspect commands that cannot stall a worker, and memq's) and the two control
-#: commands Flower needs; allowed by default. ``objgraph``, ``memdump`` and ``memsample`` are inspect commands too,
-#: but can hold a worker for seconds: they need ``MEMQ_REMOTE_CONTROL``.
+#: commands Flower needs; allowed by default. Not ``hello``: it carries a ``revoked`` map that every worker adopts
+#: (anyone could revoke any task id); mingle at start-up gets the refusal and goes on. ``objgraph``, ``memdump``
+#: and ``memsample`` are inspect commands too, but can hold a worker for seconds: they need ``MEMQ_REMOTE_CONTROL``.
 DEFAULT_ALLOWED_COMMANDS = frozenset(
     {
         "active",
         "active_queues",
         "clock",
         "conf",
-        "hello",  # mingle, at worker start-up
         "ping",
         "query_task",
         "registered",
@@ -118,10 +118,20 @@ def allowed_commands(setting: str, known: frozenset[str]) -> frozenset[str]:
     return DEFAULT_ALLOWED_COMMANDS | extra
 
 
+def check_remote_control(setting: str) -> frozenset[str]:
+    """The commands ``setting`` allows on a memq worker; ``ConfigError`` naming ``MEMQ_REMOTE_CONTROL`` for a name
+    the worker does not have (a misspelling, ``ALL``)."""
+    return allowed_commands(setting, frozenset(Panel.data))
+
+
 def restrict_remote_control(setting: str, table: MutableMapping[str, Any] | None = None) -> list[str]:
     """Replaces each command outside the allowed set by a refusal; returns the refused names."""
     table = Panel.data if table is None else table
-    allowed = allowed_commands(setting, frozenset(table))
+    try:
+        allowed = allowed_commands(setting, frozenset(table))
+    except ConfigError as exc:  # `memq worker` refuses to start on it; a worker started otherwise fails closed
+        log.error("%s: only the default commands are allowed", exc)
+        allowed = DEFAULT_ALLOWED_COMMANDS
     refused = sorted(name for name in table if name not in allowed)
     for name in refused:
         table[name] = _refusal(name)
