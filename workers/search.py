@@ -32,6 +32,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -313,10 +314,34 @@ memory_guard: ProcessLocal[MemoryGuard] = ProcessLocal(
         release=allocator.release_free_memory,
     )
 )
+# One load or catch-up per (tenant, type) at a time in this process, whatever the versions asked for.
+tenant_locks: ProcessLocal[KeyedLocks] = ProcessLocal(lambda: KeyedLocks())
 # What each load under way is doing, for the error a search gets when it stops waiting for it.
 load_phases: dict[tuple[str, str, int], str] = {}
 READING = "reading MongoDB"
 _probe_results: dict[str, tuple[bool, float]] = {}
+
+
+class KeyedLocks:
+    """A lock per key, held only while someone holds or waits for it (no entry is kept for idle keys)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._locks: dict[Any, tuple[threading.Lock, list[int]]] = {}
+
+    @contextmanager
+    def held(self, key: Any) -> Iterator[None]:
+        with self._lock:
+            lock, users = self._locks.setdefault(key, (threading.Lock(), [0]))
+            users[0] += 1
+        try:
+            with lock:
+                yield
+        finally:
+            with self._lock:
+                users[0] -= 1
+                if users[0] == 0:
+                    del self._locks[key]
 
 
 def entry_nbytes(entry: TenantMatrix) -> int:
@@ -536,12 +561,28 @@ def load_into_cache(memory_id: str, memory_type: str, version: int) -> TenantMat
     entry = cache.get(key, version)
     if entry is not None:
         return entry
+    load_phases[flight_key] = "waiting for the load of an earlier version of this tenant"
+    try:
+        with tenant_locks.get().held(key):  # a version that changed during a load is caught up from that load
+            return caught_up_or_loaded(memory_id, memory_type, version)
+    finally:
+        load_phases.pop(flight_key, None)
+
+
+def caught_up_or_loaded(memory_id: str, memory_type: str, version: int) -> TenantMatrix:
+    cache = matrix_cache.get()
+    key = (memory_id, memory_type)
+    flight_key = (memory_id, memory_type, version)
+    entry = cache.get(key, version)
+    if entry is not None:
+        return entry
     held = cache.held(key)
     if held is not None and held.store is not None:
         caught_up = catch_up(memory_id, memory_type, held.store, version)
         if caught_up is not None:
-            cache.put(key, caught_up)
-            cache.count_catch_up()
+            if caught_up is not held:  # changes applied (else: the held entry, newer than the version read)
+                cache.put(key, caught_up)
+                cache.count_catch_up()
             return caught_up
     try:
         load_phases[flight_key] = "waiting for a load slot (MEMQ_EXACT_LOADS_IN_FLIGHT)"
