@@ -114,9 +114,9 @@ class Settings(BaseModel):
         ge=1,
         le=2**50,
         description="bytes held by each search process's exact-search matrix cache (LRU): each tenant's matrix (4 "
-        "bytes × dimensions per memory, for its rows' whole capacity: up to an eighth spare after a load, half after "
-        "it grows), its result items (content, id, tags, metadata and about 480 bytes of overhead each, rows "
-        "replaced since its load included) and its BM25 index (postings and vocabulary); size the worker's memory "
+        "bytes × dimensions per memory, for its rows' whole capacity: up to half spare as it grows), its result "
+        "items (content, id, tags, metadata and about 480 bytes of overhead each, rows replaced since its load "
+        "included) and its BM25 index (postings and vocabulary); size the worker's memory "
         "by this. A tenant larger than this alone is searched without being cached",
     )
     exact_loads_in_flight: int = Field(

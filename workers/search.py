@@ -593,7 +593,7 @@ def caught_up_or_loaded(memory_id: str, memory_type: str, version: int) -> Tenan
             load_phases[flight_key] = "waiting for memory (MEMQ_SEARCH_MAX_RSS_BYTES)"
             with memory_guard.get().admitted("load", get_settings().exact_load_timeout_s):
                 load_phases[flight_key] = READING
-                entry = load_tenant(memory_id, memory_type, version)
+                entry = load_tenant(memory_id, memory_type, version, held.alive_rows if held is not None else 0)
             cache.put(key, entry)
             cache.count_load()
     finally:
@@ -602,9 +602,9 @@ def caught_up_or_loaded(memory_id: str, memory_type: str, version: int) -> Tenan
     return entry
 
 
-def load_tenant(memory_id: str, memory_type: str, version: int) -> TenantMatrix:
-    """The whole tenant from MongoDB, streamed into a ``RowStore`` sized by a count first."""
-    expected_rows = store.count_tenant(memory_id, memory_type)
+def load_tenant(memory_id: str, memory_type: str, version: int, expected_rows: int = 0) -> TenantMatrix:
+    """The whole tenant from MongoDB, streamed into a ``RowStore`` sized for ``expected_rows`` (the rows of the
+    entry it replaces, if any: no count is asked of MongoDB, which on some servers reads every document)."""
     return build_matrix(store.load_tenant(memory_id, memory_type), version, memory_type, expected_rows)
 
 

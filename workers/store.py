@@ -69,12 +69,6 @@ def load_tenant(memory_id: str, memory_type: str) -> Iterator[dict[str, Any]]:
         yield from collection(memory_type).find({"memory_id": memory_id}, batch_size=LOAD_BATCH_ROWS)
 
 
-def count_tenant(memory_id: str, memory_type: str) -> int:
-    """How many documents this tenant has of this type (to size a load's buffers once)."""
-    with transient_errors():
-        return int(collection(memory_type).count_documents({"memory_id": memory_id}))
-
-
 def load_ids(memory_id: str, memory_type: str, object_ids: list[str]) -> list[dict[str, Any]]:
     """The documents of this tenant among the stored ``_id`` s ``object_ids`` (those deleted since: absent)."""
     with transient_errors():
