@@ -90,11 +90,23 @@ def changes_between(memory_id: str, memory_type: str, held_version: int, version
     bump without a log) or one of them says anything may have changed."""
     if version <= held_version:
         return set()
+    wanted = version - held_version
     try:
-        raw = cache_redis.get().lrange(keys.change_log(memory_id, memory_type), 0, -1)
+        # The newest entries first: the list ends with the latest version, which is ``version`` unless writes
+        # landed since it was read; the whole log only when those are not enough.
+        client, log_key = cache_redis.get(), keys.change_log(memory_id, memory_type)
+        touched = _logged_ids(client.lrange(log_key, -(wanted + 4), -1), held_version, version)
+        if touched is None:
+            touched = _logged_ids(client.lrange(log_key, 0, -1), held_version, version)
     except (redis.RedisError, OSError) as exc:
         log.warning("change log unavailable (%s); the tenant is reloaded", exc)
         return None
+    return touched
+
+
+def _logged_ids(raw: list[bytes], held_version: int, version: int) -> set[str] | None:
+    """The ids of versions ``held_version + 1 .. version`` in ``raw`` entries, ``None`` unless all are there and
+    none says anything may have changed."""
     touched: set[str] = set()
     seen: set[int] = set()
     for line in raw:
