@@ -51,7 +51,7 @@ from memq import services
 LTM = "long_term_memory"
 K = 30
 SIZES = (1_000, 10_000, 50_000)
-WRITE_BATCH = 5_000
+WRITE_BATCH = 1_000  # upserts per bulk write: each well within the MongoDB client's socket timeout
 CONCURRENT = 8
 
 
@@ -63,6 +63,7 @@ def unit_vectors(rng: np.random.Generator, count: int, dimensions: int) -> np.nd
 def write_tenant(tenant: str, size: int, dimensions: int) -> float:
     """The tenant's memories written straight through the write functions; the seconds it took."""
     from memq import keys
+    from memq.errors import StoreUnavailable
     from memq.settings import get_settings
     from memq.workers import versions, writes
 
@@ -76,7 +77,14 @@ def write_tenant(tenant: str, size: int, dimensions: int) -> float:
             for i in range(start, min(size, start + WRITE_BATCH))
         ]
         vectors = unit_vectors(rng, len(items), dimensions)
-        writes.upsert(LTM, writes.build_writes(tenant, LTM, items, vectors, get_settings().embed_model, time.time()))
+        batch = writes.build_writes(tenant, LTM, items, vectors, get_settings().embed_model, time.time())
+        for attempt in range(3):  # idempotent: a batch that timed out on a busy server is sent again
+            try:
+                writes.upsert(LTM, batch)
+                break
+            except StoreUnavailable:
+                if attempt == 2:
+                    raise
         touched += [keys.memory_object_id(tenant, item["id"]) for item in items]
         print(f"\r{tenant}: {start + len(items):,}/{size:,} written", end="", file=sys.stderr, flush=True)
     versions.bump_versions(tenant, [LTM], touched)

@@ -399,8 +399,8 @@ def write_directly(tenant: str, count: int, seed: int) -> None:
     vectors, so that the test does not embed 50,000 texts; one bump, as after an import."""
     rng = np.random.default_rng(seed)
     touched = []
-    for start in range(0, count, 5000):
-        size = min(5000, count - start)
+    for start in range(0, count, 1000):  # each bulk write well within the client's socket timeout
+        size = min(1000, count - start)
         vectors = rng.standard_normal((size, DIMENSIONS)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         items = [
