@@ -3,6 +3,9 @@
 | key                                       | what                                            | written by   |
 |-------------------------------------------|-------------------------------------------------|--------------|
 | ``memq:v1:ver:<tenant digest>:<type>``    | a tenant's data version per memory type (INCR)  | store/forget |
+| ``memq:v1:chg:<tenant digest>:<type>``    | the change log beside that version: one JSON    | store/forget |
+|                                           | entry per bump, the stored ``_id`` s it touched |              |
+|                                           | or all (bounded list, TTL)                      |              |
 | ``memq:v1:res:<fingerprint>:<versions>``  | a cached retrieval result (JSON envelope, TTL)  | merge        |
 | ``memq:v1:lock:<fingerprint>:<versions>`` | the single-flight lock of that result (PX)      | the client   |
 | ``memq:v1:emb:<digest of model, text>``   | a cached embedding (format byte + float32, TTL) | embed tasks  |
@@ -49,6 +52,11 @@ def dead_message(letter_id: str) -> str:
 
 def tenant_version(memory_id: str, memory_type: str) -> str:
     return f"{PREFIX}:ver:{_digest(memory_id)}:{memory_type}"
+
+
+def change_log(memory_id: str, memory_type: str) -> str:
+    """The change log of ``tenant_version(memory_id, memory_type)``, written with it in one step."""
+    return f"{PREFIX}:chg:{_digest(memory_id)}:{memory_type}"
 
 
 def result_cache(suffix: str) -> str:

@@ -114,17 +114,19 @@ class Settings(BaseModel):
         ge=1,
         le=2**50,
         description="bytes held by each search process's exact-search matrix cache (LRU): each tenant's matrix (4 "
-        "bytes × dimensions per memory), its result items (content, id, tags, metadata and about 480 bytes of "
-        "overhead each) and its BM25 index (sparse matrix and vocabulary); size the worker's memory by this. A "
-        "tenant larger than this alone is searched without being cached",
+        "bytes × dimensions per memory, for its rows' whole capacity: up to half spare as it grows), its result "
+        "items (content, id, tags, metadata and about 480 bytes of overhead each, rows replaced since its load "
+        "included) and its BM25 index (postings and vocabulary); size the worker's memory "
+        "by this. A tenant larger than this alone is searched without being cached",
     )
     exact_loads_in_flight: int = Field(
         2,
         ge=1,
         le=64,
         description="tenant loads (one `find` and the matrix and BM25 build) each search process runs at once; "
-        "more wait for a slot. Each holds its tenant's documents twice over while it builds, so this bounds the "
-        "memory of loads under a burst of cold tenants",
+        "more wait for a slot. Each holds a batch of its tenant's documents (the cursor is streamed into the "
+        "tenant's rows) and the BM25 postings of the tenant while it builds, so this bounds the memory of loads "
+        "under a burst of cold tenants. A catch-up after a write reads only the changed documents and takes no slot",
     )
     merge_in_flight_max_bytes: int = Field(
         8 * 1024**2,

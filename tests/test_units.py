@@ -498,8 +498,8 @@ def test_building_a_tenant_matrix_skips_and_counts_bad_rows_keeping_every_column
     assert REGISTRY.get_sample_value("memq_bad_stored_rows_total", labels) == before + 7
     assert [item["id"] for item in entry.items] == ["g1", "g2", "g3"]
     assert entry.matrix.shape == (3, 384)
-    assert entry.roles == ["assistant", "user", "system"]
-    assert entry.tags == [frozenset({"one"}), frozenset({"two"}), frozenset({"three"})]
+    assert list(entry.roles) == ["assistant", "user", "system"]
+    assert list(entry.tags) == [frozenset({"one"}), frozenset({"two"}), frozenset({"three"})]
     for key, vector in good.items():
         [found] = top_k(entry, vector, 1, Wanted(query=f"content of {key}", mode="hybrid"))
         assert found["id"] == key and all(math.isfinite(v) for v in found["scores"].values())
@@ -550,7 +550,9 @@ def test_a_partly_failed_batch_reports_its_failed_items_without_the_write_and_st
 
     bumped: list[tuple[str, list[str]]] = []
     monkeypatch.setattr(mongo, "collection", lambda memory_type: _FailingCollection([1, 3]))
-    monkeypatch.setattr(versions, "bump_versions", lambda memory_id, types: bumped.append((memory_id, list(types))))
+    monkeypatch.setattr(
+        versions, "bump_versions", lambda memory_id, types, touched_ids=None: bumped.append((memory_id, list(types)))
+    )
     items = [{"content": f"memory {i}", "importance": 0.5} for i in range(4)]
 
     result = steps.store_memories(_embedded(*[GOOD] * 4), "tenant", "long_term_memory", items)
@@ -584,7 +586,7 @@ def test_a_store_that_fails_before_writing_still_bumps_the_version(monkeypatch: 
         raise StoreUnavailable("MongoDB unavailable: connection reset")
 
     monkeypatch.setattr(writes, "upsert", lost)
-    monkeypatch.setattr(versions, "bump_versions", lambda memory_id, types: bumped.append(memory_id))
+    monkeypatch.setattr(versions, "bump_versions", lambda memory_id, types, touched_ids=None: bumped.append(memory_id))
 
     with pytest.raises(StoreUnavailable):
         steps.store_memories(_embedded(GOOD), "tenant", "long_term_memory", [{"content": "x", "importance": 0.5}])

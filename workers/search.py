@@ -1,10 +1,18 @@
 """Search strategies for one (tenant, memory type).
 
-- ``exact``: in this worker, over the tenant's memories loaded by one ``find`` on ``memory_id``: the cosine
-  matrix, the BM25 index (``workers.lexical``) and the filter columns (created_at, role, tags) are built
-  together, cached per process and keyed on the tenant's data version (``workers.versions``), so a write
-  makes them unreachable at once. A warm search is one matrix-vector product and one sparse BM25 sum, fused
-  (``memq.ranking.fuse``), with the filters applied before the top k; it makes no MongoDB round trip. A stored
+- ``exact``: in this worker, over the tenant's memories loaded by one ``find`` on ``memory_id``, streamed from the
+  cursor into the rows of a ``RowStore``: the cosine matrix, the BM25 index (``workers.lexical``) and the filter
+  columns (created_at, role, tags) are built together, cached per process and keyed on the tenant's data version
+  (``workers.versions``), so a write makes them unreachable at once. A warm search is one matrix-vector product and
+  one sparse BM25 sum, fused (``memq.ranking.fuse``), with the filters applied before the top k; it makes no
+  MongoDB round trip. After a write, a process holding the tenant at version v that finds V catches up
+  (``catch_up``): the change log beside the version names the stored ``_id`` s versions v+1..V touched, it reads
+  just those (``memory_id`` in the query) and applies them: a present document becomes a new row and the row it
+  replaces is tombstoned, an absent one is tombstoned. Rows once written never change, so a search still reading
+  the snapshot of version v (its row count, alive mask and BM25 segments) is unaffected. The tenant is loaded
+  whole only when the change cannot be bridged: a cold process, a log that no longer holds every version since v
+  or says anything may have changed (forget without ids, a migration), more changed ids than
+  ``CATCH_UP_MAX_FRACTION`` of the tenant, or tombstones past ``COMPACT_DEAD_FRACTION`` of the rows. A stored
   row that cannot be searched (embedding missing, undecodable, of another dimension than ``MEMQ_EMBED_DIMENSIONS``
   or not finite; fields unreadable) is left out of all three and counted (``memq_bad_stored_rows_total``), so one
   bad row never fails its tenant's search. A miss is loaded once per (tenant, type, data version) in the process
@@ -23,6 +31,8 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +44,7 @@ from memq.process_local import ProcessLocal
 from memq.settings import get_settings
 from memq.vectors import from_stored, normalise
 from memq.workers import allocator, index_readiness, mongo, store, versions
-from memq.workers.lexical import LexicalIndex
+from memq.workers.lexical import LexicalIndex, LexicalWriter
 from memq.workers.memory_guard import MemoryGuard, resident_bytes
 from memq.workers.metrics import BAD_STORED_ROWS, CACHE_REQUESTS, MATRIX_LOADS, SEARCH_SECONDS
 from memq.workers.single_flight import FlightTimeout, SingleFlight
@@ -45,19 +55,147 @@ PROBE_TTL_S = 60.0
 # One cached result item besides its strings: the dict, its floats and ISO dates (measured with tracemalloc on items
 # from store.to_item, CPython 3.11: about 450 bytes with no tags or metadata).
 ITEM_OVERHEAD_BYTES = 480
+MIN_CAPACITY_ROWS = 1024  # rows a RowStore holds at least, and grows by at least
+GROWTH_FRACTION = 0.5  # a full RowStore grows by this fraction of its capacity (a copy into a new buffer)
+LOAD_CHUNK_ROWS = 1000  # documents taken from the cursor at a time by a load
+CATCH_UP_MAX_FRACTION = 0.25  # more changed ids than this fraction of the tenant (and CATCH_UP_MIN_IDS): reload
+CATCH_UP_MIN_IDS = 256  # changed ids a catch-up always takes, however small the tenant
+COMPACT_DEAD_FRACTION = 0.5  # tombstoned rows past this fraction of the rows (and MIN_CAPACITY_ROWS): reload
 
 
 @dataclass
 class TenantMatrix:
-    """Everything an exact search of one (tenant, type) needs, built from one ``find``."""
+    """Everything an exact search of one (tenant, type) at one data version needs: a snapshot of its rows.
+
+    Row i of ``matrix``, ``items``, ``created_ts``, ``roles``, ``tags`` and the BM25 index is one stored memory.
+    A snapshot of a ``RowStore`` (``store``) views the store's arrays up to its row count and shares its ``items``
+    list, which may hold later rows (only the first ``rows`` count); ``alive`` says which of its rows are still the
+    memory's current state (``None``: all of them)."""
 
     version: int
     items: list[dict[str, Any]]
     matrix: np.ndarray  # (n, d) float32, rows L2-normalised
     lexical: LexicalIndex | None = None  # BM25 over the items' content
     created_ts: np.ndarray = field(default_factory=lambda: np.zeros(0))  # Unix seconds, NaN where unknown
-    roles: list[str | None] = field(default_factory=list)
-    tags: list[frozenset[str]] = field(default_factory=list)
+    roles: Sequence[str | None] = field(default_factory=list)
+    tags: Sequence[frozenset[str]] = field(default_factory=list)
+    alive: np.ndarray | None = None
+    store: RowStore | None = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.matrix.shape[0]) if self.matrix.ndim == 2 else 0
+
+    @property
+    def alive_rows(self) -> int:
+        return self.rows if self.alive is None else int(np.count_nonzero(self.alive))
+
+
+class RowStore:
+    """The rows of one (tenant, type), append-only, with spare capacity: an update appends the memory's new row
+    and tombstones its old one, a delete tombstones. A row once written is never modified and a full buffer is
+    replaced by a larger copy (``GROWTH_FRACTION``), never resized in place, so every snapshot (``snapshot``) stays
+    valid while later changes are applied. One writer at a time (``lock``)."""
+
+    def __init__(self, dimensions: int, capacity_rows: int) -> None:
+        capacity_rows = max(capacity_rows, MIN_CAPACITY_ROWS)
+        self.dimensions = dimensions
+        self.vectors = np.empty((capacity_rows, dimensions), dtype=np.float32)
+        self.created_ts = np.empty(capacity_rows, dtype=np.float64)
+        self.roles = np.empty(capacity_rows, dtype=object)
+        self.tags = np.empty(capacity_rows, dtype=object)
+        self.alive = np.zeros(capacity_rows, dtype=bool)
+        self.items: list[dict[str, Any]] = []
+        self.row_of: dict[Any, int] = {}  # stored _id -> its alive row
+        self.rows = 0
+        self.item_bytes = 0
+        self.lexical = LexicalWriter()
+        self.lock = threading.Lock()
+        self.latest: TenantMatrix | None = None
+        self.broken = False  # a change failed half-applied: the next one reloads the tenant
+
+    @property
+    def dead_rows(self) -> int:
+        return self.rows - len(self.row_of)
+
+    def append(self, docs: Sequence[dict[str, Any]]) -> list[Any]:
+        """Each searchable document as a new row (replacing the row of the same ``_id``); the ``_id`` s of those
+        that cannot be searched (``usable_row``, or a vector not finite)."""
+        usable, skipped = [], []
+        for doc in docs:
+            row = usable_row(doc, self.dimensions)
+            if row is None:
+                skipped.append(doc.get("_id"))
+            else:
+                usable.append((doc, row[0], row[1]))
+        if not usable:
+            return skipped
+        block = np.stack([vector for _, vector, _ in usable])  # one chunk's vectors (LOAD_CHUNK_ROWS at most)
+        finite = np.isfinite(block).all(axis=1)
+        if not finite.all():
+            skipped += [usable[i][0].get("_id") for i in np.flatnonzero(~finite)]
+            usable, block = [usable[i] for i in np.flatnonzero(finite)], block[finite]
+        start, end = self.rows, self.rows + len(usable)
+        self._reserve(end)
+        self.vectors[start:end] = normalise(block)
+        for row, (doc, _, item) in enumerate(usable, start):
+            self.remove(doc["_id"])
+            self.created_ts[row] = np.nan if item["created_at_ts"] is None else item["created_at_ts"]
+            self.roles[row] = item.get("role")
+            self.tags[row] = frozenset(item.get("tags") or ())
+            self.items.append(item)
+            self.item_bytes += item_nbytes(item)
+            self.row_of[doc["_id"]] = row
+        self.alive[start:end] = True
+        self.lexical.add(start, [lexical_text(doc) for doc, _, _ in usable])
+        self.rows = end
+        return skipped
+
+    def remove(self, object_id: Any) -> None:
+        """Tombstone the row of ``object_id`` (if it has one)."""
+        row = self.row_of.pop(object_id, None)
+        if row is not None:
+            self.alive[row] = False
+            self.lexical.remove(row)
+
+    def snapshot(self, version: int) -> TenantMatrix:
+        """The rows as they are now, for searches at ``version`` (becomes ``latest``)."""
+        rows = self.rows
+        self.lexical.commit(self.alive[:rows])
+        alive = None if self.dead_rows == 0 else self.alive[:rows].copy()
+        self.latest = TenantMatrix(
+            version,
+            self.items,
+            self.vectors[:rows],
+            self.lexical.view(rows, alive),
+            self.created_ts[:rows],
+            self.roles[:rows],
+            self.tags[:rows],
+            alive,
+            self,
+        )
+        return self.latest
+
+    def nbytes(self) -> int:
+        """What the rows hold besides the BM25 index: the buffers (their whole capacity) and the items."""
+        columns = self.vectors.nbytes + self.created_ts.nbytes + self.alive.nbytes
+        return columns + self.roles.nbytes + self.tags.nbytes + self.item_bytes
+
+    def _reserve(self, rows: int) -> None:
+        capacity = self.vectors.shape[0]
+        if rows <= capacity:
+            return
+        grown = max(rows, capacity + max(MIN_CAPACITY_ROWS, int(capacity * GROWTH_FRACTION)))
+        for name in ("vectors", "created_ts", "roles", "tags", "alive"):
+            old = getattr(self, name)
+            new = np.zeros((grown, *old.shape[1:]), dtype=old.dtype)
+            new[: self.rows] = old[: self.rows]
+            setattr(self, name, new)
+
+
+def lexical_text(doc: dict[str, Any]) -> str:
+    """What BM25 indexes of a stored memory: its content and the context its writer supplied."""
+    return f"{doc.get('content', '')} {doc.get(store.CONTEXT_FIELD) or ''}"
 
 
 @dataclass(frozen=True)
@@ -90,6 +228,7 @@ class MatrixCache:
         self._bytes = 0
         self._lock = threading.Lock()
         self.loads = 0  # matrices loaded from MongoDB and built by this process (single-flight: one per version)
+        self.catch_ups = 0  # versions reached by applying the change log instead of a load
 
     def get(self, key: tuple[str, str], version: int) -> TenantMatrix | None:
         with self._lock:
@@ -99,15 +238,20 @@ class MatrixCache:
             self._entries.move_to_end(key)
             return entry
 
+    def held(self, key: tuple[str, str]) -> TenantMatrix | None:
+        """The entry of ``key`` at whatever version it holds (what a catch-up starts from)."""
+        with self._lock:
+            return self._entries.get(key)
+
     def put(self, key: tuple[str, str], entry: TenantMatrix) -> None:
         size = entry_nbytes(entry)
         with self._lock:
             self._drop(key)
-            if len(entry.items) > self.max_vectors or (self.max_bytes is not None and size > self.max_bytes):
+            if entry.rows > self.max_vectors or (self.max_bytes is not None and size > self.max_bytes):
                 return
             self._entries[key] = entry
             self._sizes[key] = size
-            self._vectors += len(entry.items)
+            self._vectors += entry.rows
             self._bytes += size
             while self._vectors > self.max_vectors or (self.max_bytes is not None and self._bytes > self.max_bytes):
                 self._drop(next(iter(self._entries)))
@@ -126,7 +270,7 @@ class MatrixCache:
     def _drop(self, key: tuple[str, str]) -> None:
         old = self._entries.pop(key, None)
         if old is not None:
-            self._vectors -= len(old.items)
+            self._vectors -= old.rows
             self._bytes -= self._sizes.pop(key)
 
     @property
@@ -140,6 +284,10 @@ class MatrixCache:
     def count_load(self) -> None:
         with self._lock:
             self.loads += 1
+
+    def count_catch_up(self) -> None:
+        with self._lock:
+            self.catch_ups += 1
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -166,17 +314,44 @@ memory_guard: ProcessLocal[MemoryGuard] = ProcessLocal(
         release=allocator.release_free_memory,
     )
 )
+# One load or catch-up per (tenant, type) at a time in this process, whatever the versions asked for.
+tenant_locks: ProcessLocal[KeyedLocks] = ProcessLocal(lambda: KeyedLocks())
 # What each load under way is doing, for the error a search gets when it stops waiting for it.
 load_phases: dict[tuple[str, str, int], str] = {}
 READING = "reading MongoDB"
 _probe_results: dict[str, tuple[bool, float]] = {}
 
 
+class KeyedLocks:
+    """A lock per key, held only while someone holds or waits for it (no entry is kept for idle keys)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._locks: dict[Any, tuple[threading.Lock, list[int]]] = {}
+
+    @contextmanager
+    def held(self, key: Any) -> Iterator[None]:
+        with self._lock:
+            lock, users = self._locks.setdefault(key, (threading.Lock(), [0]))
+            users[0] += 1
+        try:
+            with lock:
+                yield
+        finally:
+            with self._lock:
+                users[0] -= 1
+                if users[0] == 0:
+                    del self._locks[key]
+
+
 def entry_nbytes(entry: TenantMatrix) -> int:
     """The memory one cached entry holds: its matrix and filter columns, its BM25 index, and its items (each
-    ``ITEM_OVERHEAD_BYTES`` for the dict and its small values, plus its content, id, tags and metadata)."""
-    columns = entry.matrix.nbytes + entry.created_ts.nbytes
+    ``ITEM_OVERHEAD_BYTES`` for the dict and its small values, plus its content, id, tags and metadata). A snapshot
+    of a ``RowStore`` counts the store's buffers (spare capacity included) and items, kept as rows are added."""
     lexical = entry.lexical.nbytes() if entry.lexical is not None else 0
+    if entry.store is not None:
+        return entry.store.nbytes() + lexical
+    columns = entry.matrix.nbytes + entry.created_ts.nbytes
     return columns + lexical + sum(item_nbytes(item) for item in entry.items)
 
 
@@ -189,53 +364,46 @@ def item_nbytes(item: dict[str, Any]) -> int:
     return size
 
 
-def build_matrix(docs: list[dict[str, Any]], version: int, memory_type: str = "unknown") -> TenantMatrix:
-    """The matrix, BM25 index and filter columns of one tenant and type, row i of each from the same document.
-    Rows that cannot be searched are dropped from ``docs`` first (``usable_row``, then the finite check on the
-    stacked matrix), counted, and logged once per load."""
-    dimensions = get_settings().embed_dimensions
-    rows: list[np.ndarray] = []
-    items: list[dict[str, Any]] = []
-    kept: list[dict[str, Any]] = []
+def build_matrix(
+    docs: Iterable[dict[str, Any]], version: int, memory_type: str = "unknown", expected_rows: int = 0
+) -> TenantMatrix:
+    """The matrix, BM25 index and filter columns of one tenant and type, row i of each from the same document,
+    taken from ``docs`` (a cursor) ``LOAD_CHUNK_ROWS`` at a time into a ``RowStore`` sized for ``expected_rows``:
+    the documents are never all held at once, nor the vectors copied into a second matrix. Rows that cannot be
+    searched are left out (``usable_row``, then the finite check), counted, and logged once per load."""
+    rows = RowStore(get_settings().embed_dimensions, expected_rows + expected_rows // 8)
     skipped: list[Any] = []
+    seen = 0
+    for chunk in chunked(docs, LOAD_CHUNK_ROWS):
+        seen += len(chunk)
+        skipped += rows.append(chunk)
+    count_skipped(skipped, seen, memory_type)
+    return rows.snapshot(version)
+
+
+def chunked(docs: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
     for doc in docs:
-        usable = usable_row(doc, dimensions)
-        if usable is None:
-            skipped.append(doc.get("_id"))
-            continue
-        rows.append(usable[0])
-        items.append(usable[1])
-        kept.append(doc)
-    stacked = np.stack(rows) if rows else np.zeros((0, dimensions), dtype=np.float32)
-    finite = np.isfinite(stacked).all(axis=1)
-    if not finite.all():
-        skipped += [kept[i].get("_id") for i in np.flatnonzero(~finite)]
-        keep = np.flatnonzero(finite)
-        stacked, items, kept = stacked[keep], [items[i] for i in keep], [kept[i] for i in keep]
-    if skipped:
-        BAD_STORED_ROWS.labels(memory_type=memory_type).inc(len(skipped))
-        log.warning(
-            "skipped %d of %d stored memories of %s that cannot be searched (embedding missing, undecodable, not "
-            "%d-dimensional or not finite, or fields unreadable); _id %s",
-            len(skipped),
-            len(docs),
-            memory_type,
-            dimensions,
-            ", ".join(repr(_id)[:40] for _id in skipped[:5]) + (" ..." if len(skipped) > 5 else ""),
-        )
-    docs = kept
-    if not docs:
-        return TenantMatrix(version, items, np.zeros((0, 0), dtype=np.float32), LexicalIndex([]))
-    matrix = normalise(stacked)
-    created = [item["created_at_ts"] for item in items]
-    return TenantMatrix(
-        version,
-        items,
-        matrix,
-        LexicalIndex([f"{doc.get('content', '')} {doc.get(store.CONTEXT_FIELD) or ''}" for doc in docs]),
-        np.array([np.nan if ts is None else ts for ts in created], dtype=np.float64),
-        [item.get("role") for item in items],
-        [frozenset(item.get("tags") or ()) for item in items],
+        chunk.append(doc)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def count_skipped(skipped: list[Any], seen: int, memory_type: str) -> None:
+    if not skipped:
+        return
+    BAD_STORED_ROWS.labels(memory_type=memory_type).inc(len(skipped))
+    log.warning(
+        "skipped %d of %d stored memories of %s that cannot be searched (embedding missing, undecodable, not "
+        "%d-dimensional or not finite, or fields unreadable); _id %s",
+        len(skipped),
+        seen,
+        memory_type,
+        get_settings().embed_dimensions,
+        ", ".join(repr(_id)[:40] for _id in skipped[:5]) + (" ..." if len(skipped) > 5 else ""),
     )
 
 
@@ -258,35 +426,41 @@ def usable_row(doc: dict[str, Any], dimensions: int) -> tuple[np.ndarray, dict[s
 
 
 def filter_mask(entry: TenantMatrix, filters: dict[str, Any]) -> np.ndarray:
-    """Which rows pass every filter (all of them when there is none)."""
-    mask = np.ones(len(entry.items), dtype=bool)
+    """Which rows are alive and pass every filter (all alive rows when there is none)."""
+    rows = entry.rows
+    mask = np.ones(rows, dtype=bool) if entry.alive is None else entry.alive.copy()
     if "created_after" in filters:
-        mask &= entry.created_ts >= filters["created_after"]  # NaN (unknown) compares False: left out
+        mask &= entry.created_ts[:rows] >= filters["created_after"]  # NaN (unknown) compares False: left out
     if "created_before" in filters:
-        mask &= entry.created_ts <= filters["created_before"]
+        mask &= entry.created_ts[:rows] <= filters["created_before"]
     if "role" in filters:
-        mask &= np.array([role == filters["role"] for role in entry.roles], dtype=bool)
+        mask &= np.asarray(entry.roles[:rows], dtype=object) == filters["role"]
     if "tags" in filters:
         named = frozenset(filters["tags"])
+        left = np.flatnonzero(mask)  # only the rows still in: a tag test is one Python call per row
         if filters.get("tags_match") == "all":
-            passes = [named <= tags for tags in entry.tags]
+            passes = [named <= entry.tags[row] for row in left]
         else:
-            passes = [not named.isdisjoint(tags) for tags in entry.tags]
-        mask &= np.array(passes, dtype=bool)
+            passes = [not named.isdisjoint(entry.tags[row]) for row in left]
+        mask[left] = np.array(passes, dtype=bool)
     return mask
 
 
 def top_k(entry: TenantMatrix, query: np.ndarray, k: int, wanted: Wanted | None = None) -> list[dict[str, Any]]:
-    """The k best rows that pass the filters, by the mode's score (``memq.ranking.fuse``); ties broken by
-    cosine, then id, so results are deterministic. Each item carries its ``scores``."""
+    """The k best alive rows that pass the filters, by the mode's score (``memq.ranking.fuse``); ties broken by
+    cosine, then id, so results are deterministic (and the same whatever the rows' order). Each item carries its
+    ``scores``."""
     wanted = wanted or Wanted()
-    if not entry.items or k <= 0:
+    rows = entry.rows
+    if rows == 0 or k <= 0:
         return []
     if not np.isfinite(query).all():  # a forged query vector: no NaN scores (stored rows are finite, see build_matrix)
         query = np.zeros_like(query)
-    vector = entry.matrix @ normalise(query.astype(np.float32)) if query.size else np.zeros(len(entry.items))
+    vector = entry.matrix @ normalise(query.astype(np.float32)) if query.size else np.zeros(rows)
     lexical_used = wanted.mode != "vector" and wanted.query is not None and entry.lexical is not None
-    lexical = entry.lexical.scores(wanted.query) if lexical_used else np.zeros(len(entry.items), dtype=np.float32)
+    lexical = np.zeros(rows, dtype=np.float32)
+    if lexical_used and entry.lexical is not None and wanted.query is not None:
+        lexical = entry.lexical.scores(wanted.query)
     eligible = np.flatnonzero(filter_mask(entry, wanted.filters))
     if wanted.mode == "lexical":  # only memories the query's terms match, as Atlas $search returns
         eligible = eligible[lexical[eligible] > 0]
@@ -374,16 +548,42 @@ def load_shared(memory_id: str, memory_type: str, version: int) -> TenantMatrix:
 
 
 def load_into_cache(memory_id: str, memory_type: str, version: int) -> TenantMatrix:
-    """One load from MongoDB under the client's own timeouts (no overall limit: an unreachable server fails at
-    server selection, a stalled one at a socket read, and a large tenant takes as long as its ``find`` does), built
-    and put in the cache (unless a load of the same version finished just before this one began). It waits for one
-    of the process's load slots, then for the memory guard, at most ``MEMQ_EXACT_LOAD_TIMEOUT_S`` for the latter."""
+    """The tenant at ``version`` put in the cache: caught up from the entry the cache holds (``catch_up``) where the
+    change log bridges the versions, else one load from MongoDB under the client's own timeouts (no overall limit:
+    an unreachable server fails at server selection, a stalled one at a socket read, and a large tenant takes as
+    long as its ``find`` does), streamed and built (unless a load of the same version finished just before this
+    one began). A load waits for one of the process's load slots, then for the memory guard, at most
+    ``MEMQ_EXACT_LOAD_TIMEOUT_S`` for the latter; a catch-up, which reads only the changed documents, waits for
+    neither."""
     cache = matrix_cache.get()
     key = (memory_id, memory_type)
     flight_key = (memory_id, memory_type, version)
     entry = cache.get(key, version)
     if entry is not None:
         return entry
+    load_phases[flight_key] = "waiting for the load of an earlier version of this tenant"
+    try:
+        with tenant_locks.get().held(key):  # a version that changed during a load is caught up from that load
+            return caught_up_or_loaded(memory_id, memory_type, version)
+    finally:
+        load_phases.pop(flight_key, None)
+
+
+def caught_up_or_loaded(memory_id: str, memory_type: str, version: int) -> TenantMatrix:
+    cache = matrix_cache.get()
+    key = (memory_id, memory_type)
+    flight_key = (memory_id, memory_type, version)
+    entry = cache.get(key, version)
+    if entry is not None:
+        return entry
+    held = cache.held(key)
+    if held is not None and held.store is not None:
+        caught_up = catch_up(memory_id, memory_type, held.store, version)
+        if caught_up is not None:
+            if caught_up is not held:  # changes applied (else: the held entry, newer than the version read)
+                cache.put(key, caught_up)
+                cache.count_catch_up()
+            return caught_up
     try:
         load_phases[flight_key] = "waiting for a load slot (MEMQ_EXACT_LOADS_IN_FLIGHT)"
         with load_slots.get():  # at most MEMQ_EXACT_LOADS_IN_FLIGHT loads hold their documents at once
@@ -393,13 +593,57 @@ def load_into_cache(memory_id: str, memory_type: str, version: int) -> TenantMat
             load_phases[flight_key] = "waiting for memory (MEMQ_SEARCH_MAX_RSS_BYTES)"
             with memory_guard.get().admitted("load", get_settings().exact_load_timeout_s):
                 load_phases[flight_key] = READING
-                entry = build_matrix(store.load_tenant(memory_id, memory_type), version, memory_type)
+                entry = load_tenant(memory_id, memory_type, version, held.alive_rows if held is not None else 0)
             cache.put(key, entry)
             cache.count_load()
     finally:
         load_phases.pop(flight_key, None)
     MATRIX_LOADS.labels(memory_type=memory_type).inc()
     return entry
+
+
+def load_tenant(memory_id: str, memory_type: str, version: int, expected_rows: int = 0) -> TenantMatrix:
+    """The whole tenant from MongoDB, streamed into a ``RowStore`` sized for ``expected_rows`` (the rows of the
+    entry it replaces, if any: no count is asked of MongoDB, which on some servers reads every document)."""
+    return build_matrix(store.load_tenant(memory_id, memory_type), version, memory_type, expected_rows)
+
+
+def catch_up(memory_id: str, memory_type: str, rows: RowStore, version: int) -> TenantMatrix | None:
+    """The snapshot of ``rows`` at ``version`` or later, reached by applying the changes the change log names since
+    the store's latest snapshot; ``None`` when only a full load can tell (see the module's docstring).
+
+    One catch-up per store at a time (``rows.lock``); a store whose latest snapshot is already newer than
+    ``version`` is returned as it is once Redis confirms that version (a counter reset in Redis means a reload).
+    Applying reads the current state of each changed ``_id``: present (and searchable), it becomes a new row and
+    its old row is tombstoned; absent, its row is tombstoned. Reading the current state makes it idempotent, so a
+    document newer than ``version`` (a write under way) is right too: its own version will apply it again."""
+    with rows.lock:
+        latest = rows.latest
+        if latest is None or rows.broken:
+            return None
+        if latest.version >= version:
+            return latest if latest.version == version or confirmed(memory_id, memory_type, latest.version) else None
+        touched = versions.changes_between(memory_id, memory_type, latest.version, version)
+        if touched is None or len(touched) > max(CATCH_UP_MIN_IDS, CATCH_UP_MAX_FRACTION * latest.alive_rows):
+            return None
+        docs = store.load_ids(memory_id, memory_type, sorted(touched))
+        try:
+            for object_id in touched:
+                rows.remove(object_id)
+            count_skipped(rows.append(sorted(docs, key=lambda doc: str(doc["_id"]))), len(docs), memory_type)
+        except BaseException:
+            rows.broken = True
+            raise
+        if rows.dead_rows > max(MIN_CAPACITY_ROWS, COMPACT_DEAD_FRACTION * rows.rows):
+            rows.broken = True  # compacted by the full load that follows
+            return None
+        return rows.snapshot(version)
+
+
+def confirmed(memory_id: str, memory_type: str, version: int) -> bool:
+    """Is the tenant's data version in Redis at least ``version`` (so a snapshot of it is not from before a reset)?"""
+    known = versions.read_versions(memory_id, [memory_type])
+    return known is not None and known[memory_type] >= version
 
 
 def load_uncached(memory_id: str, memory_type: str) -> TenantMatrix:
@@ -414,7 +658,7 @@ def load_uncached(memory_id: str, memory_type: str) -> TenantMatrix:
         )
     try:
         with memory_guard.get().admitted("load", caller_budget_left_s(default_s=wait_s)):
-            return build_matrix(store.load_tenant(memory_id, memory_type), -1, memory_type)
+            return load_tenant(memory_id, memory_type, -1)
     finally:
         slots.release()
 
@@ -429,7 +673,7 @@ def caller_budget_left_s(default_s: float) -> float:
 def cache_info() -> dict[str, Any]:
     """What this process's matrix cache holds, for ``memq_info`` (nothing is built to answer)."""
     if not matrix_cache.is_built():
-        return {"entries": 0, "vectors": 0, "bytes": 0, "loads": 0, "loads_in_flight": 0}
+        return {"entries": 0, "vectors": 0, "bytes": 0, "loads": 0, "catch_ups": 0, "loads_in_flight": 0}
     cache = matrix_cache.get()
     in_flight = matrix_loads.get().in_flight() if matrix_loads.is_built() else 0
     return {
@@ -438,6 +682,7 @@ def cache_info() -> dict[str, Any]:
         "bytes": cache.nbytes,
         "max_bytes": cache.max_bytes,
         "loads": cache.loads,
+        "catch_ups": cache.catch_ups,
         "loads_in_flight": in_flight,
     }
 

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from memq import ranking, wire
+from memq import keys, ranking, wire
 from memq.cache_redis import cache_redis
 from memq.process_local import ProcessLocal
 from memq.settings import get_settings
@@ -199,7 +199,8 @@ def store_memories(
     settings = get_settings()
     vectors = wire.parse_embedded_texts(embedded, len(items), settings.embed_dimensions, settings.embed_model)
     batch = writes.build_writes(memory_id, memory_type, items, vectors, embedded["model"], time.time())
-    with versions.bumped_whatever_happens(memory_id, [memory_type]):
+    touched = [keys.memory_object_id(memory_id, writes.memory_key(item)) for item in items]
+    with versions.bumped_whatever_happens(memory_id, [memory_type], touched):
         counts = writes.upsert(memory_type, batch)
     STORE_WRITES.labels(memory_type=memory_type).inc(len(batch) - len(counts["failed"]))
     return {"memory_id": memory_id, "type": memory_type, "ids": [writes.memory_key(i) for i in items], **counts}
@@ -211,7 +212,8 @@ def forget(memory_id: str, memory_type: str | None, ids: Sequence[str] | None) -
     types = [memory_type] if memory_type else [t.value for t in MemoryType]
     deleted: dict[str, int] = {}
     # Type by type: when MongoDB fails at one, the types deleted before it must not stay cached either.
-    with versions.bumped_whatever_happens(memory_id, types):
+    touched = None if ids is None else [keys.memory_object_id(memory_id, key) for key in ids]
+    with versions.bumped_whatever_happens(memory_id, types, touched):
         for memory_type_name in types:
             deleted[memory_type_name] = writes.delete(memory_id, memory_type_name, ids)
     return {"memory_id": memory_id, "deleted": deleted}

@@ -9,7 +9,7 @@ another tenant's documents. The client and its errors are in ``memq.workers.mong
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -59,10 +59,20 @@ def to_item(doc: dict[str, Any], score: float) -> dict[str, Any]:
     return item
 
 
-def load_tenant(memory_id: str, memory_type: str) -> list[dict[str, Any]]:
-    """Every document of this tenant and type, embeddings included (exact search)."""
+LOAD_BATCH_ROWS = 1000  # documents per cursor batch of a tenant load
+
+
+def load_tenant(memory_id: str, memory_type: str) -> Iterator[dict[str, Any]]:
+    """Every document of this tenant and type, embeddings included (exact search), streamed from the cursor a
+    batch at a time (never all of them in a list)."""
     with transient_errors():
-        return list(collection(memory_type).find({"memory_id": memory_id}))
+        yield from collection(memory_type).find({"memory_id": memory_id}, batch_size=LOAD_BATCH_ROWS)
+
+
+def load_ids(memory_id: str, memory_type: str, object_ids: list[str]) -> list[dict[str, Any]]:
+    """The documents of this tenant among the stored ``_id`` s ``object_ids`` (those deleted since: absent)."""
+    with transient_errors():
+        return list(collection(memory_type).find({"memory_id": memory_id, "_id": {"$in": object_ids}}))
 
 
 def vector_filter(memory_id: str, filters: dict[str, Any]) -> dict[str, Any]:

@@ -1,8 +1,17 @@
-"""Tenant data versions: a Redis counter per (memory_id, type), bumped after every write.
+"""Tenant data versions: a Redis counter per (memory_id, type), bumped after every write, and its change log.
 
 Readers that cache derived data (the exact-search matrices, the result cache) key it on the
 version, so a write makes old entries unreachable at once, without scanning or deleting.
 If Redis cannot be read, callers get ``None`` and must not use a cache.
+
+Each bump also appends ``{"v": <the new version>, "ids": [<stored _id>, ...]}`` to the (tenant, type)'s change log
+(``keys.change_log``), in the same Lua script as the INCR, so no version exists without its entry: the stored
+``_id`` s (``keys.memory_object_id``) the write touched, or ``"ids": null`` for "anything may have changed" (a
+forget without ids, a migration, more than ``CHANGE_LOG_MAX_IDS`` ids). The log keeps the last
+``CHANGE_LOG_MAX_ENTRIES`` entries and expires ``CHANGE_LOG_TTL_MS`` after its last write. A search process that
+holds a tenant at version v and finds V re-reads just the ids of v+1..V (``changes_between``) when the log still
+holds all of them, and reloads the tenant otherwise (``workers.search``). The ids are recorded even when the write
+failed part-way: the reader reads their current state, whatever it is.
 
 Every write (store, forget, a migration) runs inside ``bumped_whatever_happens``: the one place that bumps the
 versions of every type the write touched or may have touched, whether it succeeded, failed part-way or raised.
@@ -10,8 +19,9 @@ versions of every type the write touched or may have touched, whether it succeed
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 
 import redis
@@ -22,6 +32,19 @@ from memq.errors import TransientError
 from memq.workers.metrics import VERSION_BUMP_FAILURES
 
 log = logging.getLogger(__name__)
+
+CHANGE_LOG_MAX_ENTRIES = 64  # versions a search process can be behind and still catch up without a reload
+CHANGE_LOG_MAX_IDS = 1000  # ids one entry names (MEMQ_MAX_BATCH_ITEMS); more are logged as "anything changed"
+CHANGE_LOG_TTL_MS = 24 * 3600 * 1000
+# KEYS: the version, its change log. ARGV: the ids as a JSON array (or "null": anything changed), the log's length
+# bound, its TTL in ms. The INCR and the entry of the version it made happen in one step.
+BUMP_SCRIPT = """
+local version = redis.call('INCR', KEYS[1])
+redis.call('RPUSH', KEYS[2], '{"v":' .. version .. ',"ids":' .. ARGV[1] .. '}')
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return version
+"""
 
 
 def read_versions(memory_id: str, memory_types: Iterable[str]) -> dict[str, int] | None:
@@ -34,15 +57,24 @@ def read_versions(memory_id: str, memory_types: Iterable[str]) -> dict[str, int]
     return {t: int(v or 0) for t, v in zip(names, raw, strict=True)}
 
 
-def bump_versions(memory_id: str, memory_types: Iterable[str]) -> None:
-    """Called after a write has been acknowledged by MongoDB. A Redis error is a ``TransientError``, so the
-    store / forget task retries (the write is idempotent): a write whose invalidation failed must not pass
-    for done, or every cache would go on serving the tenant's data from before it."""
+def bump_versions(memory_id: str, memory_types: Iterable[str], touched_ids: Collection[str] | None = None) -> None:
+    """Called after a write has been acknowledged by MongoDB: bumps each type's version and logs the stored
+    ``_id`` s the write touched in every one of ``memory_types`` (``None``: anything may have changed). A Redis
+    error is a ``TransientError``, so the store / forget task retries (the write is idempotent): a write whose
+    invalidation failed must not pass for done, or every cache would go on serving the tenant's data from before
+    it."""
     names = list(memory_types)
+    logged = "null" if touched_ids is None or len(touched_ids) > CHANGE_LOG_MAX_IDS else json.dumps(sorted(touched_ids))
     try:
-        pipe = cache_redis.get().pipeline(transaction=False)
+        client = cache_redis.get()
+        bump = client.register_script(BUMP_SCRIPT)
+        pipe = client.pipeline(transaction=False)
         for t in names:
-            pipe.incr(keys.tenant_version(memory_id, t))
+            bump(
+                keys=[keys.tenant_version(memory_id, t), keys.change_log(memory_id, t)],
+                args=[logged, CHANGE_LOG_MAX_ENTRIES, CHANGE_LOG_TTL_MS],
+                client=pipe,
+            )
         pipe.execute()
     except (redis.RedisError, OSError) as exc:
         VERSION_BUMP_FAILURES.inc()
@@ -52,10 +84,49 @@ def bump_versions(memory_id: str, memory_types: Iterable[str]) -> None:
         ) from exc
 
 
+def changes_between(memory_id: str, memory_type: str, held_version: int, version: int) -> set[str] | None:
+    """The stored ``_id`` s that versions ``held_version + 1 .. version`` of (tenant, type) touched, or ``None``
+    when the log cannot say: an entry is missing (evicted, expired, Redis flushed or unreachable, or written by a
+    bump without a log) or one of them says anything may have changed."""
+    if version <= held_version:
+        return set()
+    wanted = version - held_version
+    try:
+        # The newest entries first: the list ends with the latest version, which is ``version`` unless writes
+        # landed since it was read; the whole log only when those are not enough.
+        client, log_key = cache_redis.get(), keys.change_log(memory_id, memory_type)
+        touched = _logged_ids(client.lrange(log_key, -(wanted + 4), -1), held_version, version)
+        if touched is None:
+            touched = _logged_ids(client.lrange(log_key, 0, -1), held_version, version)
+    except (redis.RedisError, OSError) as exc:
+        log.warning("change log unavailable (%s); the tenant is reloaded", exc)
+        return None
+    return touched
+
+
+def _logged_ids(raw: list[bytes], held_version: int, version: int) -> set[str] | None:
+    """The ids of versions ``held_version + 1 .. version`` in ``raw`` entries, ``None`` unless all are there and
+    none says anything may have changed."""
+    touched: set[str] = set()
+    seen: set[int] = set()
+    for line in raw:
+        entry = json.loads(line)
+        if held_version < entry["v"] <= version:
+            if entry["ids"] is None:
+                return None
+            seen.add(entry["v"])
+            touched.update(entry["ids"])
+    return touched if len(seen) == version - held_version else None
+
+
 @contextmanager
-def bumped_whatever_happens(memory_id: str, memory_types: Iterable[str]) -> Iterator[None]:
+def bumped_whatever_happens(
+    memory_id: str, memory_types: Iterable[str], touched_ids: Collection[str] | None = None
+) -> Iterator[None]:
     """Run a write to MongoDB, then bump the data versions of ``memory_types`` (every type the write touches or may
-    touch) however it ended, so no cache goes on serving what the write changed, even part of it.
+    touch) however it ended, so no cache goes on serving what the write changed, even part of it. ``touched_ids``:
+    the stored ``_id`` s (``keys.memory_object_id``) the write touches in those types, logged with the bump so a
+    search process re-reads just those (``None``: anything may have changed, the tenant is reloaded).
 
     - The write succeeded: a failed bump is a ``TransientError`` (counted in ``VERSION_BUMP_FAILURES``), so the
       task is retried and re-runs its idempotent write and the bump; once its retries run out the task fails with
@@ -69,9 +140,9 @@ def bumped_whatever_happens(memory_id: str, memory_types: Iterable[str]) -> Iter
         yield
     except BaseException as exc:
         try:
-            bump_versions(memory_id, names)
+            bump_versions(memory_id, names, touched_ids)
         except TransientError as bump_error:
             log.error("a write failed and so did its version bump: %s", bump_error)
             exc.add_note(f"and its version bump failed: {bump_error}")
         raise
-    bump_versions(memory_id, names)
+    bump_versions(memory_id, names, touched_ids)

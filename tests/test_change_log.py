@@ -1,0 +1,202 @@
+"""The change log beside each tenant data version (``workers.versions``), and the incremental BM25 index
+(``workers.lexical``) that applies changes exactly: real Redis, real nx-27017, the real write path
+(``steps.store_memories`` / ``steps.forget``), ``bm25s`` as the reference for the scores."""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from typing import Any
+
+import bm25s
+import numpy as np
+import pytest
+import redis
+
+from bench import corpus
+from memq import keys, services
+from memq.settings import get_settings
+from memq.vectors import to_wire
+from memq.workers import steps, versions
+from memq.workers.lexical import BM25_B, BM25_K1, LexicalIndex, LexicalWriter, analyse
+
+LTM = "long_term_memory"
+
+
+def change_log(memory_id: str, memory_type: str) -> list[dict[str, Any]]:
+    raw = versions.cache_redis.get().lrange(keys.change_log(memory_id, memory_type), 0, -1)
+    return [json.loads(line) for line in raw]
+
+
+def version_of(memory_id: str, memory_type: str) -> int:
+    known = versions.read_versions(memory_id, [memory_type])
+    assert known is not None
+    return known[memory_type]
+
+
+def embedded(count: int, seed: int = 0) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((count, get_settings().embed_dimensions)).astype(np.float32)
+    return {"vectors": [to_wire(vector) for vector in vectors], "model": get_settings().embed_model}
+
+
+def fresh_tenant() -> str:
+    return f"log-{uuid.uuid4().hex[:10]}"
+
+
+# -- the log itself --------------------------------------------------------------------------------------------
+
+
+def test_a_bump_logs_the_ids_it_touched_under_the_version_it_made_in_every_type() -> None:
+    tenant = fresh_tenant()
+    types = [LTM, "conversation_memory"]
+    with versions.bumped_whatever_happens(tenant, types, ["b", "a"]):
+        pass
+    with versions.bumped_whatever_happens(tenant, types, ["c"]):
+        pass
+
+    for memory_type in types:
+        assert version_of(tenant, memory_type) == 2
+        assert change_log(tenant, memory_type) == [{"v": 1, "ids": ["a", "b"]}, {"v": 2, "ids": ["c"]}]
+    assert versions.changes_between(tenant, LTM, 0, 2) == {"a", "b", "c"}
+    assert versions.changes_between(tenant, LTM, 1, 2) == {"c"}
+    assert versions.changes_between(tenant, LTM, 2, 2) == set()
+
+
+def test_a_write_that_fails_part_way_still_logs_the_ids_it_may_have_touched() -> None:
+    from memq.errors import StoreUnavailable
+
+    tenant = fresh_tenant()
+    with pytest.raises(StoreUnavailable), versions.bumped_whatever_happens(tenant, [LTM], ["x1", "x2"]):
+        raise StoreUnavailable("MongoDB unavailable: the batch was written in part")
+
+    assert change_log(tenant, LTM) == [{"v": 1, "ids": ["x1", "x2"]}]
+
+
+def test_without_ids_or_with_more_than_the_cap_the_log_says_anything_changed_and_cannot_bridge() -> None:
+    tenant = fresh_tenant()
+    with versions.bumped_whatever_happens(tenant, [LTM], ["a"]):
+        pass
+    with versions.bumped_whatever_happens(tenant, [LTM]):
+        pass
+    with versions.bumped_whatever_happens(tenant, [LTM], [f"id{i}" for i in range(versions.CHANGE_LOG_MAX_IDS + 1)]):
+        pass
+
+    assert [entry["ids"] for entry in change_log(tenant, LTM)][1:] == [None, None]
+    assert versions.changes_between(tenant, LTM, 0, 1) == {"a"}
+    assert versions.changes_between(tenant, LTM, 0, 2) is None
+    assert versions.changes_between(tenant, LTM, 2, 3) is None
+
+
+def test_the_log_is_bounded_expires_and_a_version_it_no_longer_holds_cannot_be_bridged() -> None:
+    tenant = fresh_tenant()
+    for n in range(versions.CHANGE_LOG_MAX_ENTRIES + 3):
+        with versions.bumped_whatever_happens(tenant, [LTM], [f"m{n}"]):
+            pass
+
+    logged = change_log(tenant, LTM)
+    assert len(logged) == versions.CHANGE_LOG_MAX_ENTRIES
+    assert logged[-1] == {"v": versions.CHANGE_LOG_MAX_ENTRIES + 3, "ids": [f"m{versions.CHANGE_LOG_MAX_ENTRIES + 2}"]}
+    ttl_ms = versions.cache_redis.get().pttl(keys.change_log(tenant, LTM))
+    assert 0 < ttl_ms <= versions.CHANGE_LOG_TTL_MS
+    assert versions.changes_between(tenant, LTM, 0, 5) is None  # versions 1..3 were trimmed
+    assert versions.changes_between(tenant, LTM, 3, 5) == {"m3", "m4"}
+    versions.cache_redis.get().delete(keys.change_log(tenant, LTM))  # evicted, or expired
+    assert versions.changes_between(tenant, LTM, 3, 5) is None
+
+
+def test_with_redis_unreachable_the_log_cannot_bridge(monkeypatch: pytest.MonkeyPatch) -> None:
+    dead = redis.Redis.from_url(f"redis://127.0.0.1:{services.free_port()}/0", socket_connect_timeout=0.25)
+    monkeypatch.setattr(versions.cache_redis, "get", lambda: dead)
+
+    assert versions.changes_between("t", LTM, 0, 1) is None
+
+
+def test_store_and_forget_log_the_stored_ids_of_their_memories_and_forget_all_logs_everything() -> None:
+    tenant = fresh_tenant()
+    items = [{"content": "grows tomatoes", "id": "garden"}, {"content": "plays the cello"}]
+    steps.store_memories(embedded(2), tenant, LTM, items)
+    stored = sorted(keys.memory_object_id(tenant, key) for key in ("garden", keys.content_key("plays the cello")))
+    steps.forget(tenant, LTM, ["garden"])
+    steps.forget(tenant, None, None)
+
+    assert change_log(tenant, LTM) == [
+        {"v": 1, "ids": stored},
+        {"v": 2, "ids": [keys.memory_object_id(tenant, "garden")]},
+        {"v": 3, "ids": None},
+    ]
+    assert change_log(tenant, "workflow_memory") == [{"v": 1, "ids": None}]
+
+
+# -- BM25 applied change by change equals bm25s and a fresh index ------------------------------------------------
+
+
+def corpus_texts(count: int, seed: int) -> list[str]:
+    texts = [str(memory["content"]) for memory in corpus.memories(LTM, count, seed)]
+    texts += ["", "the a of", "我喜欢吃泰国咖喱", "ramen ramen ramen ramen in Kyoto", "🍜 Ramen!"]
+    return texts
+
+
+QUERIES = ["Thai curry", "ramen in Kyoto", "violin lessons Lisbon", "咖喱", "🍜", "the", "running running", "zzz"]
+
+
+def bm25s_scores(texts: list[str], query: str) -> np.ndarray:
+    reference = bm25s.BM25(k1=BM25_K1, b=BM25_B, method="lucene")
+    reference.index(analyse(texts), show_progress=False)
+    terms = [term for term in analyse([query])[0] if term in reference.vocab_dict]
+    return np.asarray(reference.get_scores(terms), dtype=np.float64) if terms else np.zeros(len(texts))
+
+
+def test_bm25_scores_equal_bm25s_lucene_on_a_corpus() -> None:
+    texts = corpus_texts(400, seed=3)
+    index = LexicalIndex(texts)
+    for query in QUERIES:
+        np.testing.assert_allclose(index.scores(query), bm25s_scores(texts, query), rtol=1e-5, atol=1e-6)
+
+
+def test_bm25_after_random_adds_and_removes_equals_a_fresh_index_of_the_alive_rows_and_bm25s() -> None:
+    rng = random.Random(11)
+    pool = corpus_texts(600, seed=5)
+    writer = LexicalWriter()
+    texts: list[str] = []  # row -> text
+    alive = np.zeros(0, dtype=bool)
+    for step in range(60):
+        added = [rng.choice(pool) for _ in range(rng.randint(0, 12))]
+        writer.add(len(texts), added)
+        texts += added
+        alive = np.concatenate([alive, np.ones(len(added), dtype=bool)])
+        for row in rng.sample(list(np.flatnonzero(alive)), k=min(rng.randint(0, 6), int(alive.sum()))):
+            alive[row] = False
+            writer.remove(int(row))
+        writer.commit(alive)
+        view = writer.view(len(texts), alive.copy())
+        if step % 6 or not alive.any():
+            continue
+        kept = [texts[row] for row in np.flatnonzero(alive)]
+        fresh = LexicalIndex(kept)
+        assert len(writer.segments) <= 8
+        for query in QUERIES:
+            got = view.scores(query)
+            assert not got[~alive].any()
+            np.testing.assert_allclose(got[alive], fresh.scores(query), rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(got[alive], bm25s_scores(kept, query), rtol=1e-5, atol=1e-6)
+
+
+def test_a_snapshot_of_the_index_is_unmoved_by_changes_applied_after_it() -> None:
+    writer = LexicalWriter()
+    texts = corpus_texts(200, seed=8)
+    writer.add(0, texts)
+    writer.commit(None)
+    before = writer.view(len(texts), None)
+    expected = {query: before.scores(query) for query in QUERIES}
+
+    alive = np.ones(len(texts) + 50, dtype=bool)
+    writer.add(len(texts), corpus_texts(45, seed=9))
+    for row in range(0, 100, 3):
+        alive[row] = False
+        writer.remove(row)
+    writer.commit(alive)
+
+    for query in QUERIES:
+        np.testing.assert_array_equal(before.scores(query), expected[query])
