@@ -200,3 +200,15 @@ def test_a_snapshot_of_the_index_is_unmoved_by_changes_applied_after_it() -> Non
 
     for query in QUERIES:
         np.testing.assert_array_equal(before.scores(query), expected[query])
+
+
+@pytest.mark.parametrize(
+    "hostile", [b"not json", b"[1]", b'{"v": "2", "ids": []}', b'{"v": 2, "ids": [1]}', b'{"v": 2}', b"\xff\x00"]
+)
+def test_a_change_log_entry_memq_did_not_write_makes_the_log_unbridgeable_not_a_search_error(hostile: bytes) -> None:
+    tenant = fresh_tenant()
+    with versions.bumped_whatever_happens(tenant, [LTM], ["m1"]):
+        pass
+    versions.cache_redis.get().rpush(keys.change_log(tenant, LTM), hostile)  # anyone with access to the cache Redis
+
+    assert versions.changes_between(tenant, LTM, 0, 2) is None  # the search reloads the tenant instead

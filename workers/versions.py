@@ -110,13 +110,28 @@ def _logged_ids(raw: list[bytes], held_version: int, version: int) -> set[str] |
     touched: set[str] = set()
     seen: set[int] = set()
     for line in raw:
-        entry = json.loads(line)
-        if held_version < entry["v"] <= version:
-            if entry["ids"] is None:
+        entry = _entry(line)
+        if entry is None:  # not an entry memq wrote: the log cannot bridge, the tenant is reloaded
+            return None
+        logged_version, ids = entry
+        if held_version < logged_version <= version:
+            if ids is None:
                 return None
-            seen.add(entry["v"])
-            touched.update(entry["ids"])
+            seen.add(logged_version)
+            touched.update(ids)
     return touched if len(seen) == version - held_version else None
+
+
+def _entry(line: bytes) -> tuple[int, list[str] | None] | None:
+    """One change-log entry as (version, ids or ``None``), or ``None`` when it is not what ``BUMP_SCRIPT`` writes."""
+    try:
+        entry = json.loads(line)
+        logged_version, ids = entry["v"], entry["ids"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if not isinstance(logged_version, int) or not (ids is None or all(isinstance(i, str) for i in ids)):
+        return None
+    return logged_version, ids
 
 
 @contextmanager
