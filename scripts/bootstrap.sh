@@ -11,9 +11,9 @@ fi
 . .venv/bin/activate
 stamp=.venv/.memq-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  # --no-compile: Python compiles what it imports on first use; compiling every installed module up front (torch,
-  # transformers, scipy...) cost a fresh clone ~20 s of its set-up here.
-  python -c "import torch" 2>/dev/null || python -m pip install -q --no-compile "torch==2.13.0"
-  python -m pip install -q --no-compile -e ".[dev]"
+  # pip byte-compiles what it installs: with PYTHONDONTWRITEBYTECODE set (as on this project's machines) nothing
+  # imported later would be cached, and every worker process would compile torch and transformers again.
+  python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+  python -m pip install -q -e ".[dev]"
   touch "$stamp"
 fi
