@@ -67,13 +67,15 @@ def pytest_configure(config: pytest.Config) -> None:
         redis_url = started.url
     redis.Redis.from_url(redis_url).flushdb()
     real_mongo = os.environ.get("MEMQ_MONGODB_URI")
-    mongo = services.ensure_mongodb(real_mongo)
-    if mongo.process is not None:
+    mongo_url = real_mongo or ""
+    if not real_mongo and not config.getoption("numprocesses", default=None):  # else each test process starts one
+        mongo = services.start_nx27017()
         _started.append(mongo)
+        mongo_url = mongo.url
     env = services.memq_env(
         os.environ,
         redis_url,
-        mongo.url,
+        mongo_url,
         MEMQ_MONGODB_DB=f"memq_test_{uuid.uuid4().hex[:8]}",
         MEMQ_TEST_REAL_MONGODB="1" if real_mongo else "",
         MEMQ_RESULT_CACHE_TTL_S=os.environ.get("MEMQ_RESULT_CACHE_TTL_S", "300"),
@@ -85,8 +87,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def isolate_test_process(index: int) -> None:
     """An xdist test process's own Redis database (the controller's, plus ``index + 1``, flushed) and MongoDB
-    database (the controller's name, plus ``_<index>``), on the services the controller started."""
+    database (the controller's name, plus ``_<index>``); on nx-27017, a server of its own too (one nx-27017 process
+    serves one request at a time: a test process's 50,000-memory tenant must not stall another's searches)."""
     from urllib.parse import urlsplit, urlunsplit
+
+    if not os.environ.get("MEMQ_TEST_REAL_MONGODB"):
+        mongo = services.start_nx27017()
+        _started.append(mongo)
+        os.environ["MEMQ_MONGODB_URI"] = mongo.url
 
     parts = urlsplit(os.environ["MEMQ_BROKER_URL"])
     base = int(parts.path.strip("/") or 0)
