@@ -59,7 +59,7 @@ def to_item(doc: dict[str, Any], score: float) -> dict[str, Any]:
     return item
 
 
-LOAD_BATCH_ROWS = 1000  # documents per cursor batch of a tenant load
+LOAD_BATCH_ROWS = 250  # documents per cursor batch of a tenant load: each read stays well inside the socket timeout on a busy server
 
 
 def load_tenant(memory_id: str, memory_type: str) -> Iterator[dict[str, Any]]:
