@@ -6,13 +6,16 @@ from typing import Any
 
 from kombu import Exchange, Queue
 
-from memq import names
+from memq import broker, names
 from memq.settings import Settings
 
 #: A web process's Redis budget: a call that finds Redis down or paused fails within its timeout_s plus about this
 #: much (docs/guarantees.md, "Time"). Workers keep longer ones (``worker_overrides``).
 CLIENT_SOCKET_TIMEOUT_S = 0.5
 CLIENT_RESULT_RETRY_S = 0.25
+#: RabbitMQ: a connection whose peer is silent this long is closed (a node lost without a TCP reset).
+AMQP_HEARTBEAT_S = 10
+AMQP_CONNECT_TIMEOUT_S = 2.0
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -24,7 +27,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_serializer": "json",
         "accept_content": ["json"],
         "result_accept_content": ["json"],
-        "task_queues": tuple(Queue(name, Exchange(name, type="direct"), routing_key=name) for name in names.QUEUES),
+        "task_queues": task_queues(settings),
         "task_default_queue": names.SEARCH_QUEUE,
         "task_default_exchange": names.SEARCH_QUEUE,
         "task_default_routing_key": names.SEARCH_QUEUE,
@@ -33,11 +36,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 4,
-        "broker_transport_options": {
-            "visibility_timeout": settings.visibility_timeout_s,
-            "socket_timeout": CLIENT_SOCKET_TIMEOUT_S,  # a publish to a paused broker fails instead of hanging
-            "socket_connect_timeout": CLIENT_SOCKET_TIMEOUT_S,
-        },
+        "broker_transport_options": broker_transport_options(settings),
         "result_expires": settings.result_expires_s,
         # How long Celery's own result consumer retries a lost result store. memq's client waits on its own
         # connection (memq.waiting), so in a web process this only bounds what sending a chord costs while the
@@ -62,6 +61,44 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_consumer": "memq.workers.guard:GuardedConsumer",
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
+        **(amqp_config() if broker.is_amqp(settings.broker_url) else {}),
+    }
+
+
+def task_queues(settings: Settings) -> tuple[Queue, ...]:
+    """memq's queues; on RabbitMQ durable quorum queues whose only argument is their type (the rest is the
+    broker's policy), behind topic exchanges, which Celery's native delayed delivery needs (``memq.broker``)."""
+    amqp = broker.is_amqp(settings.broker_url)
+    arguments = dict(broker.QUORUM) if amqp else None
+    return tuple(
+        Queue(name, Exchange(name, type=broker.exchange_type(amqp)), routing_key=name, queue_arguments=arguments)
+        for name in names.QUEUES
+    )
+
+
+def broker_transport_options(settings: Settings) -> dict[str, Any]:
+    if broker.is_amqp(settings.broker_url):
+        # Every publish waits for the broker's confirm: a message the broker did not take raises in the publisher.
+        return {"confirm_publish": True}
+    return {
+        "visibility_timeout": settings.visibility_timeout_s,
+        "socket_timeout": CLIENT_SOCKET_TIMEOUT_S,  # a publish to a paused broker fails instead of hanging
+        "socket_connect_timeout": CLIENT_SOCKET_TIMEOUT_S,
+    }
+
+
+def amqp_config() -> dict[str, Any]:
+    """RabbitMQ: persistent messages, the nodes of the URL tried in turn, a dead consumer noticed by its heartbeat,
+    per-consumer prefetch (quorum queues have no global QoS; Celery detects them and counts per consumer)."""
+    return {
+        "task_default_delivery_mode": "persistent",
+        "broker_failover_strategy": "round-robin",
+        "broker_heartbeat": AMQP_HEARTBEAT_S,
+        "broker_connection_timeout": AMQP_CONNECT_TIMEOUT_S,
+        "worker_detect_quorum_queues": True,
+        # A search shard's queue (``search.<n>``) is made when first used: a quorum queue too.
+        "task_create_missing_queue_type": "quorum",
+        "task_create_missing_queue_exchange_type": broker.exchange_type(amqp=True),
     }
 
 
@@ -69,7 +106,11 @@ def worker_overrides(settings: Settings) -> dict[str, Any]:
     """What a worker process changes (``memq worker``): it stores results and holds long-lived connections, so it
     waits longer for a slow Redis than a web process's call may."""
     return {
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "broker_transport_options": (
+            broker_transport_options(settings)
+            if broker.is_amqp(settings.broker_url)
+            else {"visibility_timeout": settings.visibility_timeout_s}
+        ),
         "result_backend_transport_options": {"retry_policy": {"timeout": 2.0}},
         "redis_socket_timeout": 5.0,
         "redis_socket_connect_timeout": 2.0,

@@ -120,6 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_dead_letters)
 
+    p = sub.add_parser("broker", help="RabbitMQ: declare memq's topology (idempotent) or print it as definitions")
+    action = p.add_subparsers(dest="broker_command", required=True)
+    setup = action.add_parser("setup", help="declare exchanges, quorum queues, dead letters; apply the policy")
+    setup.add_argument("--delivery-limit", type=int, default=None, help="the broker's backstop (default 20)")
+    setup.add_argument(
+        "--management-url", help="apply the policy through the management API: http://user:pw@host:15672"
+    )
+    setup.add_argument("--rabbitmqctl", metavar="PATH", help="apply the policy with this rabbitmqctl (on a node)")
+    setup.add_argument("--json", action="store_true")
+    definitions = action.add_parser("definitions", help="print the topology in RabbitMQ's definitions format")
+    definitions.add_argument("--vhost", default="/")
+    definitions.add_argument("--delivery-limit", type=int, default=None)
+    p.set_defaults(handler=cmd_broker)
+
     p = sub.add_parser("flower", help="Flower for this app; basic auth from MEMQ_FLOWER_BASIC_AUTH")
     p.add_argument("--port", type=int, default=5555)
     p.add_argument("--address", default="0.0.0.0")
@@ -171,7 +185,7 @@ def run_worker(argv: list[str]) -> int:
     from memq.app import app
 
     # Worker processes only: envelopes the transport cannot decode are dead-lettered (memq.workers.guard).
-    if app.conf.broker_url.startswith(("redis://", "rediss://", "unix://")):
+    if str(app.conf.broker_url).startswith(("redis://", "rediss://", "unix://")):
         app.conf.broker_transport = GUARDED_REDIS_TRANSPORT
     from memq.config.celery import worker_overrides
     from memq.settings import get_settings
@@ -552,6 +566,32 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
         print(f"    headers: {show(fields.get('headers'))}")
         print(f"    body:    {show(fields.get('body'))}")
     print(f"{len(letters)} dead letter(s) shown" + (f"; purged those {purged}" if purged is not None else ""))
+    return 0
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from memq import broker
+    from memq.settings import get_settings
+
+    limit = broker.DEFAULT_DELIVERY_LIMIT if args.delivery_limit is None else args.delivery_limit
+    if args.broker_command == "definitions":
+        print(json.dumps(broker.definitions(args.vhost, get_settings().search_shards, limit), indent=2))
+        return 0
+    from memq.broker_setup import setup
+
+    report = setup(get_settings(), limit, args.management_url, args.rabbitmqctl)
+    if args.json:
+        print(json.dumps(vars(report)))
+        return 0
+    print(f"vhost {report.vhost}: exchanges {', '.join(report.exchanges)}; quorum queues {', '.join(report.queues)}")
+    if report.policy_applied_by:
+        print(f"policy {report.policy['name']} applied ({report.policy_applied_by}): {report.policy['definition']}")
+    else:
+        print(
+            f"policy {report.policy['name']} NOT applied (give --management-url or --rabbitmqctl); apply: "
+            f"{json.dumps(report.policy)}"
+        )
+        return 1
     return 0
 
 

@@ -1,45 +1,52 @@
-"""The dead-letter list, as an operator sees it: list, count, purge exactly what was shown, replay.
+"""The dead letters, as an operator sees them: list, count, purge exactly what was shown, replay; on either broker.
 
-Workers write it (``memq.workers.guard``): each letter (``memq:v1:dead``, newest first) is a short JSON record with
-an ``id``, and, where the worker had a whole message, the message itself under ``memq:v1:dead:msg:<id>`` (at most
-``MEMQ_DEAD_LETTER_MAX_BYTES``, kept ``MEMQ_DEAD_LETTER_TTL_S``). ``replay`` republishes that message to its
-original queue as a new delivery: its started-deliveries count starts again from zero, and its publish time is
-now. Replaying a ``memq.store`` batch writes each memory once (stores are idempotent upserts).
+On Redis, workers write them (``memq.workers.guard``): each letter (``memq:v1:dead``, newest first) is a short JSON
+record with an ``id``, and, where the worker had a whole message, the message itself under
+``memq:v1:dead:msg:<id>`` (at most ``MEMQ_DEAD_LETTER_MAX_BYTES``, kept ``MEMQ_DEAD_LETTER_TTL_S``). On RabbitMQ
+the broker keeps them, whole, in its ``memq.dead`` queue (``memq.amqp_dead_letters``).
+
+``replay`` republishes a kept message to its original queue as a new delivery, only if it parses as a memq task
+message for that queue (``memq.letters.parse_kept``): its started-deliveries count starts again from zero, and its
+publish time is now. A replay claims its letter atomically first (Redis: ``GET`` and ``DEL`` in one transaction;
+RabbitMQ: the letter is held unacknowledged by the one replaying it), so two concurrent replays of one letter
+publish it once. Every failure is one outcome with a one-line reason; ``replay(None)`` goes on past it. Replaying a
+``memq.store`` batch writes each memory once (stores are idempotent upserts).
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import json
-import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import redis
 from kombu import Connection
 
-from memq import keys, names
+from memq import amqp_dead_letters, broker, keys
 from memq.cache_redis import cache_redis
+from memq.letters import Kept, Letter, NotReplayable, Replayed, parse_kept, printable, publish
 from memq.settings import get_settings
+
+__all__ = ["Letter", "Replayed", "count", "listed", "printable", "purge", "purge_all", "replay"]
 
 PUBLISH_TIMEOUT_S = 5.0
 
 
-@dataclass(frozen=True)
-class Letter:
-    raw: bytes  # the list entry exactly as stored: what a purge removes
-    fields: dict[str, Any]
-
-    @property
-    def id(self) -> str:
-        return str(self.fields.get("id", ""))
+def _on_amqp() -> bool:
+    return broker.is_amqp(get_settings().broker_url)
 
 
 def listed(limit: int = 100) -> list[Letter]:
-    """The newest ``limit`` letters."""
-    raws = cache_redis.get().lrange(keys.DEAD_LETTERS, 0, max(0, limit - 1))
-    return [Letter(raw, _fields(raw)) for raw in raws]
+    """The newest ``limit`` letters, each showing the message a replay would publish (or why it would not)."""
+    if _on_amqp():
+        return amqp_dead_letters.listed(get_settings().broker_url, limit)
+    client = cache_redis.get()
+    raws = client.lrange(keys.DEAD_LETTERS, 0, max(0, limit - 1))
+    letters = [Letter(_fields(raw), raw) for raw in raws]
+    stored = client.mget([keys.dead_message(letter.id) for letter in letters]) if letters else []
+    return [_with_kept(letter, message) for letter, message in zip(letters, stored, strict=True)]
 
 
 def _fields(raw: bytes) -> dict[str, Any]:
@@ -50,8 +57,43 @@ def _fields(raw: bytes) -> dict[str, Any]:
     return fields if isinstance(fields, dict) else {"reason": "unreadable", "queue": "?", "at": 0.0}
 
 
+def _with_kept(letter: Letter, message: bytes | None) -> Letter:
+    if message is None:
+        return Letter({**letter.fields, "replayable": False}, letter.raw)
+    try:
+        kept = kept_of(message)
+    except NotReplayable as exc:
+        return Letter({**letter.fields, "replayable": False, "replay": f"refused: {exc}"}, letter.raw)
+    shown = {"queue": kept.queue, "headers": printable(kept.headers, 512), "replayable": True, **kept.shown()}
+    return Letter({**letter.fields, **shown}, letter.raw)
+
+
+def kept_of(stored: bytes) -> Kept:
+    """The kept message of a Redis letter, parsed (``NotReplayable`` if it is not a memq message)."""
+    try:
+        message = json.loads(stored)
+    except (ValueError, RecursionError):
+        raise NotReplayable("stored message is not JSON") from None
+    if not isinstance(message, dict):
+        raise NotReplayable("stored message is not an object")
+    try:
+        body = base64.b64decode(str(message.get("body", "")), validate=True)
+    except (binascii.Error, ValueError):
+        raise NotReplayable("stored body is not base64") from None
+    return parse_kept(
+        message.get("queue"),
+        message.get("headers"),
+        body,
+        message.get("content_type"),
+        message.get("properties"),
+        message.get("content_encoding"),
+    )
+
+
 def count() -> int | None:
     try:
+        if _on_amqp():
+            return amqp_dead_letters.count(get_settings().broker_url)
         return int(cache_redis.get().llen(keys.DEAD_LETTERS))
     except (redis.RedisError, OSError):
         return None
@@ -60,6 +102,8 @@ def count() -> int | None:
 def purge(letters: Iterable[Letter]) -> int:
     """Removes exactly these letters (and their messages); letters that arrived since are kept."""
     chosen = list(letters)
+    if _on_amqp():
+        return amqp_dead_letters.purge(get_settings().broker_url, {letter.id for letter in chosen})
     pipe = cache_redis.get().pipeline(transaction=True)
     for letter in chosen:
         pipe.lrem(keys.DEAD_LETTERS, 1, letter.raw)
@@ -72,6 +116,8 @@ def purge(letters: Iterable[Letter]) -> int:
 
 def purge_all() -> int:
     """Removes every letter (and every kept message); returns how many letters there were."""
+    if _on_amqp():
+        return amqp_dead_letters.purge_all(get_settings().broker_url)
     client = cache_redis.get()
     pipe = client.pipeline(transaction=True)
     pipe.lrange(keys.DEAD_LETTERS, 0, -1)
@@ -83,64 +129,46 @@ def purge_all() -> int:
     return len(raws)
 
 
-@dataclass(frozen=True)
-class Replayed:
-    id: str
-    outcome: str  # "replayed" | "not_found" | "not_replayable"
-    queue: str = ""
-    task_id: str = ""
-
-
 def replay(ids: Iterable[str] | None) -> list[Replayed]:
     """Republishes the kept messages of these letters (``None``: every letter) to their original queues, each as
-    a new delivery, and removes the letters replayed."""
-    letters = listed(limit=get_settings().dead_letter_max)
+    a new delivery, and removes the letters replayed; one outcome per letter, a failure never stops the rest."""
+    settings = get_settings()
     wanted = None if ids is None else set(ids)
+    if _on_amqp():
+        return amqp_dead_letters.replay(settings.broker_url, wanted, settings.dead_letter_max)
+    letters = [Letter(_fields(raw), raw) for raw in cache_redis.get().lrange(keys.DEAD_LETTERS, 0, -1)]
     chosen = [letter for letter in letters if wanted is None or letter.id in wanted]
     outcomes = [Replayed(letter_id, "not_found") for letter_id in sorted((wanted or set()) - {x.id for x in chosen})]
-    with Connection(get_settings().broker_url, connect_timeout=PUBLISH_TIMEOUT_S) as connection:
-        producer = connection.Producer()
-        for letter in chosen:
-            outcomes.append(_replay_one(letter, producer))
+    try:
+        with Connection(settings.broker_url, connect_timeout=PUBLISH_TIMEOUT_S) as connection:
+            producer = connection.Producer()
+            outcomes += [_replay_one(letter, producer) for letter in chosen]
+    except OSError as exc:
+        outcomes += [Replayed(letter.id, "failed", detail=f"broker unreachable: {exc}") for letter in chosen]
     return outcomes
 
 
 def _replay_one(letter: Letter, producer: Any) -> Replayed:
+    """Claims the letter's message (only one replay gets it), checks it, publishes it once, then drops the letter."""
     client = cache_redis.get()
-    raw = client.get(keys.dead_message(letter.id)) if letter.id else None
-    if raw is None:
-        return Replayed(letter.id, "not_replayable")  # never kept (too large, undecodable) or expired
-    message = json.loads(raw)
-    queue, headers = str(message["queue"]), dict(message.get("headers") or {})
-    task_id = str(headers.get("id", ""))
-    headers[names.PUBLISHED_AT_HEADER] = time.time()
-    if task_id:
-        client.delete(keys.started_count(task_id))  # a fresh count of started deliveries
-    producer.publish(
-        base64.b64decode(message["body"]),
-        exchange="",
-        routing_key=queue,
-        headers=headers,
-        content_type=message.get("content_type") or "application/json",
-        content_encoding=message.get("content_encoding") or "utf-8",
-        retry=True,
-        retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
-        **_properties(message.get("properties") or {}),
-    )
-    purge([letter])
-    return Replayed(letter.id, "replayed", queue, task_id)
-
-
-def _properties(properties: dict[str, Any]) -> dict[str, Any]:
-    """The AMQP-style properties Celery sets on a task message (its caller's reply address among them)."""
-    kept = {name: properties[name] for name in ("correlation_id", "reply_to") if isinstance(properties.get(name), str)}
-    if isinstance(properties.get("priority"), int):
-        kept["priority"] = properties["priority"]
-    return kept
-
-
-def printable(text: Any, limit: int = 160) -> str:
-    """``text`` safe for a terminal: control characters (ANSI escapes, carriage returns, NULs) shown escaped."""
-    shown = str(text)[: limit * 4]
-    escaped = "".join(char if char.isprintable() else repr(char)[1:-1] for char in shown)
-    return escaped[:limit]
+    if not letter.id:
+        return Replayed(letter.id, "not_replayable", detail="letter has no id")
+    pipe = client.pipeline(transaction=True)
+    pipe.get(keys.dead_message(letter.id))
+    pipe.delete(keys.dead_message(letter.id))
+    stored, _ = pipe.execute()
+    if stored is None:  # never kept (too large, undecodable), expired, or claimed by another replay
+        return Replayed(letter.id, "not_replayable", detail="no kept message (never kept, expired or replayed)")
+    try:
+        kept = kept_of(stored)
+    except NotReplayable as exc:
+        client.set(keys.dead_message(letter.id), stored, ex=get_settings().dead_letter_ttl_s)  # kept for a purge
+        return Replayed(letter.id, "not_replayable", detail=str(exc))
+    client.delete(keys.started_count(kept.task_id))  # a fresh count of started deliveries
+    try:
+        publish(producer, kept)
+    except Exception as exc:  # one line for the operator; the message is kept for another try
+        client.set(keys.dead_message(letter.id), stored, ex=get_settings().dead_letter_ttl_s)
+        return Replayed(letter.id, "failed", kept.queue, kept.task_id, f"{type(exc).__name__}: {exc}"[:300])
+    client.lrem(keys.DEAD_LETTERS, 1, letter.raw)
+    return Replayed(letter.id, "replayed", kept.queue, kept.task_id)

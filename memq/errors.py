@@ -53,6 +53,11 @@ class TaskFailed(MemqError):
     """A task failed on a worker; the message is the worker's."""
 
 
+class DeadLettered(TaskFailed):
+    """A step of the call was dead-lettered instead of run (a poison message, or one that killed its worker again
+    and again): ``memq dead-letters`` shows it. Raised to the caller at once, not at its timeout."""
+
+
 class IngestStopped(MemqError):
     """``remember_many`` (or ``memq remember --file``) stopped before the end of its input. ``stored_through``: every
     item up to and including this position (1-based; a file's line) is stored, so ``skip=stored_through``

@@ -24,6 +24,7 @@ from typing import Any, Literal, get_args
 import annotated_types
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from memq import broker
 from memq.errors import ConfigError
 from memq.sharding import MAX_SHARDS
 from memq.validation import MAX_CACHE_TTL_S, MAX_CANDIDATES, MAX_LIMIT, MAX_OVERSAMPLE, MAX_TIMEOUT_S
@@ -42,14 +43,19 @@ MAX_VECTOR_DIMENSIONS = 8192  # the most dimensions an Atlas vector index takes
 class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, validate_default=True)
 
-    broker_url: str = Field(DEFAULT_REDIS_URL, min_length=1, description="Celery broker")
+    broker_url: str = Field(
+        DEFAULT_REDIS_URL,
+        min_length=1,
+        description="Celery broker: Redis, or RabbitMQ (`amqp://user:password@host:5672/vhost`; several nodes "
+        'separated by `;` are tried in turn); see the README\'s "Choosing a broker"',
+    )
     result_backend: str = Field(
         DEFAULT_REDIS_URL, min_length=1, description="Celery result backend (Redis; chords use its counters)"
     )
     redis_url: str = Field(
         "",
         description="Redis for caches and tenant data versions",
-        json_schema_extra={"shown_default": "the broker's URL"},
+        json_schema_extra={"shown_default": "the broker's URL (with RabbitMQ: the result backend's)"},
     )
     mongodb_uri: str = Field("mongodb://127.0.0.1:27017", min_length=1, description="MongoDB")
     mongodb_db: str = Field("memq", min_length=1, description="database; one collection per memory type")
@@ -269,7 +275,11 @@ class Settings(BaseModel):
 
     @property
     def cache_redis_url(self) -> str:
-        return self.redis_url or self.broker_url
+        """The Redis of caches, versions and dead-letter records: ``MEMQ_REDIS_URL``, else the broker when it is
+        Redis, else the result backend (on RabbitMQ, Redis stays the result backend and the cache)."""
+        if self.redis_url:
+            return self.redis_url
+        return self.result_backend if broker.is_amqp(self.broker_url) else self.broker_url
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

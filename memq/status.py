@@ -20,7 +20,7 @@ from typing import Any
 import redis
 from kombu.utils.url import maybe_sanitize_url
 
-from memq import dead_letters, names, sharding
+from memq import broker, dead_letters, names, sharding
 from memq.settings import Settings, get_settings
 
 STATUS_TIMEOUT_S = 1.0
@@ -28,19 +28,22 @@ STATUS_TIMEOUT_S = 1.0
 
 def collect_status(settings: Settings | None = None, timeout_s: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
     settings = settings or get_settings()
-    redis_state = redis_reachability(settings.broker_url, timeout_s)
+    amqp = broker.is_amqp(settings.broker_url)
+    redis_state = redis_reachability(settings.cache_redis_url if amqp else settings.broker_url, timeout_s)
+    broker_state = amqp_reachability(settings.broker_url, timeout_s) if amqp else redis_state
     mongo_state = mongo_reachability(settings.mongodb_uri, timeout_ms=int(timeout_s * 1000), settings=settings)
     workers: dict[str, dict[str, Any]] = {}
     all_queues = fleet_queues(settings.search_shards)
     depths: dict[str, int | None] = dict.fromkeys(all_queues)
     stale: list[str] = []
-    if redis_state["reachable"]:  # never block on a broker that is down
+    if broker_state["reachable"]:  # never block on a broker that is down
         from memq.app import app
 
         workers = worker_infos(app, timeout_s)
         served = {queue for info in workers.values() for queue in info["queues"]}
-        with broker_redis(settings.broker_url, timeout_s) as client:
-            stale = stale_shard_queues(client, all_queues, served)
+        if not amqp:
+            with broker_redis(settings.broker_url, timeout_s) as client:
+                stale = stale_shard_queues(client, all_queues, served)
         depths = queue_depths(app, [*all_queues, *stale])
     queues = {
         queue: {
@@ -56,10 +59,11 @@ def collect_status(settings: Settings | None = None, timeout_s: float = STATUS_T
     unserved = [
         queue for queue, state in queues.items() if not state["workers"] and (not state["stale"] or state["depth"])
     ]
-    ok = redis_state["reachable"] and mongo_state["reachable"] and not unserved
-    dead = dead_letters.count() if redis_state["reachable"] else None
+    ok = broker_state["reachable"] and redis_state["reachable"] and mongo_state["reachable"] and not unserved
+    dead = dead_letters.count() if broker_state["reachable"] and redis_state["reachable"] else None
     return {
         "ok": ok,
+        "broker": broker_state,
         "redis": redis_state,
         "mongodb": mongo_state,
         "queues": queues,
@@ -100,6 +104,19 @@ def redis_reachability(url: str, timeout_s: float) -> dict[str, Any]:
         client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         state["reachable"] = bool(client.ping())
     except (redis.RedisError, OSError, ValueError) as exc:
+        state["error"] = f"{type(exc).__name__}: {exc}"
+    return state
+
+
+def amqp_reachability(url: str, timeout_s: float) -> dict[str, Any]:
+    from kombu import Connection
+
+    state: dict[str, Any] = {"url": maybe_sanitize_url(url), "reachable": False, "error": None}
+    try:
+        with Connection(url, connect_timeout=timeout_s) as connection:
+            connection.ensure_connection(max_retries=1, timeout=timeout_s)
+            state["reachable"] = True
+    except Exception as exc:  # kombu and py-amqp raise many kinds for one unreachable broker
         state["error"] = f"{type(exc).__name__}: {exc}"
     return state
 
@@ -159,8 +176,9 @@ def queue_depths(app: Any, queues: tuple[str, ...] | list[str]) -> dict[str, int
         for queue in queues:
             try:
                 depths[queue] = int(channel.queue_declare(queue=queue, passive=True).message_count)
-            except ChannelError:
+            except ChannelError:  # Redis: no key; RabbitMQ: no such queue (and the channel is closed)
                 depths[queue] = 0
+                channel = connection.channel()
     return depths
 
 
@@ -188,7 +206,8 @@ def format_status(status: dict[str, Any]) -> str:
     stale = [queue for queue, state in status["queues"].items() if state["stale"]]
     if stale:
         lines.append(f"  stale shards (outside MEMQ_SEARCH_SHARDS): {', '.join(stale)}")
-    for name in ("redis", "mongodb"):
+    shown = ("redis", "mongodb") if status["broker"] is status["redis"] else ("broker", "redis", "mongodb")
+    for name in shown:
         service = status[name]
         state = "reachable" if service["reachable"] else f"UNREACHABLE ({service['error']})"
         lines.append(f"  {name:<8} {service['url']}  {state}")

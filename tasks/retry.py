@@ -5,6 +5,11 @@ A transient failure (``TransientError``: MongoDB, Redis or the model's batcher u
 retrieval, only while the retry can still start before the caller's deadline (less a margin for merge and the
 result's way back). Anything else (``InvalidInput`` above all) is never retried. The tasks declare
 ``max_retries=None`` so that this policy alone decides.
+
+On RabbitMQ a countdown travels through Celery's native delayed delivery (quorum queues have no other), which
+refuses one under a second and rounds the rest down to whole seconds. So there (``countdown_for``) a wait under
+``AMQP_MIN_COUNTDOWN_S`` is slept by the task's own thread before it republishes at once (at most that long: the
+search policy's 0.05 and 0.2 s, the embed policy's first waits), and a longer one is rounded to whole seconds.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ from typing import Any, TypeVar
 
 from celery import Task
 
+from memq import broker
 from memq.errors import TransientError
 
 DELIVERY_MARGIN_S = 0.5  # left of the caller's deadline for merge and the result's way back
 MIN_ATTEMPT_S = 0.05  # the least time an attempt is worth starting with
+AMQP_MIN_COUNTDOWN_S = 1.0  # native delayed delivery's unit: shorter waits are slept in the worker
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -63,7 +70,18 @@ def retry_transient(
     if deadline_ts is not None and time.time() + delay_s + MIN_ATTEMPT_S >= deadline_ts - DELIVERY_MARGIN_S:
         return
     options = {} if queue is None else {"queue": queue}
-    raise task.retry(countdown=delay_s, exc=exc, **options) from exc
+    raise task.retry(countdown=countdown_for(task, delay_s), exc=exc, **options) from exc
+
+
+def countdown_for(task: Task, delay_s: float) -> float:
+    """The countdown to publish a retry with, ``delay_s`` from now: as is on Redis; on RabbitMQ slept here when
+    under ``AMQP_MIN_COUNTDOWN_S`` (then 0: republished at once), else whole seconds."""
+    if not broker.is_amqp(str(task.app.conf.broker_url or "")):
+        return delay_s
+    if delay_s < AMQP_MIN_COUNTDOWN_S:
+        time.sleep(max(0.0, delay_s))
+        return 0
+    return float(round(delay_s))
 
 
 def retrying(policy: RetryPolicy) -> Callable[[F], F]:

@@ -5,6 +5,9 @@
 - MongoDB: ``MEMQ_MONGODB_URI`` if set (e.g. docker compose's mongodb-atlas-local), else nx-27017 on a
   free port. Each run uses its own database name.
 - Workers: ``memq worker embed|search|ingest`` subprocesses (the project's own entry point).
+- Broker: that Redis, or with ``MEMQ_TEST_BROKER=rabbitmq`` (``scripts/test_rabbitmq.sh``) this machine's RabbitMQ,
+  in a private virtual host per test process, made with ``memq broker setup`` and deleted at the end (Redis stays
+  the result backend and cache). Without a reachable RabbitMQ every test is skipped, naming what is missing.
 
 Services start in ``pytest_configure`` so that the settings every module reads at import see them. Under
 pytest-xdist (the README's test command runs ``-n``), the controller starts Redis and nx-27017 once and each test
@@ -26,11 +29,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import rabbitkit
 import redis
 
 from memq import services
 
 _started: list[services.Service] = []
+_vhosts: list[str] = []
 
 
 # Modules that start fleets (or rigs) of their own, with fault injection or a configuration of their own, the
@@ -60,6 +65,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if workerinput is not None:
         isolate_test_process(int(str(workerinput["workerid"]).removeprefix("gw")))
         return
+    if rabbitkit.wanted() and rabbitkit.missing():
+        return  # every test is skipped (pytest_collection_modifyitems), naming what is missing
     redis_url = os.environ.get("MEMQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
     if not services.redis_answers(redis_url):
         started = services.start_redis_server()
@@ -83,6 +90,18 @@ def pytest_configure(config: pytest.Config) -> None:
         MEMQ_REMOTE_CONTROL="cancel_consumer,add_consumer",
     )
     os.environ.update(env)
+    if rabbitkit.wanted() and not config.getoption("numprocesses", default=None):
+        use_private_vhost()
+
+
+def use_private_vhost() -> None:
+    """This process's broker: a private RabbitMQ virtual host with memq's topology; Redis stays the result backend
+    and the cache."""
+    vhost = rabbitkit.open_vhost()
+    _vhosts.append(vhost)
+    redis_url = os.environ["MEMQ_RESULT_BACKEND"]
+    os.environ.update(MEMQ_BROKER_URL=rabbitkit.vhost_url(vhost), MEMQ_REDIS_URL=redis_url)
+    rabbitkit.setup_topology(dict(os.environ))
 
 
 def isolate_test_process(index: int) -> None:
@@ -96,7 +115,7 @@ def isolate_test_process(index: int) -> None:
         _started.append(mongo)
         os.environ["MEMQ_MONGODB_URI"] = mongo.url
 
-    parts = urlsplit(os.environ["MEMQ_BROKER_URL"])
+    parts = urlsplit(os.environ["MEMQ_RESULT_BACKEND"])
     base = int(parts.path.strip("/") or 0)
     database = (base + index + 1) % REDIS_DATABASES
     url = urlunsplit(parts._replace(path=f"/{database}"))
@@ -104,6 +123,8 @@ def isolate_test_process(index: int) -> None:
     os.environ.update(
         MEMQ_BROKER_URL=url, MEMQ_RESULT_BACKEND=url, MEMQ_MONGODB_DB=f"{os.environ['MEMQ_MONGODB_DB']}_{index}"
     )
+    if rabbitkit.wanted() and not rabbitkit.missing():
+        use_private_vhost()
 
 
 def module_name(item: pytest.Item) -> str:
@@ -122,6 +143,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Own-fleet modules run first, the longest first, so that the shorter ones fill the other processes
     meanwhile; then the modules that load the model in the test process."""
     items.sort(key=lambda item: run_order(module_name(item)))
+    why = rabbitkit.missing() if rabbitkit.wanted() else None
+    for item in items if why else []:
+        item.add_marker(pytest.mark.skip(reason=f"MEMQ_TEST_BROKER=rabbitmq: {why}"))
 
 
 def run_order(module: str) -> int:
@@ -154,6 +178,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         client.drop_database(os.environ["MEMQ_MONGODB_DB"])
     for service in reversed(_started):
         service.stop()
+    for vhost in _vhosts:
+        rabbitkit.close_vhost(vhost)
 
 
 @pytest.fixture(scope="session")
@@ -218,4 +244,4 @@ def embedder() -> Any:
 
 @pytest.fixture(scope="session")
 def cache_redis() -> redis.Redis:
-    return redis.Redis.from_url(os.environ["MEMQ_BROKER_URL"])
+    return redis.Redis.from_url(os.environ.get("MEMQ_REDIS_URL") or os.environ["MEMQ_BROKER_URL"])

@@ -1,9 +1,13 @@
 """Raw, malformed messages on memq's queues, published as a hostile or buggy producer with broker access would:
-the worker stays alive, the message is dead-lettered with its reason, nothing is left queued or unacknowledged."""
+the worker stays alive, the message is dead-lettered with its reason, nothing is left queued or unacknowledged.
+
+The same tests run on Redis (``bash scripts/test.sh``) and on RabbitMQ (``bash scripts/test_rabbitmq.sh``): they
+reach the broker through ``brokerkit``. Those about kombu's Redis envelope (the JSON a Redis list holds) and the
+``redelivered`` flag a Redis envelope carries run on Redis only: on RabbitMQ the broker sets that flag itself.
+"""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
@@ -16,6 +20,7 @@ from typing import Any
 
 import pytest
 import redis
+from brokerkit import BrokerProbe, RedisProbe, envelope, probe_for, redis_unacked
 
 from memq import client, keys, names, services
 from memq.errors import RetrievalTimeout, TransientError
@@ -25,33 +30,23 @@ DEEP = 100_000
 
 
 @pytest.fixture
-def broker() -> redis.Redis:
-    return redis.Redis.from_url(os.environ["MEMQ_BROKER_URL"])
+def probe() -> BrokerProbe:
+    return probe_for(os.environ)
+
+
+@pytest.fixture
+def broker(probe: BrokerProbe) -> redis.Redis:
+    """The Redis broker itself, for the tests of kombu's Redis envelope (skipped on RabbitMQ)."""
+    if not isinstance(probe, RedisProbe):
+        pytest.skip("about kombu's Redis envelope and its redelivered flag: Redis broker only")
+    return probe.client
 
 
 @pytest.fixture(autouse=True)
-def empty_dead_letters(broker: redis.Redis) -> Iterator[None]:
-    broker.delete(keys.DEAD_LETTERS)
+def empty_dead_letters(probe: BrokerProbe) -> Iterator[None]:
+    probe.clear_dead_letters()
     yield
-    broker.delete(keys.DEAD_LETTERS)
-
-
-def envelope(queue: str, headers: Any, body: bytes, content_type: str = "application/json") -> dict[str, Any]:
-    """What kombu's Redis transport pushes onto a queue's list."""
-    return {
-        "body": base64.b64encode(body).decode(),
-        "content-encoding": "utf-8",
-        "content-type": content_type,
-        "headers": headers,
-        "properties": {
-            "correlation_id": str(uuid.uuid4()),
-            "delivery_mode": 2,
-            "delivery_info": {"exchange": queue, "routing_key": queue},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
-        },
-    }
+    probe.clear_dead_letters()
 
 
 def good_headers(task: str = names.NOOP) -> dict[str, Any]:
@@ -97,10 +92,14 @@ def bad_envelopes(queue: str) -> list[str]:
     return [json.dumps(item) for item in broken]
 
 
-def poison(queue: str) -> list[str]:
-    messages = [json.dumps(envelope(queue, good_headers(), body)) for body in BAD_BODIES]
-    messages += [json.dumps(envelope(queue, headers, b"[[], {}, {}]")) for headers in BAD_HEADERS]
-    return [*messages, *bad_envelopes(queue), deep_header_envelope(queue)]
+def poison(queue: str) -> list[tuple[Any, bytes]]:
+    """(headers, body) pairs a memq worker must refuse, on either broker."""
+    return [(good_headers(), body) for body in BAD_BODIES] + [(headers, b"[[], {}, {}]") for headers in BAD_HEADERS]
+
+
+def redis_poison(queue: str) -> list[str]:
+    """Envelopes on a Redis list that kombu itself cannot make a message of, the 100,000-deep header among them."""
+    return [*bad_envelopes(queue), deep_header_envelope(queue)]
 
 
 def wait_for(check: Any, timeout_s: float = 60.0) -> None:
@@ -111,27 +110,41 @@ def wait_for(check: Any, timeout_s: float = 60.0) -> None:
 
 
 def unacked_of(broker: redis.Redis, queue: str) -> int:
-    """Messages of ``queue`` a worker holds unacknowledged (kombu's Redis transport keeps them in a hash)."""
-    held = broker.hvals("unacked")
-    return sum(1 for raw in held if json.loads(raw)[2] == queue) if held else 0
+    return redis_unacked(broker, queue)
 
 
 @pytest.mark.parametrize("queue", names.QUEUES)
 def test_every_malformed_message_is_dead_lettered_and_the_worker_keeps_serving(
-    queue: str, broker: redis.Redis, fleet: services.Fleet, tenant: str
+    queue: str, probe: BrokerProbe, fleet: services.Fleet, tenant: str
 ) -> None:
     messages = poison(queue)
+    for headers, body in messages:
+        probe.publish(queue, headers, body)
+
+    wait_for(lambda: len(probe.dead_letters()) >= len(messages))
+
+    assert probe.depth(queue) == 0 and probe.unacked(queue) == 0
+    assert all(process.poll() is None for process in fleet.workers.values())
+    letters = probe.dead_letters()
+    assert {letter["reason"] for letter in letters} == {"bad_body", "undecodable", "bad_headers", "unknown_task"}
+    assert {letter["queue"] for letter in letters} == {queue}
+    client.remember(tenant, "semantic", ["keeps bees in the garden"])
+    assert client.retrieve("bees", tenant, {"semantic": 1})["results"]["long_term_memory"]
+
+
+@pytest.mark.parametrize("queue", names.QUEUES)
+def test_every_envelope_kombu_cannot_read_is_dead_lettered_and_the_worker_keeps_serving(
+    queue: str, broker: redis.Redis, probe: BrokerProbe, fleet: services.Fleet, tenant: str
+) -> None:
+    messages = redis_poison(queue)
     for message in messages:
         publish(broker, queue, message)
 
-    wait_for(lambda: broker.llen(keys.DEAD_LETTERS) >= len(messages))
+    wait_for(lambda: len(probe.dead_letters()) >= len(messages))
 
     assert broker.llen(queue) == 0 and unacked_of(broker, queue) == 0
     assert all(process.poll() is None for process in fleet.workers.values())
-    letters = [json.loads(raw) for raw in broker.lrange(keys.DEAD_LETTERS, 0, -1)]
-    reasons = {letter["reason"] for letter in letters}
-    assert reasons == {"bad_body", "undecodable", "bad_headers", "unknown_task", "undecodable_envelope"}
-    assert {letter["queue"] for letter in letters} <= {queue, "unknown"}
+    assert {letter["reason"] for letter in probe.dead_letters()} == {"undecodable_envelope"}
     client.remember(tenant, "semantic", ["keeps bees in the garden"])
     assert client.retrieve("bees", tenant, {"semantic": 1})["results"]["long_term_memory"]
 
@@ -180,10 +193,9 @@ def test_a_message_that_started_the_limit_of_times_is_dead_lettered_whole_and_it
 
     replayed = cli_json("dead-letters", "--replay", letters[0]["id"])
     result_key = f"celery-task-meta-{headers['id']}"
-    wait_for(lambda: bool(broker.exists(result_key)))
+    wait_for(lambda: json.loads(broker.get(result_key) or "{}").get("status") == "SUCCESS")  # ran as a new delivery
 
     assert replayed["replayed"][0]["outcome"] == "replayed" and replayed["replayed"][0]["queue"] == "search"
-    assert json.loads(broker.get(result_key))["status"] == "SUCCESS"  # ran as a new delivery
     assert broker.llen(keys.DEAD_LETTERS) == 0 and not broker.exists(keys.dead_message(letters[0]["id"]))
 
 
@@ -201,7 +213,7 @@ def cli_text(*args: str) -> str:
     return proc.stdout
 
 
-def test_poison_on_the_search_queue_under_load_never_hangs_a_retrieval(broker: redis.Redis, tenant: str) -> None:
+def test_poison_on_the_search_queue_under_load_never_hangs_a_retrieval(probe: BrokerProbe, tenant: str) -> None:
     client.remember(tenant, "semantic", ["runs a small bakery", "plays the cello", "grows chillies"])
 
     def one(i: int) -> str:
@@ -213,47 +225,47 @@ def test_poison_on_the_search_queue_under_load_never_hangs_a_retrieval(broker: r
 
     with ThreadPoolExecutor(16) as pool:
         outcomes = pool.map(one, range(48))
-        for message in (poison(names.SEARCH_QUEUE) * 4)[:64]:
-            publish(broker, names.SEARCH_QUEUE, message)
+        for headers, body in (poison(names.SEARCH_QUEUE) * 4)[:64]:
+            probe.publish(names.SEARCH_QUEUE, headers, body)
         seen = list(outcomes)
 
     assert seen.count("complete") == len(seen)
-    wait_for(lambda: broker.llen(names.SEARCH_QUEUE) == 0)
+    wait_for(lambda: probe.depth(names.SEARCH_QUEUE) == 0)
 
 
-def test_dead_letters_are_listed_counted_and_purged_by_the_cli(broker: redis.Redis) -> None:
-    publish(broker, names.INGEST_QUEUE, envelope(names.INGEST_QUEUE, good_headers(), b"[1]"))
-    wait_for(lambda: broker.llen(keys.DEAD_LETTERS) == 1)
+def test_dead_letters_are_listed_counted_and_purged_by_the_cli(probe: BrokerProbe) -> None:
+    probe.publish(names.INGEST_QUEUE, good_headers(), b"[1]")
+    wait_for(lambda: len(probe.dead_letters()) == 1)
 
     status = cli_json("status")
     listed = cli_json("dead-letters", "--purge")
 
     assert status["dead_letters"] == 1
     assert listed["dead_letters"][0]["reason"] == "bad_body" and listed["dead_letters"][0]["queue"] == "ingest"
-    assert listed["purged"] == 1 and broker.llen(keys.DEAD_LETTERS) == 0
+    assert listed["purged"] == 1 and probe.dead_letters() == []
 
 
 def test_purge_removes_exactly_the_letters_it_showed_and_purge_all_says_how_many_it_removed(
-    broker: redis.Redis,
+    probe: BrokerProbe,
 ) -> None:
     for _ in range(5):
-        publish(broker, names.INGEST_QUEUE, envelope(names.INGEST_QUEUE, good_headers(), b"[1]"))
-    wait_for(lambda: broker.llen(keys.DEAD_LETTERS) == 5)
+        probe.publish(names.INGEST_QUEUE, good_headers(), b"[1]")
+    wait_for(lambda: len(probe.dead_letters()) == 5)
 
     shown = cli_json("dead-letters", "--limit", "2", "--purge")
-    left = [json.loads(raw)["id"] for raw in broker.lrange(keys.DEAD_LETTERS, 0, -1)]
+    left = [letter["id"] for letter in probe.dead_letters()]
     everything = cli_json("dead-letters", "--purge-all")
 
     assert shown["purged"] == 2 and len(shown["dead_letters"]) == 2
     assert len(left) == 3 and not {letter["id"] for letter in shown["dead_letters"]} & set(left)
-    assert everything["purged"] == 3 and broker.llen(keys.DEAD_LETTERS) == 0
+    assert everything["purged"] == 3 and probe.dead_letters() == []
 
 
-def test_a_dead_letters_preview_never_reaches_the_terminal_with_control_characters(broker: redis.Redis) -> None:
+def test_a_dead_letters_preview_never_reaches_the_terminal_with_control_characters(probe: BrokerProbe) -> None:
     hostile = rb'["\u001b[2J\u001b]0;pwned\u0007", "\r\u0000"]'
-    publish(broker, names.INGEST_QUEUE, envelope(names.INGEST_QUEUE, good_headers(), hostile))
-    publish(broker, names.INGEST_QUEUE, envelope(names.INGEST_QUEUE, good_headers(), b"\x1b[31m not json \x07"))
-    wait_for(lambda: broker.llen(keys.DEAD_LETTERS) == 2)
+    probe.publish(names.INGEST_QUEUE, good_headers(), hostile)
+    probe.publish(names.INGEST_QUEUE, good_headers(), b"\x1b[31m not json \x07")
+    wait_for(lambda: len(probe.dead_letters()) == 2)
 
     printed = cli_text("dead-letters")
 
@@ -298,7 +310,7 @@ def test_a_merge_of_garbage_or_forged_results_reports_those_types_and_ranks_noth
 
 
 def test_a_task_name_no_worker_knows_fails_its_caller_at_once_and_is_dead_lettered(
-    app: Any, broker: redis.Redis
+    app: Any, probe: BrokerProbe
 ) -> None:
     from celery.exceptions import NotRegistered
 
@@ -306,8 +318,8 @@ def test_a_task_name_no_worker_knows_fails_its_caller_at_once_and_is_dead_letter
 
     with pytest.raises(NotRegistered):
         sent.get(timeout=10)
-    letters = [json.loads(raw) for raw in broker.lrange(keys.DEAD_LETTERS, 0, -1)]
-    assert [letter["reason"] for letter in letters] == ["unknown_task"]
+    wait_for(lambda: len(probe.dead_letters()) == 1)
+    assert [letter["reason"] for letter in probe.dead_letters()] == ["unknown_task"]
 
 
 @pytest.mark.parametrize("vector", ["", "AAAA", "not base64!", None])

@@ -39,7 +39,9 @@ from kombu.transport import virtual as kombu_virtual
 
 from memq import celery_internals, keys, names
 from memq.cache_redis import cache_redis
+from memq.errors import DeadLettered
 from memq.settings import get_settings
+from memq.workers import amqp_guard
 from memq.workers.metrics import DEAD_LETTERS
 
 log = logging.getLogger(__name__)
@@ -281,10 +283,11 @@ class GuardedConsumer(Consumer):
         try:
             queue, settings = queue_of(message), get_settings()
             letter = entry(queue, problem, message.headers, message.body)
-            kept = whole_message(message, queue, settings.dead_letter_max_bytes)
-            record(cache_redis.get(), letter, settings.dead_letter_max, kept)
-            if problem.reason == "unknown_task":
-                self._fail_unknown_task(message)
+            # On RabbitMQ the broker keeps the letter (memq.workers.amqp_guard); on Redis, or if that fails, Redis.
+            if not (amqp_guard.is_amqp_app(self.app) and amqp_guard.keep_on_broker(self.app, message, letter)):
+                kept = whole_message(message, queue, settings.dead_letter_max_bytes)
+                record(cache_redis.get(), letter, settings.dead_letter_max, kept)
+            self._fail_caller(message, problem)
         except Exception:
             log.exception("could not record a dead letter (%s); dropping the message", problem.reason)
         try:
@@ -294,19 +297,40 @@ class GuardedConsumer(Consumer):
         except Exception as exc:  # already acknowledged or rejected by Celery before it raised
             log.warning("could not acknowledge a dead-lettered message (%s)", exc)
 
-    def _fail_unknown_task(self, message: Any) -> None:
-        """As Celery does for a task name no worker knows: its caller gets ``NotRegistered`` at once instead of
-        waiting out its timeout (the message has a string id and task name: ``check`` passed them)."""
+    def _fail_caller(self, message: Any, problem: Problem) -> None:
+        """The caller waiting for this task learns at once instead of at its timeout: ``NotRegistered`` for a task
+        name no worker knows (as Celery does), else ``DeadLettered``. The failure goes where the task's own would
+        (its chord's counter, the rest of its chain, its errbacks), so a retrieval whose search or embed step was
+        dead-lettered ends at once. Only for a message with a string id and task name whose body Celery can read."""
         headers, properties = message.headers, message.properties or {}
+        if not isinstance(headers, dict) or not all(isinstance(headers.get(name), str) for name in ("id", "task")):
+            return
+        try:
+            body = message.decode()
+        except Exception:
+            body = None
+        embed = body[2] if isinstance(body, list | tuple) and len(body) == 3 and isinstance(body[2], dict) else {}
         request = Bunch(
+            id=headers["id"],
             name=headers["task"],
-            chord=None,
+            chord=embed.get("chord") if isinstance(embed.get("chord"), dict) else None,
+            chain=embed.get("chain") if isinstance(embed.get("chain"), list) else None,
+            group=headers.get("group") if isinstance(headers.get("group"), str) else None,
+            group_index=headers.get("group_index") if isinstance(headers.get("group_index"), int) else None,
             root_id=headers.get("root_id"),
+            parent_id=headers.get("parent_id"),
             correlation_id=properties.get("correlation_id"),
             reply_to=properties.get("reply_to"),
             errbacks=None,
+            delivery_info=message.delivery_info,
+            ignore_result=False,
         )
-        self.app.backend.mark_as_failure(headers["id"], NotRegistered(headers["task"]), request=request)
+        error: Exception = (
+            NotRegistered(headers["task"])
+            if problem.reason == "unknown_task"
+            else DeadLettered(f"{headers['task']} was dead-lettered: {problem.reason} ({problem.detail})"[:400])
+        )
+        self.app.backend.mark_as_failure(headers["id"], error, request=request)
 
 
 class PoisonEnvelope(Exception):

@@ -1,0 +1,123 @@
+"""Which broker a URL names, and memq's RabbitMQ topology as data: queues, dead-letter exchange and queue, policy.
+
+One definition, read by the Celery configuration (``memq.config.celery``), by ``memq broker setup``
+(``memq.broker_setup``), by the worker's dead-lettering on AMQP (``memq.workers.amqp_guard``) and by the
+docker-compose and Kubernetes files (``deploy/rabbitmq/definitions.json``, checked by tests/test_compose.py and
+tests/test_deploy.py against ``definitions``).
+
+- Task queues are quorum queues (replicated by Raft; durable; messages persistent). Their only queue argument is
+  ``x-queue-type``: everything that may change later (the delivery limit, the dead-letter exchange and strategy)
+  is in the policy ``memq-task-queues``, because RabbitMQ refuses (406 PRECONDITION_FAILED) to declare an existing
+  queue again with other arguments, so a changed argument would stop every worker at start.
+- The policy's ``delivery-limit`` is the broker's backstop, above memq's own limit (``MEMQ_MAX_DELIVERIES``, which
+  counts only the deliveries that *started* running): RabbitMQ 3.x counts every return of a message, the ones a
+  crashed consumer had only prefetched included, so a limit as low as memq's would dead-letter innocent messages.
+- Each queue has its own topic exchange of the same name (``exchange_type``).
+- Dead letters go to the fanout exchange ``memq.dead`` and wait in the quorum queue ``memq.dead``
+  (``at-least-once`` dead-lettering, which needs ``overflow: reject-publish``).
+
+Import-light: no Celery, no kombu.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from memq import names, sharding
+
+AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
+URL_SEPARATOR = ";"  # kombu's: ``amqp://a//;amqp://b//`` is a list of nodes tried in turn (failover)
+QUORUM = {"x-queue-type": "quorum"}
+DEAD_LETTER_EXCHANGE = "memq.dead"
+DEAD_LETTER_QUEUE = "memq.dead"
+POLICY_NAME = "memq-task-queues"
+POLICY_PATTERN = r"^(embed|search|ingest|search\.[0-9]{1,4})$"  # names.is_memq_queue's queues
+DEFAULT_DELIVERY_LIMIT = 20
+POLICY_PRIORITY = 10
+
+
+def exchange_type(amqp: bool) -> str:
+    """Each queue's exchange: ``topic`` on RabbitMQ, where Celery's native delayed delivery (the countdown of a
+    retry, on quorum queues) routes only through topic exchanges (on a direct one the worker would hold a delayed
+    message in its prefetch until its time); ``direct`` on Redis, as before. The routing key is the queue's name,
+    which a topic binding of the same name matches exactly."""
+    return "topic" if amqp else "direct"
+
+
+def broker_urls(url: str) -> list[str]:
+    """The nodes of a broker URL, in the order they are tried."""
+    return [part.strip() for part in url.split(URL_SEPARATOR) if part.strip()]
+
+
+def is_amqp(url: str) -> bool:
+    """Whether ``url`` (or the first node of a list) names a RabbitMQ broker."""
+    urls = broker_urls(url)
+    return bool(urls) and urlsplit(urls[0]).scheme in AMQP_SCHEMES
+
+
+def vhost_of(url: str) -> str:
+    """The virtual host of an AMQP URL (``amqp://host:5672/memq`` -> ``memq``; none or ``//`` -> ``/``)."""
+    path = urlsplit(broker_urls(url)[0]).path
+    return path[1:] if len(path) > 1 else "/"
+
+
+def task_queues(search_shards: int) -> list[str]:
+    """Every task queue memq uses with ``search_shards`` shards."""
+    shards = [sharding.shard_queue(shard) for shard in range(search_shards)] if search_shards > 1 else []
+    return [*names.QUEUES, *shards]
+
+
+def policy(delivery_limit: int) -> dict[str, Any]:
+    """The policy's definition (what ``rabbitmqctl set_policy`` and the definitions file carry)."""
+    return {
+        "delivery-limit": delivery_limit,
+        "dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+        "dead-letter-strategy": "at-least-once",
+        "overflow": "reject-publish",
+    }
+
+
+def definitions(vhost: str, search_shards: int, delivery_limit: int = DEFAULT_DELIVERY_LIMIT) -> dict[str, Any]:
+    """RabbitMQ's definitions format (``load_definitions``, the management API's import): the same topology
+    ``memq broker setup`` declares."""
+    queues = task_queues(search_shards)
+
+    def exchange(name: str, kind: str) -> dict[str, Any]:
+        return {"name": name, "vhost": vhost, "type": kind, "durable": True, "auto_delete": False, "internal": False}
+
+    def queue(name: str) -> dict[str, Any]:
+        return {"name": name, "vhost": vhost, "durable": True, "auto_delete": False, "arguments": dict(QUORUM)}
+
+    def binding(source: str, destination: str, key: str) -> dict[str, Any]:
+        return {
+            "source": source,
+            "vhost": vhost,
+            "destination": destination,
+            "destination_type": "queue",
+            "routing_key": key,
+            "arguments": {},
+        }
+
+    return {
+        "vhosts": [{"name": vhost}],
+        "exchanges": [
+            *(exchange(name, exchange_type(amqp=True)) for name in queues),
+            exchange(DEAD_LETTER_EXCHANGE, "fanout"),
+        ],
+        "queues": [*(queue(name) for name in queues), queue(DEAD_LETTER_QUEUE)],
+        "bindings": [
+            *(binding(name, name, name) for name in queues),
+            binding(DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, ""),
+        ],
+        "policies": [
+            {
+                "vhost": vhost,
+                "name": POLICY_NAME,
+                "pattern": POLICY_PATTERN,
+                "apply-to": "queues",
+                "priority": POLICY_PRIORITY,
+                "definition": policy(delivery_limit),
+            }
+        ],
+    }
