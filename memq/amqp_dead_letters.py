@@ -60,7 +60,7 @@ def held_letters(broker_url: str, most: int) -> Iterator[tuple[Connection, list[
 
 def letter_of(message: Any) -> Letter:
     headers = message.headers if isinstance(message.headers, dict) else {}
-    body = bytes(message.body or b"") if not isinstance(message.body, str) else message.body.encode()
+    body = body_of(message)
     queue = _text(headers.get("memq_dead_queue")) or _text(headers.get("x-first-death-queue")) or "?"
     broker_reason = _text(headers.get("x-first-death-reason"))
     reason = _text(headers.get("memq_dead_reason")) or broker_reason or "unknown"
@@ -82,6 +82,14 @@ def letter_of(message: Any) -> Letter:
     except NotReplayable as exc:
         return Letter({**fields, "replayable": False, "replay": f"refused: {exc}"})
     return Letter({**fields, "replayable": True, **kept.shown()})
+
+
+def body_of(message: Any) -> bytes:
+    """The message's body as bytes (kombu hands a text body back as ``str``)."""
+    body = message.body
+    if isinstance(body, str):
+        return body.encode("utf-8", errors="surrogateescape")
+    return bytes(body or b"")
 
 
 def letter_id(headers: dict[str, Any], body: bytes) -> str:
@@ -156,7 +164,10 @@ def replay(broker_url: str, wanted: set[str] | None, most: int) -> list[Replayed
         producer = conn.Producer(channel=conn.channel())
         chosen = [(letter, message) for letter, message in held if wanted is None or letter.id in wanted]
         for letter, message in chosen:
-            outcomes.append(_replay_one(letter, message, producer))
+            try:
+                outcomes.append(_replay_one(letter, message, producer))
+            except Exception as exc:  # one line, and on to the next letter
+                outcomes.append(Replayed(letter.id, "failed", detail=f"{type(exc).__name__}: {exc}"[:300]))
     found = {letter.id for letter, _ in chosen}
     return [Replayed(letter_id, "not_found") for letter_id in sorted((wanted or set()) - found)] + outcomes
 
@@ -168,7 +179,7 @@ def _replay_one(letter: Letter, message: Any, producer: Any) -> Replayed:
         kept = parse_kept(
             letter.fields.get("queue"),
             original,
-            bytes(message.body or b""),
+            body_of(message),
             message.content_type,
             message.properties,
             message.content_encoding,

@@ -535,6 +535,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
+    """Every failure is one line (exit status 2), never a traceback."""
+    import amqp.exceptions
+    import kombu.exceptions
+    import redis
+
+    try:
+        return dead_letters_command(args)
+    except (OSError, redis.RedisError, kombu.exceptions.OperationalError, amqp.exceptions.AMQPError) as exc:
+        return _fail(args, "unavailable", f"dead letters unavailable: {type(exc).__name__}: {exc}"[:300])
+
+
+def dead_letters_command(args: argparse.Namespace) -> int:
     from memq import dead_letters
 
     if args.replay is not None or args.replay_all:
@@ -542,10 +554,7 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"replayed": [vars(r) for r in replayed]}))
         for outcome in replayed if not args.json else []:
-            print(
-                f"{outcome.id}  {outcome.outcome}"
-                + (f" -> {outcome.queue} (task {outcome.task_id})" * bool(outcome.queue))
-            )
+            print(replay_line(outcome))
         return 0 if all(r.outcome == "replayed" for r in replayed) else 1
     if args.purge_all:
         purged = dead_letters.purge_all()
@@ -558,7 +567,7 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
         return 0
     for letter in letters:
         fields, show = letter.fields, dead_letters.printable
-        replay_note = "replayable" if fields.get("replayable") else "preview only"
+        replay_note = show(fields.get("replay"), 120) if fields.get("replay") else "preview only"
         print(
             f"{float(fields.get('at') or 0):.3f}  {show(fields.get('id', ''), 32)}  {show(fields.get('queue'), 8):<8} "
             f"{show(fields.get('reason'), 24):<20} {show(fields.get('detail'), 200)}  [{replay_note}]"
@@ -567,6 +576,15 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
         print(f"    body:    {show(fields.get('body'))}")
     print(f"{len(letters)} dead letter(s) shown" + (f"; purged those {purged}" if purged is not None else ""))
     return 0
+
+
+def replay_line(outcome: Any) -> str:
+    from memq.letters import printable
+
+    line = f"{printable(outcome.id, 40)}  {outcome.outcome}"
+    if outcome.outcome == "replayed":
+        line += f" -> {outcome.queue} (task {printable(outcome.task_id, 40)})"
+    return line + (f": {printable(outcome.detail, 300)}" if outcome.detail else "")
 
 
 def cmd_broker(args: argparse.Namespace) -> int:

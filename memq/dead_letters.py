@@ -142,10 +142,17 @@ def replay(ids: Iterable[str] | None) -> list[Replayed]:
     try:
         with Connection(settings.broker_url, connect_timeout=PUBLISH_TIMEOUT_S) as connection:
             producer = connection.Producer()
-            outcomes += [_replay_one(letter, producer) for letter in chosen]
+            outcomes += [_replay_or_say_why(letter, producer) for letter in chosen]
     except OSError as exc:
         outcomes += [Replayed(letter.id, "failed", detail=f"broker unreachable: {exc}") for letter in chosen]
     return outcomes
+
+
+def _replay_or_say_why(letter: Letter, producer: Any) -> Replayed:
+    try:
+        return _replay_one(letter, producer)
+    except Exception as exc:  # one line, and on to the next letter
+        return Replayed(letter.id, "failed", detail=f"{type(exc).__name__}: {exc}"[:300])
 
 
 def _replay_one(letter: Letter, producer: Any) -> Replayed:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -29,6 +30,8 @@ class BrokerProbe(Protocol):
     def dead_letters(self) -> list[dict[str, Any]]: ...
 
     def clear_dead_letters(self) -> None: ...
+
+    def plant_letter(self, queue: str, headers: Any, body: bytes, shown_queue: str | None = None) -> str: ...
 
 
 def envelope(queue: str, headers: Any, body: bytes, content_type: str = "application/json") -> dict[str, Any]:
@@ -80,6 +83,26 @@ class RedisProbe:
     def clear_dead_letters(self) -> None:
         self.cache.delete(keys.DEAD_LETTERS)
 
+    def plant_letter(self, queue: str, headers: Any, body: bytes, shown_queue: str | None = None) -> str:
+        """A letter as a worker records it, its kept message naming ``queue`` (its short record ``shown_queue``)."""
+        stored = {
+            "queue": queue,
+            "headers": headers,
+            "body": base64.b64encode(body).decode(),
+            "content_type": "application/json",
+            "content_encoding": "utf-8",
+            "properties": {},
+        }
+        return self.plant_stored(json.dumps(stored), shown_queue or queue)
+
+    def plant_stored(self, stored: str, shown_queue: str = "search") -> str:
+        """A letter whose kept message is ``stored``, whatever it holds."""
+        from memq.workers.guard import Problem, entry, record
+
+        letter = entry(shown_queue, Problem("too_many_deliveries", "planted by a test"), {}, b"")
+        record(self.cache, letter, 1000, stored)
+        return str(letter["id"])
+
 
 class AmqpProbe:
     name = "rabbitmq"
@@ -124,6 +147,23 @@ class AmqpProbe:
         from memq import amqp_dead_letters
 
         amqp_dead_letters.purge_all(self.url)
+
+    def plant_letter(self, queue: str, headers: Any, body: bytes, shown_queue: str | None = None) -> str:
+        """A letter as a memq worker publishes it to the dead-letter exchange (the broker holds one record: the
+        message itself, so there is no separate ``shown_queue``)."""
+        letter_id = uuid.uuid4().hex
+        dead = {"memq_dead_id": letter_id, "memq_dead_queue": queue, "memq_dead_reason": "too_many_deliveries"}
+        with Connection(self.url, transport_options={"confirm_publish": True}) as connection:
+            connection.Producer().publish(
+                body,
+                exchange=broker.DEAD_LETTER_EXCHANGE,
+                routing_key=queue,
+                headers={**(headers if isinstance(headers, dict) else {}), **dead, "memq_dead_at": time.time()},
+                content_type="application/json",
+                content_encoding="utf-8",
+                delivery_mode=2,
+            )
+        return letter_id
 
 
 def probe_for(env: Mapping[str, str]) -> RedisProbe | AmqpProbe:

@@ -8,6 +8,7 @@ reach the broker through ``brokerkit``. Those about kombu's Redis envelope (the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -332,3 +333,132 @@ def test_a_search_whose_query_vector_is_empty_short_or_garbage_reports_the_type(
     result = sent.get(timeout=30)
 
     assert result["items"] == [] and result["error"].startswith("invalid input: embedded:")
+
+
+def letter_of(letter_id: str) -> dict[str, Any]:
+    return next(letter for letter in cli_json("dead-letters")["dead_letters"] if letter["id"] == letter_id)
+
+
+def replay_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "memq.cli", "dead-letters", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_a_letter_whose_message_names_a_queue_outside_memqs_is_listed_as_refused_and_never_replayed(
+    probe: BrokerProbe,
+) -> None:
+    victim = probe.plant_letter("unacked", good_headers(names.FORGET), b'[["victim"], {}, {}]')
+
+    shown = letter_of(victim)
+    replayed = cli_json("dead-letters", "--replay", victim)["replayed"]
+
+    assert shown["replayable"] is False and "not one of memq's queues" in shown["replay"]
+    assert [(r["id"], r["outcome"]) for r in replayed] == [(victim, "not_replayable")]
+    if isinstance(probe, RedisProbe):  # kombu's unacked index was never pushed onto
+        assert probe.client.type("unacked") in (b"hash", b"none")
+
+
+def test_the_listing_shows_the_message_a_replay_would_publish_not_the_record_beside_it(probe: BrokerProbe) -> None:
+    headers = good_headers(names.FORGET)
+    letter = probe.plant_letter("ingest", headers, b'[["victim"], {}, {}]', shown_queue="search")
+
+    shown = letter_of(letter)
+
+    assert (shown["queue"], shown["task"], shown["task_id"]) == ("ingest", names.FORGET, headers["id"])
+    assert shown["replay"] == "memq.forget -> ingest" and shown["replayable"] is True
+    probe.clear_dead_letters()  # never replayed: it would forget "victim"
+
+
+def test_a_letter_whose_task_is_not_routed_to_its_queue_is_refused(probe: BrokerProbe) -> None:
+    letter = probe.plant_letter("search", good_headers(names.FORGET), b'[["victim"], {}, {}]')
+
+    replayed = cli_json("dead-letters", "--replay", letter)["replayed"]
+
+    assert replayed[0]["outcome"] == "not_replayable" and "not routed" in replayed[0]["detail"]
+
+
+def test_two_concurrent_replays_of_one_letter_publish_it_once(probe: BrokerProbe, cache_redis: redis.Redis) -> None:
+    headers = good_headers(names.NOOP)
+    letter = probe.plant_letter("search", headers, b'[["once"], {}, {}]')
+
+    both = [
+        subprocess.Popen(
+            [sys.executable, "-m", "memq.cli", "dead-letters", "--replay", letter, "--json"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outcomes = sorted(json.loads(proc.communicate(timeout=60)[0])["replayed"][0]["outcome"] for proc in both)
+
+    assert outcomes.count("replayed") == 1 and len(outcomes) == 2
+    result_key = f"celery-task-meta-{headers['id']}"
+    wait_for(lambda: json.loads(cache_redis.get(result_key) or "{}").get("status") == "SUCCESS")
+    assert letter not in {letter["id"] for letter in probe.dead_letters()}
+
+
+def test_replay_all_goes_on_past_bad_letters_and_reports_each_in_one_line(probe: BrokerProbe) -> None:
+    bad = probe.plant_letter("search", good_headers(names.NOOP), b"not json at all")
+    good = probe.plant_letter("search", good_headers(names.NOOP), b'[["fine"], {}, {}]')
+    garbage = probe.plant_stored("{{{ not a message") if isinstance(probe, RedisProbe) else None
+
+    done = replay_cli("--replay-all")
+
+    lines = done.stdout.splitlines()
+    assert done.returncode == 1 and "Traceback" not in done.stdout + done.stderr
+    assert f"{bad}  not_replayable: body is not JSON" in lines
+    assert any(line.startswith(f"{good}  replayed -> search") for line in lines)
+    if garbage:
+        assert f"{garbage}  not_replayable: stored message is not JSON" in lines
+    assert {letter["id"] for letter in probe.dead_letters()} == {bad, *([garbage] if garbage else [])}
+
+
+@contextlib.contextmanager
+def published_with_bad_headers(task: str, skip: int = 0) -> Iterator[None]:
+    """Every ``task`` message this process publishes (after the first ``skip``) carries a malformed ``timelimit``:
+    a worker's guard dead-letters it."""
+    from celery.signals import before_task_publish
+
+    seen = [0]
+
+    def spoil(headers: dict[str, Any] | None = None, **_: Any) -> None:
+        if isinstance(headers, dict) and headers.get("task") == task:
+            seen[0] += 1
+            if seen[0] > skip:
+                headers["timelimit"] = 7
+
+    before_task_publish.connect(spoil, weak=False, dispatch_uid=f"test.spoil.{task}")
+    try:
+        yield
+    finally:
+        before_task_publish.disconnect(dispatch_uid=f"test.spoil.{task}")
+
+
+def test_a_retrieval_whose_embed_step_is_dead_lettered_fails_at_once_with_a_clear_error(tenant: str) -> None:
+    from memq.errors import TaskFailed
+
+    with published_with_bad_headers(names.EMBED_QUERY), pytest.raises(TaskFailed, match="dead-lettered"):
+        client.retrieve("anything at all", tenant, {"semantic": 1}, timeout_s=60)
+
+
+def test_a_chord_whose_search_step_is_dead_lettered_fails_at_once_instead_of_staying_pending(
+    app: Any, tenant: str
+) -> None:
+    from celery import chord
+
+    from memq.requests import retrieval_request
+    from memq.settings import get_settings
+
+    request = retrieval_request(get_settings(), "anything", tenant, {"semantic": 1, "episodic": 1})
+    searches = [
+        app.signature(names.SEARCH, args=[{"vector": None}, tenant, memory_type, 1], queue=names.SEARCH_QUEUE)
+        for memory_type in ("semantic", "episodic")
+    ]
+    merge = app.signature(names.MERGE, kwargs={"request": request}, queue=names.SEARCH_QUEUE)
+
+    with published_with_bad_headers(names.SEARCH, skip=1):
+        sent = chord(searches)(merge)
+
+    with pytest.raises(Exception, match="dead-lettered"):
+        sent.get(timeout=60)
