@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from memq import names
+from memq import broker, names
 from memq.errors import ConfigError, InvalidInput, MemqError
 
 WORKER_DEFAULTS: dict[str, list[str]] = {
@@ -26,6 +26,7 @@ WORKER_DEFAULTS: dict[str, list[str]] = {
 
 
 GUARDED_REDIS_TRANSPORT = "memq.workers.guard:GuardedRedisTransport"
+GUARDED_AMQP_TRANSPORT = "memq.workers.amqp_guard:GuardedAmqpTransport"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -184,9 +185,12 @@ def run_worker(argv: list[str]) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from memq.app import app
 
-    # Worker processes only: envelopes the transport cannot decode are dead-lettered (memq.workers.guard).
+    # Worker processes only: envelopes the transport cannot decode are dead-lettered (memq.workers.guard, and
+    # memq.workers.amqp_guard on RabbitMQ).
     if str(app.conf.broker_url).startswith(("redis://", "rediss://", "unix://")):
         app.conf.broker_transport = GUARDED_REDIS_TRANSPORT
+    elif broker.is_amqp(str(app.conf.broker_url)):
+        app.conf.broker_transport = GUARDED_AMQP_TRANSPORT
     from memq.config.celery import worker_overrides
     from memq.settings import get_settings
 

@@ -1,0 +1,261 @@
+"""RabbitMQ as memq's broker: the topology ``memq broker setup`` declares (quorum queues, dead letters, the policy
+with the delivery limit), letters the broker dead-letters itself, retries on quorum queues, the broadcast guard,
+and a client given a list of nodes. Runs in ``bash scripts/test_rabbitmq.sh`` (``MEMQ_TEST_BROKER=rabbitmq``),
+where the session fleet works in a private virtual host; tests that need a broker of their own make another one
+(``rabbitmq_vhost``). The pipeline and poison tests run there too, on the same bodies as on Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import amqp.exceptions
+import pytest
+import rabbitkit
+from faultkit import run_client
+from kombu import Connection, Exchange, Queue
+
+from memq import broker, names, services
+
+pytestmark = pytest.mark.skipif(
+    not rabbitkit.wanted(), reason="RabbitMQ broker tests: bash scripts/test_rabbitmq.sh (MEMQ_TEST_BROKER=rabbitmq)"
+)
+
+
+@pytest.fixture
+def rabbitmq_vhost() -> Iterator[str]:
+    """A private virtual host on this machine's RabbitMQ, deleted with all it holds afterwards."""
+    with rabbitkit.private_vhost("memq-own") as vhost:
+        yield vhost
+
+
+def env_for(vhost: str) -> dict[str, str]:
+    return {**os.environ, "MEMQ_BROKER_URL": rabbitkit.vhost_url(vhost)}
+
+
+def queues_of(vhost: str) -> dict[str, tuple[str, str]]:
+    """Each queue's (type, policy)."""
+    listed = rabbitkit.ctl("list_queues", "-q", "-p", vhost, "name", "type", "policy")
+    rows = [line.split("\t") for line in listed.splitlines() if line.strip()]
+    return {row[0]: (row[1], row[2] if len(row) > 2 else "") for row in rows if len(row) >= 2}
+
+
+def policy_of(vhost: str) -> dict[str, Any]:
+    listed = rabbitkit.ctl("list_policies", "-q", "-p", vhost, "--formatter", "json")
+    return {policy["name"]: json.loads(policy["definition"]) for policy in json.loads(listed)}
+
+
+def exchanges_of(vhost: str) -> dict[str, str]:
+    listed = rabbitkit.ctl("list_exchanges", "-q", "-p", vhost, "name", "type")
+    return dict(line.split("\t")[:2] for line in listed.splitlines() if "\t" in line)
+
+
+def wait_for(check: Any, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_broker_setup_declares_quorum_queues_dead_letters_and_the_policy_and_a_second_run_changes_nothing(
+    rabbitmq_vhost: str,
+) -> None:
+    first = rabbitkit.setup_topology(env_for(rabbitmq_vhost))
+    again = rabbitkit.setup_topology(env_for(rabbitmq_vhost))
+
+    assert first == again
+    queues = queues_of(rabbitmq_vhost)
+    assert {name: queues[name] for name in names.QUEUES} == dict.fromkeys(names.QUEUES, ("quorum", broker.POLICY_NAME))
+    assert queues[broker.DEAD_LETTER_QUEUE][0] == "quorum"
+    assert policy_of(rabbitmq_vhost)[broker.POLICY_NAME] == broker.policy(broker.DEFAULT_DELIVERY_LIMIT)
+    exchanges = exchanges_of(rabbitmq_vhost)
+    assert [exchanges[name] for name in names.QUEUES] == ["topic"] * 3
+    assert exchanges[broker.DEAD_LETTER_EXCHANGE] == "fanout"
+
+
+def test_a_changed_delivery_limit_changes_only_the_policy_and_memqs_queues_still_declare(rabbitmq_vhost: str) -> None:
+    from memq.config.celery import task_queues
+    from memq.settings import Settings
+
+    rabbitkit.setup_topology(env_for(rabbitmq_vhost))
+    rabbitkit.setup_topology(env_for(rabbitmq_vhost), "--delivery-limit", "7")
+
+    url = rabbitkit.vhost_url(rabbitmq_vhost)
+    with Connection(url) as connection:  # what every worker does at start: no 406 PRECONDITION_FAILED
+        for queue in task_queues(Settings(broker_url=url)):
+            queue.bind(connection.default_channel).declare()
+    assert policy_of(rabbitmq_vhost)[broker.POLICY_NAME]["delivery-limit"] == 7
+
+
+def test_a_delivery_limit_set_as_a_queue_argument_could_not_be_changed_which_is_why_it_is_a_policy(
+    rabbitmq_vhost: str,
+) -> None:
+    url = rabbitkit.vhost_url(rabbitmq_vhost)
+    with Connection(url) as connection:
+        Queue("probe", queue_arguments={**broker.QUORUM, "x-delivery-limit": 5}).bind(connection.channel()).declare()
+        changed = Queue("probe", queue_arguments={**broker.QUORUM, "x-delivery-limit": 7})
+        with pytest.raises(amqp.exceptions.PreconditionFailed):
+            changed.bind(connection.channel()).declare()
+
+
+def test_the_fleets_task_queues_are_quorum_queues_under_memqs_policy() -> None:
+    vhost = broker.vhost_of(os.environ["MEMQ_BROKER_URL"])
+
+    queues = queues_of(vhost)
+
+    assert all(queues[name] == ("quorum", broker.POLICY_NAME) for name in names.QUEUES)
+    assert not any(name.endswith(".pidbox") and kind == "quorum" for name, (kind, _) in queues.items())
+
+
+def test_a_message_past_the_brokers_delivery_limit_is_listed_with_the_brokers_reason_and_replays(
+    rabbitmq_vhost: str,
+) -> None:
+    env = env_for(rabbitmq_vhost)
+    rabbitkit.setup_topology(env, "--delivery-limit", "1")
+    task_id = str(uuid.uuid4())
+    with Connection(env["MEMQ_BROKER_URL"], transport_options={"confirm_publish": True}) as connection:
+        connection.Producer().publish(
+            b'[["x"], {}, {}]',
+            exchange="",
+            routing_key=names.INGEST_QUEUE,
+            headers={"id": task_id, "task": names.STORE},
+            content_type="application/json",
+            content_encoding="utf-8",
+            delivery_mode=2,
+        )
+        queue = Queue(names.INGEST_QUEUE, no_declare=True).bind(connection.channel())
+        for _ in range(5):  # a consumer that dies with it, again and again
+            message = queue.get(no_ack=False)
+            if message is None:
+                break
+            message.reject(requeue=True)
+
+    listed = cli(env, "dead-letters", "--json")["dead_letters"]
+    replayed = cli(env, "dead-letters", "--replay", listed[0]["id"], "--json")["replayed"]
+
+    assert [(letter["broker_reason"], letter["queue"], letter["task_id"]) for letter in listed] == [
+        ("delivery_limit", names.INGEST_QUEUE, task_id)
+    ]
+    assert [(r["outcome"], r["queue"], r["task_id"]) for r in replayed] == [("replayed", "ingest", task_id)]
+    assert cli(env, "dead-letters", "--json")["dead_letters"] == []
+
+
+def cli(env: dict[str, str], *args: str) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-m", "memq.cli", *args], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout, done.stderr
+    return dict(json.loads(done.stdout))
+
+
+def every_worker_answers(app: Any, fleet: services.Fleet) -> bool:
+    replies = app.control.ping(destination=list(fleet.workers), timeout=2.0) or []
+    return {host for reply in replies for host in reply} == set(fleet.workers)
+
+
+def test_a_remote_shutdown_and_garbage_on_the_remote_control_exchange_leave_every_worker_serving(
+    app: Any, fleet: services.Fleet, tenant: str
+) -> None:
+    from memq import client
+
+    refused = app.control.broadcast("shutdown", reply=True, timeout=2.0) or []
+    with Connection(os.environ["MEMQ_BROKER_URL"]) as connection:
+        producer = connection.Producer()
+        pidbox = Exchange("celery.pidbox", type="fanout", durable=False, auto_delete=False)
+        for body, content_type in ((b"\xff not json", "application/json"), (b"[1]", "application/json")):
+            producer.publish(body, exchange=pidbox, routing_key="", content_type=content_type, content_encoding="utf-8")
+
+    time.sleep(1.0)
+    assert {host for reply in refused for host in reply} == set(fleet.workers)
+    assert all("disabled" in str(answer) for reply in refused for answer in reply.values())
+    assert all(process.poll() is None for process in fleet.workers.values())
+    wait_for(lambda: every_worker_answers(app, fleet))
+    client.remember(tenant, "semantic", ["keeps bees"])
+    assert client.retrieve("bees", tenant, {"semantic": 1})["results"]["long_term_memory"]
+
+
+def test_a_countdown_under_a_second_is_refused_by_native_delayed_delivery_so_memq_sleeps_it_in_the_worker(
+    app: Any,
+) -> None:
+    from memq.tasks.retry import countdown_for
+
+    with pytest.raises(ValueError, match="countdown must be a positive number"):  # Celery's, on quorum queues
+        app.send_task(names.NOOP, args=["x"], queue=names.SEARCH_QUEUE, countdown=0.3)
+
+    task = app.tasks[names.NOOP] if names.NOOP in app.tasks else SimpleNamespace(app=app)
+    started = time.monotonic()
+    assert countdown_for(task, 0.3) == 0
+    assert time.monotonic() - started >= 0.3
+    assert countdown_for(task, 1.6) == 2.0
+
+
+def test_a_client_given_a_list_of_nodes_publishes_through_the_one_that_answers(fleet: services.Fleet) -> None:
+    dead_node = "amqp://guest:guest@127.0.0.1:1/" + broker.vhost_of(os.environ["MEMQ_BROKER_URL"])
+    env = {**os.environ, "MEMQ_BROKER_URL": f"{dead_node};{os.environ['MEMQ_BROKER_URL']}"}
+
+    answered = run_client(
+        env,
+        """
+        import json
+        from memq import client
+        client.remember("failover-tenant", "semantic", ["reads maps"])
+        print(json.dumps(client.retrieve("maps", "failover-tenant", {"semantic": 1})["results"]))
+        """,
+    )
+
+    assert [item["content"] for item in answered["long_term_memory"]] == ["reads maps"]
+
+
+DEEP = 3_000
+
+
+def nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(depth):
+        value = {"x": value}
+    return value
+
+
+def test_a_task_message_with_a_deeply_nested_header_table_leaves_every_worker_serving(
+    app: Any, fleet: services.Fleet, tenant: str
+) -> None:
+    from memq import amqp_dead_letters, client
+
+    url = os.environ["MEMQ_BROKER_URL"]
+    sys.setrecursionlimit(20_000)  # deep enough that a worker's decoder (limit 1,000) cannot read it
+    with Connection(url, transport_options={"confirm_publish": True}) as connection:
+        for queue in names.QUEUES:
+            connection.Producer().publish(
+                b"[[], {}, {}]",
+                exchange="",
+                routing_key=queue,
+                headers={"id": str(uuid.uuid4()), "task": names.NOOP, "deep": nested(DEEP)},
+                content_type="application/json",
+                content_encoding="utf-8",
+            )
+
+    wait_for(lambda: all(rabbitkit_depth(queue) == 0 for queue in names.QUEUES))
+    assert all(process.poll() is None for process in fleet.workers.values())
+    wait_for(lambda: every_worker_answers(app, fleet))
+    client.remember(tenant, "semantic", ["keeps bees"])
+    assert client.retrieve("bees", tenant, {"semantic": 1})["results"]["long_term_memory"]
+    letters = amqp_dead_letters.listed(url, 100)
+    assert sorted((letter.fields["queue"], letter.fields["reason"]) for letter in letters) == sorted(
+        (queue, "bad_headers") for queue in names.QUEUES
+    )
+    amqp_dead_letters.purge_all(url)
+
+
+def rabbitkit_depth(queue: str) -> int:
+    from brokerkit import AmqpProbe
+
+    return AmqpProbe(os.environ["MEMQ_BROKER_URL"]).depth(queue) + AmqpProbe(os.environ["MEMQ_BROKER_URL"]).unacked(
+        queue
+    )
