@@ -8,6 +8,7 @@ field of ``Settings``. Where a compose client is installed, it validates the fil
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import shutil
 import subprocess
@@ -100,7 +101,7 @@ def test_every_memq_variable_in_compose_is_a_setting(compose: dict[str, Any]) ->
     fields = set(variables())
     used = set(re.findall(r"\bMEMQ_[A-Z0-9_]+", COMPOSE_PATH.read_text()))
     environments = [service.get("environment", {}) for service in compose["services"].values()]
-    used |= {key for environment in environments for key in environment}
+    used |= {key for environment in environments for key in environment if not key.startswith("RABBITMQ_")}
     assert used, "no MEMQ_* variable found"
     assert used <= fields, f"not settings: {sorted(used - fields)}"
 
@@ -219,9 +220,37 @@ def test_the_cache_redis_is_bounded_apart_from_the_broker_which_never_evicts(com
     # Evicts among keys with a TTL (every cache entry and lock), never the tenant data versions (no TTL).
     assert cache["maxmemory-policy"] in {"volatile-lru", "volatile-lfu"}
     assert env["MEMQ_REDIS_URL"].startswith("redis://cache-redis:")
-    assert env["MEMQ_BROKER_URL"].startswith("redis://redis:") and env["MEMQ_RESULT_BACKEND"].startswith(
-        "redis://redis:"
-    )
+    assert default_of(env["MEMQ_BROKER_URL"]).startswith("redis://redis:")
+    assert env["MEMQ_RESULT_BACKEND"].startswith("redis://redis:")
     for name, service in services.items():
         if service.get("command", [""])[:2] == ["memq", "worker"]:
             assert "cache-redis" in service["depends_on"], name
+
+
+def default_of(value: str) -> str:
+    """A compose value as it reads with its variable unset: ``${NAME:-default}`` -> ``default``."""
+    match = re.fullmatch(r"\$\{[A-Z0-9_]+:-(.*)\}", value)
+    return match.group(1) if match else value
+
+
+def test_the_rabbitmq_service_boots_with_the_topology_memq_broker_setup_declares(compose: dict[str, Any]) -> None:
+    from memq import broker
+
+    rabbitmq = compose["services"]["rabbitmq"]
+    mounts = dict(volume.rsplit(":", 1)[0].split(":", 1) for volume in rabbitmq["volumes"] if volume.startswith("./"))
+    definitions_path = ROOT / mounts["./deploy/rabbitmq/definitions.json"].replace("/etc/rabbitmq/", "deploy/rabbitmq/")
+    conf = (ROOT / "deploy" / "rabbitmq" / "rabbitmq.conf").read_text()
+    definitions = json.loads((ROOT / "deploy" / "rabbitmq" / "definitions.json").read_text())
+    vhost = rabbitmq["environment"]["RABBITMQ_DEFAULT_VHOST"]
+
+    assert rabbitmq["profiles"] == ["rabbitmq"] and definitions_path.name == "definitions.json"
+    assert f"load_definitions = {mounts['./deploy/rabbitmq/definitions.json']}" in conf
+    assert mounts["./deploy/rabbitmq/rabbitmq.conf"].startswith("/etc/rabbitmq/conf.d/")
+    assert definitions == broker.definitions(vhost, 1)  # `memq broker definitions --vhost memq`
+    assert default_of(compose["x-memq-env"]["MEMQ_BROKER_URL"]) != compose["x-memq-env"]["MEMQ_BROKER_URL"]
+
+
+def test_every_worker_waits_for_rabbitmq_only_when_its_profile_runs(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        if service.get("command", [""])[:2] == ["memq", "worker"]:
+            assert service["depends_on"]["rabbitmq"] == {"condition": "service_healthy", "required": False}, name
