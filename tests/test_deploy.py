@@ -481,3 +481,70 @@ def test_an_unstamped_message_back_on_a_stale_shard_queue_is_aged_from_its_retur
         cache_redis.delete(stale)
 
     assert first.oldest_since == 1000.0 and back.oldest_since == 1605.0
+
+
+# --- RabbitMQ (deploy/k8s/rabbitmq/) ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rabbitmq_manifests() -> list[dict[str, Any]]:
+    folder = K8S / "rabbitmq"
+    return [doc for path in sorted(folder.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def test_the_rabbitmq_cluster_has_three_nodes(rabbitmq_manifests: list[dict[str, Any]]) -> None:
+    (cluster,) = of_kind(rabbitmq_manifests, "RabbitmqCluster").values()
+
+    assert cluster["spec"]["replicas"] == 3
+    assert "cluster_partition_handling = pause_minority" in cluster["spec"]["rabbitmq"]["additionalConfig"]
+
+
+def test_the_clusters_topology_is_what_memq_broker_setup_declares(
+    manifests: list[dict[str, Any]], rabbitmq_manifests: list[dict[str, Any]]
+) -> None:
+    from memq import broker
+
+    shards = int(of_kind(manifests, "ConfigMap")[CONFIG_MAP]["data"]["MEMQ_SEARCH_SHARDS"])
+    (vhost,) = (doc["spec"]["name"] for doc in of_kind(rabbitmq_manifests, "Vhost").values())
+    wanted = broker.definitions(vhost, shards)
+    specs = {kind: [doc["spec"] for doc in of_kind(rabbitmq_manifests, kind).values()] for kind in KINDS_RABBITMQ}
+    (cluster,) = of_kind(rabbitmq_manifests, "RabbitmqCluster")
+
+    assert all(spec["rabbitmqClusterReference"] == {"name": cluster} for kind in specs for spec in specs[kind])
+    assert sorted((s["name"], s["type"]) for s in specs["Exchange"]) == sorted(
+        (e["name"], e["type"]) for e in wanted["exchanges"]
+    )
+    assert sorted((s["name"], s["type"], s["durable"]) for s in specs["Queue"]) == sorted(
+        (q["name"], q["arguments"]["x-queue-type"], True) for q in wanted["queues"]
+    )
+    assert sorted((s["source"], s["destination"], s["routingKey"]) for s in specs["Binding"]) == sorted(
+        (b["source"], b["destination"], b["routing_key"]) for b in wanted["bindings"]
+    )
+    (policy,), (expected,) = specs["Policy"], wanted["policies"]
+    assert (policy["name"], policy["pattern"], policy["applyTo"], policy["definition"]) == (
+        expected["name"],
+        expected["pattern"],
+        expected["apply-to"],
+        expected["definition"],
+    )
+
+
+KINDS_RABBITMQ = ("Exchange", "Queue", "Binding", "Policy")
+
+
+def test_keda_scales_each_pool_on_its_rabbitmq_queue_as_on_the_redis_list(
+    manifests: list[dict[str, Any]], rabbitmq_manifests: list[dict[str, Any]]
+) -> None:
+    on_redis, on_rabbitmq = of_kind(manifests, "ScaledObject"), of_kind(rabbitmq_manifests, "ScaledObject")
+    (vhost,) = (doc["spec"]["name"] for doc in of_kind(rabbitmq_manifests, "Vhost").values())
+
+    assert set(on_rabbitmq) == set(on_redis)  # applied after deploy/k8s/, each replaces its Redis twin
+    for name, scaled in on_rabbitmq.items():
+        twin, (trigger,) = on_redis[name], scaled["spec"]["triggers"]
+        assert {k: v for k, v in scaled["spec"].items() if k != "triggers"} == {
+            k: v for k, v in twin["spec"].items() if k != "triggers"
+        }
+        assert trigger["type"] == "rabbitmq" and trigger["metadata"]["vhostName"] == vhost
+        assert trigger["metadata"]["queueName"] == twin["spec"]["triggers"][0]["metadata"]["listName"]
+        assert trigger["metadata"]["value"] == twin["spec"]["triggers"][0]["metadata"]["listLength"]
+        assert trigger["authenticationRef"]["name"] in of_kind(rabbitmq_manifests, "TriggerAuthentication")
