@@ -66,13 +66,22 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 def task_queues(settings: Settings) -> tuple[Queue, ...]:
-    """memq's queues; on RabbitMQ durable quorum queues whose only argument is their type (the rest is the
-    broker's policy), behind topic exchanges, which Celery's native delayed delivery needs (``memq.broker``)."""
-    amqp = broker.is_amqp(settings.broker_url)
-    arguments = dict(broker.QUORUM) if amqp else None
+    """memq's queues. On RabbitMQ: durable quorum queues whose only argument is their type (the rest is the
+    broker's policy), behind topic exchanges, which Celery's native delayed delivery needs, the search shards'
+    included; never declared by a client or a worker (``no_declare``) but by ``memq broker setup`` (or the
+    compose/Kubernetes definitions), so a web app's broker user needs no ``configure`` permission
+    (``memq.broker``)."""
+    if not broker.is_amqp(settings.broker_url):
+        return tuple(Queue(name, Exchange(name, type="direct"), routing_key=name) for name in names.QUEUES)
     return tuple(
-        Queue(name, Exchange(name, type=broker.exchange_type(amqp)), routing_key=name, queue_arguments=arguments)
-        for name in names.QUEUES
+        Queue(
+            name,
+            Exchange(name, type=broker.exchange_type(amqp=True), no_declare=True),
+            routing_key=name,
+            queue_arguments=dict(broker.QUORUM),
+            no_declare=True,
+        )
+        for name in broker.task_queues(settings.search_shards)
     )
 
 

@@ -37,6 +37,18 @@ DEFAULT_DELIVERY_LIMIT = 20
 POLICY_PRIORITY = 10
 
 
+#: RabbitMQ permissions (configure, write, read: regular expressions over exchange and queue names) per role, all
+#: in memq's own virtual host (docs/operations.md, "Broker users per role"). The web app's user may only publish to
+#: memq's task exchanges: RabbitMQ itself refuses it a remote-control broadcast (``celery.pidbox``), consuming,
+#: purging or declaring anything. Workers and the operator's tools (``memq status``, ``dead-letters``, ``broker
+#: setup``, Flower) get the whole virtual host, which holds nothing but memq's queues.
+ROLE_PERMISSIONS: dict[str, tuple[str, str, str]] = {
+    "web": ("^$", POLICY_PATTERN, "^$"),
+    "worker": (".*", ".*", ".*"),
+    "operator": (".*", ".*", ".*"),
+}
+
+
 def exchange_type(amqp: bool) -> str:
     """Each queue's exchange: ``topic`` on RabbitMQ, where Celery's native delayed delivery (the countdown of a
     retry, on quorum queues) routes only through topic exchanges (on a direct one the worker would hold a delayed

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import rabbitkit
 import redis
 from kombu import Connection
+from kombu.exceptions import ChannelError
 
 from memq import broker, keys
 
@@ -133,7 +134,12 @@ class AmqpProbe:
         return 0, 0
 
     def depth(self, queue: str) -> int:
-        return self._counts(queue)[0]
+        """Messages ready in ``queue`` (a passive declare: no rabbitmqctl round trip)."""
+        with Connection(self.url) as connection:
+            try:
+                return int(connection.default_channel.queue_declare(queue=queue, passive=True).message_count)
+            except ChannelError:
+                return 0
 
     def unacked(self, queue: str) -> int:
         return self._counts(queue)[1]

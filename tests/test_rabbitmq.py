@@ -19,6 +19,7 @@ from typing import Any
 import amqp.exceptions
 import pytest
 import rabbitkit
+from brokerkit import AmqpProbe
 from faultkit import run_client
 from kombu import Connection, Exchange, Queue
 
@@ -88,9 +89,11 @@ def test_a_changed_delivery_limit_changes_only_the_policy_and_memqs_queues_still
     rabbitkit.setup_topology(env_for(rabbitmq_vhost), "--delivery-limit", "7")
 
     url = rabbitkit.vhost_url(rabbitmq_vhost)
-    with Connection(url) as connection:  # what every worker does at start: no 406 PRECONDITION_FAILED
+    with Connection(url) as connection:  # memq's own definitions declare again: no 406 PRECONDITION_FAILED
         for queue in task_queues(Settings(broker_url=url)):
-            queue.bind(connection.default_channel).declare()
+            again = Queue(queue.name, Exchange(queue.exchange.name, queue.exchange.type), queue.routing_key)
+            again.queue_arguments = queue.queue_arguments
+            again.bind(connection.default_channel).declare()
     assert policy_of(rabbitmq_vhost)[broker.POLICY_NAME]["delivery-limit"] == 7
 
 
@@ -241,7 +244,9 @@ def test_a_task_message_with_a_deeply_nested_header_table_leaves_every_worker_se
                 content_encoding="utf-8",
             )
 
-    wait_for(lambda: all(rabbitkit_depth(queue) == 0 for queue in names.QUEUES))
+    probe = AmqpProbe(url)
+    wait_for(lambda: all(probe.depth(queue) == 0 for queue in names.QUEUES))
+    wait_for(lambda: all(probe.unacked(queue) == 0 for queue in names.QUEUES))
     assert all(process.poll() is None for process in fleet.workers.values())
     wait_for(lambda: every_worker_answers(app, fleet))
     client.remember(tenant, "semantic", ["keeps bees"])
@@ -253,9 +258,38 @@ def test_a_task_message_with_a_deeply_nested_header_table_leaves_every_worker_se
     amqp_dead_letters.purge_all(url)
 
 
-def rabbitkit_depth(queue: str) -> int:
-    from brokerkit import AmqpProbe
+@pytest.fixture
+def web_user(rabbitmq_vhost: str) -> Iterator[str]:
+    """A broker user with the web role's permissions in ``rabbitmq_vhost``; its URL."""
+    user, password = f"memq-web-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    rabbitkit.setup_topology(env_for(rabbitmq_vhost))
+    rabbitkit.ctl("add_user", user, password)
+    try:
+        rabbitkit.ctl("set_permissions", "-p", rabbitmq_vhost, user, *broker.ROLE_PERMISSIONS["web"])
+        yield rabbitkit.vhost_url(rabbitmq_vhost, user, password)
+    finally:
+        rabbitkit.ctl("delete_user", user)
 
-    return AmqpProbe(os.environ["MEMQ_BROKER_URL"]).depth(queue) + AmqpProbe(os.environ["MEMQ_BROKER_URL"]).unacked(
-        queue
-    )
+
+def test_the_web_apps_broker_user_publishes_memqs_requests_and_the_broker_refuses_it_everything_else(
+    web_user: str, rabbitmq_vhost: str
+) -> None:
+    from celery import Celery
+
+    from memq.config.celery import celery_config
+    from memq.settings import Settings
+
+    web = Celery("memq-web", set_as_current=False)
+    web.config_from_object(celery_config(Settings(broker_url=web_user, result_backend=os.environ["MEMQ_REDIS_URL"])))
+    web.send_task(names.NOOP, args=["x"], queue=names.INGEST_QUEUE, ignore_result=True)
+
+    with pytest.raises(Exception, match="ACCESS_REFUSED"):
+        web.control.broadcast("shutdown")
+    with Connection(web_user) as connection:
+        with pytest.raises(amqp.exceptions.AccessRefused):
+            Queue(names.INGEST_QUEUE, no_declare=True).bind(connection.channel()).get()
+        with pytest.raises(amqp.exceptions.AccessRefused):
+            Queue(names.INGEST_QUEUE, no_declare=True).bind(connection.channel()).purge()
+    with Connection(rabbitkit.vhost_url(rabbitmq_vhost)) as connection:  # the broker's own user: what was published
+        waiting = connection.default_channel.queue_declare(queue=names.INGEST_QUEUE, passive=True).message_count
+    assert waiting == 1
