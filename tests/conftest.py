@@ -45,6 +45,7 @@ OWN_FLEET_MODULES = {
     for rank, name in enumerate(
         [
             "test_faults",
+            "test_rabbitmq_cluster",
             "test_rabbitmq_faults",
             "test_shards",
             "test_forget_faults",

@@ -19,6 +19,7 @@ Accounting: every retrieval a client sends ends as exactly one of
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -256,6 +257,37 @@ class Rig:
             client.close()
 
 
+@contextlib.contextmanager
+def running_rig(
+    redis_service: services.Service,
+    mongo: services.Service,
+    env: dict[str, str],
+    app: Any,
+    workers: dict[str, int],
+    tmp: Path,
+    name: str = "faults",
+) -> Iterator[Rig]:
+    """A rig of ``workers`` (count per kind) on ``env``'s broker, stopped with its Redis and MongoDB at the end."""
+    fleet = services.Fleet(env)
+    rig = Rig(redis_service, mongo, env, fleet, app, tmp=tmp)
+    try:
+        for kind, count in workers.items():
+            rig.hosts[kind] = [fleet.start(kind, name=f"{name}-{kind}{i}") for i in range(count)]
+        fleet.wait_ready(app, rig.all_hosts(), timeout_s=300)
+        yield rig
+    finally:
+        # Celery's AsyncResults sit in reference cycles: finalise them while the rig's Redis still answers (their
+        # __del__ unsubscribes), not at some later collection when it is gone.
+        gc.collect()
+        fleet.stop_all()
+        if os.environ.get("MEMQ_TEST_SHOW_WORKER_LOGS"):
+            for host in rig.all_hosts():
+                sys.stderr.write(f"\n--- {host}\n{fleet.log_tail(host, 200)}\n")
+        app.close()
+        rig.mongo.stop()
+        rig.redis.stop()
+
+
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     redis_service = services.start_redis_server()
@@ -271,25 +303,10 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         MEMQ_METRICS_PORT="0",
         MEMQ_MAX_DELIVERIES=str(MAX_DELIVERIES),
     )
-    fleet = services.Fleet(env)
     app = faultkit.private_app(redis_service.url)
-    rig = Rig(redis_service, mongo, env, fleet, app, tmp=tmp_path_factory.mktemp("faults"))
-    try:
-        for kind, count in (("embed", 2), ("search", 2), ("ingest", 1)):
-            rig.hosts[kind] = [fleet.start(kind, name=f"faults-{kind}{i}") for i in range(count)]
-        fleet.wait_ready(app, rig.all_hosts(), timeout_s=240)
+    workers = {"embed": 2, "search": 2, "ingest": 1}
+    with running_rig(redis_service, mongo, env, app, workers, tmp_path_factory.mktemp("faults")) as rig:
         yield rig
-    finally:
-        # Celery's AsyncResults sit in reference cycles: finalise them while the rig's Redis still answers (their
-        # __del__ unsubscribes), not at some later collection when it is gone.
-        gc.collect()
-        fleet.stop_all()
-        if os.environ.get("MEMQ_TEST_SHOW_WORKER_LOGS"):
-            for host in rig.all_hosts():
-                sys.stderr.write(f"\n--- {host}\n{fleet.log_tail(host, 200)}\n")
-        app.close()
-        rig.mongo.stop()
-        rig.redis.stop()
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,8 @@ Runs in ``bash scripts/test_rabbitmq.sh``."""
 
 from __future__ import annotations
 
-import gc
 import json
 import os
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,7 +16,7 @@ from typing import Any
 import pytest
 import rabbitkit
 import test_faults
-from test_faults import CLEAR, HANG_MARGIN_S, Rig, tally, wait_for
+from test_faults import CLEAR, HANG_MARGIN_S, Rig, running_rig, tally, wait_for
 
 from memq import services
 
@@ -65,23 +63,10 @@ def rig(node: rabbitkit.Node, tmp_path_factory: pytest.TempPathFactory) -> Itera
         MEMQ_RESULT_CACHE_TTL_S="0",  # every retrieval goes through the broker
     )
     rabbitkit.setup_topology(env, rabbitmqctl=node.ctl_command())
-    fleet = services.Fleet(env)
     app = amqp_app(node.url, redis_service.url)
-    rig = Rig(redis_service, mongo, env, fleet, app, tmp=tmp_path_factory.mktemp("rabbitmq-faults"))
-    try:
-        for kind in services.WORKER_KINDS:
-            rig.hosts[kind] = [fleet.start(kind, name=f"rmq-{kind}{i}") for i in range(2)]
-        fleet.wait_ready(app, rig.all_hosts(), timeout_s=240)
+    workers = dict.fromkeys(services.WORKER_KINDS, 2)
+    with running_rig(redis_service, mongo, env, app, workers, tmp_path_factory.mktemp("rmq"), "rmq") as rig:
         yield rig
-    finally:
-        gc.collect()
-        fleet.stop_all()
-        if os.environ.get("MEMQ_TEST_SHOW_WORKER_LOGS"):
-            for host in rig.all_hosts():
-                sys.stderr.write(f"\n--- {host}\n{fleet.log_tail(host, 200)}\n")
-        app.close()
-        mongo.stop()
-        redis_service.stop()
 
 
 @pytest.fixture(scope="module")
