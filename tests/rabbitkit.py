@@ -153,8 +153,23 @@ class Node:
             if self.process.poll() is None:
                 self.kill()
 
+    def vm_pid(self) -> int | None:
+        """The node's Erlang VM (the server drops to the rabbitmq user in a session of its own, so signalling the
+        wrapper's process group does not reach it)."""
+        try:
+            return int((self.base / "pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
     def kill(self) -> None:
-        """``kill -9`` of the whole node (its Erlang VM and everything it started)."""
+        """``kill -9`` of the node's Erlang VM, then of what started it."""
+        vm = self.vm_pid()
+        if vm is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(vm, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and Path(f"/proc/{vm}").exists() and not _is_zombie(vm):
+                time.sleep(0.1)
         if self.process is not None and self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
@@ -170,6 +185,13 @@ class Node:
     def remove(self) -> None:
         self.kill()
         shutil.rmtree(self.base.parent, ignore_errors=True)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        return True
 
 
 def own_node(port: int | None = None, prefix: str = "memqtest") -> Node:
