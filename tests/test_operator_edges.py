@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -14,18 +12,9 @@ from typing import Any
 
 import pytest
 from celery.exceptions import TaskRevokedError
+from faultkit import memq_cli
 
 from memq import names
-
-
-def memq_cli(*args: str, env: dict[str, str] | None = None, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "memq.cli", *args],
-        env=env or dict(os.environ),
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-    )
 
 
 @pytest.mark.parametrize("setting", ["shutdwon", "ALL", "ping,revok"])
