@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 from memq import names, result_cache, validation
 from memq.app import app
 from memq.canvas import remember_canvas, retrieval_canvas
+from memq.celery_internals import is_result_store_outage
 from memq.errors import (
     IngestStopped,
     InvalidInput,
@@ -54,7 +55,6 @@ ASYNC_THREADS = 64
 ASYNC_MARGIN_S = 0.25  # how far past its timeout_s an aretrieve may end (the thread's own wait ends at timeout_s)
 INGEST_TIMEOUT_S = 300.0
 MAX_IN_FLIGHT = 4  # remember_many: batches sent and not yet stored
-CONNECTION_ERRORS = (OperationalError, RedisError, OSError)
 RESULT_STORE_OUTAGE = "result backend unavailable: Celery could not reconnect to the result store"
 
 _executor: ThreadPoolExecutor | None = None
@@ -204,13 +204,6 @@ def _wait(result: AsyncResult, timeout_s: float, what: str) -> dict[str, Any]:
         with contextlib.suppress(RedisError, OSError):
             result.forget()  # the caller has it; don't leave it in Redis until result_expires
         return payload
-
-
-def is_result_store_outage(exc: BaseException) -> bool:
-    """Celery's result consumer gives up reconnecting with a bare ``RuntimeError`` raised from the connection
-    error (``celery.backends.asynchronous``); the next call in the same process reconnects, so to the caller
-    this is a transient outage, not a crash. Recognised by its cause, never by its text."""
-    return isinstance(exc, RuntimeError) and isinstance(exc.__cause__, CONNECTION_ERRORS)
 
 
 # Bulk import: any number of memories, in batches of at most MEMQ_MAX_BATCH_ITEMS, a bounded number in flight.

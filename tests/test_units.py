@@ -332,7 +332,7 @@ def test_a_search_of_more_candidates_than_allowed_names_k() -> None:
 def test_a_result_store_outage_is_recognised_by_its_cause_not_its_text() -> None:
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    from memq.client import is_result_store_outage
+    from memq.celery_internals import is_result_store_outage
 
     def raised_from(cause: BaseException, text: str) -> RuntimeError:
         try:
