@@ -3,7 +3,10 @@
 Every task message a memq worker receives first passes ``check``: the shape of Celery's protocol 2 (headers
 ``id`` and ``task`` non-empty strings naming a registered task; a body that decodes to ``[args: list, kwargs:
 dict, embed: dict]``; the headers Celery's ``Request`` unpacks — ``timelimit``, ``retries``, ``eta``, ``expires``,
-``shadow`` — of the types it expects), and a delivery limit: a message that *started* ``MEMQ_MAX_DELIVERIES``
+``shadow`` — of the types it expects), an ``eta`` (or ``countdown``, which Celery sends as an ``eta``) no later than
+the message's own deadline (its ``expires``) nor more than ``MEMQ_VISIBILITY_TIMEOUT_S`` ahead (a worker holds such
+a message unacknowledged until then, and past the visibility timeout the broker hands it out again), and a delivery
+limit: a message that *started* ``MEMQ_MAX_DELIVERIES``
 times without finishing (it killed or stalled its worker, again and again) is not run again; messages a dying
 worker had only prefetched are redelivered as often as it takes, at no cost (``count_started_redelivery``).
 A message that fails the check, or that still makes Celery's handler raise, is acknowledged and recorded in the
@@ -29,6 +32,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -88,8 +92,39 @@ def _check_request_headers(headers: dict[str, Any]) -> Problem | None:
     if headers.get("shadow") is not None and not isinstance(headers["shadow"], str):
         return Problem("bad_headers", "header 'shadow' is not a string")
     for name in ("eta", "expires"):
-        if headers.get(name) is not None and not isinstance(headers[name], str):
-            return Problem("bad_headers", f"header {name!r} is not an ISO-8601 string")
+        if headers.get(name) is not None and _timestamp_s(headers[name]) is None:
+            return Problem("bad_headers", f"header {name!r} is not an ISO-8601 time")
+    return None
+
+
+def _timestamp_s(value: Any) -> float | None:
+    """An ISO-8601 header as Unix seconds (a time without an offset is UTC, as Celery sends it), else ``None``."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+
+
+def eta_problem(headers: dict[str, Any], max_ahead_s: float, now_s: float) -> Problem | None:
+    """An ``eta`` after the message's own deadline (``expires``: it could only expire), or more than
+    ``max_ahead_s`` ahead: the message would be held unacknowledged until then. ``check`` passed the headers."""
+    eta_s = _timestamp_s(headers.get("eta"))
+    if eta_s is None:
+        return None
+    expires_s = _timestamp_s(headers.get("expires"))
+    if expires_s is not None and eta_s > expires_s:
+        return Problem(
+            "eta_after_deadline", f"eta {headers['eta']} is after the message's expires {headers['expires']}"
+        )
+    if eta_s - now_s > max_ahead_s:
+        return Problem(
+            "eta_too_far",
+            f"eta {headers['eta']} is more than {max_ahead_s:g} s ahead (MEMQ_VISIBILITY_TIMEOUT_S): it would be held "
+            "unacknowledged until then",
+        )
     return None
 
 
@@ -252,9 +287,12 @@ def record(client: redis.Redis, letter: dict[str, Any], max_entries: int, messag
 
 
 def screen(consumer: Any, message: Any, handle: Callable[[Any], Any]) -> Any:
-    """``check`` and the delivery limit in front of Celery's task handler ``handle``."""
-    problem = check(message, consumer.app.tasks) or over_delivery_limit(
-        message, cache_redis.get(), get_settings().max_deliveries
+    """``check``, the ``eta`` bound and the delivery limit in front of Celery's task handler ``handle``."""
+    settings = get_settings()
+    problem = (
+        check(message, consumer.app.tasks)
+        or eta_problem(message.headers, settings.visibility_timeout_s, time.time())
+        or over_delivery_limit(message, cache_redis.get(), settings.max_deliveries)
     )
     if problem is not None:
         return quarantine(consumer, message, problem)
