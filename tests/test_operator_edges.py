@@ -174,3 +174,26 @@ def test_no_command_allowed_by_default_revokes_or_rate_limits_a_task_and_every_w
     assert first.get(timeout=60)["vector"] and second.get(timeout=60)["vector"]
     pings = app.control.ping(destination=list(fleet.workers), timeout=2.0)
     assert {host for reply in pings for host in reply} == set(fleet.workers)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "field"),
+    [
+        ([], {}, "memory_id"),
+        ([{}, "tenant", "semantic", 3, "auto", None, "q", "vector", None, "one too many"], {}, "args"),
+        ([], {"bogus": 1}, "bogus"),
+    ],
+)
+def test_a_raw_search_with_wrong_arguments_reports_invalid_input_naming_the_field_and_never_raises(
+    args: list[Any], kwargs: dict[str, Any], field: str, fleet: Any, app: Any
+) -> None:
+    result = app.send_task(names.SEARCH, args=args, kwargs=kwargs, queue=names.SEARCH_QUEUE).get(timeout=60)
+
+    assert result["items"] == [] and result["error"].startswith(f"invalid input: {field}: "), result
+    assert app.control.ping(destination=list(fleet.workers), timeout=2.0)
+
+
+def test_a_raw_search_without_a_mode_is_a_hybrid_search_like_a_retrieval(fleet: Any, app: Any) -> None:
+    result = app.send_task(names.SEARCH, args=[{}, "tenant", "semantic", 3], queue=names.SEARCH_QUEUE).get(timeout=60)
+
+    assert result["error"] == "invalid input: query: is needed for mode 'hybrid'", result
