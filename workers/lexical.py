@@ -120,9 +120,6 @@ def build_segment(term_ids: np.ndarray, rows: np.ndarray, counts: np.ndarray, vo
     return Segment(starts, rows[order].astype(np.int32), counts[order].astype(np.float32))
 
 
-EMPTY_SEGMENT = build_segment(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32), 0)
-
-
 class LexicalIndex:
     """BM25 scores of every row of one snapshot for a query: one float32 per row, 0 where no term matches and on
     rows not alive. ``LexicalIndex(texts)`` indexes ``texts`` as rows 0..n-1, all alive (a ``LexicalWriter`` makes
