@@ -203,6 +203,8 @@ def _wait(result: AsyncResult, timeout_s: float, what: str) -> dict[str, Any]:
     else:
         with contextlib.suppress(RedisError, OSError):
             result.forget()  # the caller has it; don't leave it in Redis until result_expires
+        if not isinstance(payload, dict):
+            raise TaskFailed(f"{what} returned {type(payload).__name__}, not an object")
         return payload
 
 
@@ -413,7 +415,5 @@ class _BulkImport:
 def _first_failed(failed: list[dict[str, Any]], size: int) -> int:
     """How many items of a batch come before its first refused one (all of them when none was refused; none when
     a refused item's position is unknown)."""
-    indexes = [entry.get("index") for entry in failed]
-    if not all(isinstance(i, int) and 0 <= i < size for i in indexes):
-        return 0
-    return min(indexes, default=size)  # type: ignore[type-var]
+    indexes = [i for entry in failed if isinstance(i := entry.get("index"), int) and 0 <= i < size]
+    return min(indexes, default=size) if len(indexes) == len(failed) else 0
