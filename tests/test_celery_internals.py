@@ -8,12 +8,13 @@ import ast
 import contextlib
 import inspect
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any
 
 import celery
-import celery.backends.asynchronous
+import celery.backends.redis
 import celery.worker.loops
 import celery.worker.pidbox
 import pytest
@@ -208,9 +209,9 @@ def test_celerys_pidbox_still_dispatches_through_the_panel_table_memq_rewrites()
 
 
 def test_celerys_result_consumer_still_gives_up_with_a_runtime_error_raised_from_the_connection_error() -> None:
-    source = inspect.getsource(celery.backends.asynchronous.BaseResultConsumer.reconnect_on_error)
+    source = inspect.getsource(celery.backends.redis.ResultConsumer.reconnect_on_error)  # 5.7: its base class's
 
-    assert "raise RuntimeError(E_RETRY_LIMIT_EXCEEDED) from exc" in source, (
+    assert re.search(r"raise RuntimeError\(E_RETRY_LIMIT_EXCEEDED\) from \w+", source), (
         "Celery's result consumer gives up reconnecting differently: "
         "memq.celery_internals.is_result_store_outage must recognise the new error (docs/celery.md)"
     )
