@@ -68,28 +68,20 @@ class PoisonEnvelope(Exception):
     """An envelope kombu could not make a message of (its reason is the exception's text)."""
 
 
-def _log_undecodable(detail: str) -> None:
-    log.error("dropped a task-queue envelope that cannot be read: %s", detail)
-
-
-def _log_poison_broadcast(detail: str) -> None:
-    log.error("dropped a broadcast message that cannot be handled: %s", detail)
-
-
 @dataclass(frozen=True)
 class ChannelGuard:
     """What a guarded channel does with an envelope: why it is poison (``None``: it is not), and what becomes of
     one from a task queue and of one from a broadcast channel (each is dropped after that)."""
 
-    envelope_problem: Callable[[Any], str | None] = lambda payload: None
-    on_undecodable_envelope: Callable[[str], None] = _log_undecodable
-    on_poison_broadcast: Callable[[str], None] = _log_poison_broadcast
+    envelope_problem: Callable[[Any], str | None]
+    on_undecodable_envelope: Callable[[str], None]
+    on_poison_broadcast: Callable[[str], None]
 
 
 class GuardedMessage(kombu_virtual.Message):
     """kombu's message, refusing (``PoisonEnvelope``) an envelope it would choke on, before it is recorded."""
 
-    guard = ChannelGuard()
+    guard: ChannelGuard  # set by guarded_transport
 
     def __init__(self, payload: Any, channel: Any = None, **kwargs: Any) -> None:
         problem = self.guard.envelope_problem(payload)
@@ -105,7 +97,7 @@ class GuardedRedisChannel(kombu_redis.Channel):
     """kombu's Redis channel: an envelope that cannot be decoded or made a message of, on a task queue or on a
     broadcast channel (remote control, events), goes to its guard and is dropped, not fatal."""
 
-    guard = ChannelGuard()
+    guard: ChannelGuard  # set by guarded_transport
     Message = GuardedMessage
     poison_errors: tuple[type[BaseException], ...] = (*DECODE_ERRORS, PoisonEnvelope)
 

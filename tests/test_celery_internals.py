@@ -175,9 +175,7 @@ def test_celerys_dispatcher_still_drops_the_buffered_task_events_of_the_one_it_r
 
 def test_kombus_redis_channel_still_makes_its_messages_with_the_channels_message_class() -> None:
     dropped: list[str] = []
-    refusing = celery_internals.ChannelGuard(
-        envelope_problem=lambda payload: "refused by the canary", on_undecodable_envelope=dropped.append
-    )
+    refusing = celery_internals.ChannelGuard(lambda payload: "refused by the canary", dropped.append, dropped.append)
     connection = Connection(os.environ["MEMQ_BROKER_URL"], transport=celery_internals.guarded_transport(refusing))
     queue = SimpleQueue(connection.channel(), f"canary-{uuid.uuid4().hex[:8]}")
     queue.put({"hello": "canary"})
