@@ -318,11 +318,11 @@ def overrides_outside_internals(path: Path) -> list[str]:
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef) and any(_uses(base, names) for base in node.bases):
-            found.append(f"{path.relative_to(ROOT)}:{node.lineno} class {node.name} subclasses Celery/kombu")
+            found.append(f"{path.name}:{node.lineno} class {node.name} subclasses Celery/kombu")
         for target in _assigned(node):
             root = _root(target)
             if target is not root and isinstance(root, ast.Name) and root.id in names and not _is_app_setting(target):
-                found.append(f"{path.relative_to(ROOT)}:{node.lineno} assigns to {ast.unparse(target)}")
+                found.append(f"{path.name}:{node.lineno} assigns to {ast.unparse(target)}")
     return found
 
 
@@ -332,7 +332,8 @@ def _assigned(node: ast.AST) -> list[ast.AST]:
     if isinstance(node, ast.AugAssign | ast.AnnAssign):
         return [node.target]
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr" and node.args:
-        return [ast.Attribute(value=node.args[0], attr="?")]
+        name = node.args[1].value if len(node.args) > 1 and isinstance(node.args[1], ast.Constant) else "?"
+        return [ast.Attribute(value=node.args[0], attr=str(name))]
     return []
 
 
@@ -352,3 +353,40 @@ def test_no_memq_module_but_celery_internals_subclasses_or_assigns_into_celery_o
     assert found == [], (
         "overrides of Celery or kombu outside memq/celery_internals.py (move them there, docs/celery.md)"
     )
+
+
+OVERRIDES = """
+from celery import Task
+from celery.worker.consumer import Consumer
+from celery.worker.control import Panel
+from kombu.transport import redis as kombu_redis
+from memq import celery_internals
+from memq.app import app
+
+class Screened(Consumer): pass
+class Channel(celery_internals.GuardedRedisChannel): pass
+kombu_redis.Channel.Message = object
+table = Panel.data
+table["shutdown"] = None
+def tag(task: Task) -> None:
+    task.request.tagged = True
+setattr(app, "tagged", True)
+app.conf.broker_transport = "allowed: a setting"
+"""
+
+
+def test_the_override_check_finds_subclasses_and_assignments_into_celery_and_kombu_objects(tmp_path: Path) -> None:
+    module = tmp_path / "overrides.py"
+    module.write_text(OVERRIDES)
+
+    found = overrides_outside_internals(module)
+
+    assert {hit.split(" ", 1)[1] for hit in found} == {
+        "class Screened subclasses Celery/kombu",
+        "class Channel subclasses Celery/kombu",
+        "assigns to kombu_redis.Channel.Message",
+        "assigns to table['shutdown']",
+        "assigns to task.request.tagged",
+        "assigns to app.tagged",
+    }
+    assert len(found) == 6
