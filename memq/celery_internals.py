@@ -206,6 +206,9 @@ class MemqEvents(Events):  # type: ignore[misc]
     dispatcher_cls = f"{__name__}:{event_dispatcher_class().__name__}"
 
 
+# The worker-side hooks below import Celery's worker modules when called: a web process imports this module (for
+# ``is_result_store_outage``) and never builds a consumer.
+
 #: ``screen(consumer, message, handle)``: what becomes of one task message; ``handle`` is Celery's own handler.
 Screen = Callable[[Any, Any, Callable[[Any], Any]], Any]
 
