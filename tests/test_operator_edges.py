@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -17,26 +15,17 @@ from typing import Any
 import pytest
 import redis
 from celery.exceptions import TaskRevokedError
+from test_operations import run_cli
 
 from memq import client, keys, names
 from memq.workers.control import DEFAULT_ALLOWED_COMMANDS
-
-
-def memq_cli(*args: str, env: dict[str, str] | None = None, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "memq.cli", *args],
-        env=env or dict(os.environ),
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-    )
 
 
 @pytest.mark.parametrize("setting", ["shutdwon", "ALL", "ping,revok"])
 def test_a_worker_with_a_misspelled_remote_control_list_exits_2_naming_the_variable_before_it_starts(
     setting: str,
 ) -> None:
-    started = memq_cli("worker", "search", "-n", f"misspelled-{uuid.uuid4().hex[:6]}@x", env={
+    started = run_cli("worker", "search", "-n", f"misspelled-{uuid.uuid4().hex[:6]}@x", env={
         **os.environ, "MEMQ_REMOTE_CONTROL": setting
     })  # fmt: skip
 
@@ -46,7 +35,7 @@ def test_a_worker_with_a_misspelled_remote_control_list_exits_2_naming_the_varia
 
 
 def test_a_worker_device_option_without_its_value_is_a_usage_error_not_a_traceback() -> None:
-    started = memq_cli("worker", "embed", "--device")
+    started = run_cli("worker", "embed", "--device")
 
     assert started.returncode == 2
     assert "--device" in started.stderr and "expected one argument" in started.stderr
@@ -57,8 +46,8 @@ def test_an_import_resumed_past_the_end_of_its_file_is_refused_naming_skip(tmp_p
     path = tmp_path / "three.jsonl"
     path.write_text("".join(json.dumps({"content": f"line {i}"}) + "\n" for i in range(3)), encoding="utf-8")
 
-    resumed = memq_cli("remember", "--memory-id", tenant, "--type", "semantic", "--file", str(path), "--skip", "10")
-    as_json = memq_cli(
+    resumed = run_cli("remember", "--memory-id", tenant, "--type", "semantic", "--file", str(path), "--skip", "10")
+    as_json = run_cli(
         "remember", "--memory-id", tenant, "--type", "semantic", "--file", str(path), "--skip", "10", "--json"
     )
 
