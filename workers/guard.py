@@ -32,14 +32,14 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import redis
 from celery.signals import task_postrun, task_prerun
 
-from memq import celery_internals, keys, names
+from memq import celery_internals, keys, names, validation
 from memq.cache_redis import cache_redis
+from memq.errors import InvalidInput
 from memq.settings import get_settings
 from memq.workers.metrics import DEAD_LETTERS
 
@@ -92,29 +92,26 @@ def _check_request_headers(headers: dict[str, Any]) -> Problem | None:
     if headers.get("shadow") is not None and not isinstance(headers["shadow"], str):
         return Problem("bad_headers", "header 'shadow' is not a string")
     for name in ("eta", "expires"):
-        if headers.get(name) is not None and _timestamp_s(headers[name]) is None:
+        if headers.get(name) is not None and _time_header_s(headers, name) is None:
             return Problem("bad_headers", f"header {name!r} is not an ISO-8601 time")
     return None
 
 
-def _timestamp_s(value: Any) -> float | None:
-    """An ISO-8601 header as Unix seconds (a time without an offset is UTC, as Celery sends it), else ``None``."""
-    if not isinstance(value, str):
-        return None
+def _time_header_s(headers: dict[str, Any], name: str) -> float | None:
+    """An ISO-8601 time header as Unix seconds (``validation.check_timestamp``), else ``None``."""
     try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
+        return validation.check_timestamp(headers[name], name) if isinstance(headers.get(name), str) else None
+    except InvalidInput:
         return None
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
 
 
 def eta_problem(headers: dict[str, Any], max_ahead_s: float, now_s: float) -> Problem | None:
     """An ``eta`` after the message's own deadline (``expires``: it could only expire), or more than
     ``max_ahead_s`` ahead: the message would be held unacknowledged until then. ``check`` passed the headers."""
-    eta_s = _timestamp_s(headers.get("eta"))
+    eta_s = _time_header_s(headers, "eta")
     if eta_s is None:
         return None
-    expires_s = _timestamp_s(headers.get("expires"))
+    expires_s = _time_header_s(headers, "expires")
     if expires_s is not None and eta_s > expires_s:
         return Problem(
             "eta_after_deadline", f"eta {headers['eta']} is after the message's expires {headers['expires']}"
