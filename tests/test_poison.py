@@ -54,7 +54,7 @@ def envelope(queue: str, headers: Any, body: bytes, content_type: str = "applica
     }
 
 
-def good_headers(task: str = names.NOOP) -> dict[str, Any]:
+def good_headers(task: str = names.SEARCH) -> dict[str, Any]:
     return {"id": str(uuid.uuid4()), "task": task, "lang": "py", "argsrepr": "()", "kwargsrepr": "{}"}
 
 
@@ -71,12 +71,12 @@ def deep_header_envelope(queue: str) -> str:
 
 BAD_BODIES = [b"[1]", b'{"a": 1}', b"null", b"5", b'"abc"', b"[[], {}]", b"\xff\xfe not json"]
 BAD_HEADERS = [
-    {"task": names.NOOP},
-    {"id": None, "task": names.NOOP},
-    {"id": 5, "task": names.NOOP},
+    {"task": names.SEARCH},
+    {"id": None, "task": names.SEARCH},
+    {"id": 5, "task": names.SEARCH},
     {"id": str(uuid.uuid4())},
     {"id": str(uuid.uuid4()), "task": 5},
-    {"id": str(uuid.uuid4()), "task": ["memq.noop"]},
+    {"id": str(uuid.uuid4()), "task": [names.SEARCH]},
     {"id": str(uuid.uuid4()), "task": "memq.no_such_task"},
     {**good_headers(), "timelimit": 7},
     {**good_headers(), "retries": "many"},
@@ -264,7 +264,9 @@ def test_a_dead_letters_preview_never_reaches_the_terminal_with_control_characte
 def test_a_search_message_with_an_embedded_that_is_not_a_dict_reports_the_type_instead_of_raising(
     app: Any, tenant: str
 ) -> None:
-    sent = app.send_task(names.SEARCH, args=[["not", "a", "dict"], tenant, "semantic", 3], queue=names.SEARCH_QUEUE)
+    sent = app.send_task(
+        names.SEARCH, args=[["not", "a", "dict"], tenant, "semantic", 3], kwargs={"mode": "vector"}, queue="search"
+    )
 
     result = sent.get(timeout=30)
 
@@ -316,7 +318,12 @@ def test_a_search_whose_query_vector_is_empty_short_or_garbage_reports_the_type(
 ) -> None:
     client.remember(tenant, "semantic", ["keeps a vegetable patch"])
 
-    sent = app.send_task(names.SEARCH, args=[{"vector": vector}, tenant, "semantic", 3], queue=names.SEARCH_QUEUE)
+    sent = app.send_task(
+        names.SEARCH,
+        args=[{"vector": vector}, tenant, "semantic", 3],
+        kwargs={"mode": "vector"},
+        queue=names.SEARCH_QUEUE,
+    )
     result = sent.get(timeout=30)
 
     assert result["items"] == [] and result["error"].startswith("invalid input: embedded:")
