@@ -2,8 +2,9 @@
 
     python -m bench.canvas_shapes [--iterations 40] [--pools threads,solo,prefork]
 
-Each shape runs no-op tasks on a search worker (and the embed queue's worker for the first step where
-named), started with the given pool. Prints a table and writes ``bench/results/canvas_shapes.json``/``.png``.
+Each shape runs the floor benchmark's no-op tasks (``bench.floor``) on a floor worker (and a second one, on its own
+queue, for the first step where named, as the embed queue's worker), started with the given pool. Prints a table
+and writes ``bench/results/canvas_shapes.json``/``.png``.
 """
 
 from __future__ import annotations
@@ -25,35 +26,36 @@ from memq import services
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def shapes(app: Any) -> dict[str, Callable[[], Any]]:
+def shapes() -> dict[str, Callable[[], Any]]:
     from celery import chain, chord
 
-    def noop(queue: str = "search") -> Any:
-        return app.signature("memq.noop", args=(1, 2), queue=queue)
+    from bench.floor import FLOOR_EMBED_QUEUE, FLOOR_QUEUE, noop_signature
+
+    def noop(queue: str = FLOOR_QUEUE) -> Any:
+        return noop_signature(1, 2, queue=queue)
 
     return {
         "1 task": lambda: noop(),
         "chain of 2": lambda: chain(noop(), noop()),
         "chord 3 + body": lambda: chord([noop(), noop(), noop()], noop()),
         "embed-queue task | chord 3 + body (memq's shape)": lambda: chain(
-            noop("embed"), chord([noop(), noop(), noop()], noop())
+            noop(FLOOR_EMBED_QUEUE), chord([noop(), noop(), noop()], noop())
         ),
     }
 
 
 def measure(env: dict[str, str], pool_args: list[str], iterations: int) -> dict[str, float]:
-    from memq.app import app
+    from bench.floor import FLOOR_EMBED_QUEUE, floor_app, start_floor_worker
 
     fleet = services.Fleet(env)
     out: dict[str, float] = {}
     try:
-        # Workers without a MongoDB: the no-op task needs none. The embed queue gets a plain search-kind worker.
         hosts = [
-            fleet.start("search", extra_args=pool_args),
-            fleet.start("search", name="embedq", extra_args=[*pool_args, "-Q", "embed"]),
+            start_floor_worker(fleet, pool_args=pool_args),
+            start_floor_worker(fleet, name="floorembed", queues=[FLOOR_EMBED_QUEUE], pool_args=pool_args),
         ]
-        fleet.wait_ready(app, hosts)
-        for name, make in shapes(app).items():
+        fleet.wait_ready(floor_app, hosts)
+        for name, make in shapes().items():
             samples = []
             for _ in range(iterations):
                 started = time.perf_counter()

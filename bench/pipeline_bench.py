@@ -189,13 +189,13 @@ def machine() -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, fleet: services.Fleet, mongodb_uri: str) -> dict[str, Any]:
-    from bench.floor import floor_canvas
+    from bench.floor import floor_canvas, start_floor_worker
     from memq import client
     from memq.app import app
     from memq.requests import retrieval_request
     from memq.settings import get_settings
 
-    hosts = [fleet.start(kind) for kind in services.WORKER_KINDS]
+    hosts = [*(fleet.start(kind) for kind in services.WORKER_KINDS), start_floor_worker(fleet)]
     fleet.wait_ready(app, hosts)
     tenants = [f"bench-tenant-{i}" for i in range(args.tenants)]
     report: dict[str, Any] = {"config": vars(args) | {"out": str(args.out)}}
@@ -273,7 +273,7 @@ def run(args: argparse.Namespace, fleet: services.Fleet, mongodb_uri: str) -> di
     load: dict[str, Any] = {}
     for search_workers in (1, 2):
         if search_workers == 2:
-            fleet.wait_ready(app, [fleet.start("search", name="search2")])
+            fleet.wait_ready(app, [fleet.start("search", name="search2"), start_floor_worker(fleet, name="floor2")])
         # The ceiling beside the runs it bounds, on the same fleet (measured once up front, noise moved it).
         load[f"floor_ceiling_search{search_workers}_c16"] = run_load(lambda n: floor(TYPES3), 16, args.duration_s)
         for clients in levels:

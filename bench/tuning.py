@@ -3,7 +3,8 @@
     python -m bench.tuning [--rounds 2] [--iterations 30] [--variants default,no_gossip,...]
 
 Each variant starts a fresh fleet (embed, search, ingest) with its own worker flags, then measures, interleaved:
-the floor (memq's canvas with a real embedding and no-op searches and merge) and a cold 3-type retrieval (a
+the floor (memq's canvas with a real embedding and no-op searches and merge, on a floor worker with the search
+variant's flags: ``bench.floor``) and a cold 3-type retrieval (a
 query never seen before, warm matrix caches). Variants run in alternating rounds (A B C A B C) so that the
 machine's noise falls on all of them; the table reports the p50 over all rounds and the ratio to ``default``.
 Writes ``bench/results/tuning.json`` and ``tuning.png``.
@@ -40,7 +41,7 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
 
 
 def run_variant(env: dict[str, str], flags: dict[str, list[str]], tenant: str, iterations: int) -> dict[str, list]:
-    from bench.floor import floor_canvas
+    from bench.floor import THREADS, floor_canvas, start_floor_worker
     from memq import client
     from memq.app import app
     from memq.requests import retrieval_request
@@ -60,6 +61,7 @@ def run_variant(env: dict[str, str], flags: dict[str, list[str]], tenant: str, i
 
     try:
         hosts = [fleet.start(kind, extra_args=flags.get(kind, [])) for kind in services.WORKER_KINDS]
+        hosts.append(start_floor_worker(fleet, pool_args=[*THREADS, *flags.get("search", [])]))
         fleet.wait_ready(app, hosts)
         for _ in range(3):  # load the tenant's matrices and warm the model in this fleet
             client.retrieve(next(queries), tenant, TYPES3)

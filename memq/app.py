@@ -21,7 +21,7 @@ from memq import names
 from memq.config.celery import celery_config
 from memq.settings import get_settings
 
-WORKER_MODULES = ["memq.workers.startup", "memq.tasks.retrieval", "memq.tasks.ingest", "memq.tasks.diagnostics"]
+WORKER_MODULES = ["memq.workers.startup", "memq.tasks.retrieval", "memq.tasks.ingest"]
 # The header memq.exporter reads (it keeps its own copy of the name: it never imports Celery).
 PUBLISHED_AT_HEADER = names.PUBLISHED_AT_HEADER
 

@@ -1,8 +1,12 @@
-"""The one module of memq that touches private parts of Celery and kombu. Each hook is small, says why it exists,
-and has a canary test (tests/test_celery_internals.py) that fails with a message naming the upstream change that
-would break or obsolete it. docs/celery.md lists them with their upstream issues.
+"""The one module of memq that overrides or touches private parts of Celery and kombu: every subclass of theirs,
+every method or table of theirs that memq replaces. Each hook is small, says why it exists, and has a canary test
+(tests/test_celery_internals.py) that fails with a message naming the upstream change that would break or obsolete
+it. docs/celery.md lists them with their upstream issues. What the hooks decide (which message is poison, which
+command is refused) lives with the worker (``memq.workers.guard``, ``memq.workers.control``) and is passed in.
 
-1. ``GuardedRedisChannel`` (kombu's Redis channel, installed by ``memq worker`` as the broker transport):
+1. ``guarded_transport`` (kombu's Redis transport, installed by ``memq worker`` as the broker transport): its
+   ``Channel`` is a ``GuardedRedisChannel`` whose ``Message`` class refuses (``PoisonEnvelope``) an envelope the
+   guard's ``envelope_problem`` names, before kombu records it as unacknowledged.
    - ``_brpop_read``: an envelope popped from a task queue that cannot be decoded or made a message of (a
      100,000-deep JSON header exhausts the decoder's stack) goes to ``on_undecodable_envelope`` and is dropped,
      instead of stopping the worker. kombu has no hook between the pop and the message.
@@ -23,19 +27,37 @@ would break or obsolete it. docs/celery.md lists them with their upstream issues
    On Celery < 5.7 the flush here, under the dispatcher's lock, removes exactly what it published. On every
    version, a dispatcher replaced after a reconnect hands its *buffered task events* (not only its parked ones)
    to the new one (``extend_buffer``), which Celery 5.7 still does not do.
+3. ``screened_consumer``: the worker's consumer class (setting ``worker_consumer``) whose task handler
+   (``create_task_handler``) passes every task message through a screen first.
+4. ``mark_not_registered`` / ``mark_failed``: fails a task id (``NotRegistered``, or a dead letter's
+   ``DeadLettered``, into its chord and chain) the way Celery does (the backend wants a request;
+   Celery's ``Bunch`` stands in for one).
+4b. ``guarded_amqp_transport`` (RabbitMQ; installed by ``memq worker`` on an ``amqp://`` broker): kombu's py-amqp
+   transport whose connections decode a content-header frame py-amqp cannot read (a header table nested too deep
+   for its recursive decoder) as a header without properties, through py-amqp's documented
+   ``Connection(frame_handler=...)`` argument, so the guard dead-letters the message instead of every worker
+   exiting with "Unrecoverable error: RecursionError".
+5. ``refuse_control_commands``: replaces entries of Celery's remote-control command table (``Panel.data``).
+6. ``is_result_store_outage``: Celery's result consumer gives up reconnecting with a bare ``RuntimeError``; only
+   its cause says that the result store was unreachable.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import celery
 import redis
 from celery.app.events import Events
 from celery.events.dispatcher import EventDispatcher
+from kombu.exceptions import OperationalError
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual as kombu_virtual
 
 log = logging.getLogger(__name__)
 
@@ -45,25 +67,52 @@ LOSSLESS_FLUSH_SINCE = (5, 7)
 #: the transport's connection errors, which a handler's bug must not pass for).
 IO_ERRORS: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError, EOFError)
 DECODE_ERRORS: tuple[type[BaseException], ...] = (RecursionError, json.JSONDecodeError, UnicodeDecodeError)
+#: What the cause of Celery's bare ``RuntimeError`` is when the result store was unreachable.
+RESULT_STORE_ERRORS: tuple[type[BaseException], ...] = (OperationalError, redis.RedisError, OSError)
+
+
+class PoisonEnvelope(Exception):
+    """An envelope kombu could not make a message of (its reason is the exception's text)."""
+
+
+@dataclass(frozen=True)
+class ChannelGuard:
+    """What a guarded channel does with an envelope: why it is poison (``None``: it is not), and what becomes of
+    one from a task queue and of one from a broadcast channel (each is dropped after that)."""
+
+    envelope_problem: Callable[[Any], str | None]
+    on_undecodable_envelope: Callable[[str], None]
+    on_poison_broadcast: Callable[[str], None]
+
+
+class GuardedMessage(kombu_virtual.Message):
+    """kombu's message, refusing (``PoisonEnvelope``) an envelope it would choke on, before it is recorded."""
+
+    guard: ChannelGuard  # set by guarded_transport
+
+    def __init__(self, payload: Any, channel: Any = None, **kwargs: Any) -> None:
+        problem = self.guard.envelope_problem(payload)
+        if problem is not None:
+            raise PoisonEnvelope(problem)
+        try:
+            super().__init__(payload, channel=channel, **kwargs)
+        except Exception as exc:
+            raise PoisonEnvelope(f"{type(exc).__name__}: {exc}"[:200]) from exc
 
 
 class GuardedRedisChannel(kombu_redis.Channel):
-    """kombu's Redis channel; subclasses override the two public hooks."""
+    """kombu's Redis channel: an envelope that cannot be decoded or made a message of, on a task queue or on a
+    broadcast channel (remote control, events), goes to its guard and is dropped, not fatal."""
 
-    #: Also raised by the subclass's ``Message`` for an envelope it refuses.
-    poison_errors: tuple[type[BaseException], ...] = DECODE_ERRORS
-
-    def on_undecodable_envelope(self, detail: str) -> None:
-        log.error("dropped a task-queue envelope that cannot be read: %s", detail)
-
-    def on_poison_broadcast(self, detail: str) -> None:
-        log.error("dropped a broadcast message that cannot be handled: %s", detail)
+    guard: ChannelGuard  # set by guarded_transport
+    Message = GuardedMessage
+    poison_errors: tuple[type[BaseException], ...] = (*DECODE_ERRORS, PoisonEnvelope)
 
     def _brpop_read(self, **options: Any) -> bool:
         try:
             return bool(super()._brpop_read(**options))
         except self.poison_errors as exc:
-            self.on_undecodable_envelope(_detail(exc))
+            self.guard.on_undecodable_envelope(_detail(exc))
             return True  # one message was consumed (and is dropped): it was never recorded as unacknowledged
 
     def _receive_one(self, c: Any) -> Any:
@@ -72,7 +121,7 @@ class GuardedRedisChannel(kombu_redis.Channel):
         except (*IO_ERRORS, kombu_redis.Empty):
             raise
         except Exception as exc:  # RecursionError included; never BaseException (SystemExit of a shutdown)
-            self.on_poison_broadcast(_detail(exc))
+            self.guard.on_poison_broadcast(_detail(exc))
             return True
 
     def close(self) -> None:
@@ -112,9 +161,11 @@ def _detail(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:300] if text and not isinstance(exc, RecursionError) else type(exc).__name__
 
 
-def guarded_transport(channel_class: type[GuardedRedisChannel]) -> type[kombu_redis.Transport]:
-    """A Redis transport whose channels are ``channel_class``."""
-    return type("GuardedRedisTransport", (kombu_redis.Transport,), {"Channel": channel_class})
+def guarded_transport(guard: ChannelGuard) -> type[kombu_redis.Transport]:
+    """A Redis transport whose channels and messages are guarded by ``guard``."""
+    message = type("GuardedMessage", (GuardedMessage,), {"guard": guard})
+    channel = type("GuardedRedisChannel", (GuardedRedisChannel,), {"guard": guard, "Message": message})
+    return type("GuardedRedisTransport", (kombu_redis.Transport,), {"Channel": channel})
 
 
 class HandoverEventDispatcher(EventDispatcher):  # type: ignore[misc]
@@ -160,3 +211,131 @@ class MemqEvents(Events):  # type: ignore[misc]
     """The app's ``events`` class (Celery's documented ``Celery(events=...)`` argument)."""
 
     dispatcher_cls = f"{__name__}:{event_dispatcher_class().__name__}"
+
+
+# The worker-side hooks below import Celery's worker modules when called: a web process imports this module (for
+# ``is_result_store_outage``) and never builds a consumer.
+
+#: ``screen(consumer, message, handle)``: what becomes of one task message; ``handle`` is Celery's own handler.
+Screen = Callable[[Any, Any, Callable[[Any], Any]], Any]
+
+
+def screened_consumer(screen: Screen) -> type[Any]:
+    """Celery's worker consumer class, whose task handler passes every task message through ``screen``."""
+    from celery.worker.consumer import Consumer
+
+    class ScreenedConsumer(Consumer):  # type: ignore[misc]
+        def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:
+            handle = super().create_task_handler(*args, **kwargs)
+            return lambda message: screen(self, message, handle)
+
+    return ScreenedConsumer
+
+
+def mark_not_registered(app: celery.Celery, headers: dict[str, Any], properties: dict[str, Any]) -> None:
+    """As Celery does for a task name no worker knows: the caller gets ``NotRegistered`` at once instead of waiting
+    out its timeout. ``headers`` has string ``id`` and ``task``."""
+    from celery.exceptions import NotRegistered
+
+    mark_failed(app, headers, properties, NotRegistered(headers["task"]))
+
+
+def mark_failed(
+    app: celery.Celery,
+    headers: dict[str, Any],
+    properties: dict[str, Any],
+    error: Exception,
+    embed: dict[str, Any] | None = None,
+    delivery_info: Any = None,
+) -> None:
+    """Fails the task ``headers`` names with ``error`` where its own failure would go: its result, and, from the
+    message's ``embed``, its chord's counter (a chord part: the chord body fails once every part is in) and the rest
+    of its chain. ``headers`` has string ``id`` and ``task``."""
+    from celery.utils.objects import Bunch
+
+    embed = embed or {}
+    request = Bunch(
+        id=headers["id"],
+        name=headers["task"],
+        chord=embed.get("chord") if isinstance(embed.get("chord"), dict) else None,
+        chain=embed.get("chain") if isinstance(embed.get("chain"), list) else None,
+        group=headers.get("group") if isinstance(headers.get("group"), str) else None,
+        group_index=headers.get("group_index") if isinstance(headers.get("group_index"), int) else None,
+        root_id=headers.get("root_id"),
+        parent_id=headers.get("parent_id"),
+        correlation_id=properties.get("correlation_id"),
+        reply_to=properties.get("reply_to"),
+        errbacks=None,
+        delivery_info=delivery_info,
+        ignore_result=False,
+    )
+    app.backend.mark_as_failure(headers["id"], error, request=request)
+
+
+def control_command_names() -> frozenset[str]:
+    """The remote-control commands this process's workers know (Celery's ``Panel.data``)."""
+    from celery.worker.control import Panel
+
+    return frozenset(Panel.data)
+
+
+def refuse_control_commands(allowed: frozenset[str], refusal: Callable[[str], Callable[..., Any]]) -> list[str]:
+    """Replaces each command of Celery's command table outside ``allowed`` by ``refusal(name)``; the names."""
+    from celery.worker.control import Panel
+
+    refused = sorted(name for name in Panel.data if name not in allowed)
+    for name in refused:
+        Panel.data[name] = refusal(name)
+    return refused
+
+
+def is_result_store_outage(exc: BaseException) -> bool:
+    """Celery's result consumer gives up reconnecting with a bare ``RuntimeError`` raised from the connection
+    error (``celery.backends.asynchronous``); the next call in the same process reconnects, so to the caller
+    this is a transient outage, not a crash. Recognised by its cause, never by its text."""
+    return isinstance(exc, RuntimeError) and isinstance(exc.__cause__, RESULT_STORE_ERRORS)
+
+
+#: What py-amqp raises for a content-header frame it cannot decode (never a connection's own error).
+UNDECODABLE_HEADER_ERRORS: tuple[type[BaseException], ...] = (
+    RecursionError,
+    struct.error,
+    UnicodeDecodeError,
+    ValueError,
+    KeyError,
+    IndexError,
+)
+AMQP_HEADER_FRAME = 2
+
+
+def guarded_amqp_transport(on_undecodable: Callable[[str], None]) -> type[Any]:
+    """kombu's py-amqp transport whose connections read frames through py-amqp's own frame handler, except that a
+    content-header frame it cannot decode (a header table nested 3,000 deep exhausts its recursive decoder: on
+    Celery that is "Unrecoverable error: RecursionError" on every worker the message reaches) is read as the same
+    header with no properties: the message is delivered, the guard finds no ``id``/``task`` header and dead-letters
+    it. Through py-amqp's documented ``Connection(frame_handler=...)`` argument."""
+    from amqp.method_framing import frame_handler
+    from kombu.transport import pyamqp
+
+    def guarded_frame_handler(connection: Any, callback: Callable[..., Any], **options: Any) -> Callable[[Any], bool]:
+        on_frame = frame_handler(connection, callback, **options)
+
+        def on_guarded_frame(frame: Any) -> bool:
+            try:
+                return bool(on_frame(frame))
+            except UNDECODABLE_HEADER_ERRORS as exc:
+                frame_type, channel, buf = frame
+                if frame_type != AMQP_HEADER_FRAME:
+                    raise
+                on_undecodable(type(exc).__name__)
+                class_id, body_size = struct.unpack_from(">HxxQ", buf, 0)
+                return bool(on_frame((frame_type, channel, struct.pack(">HxxQH", class_id, body_size, 0))))
+
+        return on_guarded_frame
+
+    class GuardedAmqpConnection(pyamqp.Connection):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("frame_handler", guarded_frame_handler)
+            super().__init__(*args, **kwargs)
+
+    return type("GuardedAmqpTransport", (pyamqp.Transport,), {"Connection": GuardedAmqpConnection})

@@ -355,14 +355,6 @@ def parse_jsonl_line(raw: bytes, number: int) -> dict[str, Any]:
     return item
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Every memory object of a (small) JSONL file, as ``iter_jsonl`` reads them."""
-    items = [item for _, item in iter_jsonl(path)]
-    if not items:
-        raise InvalidInput("file", f"{path} holds no memories")
-    return items
-
-
 def count_lines(path: Path) -> int | None:
     """The file's lines, counted in one pass of 1 MiB reads (for the progress line's total); None if unreadable."""
     lines, last = 0, b"\n"

@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 from memq import names, result_cache, validation
 from memq.app import app
 from memq.canvas import remember_canvas, retrieval_canvas
+from memq.celery_internals import is_result_store_outage
 from memq.errors import (
     IngestStopped,
     InvalidInput,
@@ -54,7 +55,6 @@ ASYNC_THREADS = 64
 ASYNC_MARGIN_S = 0.25  # how far past its timeout_s an aretrieve may end (the thread's own wait ends at timeout_s)
 INGEST_TIMEOUT_S = 300.0
 MAX_IN_FLIGHT = 4  # remember_many: batches sent and not yet stored
-CONNECTION_ERRORS = (OperationalError, RedisError, OSError)
 RESULT_STORE_OUTAGE = "result backend unavailable: Celery could not reconnect to the result store"
 
 _executor: ThreadPoolExecutor | None = None
@@ -203,14 +203,9 @@ def _wait(result: AsyncResult, timeout_s: float, what: str) -> dict[str, Any]:
     else:
         with contextlib.suppress(RedisError, OSError):
             result.forget()  # the caller has it; don't leave it in Redis until result_expires
+        if not isinstance(payload, dict):
+            raise TaskFailed(f"{what} returned {type(payload).__name__}, not an object")
         return payload
-
-
-def is_result_store_outage(exc: BaseException) -> bool:
-    """Celery's result consumer gives up reconnecting with a bare ``RuntimeError`` raised from the connection
-    error (``celery.backends.asynchronous``); the next call in the same process reconnects, so to the caller
-    this is a transient outage, not a crash. Recognised by its cause, never by its text."""
-    return isinstance(exc, RuntimeError) and isinstance(exc.__cause__, CONNECTION_ERRORS)
 
 
 # Bulk import: any number of memories, in batches of at most MEMQ_MAX_BATCH_ITEMS, a bounded number in flight.
@@ -420,7 +415,5 @@ class _BulkImport:
 def _first_failed(failed: list[dict[str, Any]], size: int) -> int:
     """How many items of a batch come before its first refused one (all of them when none was refused; none when
     a refused item's position is unknown)."""
-    indexes = [entry.get("index") for entry in failed]
-    if not all(isinstance(i, int) and 0 <= i < size for i in indexes):
-        return 0
-    return min(indexes, default=size)  # type: ignore[type-var]
+    indexes = [i for entry in failed if isinstance(i := entry.get("index"), int) and 0 <= i < size]
+    return min(indexes, default=size) if len(indexes) == len(failed) else 0

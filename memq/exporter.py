@@ -69,17 +69,11 @@ class QueueState:
     oldest_since: float | None  # when the oldest waiting message was published (or first seen); None: empty
 
 
-def read_tail(raw: bytes) -> tuple[float | None, str]:
-    """A queued envelope's ``memq_published_at`` (None when absent or not a finite number) and an identity
-    for it: its task id, or a digest of the raw message when it has none (it is not even JSON, say)."""
-    published, identity, _ = read_envelope(raw)
-    return published, identity
-
-
 def read_envelope(raw: bytes) -> tuple[float | None, str, bool]:
-    """``read_tail``'s answer and whether the message was a JSON object at all. Any message is answered: one nested
-    deeper than the JSON decoder's recursion bound (``[[[[...]]]]``, a ``RecursionError``) or not UTF-8 or not JSON
-    is an unreadable message, identified by its digest."""
+    """A queued envelope's ``memq_published_at`` (None when absent or not a finite number), an identity for it (its
+    task id, or a digest of the raw message when it has none) and whether it was a JSON object at all. Any message
+    is answered: one nested deeper than the JSON decoder's recursion bound (``[[[[...]]]]``, a ``RecursionError``)
+    or not UTF-8 or not JSON is an unreadable message, identified by its digest."""
     try:
         envelope = json.loads(raw)
     except (ValueError, RecursionError):  # ValueError includes UnicodeDecodeError

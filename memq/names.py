@@ -1,19 +1,22 @@
 """Stable task names and their queues. Import-light: a web app can ``send_task`` by these names
 without importing torch, pymongo or any worker code.
 
-| name                  | queue  | args                                                   |
-|-----------------------|--------|--------------------------------------------------------|
-| memq.retrieve         | search | query, memory_id, limits, weights=None                 |
-| memq.remember         | ingest | memory_id, memory_type, items                          |
-| memq.forget           | ingest | memory_id, memory_type=None, ids=None                  |
-| memq.create_indexes   | ingest | (none)                                                 |
-| memq.embed_query      | embed  | query                                   (canvas step)  |
-| memq.embed_texts      | embed  | texts                                   (canvas step)  |
-| memq.search           | search | embedded, memory_id, memory_type, k, strategy, deadline_ts |
-|                       | (or the tenant's search.<s> with MEMQ_SEARCH_SHARDS > 1: memq.sharding)   |
-| memq.merge            | search | results, request                        (chord body)   |
-| memq.store            | ingest | embedded, memory_id, memory_type, items (chain step)   |
-| memq.noop             | search | anything; returns at once (benchmark floor)            |
+| name                | queue  | args                                                                      |
+|---------------------|--------|---------------------------------------------------------------------------|
+| memq.retrieve       | search | query, memory_id, limits, weights=None, timeout_s=None, mode=None,        |
+|                     |        | filters=None                                                              |
+| memq.remember       | ingest | memory_id, memory_type, items                                             |
+| memq.forget         | ingest | memory_id, memory_type=None, ids=None                                     |
+| memq.create_indexes | ingest | dimensions=None                                                           |
+| memq.embed_query    | embed  | query                                                      (canvas step)  |
+| memq.embed_texts    | embed  | texts                                                      (canvas step)  |
+| memq.search         | search | embedded, memory_id, memory_type, k, strategy="auto", deadline_ts=None,   |
+|                     |        | query=None, mode=None, filters=None; the tenant's search.<s> with         |
+|                     |        | MEMQ_SEARCH_SHARDS > 1 (memq.sharding)                                    |
+| memq.merge          | search | results, request                                           (chord body)   |
+| memq.store          | ingest | embedded, memory_id, memory_type, items                    (chain step)   |
+
+``mode=None`` is ``memq.validation.DEFAULT_MODE`` (``hybrid``) wherever it is taken.
 """
 
 RETRIEVE = "memq.retrieve"
@@ -25,7 +28,6 @@ EMBED_TEXTS = "memq.embed_texts"
 SEARCH = "memq.search"
 MERGE = "memq.merge"
 STORE = "memq.store"
-NOOP = "memq.noop"
 
 EMBED_QUEUE = "embed"
 SEARCH_QUEUE = "search"
@@ -39,7 +41,6 @@ ROUTES = {
     MERGE: SEARCH_QUEUE,
     RETRIEVE: SEARCH_QUEUE,
     STORE: INGEST_QUEUE,
-    NOOP: SEARCH_QUEUE,
     REMEMBER: INGEST_QUEUE,
     FORGET: INGEST_QUEUE,
     CREATE_INDEXES: INGEST_QUEUE,

@@ -5,7 +5,6 @@ client before anything is sent, or by the ``memq.retrieve`` / ``memq.remember`` 
 from __future__ import annotations
 
 import time
-import unicodedata
 from typing import Any
 
 from memq import keys, validation
@@ -55,9 +54,9 @@ def retrieval_request(
 
 
 def normalise_query(query: str) -> str:
-    """The query as the result cache sees it: Unicode NFKC (as the edge already made it, ``check_query``), runs of
+    """The query as the result cache sees it: its text form (as the edge already made it, ``check_query``), runs of
     whitespace as one space."""
-    return " ".join(unicodedata.normalize("NFKC", query).split())
+    return " ".join(validation.text_form(query).split())
 
 
 def cache_identity(settings: Settings, request: RetrievalRequest) -> dict[str, Any]:

@@ -65,10 +65,18 @@ def is_finite_number(value: Any) -> bool:
     return not (isinstance(value, int) and abs(value) > MAX_FLOAT_INT) and math.isfinite(value)
 
 
+def text_form(text: str) -> str:
+    """The one form in which search compares texts: Unicode NFKC, so that full-width letters (``Ｒｅｓｅｒｖｅｄ``),
+    ligatures (``ﬁ``) and other compatibility characters meet their plain spellings. The embedding sees it, of a query
+    and of a memory alike (``memq.workers.steps``); BM25 case-folds it (``memq.workers.lexical``); the result cache
+    keys on it. A memory is stored and returned as written."""
+    return unicodedata.normalize("NFKC", text)
+
+
 def check_query(query: Any, max_chars: int) -> str:
     if not isinstance(query, str):
         raise InvalidInput("query", f"must be a string, got {type(query).__name__}")
-    text = unicodedata.normalize("NFKC", check_utf8(query, "query")).strip()  # one spelling for cache and search
+    text = text_form(check_utf8(query, "query")).strip()  # one spelling for cache and search
     if not text:
         raise InvalidInput("query", "must not be empty")
     if len(text) > max_chars:

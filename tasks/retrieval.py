@@ -1,6 +1,6 @@
 """Retrieval tasks: thin wrappers that check arguments, retry transient failures, and route.
 
-The logic is in ``workers.steps``; the canvas is built in ``tasks.canvas``.
+The logic is in ``memq.workers.steps``; the canvas is built in ``memq.canvas``.
 """
 
 from __future__ import annotations
@@ -34,21 +34,28 @@ def embed_query(self: Task, query: str) -> dict[str, Any]:
 @app.task(name=names.SEARCH, bind=True, max_retries=None)
 def search(
     self: Task,
-    embedded: dict[str, Any],
-    memory_id: str,
-    memory_type: str,
-    k: int,
-    strategy: str = "auto",
-    deadline_ts: float | None = None,
-    query: str | None = None,
-    mode: str = "vector",
-    filters: dict[str, Any] | None = None,
+    embedded: Any = None,
+    memory_id: Any = None,
+    memory_type: Any = None,
+    k: Any = None,
+    strategy: Any = "auto",
+    deadline_ts: Any = None,
+    query: Any = None,
+    mode: Any = None,
+    filters: Any = None,
+    *extra: Any,
+    **unknown: Any,
 ) -> dict[str, Any]:
-    """One type's search. Never raises: a failure is reported for this type only, so the chord's
-    other types still arrive. Transient store errors retry with bounded backoff inside the deadline."""
+    """One type's search. Never raises, whatever its arguments (a raw ``send_task`` may send any): a failure is
+    reported for this type only, so the chord's other types still arrive. Transient store errors retry with
+    bounded backoff inside the deadline. ``mode`` defaults to ``validation.DEFAULT_MODE``, as ``retrieve``'s."""
     from memq.workers import steps
 
     try:
+        if unknown:
+            raise InvalidInput(next(iter(unknown)), "is not an argument of memq.search (memq.names)")
+        if extra:
+            raise InvalidInput("args", f"memq.search takes at most 9 arguments, got {9 + len(extra)} (memq.names)")
         settings = get_settings()
         call = wire.parse_search_call(
             memory_id, memory_type, k, strategy, query, mode, filters, settings.max_query_chars, deadline_ts

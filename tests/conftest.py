@@ -21,11 +21,14 @@ and nx-27017 still, no worker). ``pytest -m unit`` runs in seconds.
 
 from __future__ import annotations
 
+import ast
+import functools
 import os
 import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -57,9 +60,19 @@ OWN_FLEET_MODULES = {
     )
 }
 REDIS_DATABASES = 16
-# The modules whose tests use the ``embedder`` fixture (the model in the test process), one xdist work unit.
-IN_PROCESS_MODEL = "in-process-model"
-IN_PROCESS_MODEL_MODULES = frozenset({"test_batcher", "test_operations", "test_pipeline", "test_units"})
+IN_PROCESS_MODEL = "in-process-model"  # the xdist work unit of the modules that load the model in the test process
+
+
+@functools.cache
+def in_process_model_modules() -> frozenset[str]:
+    """The modules (other than own-fleet ones) with a test or fixture that takes the ``embedder`` fixture, read
+    from their source, so that the list cannot drift from the tests."""
+    found = set()
+    for path in Path(__file__).parent.glob("test_*.py"):
+        functions = (n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.FunctionDef))
+        if any(arg.arg == "embedder" for function in functions for arg in function.args.args):
+            found.add(path.stem)
+    return frozenset(found - set(OWN_FLEET_MODULES))
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -154,7 +167,7 @@ def run_order(module: str) -> int:
     rank = OWN_FLEET_MODULES.get(module)
     if rank is not None:
         return rank
-    return len(OWN_FLEET_MODULES) + (0 if module in IN_PROCESS_MODEL_MODULES else 1)
+    return len(OWN_FLEET_MODULES) + (0 if module in in_process_model_modules() else 1)
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
@@ -166,7 +179,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     class ByModule(LoadScopeScheduling):  # type: ignore[misc]
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]
-            return IN_PROCESS_MODEL if os.path.basename(path).removesuffix(".py") in IN_PROCESS_MODEL_MODULES else path
+            module = os.path.basename(path).removesuffix(".py")
+            return IN_PROCESS_MODEL if module in in_process_model_modules() else path
 
     config.option.loadscopereorder = False
     return ByModule(config, log)

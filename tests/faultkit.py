@@ -12,10 +12,13 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 from typing import Any
 
 from memq import services
 from memq.services import Service
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def private_app(broker_url: str, name: str = "memq-test") -> Any:
@@ -29,6 +32,22 @@ def private_app(broker_url: str, name: str = "memq-test") -> Any:
     app = Celery(name, set_as_current=False)
     app.config_from_object(celery_config(Settings(broker_url=broker_url, result_backend=broker_url)))
     return app
+
+
+def memq_cli(
+    *args: str | bytes, env: dict[str, str] | None = None, timeout_s: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """``python -m memq.cli ARGS`` from the repository root (arguments may be bytes: any byte string an operator
+    could type); output decoded with undecodable bytes replaced."""
+    return subprocess.run(
+        [os.fsencode(sys.executable), b"-m", b"memq.cli", *(os.fsencode(a) if isinstance(a, str) else a for a in args)],
+        env=env or dict(os.environ),
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=timeout_s,
+        cwd=ROOT,
+    )
 
 
 def run_client(env: dict[str, str], code: str, timeout_s: float = 180) -> Any:

@@ -298,18 +298,44 @@ def test_a_requested_cuda_device_falls_back_cleanly_without_a_gpu() -> None:
     assert choose_device("cpu") == "cpu"
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_on_cuda_the_model_is_fp16_pinned_warm_and_agrees_with_the_cpu_model(embedder: Embedder) -> None:
+@pytest.fixture(scope="module")
+def gpu_embedder() -> Iterator[Embedder]:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
     gpu = Embedder("all-MiniLM-L6-v2", "cuda:0")
-    try:
-        assert next(gpu._model.parameters()).dtype == torch.float16
-        assert gpu.device == "cuda:0" and torch.cuda.current_device() == 0
-        rows = gpu.encode_queries(QUERIES, WAIT_S)
-        assert rows.dtype == np.float32
-        np.testing.assert_allclose(rows, embedder.encode(QUERIES), atol=5e-3)
-    finally:
-        gpu.close(WAIT_S)
+    yield gpu
+    gpu.close()
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_model_is_fp16_pinned_warm_and_agrees_with_the_cpu_model(
+    gpu_embedder: Embedder, embedder: Embedder
+) -> None:
+    assert next(gpu_embedder._model.parameters()).dtype == torch.float16
+    assert gpu_embedder.device == "cuda:0" and torch.cuda.current_device() == 0
+    rows = gpu_embedder.encode_queries(QUERIES, WAIT_S)
+    assert rows.dtype == np.float32
+    np.testing.assert_allclose(rows, embedder.encode(QUERIES), atol=5e-3)
+
+
+@pytest.mark.gpu
+def test_on_cuda_short_texts_replay_captured_graphs_and_every_batch_shape_agrees_with_the_cpu_model(
+    gpu_embedder: Embedder, embedder: Embedder
+) -> None:
+    assert gpu_embedder.graphed
+    batches = {
+        "one query": QUERIES[:1],
+        "a few queries": QUERIES[:3],
+        "a hundred notes of mixed lengths": [f"note {i}: " + "tea and travel " * (i % 12) for i in range(100)],
+        "texts past the largest token bucket (eager)": [" ".join(QUERIES) * 3, QUERIES[0]],
+        "more texts than the largest text bucket": [f"q{i} about the dentist" for i in range(600)],
+    }
+    for name, texts in batches.items():
+        replays_before = gpu_embedder.stats.graph_replays
+        rows = gpu_embedder.encode(texts)
+        np.testing.assert_allclose(rows, embedder.encode(texts), atol=5e-3, err_msg=name)
+        replayed = gpu_embedder.stats.graph_replays > replays_before
+        assert replayed == ("eager" not in name), name
 
 
 @pytest.mark.gpu

@@ -6,14 +6,22 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import inspect
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any
 
 import celery
+import celery.backends.redis
+import celery.worker.loops
+import celery.worker.pidbox
+import pytest
 import redis
 from celery.events.dispatcher import EventDispatcher
+from celery.exceptions import NotRegistered
+from celery.result import AsyncResult
 from kombu import Connection
 from kombu.simple import SimpleQueue
 from kombu.transport import redis as kombu_redis
@@ -165,6 +173,59 @@ def test_celerys_dispatcher_still_drops_the_buffered_task_events_of_the_one_it_r
     )
 
 
+def test_kombus_redis_channel_still_makes_its_messages_with_the_channels_message_class() -> None:
+    dropped: list[str] = []
+    refusing = celery_internals.ChannelGuard(lambda payload: "refused by the canary", dropped.append, dropped.append)
+    connection = Connection(os.environ["MEMQ_BROKER_URL"], transport=celery_internals.guarded_transport(refusing))
+    queue = SimpleQueue(connection.channel(), f"canary-{uuid.uuid4().hex[:8]}")
+    queue.put({"hello": "canary"})
+
+    with pytest.raises(queue.Empty):
+        queue.get(timeout=2)
+    connection.release()
+
+    assert dropped == ["PoisonEnvelope: refused by the canary"], (
+        "kombu's Redis channel no longer builds its messages with Channel.Message, or no longer reads them through "
+        "_brpop_read: memq.celery_internals.GuardedMessage no longer refuses poison envelopes (docs/celery.md)"
+    )
+
+
+def test_celerys_event_loops_still_take_the_task_handler_from_create_task_handler() -> None:
+    source = inspect.getsource(celery.worker.loops)
+
+    assert source.count("obj.create_task_handler()") == 2, (
+        "Celery's worker loops no longer take their task handler from Consumer.create_task_handler: "
+        "memq.celery_internals.screened_consumer no longer screens task messages (docs/celery.md)"
+    )
+
+
+def test_celerys_pidbox_still_dispatches_through_the_panel_table_memq_rewrites() -> None:
+    assert "handlers=control.Panel.data" in inspect.getsource(celery.worker.pidbox), (
+        "Celery's pidbox no longer dispatches remote control through Panel.data: "
+        "memq.celery_internals.refuse_control_commands no longer refuses anything (docs/celery.md)"
+    )
+
+
+def test_celerys_result_consumer_still_gives_up_with_a_runtime_error_raised_from_the_connection_error() -> None:
+    source = inspect.getsource(celery.backends.redis.ResultConsumer.reconnect_on_error)  # 5.7: its base class's
+
+    assert re.search(r"raise RuntimeError\(E_RETRY_LIMIT_EXCEEDED\) from \w+", source), (
+        "Celery's result consumer gives up reconnecting differently: "
+        "memq.celery_internals.is_result_store_outage must recognise the new error (docs/celery.md)"
+    )
+
+
+def test_a_task_id_marked_not_registered_fails_with_not_registered_for_its_caller() -> None:
+    task_id = uuid.uuid4().hex
+
+    celery_internals.mark_not_registered(app, {"id": task_id, "task": "memq.nope"}, {})
+
+    result = AsyncResult(task_id, app=app)
+    assert result.state == "FAILURE"
+    assert isinstance(result.result, NotRegistered)
+    result.forget()
+
+
 def private_accesses_outside_own_classes(path: Path) -> list[str]:
     """``x._name`` where ``x`` is not ``self``/``cls``, and ``self._name`` in a class that memq did not define
     ``_name`` in (so it is its Celery or kombu base class's)."""
@@ -196,9 +257,136 @@ def _is_private(node: ast.AST) -> bool:
     return isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
 
 
-def test_no_memq_module_but_celery_internals_touches_a_private_attribute() -> None:
-    modules = [p for d in PRODUCT_DIRS for p in (ROOT / d).rglob("*.py") if p.name != "celery_internals.py"]
+def celery_names(tree: ast.Module) -> set[str]:
+    """The names a module binds to Celery or kombu objects: what it imports from ``celery``, ``kombu``, memq's
+    Celery app and ``memq.celery_internals``; arguments annotated with one of those; names assigned an alias of one
+    (``table = Panel.data``); and module-level names assigned anything made from one (``GuardedConsumer =
+    celery_internals.screened_consumer(...)``)."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names if _is_celery_module(a.name)}
+        elif isinstance(node, ast.ImportFrom) and _is_celery_module(node.module or ""):
+            names |= {a.asname or a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module == "memq":
+            names |= {a.asname or a.name for a in node.names if a.name in ("app", "celery_internals")}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.arg) and node.annotation is not None and _uses(node.annotation, names):
+            names.add(node.arg)
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Assign):
+            continue
+        if _aliases(node.value, names) or (node in tree.body and _uses(node.value, names)):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    return names
 
-    found = [hit for module in modules for hit in private_accesses_outside_own_classes(module)]
+
+def _is_celery_module(module: str) -> bool:
+    return module.split(".")[0] in ("celery", "kombu") or module in ("memq.app", "memq.celery_internals")
+
+
+def _uses(expression: ast.AST, names: set[str]) -> bool:
+    return any(isinstance(node, ast.Name) and node.id in names for node in ast.walk(expression))
+
+
+def _aliases(value: ast.AST, names: set[str]) -> bool:
+    """Whether ``value`` may be one of those objects itself (``Panel.data``, ``x if c else Panel.data``)."""
+    if isinstance(value, ast.IfExp):
+        return _aliases(value.body, names) or _aliases(value.orelse, names)
+    if isinstance(value, ast.BoolOp):
+        return any(_aliases(operand, names) for operand in value.values)
+    root = _root(value)
+    return isinstance(root, ast.Name) and root.id in names
+
+
+def _root(target: ast.AST) -> ast.AST:
+    while isinstance(target, ast.Attribute | ast.Subscript):
+        target = target.value
+    return target
+
+
+def _is_app_setting(target: ast.AST) -> bool:
+    """``app.conf.name = value``: a setting, through Celery's documented configuration object."""
+    return isinstance(target, ast.Attribute) and isinstance(target.value, ast.Attribute) and target.value.attr == "conf"
+
+
+def overrides_outside_internals(path: Path) -> list[str]:
+    """Subclasses of a Celery or kombu class, and assignments to an attribute or item of a Celery or kombu object
+    (a class, a module, a table such as ``Panel.data``), in one product module."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = celery_names(tree)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and any(_uses(base, names) for base in node.bases):
+            found.append(f"{path.name}:{node.lineno} class {node.name} subclasses Celery/kombu")
+        for target in _assigned(node):
+            root = _root(target)
+            if target is not root and isinstance(root, ast.Name) and root.id in names and not _is_app_setting(target):
+                found.append(f"{path.name}:{node.lineno} assigns to {ast.unparse(target)}")
+    return found
+
+
+def _assigned(node: ast.AST) -> list[ast.AST]:
+    if isinstance(node, ast.Assign):
+        return node.targets
+    if isinstance(node, ast.AugAssign | ast.AnnAssign):
+        return [node.target]
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr" and node.args:
+        name = node.args[1].value if len(node.args) > 1 and isinstance(node.args[1], ast.Constant) else "?"
+        return [ast.Attribute(value=node.args[0], attr=str(name))]
+    return []
+
+
+def product_modules_but_internals() -> list[Path]:
+    return [p for d in PRODUCT_DIRS for p in (ROOT / d).rglob("*.py") if p.name != "celery_internals.py"]
+
+
+def test_no_memq_module_but_celery_internals_touches_a_private_attribute() -> None:
+    found = [hit for module in product_modules_but_internals() for hit in private_accesses_outside_own_classes(module)]
 
     assert found == [], "private attributes outside memq/celery_internals.py (move them there, docs/celery.md)"
+
+
+def test_no_memq_module_but_celery_internals_subclasses_or_assigns_into_celery_or_kombu() -> None:
+    found = [hit for module in product_modules_but_internals() for hit in overrides_outside_internals(module)]
+
+    assert found == [], (
+        "overrides of Celery or kombu outside memq/celery_internals.py (move them there, docs/celery.md)"
+    )
+
+
+OVERRIDES = """
+from celery import Task
+from celery.worker.consumer import Consumer
+from celery.worker.control import Panel
+from kombu.transport import redis as kombu_redis
+from memq import celery_internals
+from memq.app import app
+
+class Screened(Consumer): pass
+class Channel(celery_internals.GuardedRedisChannel): pass
+kombu_redis.Channel.Message = object
+table = Panel.data
+table["shutdown"] = None
+def tag(task: Task) -> None:
+    task.request.tagged = True
+setattr(app, "tagged", True)
+app.conf.broker_transport = "allowed: a setting"
+"""
+
+
+def test_the_override_check_finds_subclasses_and_assignments_into_celery_and_kombu_objects(tmp_path: Path) -> None:
+    module = tmp_path / "overrides.py"
+    module.write_text(OVERRIDES)
+
+    found = overrides_outside_internals(module)
+
+    assert {hit.split(" ", 1)[1] for hit in found} == {
+        "class Screened subclasses Celery/kombu",
+        "class Channel subclasses Celery/kombu",
+        "assigns to kombu_redis.Channel.Message",
+        "assigns to table['shutdown']",
+        "assigns to task.request.tagged",
+        "assigns to app.tagged",
+    }
+    assert len(found) == 6

@@ -309,8 +309,8 @@ def test_memq_stamps_each_publish_with_its_time_even_a_copy_of_older_headers(
     queue = f"memq-test-stamp-{uuid.uuid4().hex[:8]}"
     lists.append(queue)
     before = time.time()
-    app.send_task(names.NOOP, queue=queue)
-    app.send_task(names.NOOP, queue=queue, headers={exporter.PUBLISHED_AT_HEADER: 1.0})  # as a retry copies it
+    app.send_task(names.SEARCH, queue=queue)
+    app.send_task(names.SEARCH, queue=queue, headers={exporter.PUBLISHED_AT_HEADER: 1.0})  # as a retry copies it
     after = time.time()
     stamps = [json.loads(raw)["headers"][exporter.PUBLISHED_AT_HEADER] for raw in cache_redis.lrange(queue, 0, -1)]
     assert len(stamps) == 2 and all(before <= stamp <= after for stamp in stamps)
@@ -321,9 +321,9 @@ def test_the_watch_ages_stamped_and_unstamped_messages(cache_redis: redis.Redis,
     lists += [stamped, foreign, empty]
     now = [1000.0]
     watch = exporter.QueueWatch(cache_redis, [stamped, foreign, empty], clock=lambda: now[0])
-    cache_redis.lpush(stamped, envelope({"id": "a", "task": names.NOOP, exporter.PUBLISHED_AT_HEADER: 990.0}))
-    cache_redis.lpush(stamped, envelope({"id": "b", "task": names.NOOP, exporter.PUBLISHED_AT_HEADER: 999.0}))
-    cache_redis.lpush(foreign, envelope({"id": "f1", "task": names.NOOP}))
+    cache_redis.lpush(stamped, envelope({"id": "a", "task": names.SEARCH, exporter.PUBLISHED_AT_HEADER: 990.0}))
+    cache_redis.lpush(stamped, envelope({"id": "b", "task": names.SEARCH, exporter.PUBLISHED_AT_HEADER: 999.0}))
+    cache_redis.lpush(foreign, envelope({"id": "f1", "task": names.SEARCH}))
     cache_redis.lpush(foreign, b"\xff not json")
 
     states = watch.sample()
@@ -410,9 +410,9 @@ def test_memq_exporter_reports_depth_and_a_growing_age_from_the_real_broker(
         assert idle[("memq_queue_messages", queue)] == 0 and idle[("memq_queue_oldest_age_seconds", queue)] == 0
 
         published = time.time()
-        app.send_task(names.NOOP, queue=queue)  # stamped by memq's app
+        app.send_task(names.SEARCH, queue=queue)  # stamped by memq's app
         pushed = time.time()
-        cache_redis.lpush(foreign, envelope({"id": f"other-{uuid.uuid4().hex}", "task": names.NOOP}))  # not stamped
+        cache_redis.lpush(foreign, envelope({"id": f"other-{uuid.uuid4().hex}", "task": names.SEARCH}))  # not stamped
         services.wait_until(
             lambda: scrape(port)[("memq_queue_oldest_age_seconds", foreign)] > 0, 10, "the unstamped message's age"
         )
@@ -452,7 +452,7 @@ def test_the_exporter_interval_must_be_positive() -> None:
 def test_the_watch_samples_a_stale_shard_queue_while_it_holds_messages(cache_redis: redis.Redis) -> None:
     stale = "search.1023"  # outside any N a test fleet uses
     watch = exporter.QueueWatch(cache_redis, fleet_queues(2), clock=lambda: 1000.0)
-    cache_redis.lpush(stale, envelope({"id": "s", "task": names.NOOP, exporter.PUBLISHED_AT_HEADER: 990.0}))
+    cache_redis.lpush(stale, envelope({"id": "s", "task": names.SEARCH, exporter.PUBLISHED_AT_HEADER: 990.0}))
     try:
         holding = watch.sample()
     finally:
@@ -467,7 +467,7 @@ def test_the_watch_samples_a_stale_shard_queue_while_it_holds_messages(cache_red
 def test_an_unstamped_message_back_on_a_stale_shard_queue_is_aged_from_its_return(cache_redis: redis.Redis) -> None:
     stale, now = "search.1022", [1000.0]
     watch = exporter.QueueWatch(cache_redis, fleet_queues(1), clock=lambda: now[0])
-    message = envelope({"id": "u", "task": names.NOOP})  # no publish-time header: aged from when it was seen
+    message = envelope({"id": "u", "task": names.SEARCH})  # no publish-time header: aged from when it was seen
     try:
         cache_redis.lpush(stale, message)
         first = watch.sample()[stale]

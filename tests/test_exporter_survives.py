@@ -24,7 +24,7 @@ def queues(cache_redis: redis.Redis) -> Iterator[list[str]]:
 
 
 def stamped(published_at: float) -> str:
-    headers = {"id": str(uuid.uuid4()), "task": names.NOOP, exporter.PUBLISHED_AT_HEADER: published_at}
+    headers = {"id": str(uuid.uuid4()), "task": names.SEARCH, exporter.PUBLISHED_AT_HEADER: published_at}
     return json.dumps({"body": "W10=", "content-type": "application/json", "headers": headers, "properties": {}})
 
 

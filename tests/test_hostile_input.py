@@ -333,7 +333,8 @@ def test_a_raw_search_with_hostile_arguments_reports_an_error_and_reads_no_tenan
 def test_a_raw_search_with_a_garbage_embedding_reports_an_error(
     app: Any, victim: str, embedded: Any, mongo_db: Any
 ) -> None:
-    state, value = outcome_of(app, names.SEARCH, [embedded, victim, "semantic", 3], names.SEARCH_QUEUE)
+    vector_search = [embedded, victim, "semantic", 3, "auto", None, None, "vector"]
+    state, value = outcome_of(app, names.SEARCH, vector_search, names.SEARCH_QUEUE)
 
     assert state == "SUCCESS"
     assert value["items"] == [] and value["error"]

@@ -56,7 +56,7 @@ def test_memq_status_lists_each_collections_vector_and_search_index_state(mongo_
 
 
 def test_a_search_that_needs_a_missing_index_fails_naming_memq_indexes_instead_of_returning_nothing(
-    mongo_db: Any,
+    mongo_db: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from memq.errors import IndexNotReady
     from memq.workers import index_readiness
@@ -64,7 +64,7 @@ def test_a_search_that_needs_a_missing_index_fails_naming_memq_indexes_instead_o
     if os.environ.get("MEMQ_TEST_REAL_MONGODB"):
         pytest.skip("on a real Atlas the index may exist")
     mongo_db["conversation_memory"].insert_one({"memory_id": "index-probe", "content": "x"})
-    index_readiness.forget_states()
+    monkeypatch.setattr(index_readiness, "_states", {})  # nothing looked up yet in this process
 
     with pytest.raises(IndexNotReady, match="memq indexes"):
         index_readiness.require_ready("conversation_memory", "memq_vector", "vector")

@@ -79,3 +79,43 @@ def test_an_nfd_and_an_nfc_query_are_one_query(multilingual_tenant: str, cache_r
     nfd = client.retrieve(unicodedata.normalize("NFD", "Köln"), multilingual_tenant, {"semantic": 1}, mode="lexical")
 
     assert nfd["cached"] is True and nfd["results"] == nfc["results"]
+
+
+#: Memories whose text changes under the text form (``memq.validation.text_form``), beside plain near-twins.
+UNUSUAL_FORMS = [
+    "Ｒｅｓｅｒｖｅｄ ｔａｂｌｅ ａｔ ｔｅｎ",  # full-width Latin
+    "The ﬁnal ﬁle is ready",  # ligatures
+    "Meet in room Ⅻ at ⑩, it is 5 ㎞ from the ㍿ office",  # compatibility characters
+]
+PLAIN_NEIGHBOURS = [
+    "Reserved a table at nine",
+    "The first draft of the file is ready",
+    "Meet in room 11 at nine, it is 4 km from the office",
+    "Booked seats for ten at the theatre",
+]
+
+
+@pytest.fixture(scope="module")
+def unusual_forms_tenant() -> str:
+    import uuid
+
+    tenant = f"forms-{uuid.uuid4().hex[:8]}"
+    client.remember(tenant, "semantic", [*UNUSUAL_FORMS, *PLAIN_NEIGHBOURS])
+    return tenant
+
+
+@pytest.mark.parametrize("text", UNUSUAL_FORMS)
+def test_a_memory_searched_with_its_own_text_scores_one_and_ranks_first_whatever_its_unicode_form(
+    text: str, unusual_forms_tenant: str
+) -> None:
+    result = client.retrieve(
+        text,
+        unusual_forms_tenant,
+        {"semantic": 3},
+        mode="vector",
+        weights={"relevance": 1, "recency": 0, "importance": 0},
+    )
+
+    [first, *_] = result["results"]["long_term_memory"]
+    assert first["content"] == text  # stored and returned as written
+    assert first["scores"]["vector"] == pytest.approx(1.0, abs=1e-3)

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from faultkit import memq_cli
 from prometheus_client.parser import text_string_to_metric_families
 
 from memq import client, names, services
@@ -66,17 +67,6 @@ def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
 @pytest.fixture(scope="module")
 def metered(fleet: Any) -> MeteredFleet:
     return MeteredFleet(dict(fleet.hostnames), dict(fleet.metrics_ports))
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "memq.cli", *args],
-        env=env or dict(os.environ),
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        cwd=ROOT,
-    )
 
 
 @dataclass
@@ -162,7 +152,7 @@ def web_app(metered: MeteredFleet, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def test_status_lists_each_queues_workers_and_the_embed_workers_model_and_device(metered: MeteredFleet) -> None:
-    result = run_cli("status", "--json", "--timeout-s", "2")
+    result = memq_cli("status", "--json", "--timeout-s", "2")
 
     assert result.returncode == 0, result.stdout + result.stderr
     status = json.loads(result.stdout)
@@ -181,7 +171,7 @@ def test_status_lists_each_queues_workers_and_the_embed_workers_model_and_device
 
 
 def test_status_prints_a_table_of_queues_and_workers(metered: MeteredFleet) -> None:
-    result = run_cli("status", "--timeout-s", "2")
+    result = memq_cli("status", "--timeout-s", "2")
 
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -195,7 +185,7 @@ def test_status_prints_a_table_of_queues_and_workers(metered: MeteredFleet) -> N
 def test_status_reports_an_unreachable_mongodb_and_exits_nonzero(metered: MeteredFleet) -> None:
     dead_uri = f"mongodb://127.0.0.1:{services.free_port()}"
 
-    result = run_cli("status", "--json", env={**os.environ, "MEMQ_MONGODB_URI": dead_uri})
+    result = memq_cli("status", "--json", env={**os.environ, "MEMQ_MONGODB_URI": dead_uri})
 
     assert result.returncode == 1
     status = json.loads(result.stdout)
@@ -208,7 +198,7 @@ def test_status_reports_an_unreachable_redis_without_waiting_for_workers() -> No
     dead = f"redis://127.0.0.1:{services.free_port()}/0"
     env = {**os.environ, "MEMQ_BROKER_URL": dead, "MEMQ_RESULT_BACKEND": dead}
 
-    result = run_cli("status", "--json", env=env)
+    result = memq_cli("status", "--json", env=env)
 
     assert result.returncode == 1
     status = json.loads(result.stdout)
@@ -329,7 +319,7 @@ def test_flowers_api_refuses_requests_without_the_configured_credentials(flower:
 
 
 def test_memq_flower_refuses_to_start_without_credentials() -> None:
-    result = run_cli("flower", "--port", str(services.free_port()), env={**os.environ, "MEMQ_FLOWER_BASIC_AUTH": ""})
+    result = memq_cli("flower", "--port", str(services.free_port()), env={**os.environ, "MEMQ_FLOWER_BASIC_AUTH": ""})
 
     assert result.returncode == 2
     assert "MEMQ_FLOWER_BASIC_AUTH" in result.stderr

@@ -1,31 +1,24 @@
 """Edges an independent probe broke (issue #26): a misspelled remote-control list, ``hello`` revoking tasks, a worker
-option without its value, and a resume line past the end of an import file."""
+option without its value, a resume line past the end of an import file, and a far-future ``eta`` held
+unacknowledged."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from celery.exceptions import TaskRevokedError
+from faultkit import memq_cli
 
-from memq import names
-
-
-def memq_cli(*args: str, env: dict[str, str] | None = None, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "memq.cli", *args],
-        env=env or dict(os.environ),
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-    )
+from memq import client, keys, names
+from memq.workers.control import DEFAULT_ALLOWED_COMMANDS
 
 
 @pytest.mark.parametrize("setting", ["shutdwon", "ALL", "ping,revok"])
@@ -83,3 +76,113 @@ def test_a_hello_broadcast_with_a_revoked_map_is_refused_and_revokes_nothing(fle
     except TaskRevokedError:  # what a worker that adopted the map does
         pytest.fail("a hello broadcast revoked a task on a worker")
     assert vector
+
+
+def broker() -> redis.Redis:
+    return redis.Redis.from_url(os.environ["MEMQ_BROKER_URL"])
+
+
+def dead_letter_of(task_id: str, timeout_s: float = 60.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for raw in broker().lrange(keys.DEAD_LETTERS, 0, -1):
+            letter = json.loads(raw)
+            if task_id in letter["headers"]:
+                return letter
+        time.sleep(0.1)
+    raise AssertionError(f"no dead letter for {task_id} within {timeout_s:g} s")
+
+
+def held_unacknowledged(task_id: str, settle_s: float = 10.0) -> bool:
+    """Whether a worker still holds the message after ``settle_s`` (a dead letter is recorded, then acknowledged)."""
+    deadline = time.monotonic() + settle_s
+    while any(task_id in raw.decode("utf-8", "replace") for raw in broker().hvals("unacked")):
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+FAR_FUTURE_TASKS = {
+    names.EMBED_QUEUE: (names.EMBED_QUERY, ["a message for the year 2036"]),
+    names.SEARCH_QUEUE: (names.MERGE, [[]]),
+    names.INGEST_QUEUE: (names.FORGET, ["far-future-tenant-nobody-uses"]),
+}
+
+
+@pytest.mark.parametrize("queue", names.QUEUES)
+def test_a_message_with_an_eta_ten_years_ahead_is_dead_lettered_not_held_and_the_worker_keeps_serving(
+    queue: str, fleet: Any, app: Any, tenant: str
+) -> None:
+    task, args = FAR_FUTURE_TASKS[queue]
+
+    sent = app.send_task(task, args=args, queue=queue, eta=datetime.now(UTC) + timedelta(days=3653))
+
+    letter = dead_letter_of(sent.id)
+    assert letter["reason"] == "eta_too_far" and letter["queue"] == queue
+    assert "MEMQ_VISIBILITY_TIMEOUT_S" in letter["detail"]
+    assert not held_unacknowledged(sent.id)
+    assert all(process.poll() is None for process in fleet.workers.values())
+    client.remember(tenant, "semantic", ["keeps bees in the garden"])
+    assert client.retrieve("bees", tenant, {"semantic": 1})["results"]["long_term_memory"]
+
+
+def test_a_message_whose_eta_is_after_its_own_expiry_is_dead_lettered_naming_both(fleet: Any, app: Any) -> None:
+    now = datetime.now(UTC)
+
+    sent = app.send_task(
+        names.EMBED_QUERY, args=["too late"], eta=now + timedelta(seconds=60), expires=now + timedelta(seconds=30)
+    )
+
+    letter = dead_letter_of(sent.id)
+    assert letter["reason"] == "eta_after_deadline"
+    assert "expires" in letter["detail"] and "eta" in letter["detail"]
+    assert not held_unacknowledged(sent.id)
+
+
+def test_no_command_allowed_by_default_revokes_or_rate_limits_a_task_and_every_worker_keeps_serving(
+    fleet: Any, app: Any
+) -> None:
+    victim = str(uuid.uuid4())
+    hostile = {
+        "from_node": "intruder@elsewhere",
+        "revoked": {victim: time.time()},
+        "ids": [victim],
+        "task_id": victim,
+        "task_name": names.EMBED_QUERY,
+        "rate_limit": "1/h",
+    }
+
+    for command in sorted(DEFAULT_ALLOWED_COMMANDS):
+        app.control.broadcast(command, arguments=hostile, reply=True, timeout=1.0, destination=list(fleet.workers))
+    first = app.send_task(names.EMBED_QUERY, args=["the task someone tried to revoke"], task_id=victim)
+    second = app.send_task(names.EMBED_QUERY, args=["a second one, past a 1/h rate limit"])
+
+    revoked = app.control.inspect(destination=list(fleet.workers), timeout=2.0).revoked() or {}
+    assert all(victim not in ids for ids in revoked.values()), revoked
+    assert first.get(timeout=60)["vector"] and second.get(timeout=60)["vector"]
+    pings = app.control.ping(destination=list(fleet.workers), timeout=2.0)
+    assert {host for reply in pings for host in reply} == set(fleet.workers)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "field"),
+    [
+        ([], {}, "memory_id"),
+        ([{}, "tenant", "semantic", 3, "auto", None, "q", "vector", None, "one too many"], {}, "args"),
+        ([], {"bogus": 1}, "bogus"),
+    ],
+)
+def test_a_raw_search_with_wrong_arguments_reports_invalid_input_naming_the_field_and_never_raises(
+    args: list[Any], kwargs: dict[str, Any], field: str, fleet: Any, app: Any
+) -> None:
+    result = app.send_task(names.SEARCH, args=args, kwargs=kwargs, queue=names.SEARCH_QUEUE).get(timeout=60)
+
+    assert result["items"] == [] and result["error"].startswith(f"invalid input: {field}: "), result
+    assert app.control.ping(destination=list(fleet.workers), timeout=2.0)
+
+
+def test_a_raw_search_without_a_mode_is_a_hybrid_search_like_a_retrieval(fleet: Any, app: Any) -> None:
+    result = app.send_task(names.SEARCH, args=[{}, "tenant", "semantic", 3], queue=names.SEARCH_QUEUE).get(timeout=60)
+
+    assert result["error"] == "invalid input: query: is needed for mode 'hybrid'", result

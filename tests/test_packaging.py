@@ -43,8 +43,10 @@ def test_importing_memq_and_its_client_api_loads_no_model_driver_or_worker_modul
     assert json.loads(proc.stdout) == []
 
 
-def test_an_installed_memq_claims_no_generic_top_level_package(tmp_path: Path) -> None:
-    target = tmp_path / "site-packages"
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """memq as ``pip install`` lays it out in a web app's site-packages."""
+    target = tmp_path_factory.mktemp("installed") / "site-packages"
     install = subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", target, ROOT],
         capture_output=True,
@@ -52,13 +54,21 @@ def test_an_installed_memq_claims_no_generic_top_level_package(tmp_path: Path) -
         timeout=300,
     )
     assert install.returncode == 0, install.stderr
+    return target
 
+
+def test_an_installed_memq_claims_no_generic_top_level_package(installed: Path) -> None:
+    target = installed
     importable = {entry.name for entry in target.iterdir() if (entry / "__init__.py").is_file()}
     importable |= {entry.stem for entry in target.glob("*.py")}
     assert importable == {"memq"}
     assert not {"config", "tasks", "workers"} & {entry.name for entry in target.iterdir()}
     for folder in ("config", "tasks", "workers"):
         assert (target / "memq" / folder / "__init__.py").is_file()
+
+
+def test_an_installed_memq_is_marked_typed_for_a_web_apps_type_checker(installed: Path) -> None:
+    assert (installed / "memq" / "py.typed").is_file()
 
 
 def test_a_django_project_with_its_own_config_package_and_tasks_module_retrieves_through_memq(

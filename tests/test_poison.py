@@ -50,7 +50,7 @@ def empty_dead_letters(probe: BrokerProbe) -> Iterator[None]:
     probe.clear_dead_letters()
 
 
-def good_headers(task: str = names.NOOP) -> dict[str, Any]:
+def good_headers(task: str = names.SEARCH) -> dict[str, Any]:
     return {"id": str(uuid.uuid4()), "task": task, "lang": "py", "argsrepr": "()", "kwargsrepr": "{}"}
 
 
@@ -67,12 +67,12 @@ def deep_header_envelope(queue: str) -> str:
 
 BAD_BODIES = [b"[1]", b'{"a": 1}', b"null", b"5", b'"abc"', b"[[], {}]", b"\xff\xfe not json"]
 BAD_HEADERS = [
-    {"task": names.NOOP},
-    {"id": None, "task": names.NOOP},
-    {"id": 5, "task": names.NOOP},
+    {"task": names.SEARCH},
+    {"id": None, "task": names.SEARCH},
+    {"id": 5, "task": names.SEARCH},
     {"id": str(uuid.uuid4())},
     {"id": str(uuid.uuid4()), "task": 5},
-    {"id": str(uuid.uuid4()), "task": ["memq.noop"]},
+    {"id": str(uuid.uuid4()), "task": [names.SEARCH]},
     {"id": str(uuid.uuid4()), "task": "memq.no_such_task"},
     {**good_headers(), "timelimit": 7},
     {**good_headers(), "retries": "many"},
@@ -277,7 +277,9 @@ def test_a_dead_letters_preview_never_reaches_the_terminal_with_control_characte
 def test_a_search_message_with_an_embedded_that_is_not_a_dict_reports_the_type_instead_of_raising(
     app: Any, tenant: str
 ) -> None:
-    sent = app.send_task(names.SEARCH, args=[["not", "a", "dict"], tenant, "semantic", 3], queue=names.SEARCH_QUEUE)
+    sent = app.send_task(
+        names.SEARCH, args=[["not", "a", "dict"], tenant, "semantic", 3], kwargs={"mode": "vector"}, queue="search"
+    )
 
     result = sent.get(timeout=30)
 
@@ -329,10 +331,19 @@ def test_a_search_whose_query_vector_is_empty_short_or_garbage_reports_the_type(
 ) -> None:
     client.remember(tenant, "semantic", ["keeps a vegetable patch"])
 
-    sent = app.send_task(names.SEARCH, args=[{"vector": vector}, tenant, "semantic", 3], queue=names.SEARCH_QUEUE)
+    sent = app.send_task(
+        names.SEARCH,
+        args=[{"vector": vector}, tenant, "semantic", 3],
+        kwargs={"mode": "vector"},
+        queue=names.SEARCH_QUEUE,
+    )
     result = sent.get(timeout=30)
 
     assert result["items"] == [] and result["error"].startswith("invalid input: embedded:")
+
+
+#: A search that reports its malformed query vector and succeeds: what a replay may run any number of times.
+HARMLESS_SEARCH = b'[[["not", "a", "dict"], "replay-tenant", "semantic", 3], {"mode": "vector"}, {}]'
 
 
 def letter_of(letter_id: str) -> dict[str, Any]:
@@ -379,8 +390,8 @@ def test_a_letter_whose_task_is_not_routed_to_its_queue_is_refused(probe: Broker
 
 
 def test_two_concurrent_replays_of_one_letter_publish_it_once(probe: BrokerProbe, cache_redis: redis.Redis) -> None:
-    headers = good_headers(names.NOOP)
-    letter = probe.plant_letter("search", headers, b'[["once"], {}, {}]')
+    headers = good_headers(names.SEARCH)
+    letter = probe.plant_letter("search", headers, HARMLESS_SEARCH)
 
     both = [
         subprocess.Popen(
@@ -399,8 +410,8 @@ def test_two_concurrent_replays_of_one_letter_publish_it_once(probe: BrokerProbe
 
 
 def test_replay_all_goes_on_past_bad_letters_and_reports_each_in_one_line(probe: BrokerProbe) -> None:
-    bad = probe.plant_letter("search", good_headers(names.NOOP), b"not json at all")
-    good = probe.plant_letter("search", good_headers(names.NOOP), b'[["fine"], {}, {}]')
+    bad = probe.plant_letter("search", good_headers(names.SEARCH), b"not json at all")
+    good = probe.plant_letter("search", good_headers(names.SEARCH), HARMLESS_SEARCH)
     garbage = probe.plant_stored("{{{ not a message") if isinstance(probe, RedisProbe) else None
 
     done = replay_cli("--replay-all")

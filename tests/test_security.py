@@ -128,7 +128,7 @@ def test_a_worker_with_a_password_in_its_broker_url_never_logs_the_password(
         host = fleet.start("search", name="secret-search", extra_args=["--loglevel", "DEBUG"])
         fleet.wait_ready(app, [host])
         # Real work and a failing task, so the log holds connection lines, task lines and an error.
-        assert app.send_task(names.NOOP, args=("x",), queue=names.SEARCH_QUEUE).get(timeout=60) is not None
+        assert app.send_task(names.SEARCH, args=("x",), queue=names.SEARCH_QUEUE).get(timeout=60) is not None
         failed = app.send_task(names.SEARCH, args=({}, "tenant", "dreams", 1), queue=names.SEARCH_QUEUE)
         assert "error" in failed.get(timeout=60)
         status = subprocess.run(

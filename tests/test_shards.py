@@ -215,7 +215,7 @@ def test_a_stale_shard_queue_with_messages_and_no_worker_makes_status_not_ok_unt
     from memq import names
 
     broker = redis.Redis.from_url(shard_fleet.broker.url)
-    shard_fleet.app.send_task(names.NOOP, queue="search.5")
+    shard_fleet.app.send_task(names.SEARCH, queue="search.5")
     status_code = "import json; from memq.status import collect_status; print(json.dumps(collect_status(timeout_s=1)))"
     try:
         stranded = shard_fleet.client(status_code)

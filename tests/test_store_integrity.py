@@ -14,9 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 from bson.binary import Binary
+from faultkit import memq_cli
 from test_hostile_input import outcome_of
 
 from memq import client, names
@@ -41,18 +40,6 @@ TOO_LATE = "9999-12-31T23:00:00-05:00"  # 10000-01-01T04:00 in UTC
 
 def stored_count(mongo_db: Any, memory_id: str, collection: str = "long_term_memory") -> int:
     return mongo_db[collection].count_documents({"memory_id": memory_id})
-
-
-def memq_cli(*args: str | bytes) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable.encode(), b"-m", b"memq.cli", *(a if isinstance(a, bytes) else a.encode() for a in args)],
-        capture_output=True,
-        text=True,
-        errors="replace",
-        timeout=120,
-        env=os.environ,
-        cwd=ROOT,
-    )
 
 
 def one_error_line(shown: subprocess.CompletedProcess[str]) -> str:

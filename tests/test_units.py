@@ -332,7 +332,7 @@ def test_a_search_of_more_candidates_than_allowed_names_k() -> None:
 def test_a_result_store_outage_is_recognised_by_its_cause_not_its_text() -> None:
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    from memq.client import is_result_store_outage
+    from memq.celery_internals import is_result_store_outage
 
     def raised_from(cause: BaseException, text: str) -> RuntimeError:
         try:
@@ -595,25 +595,26 @@ def test_a_store_that_fails_before_writing_still_bumps_the_version(monkeypatch: 
 
 @pytest.mark.parametrize("depth", [33, 1000, 100_000])
 def test_a_jsonl_line_nested_deeper_than_32_is_refused_naming_the_line(depth: int, tmp_path: Path) -> None:
-    from memq.cli import MAX_JSONL_DEPTH, read_jsonl
+    from memq.cli import MAX_JSONL_DEPTH, iter_jsonl
 
     path = tmp_path / "memories.jsonl"
     deep = '{"content": "x", "metadata": {"a": ' + "[" * (depth - 2) + "]" * (depth - 2) + "}}"
     path.write_text('{"content": "fine"}\n\n' + deep + "\n", encoding="utf-8")
 
     with pytest.raises(InvalidInput) as caught:
-        read_jsonl(path)
+        list(iter_jsonl(path))
 
     assert MAX_JSONL_DEPTH == 32
     assert caught.value.field == "file" and str(caught.value).startswith("file: line 3: ")
 
 
 def test_a_jsonl_line_nested_32_deep_is_read(tmp_path: Path) -> None:
-    from memq.cli import json_depth, read_jsonl
+    from memq.cli import iter_jsonl, json_depth
 
     path = tmp_path / "memories.jsonl"
     path.write_text('{"content": "x", "metadata": {"a": ' + "[" * 30 + "]" * 30 + "}}\n", encoding="utf-8")
-    assert json_depth(read_jsonl(path)[0]) == 32
+    [(_, item)] = iter_jsonl(path)
+    assert json_depth(item) == 32
 
     line = {"content": "x", "metadata": {"a": [[[]]]}}
     assert json_depth(line) == 5

@@ -68,7 +68,7 @@ def test_a_search_given_a_malformed_embed_result_field_reports_invalid_input_nam
     app: Any, embedded: dict[str, Any], change: dict[str, Any], field: str
 ) -> None:
     state, value = outcome_of(
-        app, names.SEARCH, names.SEARCH_QUEUE, {**embedded, **change}, TENANT, "long_term_memory", 3
+        app, names.SEARCH, names.SEARCH_QUEUE, {**embedded, **change}, TENANT, "long_term_memory", 3, mode="vector"
     )
 
     assert state == "SUCCESS"

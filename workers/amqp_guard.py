@@ -3,9 +3,9 @@
 1. A delivery whose AMQP header frame cannot be decoded (a header table nested 3,000 deep exhausts py-amqp's
    recursive decoder; on Celery that is "Unrecoverable error: RecursionError", every worker of the queue dies, and
    the message, never acknowledged, kills the next one) is handed on without its properties
-   (``guarded_frame_handler``, through py-amqp's documented ``Connection(frame_handler=...)`` argument, on the
-   transport ``GuardedAmqpTransport`` that ``memq worker`` installs on an ``amqp://`` broker): the guard then finds
-   no ``id``/``task`` header and dead-letters it like any malformed message.
+   (``memq.celery_internals.guarded_amqp_transport``, through py-amqp's documented ``Connection(frame_handler=...)``
+   argument; ``memq worker`` installs ``GuardedAmqpTransport`` on an ``amqp://`` broker): the guard then finds no
+   ``id``/``task`` header and dead-letters it like any malformed message.
 2. Dead letters: a message the guard (``memq.workers.guard``) refuses is published, whole, to the
 broker's ``memq.dead`` exchange (``memq.broker``), with headers saying why, before the guard acknowledges it. The
 broker keeps it in the ``memq.dead`` quorum queue, replicated like the task queues, beside the letters it
@@ -18,16 +18,12 @@ from __future__ import annotations
 
 import logging
 import re
-import struct
 import time
-from collections.abc import Callable
 from typing import Any
 
-from amqp.method_framing import frame_handler
 from kombu import Exchange, Queue
-from kombu.transport import pyamqp
 
-from memq import broker
+from memq import broker, celery_internals
 from memq.workers.metrics import DEAD_LETTERS
 
 log = logging.getLogger(__name__)
@@ -38,48 +34,12 @@ DETAIL_CHARS = 300
 DELAY_PREFIX = re.compile(r"^(?:[01]\.){28}")
 
 
-#: What py-amqp raises for a header frame it cannot decode (never a connection's own error).
-UNDECODABLE_HEADER_ERRORS: tuple[type[BaseException], ...] = (
-    RecursionError,
-    struct.error,
-    UnicodeDecodeError,
-    ValueError,
-    KeyError,
-    IndexError,
-)
-HEADER_FRAME = 2
+def on_undecodable_header(detail: str) -> None:
+    log.error("a delivery's AMQP header could not be decoded (%s); it is dead-lettered", detail)
 
 
-def guarded_frame_handler(connection: Any, callback: Callable[..., Any], **options: Any) -> Callable[[Any], bool]:
-    """py-amqp's frame handler, except that a content-header frame it cannot decode leaves the message without
-    properties (delivered on, then dead-lettered by the guard) instead of raising out of the connection."""
-    on_frame = frame_handler(connection, callback, **options)
-
-    def on_guarded_frame(frame: Any) -> bool:
-        try:
-            return bool(on_frame(frame))
-        except UNDECODABLE_HEADER_ERRORS as exc:
-            frame_type, channel, buf = frame
-            if frame_type != HEADER_FRAME:
-                raise
-            log.error("a delivery's AMQP header could not be decoded (%s); it is dead-lettered", type(exc).__name__)
-            class_id, body_size = struct.unpack_from(">HxxQ", buf, 0)
-            # The same header with no properties (flags 0): the message then waits for its body as usual.
-            return bool(on_frame((frame_type, channel, struct.pack(">HxxQH", class_id, body_size, 0))))
-
-    return on_guarded_frame
-
-
-class GuardedAmqpConnection(pyamqp.Connection):  # type: ignore[misc]
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("frame_handler", guarded_frame_handler)
-        super().__init__(*args, **kwargs)
-
-
-class GuardedAmqpTransport(pyamqp.Transport):  # type: ignore[misc]
-    """kombu's py-amqp transport on ``GuardedAmqpConnection`` (setting ``broker_transport``, worker processes)."""
-
-    Connection = GuardedAmqpConnection
+#: kombu's py-amqp transport whose connections pass ``Connection(frame_handler=...)`` (``memq.celery_internals``).
+GuardedAmqpTransport = celery_internals.guarded_amqp_transport(on_undecodable_header)
 
 
 def is_amqp_app(app: Any) -> bool:

@@ -98,10 +98,6 @@ class DynamicBatcher:
             future.cancel()
             raise
 
-    def pending_requests(self) -> int:
-        with self._ready:
-            return len(self._queue)
-
     def is_closed(self) -> bool:
         """True once ``close`` was called (queued work may still be finishing)."""
         with self._ready:

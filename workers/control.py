@@ -7,19 +7,20 @@
   ``memq status``, Flower and ``celery inspect`` use, plus ``enable_events`` and ``heartbeat`` (Flower turns events
   on); every other command (``shutdown``, ``pool_restart``, ``cancel_consumer``, ``revoke``, ``rate_limit`` ...) is
   refused with a reply that says so, logged and counted. ``MEMQ_REMOTE_CONTROL`` names more commands to allow
-  (``shutdown,revoke``) or ``all``. Celery's documented command table (``Panel.data``) is what is restricted.
+  (``shutdown,revoke``) or ``all``. Celery's command table is rewritten by ``memq.celery_internals``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable
 from typing import Any
 
 from celery.worker import state as worker_state
-from celery.worker.control import Panel, inspect_command
+from celery.worker.control import inspect_command
 
+from memq import celery_internals
 from memq.errors import ConfigError
 from memq.names import INFO_COMMAND, WORKER_KIND_ENV
 from memq.settings import get_settings
@@ -121,21 +122,17 @@ def allowed_commands(setting: str, known: frozenset[str]) -> frozenset[str]:
 def check_remote_control(setting: str) -> frozenset[str]:
     """The commands ``setting`` allows on a memq worker; ``ConfigError`` naming ``MEMQ_REMOTE_CONTROL`` for a name
     the worker does not have (a misspelling, ``ALL``)."""
-    return allowed_commands(setting, frozenset(Panel.data))
+    return allowed_commands(setting, celery_internals.control_command_names())
 
 
-def restrict_remote_control(setting: str, table: MutableMapping[str, Any] | None = None) -> list[str]:
+def restrict_remote_control(setting: str) -> list[str]:
     """Replaces each command outside the allowed set by a refusal; returns the refused names."""
-    table = Panel.data if table is None else table
     try:
-        allowed = allowed_commands(setting, frozenset(table))
+        allowed = check_remote_control(setting)
     except ConfigError as exc:  # `memq worker` refuses to start on it; a worker started otherwise fails closed
         log.error("%s: only the default commands are allowed", exc)
         allowed = DEFAULT_ALLOWED_COMMANDS
-    refused = sorted(name for name in table if name not in allowed)
-    for name in refused:
-        table[name] = _refusal(name)
-    return refused
+    return celery_internals.refuse_control_commands(allowed, _refusal)
 
 
 def _refusal(name: str) -> Callable[..., dict[str, str]]:

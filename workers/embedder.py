@@ -6,8 +6,9 @@ than ``max_forward_texts`` are sorted by length and run in chunks (less padding)
 ``encode_queries`` goes through the process's ``DynamicBatcher``: concurrent task threads share
 forward passes. ``encode_in_chunks`` is the bulk path for ingestion, with progress.
 
-On CUDA the model runs in fp16 and is warmed up on a few batch shapes before the worker takes tasks;
-a CUDA device that is not there falls back to MPS or CPU with a warning.
+On CUDA the model runs in fp16 and is warmed up on a few batch shapes before the worker takes tasks; short
+texts then run through captured CUDA graphs (``workers/cuda_graphs.py``). A CUDA device that is not there falls
+back to MPS or CPU with a warning.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from memq.errors import ConfigError
 from memq.process_local import ProcessLocal
 from memq.settings import get_settings
 from memq.workers.batcher import DynamicBatcher
+from memq.workers.cuda_graphs import CudaGraphs, capture_or_none
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,7 @@ def device_kind(device: str) -> str:
 class EncodeStats:
     texts: int = 0
     batches: int = 0
+    graph_replays: int = 0
 
 
 class Embedder:
@@ -133,6 +136,7 @@ class Embedder:
         self.max_forward_texts = CUDA_FORWARD_MAX_TEXTS if self._on_cuda else LEAN_PATH_MAX_TEXTS
         self.stats = EncodeStats()
         self._lock = threading.Lock()
+        self._graphs: CudaGraphs | None = None
         # Started on first use in this process: its thread never crosses a fork.
         self._batcher: ProcessLocal[DynamicBatcher] = ProcessLocal(self._new_batcher, close=lambda b: b.close(30.0))
         self._warm_up()  # first calls allocate (and on CUDA pick kernels); pay before taking tasks
@@ -211,6 +215,23 @@ class Embedder:
                 for words in (4, 32, 128):
                     self.encode([" ".join(["warm"] * words)] * texts)
             self._torch.cuda.synchronize(self.device)
+            self._graphs = self._capture_graphs()
+
+    def _capture_graphs(self) -> CudaGraphs | None:
+        sample = self._preprocess(["warm-up"])
+        tensors = [name for name, value in sample.items() if hasattr(value, "to")]
+        extras = {name: value for name, value in sample.items() if not hasattr(value, "to")}
+
+        def forward(inputs: dict[str, Any]) -> Any:
+            output = self._model.forward({**extras, **inputs})
+            return self._torch.nn.functional.normalize(output["sentence_embedding"].float(), p=2, dim=1)
+
+        return capture_or_none(forward, tensors, self.device)
+
+    @property
+    def graphed(self) -> bool:
+        """Whether short texts run through captured CUDA graphs."""
+        return self._graphs is not None
 
     def _locked_forward(self, texts: list[str]) -> np.ndarray:
         self._pin_thread()
@@ -223,6 +244,9 @@ class Embedder:
     def _forward(self, texts: list[str]) -> np.ndarray:
         torch = self._torch
         features = self._preprocess(texts)
+        if self._graphs is not None and self._graphs.fits(features):
+            self.stats.graph_replays += 1
+            return self._graphs.run(features)
         features = {name: value.to(self.device) if hasattr(value, "to") else value for name, value in features.items()}
         with torch.inference_mode():
             output: dict[str, Any] = self._model.forward(features)

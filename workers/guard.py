@@ -3,7 +3,10 @@
 Every task message a memq worker receives first passes ``check``: the shape of Celery's protocol 2 (headers
 ``id`` and ``task`` non-empty strings naming a registered task; a body that decodes to ``[args: list, kwargs:
 dict, embed: dict]``; the headers Celery's ``Request`` unpacks — ``timelimit``, ``retries``, ``eta``, ``expires``,
-``shadow`` — of the types it expects), and a delivery limit: a message that *started* ``MEMQ_MAX_DELIVERIES``
+``shadow`` — of the types it expects), an ``eta`` (or ``countdown``, which Celery sends as an ``eta``) no later than
+the message's own deadline (its ``expires``) nor more than ``MEMQ_VISIBILITY_TIMEOUT_S`` ahead (a worker holds such
+a message unacknowledged until then, and past the visibility timeout the broker hands it out again), and a delivery
+limit: a message that *started* ``MEMQ_MAX_DELIVERIES``
 times without finishing (it killed or stalled its worker, again and again) is not run again; messages a dying
 worker had only prefetched are redelivered as often as it takes, at no cost (``count_started_redelivery``).
 A message that fails the check, or that still makes Celery's handler raise, is acknowledged and recorded in the
@@ -12,9 +15,10 @@ dead-letter list instead (``record``, with the whole message where it is small e
 dead-letters`` and ``memq status``. What a task does with well-formed arguments is the task's business: its own
 checks answer bad values with ``InvalidInput``.
 
-Hooked in through Celery's documented extension points: ``GuardedConsumer`` is the worker's consumer class
-(setting ``worker_consumer``), and ``GuardedRedisTransport`` (setting ``broker_transport``, worker processes only)
-catches an envelope the transport cannot even decode (a 100,000-deep JSON header exhausts the decoder's stack).
+Hooked in through Celery's documented extension points, with classes made in ``memq.celery_internals``:
+``GuardedConsumer`` is the worker's consumer class (setting ``worker_consumer``), and ``GuardedRedisTransport``
+(setting ``broker_transport``, worker processes only) catches an envelope the transport cannot even decode (a
+100,000-deep JSON header exhausts the decoder's stack).
 """
 
 from __future__ import annotations
@@ -31,15 +35,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from celery.exceptions import NotRegistered
 from celery.signals import task_postrun, task_prerun
-from celery.utils.objects import Bunch
-from celery.worker.consumer import Consumer
-from kombu.transport import virtual as kombu_virtual
 
-from memq import celery_internals, keys, names
+from memq import celery_internals, keys, names, validation
 from memq.cache_redis import cache_redis
-from memq.errors import DeadLettered
+from memq.errors import DeadLettered, InvalidInput
 from memq.settings import get_settings
 from memq.workers import amqp_guard
 from memq.workers.metrics import DEAD_LETTERS
@@ -93,8 +93,36 @@ def _check_request_headers(headers: dict[str, Any]) -> Problem | None:
     if headers.get("shadow") is not None and not isinstance(headers["shadow"], str):
         return Problem("bad_headers", "header 'shadow' is not a string")
     for name in ("eta", "expires"):
-        if headers.get(name) is not None and not isinstance(headers[name], str):
-            return Problem("bad_headers", f"header {name!r} is not an ISO-8601 string")
+        if headers.get(name) is not None and _time_header_s(headers, name) is None:
+            return Problem("bad_headers", f"header {name!r} is not an ISO-8601 time")
+    return None
+
+
+def _time_header_s(headers: dict[str, Any], name: str) -> float | None:
+    """An ISO-8601 time header as Unix seconds (``validation.check_timestamp``), else ``None``."""
+    try:
+        return validation.check_timestamp(headers[name], name) if isinstance(headers.get(name), str) else None
+    except InvalidInput:
+        return None
+
+
+def eta_problem(headers: dict[str, Any], max_ahead_s: float, now_s: float) -> Problem | None:
+    """An ``eta`` after the message's own deadline (``expires``: it could only expire), or more than
+    ``max_ahead_s`` ahead: the message would be held unacknowledged until then. ``check`` passed the headers."""
+    eta_s = _time_header_s(headers, "eta")
+    if eta_s is None:
+        return None
+    expires_s = _time_header_s(headers, "expires")
+    if expires_s is not None and eta_s > expires_s:
+        return Problem(
+            "eta_after_deadline", f"eta {headers['eta']} is after the message's expires {headers['expires']}"
+        )
+    if eta_s - now_s > max_ahead_s:
+        return Problem(
+            "eta_too_far",
+            f"eta {headers['eta']} is more than {max_ahead_s:g} s ahead (MEMQ_VISIBILITY_TIMEOUT_S): it would be held "
+            "unacknowledged until then",
+        )
     return None
 
 
@@ -256,85 +284,65 @@ def record(client: redis.Redis, letter: dict[str, Any], max_entries: int, messag
         log.error("dead-letter list unavailable (%s); the message was dropped", exc)
 
 
-class GuardedConsumer(Consumer):
-    """Celery's consumer, with ``check`` and the delivery limit in front of every task message."""
-
-    def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:
-        handle = super().create_task_handler(*args, **kwargs)
-        settings = get_settings()
-
-        def on_task_received(message: Any) -> Any:
-            problem = check(message, self.app.tasks) or over_delivery_limit(
-                message, cache_redis.get(), settings.max_deliveries
-            )
-            if problem is not None:
-                return self._quarantine(message, problem)
-            try:
-                return handle(message)
-            except self.connection_errors:
-                raise  # the connection's trouble, not the message's: Celery reconnects
-            except Exception as exc:
-                return self._quarantine(message, Problem("handler_error", f"{type(exc).__name__}: {exc}"[:300]))
-
-        return on_task_received
-
-    def _quarantine(self, message: Any, problem: Problem) -> None:
-        """Record, then acknowledge: whatever fails here is logged, never raised into the consumer."""
-        try:
-            queue, settings = queue_of(message), get_settings()
-            letter = entry(queue, problem, message.headers, message.body)
-            # On RabbitMQ the broker keeps the letter (memq.workers.amqp_guard); on Redis, or if that fails, Redis.
-            if not (amqp_guard.is_amqp_app(self.app) and amqp_guard.keep_on_broker(self.app, message, letter)):
-                kept = whole_message(message, queue, settings.dead_letter_max_bytes)
-                record(cache_redis.get(), letter, settings.dead_letter_max, kept)
-            self._fail_caller(message, problem)
-        except Exception:
-            log.exception("could not record a dead letter (%s); dropping the message", problem.reason)
-        try:
-            message.ack()
-        except self.connection_errors:
-            raise  # not acknowledged: the broker redelivers it, and the delivery limit ends it
-        except Exception as exc:  # already acknowledged or rejected by Celery before it raised
-            log.warning("could not acknowledge a dead-lettered message (%s)", exc)
-
-    def _fail_caller(self, message: Any, problem: Problem) -> None:
-        """The caller waiting for this task learns at once instead of at its timeout: ``NotRegistered`` for a task
-        name no worker knows (as Celery does), else ``DeadLettered``. The failure goes where the task's own would
-        (its chord's counter, the rest of its chain, its errbacks), so a retrieval whose search or embed step was
-        dead-lettered ends at once. Only for a message with a string id and task name whose body Celery can read."""
-        headers, properties = message.headers, message.properties or {}
-        if not isinstance(headers, dict) or not all(isinstance(headers.get(name), str) for name in ("id", "task")):
-            return
-        try:
-            body = message.decode()
-        except Exception:
-            body = None
-        embed = body[2] if isinstance(body, list | tuple) and len(body) == 3 and isinstance(body[2], dict) else {}
-        request = Bunch(
-            id=headers["id"],
-            name=headers["task"],
-            chord=embed.get("chord") if isinstance(embed.get("chord"), dict) else None,
-            chain=embed.get("chain") if isinstance(embed.get("chain"), list) else None,
-            group=headers.get("group") if isinstance(headers.get("group"), str) else None,
-            group_index=headers.get("group_index") if isinstance(headers.get("group_index"), int) else None,
-            root_id=headers.get("root_id"),
-            parent_id=headers.get("parent_id"),
-            correlation_id=properties.get("correlation_id"),
-            reply_to=properties.get("reply_to"),
-            errbacks=None,
-            delivery_info=message.delivery_info,
-            ignore_result=False,
-        )
-        error: Exception = (
-            NotRegistered(headers["task"])
-            if problem.reason == "unknown_task"
-            else DeadLettered(f"{headers['task']} was dead-lettered: {problem.reason} ({problem.detail})"[:400])
-        )
-        self.app.backend.mark_as_failure(headers["id"], error, request=request)
+def screen(consumer: Any, message: Any, handle: Callable[[Any], Any]) -> Any:
+    """``check``, the ``eta`` bound and the delivery limit in front of Celery's task handler ``handle``."""
+    settings = get_settings()
+    problem = (
+        check(message, consumer.app.tasks)
+        or eta_problem(message.headers, settings.visibility_timeout_s, time.time())
+        or over_delivery_limit(message, cache_redis.get(), settings.max_deliveries)
+    )
+    if problem is not None:
+        return quarantine(consumer, message, problem)
+    try:
+        return handle(message)
+    except consumer.connection_errors:
+        raise  # the connection's trouble, not the message's: Celery reconnects
+    except Exception as exc:
+        return quarantine(consumer, message, Problem("handler_error", f"{type(exc).__name__}: {exc}"[:300]))
 
 
-class PoisonEnvelope(Exception):
-    """An envelope kombu could not make a message of (its reason is the exception's text)."""
+def quarantine(consumer: Any, message: Any, problem: Problem) -> None:
+    """Record, then acknowledge: whatever fails here is logged, never raised into the consumer."""
+    try:
+        queue, settings = queue_of(message), get_settings()
+        letter = entry(queue, problem, message.headers, message.body)
+        # On RabbitMQ the broker keeps the letter (memq.workers.amqp_guard); on Redis, or if that fails, Redis.
+        if not (amqp_guard.is_amqp_app(consumer.app) and amqp_guard.keep_on_broker(consumer.app, message, letter)):
+            kept = whole_message(message, queue, settings.dead_letter_max_bytes)
+            record(cache_redis.get(), letter, settings.dead_letter_max, kept)
+        fail_caller(consumer.app, message, problem)
+    except Exception:
+        log.exception("could not record a dead letter (%s); dropping the message", problem.reason)
+    try:
+        message.ack()
+    except consumer.connection_errors:
+        raise  # not acknowledged: the broker redelivers it, and the delivery limit ends it
+    except Exception as exc:  # already acknowledged or rejected by Celery before it raised
+        log.warning("could not acknowledge a dead-lettered message (%s)", exc)
+
+
+def fail_caller(app: Any, message: Any, problem: Problem) -> None:
+    """The caller waiting for this task learns at once instead of at its timeout: ``NotRegistered`` for a task name
+    no worker knows (as Celery does), else ``DeadLettered``. The failure goes where the task's own would (its
+    chord's counter, the rest of its chain, its errbacks), so a retrieval whose search or embed step was
+    dead-lettered ends at once. Only for a message with a string id and task name."""
+    headers = message.headers
+    if not isinstance(headers, dict) or not all(isinstance(headers.get(name), str) for name in ("id", "task")):
+        return
+    if problem.reason == "unknown_task":
+        celery_internals.mark_not_registered(app, headers, message.properties or {})
+        return
+    try:
+        body = message.decode()
+    except Exception:
+        body = None
+    embed = body[2] if isinstance(body, list | tuple) and len(body) == 3 and isinstance(body[2], dict) else {}
+    error = DeadLettered(f"{headers['task']} was dead-lettered: {problem.reason} ({problem.detail})"[:400])
+    celery_internals.mark_failed(app, headers, message.properties or {}, error, embed, message.delivery_info)
+
+
+GuardedConsumer = celery_internals.screened_consumer(screen)
 
 
 def envelope_problem(payload: Any) -> str | None:
@@ -370,33 +378,6 @@ def _body_problem(body: Any, encoding: Any) -> str | None:
     return None
 
 
-class GuardedMessage(kombu_virtual.Message):
-    """kombu's message, refusing (``PoisonEnvelope``) an envelope it would choke on, before it is recorded."""
-
-    def __init__(self, payload: Any, channel: Any = None, **kwargs: Any) -> None:
-        problem = envelope_problem(payload)
-        if problem is not None:
-            raise PoisonEnvelope(problem)
-        try:
-            super().__init__(payload, channel=channel, **kwargs)
-        except Exception as exc:
-            raise PoisonEnvelope(f"{type(exc).__name__}: {exc}"[:200]) from exc
-
-
-class GuardedRedisChannel(celery_internals.GuardedRedisChannel):
-    """The Redis channel, except that an envelope which cannot be decoded or made a message of, on a task queue or
-    on a broadcast channel (remote control, events), is dead-lettered, not fatal (``memq.celery_internals``)."""
-
-    Message = GuardedMessage
-    poison_errors = (*celery_internals.DECODE_ERRORS, PoisonEnvelope)
-
-    def on_undecodable_envelope(self, detail: str) -> None:
-        _record_quietly("unknown", Problem("undecodable_envelope", detail))
-
-    def on_poison_broadcast(self, detail: str) -> None:
-        _record_quietly("broadcast", Problem("poison_broadcast", detail))
-
-
 def _record_quietly(queue: str, problem: Problem) -> None:
     try:
         record(cache_redis.get(), entry(queue, problem, None, None), get_settings().dead_letter_max)
@@ -404,4 +385,12 @@ def _record_quietly(queue: str, problem: Problem) -> None:
         log.exception("could not record a dead letter (%s); dropping the message", problem.reason)
 
 
-GuardedRedisTransport = celery_internals.guarded_transport(GuardedRedisChannel)
+#: An envelope that cannot be decoded or made a message of, on a task queue or on a broadcast channel (remote
+#: control, events), is dead-lettered, not fatal.
+GuardedRedisTransport = celery_internals.guarded_transport(
+    celery_internals.ChannelGuard(
+        envelope_problem=envelope_problem,
+        on_undecodable_envelope=lambda detail: _record_quietly("unknown", Problem("undecodable_envelope", detail)),
+        on_poison_broadcast=lambda detail: _record_quietly("broadcast", Problem("poison_broadcast", detail)),
+    )
+)

@@ -84,8 +84,3 @@ def require_ready(memory_type: str, name: str, kind: str) -> IndexState:
             "`memq status` shows it ready"
         )
     return state
-
-
-def forget_states() -> None:
-    """Look every index up again on next use (tests; after ``memq indexes``)."""
-    _states.clear()

@@ -39,6 +39,8 @@ import bm25s
 import numpy as np
 import Stemmer
 
+from memq.validation import text_form
+
 BM25_K1 = 0.9
 BM25_B = 0.4
 BM25_METHOD = "lucene"
@@ -67,8 +69,8 @@ SYMBOL = re.compile(r"[^\w\s]")
 
 
 def normalise(text: str) -> str:
-    """NFKC, then case folding: what every memory and query is compared as."""
-    return unicodedata.normalize("NFKC", text).casefold()
+    """The text form (``memq.validation.text_form``), case-folded: what every memory and query is compared as."""
+    return text_form(text).casefold()
 
 
 def analyse(texts: Sequence[str]) -> list[list[str]]:
@@ -118,9 +120,6 @@ def build_segment(term_ids: np.ndarray, rows: np.ndarray, counts: np.ndarray, vo
     starts = np.zeros(vocabulary_size + 1, dtype=np.int64)
     np.cumsum(np.bincount(term_ids, minlength=vocabulary_size), out=starts[1:])
     return Segment(starts, rows[order].astype(np.int32), counts[order].astype(np.float32))
-
-
-EMPTY_SEGMENT = build_segment(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32), 0)
 
 
 class LexicalIndex:

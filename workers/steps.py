@@ -13,6 +13,7 @@ from memq import keys, ranking, wire
 from memq.cache_redis import cache_redis
 from memq.process_local import ProcessLocal
 from memq.settings import get_settings
+from memq.validation import text_form
 from memq.workers import embedding_cache, mongo, result_store, versions, writes
 from memq.workers import search as search_strategies
 from memq.workers.embedder import embedder
@@ -26,8 +27,10 @@ QUERY_WAIT_S = 60.0  # longest wait for the batcher's forward pass of one query
 
 
 def embed_query(query: str) -> dict[str, Any]:
-    """The query's vector: from the embedding cache when this model embedded this text before."""
+    """The query's vector (of its text form, as a memory's): from the embedding cache when this model embedded
+    this text before."""
     started_ts = time.time()  # wall clock: merge turns the steps' stamps into queue waits
+    query = text_form(query)
     model = embedder.get()
     started = time.perf_counter()
     vector = embedding_cache.lookup(model.model_name, [query])[0]
@@ -41,10 +44,10 @@ def embed_query(query: str) -> dict[str, Any]:
 
 
 def embed_texts(texts: Sequence[str], on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Vectors for ``texts`` in order: cached ones from one MGET, the rest (each distinct text once) through
-    the model in chunks, then cached."""
+    """Vectors for ``texts`` (their text form, as a query's) in order: cached ones from one MGET, the rest (each
+    distinct text once) through the model in chunks, then cached."""
     model = embedder.get()
-    texts = list(texts)
+    texts = [text_form(text) for text in texts]
     vectors = embedding_cache.lookup(model.model_name, texts)
     missing = list(dict.fromkeys(text for text, vector in zip(texts, vectors, strict=True) if vector is None))
     hits = len(texts) - sum(vector is None for vector in vectors)
