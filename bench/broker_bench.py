@@ -85,12 +85,7 @@ def redis_broker() -> Iterator[str]:
 def rabbitmq_broker(nodes: int) -> Iterator[str]:
     started = [rabbitkit.own_node(prefix=f"memqbench{i}x") for i in range(nodes)]
     try:
-        started[0].start()
-        for node in started[1:]:
-            node.start()
-            rabbitkit.ctl("stop_app", node=node.name)
-            rabbitkit.ctl("join_cluster", started[0].name, node=node.name)
-            rabbitkit.ctl("start_app", node=node.name)
+        rabbitkit.start_cluster(started)
         url = ";".join(node.url for node in started)
         env = {**os.environ, "MEMQ_BROKER_URL": url}
         rabbitkit.setup_topology(env, rabbitmqctl=started[0].ctl_command())

@@ -214,3 +214,13 @@ def free_port_pair(free_port: Callable[[], int]) -> int:
                 probe.bind(("127.0.0.1", port + 10_000))
                 return port
     raise RuntimeError("no free pair of ports for a RabbitMQ node")
+
+
+def start_cluster(nodes: list[Node]) -> None:
+    """Starts ``nodes`` and joins each to the first: one cluster."""
+    nodes[0].start()
+    for node in nodes[1:]:
+        node.start()
+        ctl("stop_app", node=node.name)
+        ctl("join_cluster", nodes[0].name, node=node.name)
+        ctl("start_app", node=node.name)

@@ -42,12 +42,7 @@ def members(node: rabbitkit.Node, queue: str) -> tuple[str, list[str], list[str]
 def cluster() -> Iterator[list[rabbitkit.Node]]:
     nodes = [rabbitkit.own_node(prefix=f"memqcluster{i}x") for i in range(3)]
     try:
-        nodes[0].start()
-        for node in nodes[1:]:
-            node.start()
-            rabbitkit.ctl("stop_app", node=node.name)
-            rabbitkit.ctl("join_cluster", nodes[0].name, node=node.name)
-            rabbitkit.ctl("start_app", node=node.name)
+        rabbitkit.start_cluster(nodes)
         yield nodes
     finally:
         for node in nodes:
