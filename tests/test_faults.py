@@ -43,6 +43,7 @@ import faultkit  # noqa: E402
 import pytest  # noqa: E402
 
 from memq import services  # noqa: E402
+from memq.errors import DeadLettered  # noqa: E402
 
 LIMITS = {"semantic": 2, "episodic": 1}
 EXPECTED = {"long_term_memory": 2, "conversation_memory": 1}
@@ -722,6 +723,8 @@ def test_a_store_that_kills_its_worker_every_time_is_dead_lettered_alone_and_its
     assert f"started {limit} times" in letters[0]["detail"]
     assert all(stored["inserted"] == len(items) for stored in stored_innocents)  # none was dead-lettered
     assert started.counts[killer.id] == limit and rig.mongo_count(killer_tenant) == 0
+    with pytest.raises(DeadLettered, match="dead-lettered"):  # its caller learns at once, not at its timeout
+        killer.get(timeout=60)
 
     replayed = subprocess.run(
         [sys.executable, "-m", "memq.cli", "dead-letters", "--replay", letters[0]["id"], "--json"],
@@ -731,8 +734,14 @@ def test_a_store_that_kills_its_worker_every_time_is_dead_lettered_alone_and_its
         timeout=60,
         check=True,
     )
-    stored = killer.get(timeout=120)
+    wait_for(lambda: replayed_meta(rig, killer.id)["status"] == "SUCCESS", 120, "the replayed store to run")
+    stored = replayed_meta(rig, killer.id)["result"]
 
     assert json.loads(replayed.stdout)["replayed"][0]["outcome"] == "replayed"
     assert stored["inserted"] == len(items) and rig.mongo_count(killer_tenant) == len(items)
     assert broker.llen(keys.DEAD_LETTERS) == 0
+
+
+def replayed_meta(rig: Rig, task_id: str) -> dict[str, Any]:
+    """The task's stored result as it is now (not Celery's cached one: the replay overwrites the failure)."""
+    return dict(rig.app.backend.get_task_meta(task_id, cache=False))
