@@ -154,10 +154,7 @@ def run_worker(argv: list[str]) -> int:
         return 2
     from memq.settings import get_settings
 
-    if kind == "search":  # measured there (README, "Memory under the heaviest retrievals"); before any thread starts
-        from memq.workers import allocator
-
-        allocator.tune(get_settings().malloc_arena_max, get_settings().malloc_mmap_threshold_bytes)
+    if kind == "search":
         try:
             queues = search_worker_queues(extra, get_settings().search_shards)
         except ValueError as exc:

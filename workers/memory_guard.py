@@ -1,29 +1,34 @@
-"""Keeps a search process's resident memory under its budget (``MEMQ_SEARCH_MAX_RSS_BYTES``).
+"""The one memory limit of a search process: its resident memory budget (``MEMQ_SEARCH_MAX_RSS_BYTES``).
 
-The bounds before it each cover one kind of work: the matrix cache its bytes, loads their number, merges their
-content bytes. What they hold together, with what the allocator keeps after a burst, is what a pod's memory limit
-meets. The guard watches that sum, the process's resident memory, at the one place memq can still say no: before
-a tenant load or a merge begins (``admitted``). Where the resident memory is above the budget less its headroom
-(``MEMQ_SEARCH_RSS_HEADROOM_BYTES``), the admission level:
+A search process holds its tenants' matrices (``workers.search.MatrixCache``), the loads building them and the
+merges ranking results. The guard watches what a pod's memory limit meets, the process's resident memory, at the
+one place memq can still say no: before a tenant load or a merge begins (``admitted``). Where the resident memory is
+above the admission level (the budget less its headroom, ``headroom_bytes``):
 
 1. the least recently used tenant matrices are dropped from the cache, as many bytes as the excess (``shed``), and
-   the C allocator hands its free pages back to the system (``allocator.release_free_memory``);
+   the C allocator hands its free pages back to the system (``release_free_memory``, glibc's ``malloc_trim``);
 2. if it is still above, the work waits (its own deadline at most) while other admitted work finishes and frees
    what it held, looking again every ``POLL_S``;
 3. work that finds nothing else admitted runs whatever the reading: what holds the memory then is not memq's work
-   in flight, and waiting would not free it (so the fleet never stalls on a budget set too low).
+   in flight, and waiting would not free it (so the fleet never stalls on a budget set too low); work whose wait
+   runs out gets ``WorkerBusy`` (retried within its retrieval's deadline).
 
-The headroom is for what no one admits: the messages a worker has received and decoded (at most its concurrency,
-with prefetch 1, each merge message carrying every type's results), its chord joins (the last search of a
-retrieval reads every type's results and publishes the merge message) and Celery's encoding of a merge's result
-after the merge returns. At 9 types x k = 100 over 4 KB memories with 8 threads, those reached 154 MiB above the
-admission level at the worst 0.25 s sample of a 10-minute run (README, "Memory under the heaviest retrievals"):
-about concurrency x 5 x the largest merge message (3.8 MB there).
+The cache has no bound of its own: it holds whatever fits under the admission level, and every way it grows (a
+load) is admitted here. The headroom is for what no one admits: the messages a worker has received and decoded (at
+most its concurrency, with prefetch 1, each merge message carrying every type's results), its chord joins and
+Celery's encoding of a merge's result after the merge returns, and the merges admitted together below the level.
+At 9 types x k = 100 over 4 KB memories with 8 threads those reached about 154 MiB above the level (README, "Memory
+under the heaviest retrievals"), so the headroom is ``HEADROOM_MAX_BYTES`` (256 MiB), or half the budget where
+that is less.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
+import platform
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,24 +38,29 @@ from memq.errors import WorkerBusy
 from memq.workers.metrics import MEMORY_SHED_BYTES, MEMORY_WAITS
 
 POLL_S = 0.05
+HEADROOM_MAX_BYTES = 256 * 1024**2
+HEADROOM_MAX_FRACTION = 0.5
+
+
+def headroom_bytes(max_rss_bytes: int) -> int:
+    """The part of the budget kept for what the guard cannot hold back (see the module's docstring)."""
+    return min(HEADROOM_MAX_BYTES, int(max_rss_bytes * HEADROOM_MAX_FRACTION))
 
 
 class MemoryGuard:
-    """``max_rss_bytes`` 0: no budget (everything is admitted at once); work is admitted below ``max_rss_bytes -
-    headroom_bytes``. ``shed(nbytes)`` frees about that many bytes
-    of cache and returns what it freed; ``read_rss_bytes()`` reads the process's RSS (``None``: unknown, admit);
-    ``release()`` returns the allocator's free pages."""
+    """Work is admitted below ``max_rss_bytes - headroom_bytes(max_rss_bytes)``. ``shed(nbytes)`` frees about that
+    many bytes of cache and returns what it freed; ``read_rss_bytes()`` reads the process's RSS (``None``: unknown,
+    admit); ``release()`` returns the allocator's free pages."""
 
     def __init__(
         self,
         max_rss_bytes: int,
-        headroom_bytes: int,
         shed: Callable[[int], int],
         read_rss_bytes: Callable[[], int | None],
         release: Callable[[], None],
     ) -> None:
         self.max_rss_bytes = max_rss_bytes
-        self.admit_below_bytes = max(0, max_rss_bytes - headroom_bytes)
+        self.admit_below_bytes = max_rss_bytes - headroom_bytes(max_rss_bytes)
         self._shed = shed
         self._read_rss_bytes = read_rss_bytes
         self._release = release
@@ -63,13 +73,9 @@ class MemoryGuard:
 
     @contextmanager
     def admitted(self, work: str, wait_s: float | None) -> Iterator[None]:
-        """Run the block (``work``: ``load`` or ``merge``) once the process is under the budget, or nothing else
-        admitted is running; ``WorkerBusy`` when ``wait_s`` ran out first."""
-        if self.max_rss_bytes:
-            self._admit(work, wait_s)
-        else:
-            with self._changed:
-                self.in_flight += 1
+        """Run the block (``work``: ``load`` or ``merge``) once the process is under the admission level, or nothing
+        else admitted is running; ``WorkerBusy`` when ``wait_s`` ran out first."""
+        self._admit(work, wait_s)
         try:
             yield
         finally:
@@ -101,7 +107,7 @@ class MemoryGuard:
                     raise WorkerBusy(
                         f"search worker memory: a {work} waited {wait_s:.3g} s for the process to fall under "
                         f"{self.admit_below_bytes:,} bytes resident (MEMQ_SEARCH_MAX_RSS_BYTES "
-                        f"{self.max_rss_bytes:,} less MEMQ_SEARCH_RSS_HEADROOM_BYTES; {over:,} over, "
+                        f"{self.max_rss_bytes:,} less its headroom; {over:,} over, "
                         f"{self.in_flight} other loads and merges running)"
                     )
                 self._changed.wait(left_s)
@@ -138,3 +144,23 @@ def resident_bytes() -> int | None:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def release_free_memory() -> None:
+    """Hand the free pages of every malloc arena back to the system (glibc's ``malloc_trim(0)``, which also returns
+    whole free pages inside an arena, where freed results of many threads sit between live blocks); nothing
+    elsewhere (musl, macOS)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    path = ctypes.util.find_library("c") if platform.libc_ver()[0] == "glibc" else None
+    if path is None:
+        return None
+    libc = ctypes.CDLL(path)
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    libc.malloc_trim.restype = ctypes.c_int
+    return libc
