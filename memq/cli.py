@@ -154,7 +154,10 @@ def run_worker(argv: list[str]) -> int:
         return 2
     from memq.settings import get_settings
 
-    if kind == "search":
+    if kind == "search":  # the memory guard's allocator, before any thread starts
+        from memq.workers.memory_guard import configure_allocator
+
+        configure_allocator()
         try:
             queues = search_worker_queues(extra, get_settings().search_shards)
         except ValueError as exc:

@@ -46,9 +46,9 @@ REMOVED_SETTINGS: dict[str, str] = {
     "MEMQ_EXACT_CACHE_MAX_VECTORS": "the matrix cache holds what fits under MEMQ_SEARCH_MAX_RSS_BYTES",
     "MEMQ_MERGE_IN_FLIGHT_MAX_BYTES": "merges are admitted under MEMQ_SEARCH_MAX_RSS_BYTES",
     "MEMQ_SEARCH_RSS_HEADROOM_BYTES": "derived from MEMQ_SEARCH_MAX_RSS_BYTES (256 MiB, or half the budget if less)",
-    "MEMQ_MALLOC_ARENA_MAX": "set glibc's own MALLOC_ARENA_MAX if you need it; MEMQ_SEARCH_MAX_RSS_BYTES bounds memory",
-    "MEMQ_MALLOC_MMAP_THRESHOLD_BYTES": "set glibc's own MALLOC_MMAP_THRESHOLD_ if you need it; "
-    "MEMQ_SEARCH_MAX_RSS_BYTES bounds memory",
+    "MEMQ_MALLOC_ARENA_MAX": "search workers fix it at 2; set glibc's own MALLOC_ARENA_MAX to override",
+    "MEMQ_MALLOC_MMAP_THRESHOLD_BYTES": "search workers fix it at 131072; set glibc's own MALLOC_MMAP_THRESHOLD_ to "
+    "override",
 }
 
 

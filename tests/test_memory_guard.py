@@ -131,6 +131,34 @@ def test_work_that_cannot_get_under_the_budget_within_its_wait_is_told_the_worke
     assert guard.in_flight == 0
 
 
+def test_merges_admitted_together_count_what_each_will_hold_so_they_cannot_all_start_from_one_low_reading() -> None:
+    process = Process(20 * MB, cache_of(0, 0))  # 20 MB, budget 100 MB (admits below 50)
+    guard = guard_over(process, 100 * MB)
+    release, entered = threading.Event(), []
+
+    def first() -> None:
+        with guard.admitted("merge", wait_s=30, holds_bytes=20 * MB):
+            entered.append("first")
+            release.wait(30)
+
+    def second() -> None:
+        with guard.admitted("merge", wait_s=30, holds_bytes=20 * MB):  # 20 + 20 held + 20 = 60: over 50
+            entered.append("second")
+
+    threads = [threading.Thread(target=first)]
+    threads[0].start()
+    wait_until(lambda: entered == ["first"])
+    threads.append(threading.Thread(target=second))
+    threads[1].start()
+    time.sleep(0.3)
+    assert entered == ["first"] and guard.held_bytes == 20 * MB  # the reading alone (20 MB) would have let it in
+
+    release.set()
+    for thread in threads:
+        thread.join(30)
+    assert entered == ["first", "second"] and guard.held_bytes == 0 and guard.over_budget_runs == 0
+
+
 def test_the_cache_has_no_bound_of_its_own_and_sheds_the_least_recently_used_first() -> None:
     cache = cache_of(20, 100_000)  # ~20 MB: all kept
     cache.get(("t0", "long_term_memory"), 1)
@@ -175,6 +203,53 @@ def freed_pages_left(mode: str) -> tuple[int, int]:
     )
     before, after, _ = (int(value) for value in done.stdout.split())
     return before, after
+
+
+EIGHT_THREADS_ALLOCATING = """
+import ctypes, ctypes.util, sys, threading
+from memq.workers.memory_guard import configure_allocator
+print(configure_allocator() if sys.argv[1] == "configured" else {})
+barrier = threading.Barrier(8)
+def work():
+    barrier.wait()
+    kept = [bytearray(4096) for _ in range(2000)]
+    barrier.wait()
+threads = [threading.Thread(target=work) for _ in range(8)]
+[thread.start() for thread in threads]
+[thread.join() for thread in threads]
+ctypes.CDLL(ctypes.util.find_library("c")).malloc_stats()
+"""
+
+
+def arenas_used(mode: str, **env: str) -> tuple[int, str]:
+    """How many malloc arenas a fresh process's 8 allocating threads used (glibc's ``malloc_stats``)."""
+    clean = {name: value for name, value in os.environ.items() if not name.startswith(("MALLOC_", "GLIBC_"))}
+    done = subprocess.run(
+        [sys.executable, "-c", EIGHT_THREADS_ALLOCATING, mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={**clean, **env},
+    )
+    return sum(line.startswith("Arena ") for line in done.stderr.splitlines()), done.stdout
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt and malloc_stats")
+def test_a_search_process_allocates_from_at_most_two_arenas_where_glibc_alone_gives_its_threads_more() -> None:
+    configured, applied = arenas_used("configured")
+    default, _ = arenas_used("default")
+
+    assert applied.strip() == "{'arena_max': 2, 'mmap_threshold': 131072}"
+    assert 1 <= configured <= 2 < default
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt and malloc_stats")
+def test_an_operators_own_glibc_variable_wins_and_the_guard_leaves_the_allocator_alone() -> None:
+    configured, applied = arenas_used("configured", MALLOC_ARENA_MAX="4")
+
+    assert applied.strip() == "{}"
+    assert 2 < configured <= 4
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc_trim")

@@ -16,8 +16,9 @@ from memq.validation import text_form
 from memq.workers import embedding_cache, mongo, result_store, versions, writes
 from memq.workers import search as search_strategies
 from memq.workers.embedder import embedder
+from memq.workers.memory_guard import MERGE_HOLDS_INPUT_TIMES
 from memq.workers.metrics import EMBED_BATCH_SIZE, EMBED_SECONDS, MERGE_SECONDS, STORE_WRITES
-from memq.workers.result_size import bound_result_bytes
+from memq.workers.result_size import bound_result_bytes, item_bytes
 from memq.workers.search import Wanted
 
 INTERNAL_ITEM_FIELDS = ("created_at_ts",)
@@ -91,7 +92,10 @@ def merge(results: Any, request: Any) -> dict[str, Any]:
     settings = get_settings()
     now_ts = time.time()
     merge_input = wire.parse_merge_input(results, request, settings.search_strategy)
-    with search_strategies.memory_guard.get().admitted("merge", merge_wait_s(merge_input["request"], settings)):
+    input_bytes = sum(item_bytes(item) for result in merge_input["results"] for item in result.get("items", ()))
+    guard = search_strategies.memory_guard.get()
+    wait_s = merge_wait_s(merge_input["request"], settings)
+    with guard.admitted("merge", wait_s, holds_bytes=MERGE_HOLDS_INPUT_TIMES * input_bytes):
         return _merge(merge_input, started, started_ts, now_ts)
 
 
