@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import faultkit
@@ -99,17 +99,9 @@ def test_still_over_after_shedding_work_waits_for_the_work_running_and_then_runs
         with guard.admitted("load", wait_s=30):
             entered.append("second")
 
-    threads = [threading.Thread(target=first)]
-    threads[0].start()
-    wait_until(lambda: entered == ["first"])
-    threads.append(threading.Thread(target=second))
-    threads[1].start()
-    time.sleep(0.3)
-    assert entered == ["first"]  # waiting: over the budget while the first runs
+    while_first_ran, _ = run_first_then_second(guard, first, second, entered, release)
 
-    release.set()
-    for thread in threads:
-        thread.join(30)
+    assert while_first_ran == ["first"]  # waiting: over the budget while the first runs
     assert entered == ["first", "second"]
     assert guard.over_budget_runs == 1 and guard.waited == 2 and guard.in_flight == 0
 
@@ -145,17 +137,9 @@ def test_merges_admitted_together_count_what_each_will_hold_so_they_cannot_all_s
         with guard.admitted("merge", wait_s=30, holds_bytes=20 * MB):  # 20 + 20 held + 20 = 60: over 50
             entered.append("second")
 
-    threads = [threading.Thread(target=first)]
-    threads[0].start()
-    wait_until(lambda: entered == ["first"])
-    threads.append(threading.Thread(target=second))
-    threads[1].start()
-    time.sleep(0.3)
-    assert entered == ["first"] and guard.held_bytes == 20 * MB  # the reading alone (20 MB) would have let it in
+    while_first_ran, held_bytes = run_first_then_second(guard, first, second, entered, release)
 
-    release.set()
-    for thread in threads:
-        thread.join(30)
+    assert while_first_ran == ["first"] and held_bytes == 20 * MB  # the reading alone (20 MB) would have let it in
     assert entered == ["first", "second"] and guard.held_bytes == 0 and guard.over_budget_runs == 0
 
 
@@ -190,18 +174,18 @@ print(before, resident_bytes(), len(live))
 """
 
 
-def freed_pages_left(mode: str) -> tuple[int, int]:
-    """A fresh process's resident bytes before and after (glibc's own tunables left out of its environment)."""
+def fresh_python(code: str, mode: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``code`` run with argument ``mode`` in a fresh interpreter, without glibc's own tunables unless ``env`` sets
+    them."""
     clean = {name: value for name, value in os.environ.items() if not name.startswith(("MALLOC_", "GLIBC_"))}
-    done = subprocess.run(
-        [sys.executable, "-c", FREED_BETWEEN_LIVE_BLOCKS, mode],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-        env=clean,
+    return subprocess.run(
+        [sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=60, check=True, env={**clean, **env}
     )
-    before, after, _ = (int(value) for value in done.stdout.split())
+
+
+def freed_pages_left(mode: str) -> tuple[int, int]:
+    """A fresh process's resident bytes before and after."""
+    before, after, _ = (int(value) for value in fresh_python(FREED_BETWEEN_LIVE_BLOCKS, mode).stdout.split())
     return before, after
 
 
@@ -223,15 +207,7 @@ ctypes.CDLL(ctypes.util.find_library("c")).malloc_stats()
 
 def arenas_used(mode: str, **env: str) -> tuple[int, str]:
     """How many malloc arenas a fresh process's 8 allocating threads used (glibc's ``malloc_stats``)."""
-    clean = {name: value for name, value in os.environ.items() if not name.startswith(("MALLOC_", "GLIBC_"))}
-    done = subprocess.run(
-        [sys.executable, "-c", EIGHT_THREADS_ALLOCATING, mode],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-        env={**clean, **env},
-    )
+    done = fresh_python(EIGHT_THREADS_ALLOCATING, mode, **env)
     return sum(line.startswith("Arena ") for line in done.stderr.splitlines()), done.stdout
 
 
@@ -268,6 +244,28 @@ def test_the_resident_memory_read_is_this_process_s_own() -> None:
     del block
 
     assert before is not None and after is not None and after - before > 50 * MB
+
+
+def run_first_then_second(
+    guard: MemoryGuard,
+    first: Callable[[], None],
+    second: Callable[[], None],
+    entered: list[str],
+    release: threading.Event,
+) -> tuple[list[str], int]:
+    """Start ``first``, then once it entered ``second``; what had entered and what the guard held 0.3 s later, while
+    ``first`` still ran. Then ``first`` is released and both are waited for."""
+    threads = [threading.Thread(target=first)]
+    threads[0].start()
+    wait_until(lambda: entered == ["first"])
+    threads.append(threading.Thread(target=second))
+    threads[1].start()
+    time.sleep(0.3)
+    seen = (list(entered), guard.held_bytes)
+    release.set()
+    for thread in threads:
+        thread.join(30)
+    return seen
 
 
 def hold(guard: MemoryGuard, release: threading.Event) -> None:
