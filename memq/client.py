@@ -47,7 +47,7 @@ from memq.requests import forget_request, remember_request, retrieval_request
 from memq.settings import Settings, get_settings
 from memq.validation import is_finite_number
 from memq.waiting import ResultWaiter
-from memq.wire import RetrievalRequest, with_cache
+from memq.wire import RememberRequest, RetrievalRequest, with_cache
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -362,7 +362,11 @@ class _BulkImport:
 
     def _send(self, batch: _Batch) -> _Batch:
         # The items are checked (validation.check_items, one by one): this is remember_request's output.
-        request = {"memory_id": self.progress.memory_id, "memory_type": self.progress.type, "items": batch.items}
+        request: RememberRequest = {
+            "memory_id": self.progress.memory_id,
+            "memory_type": self.progress.type,
+            "items": batch.items,
+        }
         try:
             batch.result = _send(lambda: remember_canvas(request).apply_async())
         except MemqError as exc:

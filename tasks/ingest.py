@@ -15,7 +15,7 @@ from memq.requests import forget_request, remember_request
 from memq.settings import get_settings
 from memq.tasks import retry
 from memq.tasks.retry import retrying
-from memq.validation import check_utf8
+from memq.wire import EMBED_TEXTS, parse
 
 
 @app.task(name=names.EMBED_TEXTS, bind=True, max_retries=None, store_errors_even_if_ignored=True)
@@ -23,13 +23,7 @@ from memq.validation import check_utf8
 def embed_texts(self: Task, texts: list[str]) -> dict[str, Any]:
     from memq.workers import steps
 
-    settings = get_settings()
-    if not isinstance(texts, list) or not texts or len(texts) > settings.max_batch_items:
-        raise InvalidInput("texts", f"must be a list of 1..{settings.max_batch_items} strings")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip() or len(text) > settings.max_content_chars:
-            raise InvalidInput(f"texts[{i}]", "must be a non-empty string within the content limit")
-        check_utf8(text, f"texts[{i}]")
+    texts = parse(EMBED_TEXTS, {"texts": texts})["texts"]
 
     def report(done: int, total: int) -> None:
         if self.request.id and not self.request.called_directly:

@@ -57,14 +57,14 @@ def search(
         if extra:
             raise InvalidInput("args", f"memq.search takes at most 9 arguments, got {9 + len(extra)} (memq.names)")
         settings = get_settings()
-        call = wire.parse_search_call(
-            memory_id, memory_type, k, strategy, query, mode, filters, settings.max_query_chars, deadline_ts
-        )
-        memory_id, memory_type, deadline_ts = call.memory_id, call.memory_type, call.deadline_ts
-        wanted = steps.Wanted(query=call.query, mode=call.mode, filters=call.filters)
+        arguments = {"memory_id": memory_id, "memory_type": memory_type, "k": k, "strategy": strategy}
+        options = {"query": query, "mode": mode, "filters": filters, "deadline_ts": deadline_ts}
+        call = wire.parse(wire.SEARCH_CALL, {**arguments, **options}, settings)
+        memory_id, memory_type, deadline_ts = call["memory_id"], call["memory_type"], call["deadline_ts"]
+        wanted = steps.Wanted(query=call["query"], mode=call["mode"], filters=call["filters"])
         budget_s = attempt_budget_s(deadline_ts, settings, attempts_left=search_attempts_left(self))
         # search_type checks the EmbedResult's shape (wire.parse_embed_result) before MongoDB is asked anything.
-        found = steps.search_type(embedded, memory_id, memory_type, call.k, call.strategy, wanted, budget_s)
+        found = steps.search_type(embedded, memory_id, memory_type, call["k"], call["strategy"], wanted, budget_s)
         return {**found, "served_by": self.request.hostname}
     except InvalidInput as exc:
         return wire.search_failure(str(memory_type), f"invalid input: {exc}", embedded, self.request.hostname)

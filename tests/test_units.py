@@ -320,12 +320,18 @@ def test_the_largest_limit_under_the_largest_oversample_still_fits_one_search() 
 
     candidates = ranking.candidates_for(validation.MAX_LIMIT, weights, settings.candidate_oversample)
 
-    assert candidates == validation.check_search_k(candidates) == validation.MAX_CANDIDATES
+    assert candidates == validation.check_count(candidates, "k", validation.MAX_CANDIDATES) == validation.MAX_CANDIDATES
 
 
 def test_a_search_of_more_candidates_than_allowed_names_k() -> None:
     with pytest.raises(InvalidInput) as caught:
-        validation.check_search_k(validation.MAX_CANDIDATES + 1)
+        call = {
+            "memory_id": "tenant",
+            "memory_type": "semantic",
+            "k": validation.MAX_CANDIDATES + 1,
+            "strategy": "auto",
+        }
+        wire.parse(wire.SEARCH_CALL, {**call, "query": "q", "mode": None, "filters": None, "deadline_ts": None})
     assert caught.value.field == "k"
 
 

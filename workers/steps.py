@@ -98,7 +98,7 @@ def merge(results: Any, request: Any) -> dict[str, Any]:
     started = time.perf_counter()
     settings = get_settings()
     now_ts = time.time()
-    merge_input = wire.parse_merge_input(results, request, settings.search_strategy)
+    merge_input = wire.parse_merge_input(results, request, settings)
     input_bytes = sum(item_bytes(item) for result in merge_input["results"] for item in result.get("items", ()))
     request = merge_input["request"]
     with (
