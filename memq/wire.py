@@ -146,18 +146,6 @@ TypeName = Annotated[str, _rule(lambda memory_type: validation.check_memory_type
 Strategy = Annotated[str, PlainValidator(check_strategy)]
 Mode = Annotated[str, _rule(validation.check_mode)]
 Filters = Annotated[dict[str, Any], _rule(validation.check_filters)]
-CacheKey = Annotated[str, _rule(check_cache_key)]
-CacheVersions = Annotated[list[int], _rule(check_cache_versions)]
-CacheTtl = Annotated[int, _rule(validation.check_count, "cache_ttl_s", MAX_CACHE_TTL_S)]
-
-
-class CacheFields(TypedDict):
-    """Where ``memq.merge`` caches a result: the key the client's look-up built, the data versions it names (one
-    per requested type, in ``cache_types`` order) and the client's TTL (merge caps it with its own)."""
-
-    cache_key: CacheKey
-    cache_versions: CacheVersions
-    cache_ttl_s: CacheTtl
 
 
 # -- the retrieval request ---------------------------------------------------------------------------------------
@@ -179,9 +167,9 @@ class RetrievalRequest(TypedDict):
     ]
     requested_at: Timestamp  # when the edge made it (Unix seconds)
     deadline_ts: Timestamp  # when the caller stops waiting (Unix seconds)
-    cache_key: NotRequired[CacheKey]
-    cache_versions: NotRequired[CacheVersions]
-    cache_ttl_s: NotRequired[CacheTtl]
+    cache_key: NotRequired[Annotated[str, _rule(check_cache_key)]]  # where merge caches the result
+    cache_versions: NotRequired[Annotated[list[int], _rule(check_cache_versions)]]  # the data versions it names
+    cache_ttl_s: NotRequired[Annotated[int, _rule(validation.check_count, "cache_ttl_s", MAX_CACHE_TTL_S)]]
 
 
 OPTIONAL_FIELDS = ("weights", "strategy", "mode", "filters", "candidates", "timeout_s", "requested_at", "deadline_ts")
@@ -227,15 +215,10 @@ def parse_retrieval_request(request: Any, settings: Settings | None = None) -> R
 
 
 def with_cache(request: RetrievalRequest, cache_key: Any, cache_versions: Any, cache_ttl_s: Any) -> RetrievalRequest:
-    """The request plus what ``memq.merge`` needs to cache its result (``CacheFields``)."""
-    cache = parse(
-        CACHE_FIELDS_MODEL, {"cache_key": cache_key, "cache_versions": cache_versions, "cache_ttl_s": cache_ttl_s}
-    )
-    check_cache_versions(cache["cache_versions"], len(request["limits"]))
-    return {**request, **cache}
-
-
-CACHE_FIELDS_MODEL: TypeAdapter[CacheFields] = TypeAdapter(CacheFields)
+    """The request plus what ``memq.merge`` needs to cache its result: the key the client's look-up built, the data
+    versions it names (one per requested type, in ``cache_types`` order) and the client's TTL (merge caps it)."""
+    cache = {"cache_key": cache_key, "cache_versions": cache_versions, "cache_ttl_s": cache_ttl_s}
+    return parse_retrieval_request({**request, **cache})
 
 
 # -- the embed step's result -------------------------------------------------------------------------------------
