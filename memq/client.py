@@ -30,7 +30,7 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
-from memq import names, result_cache, validation
+from memq import deadlines, names, result_cache, validation
 from memq.app import app
 from memq.canvas import remember_canvas, retrieval_canvas
 from memq.celery_internals import is_result_store_outage
@@ -52,7 +52,6 @@ from memq.wire import RememberRequest, RetrievalRequest, with_cache
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 ASYNC_THREADS = 64
-ASYNC_MARGIN_S = 0.25  # how far past its timeout_s an aretrieve may end (the thread's own wait ends at timeout_s)
 INGEST_TIMEOUT_S = 300.0
 MAX_IN_FLIGHT = 4  # remember_many: batches sent and not yet stored
 RESULT_STORE_OUTAGE = "result backend unavailable: Celery could not reconnect to the result store"
@@ -96,7 +95,7 @@ def _run_chord(settings: Settings, request: RetrievalRequest, found: result_cach
         request = with_cache(request, found.cache_key, found.versions, settings.result_cache_ttl_s)
     try:
         result = _send(lambda: retrieval_canvas(request).apply_async())
-        timeout_s = request["deadline_ts"] - time.time()  # what sending and the cache look-up left of it
+        timeout_s = deadlines.budget_s(request["deadline_ts"]) or 0.0  # what sending and the cache look-up left
         if timeout_s <= 0:
             raise RetrievalTimeout(f"retrieval did not finish within {request['timeout_s']:g} s (sending took it all)")
         payload = _wait(result, timeout_s, what="retrieval")
@@ -140,7 +139,8 @@ def create_indexes(dimensions: int | None = None, timeout_s: float = 120.0) -> d
 async def aretrieve(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """``retrieve`` for asyncio (same arguments): the wait runs on a dedicated thread pool, never on the event loop.
     The deadline starts now, not when a pool thread is free: a call that waited for a thread gets only what is left,
-    and the caller gets ``RetrievalTimeout`` by ``timeout_s`` + ``ASYNC_MARGIN_S`` whatever the pool is doing."""
+    and the caller gets ``RetrievalTimeout`` by ``timeout_s`` + ``ASYNC_MARGIN_S`` (``memq.deadlines``) whatever the
+    pool is doing."""
     call = inspect.signature(retrieve).bind(*args, **kwargs)  # a wrong argument raises TypeError here, as in retrieve
     timeout_s = call.arguments.get("timeout_s")
     budget_s = get_settings().retrieve_timeout_s if timeout_s is None else timeout_s
@@ -156,7 +156,7 @@ async def aretrieve(*args: Any, **kwargs: Any) -> dict[str, Any]:
         return retrieve(*call.args, **call.kwargs)
 
     try:
-        return await asyncio.wait_for(_in_thread(run), timeout=budget_s + ASYNC_MARGIN_S)
+        return await asyncio.wait_for(_in_thread(run), timeout=budget_s + deadlines.ASYNC_MARGIN_S)
     except TimeoutError:
         raise RetrievalTimeout(f"retrieval did not finish within {budget_s:g} s") from None
 

@@ -6,12 +6,11 @@ The logic is in ``memq.workers.steps``; the canvas is built in ``memq.canvas``.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from celery import Task
 
-from memq import names, sharding, validation, wire
+from memq import deadlines, names, sharding, validation, wire
 from memq.app import app
 from memq.errors import InvalidInput, TransientError
 from memq.settings import Settings, get_settings
@@ -90,11 +89,13 @@ def attempt_budget_s(deadline_ts: float | None, settings: Settings, attempts_lef
     """How long one search attempt may spend in MongoDB: never past the caller's deadline (less a margin for
     merge and delivery), and half of what is left while retries remain, so a stalled server still leaves
     time to retry and to report the type under ``errors`` before the caller gives up."""
-    if deadline_ts is None:
-        return None
-    remaining_s = deadline_ts - time.time() - retry.DELIVERY_MARGIN_S
-    share_s = remaining_s / 2 if attempts_left > 1 else remaining_s
-    return max(retry.MIN_ATTEMPT_S, min(2 * settings.mongodb_timeout_ms / 1000, share_s))
+    return deadlines.budget_s(
+        deadline_ts,
+        margin_s=deadlines.DELIVERY_MARGIN_S,
+        share=deadlines.ATTEMPT_SHARE if attempts_left > 1 else 1.0,
+        floor_s=deadlines.MIN_ATTEMPT_S,
+        cap_s=2 * settings.mongodb_timeout_ms / 1000,
+    )
 
 
 @app.task(name=names.MERGE)

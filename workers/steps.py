@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from memq import keys, ranking, wire
+from memq import deadlines, keys, ranking, wire
 from memq.cache_redis import cache_redis
 from memq.process_local import ProcessLocal
 from memq.settings import get_settings
@@ -112,10 +112,9 @@ def merge_wait_s(request: dict[str, Any], settings: Any) -> float:
     """How long a merge may wait for room in the budget: what is left of its retrieval's deadline
     (``MEMQ_RETRIEVE_TIMEOUT_S`` for a request without one), never more than half the visibility timeout (a message
     held longer is delivered again)."""
-    cap_s = settings.visibility_timeout_s / 2
-    deadline_ts = request.get("deadline_ts") or None
-    left_s = settings.retrieve_timeout_s if deadline_ts is None else deadline_ts - time.time()
-    return min(cap_s, max(0.0, left_s))
+    cap_s = settings.visibility_timeout_s * deadlines.MERGE_WAIT_SHARE
+    default_s = settings.retrieve_timeout_s
+    return deadlines.budget_s(request.get("deadline_ts") or None, cap_s=cap_s, default_s=default_s) or 0.0
 
 
 def _merge(merge_input: wire.MergeInput, started: float, started_ts: float, now_ts: float) -> dict[str, Any]:
