@@ -136,13 +136,6 @@ def check_candidates(candidates: Any) -> dict[str, int]:
     return {name: check_count(k, f"candidates.{name}", MAX_CANDIDATES) for name, k in candidates.items()}
 
 
-def check_seconds(value: Any, field: str) -> float | None:
-    """A time or a duration in seconds: a finite number, or ``None`` (not said)."""
-    if value is not None and not is_finite_number(value):
-        raise InvalidInput(field, f"must be a finite number, got {shown(value)}")
-    return None if value is None else float(value)
-
-
 def check_weights(weights: Any) -> dict[str, float]:
     if weights is None:
         return dict(DEFAULT_WEIGHTS)

@@ -24,14 +24,17 @@ the key of this request (its tenant and identity, ``memq.workers.result_store``)
 
 import time
 from collections.abc import Mapping
-from typing import Annotated, Any, NotRequired, TypeVar
+from typing import Annotated, Any, Literal, NotRequired, TypeVar
 
 import numpy as np
 from pydantic import (
     AfterValidator,
+    AllowInfNan,
     BeforeValidator,
     ConfigDict,
+    Field,
     PlainValidator,
+    Strict,
     TypeAdapter,
     ValidationError,
     ValidationInfo,
@@ -42,14 +45,13 @@ from typing_extensions import TypedDict  # pydantic reads a TypedDict of typing_
 from memq import validation
 from memq.errors import InvalidInput
 from memq.ranking import candidates_for
-from memq.settings import SEARCH_STRATEGIES, Settings, get_settings
+from memq.settings import SearchStrategy, Settings, get_settings
 from memq.validation import MAX_CACHE_TTL_S, MAX_CANDIDATES, is_finite_number
 from memq.vectors import from_wire
 
 MAX_DATA_VERSION = 2**63 - 1  # a Redis INCR counter
 MAX_ERROR_CHARS = 500
 EMBED_TIMING_FIELDS = ("embed_ms", "embed_started_ts", "embed_ended_ts")
-MATRIX_CACHE_OUTCOMES = ("hit", "miss", "bypass", "n/a")  # memq.workers.search.SearchOutcome.matrix_cache
 Message = TypeVar("Message")
 
 
@@ -67,9 +69,9 @@ def parse(model: TypeAdapter[Message], message: Any, settings: Settings | None =
         error = first.get("ctx", {}).get("error")
         if isinstance(error, InvalidInput):
             field, message = error.field, error.message
-        else:
-            field = ".".join(map(str, first["loc"]))
-            message = "is required" if first["type"] == "missing" else "must be an object"
+        else:  # a type pydantic checks itself: named by its field, with pydantic's words
+            field = str(first["loc"][0]) if first["loc"] else ""
+            message = "is required" if first["type"] == "missing" else first["msg"]
         raise InvalidInput(".".join(filter(None, (where, field))) or "message", message) from None
 
 
@@ -82,58 +84,9 @@ def _rule(check: Any, *args: Any) -> PlainValidator:
     return PlainValidator(lambda value: check(value, *args))
 
 
-def _one_of(*allowed: Any) -> PlainValidator:
-    """A field that takes one of ``allowed``."""
-
-    def check(value: Any, info: ValidationInfo) -> Any:
-        if value not in allowed:
-            raise InvalidInput(str(info.field_name), f"must be one of {allowed}, got {validation.shown(value)}")
-        return value
-
-    return PlainValidator(check)
-
-
-def check_text(text: Any, info: ValidationInfo) -> str:
-    if not isinstance(text, str):
-        raise InvalidInput(str(info.field_name), f"must be a string, got {type(text).__name__}")
-    return text
-
-
-Text = Annotated[str, PlainValidator(check_text)]
-OptionalText = Annotated[
-    str | None, PlainValidator(lambda text, info: None if text is None else check_text(text, info))
-]
-_seconds = PlainValidator(lambda value, info: validation.check_seconds(value, str(info.field_name)))
-Seconds = Annotated[float | None, _seconds]  # Unix seconds or a duration; None: not said
-Timestamp = Annotated[float, _seconds]  # a request's own times: derived when not said (_derived)
-
-
-def check_strategy(strategy: Any, info: ValidationInfo) -> str:
-    """How a type is searched (``auto``, ``exact``, ``vector_search``); ``None``: ``MEMQ_SEARCH_STRATEGY``."""
-    if strategy is None:
-        return _settings(info).search_strategy
-    if not isinstance(strategy, str) or strategy not in SEARCH_STRATEGIES:
-        raise InvalidInput("strategy", f"must be one of {SEARCH_STRATEGIES}, got {validation.shown(strategy)}")
-    return strategy
-
-
-def check_cache_versions(versions: Any, count: int | None = None) -> list[int]:
-    """One data version (a Redis counter) per requested type."""
-    if (
-        not isinstance(versions, list)
-        or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_DATA_VERSION for v in versions)
-        or len(versions) != (len(versions) if count is None else count)
-    ):
-        raise InvalidInput(
-            "cache_versions", f"must be a list of one data version (0..{MAX_DATA_VERSION}) per requested memory type"
-        )
-    return versions
-
-
-def check_cache_key(cache_key: Any) -> str:
-    if not isinstance(cache_key, str) or not cache_key:
-        raise InvalidInput("cache_key", "must be a result cache key")
-    return cache_key
+Text = Annotated[str, Strict()]
+OptionalText = Annotated[str | None, Strict()]
+Seconds = Annotated[float | None, Strict(), AllowInfNan(False)]  # Unix seconds or a duration; None: not said
 
 
 def _query(query: Any, info: ValidationInfo) -> str:
@@ -143,7 +96,7 @@ def _query(query: Any, info: ValidationInfo) -> str:
 Query = Annotated[str, PlainValidator(_query)]
 MemoryId = Annotated[str, _rule(validation.check_memory_id)]
 TypeName = Annotated[str, _rule(lambda memory_type: validation.check_memory_type(memory_type).value)]
-Strategy = Annotated[str, PlainValidator(check_strategy)]
+Strategy = SearchStrategy
 Mode = Annotated[str, _rule(validation.check_mode)]
 Filters = Annotated[dict[str, Any], _rule(validation.check_filters)]
 
@@ -165,24 +118,26 @@ class RetrievalRequest(TypedDict):
     timeout_s: Annotated[
         float, PlainValidator(lambda value, info: validation.check_timeout(value, _settings(info).retrieve_timeout_s))
     ]
-    requested_at: Timestamp  # when the edge made it (Unix seconds)
-    deadline_ts: Timestamp  # when the caller stops waiting (Unix seconds)
-    cache_key: NotRequired[Annotated[str, _rule(check_cache_key)]]  # where merge caches the result
-    cache_versions: NotRequired[Annotated[list[int], _rule(check_cache_versions)]]  # the data versions it names
-    cache_ttl_s: NotRequired[Annotated[int, _rule(validation.check_count, "cache_ttl_s", MAX_CACHE_TTL_S)]]
+    requested_at: Seconds  # when the edge made it (Unix seconds; derived when not said)
+    deadline_ts: Seconds  # when the caller stops waiting (Unix seconds; derived when not said)
+    cache_key: NotRequired[Annotated[str, Strict(), Field(min_length=1)]]  # where merge caches the result
+    cache_versions: NotRequired[list[Annotated[int, Strict(), Field(ge=0, le=MAX_DATA_VERSION)]]]  # one per type
+    cache_ttl_s: NotRequired[Annotated[int, Strict(), Field(ge=1, le=MAX_CACHE_TTL_S)]]
 
 
 OPTIONAL_FIELDS = ("weights", "strategy", "mode", "filters", "candidates", "timeout_s", "requested_at", "deadline_ts")
 CACHE_FIELDS = ("cache_key", "cache_versions", "cache_ttl_s")
 
 
-def _with_defaults(request: Any) -> Any:
-    """Optional fields left out take their defaults (each rule's ``None``); cache fields count only with a key."""
+def _with_defaults(request: Any, info: ValidationInfo) -> Any:
+    """Optional fields left out take their defaults (each rule's ``None``; the strategy ``MEMQ_SEARCH_STRATEGY``);
+    cache fields count only with a key."""
     if not isinstance(request, Mapping):
         raise InvalidInput("request", "must be an object")
     if request.get("cache_key") is None:  # without a key (an older client's versions) the result is not cached
         request = {name: value for name, value in request.items() if name not in CACHE_FIELDS}
-    return {**dict.fromkeys(OPTIONAL_FIELDS), **request}
+    filled = {**dict.fromkeys(OPTIONAL_FIELDS), **request}
+    return {**filled, "strategy": _settings(info).search_strategy if filled["strategy"] is None else filled["strategy"]}
 
 
 def _derived(request: RetrievalRequest, info: ValidationInfo) -> RetrievalRequest:
@@ -190,8 +145,8 @@ def _derived(request: RetrievalRequest, info: ValidationInfo) -> RetrievalReques
     and its deadline; a cache key's versions, one per requested type."""
     if not set(request["candidates"]) <= set(request["limits"]):
         raise InvalidInput("candidates", "must map requested memory types to a number of candidates")
-    if "cache_key" in request:
-        check_cache_versions(request["cache_versions"], len(request["limits"]))
+    if "cache_key" in request and len(request["cache_versions"]) != len(request["limits"]):
+        raise InvalidInput("cache_versions", "must name one data version per requested memory type")
     oversample = _settings(info).candidate_oversample
     request["candidates"] = request["candidates"] or {
         memory_type: candidates_for(k, request["weights"], oversample) for memory_type, k in request["limits"].items()
@@ -227,10 +182,10 @@ def with_cache(request: RetrievalRequest, cache_key: Any, cache_versions: Any, c
 class EmbedResult(TypedDict):
     """``memq.embed_query``'s result, the first argument of every ``memq.search`` of the chord."""
 
-    vector: Text  # memq.vectors.to_wire (decoded by check_vector)
+    vector: Annotated[str, PlainValidator(lambda text: text)]  # memq.vectors.to_wire, decoded by check_vector
     model: NotRequired[OptionalText]
     embed_ms: NotRequired[Seconds]
-    embed_cache: NotRequired[Annotated[str | None, _one_of(None, "hit", "miss")]]
+    embed_cache: NotRequired[Literal["hit", "miss", None]]
     embed_started_ts: NotRequired[Seconds]
     embed_ended_ts: NotRequired[Seconds]
 
@@ -252,8 +207,8 @@ def embed_result(
 
 def parse_embed_result(embedded: Any, dimensions: int) -> np.ndarray:
     """The query vector of an ``EmbedResult`` as ``memq.search`` receives it, every field checked (the ones the
-    search passes on to merge too), else ``InvalidInput`` naming it (``embedded.model``, ``embedded.vector``)."""
-    return check_vector(parse(EMBED_RESULT, embedded, where="embedded")["vector"], "embedded.vector", dimensions)
+    search passes on to merge too), else ``InvalidInput`` naming it (``embedded.model``; ``embedded``: the vector)."""
+    return check_vector(parse(EMBED_RESULT, embedded, where="embedded")["vector"], "embedded", dimensions)
 
 
 def check_vector(text: Any, field: str, dimensions: int) -> np.ndarray:
@@ -290,7 +245,7 @@ class SearchCall(TypedDict):
 
     memory_id: MemoryId
     memory_type: TypeName
-    k: Annotated[int, _rule(validation.check_count, "k", MAX_CANDIDATES)]
+    k: Annotated[int, Strict(), Field(ge=1, le=MAX_CANDIDATES)]
     strategy: Strategy
     query: Annotated[str | None, PlainValidator(lambda query, info: None if query is None else _query(query, info))]
     mode: Mode
@@ -333,7 +288,7 @@ class SearchResult(TypedDict):
     type: str
     items: NotRequired[Annotated[list[dict[str, Any]], _rule(check_items_list)]]
     strategy: NotRequired[OptionalText]
-    matrix_cache: NotRequired[Annotated[str | None, _one_of(None, *MATRIX_CACHE_OUTCOMES)]]
+    matrix_cache: NotRequired[Literal["hit", "miss", "bypass", "n/a", None]]  # memq.workers.search.SearchOutcome
     search_ms: NotRequired[Seconds]
     search_started_ts: NotRequired[Seconds]
     model: NotRequired[OptionalText]
