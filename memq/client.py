@@ -290,24 +290,19 @@ def remember_numbered(
     numbers, blank lines left out); ``stored_through``: the position already stored before the first pair. A bad
     item is ``InvalidItem("items[<position - 1>]...", "<unit> <position>: ...")``."""
     settings = get_settings()
+    most_items = settings.max_batch_items
     run = _BulkImport(
         progress=IngestProgress(
             validation.check_memory_id(memory_id), validation.check_memory_type(memory_type).value, stored_through
         ),
-        batch_items=_bounded_int(batch_items or settings.max_batch_items, "batch_items", settings.max_batch_items),
-        max_in_flight=_bounded_int(max_in_flight, "max_in_flight", 1024),
+        batch_items=validation.check_count(batch_items or most_items, "batch_items", most_items),
+        max_in_flight=validation.check_count(max_in_flight, "max_in_flight", 1024),
         max_content_chars=settings.max_content_chars,
         unit=unit,
         on_progress=on_progress,
         timeout_s=validation.check_timeout(timeout_s),
     )
     return run.over(numbered)
-
-
-def _bounded_int(value: Any, field: str, most: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
-        raise InvalidInput(field, f"must be an integer in 1..{most}, got {validation.shown(value)}")
-    return value
 
 
 @dataclasses.dataclass

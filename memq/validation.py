@@ -127,15 +127,6 @@ def check_count(count: Any, field: str, most: int) -> int:
     return count
 
 
-def check_candidates(candidates: Any) -> dict[str, int]:
-    """How many candidates each type's search returns (``None``: derived from the limits)."""
-    if candidates is None:
-        return {}
-    if not isinstance(candidates, Mapping):
-        raise InvalidInput("candidates", "must map requested memory types to a number of candidates")
-    return {name: check_count(k, f"candidates.{name}", MAX_CANDIDATES) for name, k in candidates.items()}
-
-
 def check_weights(weights: Any) -> dict[str, float]:
     if weights is None:
         return dict(DEFAULT_WEIGHTS)

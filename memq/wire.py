@@ -70,7 +70,7 @@ def parse(model: TypeAdapter[Message], message: Any, settings: Settings | None =
         if isinstance(error, InvalidInput):
             field, message = error.field, error.message
         else:  # a type pydantic checks itself: named by its field, with pydantic's words
-            field = str(first["loc"][0]) if first["loc"] else ""
+            field = ".".join(part for part in first["loc"] if isinstance(part, str))  # candidates.semantic
             message = "is required" if first["type"] == "missing" else first["msg"]
         raise InvalidInput(".".join(filter(None, (where, field))) or "message", message) from None
 
@@ -114,7 +114,7 @@ class RetrievalRequest(TypedDict):
     strategy: Strategy  # auto | exact | vector_search
     mode: Mode  # hybrid | vector | lexical
     filters: Filters  # see memq.validation.check_filters
-    candidates: Annotated[dict[str, int], _rule(validation.check_candidates)]  # type -> how many its search returns
+    candidates: dict[str, Annotated[int, Strict(), Field(ge=1, le=MAX_CANDIDATES)]] | None  # how many each returns
     timeout_s: Annotated[
         float, PlainValidator(lambda value, info: validation.check_timeout(value, _settings(info).retrieve_timeout_s))
     ]
@@ -143,7 +143,7 @@ def _with_defaults(request: Any, info: ValidationInfo) -> Any:
 def _derived(request: RetrievalRequest, info: ValidationInfo) -> RetrievalRequest:
     """What follows from the checked fields: the candidates each type's search returns, when the request was made
     and its deadline; a cache key's versions, one per requested type."""
-    if not set(request["candidates"]) <= set(request["limits"]):
+    if not set(request["candidates"] or ()) <= set(request["limits"]):
         raise InvalidInput("candidates", "must map requested memory types to a number of candidates")
     if "cache_key" in request and len(request["cache_versions"]) != len(request["limits"]):
         raise InvalidInput("cache_versions", "must name one data version per requested memory type")
@@ -256,14 +256,7 @@ class SearchCall(TypedDict):
 def search_call(request: RetrievalRequest, memory_type: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The ``(args, kwargs)`` of ``memq.search`` for one type of ``request`` (after the ``EmbedResult``)."""
     args = (request["memory_id"], memory_type, request["candidates"][memory_type])
-    kwargs = {
-        "strategy": request["strategy"],
-        "deadline_ts": request["deadline_ts"],
-        "query": request["query"],
-        "mode": request["mode"],
-        "filters": request["filters"],
-    }
-    return args, kwargs
+    return args, {name: request[name] for name in ("strategy", "deadline_ts", "query", "mode", "filters")}
 
 
 def _needs_query(call: SearchCall) -> SearchCall:

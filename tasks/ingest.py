@@ -9,12 +9,12 @@ from celery import Task
 
 from memq import names
 from memq.app import app
-from memq.errors import InvalidInput
 from memq.memory_types import MemoryType
 from memq.requests import forget_request, remember_request
 from memq.settings import get_settings
 from memq.tasks import retry
 from memq.tasks.retry import retrying
+from memq.validation import check_count
 from memq.wire import EMBED_TEXTS, parse
 
 
@@ -68,9 +68,7 @@ def create_indexes(self: Task, dimensions: int | None = None) -> dict[str, Any]:
     from memq.workers import indexes
 
     settings = get_settings()
-    dimensions = settings.embed_dimensions if dimensions is None else dimensions
-    if isinstance(dimensions, bool) or not isinstance(dimensions, int) or not 1 <= dimensions <= 8192:
-        raise InvalidInput("dimensions", "must be an integer in 1..8192")
+    dimensions = check_count(settings.embed_dimensions if dimensions is None else dimensions, "dimensions", 8192)
     types = [t.value for t in MemoryType]
     vector_index = indexes.vector_index_definition(dimensions, settings.vector_index)
     text_index = indexes.text_index_definition(settings.text_index)
