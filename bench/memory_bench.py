@@ -1,12 +1,13 @@
-"""Memory under the heaviest retrievals: 9 memory types x k=100 over memories of ~4 KB, from 16 clients. Three
-fleets in one run, on the same MongoDB data and request stream: ``unbounded`` (no cache Redis ``maxmemory``, a
-search worker cache budget far above the data, none of the work bounds), ``bounded`` (the budgets below, no resident
-memory budget) and ``budgeted`` (``bounded`` with ``MEMQ_SEARCH_MAX_RSS_BYTES``). Reports the search worker's
-resident memory against its budgets and the cache Redis's peak ``used_memory`` against its ``maxmemory``. Prints a
-table, writes ``bench/results/memory.json`` and ``memory.png``.
+"""Memory under the heaviest retrievals: 9 memory types x k=100 over memories of ~4 KB, from 16 clients. Fleets in
+one run, on the same MongoDB data and request stream: ``unbounded`` (no cache Redis ``maxmemory``, a search worker
+resident memory budget far above what it holds, Celery's default prefetch) and ``budgeted`` (a 64 MB cache Redis
+and ``MEMQ_SEARCH_MAX_RSS_BYTES``, the search worker's one memory limit). Reports the search worker's resident memory
+against its budget and the cache Redis's peak ``used_memory`` against its ``maxmemory``. Prints a table, writes
+``bench/results/memory.json`` and ``memory.png``; ``--before FILE`` adds the runs of an earlier ``memory.json`` (the
+code before a change, run alike) to the table, the JSON and the plot, labelled ``before:``.
 
-    python -m bench.memory_bench --tenants 12 --requests 160   # the README's run: ~30 minutes on 2 cores
-    python -m bench.memory_bench --tenants 4 --requests 64 --fleets bounded,budgeted   # a quick look
+    python -m bench.memory_bench --tenants 12 --requests 160   # the README's run
+    python -m bench.memory_bench --tenants 4 --requests 64 --fleets budgeted   # a quick look
 
 Memories are written straight into MongoDB with random unit vectors (what is measured is memory, not ranking);
 queries are embedded by the real model. The cache Redis is its own redis-server (``MEMQ_REDIS_URL``), as in the
@@ -36,20 +37,10 @@ from memq.memory_types import MemoryType
 TYPES = tuple(memory_type.value for memory_type in MemoryType)  # all 9
 QUERIES = ("what does this person like", "recent plans", "how to book travel", "health notes", "work projects")
 MIB = 1024 * 1024
-BOUNDED = {"search_budget_mb": 128, "cache_maxmemory_mb": 64, "rss_budget_mb": 0, "rss_headroom_mb": 0}
-UNBOUNDED = {"search_budget_mb": 64 * 1024, "cache_maxmemory_mb": 0, "rss_budget_mb": 0, "rss_headroom_mb": 0}
-# The bounded fleet with a resident memory budget (MEMQ_SEARCH_MAX_RSS_BYTES) as well.
-BUDGETED = {**BOUNDED, "rss_budget_mb": 448, "rss_headroom_mb": 256}
-FLEETS = {"unbounded": UNBOUNDED, "bounded": BOUNDED, "budgeted": BUDGETED}
-# The unbounded fleet also runs without the search worker's work bounds, as memq did before them: glibc's own
-# allocator settings, Celery's default prefetch (4 per thread), any number of loads and merges at once.
-UNBOUNDED_WORK_ENV = {
-    "MEMQ_MALLOC_ARENA_MAX": "0",
-    "MEMQ_MALLOC_MMAP_THRESHOLD_BYTES": "0",
-    "MEMQ_EXACT_LOADS_IN_FLIGHT": "64",
-    "MEMQ_MERGE_IN_FLIGHT_MAX_BYTES": str(2**40),
-}
-UNBOUNDED_SEARCH_ARGS = ("--prefetch-multiplier", "4")
+UNBOUNDED = {"cache_maxmemory_mb": 0, "rss_budget_mb": 64 * 1024}
+BUDGETED = {"cache_maxmemory_mb": 64, "rss_budget_mb": 448}
+FLEETS = {"unbounded": UNBOUNDED, "budgeted": BUDGETED}
+UNBOUNDED_SEARCH_ARGS = ("--prefetch-multiplier", "4")  # Celery's default (search workers take 1)
 
 
 def load_memories(uri: str, db: str, tenants: int, memories: int, content_bytes: int, dimensions: int) -> None:
@@ -149,11 +140,8 @@ def run_fleet(base_env: dict[str, str], label: str, budget: dict[str, int], args
     env = {
         **base_env,
         "MEMQ_REDIS_URL": cache_service.url,
-        "MEMQ_EXACT_CACHE_MAX_BYTES": str(budget["search_budget_mb"] * MIB),
         "MEMQ_SEARCH_MAX_RSS_BYTES": str(budget["rss_budget_mb"] * MIB),
-        "MEMQ_SEARCH_RSS_HEADROOM_BYTES": str(budget["rss_headroom_mb"] * MIB),
         "MEMQ_SEARCH_STRATEGY": "exact",
-        **(UNBOUNDED_WORK_ENV if label == "unbounded" else {}),
     }
     search_args = UNBOUNDED_SEARCH_ARGS if label == "unbounded" else ()
     fleet = services.Fleet(env)
@@ -213,18 +201,24 @@ def search_info(app: Any, host: str) -> dict[str, Any]:
 
 def report(runs: list[dict[str, Any]]) -> None:
     print(
-        f"{'fleet':<10} {'search budget MB':>16} {'RSS budget MB':>13} {'RSS start':>9} {'RSS peak':>9} "
-        f"{'cache maxmem MB':>15} "
-        f"{'Redis peak MB':>13} {'evicted':>8} {'p50 ms':>8} {'errors':>6}"
+        f"{'fleet':<20} {'RSS budget MB':>13} {'RSS start':>9} {'RSS p99':>8} {'RSS peak':>9} {'over budget':>11} "
+        f"{'cache maxmem MB':>15} {'Redis peak MB':>13} {'evicted':>8} {'p50 ms':>8} {'errors':>6}"
     )
     for run in runs:
-        budget = run["cache_maxmemory_mb"] or "none"
+        budget = run["rss_budget_mb"] or "none"
+        series = run["rss_series_mb"]
+        over = f"{sum(mb > run['rss_budget_mb'] for mb in series) if run['rss_budget_mb'] else 0} of {len(series)}"
         print(
-            f"{run['fleet']:<10} {run['search_budget_mb']:>16} {run['rss_budget_mb'] or 'none'!s:>13} "
-            f"{run['search_rss_mb_at_start']:>9.0f} "
-            f"{run['search_rss_mb_peak']:>9.0f} {budget!s:>15} {run['cache_redis_mb_peak']:>13.1f} "
-            f"{run['cache_evicted_keys']:>8} {run['latency']['p50_ms']:>8.0f} {run['errors']:>6}"
+            f"{run['fleet']:<20} {budget!s:>13} {run['search_rss_mb_at_start']:>9.0f} "
+            f"{percentile(series, 99):>8.0f} {run['search_rss_mb_peak']:>9.0f} "
+            f"{over:>11} {run['cache_maxmemory_mb'] or 'none'!s:>15} "
+            f"{run['cache_redis_mb_peak']:>13.1f} {run['cache_evicted_keys']:>8} {run['latency']['p50_ms']:>8.0f} "
+            f"{run['errors']:>6}"
         )
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
 
 
 def plot(runs: list[dict[str, Any]], path: Path) -> None:
@@ -235,19 +229,26 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for run in runs:
-        left.plot(np.arange(len(run["rss_series_mb"])) * 0.25, run["rss_series_mb"], label=run["fleet"])
-        right.plot(np.arange(len(run["redis_series_mb"])) * 0.25, run["redis_series_mb"], label=run["fleet"])
-    left.axhline(BOUNDED["search_budget_mb"], linestyle="--", color="grey", label="matrix cache budget")
-    for run in runs:
-        if run["rss_budget_mb"]:
-            left.axhline(run["rss_budget_mb"], linestyle=":", color="black", label=f"RSS budget ({run['fleet']})")
-    right.axhline(BOUNDED["cache_maxmemory_mb"], linestyle="--", color="grey", label="maxmemory (bounded)")
-    left.set(title="search worker RSS", xlabel="s", ylabel="MB")
+        style = ":" if run["fleet"].startswith("before:") else "-"
+        left.plot(np.arange(len(run["rss_series_mb"])) * 0.25, run["rss_series_mb"], style, label=run["fleet"])
+        right.plot(np.arange(len(run["redis_series_mb"])) * 0.25, run["redis_series_mb"], style, label=run["fleet"])
+    budgets = {run["rss_budget_mb"] for run in runs if 0 < run["rss_budget_mb"] < UNBOUNDED["rss_budget_mb"]}
+    for budget in sorted(budgets):
+        left.axhline(budget, linestyle="--", color="black", label=f"RSS budget {budget} MiB")
+    right.axhline(BUDGETED["cache_maxmemory_mb"], linestyle="--", color="grey", label="maxmemory (budgeted)")
+    left.set(title="search worker RSS", xlabel="s", ylabel="MiB")
     right.set(title="cache Redis used_memory", xlabel="s", ylabel="MB")
-    left.legend()
-    right.legend()
+    left.legend(fontsize="small")
+    right.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def earlier_runs(path: str | None) -> list[dict[str, Any]]:
+    """The runs of an earlier ``memory.json``, each fleet labelled ``before:<fleet>``."""
+    if path is None:
+        return []
+    return [{**run, "fleet": f"before:{run['fleet']}"} for run in json.loads(Path(path).read_text())["runs"]]
 
 
 def main() -> None:
@@ -258,9 +259,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=320)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--k", type=int, default=100)
-    parser.add_argument("--fleets", default="unbounded,bounded,budgeted", help="comma-separated, run in this order")
+    parser.add_argument("--fleets", default="unbounded,budgeted", help="comma-separated, run in this order")
     parser.add_argument("--rss-budget-mb", type=int, default=BUDGETED["rss_budget_mb"], help="the budgeted fleet's")
-    parser.add_argument("--rss-headroom-mb", type=int, default=BUDGETED["rss_headroom_mb"], help="the budgeted fleet's")
+    parser.add_argument("--before", help="an earlier memory.json whose runs are shown beside these")
     args = parser.parse_args()
 
     broker = services.start_redis_server()
@@ -277,12 +278,12 @@ def main() -> None:
         started = time.perf_counter()
         load_memories(mongo.url, "memq_memory_bench", args.tenants, args.memories, args.content_bytes, 384)
         print(f"loaded {args.tenants * 9 * args.memories} memories in {time.perf_counter() - started:.0f} s")
-        budgeted = {**BUDGETED, "rss_budget_mb": args.rss_budget_mb, "rss_headroom_mb": args.rss_headroom_mb}
-        budgets = {**FLEETS, "budgeted": budgeted}
+        budgets = {**FLEETS, "budgeted": {**BUDGETED, "rss_budget_mb": args.rss_budget_mb}}
         runs = [run_fleet(base_env, label, budgets[label], args) for label in args.fleets.split(",")]
     finally:
         mongo.stop()
         broker.stop()
+    runs = earlier_runs(args.before) + runs
     report(runs)
     RESULTS.mkdir(exist_ok=True)
     out = {"machine": machine(), "args": vars(args), "runs": runs}

@@ -169,7 +169,7 @@ def measure_size(size: int, dimensions: int, repeats: int) -> dict[str, Any]:
     from memq.process_local import ProcessLocal
     from memq.workers import search
 
-    search.matrix_cache = ProcessLocal(lambda: search.MatrixCache(10**9))  # a fresh process, large enough
+    search.matrix_cache = ProcessLocal(search.MatrixCache)  # a fresh process
     tenant = Tenant(f"write-read-{size}", size, dimensions)
     row: dict[str, Any] = {"memories": size, "write_s": write_tenant(tenant.name, size, dimensions)}
     row["cold_ms"] = tenant.search_ms()

@@ -154,10 +154,10 @@ def run_worker(argv: list[str]) -> int:
         return 2
     from memq.settings import get_settings
 
-    if kind == "search":  # measured there (README, "Memory under the heaviest retrievals"); before any thread starts
-        from memq.workers import allocator
+    if kind == "search":  # the memory guard's allocator, before any thread starts
+        from memq.workers.memory_guard import configure_allocator
 
-        allocator.tune(get_settings().malloc_arena_max, get_settings().malloc_mmap_threshold_bytes)
+        configure_allocator()
         try:
             queues = search_worker_queues(extra, get_settings().search_shards)
         except ValueError as exc:

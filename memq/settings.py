@@ -39,6 +39,19 @@ REDIS_MAX_VALUE_BYTES = 512 * 1024 * 1024  # Redis's largest string
 MAX_VECTOR_DIMENSIONS = 8192  # the most dimensions an Atlas vector index takes
 
 
+# Settings that were removed, with what replaced them: one still set in the environment is refused with this message
+# (its value would otherwise be ignored silently).
+REMOVED_SETTINGS: dict[str, str] = {
+    "MEMQ_EXACT_CACHE_MAX_BYTES": "the matrix cache holds what fits under MEMQ_SEARCH_MAX_RSS_BYTES",
+    "MEMQ_EXACT_CACHE_MAX_VECTORS": "the matrix cache holds what fits under MEMQ_SEARCH_MAX_RSS_BYTES",
+    "MEMQ_MERGE_IN_FLIGHT_MAX_BYTES": "merges are admitted under MEMQ_SEARCH_MAX_RSS_BYTES",
+    "MEMQ_SEARCH_RSS_HEADROOM_BYTES": "derived from MEMQ_SEARCH_MAX_RSS_BYTES (256 MiB, or half the budget if less)",
+    "MEMQ_MALLOC_ARENA_MAX": "search workers fix it at 2; set glibc's own MALLOC_ARENA_MAX to override",
+    "MEMQ_MALLOC_MMAP_THRESHOLD_BYTES": "search workers fix it at 131072; set glibc's own MALLOC_MMAP_THRESHOLD_ to "
+    "override",
+}
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, validate_default=True)
 
@@ -102,23 +115,6 @@ class Settings(BaseModel):
         description=f"cosine candidates per k when recency/importance weigh in (a limit of {MAX_LIMIT} times it "
         f"must fit in the {MAX_CANDIDATES} candidates one search returns)",
     )
-    exact_cache_max_vectors: int = Field(
-        2_000_000,
-        ge=0,
-        le=1_000_000_000,
-        description="vectors held in each search process's exact-search matrix cache (LRU), a second bound beside "
-        "`MEMQ_EXACT_CACHE_MAX_BYTES`; 0: none",
-    )
-    exact_cache_max_bytes: int = Field(
-        2 * 1024**3,
-        ge=1,
-        le=2**50,
-        description="bytes held by each search process's exact-search matrix cache (LRU): each tenant's matrix (4 "
-        "bytes × dimensions per memory, for its rows' whole capacity: up to half spare as it grows), its result "
-        "items (content, id, tags, metadata and about 480 bytes of overhead each, rows replaced since its load "
-        "included) and its BM25 index (postings and vocabulary); size the worker's memory "
-        "by this. A tenant larger than this alone is searched without being cached",
-    )
     exact_loads_in_flight: int = Field(
         2,
         ge=1,
@@ -128,49 +124,16 @@ class Settings(BaseModel):
         "tenant's rows) and the BM25 postings of the tenant while it builds, so this bounds the memory of loads "
         "under a burst of cold tenants. A catch-up after a write reads only the changed documents and takes no slot",
     )
-    merge_in_flight_max_bytes: int = Field(
-        8 * 1024**2,
-        ge=1,
-        le=2**40,
-        description="content bytes (each item's `content` and `metadata`) the merges of one search process rank and "
-        "encode at once; a merge waits, within its retrieval's deadline, until its input fits (one larger than this "
-        "runs alone). A merge holds about 6 times its input while it works",
-    )
     search_max_rss_bytes: int = Field(
         3 * 1024**3,
-        ge=0,
+        ge=1,
         le=2**50,
-        description="resident memory budget of each search process: set it under the pod's or container's memory "
-        "limit and above `MEMQ_EXACT_CACHE_MAX_BYTES` + `MEMQ_SEARCH_RSS_HEADROOM_BYTES` + the process at ready "
-        "(~100 MB). Above it less the headroom, a tenant load or a merge first sheds the least recently used cached "
-        "tenants and returns free pages to the system, then waits (within its deadline) for the loads and merges "
-        "running to finish; one that finds none running runs anyway. 0: no budget",
-    )
-    search_rss_headroom_bytes: int = Field(
-        256 * 1024**2,
-        ge=0,
-        le=2**50,
-        description="the part of `MEMQ_SEARCH_MAX_RSS_BYTES` kept for what the memory guard cannot hold back: the "
-        "messages a search worker has already received (up to its concurrency, each merge message carrying every "
-        "type's results), its chord joins and the encoding of finished merges' results. Measured: about "
-        "concurrency × 5 × the largest merge message (154 MiB at 8 threads and 3.8 MB messages: 9 types × k = 100 "
-        "over 4 KB memories)",
-    )
-    malloc_arena_max: int = Field(
-        2,
-        ge=0,
-        le=1024,
-        description="glibc malloc arenas in a worker process (`mallopt(M_ARENA_MAX)`, set at `memq worker` start); "
-        "glibc's own default (8 per core) lets each thread fragment its own heap, which tripled a search worker's "
-        "resident memory under large results. 0: leave glibc's default",
-    )
-    malloc_mmap_threshold_bytes: int = Field(
-        128 * 1024,
-        ge=0,
-        le=32 * 1024**2,
-        description="allocations from this size up are given their own memory map and returned to the system when "
-        "freed (`mallopt(M_MMAP_THRESHOLD)`, which also stops glibc raising the threshold on its own after a large "
-        "free). 0: leave glibc's dynamic threshold",
+        description="resident memory budget of each search process, its one memory limit: set it under the pod's "
+        "or container's memory limit. The process keeps its tenants' matrices (exact search) in whatever fits under "
+        "it less a headroom (256 MiB, or half the budget if that is less); above that, a tenant load or a merge "
+        "first drops the least recently used tenants and returns free pages to the system, then waits (within its "
+        "deadline) for the loads and merges running to finish; one that finds none running runs anyway. Raise it "
+        "when `memq_memory_shed_bytes_total` grows steadily (tenants are loaded again and again)",
     )
     exact_load_timeout_s: float = Field(
         120.0,
@@ -274,12 +237,20 @@ class Settings(BaseModel):
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
+        refuse_removed(env)
         values = {name: env[env_name(name)] for name in cls.model_fields if env.get(env_name(name))}
         return cls(**values)
 
 
 def env_name(field_name: str) -> str:
     return f"MEMQ_{field_name.upper()}"
+
+
+def refuse_removed(env: Mapping[str, str]) -> None:
+    """``ConfigError`` naming each removed setting set (not empty) in ``env`` and what replaced it."""
+    removed = [f"{name} was removed: {replacement}" for name, replacement in REMOVED_SETTINGS.items() if env.get(name)]
+    if removed:
+        raise ConfigError("; ".join(removed))
 
 
 def variables() -> list[str]:

@@ -32,6 +32,17 @@ def test_a_worker_with_a_bad_setting_exits_2_at_start_naming_the_variable(kind: 
     assert "ready" not in started.stderr + started.stdout
 
 
+def test_a_search_worker_started_with_a_removed_setting_exits_2_naming_what_replaced_it() -> None:
+    started = run(
+        [sys.executable, "-m", "memq.cli", "worker", "search", "-n", "search-removed@config-test"],
+        MEMQ_EXACT_CACHE_MAX_BYTES="1073741824",
+    )
+
+    assert started.returncode == 2
+    assert "memq: error: MEMQ_EXACT_CACHE_MAX_BYTES was removed: " in started.stderr
+    assert "MEMQ_SEARCH_MAX_RSS_BYTES" in started.stderr and "Traceback" not in started.stderr
+
+
 def test_a_device_given_on_the_command_line_is_checked_like_the_variable() -> None:
     started = run([sys.executable, "-m", "memq.cli", "worker", "embed", "--device", "tpu"])
 

@@ -63,7 +63,7 @@ FILTERS: list[dict[str, Any]] = [
 @pytest.fixture(autouse=True)
 def fresh_process_caches(monkeypatch: pytest.MonkeyPatch) -> None:
     """This test's own matrix cache and loads, as a fresh search process has."""
-    monkeypatch.setattr(search, "matrix_cache", ProcessLocal(lambda: search.MatrixCache(10_000_000)))
+    monkeypatch.setattr(search, "matrix_cache", ProcessLocal(search.MatrixCache))
     monkeypatch.setattr(search, "matrix_loads", ProcessLocal(lambda: SingleFlight("matrix")))
     monkeypatch.setattr(search, "tenant_locks", ProcessLocal(lambda: search.KeyedLocks()))
 

@@ -131,7 +131,7 @@ def test_a_search_whose_budget_runs_out_waiting_gets_mongodb_unavailable_and_the
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(search, "matrix_loads", search.ProcessLocal(lambda: SingleFlight("matrix")))
-    monkeypatch.setattr(search, "matrix_cache", search.ProcessLocal(lambda: search.MatrixCache(1000)))
+    monkeypatch.setattr(search, "matrix_cache", search.ProcessLocal(search.MatrixCache))
     entry = search.TenantMatrix(3, [{"id": "a"}], np.ones((1, 2), dtype=np.float32))
     gate = Gate(entry)
 
@@ -172,37 +172,13 @@ def test_an_entry_counts_its_vectors_its_items_content_and_its_bm25_index() -> N
     assert search.entry_nbytes(indexed) >= indexed.lexical.nbytes() > 0
 
 
-def test_the_matrix_cache_evicts_least_recent_entries_past_its_byte_budget() -> None:
-    one_entry = search.entry_nbytes(cached_entry(10, content_bytes=1000))
-    cache = search.MatrixCache(max_vectors=1_000_000, max_bytes=2 * one_entry + one_entry // 2)
-
-    cache.put(("a", "t"), cached_entry(10, content_bytes=1000))
-    cache.put(("b", "t"), cached_entry(10, content_bytes=1000))
-    assert cache.get(("a", "t"), 1) is not None  # a is now the most recent
-    cache.put(("c", "t"), cached_entry(10, content_bytes=1000))
-
-    assert cache.get(("b", "t"), 1) is None
-    assert cache.get(("a", "t"), 1) is not None and cache.get(("c", "t"), 1) is not None
-    assert cache.nbytes == 2 * one_entry <= cache.max_bytes  # type: ignore[operator]
-    assert cache.vectors == 20
-
-
-def test_an_entry_larger_than_the_byte_budget_is_not_cached_and_a_replaced_entry_frees_its_bytes() -> None:
-    cache = search.MatrixCache(max_vectors=1_000_000, max_bytes=search.entry_nbytes(cached_entry(10)))
-    cache.put(("big", "t"), cached_entry(11))
-    assert len(cache) == 0 and cache.nbytes == 0
-
+def test_a_replaced_entry_frees_its_bytes() -> None:
+    cache = search.MatrixCache()
     cache.put(("a", "t"), cached_entry(10, version=1))
     cache.put(("a", "t"), cached_entry(5, version=2))
+
     assert cache.nbytes == search.entry_nbytes(cached_entry(5)) and cache.get(("a", "t"), 2) is not None
-
-
-def test_few_vectors_with_large_content_are_bounded_by_bytes_where_a_vector_count_would_not() -> None:
-    budget = 200_000
-    cache = search.MatrixCache(max_vectors=1_000_000, max_bytes=budget)
-    for tenant in range(20):
-        cache.put((f"tenant-{tenant}", "t"), cached_entry(2, content_bytes=30_000))
-    assert cache.nbytes <= budget and len(cache) == 3
+    assert len(cache) == 1 and cache.vectors == 5
 
 
 # -- the result's byte budget ------------------------------------------------------------------------------------
@@ -324,7 +300,7 @@ def test_loads_of_five_cold_tenants_run_at_most_two_at_a_time_and_each_fills_the
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(search, "matrix_loads", search.ProcessLocal(lambda: SingleFlight("matrix")))
-    monkeypatch.setattr(search, "matrix_cache", search.ProcessLocal(lambda: search.MatrixCache(1000)))
+    monkeypatch.setattr(search, "matrix_cache", search.ProcessLocal(search.MatrixCache))
     monkeypatch.setattr(search, "load_slots", search.ProcessLocal(lambda: threading.BoundedSemaphore(2)))
     lock = threading.Lock()
     running, most_at_once = [0], [0]
@@ -358,7 +334,7 @@ def test_a_search_whose_load_still_waits_for_a_slot_is_told_the_worker_is_busy_n
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(search, "matrix_loads", search.ProcessLocal(lambda: SingleFlight("matrix")))
-    monkeypatch.setattr(search, "matrix_cache", search.ProcessLocal(lambda: search.MatrixCache(1000)))
+    monkeypatch.setattr(search, "matrix_cache", search.ProcessLocal(search.MatrixCache))
     slots = threading.BoundedSemaphore(1)
     monkeypatch.setattr(search, "load_slots", search.ProcessLocal(lambda: slots))
     monkeypatch.setattr(search.store, "load_tenant", lambda memory_id, memory_type: [])

@@ -166,18 +166,11 @@ def test_exact_top_k_is_sorted_by_cosine_with_id_tie_break() -> None:
     assert [i["score"] for i in got] == pytest.approx([1, 1, 0.6])
 
 
-def test_the_matrix_cache_evicts_least_recent_tenants_past_its_vector_budget() -> None:
-    cache = MatrixCache(max_vectors=4)
+def test_the_matrix_cache_serves_an_entry_only_at_its_own_data_version() -> None:
+    cache = MatrixCache()
+    cache.put(("a", "t"), TenantMatrix(1, [{"id": "0"}], np.zeros((1, 2), dtype=np.float32)))
 
-    def entry(n: int, version: int = 1) -> TenantMatrix:
-        return TenantMatrix(version, [{"id": str(i)} for i in range(n)], np.zeros((n, 2), dtype=np.float32))
-
-    cache.put(("a", "t"), entry(2))
-    cache.put(("b", "t"), entry(2))
-    assert cache.get(("a", "t"), 1) is not None  # a is now most recent
-    cache.put(("c", "t"), entry(2))
-    assert cache.get(("b", "t"), 1) is None
-    assert cache.get(("a", "t"), 1) is not None and cache.get(("c", "t"), 1) is not None
+    assert cache.get(("a", "t"), 1) is not None
     assert cache.get(("a", "t"), 2) is None  # a newer tenant version never reads the old matrix
 
 
@@ -200,7 +193,7 @@ def test_settings_parse_types_and_refuse_bad_values() -> None:
         ("MEMQ_RECENCY_HALF_LIFE_S", "nan"),
         ("MEMQ_RECENCY_HALF_LIFE_S", "inf"),
         ("MEMQ_SINGLE_FLIGHT_LOCK_S", "-inf"),
-        ("MEMQ_EXACT_CACHE_MAX_VECTORS", "-1"),
+        ("MEMQ_SEARCH_MAX_RSS_BYTES", "0"),
         ("MEMQ_EMBED_DEVICE", "tpu"),
         ("MEMQ_EMBED_DEVICE", "cuda:x"),
         ("MEMQ_METRICS_PORT", "65536"),
@@ -222,6 +215,35 @@ def test_the_range_in_the_message_is_the_fields_own() -> None:
         Settings.from_env({"MEMQ_RETRIEVE_TIMEOUT_S": "0"})
     with pytest.raises(ConfigError, match=r"MEMQ_MAX_BATCH_ITEMS must be in 1\.\.100000 \(a whole number\)"):
         Settings.from_env({"MEMQ_MAX_BATCH_ITEMS": "-5"})
+
+
+@pytest.mark.parametrize(
+    ("variable", "replacement"),
+    [
+        ("MEMQ_EXACT_CACHE_MAX_BYTES", "MEMQ_SEARCH_MAX_RSS_BYTES"),
+        ("MEMQ_EXACT_CACHE_MAX_VECTORS", "MEMQ_SEARCH_MAX_RSS_BYTES"),
+        ("MEMQ_MERGE_IN_FLIGHT_MAX_BYTES", "MEMQ_SEARCH_MAX_RSS_BYTES"),
+        ("MEMQ_SEARCH_RSS_HEADROOM_BYTES", "derived from MEMQ_SEARCH_MAX_RSS_BYTES"),
+        ("MEMQ_MALLOC_ARENA_MAX", "glibc's own MALLOC_ARENA_MAX"),
+        ("MEMQ_MALLOC_MMAP_THRESHOLD_BYTES", "glibc's own MALLOC_MMAP_THRESHOLD_"),
+    ],
+)
+def test_a_removed_setting_still_set_is_refused_naming_what_replaced_it(variable: str, replacement: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({variable: "2", "MEMQ_RETRIEVE_TIMEOUT_S": "5"})
+
+    assert str(caught.value).startswith(f"{variable} was removed: ")
+    assert replacement in str(caught.value)
+
+
+def test_a_removed_setting_set_empty_counts_as_unset_like_any_other() -> None:
+    assert Settings.from_env({"MEMQ_MALLOC_ARENA_MAX": ""}).search_max_rss_bytes == 3 * 1024**3
+
+
+def test_no_removed_setting_is_a_setting_again() -> None:
+    from memq.settings import REMOVED_SETTINGS, variables
+
+    assert set(REMOVED_SETTINGS).isdisjoint(variables())
 
 
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12", "mps"])

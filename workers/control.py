@@ -24,7 +24,6 @@ from memq import celery_internals
 from memq.errors import ConfigError
 from memq.names import INFO_COMMAND, WORKER_KIND_ENV
 from memq.settings import get_settings
-from memq.workers import allocator
 from memq.workers.memory_guard import resident_bytes
 from memq.workers.metrics import REFUSED_CONTROL_COMMANDS
 
@@ -70,7 +69,6 @@ def memq_info(state: Any, **_: Any) -> dict[str, Any]:
         "reserved_tasks": len(worker_state.reserved_requests),
         "metrics_port": settings.metrics_port,
         "rss_bytes": resident_bytes(),
-        "allocator": allocator.applied(),
     }
     if kind == "embed":
         info["model"] = model_info()

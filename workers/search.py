@@ -43,9 +43,9 @@ from memq.errors import IndexNotReady, StoreUnavailable, WorkerBusy
 from memq.process_local import ProcessLocal
 from memq.settings import get_settings
 from memq.vectors import from_stored, normalise
-from memq.workers import allocator, index_readiness, mongo, store, versions
+from memq.workers import index_readiness, mongo, store, versions
 from memq.workers.lexical import LexicalIndex, LexicalWriter
-from memq.workers.memory_guard import MemoryGuard, resident_bytes
+from memq.workers.memory_guard import MemoryGuard, release_free_memory, resident_bytes
 from memq.workers.metrics import BAD_STORED_ROWS, CACHE_REQUESTS, MATRIX_LOADS, SEARCH_SECONDS
 from memq.workers.single_flight import FlightTimeout, SingleFlight
 
@@ -215,13 +215,11 @@ class SearchOutcome:
 
 
 class MatrixCache:
-    """LRU of tenant matrices, bounded by the bytes they hold (``entry_nbytes``: vectors, items, BM25 index) and by
-    the number of vectors; the least recently used entries go first. An entry larger than a bound alone is not
-    cached (its search still runs)."""
+    """LRU of tenant matrices with the bytes each holds (``entry_nbytes``: vectors, items, BM25 index). It has no
+    bound of its own: the memory guard (``MEMQ_SEARCH_MAX_RSS_BYTES``) sheds the least recently used entries
+    (``shed``) before a load or merge that finds the process over its budget."""
 
-    def __init__(self, max_vectors: int, max_bytes: int | None = None) -> None:
-        self.max_vectors = max_vectors
-        self.max_bytes = max_bytes
+    def __init__(self) -> None:
         self._entries: OrderedDict[tuple[str, str], TenantMatrix] = OrderedDict()
         self._sizes: dict[tuple[str, str], int] = {}
         self._vectors = 0
@@ -247,14 +245,10 @@ class MatrixCache:
         size = entry_nbytes(entry)
         with self._lock:
             self._drop(key)
-            if entry.rows > self.max_vectors or (self.max_bytes is not None and size > self.max_bytes):
-                return
             self._entries[key] = entry
             self._sizes[key] = size
             self._vectors += entry.rows
             self._bytes += size
-            while self._vectors > self.max_vectors or (self.max_bytes is not None and self._bytes > self.max_bytes):
-                self._drop(next(iter(self._entries)))
 
     def shed(self, nbytes: int) -> int:
         """Drop the least recently used entries until at least ``nbytes`` are freed (or the cache is empty); the
@@ -293,9 +287,7 @@ class MatrixCache:
         return len(self._entries)
 
 
-matrix_cache: ProcessLocal[MatrixCache] = ProcessLocal(
-    lambda: MatrixCache(get_settings().exact_cache_max_vectors, get_settings().exact_cache_max_bytes)
-)
+matrix_cache: ProcessLocal[MatrixCache] = ProcessLocal(MatrixCache)
 # One load per (tenant, type, data version) at a time in this process, whatever the number of searches asking.
 matrix_loads: ProcessLocal[SingleFlight[tuple[str, str, int], TenantMatrix]] = ProcessLocal(
     lambda: SingleFlight("matrix")
@@ -308,10 +300,9 @@ load_slots: ProcessLocal[threading.BoundedSemaphore] = ProcessLocal(
 memory_guard: ProcessLocal[MemoryGuard] = ProcessLocal(
     lambda: MemoryGuard(
         get_settings().search_max_rss_bytes,
-        get_settings().search_rss_headroom_bytes,
         shed=lambda nbytes: matrix_cache.get().shed(nbytes),
         read_rss_bytes=resident_bytes,
-        release=allocator.release_free_memory,
+        release=release_free_memory,
     )
 )
 # One load or catch-up per (tenant, type) at a time in this process, whatever the versions asked for.
@@ -680,7 +671,6 @@ def cache_info() -> dict[str, Any]:
         "entries": len(cache),
         "vectors": cache.vectors,
         "bytes": cache.nbytes,
-        "max_bytes": cache.max_bytes,
         "loads": cache.loads,
         "catch_ups": cache.catch_ups,
         "loads_in_flight": in_flight,

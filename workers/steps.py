@@ -11,16 +11,15 @@ from typing import Any
 
 from memq import deadlines, keys, ranking, wire
 from memq.cache_redis import cache_redis
-from memq.process_local import ProcessLocal
 from memq.settings import get_settings
 from memq.validation import text_form
 from memq.workers import embedding_cache, mongo, result_store, versions, writes
 from memq.workers import search as search_strategies
 from memq.workers.embedder import embedder
+from memq.workers.memory_guard import MERGE_HOLDS_INPUT_TIMES
 from memq.workers.metrics import EMBED_BATCH_SIZE, EMBED_SECONDS, MERGE_SECONDS, STORE_WRITES
 from memq.workers.result_size import bound_result_bytes, item_bytes
 from memq.workers.search import Wanted
-from memq.workers.work_budget import ByteBudget
 
 INTERNAL_ITEM_FIELDS = ("created_at_ts",)
 QUERY_WAIT_S = 60.0  # longest wait for the batcher's forward pass of one query
@@ -85,12 +84,6 @@ def search_type(
     )
 
 
-# The content bytes merges in this process rank and encode at once.
-merge_budget: ProcessLocal[ByteBudget] = ProcessLocal(
-    lambda: ByteBudget(get_settings().merge_in_flight_max_bytes, "merges in flight (MEMQ_MERGE_IN_FLIGHT_MAX_BYTES)")
-)
-
-
 def merge(results: Any, request: Any) -> dict[str, Any]:
     """Rank each type's candidates by memory_signal, keep its k, report per-type errors and timings. ``results``
     and ``request`` as they arrived: their shape is checked here, once (``wire.parse_merge_input``)."""
@@ -100,16 +93,14 @@ def merge(results: Any, request: Any) -> dict[str, Any]:
     now_ts = time.time()
     merge_input = wire.parse_merge_input(results, request, settings)
     input_bytes = sum(item_bytes(item) for result in merge_input["results"] for item in result.get("items", ()))
-    request = merge_input["request"]
-    with (
-        merge_budget.get().hold(input_bytes, merge_wait_s(request, settings)),
-        search_strategies.memory_guard.get().admitted("merge", merge_wait_s(request, settings)),
-    ):
+    guard = search_strategies.memory_guard.get()
+    wait_s = merge_wait_s(merge_input["request"], settings)
+    with guard.admitted("merge", wait_s, holds_bytes=MERGE_HOLDS_INPUT_TIMES * input_bytes):
         return _merge(merge_input, started, started_ts, now_ts)
 
 
 def merge_wait_s(request: dict[str, Any], settings: Any) -> float:
-    """How long a merge may wait for room in the budget: what is left of its retrieval's deadline
+    """How long a merge may wait for the memory guard: what is left of its retrieval's deadline
     (``MEMQ_RETRIEVE_TIMEOUT_S`` for a request without one), never more than half the visibility timeout (a message
     held longer is delivered again)."""
     cap_s = settings.visibility_timeout_s * deadlines.MERGE_WAIT_SHARE
