@@ -2,8 +2,8 @@
 timeout policy and one circuit breaker for everything that treats Redis as optional.
 
 - ``cache_redis``: built on first use in each process (rebuilt after fork) from ``MEMQ_REDIS_URL`` (or the
-  broker's URL), with ``SOCKET_TIMEOUT_S`` for connecting and for each reply: a cache that is slow to
-  answer costs a caller at most that, then the caller goes on without it.
+  broker's URL), with ``CACHE_SOCKET_TIMEOUT_S`` (``memq.deadlines``) for connecting and for each reply: a cache
+  that is slow to answer costs a caller at most that, then the caller goes on without it.
 - ``breaker``: after a Redis error the caches (results, embeddings) leave Redis alone for ``RETRY_AFTER_S``, so
   a dead Redis costs nothing per call. Tenant data versions do not use it: a write whose version bump fails
   must be retried (``bump_versions`` raises ``TransientError``).
@@ -16,12 +16,12 @@ import time
 
 import redis
 
+from memq.deadlines import CACHE_SOCKET_TIMEOUT_S
 from memq.process_local import ProcessLocal
 from memq.settings import get_settings
 
 log = logging.getLogger(__name__)
 
-SOCKET_TIMEOUT_S = 0.25
 RETRY_AFTER_S = 1.0
 HEALTH_CHECK_INTERVAL_S = 30
 
@@ -29,8 +29,8 @@ HEALTH_CHECK_INTERVAL_S = 30
 def connect(url: str) -> redis.Redis:
     return redis.Redis.from_url(
         url,
-        socket_timeout=SOCKET_TIMEOUT_S,
-        socket_connect_timeout=SOCKET_TIMEOUT_S,
+        socket_timeout=CACHE_SOCKET_TIMEOUT_S,
+        socket_connect_timeout=CACHE_SOCKET_TIMEOUT_S,
         health_check_interval=HEALTH_CHECK_INTERVAL_S,
     )
 

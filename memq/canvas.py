@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
 
 from celery import chain, chord
 from celery.canvas import Signature
@@ -11,7 +10,7 @@ from celery.canvas import Signature
 from memq import names, sharding
 from memq.app import app
 from memq.settings import get_settings
-from memq.wire import RetrievalRequest, search_call
+from memq.wire import RememberRequest, RetrievalRequest, search_call
 
 
 def retrieval_canvas(request: RetrievalRequest) -> Signature:
@@ -32,7 +31,7 @@ def retrieval_canvas(request: RetrievalRequest) -> Signature:
     return chain(embed, chord(searches, merge))
 
 
-def remember_canvas(request: dict[str, Any]) -> Signature:
+def remember_canvas(request: RememberRequest) -> Signature:
     """``embed_texts(contents) | store(...)``: embedding on the embed queue, the bulk write on ingest."""
     texts = [item["content"] for item in request["items"]]
     embed = app.signature(names.EMBED_TEXTS, args=(texts,), queue=names.EMBED_QUEUE, ignore_result=True)

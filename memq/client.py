@@ -30,7 +30,7 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
-from memq import names, result_cache, validation
+from memq import deadlines, names, result_cache, validation
 from memq.app import app
 from memq.canvas import remember_canvas, retrieval_canvas
 from memq.celery_internals import is_result_store_outage
@@ -47,12 +47,11 @@ from memq.requests import forget_request, remember_request, retrieval_request
 from memq.settings import Settings, get_settings
 from memq.validation import is_finite_number
 from memq.waiting import ResultWaiter
-from memq.wire import RetrievalRequest, with_cache
+from memq.wire import RememberRequest, RetrievalRequest, with_cache
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 ASYNC_THREADS = 64
-ASYNC_MARGIN_S = 0.25  # how far past its timeout_s an aretrieve may end (the thread's own wait ends at timeout_s)
 INGEST_TIMEOUT_S = 300.0
 MAX_IN_FLIGHT = 4  # remember_many: batches sent and not yet stored
 RESULT_STORE_OUTAGE = "result backend unavailable: Celery could not reconnect to the result store"
@@ -96,7 +95,7 @@ def _run_chord(settings: Settings, request: RetrievalRequest, found: result_cach
         request = with_cache(request, found.cache_key, found.versions, settings.result_cache_ttl_s)
     try:
         result = _send(lambda: retrieval_canvas(request).apply_async())
-        timeout_s = request["deadline_ts"] - time.time()  # what sending and the cache look-up left of it
+        timeout_s = deadlines.budget_s(request["deadline_ts"]) or 0.0  # what sending and the cache look-up left
         if timeout_s <= 0:
             raise RetrievalTimeout(f"retrieval did not finish within {request['timeout_s']:g} s (sending took it all)")
         payload = _wait(result, timeout_s, what="retrieval")
@@ -140,7 +139,8 @@ def create_indexes(dimensions: int | None = None, timeout_s: float = 120.0) -> d
 async def aretrieve(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """``retrieve`` for asyncio (same arguments): the wait runs on a dedicated thread pool, never on the event loop.
     The deadline starts now, not when a pool thread is free: a call that waited for a thread gets only what is left,
-    and the caller gets ``RetrievalTimeout`` by ``timeout_s`` + ``ASYNC_MARGIN_S`` whatever the pool is doing."""
+    and the caller gets ``RetrievalTimeout`` by ``timeout_s`` + ``ASYNC_MARGIN_S`` (``memq.deadlines``) whatever the
+    pool is doing."""
     call = inspect.signature(retrieve).bind(*args, **kwargs)  # a wrong argument raises TypeError here, as in retrieve
     timeout_s = call.arguments.get("timeout_s")
     budget_s = get_settings().retrieve_timeout_s if timeout_s is None else timeout_s
@@ -156,7 +156,7 @@ async def aretrieve(*args: Any, **kwargs: Any) -> dict[str, Any]:
         return retrieve(*call.args, **call.kwargs)
 
     try:
-        return await asyncio.wait_for(_in_thread(run), timeout=budget_s + ASYNC_MARGIN_S)
+        return await asyncio.wait_for(_in_thread(run), timeout=budget_s + deadlines.ASYNC_MARGIN_S)
     except TimeoutError:
         raise RetrievalTimeout(f"retrieval did not finish within {budget_s:g} s") from None
 
@@ -290,24 +290,19 @@ def remember_numbered(
     numbers, blank lines left out); ``stored_through``: the position already stored before the first pair. A bad
     item is ``InvalidItem("items[<position - 1>]...", "<unit> <position>: ...")``."""
     settings = get_settings()
+    most_items = settings.max_batch_items
     run = _BulkImport(
         progress=IngestProgress(
             validation.check_memory_id(memory_id), validation.check_memory_type(memory_type).value, stored_through
         ),
-        batch_items=_bounded_int(batch_items or settings.max_batch_items, "batch_items", settings.max_batch_items),
-        max_in_flight=_bounded_int(max_in_flight, "max_in_flight", 1024),
+        batch_items=validation.check_count(batch_items or most_items, "batch_items", most_items),
+        max_in_flight=validation.check_count(max_in_flight, "max_in_flight", 1024),
         max_content_chars=settings.max_content_chars,
         unit=unit,
         on_progress=on_progress,
         timeout_s=validation.check_timeout(timeout_s),
     )
     return run.over(numbered)
-
-
-def _bounded_int(value: Any, field: str, most: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
-        raise InvalidInput(field, f"must be an integer in 1..{most}, got {validation.shown(value)}")
-    return value
 
 
 @dataclasses.dataclass
@@ -362,7 +357,11 @@ class _BulkImport:
 
     def _send(self, batch: _Batch) -> _Batch:
         # The items are checked (validation.check_items, one by one): this is remember_request's output.
-        request = {"memory_id": self.progress.memory_id, "memory_type": self.progress.type, "items": batch.items}
+        request: RememberRequest = {
+            "memory_id": self.progress.memory_id,
+            "memory_type": self.progress.type,
+            "items": batch.items,
+        }
         try:
             batch.result = _send(lambda: remember_canvas(request).apply_async())
         except MemqError as exc:

@@ -1,17 +1,22 @@
-"""The edge: user input checked once (``memq.validation``) into the JSON-safe requests of ``memq.wire``, by the
+"""The edge: the caller's arguments read as the messages of ``memq.wire`` (each field by its one rule), by the
 client before anything is sent, or by the ``memq.retrieve`` / ``memq.remember`` / ``memq.forget`` tasks that
 ``send_task`` reaches; and what names a retrieval's cached result (``cache_identity``)."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from memq import keys, validation
-from memq.errors import InvalidInput
-from memq.ranking import candidates_for
-from memq.settings import SEARCH_STRATEGIES, Settings
-from memq.wire import RetrievalRequest
+from memq.settings import Settings
+from memq.wire import (
+    FORGET_REQUEST,
+    REMEMBER_REQUEST,
+    ForgetRequest,
+    RememberRequest,
+    RetrievalRequest,
+    parse,
+    parse_retrieval_request,
+)
 
 RESULT_FORMAT = 4  # bump when the result's or its cache envelope's shape changes: old entries are then never read
 
@@ -27,30 +32,10 @@ def retrieval_request(
     mode: Any = None,
     filters: Any = None,
 ) -> RetrievalRequest:
-    checked_query = validation.check_query(query, settings.max_query_chars)
-    checked_memory_id = validation.check_memory_id(memory_id)
-    checked_limits = validation.check_limits(limits)
-    checked_weights = validation.check_weights(weights)
-    checked_timeout_s = validation.check_timeout(settings.retrieve_timeout_s if timeout_s is None else timeout_s)
-    chosen_strategy = settings.search_strategy if strategy is None else strategy
-    if chosen_strategy not in SEARCH_STRATEGIES:
-        raise InvalidInput("strategy", f"must be one of {SEARCH_STRATEGIES}, got {chosen_strategy!r}")
-    now = time.time()
-    return {
-        "query": checked_query,
-        "memory_id": checked_memory_id,
-        "limits": checked_limits,
-        "weights": checked_weights,
-        "strategy": chosen_strategy,
-        "mode": validation.check_mode(mode),
-        "filters": validation.check_filters(filters),
-        "candidates": {
-            t: candidates_for(k, checked_weights, settings.candidate_oversample) for t, k in checked_limits.items()
-        },
-        "timeout_s": checked_timeout_s,
-        "requested_at": now,
-        "deadline_ts": now + checked_timeout_s,
-    }
+    """A new retrieval: its deadline is ``timeout_s`` (``None``: ``MEMQ_RETRIEVE_TIMEOUT_S``) from now."""
+    arguments = {"query": query, "memory_id": memory_id, "limits": limits, "weights": weights}
+    options = {"timeout_s": timeout_s, "strategy": strategy, "mode": mode, "filters": filters}
+    return parse_retrieval_request({**arguments, **options}, settings)
 
 
 def normalise_query(query: str) -> str:
@@ -90,17 +75,9 @@ def cache_types(request: RetrievalRequest) -> list[str]:
     return sorted(request["limits"])
 
 
-def remember_request(settings: Settings, memory_id: Any, memory_type: Any, items: Any) -> dict[str, Any]:
-    return {
-        "memory_id": validation.check_memory_id(memory_id),
-        "memory_type": validation.check_memory_type(memory_type).value,
-        "items": validation.check_items(items, settings.max_batch_items, settings.max_content_chars),
-    }
+def remember_request(settings: Settings, memory_id: Any, memory_type: Any, items: Any) -> RememberRequest:
+    return parse(REMEMBER_REQUEST, {"memory_id": memory_id, "memory_type": memory_type, "items": items}, settings)
 
 
-def forget_request(memory_id: Any, memory_type: Any = None, ids: Any = None) -> dict[str, Any]:
-    return {
-        "memory_id": validation.check_memory_id(memory_id),
-        "memory_type": None if memory_type is None else validation.check_memory_type(memory_type).value,
-        "ids": validation.check_ids(ids),
-    }
+def forget_request(memory_id: Any, memory_type: Any = None, ids: Any = None) -> ForgetRequest:
+    return parse(FORGET_REQUEST, {"memory_id": memory_id, "memory_type": memory_type, "ids": ids})

@@ -31,7 +31,7 @@ import redis
 from prometheus_client import REGISTRY, Counter, Histogram
 from redis.commands.core import Script
 
-from memq import keys
+from memq import deadlines, keys
 from memq.cache_redis import breaker, cache_redis
 from memq.requests import RESULT_FORMAT, cache_fingerprint, cache_types
 from memq.settings import Settings
@@ -116,7 +116,7 @@ def wait(settings: Settings, request: RetrievalRequest, first: Lookup) -> Lookup
     cache_ms = first.cache_ms
     interval_s = POLL_FIRST_S
     while True:
-        remaining_s = request["deadline_ts"] - time.time()
+        remaining_s = deadlines.budget_s(request["deadline_ts"]) or 0.0
         if remaining_s <= 0:
             found = Lookup("timeout", first.cache_key, first.versions, cache_ms=cache_ms)
             break

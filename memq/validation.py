@@ -74,16 +74,10 @@ def text_form(text: str) -> str:
 
 
 def check_query(query: Any, max_chars: int) -> str:
+    """A query in its text form, stripped (one spelling for cache and search), by the rule of a memory's text."""
     if not isinstance(query, str):
         raise InvalidInput("query", f"must be a string, got {type(query).__name__}")
-    text = text_form(check_utf8(query, "query")).strip()  # one spelling for cache and search
-    if not text:
-        raise InvalidInput("query", "must not be empty")
-    if len(text) > max_chars:
-        raise InvalidInput("query", f"is {len(text)} characters; the limit is {max_chars}")
-    if "\x00" in text:
-        raise InvalidInput("query", "must not contain NUL characters")
-    return text
+    return check_content(text_form(check_utf8(query, "query")).strip(), "query", max_chars)
 
 
 def check_memory_id(memory_id: Any) -> str:
@@ -120,19 +114,17 @@ def check_limits(limits: Any) -> dict[str, int]:
     checked: dict[str, int] = {}
     for name, k in limits.items():
         memory_type = check_memory_type(name, field=f"limits[{name!r}]" if isinstance(name, str) else "limits")
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_LIMIT:
-            raise InvalidInput(f"limits[{name!r}]", f"must be an integer in 1..{MAX_LIMIT}, got {shown(k)}")
         if memory_type.value in checked:
             raise InvalidInput("limits", f"memory type {memory_type.value!r} is named twice")
-        checked[memory_type.value] = k
+        checked[memory_type.value] = check_count(k, f"limits[{name!r}]", MAX_LIMIT)
     return checked
 
 
-def check_search_k(k: Any) -> int:
-    """How many candidates one type's search returns."""
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_CANDIDATES:
-        raise InvalidInput("k", f"must be an integer in 1..{MAX_CANDIDATES}, got {shown(k)}")
-    return k
+def check_count(count: Any, field: str, most: int) -> int:
+    """An integer in ``1..most``: a limit (``MAX_LIMIT``), a search's candidates (``MAX_CANDIDATES``), a TTL."""
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= most:
+        raise InvalidInput(field, f"must be an integer in 1..{most}, got {shown(count)}")
+    return count
 
 
 def check_weights(weights: Any) -> dict[str, float]:
@@ -155,7 +147,9 @@ def check_weights(weights: Any) -> dict[str, float]:
     return checked
 
 
-def check_timeout(timeout_s: Any) -> float:
+def check_timeout(timeout_s: Any, default_s: float | None = None) -> float:
+    """How long a caller waits; ``None``: ``default_s`` (``MEMQ_RETRIEVE_TIMEOUT_S`` for a retrieval)."""
+    timeout_s = default_s if timeout_s is None else timeout_s
     if not is_finite_number(timeout_s):
         raise InvalidInput("timeout_s", f"must be a number of seconds, got {shown(timeout_s)}")
     if not 0 < timeout_s <= MAX_TIMEOUT_S:
@@ -163,15 +157,39 @@ def check_timeout(timeout_s: Any) -> float:
     return float(timeout_s)
 
 
+def check_batch(values: Any, field: str, max_count: int) -> list[Any] | tuple[Any, ...]:
+    """A non-empty list of at most ``max_count`` values (memories, or their texts)."""
+    if isinstance(values, Mapping | str) or not isinstance(values, list | tuple):
+        raise InvalidInput(field, "must be a list of memories")
+    if not values:
+        raise InvalidInput(field, "must not be empty")
+    if len(values) > max_count:
+        raise InvalidInput(field, f"has {len(values)} memories; the limit per call is {max_count}")
+    return values
+
+
+def check_content(content: Any, field: str, max_chars: int) -> str:
+    """A memory's text: non-empty, valid UTF-8, at most ``max_chars``, no NUL."""
+    if not isinstance(content, str) or not content.strip():
+        raise InvalidInput(field, "must be a non-empty string")
+    check_utf8(content, field)
+    if len(content) > max_chars:
+        raise InvalidInput(field, f"is {len(content)} characters; the limit is {max_chars}")
+    if "\x00" in content:
+        raise InvalidInput(field, "must not contain NUL characters")
+    return content
+
+
+def check_texts(texts: Any, max_count: int, max_chars: int) -> list[str]:
+    """The texts ``memq.embed_texts`` embeds: the contents of a batch of memories."""
+    return [
+        check_content(text, f"texts[{i}]", max_chars) for i, text in enumerate(check_batch(texts, "texts", max_count))
+    ]
+
+
 def check_items(items: Any, max_items: int, max_content_chars: int) -> list[dict[str, Any]]:
     """Normalise memories to store; every item is checked before anything is written."""
-    if isinstance(items, Mapping | str) or not isinstance(items, list | tuple):
-        raise InvalidInput("items", "must be a list of memories")
-    if not items:
-        raise InvalidInput("items", "must not be empty")
-    if len(items) > max_items:
-        raise InvalidInput("items", f"has {len(items)} memories; the limit per call is {max_items}")
-    return [_check_item(i, item, max_content_chars) for i, item in enumerate(items)]
+    return [_check_item(i, item, max_content_chars) for i, item in enumerate(check_batch(items, "items", max_items))]
 
 
 def _check_item(index: int, item: Any, max_content_chars: int) -> dict[str, Any]:
@@ -183,14 +201,7 @@ def _check_item(index: int, item: Any, max_content_chars: int) -> dict[str, Any]
     unknown = set(item) - ITEM_FIELDS
     if unknown:
         raise InvalidInput(where, f"unknown field(s) {sorted(map(str, unknown))}; known: {sorted(ITEM_FIELDS)}")
-    content = item.get("content")
-    if not isinstance(content, str) or not content.strip():
-        raise InvalidInput(f"{where}.content", "must be a non-empty string")
-    check_utf8(content, f"{where}.content")
-    if len(content) > max_content_chars:
-        raise InvalidInput(f"{where}.content", f"is {len(content)} characters; the limit is {max_content_chars}")
-    if "\x00" in content:
-        raise InvalidInput(f"{where}.content", "must not contain NUL characters")
+    content = check_content(item.get("content"), f"{where}.content", max_content_chars)
     checked: dict[str, Any] = {"content": content}
     if item.get("context") is not None:
         context = item["context"]

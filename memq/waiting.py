@@ -32,13 +32,13 @@ from celery import Celery, states
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 
+from memq.deadlines import RESULT_STORE_SOCKET_TIMEOUT_S
 from memq.process_local import ProcessLocal
 
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 1.0  # the drain thread's longest sleep on the socket
 RETRY_AFTER_S = 0.5  # pause after a failed drain (the result store is down)
-SOCKET_TIMEOUT_S = 0.5  # a paused or unreachable result store costs a caller at most this past its deadline
 
 
 @dataclass(eq=False)  # compared and hashed by identity: each caller's wait is its own
@@ -72,7 +72,7 @@ class _Drain:
         self.app = app
         url = str(app.conf.result_backend)
         self.client = redis.Redis.from_url(
-            url, socket_connect_timeout=SOCKET_TIMEOUT_S, socket_timeout=SOCKET_TIMEOUT_S
+            url, socket_connect_timeout=RESULT_STORE_SOCKET_TIMEOUT_S, socket_timeout=RESULT_STORE_SOCKET_TIMEOUT_S
         )
         self.wake_channel = f"memq:waiter:wake:{uuid.uuid4().hex}".encode()
         self.commands: queue.SimpleQueue[tuple[str, _Wait]] = queue.SimpleQueue()

@@ -1,43 +1,104 @@
 """The wire contract: every message a retrieval or an ingestion passes between processes, defined once.
 
-| message          | sent by                  | received by        | built with            | checked on receipt       |
-|------------------|--------------------------|--------------------|-----------------------|--------------------------|
-| RetrievalRequest | the edge (memq.requests) | the canvas, merge  | ``retrieval_request`` | ``parse_merge_input``    |
-| EmbedResult      | memq.embed_query         | each memq.search   | ``embed_result``      | ``parse_embed_result``   |
-| SearchCall       | the canvas               | memq.search        | ``search_call``       | ``parse_search_call``    |
-| SearchResult     | memq.search              | memq.merge (chord) | ``search_result``     | ``parse_merge_input``    |
-| MergeInput       | the chord                | memq.merge         | (the chord)           | ``parse_merge_input``    |
-| EmbeddedTexts    | memq.embed_texts         | memq.store         | ``embedded_texts``    | ``parse_embedded_texts`` |
+Each message is one model: a ``TypedDict`` whose fields carry their rule (``memq.validation``, NFKC text form,
+limits, filters, modes, ids, times), read by ``parse`` at the edge (``memq.requests``: the client, or the
+``memq.retrieve`` / ``memq.remember`` / ``memq.forget`` tasks that ``send_task`` reaches) and again on receipt, so
+that each rule is written once. A malformed field is ``InvalidInput`` naming it: a forged message or a broken worker
+never crashes a worker and is never ranked or written.
 
-User input is checked once, at the edge (``memq.requests`` with ``memq.validation``: the client, or the
-``memq.retrieve`` / ``memq.remember`` tasks that ``send_task`` reaches). A step checks only the shape of what it
-receives, here, with ``InvalidInput`` naming the field: a malformed message (a forged one, a broken worker) never
-crashes a worker and is never ranked or written.
+| message          | sent by                  | received by          | model (read by ``parse``)  | built with         |
+|------------------|--------------------------|----------------------|----------------------------|---------------------|
+| RetrievalRequest | the edge                 | the canvas, merge    | ``RETRIEVAL_REQUEST``      | retrieval_request  |
+| EmbedResult      | memq.embed_query         | each memq.search     | ``EMBED_RESULT``           | embed_result       |
+| SearchCall       | the canvas               | memq.search          | ``SEARCH_CALL``            | search_call        |
+| SearchResult     | memq.search              | memq.merge (chord)   | ``SEARCH_RESULT``          | search_result      |
+| RememberRequest  | the edge                 | memq.remember, store | ``REMEMBER_REQUEST``       | remember_request   |
+| EmbedTexts       | the ingest canvas        | memq.embed_texts     | ``EMBED_TEXTS``            | remember_canvas    |
+| EmbeddedTexts    | memq.embed_texts         | memq.store           | ``parse_embedded_texts``   | embedded_texts     |
+| ForgetRequest    | the edge                 | memq.forget          | ``FORGET_REQUEST``         | forget_request     |
 
 A request that asks ``memq.merge`` to cache its result carries the cache key the client's look-up built, the data
 versions that key names and the client's TTL (``with_cache``); merge files the result under that key only if it is
 the key of this request (its tenant and identity, ``memq.workers.result_store``).
 """
 
-from __future__ import annotations
-
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, NotRequired, TypedDict
+from typing import Annotated, Any, Literal, NotRequired, TypeVar
 
 import numpy as np
+from pydantic import (
+    AfterValidator,
+    AllowInfNan,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    with_config,
+)
+from typing_extensions import TypedDict  # pydantic reads a TypedDict of typing_extensions before Python 3.12
 
 from memq import validation
 from memq.errors import InvalidInput
-from memq.settings import SEARCH_STRATEGIES
+from memq.ranking import candidates_for
+from memq.settings import SearchStrategy, Settings, get_settings
 from memq.validation import MAX_CACHE_TTL_S, MAX_CANDIDATES, is_finite_number
 from memq.vectors import from_wire
 
 MAX_DATA_VERSION = 2**63 - 1  # a Redis INCR counter
 MAX_ERROR_CHARS = 500
 EMBED_TIMING_FIELDS = ("embed_ms", "embed_started_ts", "embed_ended_ts")
-SEARCH_TIMING_FIELDS = ("search_ms", "search_started_ts", *EMBED_TIMING_FIELDS)
-MATRIX_CACHE_OUTCOMES = ("hit", "miss", "bypass", "n/a")  # memq.workers.search.SearchOutcome.matrix_cache
+Message = TypeVar("Message")
+
+
+# -- reading a message: one model, at the edge and on receipt ------------------------------------------------------
+
+
+def parse(model: TypeAdapter[Message], message: Any, settings: Settings | None = None, where: str = "") -> Message:
+    """``message`` as ``model`` defines it, every field checked by its one rule (``memq.validation``), else the
+    ``InvalidInput`` of the first bad field (under ``where``: ``embedded.model``). The edge and the receiving task
+    call this same function."""
+    try:
+        return model.validate_python(message, context=settings or get_settings())
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        error = first.get("ctx", {}).get("error")
+        if isinstance(error, InvalidInput):
+            field, message = error.field, error.message
+        else:  # a type pydantic checks itself: named by its field, with pydantic's words
+            field = ".".join(part for part in first["loc"] if isinstance(part, str))  # candidates.semantic
+            message = "is required" if first["type"] == "missing" else first["msg"]
+        raise InvalidInput(".".join(filter(None, (where, field))) or "message", message) from None
+
+
+def _settings(info: ValidationInfo) -> Settings:
+    return info.context if isinstance(info.context, Settings) else get_settings()
+
+
+def _rule(check: Any, *args: Any) -> PlainValidator:
+    """A field checked by ``check(value, *args)``."""
+    return PlainValidator(lambda value: check(value, *args))
+
+
+Text = Annotated[str, Strict()]
+OptionalText = Annotated[str | None, Strict()]
+Seconds = Annotated[float | None, Strict(), AllowInfNan(False)]  # Unix seconds or a duration; None: not said
+
+
+def _query(query: Any, info: ValidationInfo) -> str:
+    return validation.check_query(query, _settings(info).max_query_chars)
+
+
+Query = Annotated[str, PlainValidator(_query)]
+MemoryId = Annotated[str, _rule(validation.check_memory_id)]
+TypeName = Annotated[str, _rule(lambda memory_type: validation.check_memory_type(memory_type).value)]
+Strategy = SearchStrategy
+Mode = Annotated[str, _rule(validation.check_mode)]
+Filters = Annotated[dict[str, Any], _rule(validation.check_filters)]
 
 
 # -- the retrieval request ---------------------------------------------------------------------------------------
@@ -46,98 +107,73 @@ MATRIX_CACHE_OUTCOMES = ("hit", "miss", "bypass", "n/a")  # memq.workers.search.
 class RetrievalRequest(TypedDict):
     """A checked retrieval, as the edge builds it and the canvas and merge receive it (JSON-safe)."""
 
-    query: str
-    memory_id: str
-    limits: dict[str, int]  # memory type -> k
-    weights: dict[str, float]  # relevance, recency, importance
-    strategy: str  # auto | exact | vector_search
-    mode: str  # hybrid | vector | lexical
-    filters: dict[str, Any]  # see memq.validation.check_filters
-    candidates: dict[str, int]  # memory type -> how many candidates its search returns
-    timeout_s: float
-    requested_at: float
-    deadline_ts: float
-    cache_key: NotRequired[str]  # where merge caches the result: the key the client's look-up built
-    cache_versions: NotRequired[list[int]]  # the data versions that key names, one per type in cache_types order
-    cache_ttl_s: NotRequired[int]  # the client's TTL; merge caps it with its own
+    query: Query
+    memory_id: MemoryId
+    limits: Annotated[dict[str, int], _rule(validation.check_limits)]  # memory type -> k
+    weights: Annotated[dict[str, float], _rule(validation.check_weights)]  # relevance, recency, importance
+    strategy: Strategy  # auto | exact | vector_search
+    mode: Mode  # hybrid | vector | lexical
+    filters: Filters  # see memq.validation.check_filters
+    candidates: dict[str, Annotated[int, Strict(), Field(ge=1, le=MAX_CANDIDATES)]] | None  # how many each returns
+    timeout_s: Annotated[
+        float, PlainValidator(lambda value, info: validation.check_timeout(value, _settings(info).retrieve_timeout_s))
+    ]
+    requested_at: Seconds  # when the edge made it (Unix seconds; derived when not said)
+    deadline_ts: Seconds  # when the caller stops waiting (Unix seconds; derived when not said)
+    cache_key: NotRequired[Annotated[str, Strict(), Field(min_length=1)]]  # where merge caches the result
+    cache_versions: NotRequired[list[Annotated[int, Strict(), Field(ge=0, le=MAX_DATA_VERSION)]]]  # one per type
+    cache_ttl_s: NotRequired[Annotated[int, Strict(), Field(ge=1, le=MAX_CACHE_TTL_S)]]
+
+
+OPTIONAL_FIELDS = ("weights", "strategy", "mode", "filters", "candidates", "timeout_s", "requested_at", "deadline_ts")
+CACHE_FIELDS = ("cache_key", "cache_versions", "cache_ttl_s")
+
+
+def _with_defaults(request: Any, info: ValidationInfo) -> Any:
+    """Optional fields left out take their defaults (each rule's ``None``; the strategy ``MEMQ_SEARCH_STRATEGY``);
+    cache fields count only with a key."""
+    if not isinstance(request, Mapping):
+        raise InvalidInput("request", "must be an object")
+    if request.get("cache_key") is None:  # without a key (an older client's versions) the result is not cached
+        request = {name: value for name, value in request.items() if name not in CACHE_FIELDS}
+    filled = {**dict.fromkeys(OPTIONAL_FIELDS), **request}
+    return {**filled, "strategy": _settings(info).search_strategy if filled["strategy"] is None else filled["strategy"]}
+
+
+def _derived(request: RetrievalRequest, info: ValidationInfo) -> RetrievalRequest:
+    """What follows from the checked fields: the candidates each type's search returns, when the request was made
+    and its deadline; a cache key's versions, one per requested type."""
+    if not set(request["candidates"] or ()) <= set(request["limits"]):
+        raise InvalidInput("candidates", "must map requested memory types to a number of candidates")
+    if "cache_key" in request and len(request["cache_versions"]) != len(request["limits"]):
+        raise InvalidInput("cache_versions", "must name one data version per requested memory type")
+    oversample = _settings(info).candidate_oversample
+    request["candidates"] = request["candidates"] or {
+        memory_type: candidates_for(k, request["weights"], oversample) for memory_type, k in request["limits"].items()
+    }
+    request["requested_at"] = request["requested_at"] or time.time()
+    request["deadline_ts"] = request["deadline_ts"] or request["requested_at"] + request["timeout_s"]
+    return request
+
+
+RETRIEVAL_REQUEST: TypeAdapter[RetrievalRequest] = TypeAdapter(
+    Annotated[RetrievalRequest, BeforeValidator(_with_defaults), AfterValidator(_derived)]
+)
+
+
+def parse_retrieval_request(request: Any, settings: Settings | None = None) -> RetrievalRequest:
+    """A retrieval request, as the edge builds it (from the caller's arguments) and ``memq.merge`` receives it:
+    each field by its rule (``InvalidInput`` naming it); missing optional fields take their defaults. Cache fields
+    are taken only with a ``cache_key`` (then all three must be sound); ``memq.workers.result_store`` files the
+    result only under the key of this very request."""
+    return parse(RETRIEVAL_REQUEST, request, settings)
 
 
 def with_cache(request: RetrievalRequest, cache_key: Any, cache_versions: Any, cache_ttl_s: Any) -> RetrievalRequest:
     """The request plus what ``memq.merge`` needs to cache its result: the key the client's look-up built, the data
-    versions it names (one per requested type in ``cache_types`` order) and the client's TTL."""
-    if not isinstance(cache_key, str) or not cache_key:
-        raise InvalidInput("cache_key", "must be a result cache key")
-    if (
-        not isinstance(cache_versions, list)
-        or len(cache_versions) != len(request["limits"])
-        or not all(
-            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_DATA_VERSION for v in cache_versions
-        )
-    ):
-        raise InvalidInput(
-            "cache_versions", f"must be a list of one data version (0..{MAX_DATA_VERSION}) per requested memory type"
-        )
-    if isinstance(cache_ttl_s, bool) or not isinstance(cache_ttl_s, int) or not 1 <= cache_ttl_s <= MAX_CACHE_TTL_S:
-        raise InvalidInput("cache_ttl_s", f"must be an integer number of seconds in 1..{MAX_CACHE_TTL_S}")
-    return {**request, "cache_key": cache_key, "cache_versions": list(cache_versions), "cache_ttl_s": cache_ttl_s}
-
-
-def parse_retrieval_request(request: Any, default_strategy: str = "auto") -> RetrievalRequest:
-    """A request as ``memq.merge`` receives it: each field of the right shape (``InvalidInput`` naming it);
-    missing optional fields take their defaults. Cache fields are taken only with a ``cache_key`` (then all three
-    must be sound); ``memq.workers.result_store`` files the result only under the key of this very request."""
-    if not isinstance(request, dict):
-        raise InvalidInput("request", "must be an object")
-    query = request.get("query")
-    if not isinstance(query, str) or not query.strip():
-        raise InvalidInput("query", "must be a non-empty string")
-    limits = validation.check_limits(request.get("limits"))
-    weights = validation.check_weights(request.get("weights"))
-    strategy = request.get("strategy", default_strategy)
-    if not isinstance(strategy, str) or strategy not in SEARCH_STRATEGIES:
-        raise InvalidInput("strategy", f"must be one of {SEARCH_STRATEGIES}, got {validation.shown(strategy)}")
-    parsed: RetrievalRequest = {
-        "query": validation.check_utf8(query, "query"),
-        "memory_id": validation.check_memory_id(request.get("memory_id")),
-        "limits": limits,
-        "weights": weights,
-        "strategy": strategy,
-        "mode": validation.check_mode(request.get("mode")),
-        "filters": validation.check_filters(request.get("filters")),
-        "candidates": _candidates(request.get("candidates"), limits),
-        "timeout_s": _number_or(request, "timeout_s", 0.0),
-        "requested_at": _number_or(request, "requested_at", 0.0),
-        "deadline_ts": _number_or(request, "deadline_ts", 0.0),
-    }
-    if request.get("cache_key") is not None:  # without a key (an older client's versions) the result is not cached
-        parsed = with_cache(parsed, request["cache_key"], request.get("cache_versions"), request.get("cache_ttl_s"))
-    return parsed
-
-
-def _number_or(message: dict[str, Any], name: str, default: float) -> float:
-    """``message[name]`` as a float, ``default`` when it is missing or ``None``; anything but a finite number is
-    ``InvalidInput`` naming it."""
-    value = message.get(name)
-    if value is None:
-        return default
-    if not is_finite_number(value):
-        raise InvalidInput(name, f"must be a finite number, got {validation.shown(value)}")
-    return float(value)
-
-
-def _candidates(candidates: Any, limits: dict[str, int]) -> dict[str, int]:
-    """How many candidates each requested type's search returns (missing: none said)."""
-    if candidates is None:
-        return {}
-    if not isinstance(candidates, dict) or not set(candidates) <= set(limits):
-        raise InvalidInput("candidates", "must map requested memory types to a number of candidates")
-    return {memory_type: _candidate_count(memory_type, k) for memory_type, k in candidates.items()}
-
-
-def _candidate_count(memory_type: str, k: Any) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_CANDIDATES:
-        raise InvalidInput(f"candidates.{memory_type}", f"must be an integer in 1..{MAX_CANDIDATES}")
-    return k
+    versions it names (one per requested type, in ``cache_types`` order) and the client's TTL (merge caps it)."""
+    cache = {"cache_key": cache_key, "cache_versions": cache_versions, "cache_ttl_s": cache_ttl_s}
+    return parse_retrieval_request({**request, **cache})
 
 
 # -- the embed step's result -------------------------------------------------------------------------------------
@@ -146,12 +182,12 @@ def _candidate_count(memory_type: str, k: Any) -> int:
 class EmbedResult(TypedDict):
     """``memq.embed_query``'s result, the first argument of every ``memq.search`` of the chord."""
 
-    vector: str  # memq.vectors.to_wire
-    model: str
-    embed_ms: float
-    embed_cache: str  # hit | miss
-    embed_started_ts: float
-    embed_ended_ts: float
+    vector: Annotated[str, PlainValidator(lambda text: text)]  # memq.vectors.to_wire, decoded by check_vector
+    model: NotRequired[OptionalText]
+    embed_ms: NotRequired[Seconds]
+    embed_cache: NotRequired[Literal["hit", "miss", None]]
+    embed_started_ts: NotRequired[Seconds]
+    embed_ended_ts: NotRequired[Seconds]
 
 
 def embed_result(
@@ -170,25 +206,28 @@ def embed_result(
 
 
 def parse_embed_result(embedded: Any, dimensions: int) -> np.ndarray:
-    """The query vector of an ``EmbedResult`` as ``memq.search`` receives it: ``dimensions`` finite values, else
-    ``InvalidInput`` on ``embedded``; its other fields, which the search passes on to merge, each of their shape
-    (``embedded.model`` a string, ``embedded.embed_ms`` a finite number...) else ``InvalidInput`` naming it."""
-    if not isinstance(embedded, dict) or not isinstance(embedded.get("vector"), str):
-        raise InvalidInput("embedded", "must be the embed step's result, with a base64 'vector'")
-    if embedded.get("model") is not None and not isinstance(embedded["model"], str):
-        raise InvalidInput("embedded.model", "must be a string")
-    if embedded.get("embed_cache") not in (None, "hit", "miss"):
-        raise InvalidInput("embedded.embed_cache", "must be 'hit' or 'miss'")
-    for name in EMBED_TIMING_FIELDS:
-        if embedded.get(name) is not None and not is_finite_number(embedded[name]):
-            raise InvalidInput(f"embedded.{name}", "must be a finite number")
+    """The query vector of an ``EmbedResult`` as ``memq.search`` receives it, every field checked (the ones the
+    search passes on to merge too), else ``InvalidInput`` naming it (``embedded.model``; ``embedded``: the vector)."""
+    return check_vector(parse(EMBED_RESULT, embedded, where="embedded")["vector"], "embedded", dimensions)
+
+
+def check_vector(text: Any, field: str, dimensions: int) -> np.ndarray:
+    """A vector as ``memq.vectors.to_wire`` writes it: base64 of exactly ``dimensions`` finite float32 values."""
+    wire_chars = 4 * -(-4 * dimensions // 3)
+    if not isinstance(text, str) or len(text) > 2 * wire_chars:
+        raise InvalidInput(field, f"must be base64 text of {dimensions} float32 values")
     try:
-        vector = from_wire(embedded["vector"])
-    except (TypeError, ValueError) as exc:
-        raise InvalidInput("embedded", "its 'vector' is not base64 float32") from exc
-    if vector.shape != (dimensions,) or not np.isfinite(vector).all():
-        raise InvalidInput("embedded", f"its 'vector' must hold {dimensions} finite values")
+        vector = from_wire(text)
+    except ValueError:  # not base64 (binascii.Error), not ASCII, or not a whole number of float32
+        raise InvalidInput(field, f"must be base64 text of {dimensions} float32 values") from None
+    if vector.shape != (dimensions,):
+        raise InvalidInput(field, f"has {vector.size} values; the embed model has {dimensions} dimensions")
+    if not np.isfinite(vector).all():
+        raise InvalidInput(field, "must hold finite values only (no NaN or infinity)")
     return vector
+
+
+EMBED_RESULT: TypeAdapter[EmbedResult] = TypeAdapter(EmbedResult)
 
 
 def embed_timings(embedded: Any) -> dict[str, Any]:
@@ -201,78 +240,64 @@ def embed_timings(embedded: Any) -> dict[str, Any]:
 # -- one type's search -------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SearchCall:
+class SearchCall(TypedDict):
     """What one ``memq.search`` is asked (its arguments after the ``EmbedResult``), checked on receipt."""
 
-    memory_id: str
-    memory_type: str
-    k: int
-    strategy: str
-    query: str | None
-    mode: str
-    filters: dict[str, Any]
-    deadline_ts: float | None  # the caller's deadline (wall clock); None: none
+    memory_id: MemoryId
+    memory_type: TypeName
+    k: Annotated[int, Strict(), Field(ge=1, le=MAX_CANDIDATES)]
+    strategy: Strategy
+    query: Annotated[str | None, PlainValidator(lambda query, info: None if query is None else _query(query, info))]
+    mode: Mode
+    filters: Filters
+    deadline_ts: Seconds  # the caller's deadline (Unix seconds); None: none
 
 
 def search_call(request: RetrievalRequest, memory_type: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The ``(args, kwargs)`` of ``memq.search`` for one type of ``request`` (after the ``EmbedResult``)."""
     args = (request["memory_id"], memory_type, request["candidates"][memory_type])
-    kwargs = {
-        "strategy": request["strategy"],
-        "deadline_ts": request["deadline_ts"],
-        "query": request["query"],
-        "mode": request["mode"],
-        "filters": request["filters"],
-    }
-    return args, kwargs
+    return args, {name: request[name] for name in ("strategy", "deadline_ts", "query", "mode", "filters")}
 
 
-def parse_search_call(
-    memory_id: Any,
-    memory_type: Any,
-    k: Any,
-    strategy: Any,
-    query: Any,
-    mode: Any,
-    filters: Any,
-    max_query_chars: int,
-    deadline_ts: Any = None,
-) -> SearchCall:
-    """What ``memq.search`` was asked, every argument after the ``EmbedResult`` of its shape, else
-    ``InvalidInput`` naming it (the ``EmbedResult`` is ``parse_embed_result``'s)."""
-    if not isinstance(strategy, str) or strategy not in SEARCH_STRATEGIES:
-        raise InvalidInput("strategy", f"must be one of {SEARCH_STRATEGIES}, got {validation.shown(strategy)}")
-    call = SearchCall(
-        memory_id=validation.check_memory_id(memory_id),
-        memory_type=validation.check_memory_type(memory_type).value,
-        k=validation.check_search_k(k),
-        strategy=strategy,
-        query=None if query is None else validation.check_query(query, max_query_chars),
-        mode=validation.check_mode(mode),
-        filters=validation.check_filters(filters),
-        deadline_ts=None if deadline_ts is None else _number_or({"deadline_ts": deadline_ts}, "deadline_ts", 0.0),
-    )
-    if call.mode != "vector" and call.query is None:
-        raise InvalidInput("query", f"is needed for mode {call.mode!r}")
+def _needs_query(call: SearchCall) -> SearchCall:
+    if call["mode"] != "vector" and call["query"] is None:
+        raise InvalidInput("query", f"is needed for mode {call['mode']!r}")
     return call
 
 
+SEARCH_CALL: TypeAdapter[SearchCall] = TypeAdapter(Annotated[SearchCall, AfterValidator(_needs_query)])
+
+
+def check_items_list(items: Any) -> list[Any]:
+    if not isinstance(items, list) or len(items) > MAX_CANDIDATES:
+        raise InvalidInput("items", f"must be a list of at most {MAX_CANDIDATES}")
+    return items
+
+
+@with_config(ConfigDict(extra="allow"))
 class SearchResult(TypedDict):
     """One type's candidates (or its ``error``), a member of the chord's header, with the embed step's timings."""
 
     type: str
-    items: list[dict[str, Any]]
-    strategy: NotRequired[str]
-    matrix_cache: NotRequired[str | None]
-    search_ms: NotRequired[float]
-    search_started_ts: NotRequired[float]
-    model: NotRequired[str | None]
-    served_by: NotRequired[str]
-    error: NotRequired[str]
-    embed_ms: NotRequired[float | None]
-    embed_started_ts: NotRequired[float | None]
-    embed_ended_ts: NotRequired[float | None]
+    items: NotRequired[Annotated[list[dict[str, Any]], _rule(check_items_list)]]
+    strategy: NotRequired[OptionalText]
+    matrix_cache: NotRequired[Literal["hit", "miss", "bypass", "n/a", None]]  # memq.workers.search.SearchOutcome
+    search_ms: NotRequired[Seconds]
+    search_started_ts: NotRequired[Seconds]
+    model: NotRequired[OptionalText]
+    served_by: NotRequired[OptionalText]
+    error: NotRequired[Text]
+    embed_ms: NotRequired[Seconds]
+    embed_started_ts: NotRequired[Seconds]
+    embed_ended_ts: NotRequired[Seconds]
+
+
+def _complete(result: SearchResult) -> SearchResult:
+    if "error" not in result and "items" not in result:
+        raise InvalidInput("items", "is required without an error")
+    if result.get("search_started_ts") is not None and result.get("search_ms") is None:
+        raise InvalidInput("search_started_ts", "is given without search_ms")
+    return result
 
 
 def search_result(
@@ -303,6 +328,9 @@ def search_failure(memory_type: str, message: str, embedded: Any = None, served_
     return failed
 
 
+SEARCH_RESULT: TypeAdapter[SearchResult] = TypeAdapter(Annotated[SearchResult, AfterValidator(_complete)])
+
+
 # -- merge -------------------------------------------------------------------------------------------------------
 
 
@@ -315,11 +343,11 @@ class MergeInput(TypedDict):
     errors: dict[str, str]
 
 
-def parse_merge_input(results: Any, request: Any, default_strategy: str = "auto") -> MergeInput:
+def parse_merge_input(results: Any, request: Any, settings: Settings | None = None) -> MergeInput:
     """The chord's results and the request, as merge may rank them. A malformed result is left out and its type
     reported under ``errors``; so is a malformed item, alone (the type's other items are kept, and the type is
     reported); a result naming no requested type is dropped; a malformed list or request is ``InvalidInput``."""
-    parsed = parse_retrieval_request(request, default_strategy)
+    parsed = parse_retrieval_request(request, settings)
     if not isinstance(results, list | tuple):
         raise InvalidInput("results", "must be a list of search results")
     limits = parsed["limits"]
@@ -329,37 +357,19 @@ def parse_merge_input(results: Any, request: Any, default_strategy: str = "auto"
         memory_type = result.get("type") if isinstance(result, dict) else None
         if not isinstance(memory_type, str) or memory_type not in limits:
             continue  # names no requested type: nothing to report it under
-        problem = _search_result_problem(result)
-        if problem is not None:
-            errors[memory_type] = f"malformed search result: {problem}"
+        try:
+            result = parse(SEARCH_RESULT, result)
+        except InvalidInput as exc:
+            errors[memory_type] = f"malformed search result: {exc}"
             continue
-        if "items" in result:
-            items = [item for item in result["items"] if item_problem(item) is None]
-            if len(items) < len(result["items"]):
-                dropped = len(result["items"]) - len(items)
-                errors[memory_type] = f"malformed search result: {dropped} malformed item(s) left out"
-                result = {**result, "items": items}
+        items = [item for item in result.get("items", []) if item_problem(item) is None]
+        if len(items) < len(result.get("items", [])):
+            errors[memory_type] = (
+                f"malformed search result: {len(result['items']) - len(items)} malformed item(s) left out"
+            )
+            result["items"] = items
         kept.append(result)
     return {"request": parsed, "results": kept, "errors": errors}
-
-
-def _search_result_problem(result: dict[str, Any]) -> str | None:
-    for name in SEARCH_TIMING_FIELDS:
-        if result.get(name) is not None and not is_finite_number(result[name]):
-            return f"{name} is not a finite number"
-    for name in ("strategy", "model", "served_by"):
-        if result.get(name) is not None and not isinstance(result[name], str):
-            return f"{name} is not a string"
-    if result.get("matrix_cache") not in (None, *MATRIX_CACHE_OUTCOMES):
-        return f"matrix_cache is not one of {MATRIX_CACHE_OUTCOMES}"
-    if "error" in result:
-        return None if isinstance(result["error"], str) else "error is not a string"
-    items = result.get("items")
-    if not isinstance(items, list) or len(items) > MAX_CANDIDATES:
-        return f"items is not a list of at most {MAX_CANDIDATES}"
-    if result.get("search_started_ts") is not None and result.get("search_ms") is None:
-        return "search_started_ts without search_ms"
-    return None
 
 
 def item_problem(item: Any) -> str | None:
@@ -377,6 +387,48 @@ def item_problem(item: Any) -> str | None:
     if not isinstance(scores, dict) or any(v is not None and not is_finite_number(v) for v in scores.values()):
         return "an item's scores are not finite numbers"
     return None
+
+
+# -- ingestion ---------------------------------------------------------------------------------------------------
+
+
+def _items(items: Any, info: ValidationInfo) -> list[dict[str, Any]]:
+    settings = _settings(info)
+    return validation.check_items(items, settings.max_batch_items, settings.max_content_chars)
+
+
+def _texts(texts: Any, info: ValidationInfo) -> list[str]:
+    settings = _settings(info)
+    return validation.check_texts(texts, settings.max_batch_items, settings.max_content_chars)
+
+
+class RememberRequest(TypedDict):
+    """Memories to store, as ``memq.remember`` (the client, ``send_task``) and ``memq.store`` take them."""
+
+    memory_id: MemoryId
+    memory_type: TypeName
+    items: Annotated[list[dict[str, Any]], PlainValidator(_items)]
+
+
+class ForgetRequest(TypedDict):
+    """What ``memq.forget`` deletes: a tenant's memories, of one type or all, by id or all."""
+
+    memory_id: MemoryId
+    memory_type: Annotated[
+        str | None, _rule(lambda name: None if name is None else validation.check_memory_type(name).value)
+    ]
+    ids: Annotated[list[str] | None, _rule(validation.check_ids)]
+
+
+class EmbedTexts(TypedDict):
+    """What ``memq.embed_texts`` embeds: the contents of one batch of memories."""
+
+    texts: Annotated[list[str], PlainValidator(_texts)]
+
+
+REMEMBER_REQUEST: TypeAdapter[RememberRequest] = TypeAdapter(RememberRequest)
+FORGET_REQUEST: TypeAdapter[ForgetRequest] = TypeAdapter(ForgetRequest)
+EMBED_TEXTS: TypeAdapter[EmbedTexts] = TypeAdapter(EmbedTexts)
 
 
 # -- ingestion: the bulk embedding that memq.store writes ---------------------------------------------------------
@@ -404,32 +456,15 @@ def embedded_texts(vectors: list[np.ndarray], model: str, embed_ms: float, hits:
 
 def parse_embedded_texts(embedded: Any, count: int, dimensions: int, model: str) -> np.ndarray:
     """What ``memq.store`` is asked to write: ``{"vectors": [one base64 float32 vector per item], "model": name}``,
-    each vector of exactly ``dimensions`` finite values, ``model`` the embed model's name. Returns the
-    ``(count, dimensions)`` float32 matrix; anything else is ``InvalidInput`` naming the field
-    (``embedded.vectors[3]``), so that nothing is written."""
+    each vector by ``check_vector``, ``model`` the embed model's name. Returns the ``(count, dimensions)`` float32
+    matrix; anything else is ``InvalidInput`` naming the field (``embedded.vectors[3]``), so nothing is written."""
     if not isinstance(embedded, Mapping):
         raise InvalidInput("embedded", "must be an object with 'vectors' and 'model'")
     vectors = embedded.get("vectors")
     if not isinstance(vectors, list | tuple) or len(vectors) != count:
         raise InvalidInput("embedded.vectors", f"must be a list of one vector per item ({count})")
-    found = embedded.get("model")
-    if type(found) is not str:
-        raise InvalidInput("embedded.model", f"must be a string, got {type(found).__name__}")
-    if found != model:
-        raise InvalidInput("embedded.model", f"must be the embed model {model!r} (MEMQ_EMBED_MODEL)")
-    wire_chars = 4 * -(-4 * dimensions // 3)  # base64 of dimensions float32 values
-    matrix = np.empty((count, dimensions), dtype=np.float32)
-    for index, text in enumerate(vectors):
-        where = f"embedded.vectors[{index}]"
-        if not isinstance(text, str) or len(text) > 2 * wire_chars:
-            raise InvalidInput(where, f"must be base64 text of {dimensions} float32 values")
-        try:
-            vector = from_wire(text)
-        except ValueError:  # not base64 (binascii.Error), not ASCII, or not a whole number of float32
-            raise InvalidInput(where, f"must be base64 text of {dimensions} float32 values") from None
-        if vector.shape != (dimensions,):
-            raise InvalidInput(where, f"has {vector.size} values; the embed model has {dimensions} dimensions")
-        if not np.isfinite(vector).all():
-            raise InvalidInput(where, "must hold finite values only (no NaN or infinity)")
-        matrix[index] = vector
-    return matrix
+    if type(embedded.get("model")) is not str or embedded["model"] != model:
+        shown = validation.shown(embedded.get("model"))
+        raise InvalidInput("embedded.model", f"must be the embed model {model!r} (MEMQ_EMBED_MODEL), got {shown}")
+    checked = [check_vector(text, f"embedded.vectors[{index}]", dimensions) for index, text in enumerate(vectors)]
+    return np.array(checked, dtype=np.float32).reshape(count, dimensions)

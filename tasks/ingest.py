@@ -9,13 +9,13 @@ from celery import Task
 
 from memq import names
 from memq.app import app
-from memq.errors import InvalidInput
 from memq.memory_types import MemoryType
 from memq.requests import forget_request, remember_request
 from memq.settings import get_settings
 from memq.tasks import retry
 from memq.tasks.retry import retrying
-from memq.validation import check_utf8
+from memq.validation import check_count
+from memq.wire import EMBED_TEXTS, parse
 
 
 @app.task(name=names.EMBED_TEXTS, bind=True, max_retries=None, store_errors_even_if_ignored=True)
@@ -23,13 +23,7 @@ from memq.validation import check_utf8
 def embed_texts(self: Task, texts: list[str]) -> dict[str, Any]:
     from memq.workers import steps
 
-    settings = get_settings()
-    if not isinstance(texts, list) or not texts or len(texts) > settings.max_batch_items:
-        raise InvalidInput("texts", f"must be a list of 1..{settings.max_batch_items} strings")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip() or len(text) > settings.max_content_chars:
-            raise InvalidInput(f"texts[{i}]", "must be a non-empty string within the content limit")
-        check_utf8(text, f"texts[{i}]")
+    texts = parse(EMBED_TEXTS, {"texts": texts})["texts"]
 
     def report(done: int, total: int) -> None:
         if self.request.id and not self.request.called_directly:
@@ -74,9 +68,7 @@ def create_indexes(self: Task, dimensions: int | None = None) -> dict[str, Any]:
     from memq.workers import indexes
 
     settings = get_settings()
-    dimensions = settings.embed_dimensions if dimensions is None else dimensions
-    if isinstance(dimensions, bool) or not isinstance(dimensions, int) or not 1 <= dimensions <= 8192:
-        raise InvalidInput("dimensions", "must be an integer in 1..8192")
+    dimensions = check_count(settings.embed_dimensions if dimensions is None else dimensions, "dimensions", 8192)
     types = [t.value for t in MemoryType]
     vector_index = indexes.vector_index_definition(dimensions, settings.vector_index)
     text_index = indexes.text_index_definition(settings.text_index)

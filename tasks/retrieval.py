@@ -6,12 +6,11 @@ The logic is in ``memq.workers.steps``; the canvas is built in ``memq.canvas``.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from celery import Task
 
-from memq import names, sharding, validation, wire
+from memq import deadlines, names, sharding, validation, wire
 from memq.app import app
 from memq.errors import InvalidInput, TransientError
 from memq.settings import Settings, get_settings
@@ -57,14 +56,14 @@ def search(
         if extra:
             raise InvalidInput("args", f"memq.search takes at most 9 arguments, got {9 + len(extra)} (memq.names)")
         settings = get_settings()
-        call = wire.parse_search_call(
-            memory_id, memory_type, k, strategy, query, mode, filters, settings.max_query_chars, deadline_ts
-        )
-        memory_id, memory_type, deadline_ts = call.memory_id, call.memory_type, call.deadline_ts
-        wanted = steps.Wanted(query=call.query, mode=call.mode, filters=call.filters)
+        arguments = {"memory_id": memory_id, "memory_type": memory_type, "k": k, "strategy": strategy}
+        options = {"query": query, "mode": mode, "filters": filters, "deadline_ts": deadline_ts}
+        call = wire.parse(wire.SEARCH_CALL, {**arguments, **options}, settings)
+        memory_id, memory_type, deadline_ts = call["memory_id"], call["memory_type"], call["deadline_ts"]
+        wanted = steps.Wanted(query=call["query"], mode=call["mode"], filters=call["filters"])
         budget_s = attempt_budget_s(deadline_ts, settings, attempts_left=search_attempts_left(self))
         # search_type checks the EmbedResult's shape (wire.parse_embed_result) before MongoDB is asked anything.
-        found = steps.search_type(embedded, memory_id, memory_type, call.k, call.strategy, wanted, budget_s)
+        found = steps.search_type(embedded, memory_id, memory_type, call["k"], call["strategy"], wanted, budget_s)
         return {**found, "served_by": self.request.hostname}
     except InvalidInput as exc:
         return wire.search_failure(str(memory_type), f"invalid input: {exc}", embedded, self.request.hostname)
@@ -90,11 +89,13 @@ def attempt_budget_s(deadline_ts: float | None, settings: Settings, attempts_lef
     """How long one search attempt may spend in MongoDB: never past the caller's deadline (less a margin for
     merge and delivery), and half of what is left while retries remain, so a stalled server still leaves
     time to retry and to report the type under ``errors`` before the caller gives up."""
-    if deadline_ts is None:
-        return None
-    remaining_s = deadline_ts - time.time() - retry.DELIVERY_MARGIN_S
-    share_s = remaining_s / 2 if attempts_left > 1 else remaining_s
-    return max(retry.MIN_ATTEMPT_S, min(2 * settings.mongodb_timeout_ms / 1000, share_s))
+    return deadlines.budget_s(
+        deadline_ts,
+        margin_s=deadlines.DELIVERY_MARGIN_S,
+        share=deadlines.ATTEMPT_SHARE if attempts_left > 1 else 1.0,
+        floor_s=deadlines.MIN_ATTEMPT_S,
+        cap_s=2 * settings.mongodb_timeout_ms / 1000,
+    )
 
 
 @app.task(name=names.MERGE)

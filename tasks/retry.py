@@ -23,11 +23,9 @@ from typing import Any, TypeVar
 
 from celery import Task
 
-from memq import broker
+from memq import broker, deadlines
 from memq.errors import TransientError
 
-DELIVERY_MARGIN_S = 0.5  # left of the caller's deadline for merge and the result's way back
-MIN_ATTEMPT_S = 0.05  # the least time an attempt is worth starting with
 AMQP_MIN_COUNTDOWN_S = 1.0  # native delayed delivery's unit: shorter waits are slept in the worker
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -67,7 +65,8 @@ def retry_transient(
     delay_s = policy.delay_s(attempt)
     if attempt >= policy.max_retries:
         return
-    if deadline_ts is not None and time.time() + delay_s + MIN_ATTEMPT_S >= deadline_ts - DELIVERY_MARGIN_S:
+    left_s = deadlines.budget_s(deadline_ts, margin_s=deadlines.DELIVERY_MARGIN_S)
+    if left_s is not None and left_s - delay_s <= deadlines.MIN_ATTEMPT_S:
         return
     options = {} if queue is None else {"queue": queue}
     raise task.retry(countdown=countdown_for(task, delay_s), exc=exc, **options) from exc

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -342,12 +344,18 @@ def test_the_largest_limit_under_the_largest_oversample_still_fits_one_search() 
 
     candidates = ranking.candidates_for(validation.MAX_LIMIT, weights, settings.candidate_oversample)
 
-    assert candidates == validation.check_search_k(candidates) == validation.MAX_CANDIDATES
+    assert candidates == validation.check_count(candidates, "k", validation.MAX_CANDIDATES) == validation.MAX_CANDIDATES
 
 
 def test_a_search_of_more_candidates_than_allowed_names_k() -> None:
     with pytest.raises(InvalidInput) as caught:
-        validation.check_search_k(validation.MAX_CANDIDATES + 1)
+        call = {
+            "memory_id": "tenant",
+            "memory_type": "semantic",
+            "k": validation.MAX_CANDIDATES + 1,
+            "strategy": "auto",
+        }
+        wire.parse(wire.SEARCH_CALL, {**call, "query": "q", "mode": None, "filters": None, "deadline_ts": None})
     assert caught.value.field == "k"
 
 
@@ -658,3 +666,84 @@ def test_merge_names_the_worker_of_every_type_even_one_that_failed() -> None:
         "long_term_memory": "search.0@host-a",
         "conversation_memory": "search.1@host-b",
     }
+
+
+EDGE_ARGUMENTS = {"query": "what do I eat?", "memory_id": "tenant-a", "limits": {"semantic": 2}}
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"query": "x" * 5000}, "query"),
+        ({"query": "a\x00b"}, "query"),
+        ({"query": "   "}, "query"),
+        ({"memory_id": "$where"}, "memory_id"),
+        ({"limits": {"semantic": 0}}, "limits['semantic']"),
+        ({"weights": {"fame": 1}}, "weights"),
+        ({"strategy": "fastest"}, "strategy"),
+        ({"mode": "telepathy"}, "mode"),
+        ({"filters": {"colour": "red"}}, "filters"),
+        ({"timeout_s": 0}, "timeout_s"),
+        ({"timeout_s": 10**6}, "timeout_s"),
+    ],
+)
+def test_the_edge_and_merge_refuse_a_bad_retrieval_field_with_one_and_the_same_error(
+    change: dict[str, object], field: str
+) -> None:
+    from memq.requests import retrieval_request
+
+    settings = Settings()
+    arguments = {**EDGE_ARGUMENTS, **change}
+    with pytest.raises(InvalidInput) as at_the_edge:
+        retrieval_request(settings, **arguments)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput) as on_receipt:
+        wire.parse_merge_input([], arguments, settings)
+
+    assert at_the_edge.value.field == on_receipt.value.field == field
+    assert at_the_edge.value.message == on_receipt.value.message
+
+
+def test_a_request_read_again_on_receipt_is_the_request_the_edge_built() -> None:
+    from memq.requests import retrieval_request
+
+    settings = Settings()
+    built = retrieval_request(
+        settings, "Ｒｅｓｅｒｖｅｄ ﬁle", "tenant-a", {"semantic": 2, "episodic": 1}, mode="lexical"
+    )
+
+    assert wire.parse_retrieval_request(json.loads(json.dumps(built)), settings) == built
+    assert built["query"] == "Reserved file" and built["deadline_ts"] == built["requested_at"] + built["timeout_s"]
+
+
+@pytest.mark.parametrize("text", ["fine\x00hidden", "x" * 20_001])
+def test_embed_texts_refuses_a_text_that_remember_would_refuse_as_content(text: str) -> None:
+    settings = Settings(max_content_chars=20_000)
+    with pytest.raises(InvalidInput) as as_content:
+        validation.check_items([{"content": text}], 10, settings.max_content_chars)
+    with pytest.raises(InvalidInput) as as_text:
+        wire.parse(wire.EMBED_TEXTS, {"texts": ["ok", text]}, settings)
+
+    assert as_content.value.field == "items[0].content" and as_text.value.field == "texts[1]"
+    assert as_content.value.message == as_text.value.message
+
+
+def test_a_search_attempt_takes_half_of_what_is_left_of_the_deadline_while_retries_remain() -> None:
+    from memq import deadlines
+    from memq.tasks.retrieval import attempt_budget_s
+
+    settings = Settings(mongodb_timeout_ms=60_000)
+    deadline_ts = time.time() + 10 + deadlines.DELIVERY_MARGIN_S
+
+    assert 4.9 < attempt_budget_s(deadline_ts, settings, attempts_left=2) <= 5.0  # type: ignore[operator]
+    assert 9.9 < attempt_budget_s(deadline_ts, settings, attempts_left=1) <= 10.0  # type: ignore[operator]
+    assert attempt_budget_s(time.time() - 1, settings, attempts_left=1) == deadlines.MIN_ATTEMPT_S
+    assert attempt_budget_s(None, settings, attempts_left=1) is None
+
+
+def test_every_margin_taken_from_a_deadline_is_named_in_memq_deadlines_alone() -> None:
+    margin = re.compile(r"^[A-Z_]*(MARGIN|SHARE|MIN_ATTEMPT)[A-Z_]* = ", re.MULTILINE)
+    product = [p for folder in ("memq", "workers", "tasks", "config") for p in (ROOT / folder).rglob("*.py")]
+
+    elsewhere = [str(p.relative_to(ROOT)) for p in product if p.name != "deadlines.py" and margin.search(p.read_text())]
+
+    assert elsewhere == []

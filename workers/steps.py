@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from memq import keys, ranking, wire
+from memq import deadlines, keys, ranking, wire
 from memq.cache_redis import cache_redis
 from memq.settings import get_settings
 from memq.validation import text_form
@@ -91,7 +91,7 @@ def merge(results: Any, request: Any) -> dict[str, Any]:
     started = time.perf_counter()
     settings = get_settings()
     now_ts = time.time()
-    merge_input = wire.parse_merge_input(results, request, settings.search_strategy)
+    merge_input = wire.parse_merge_input(results, request, settings)
     input_bytes = sum(item_bytes(item) for result in merge_input["results"] for item in result.get("items", ()))
     guard = search_strategies.memory_guard.get()
     wait_s = merge_wait_s(merge_input["request"], settings)
@@ -103,10 +103,9 @@ def merge_wait_s(request: dict[str, Any], settings: Any) -> float:
     """How long a merge may wait for the memory guard: what is left of its retrieval's deadline
     (``MEMQ_RETRIEVE_TIMEOUT_S`` for a request without one), never more than half the visibility timeout (a message
     held longer is delivered again)."""
-    cap_s = settings.visibility_timeout_s / 2
-    deadline_ts = request.get("deadline_ts") or None
-    left_s = settings.retrieve_timeout_s if deadline_ts is None else deadline_ts - time.time()
-    return min(cap_s, max(0.0, left_s))
+    cap_s = settings.visibility_timeout_s * deadlines.MERGE_WAIT_SHARE
+    default_s = settings.retrieve_timeout_s
+    return deadlines.budget_s(request.get("deadline_ts") or None, cap_s=cap_s, default_s=default_s) or 0.0
 
 
 def _merge(merge_input: wire.MergeInput, started: float, started_ts: float, now_ts: float) -> dict[str, Any]:
