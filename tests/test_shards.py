@@ -251,7 +251,10 @@ def test_a_retried_search_goes_to_the_queue_of_the_workers_shard_count_not_back_
         vector = np.zeros(384, dtype=np.float32)
         vector[0] = 1.0
         sent = app.send_task(
-            names.SEARCH, args=[{"vector": to_wire(vector)}, tenant, "semantic", 3, "exact"], queue="search.0"
+            names.SEARCH,
+            args=[{"vector": to_wire(vector)}, tenant, "semantic", 3, "exact"],
+            kwargs={"mode": "vector"},  # no query: a vector search (a raw search is hybrid by default)
+            queue="search.0",
         )
         services.wait_until(lambda: client.llen("search.1") == 1, 60, "the retry on search.1")
         [raw] = client.lrange("search.1", 0, -1)
