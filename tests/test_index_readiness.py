@@ -81,3 +81,67 @@ def test_a_building_vector_index_sends_auto_to_the_exact_path_and_an_explicit_re
     assert search.vector_index_building("workflow_memory", explicit=False) is True
     with pytest.raises(IndexNotReady, match="still building"):
         search.vector_index_building("workflow_memory", explicit=True)
+
+
+def test_concurrent_first_searches_probe_a_stage_once_and_all_get_its_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe is tried against the real MongoDB (nx-27017 here); only its calls are counted. Without a single
+    prober, eight first searches each tried the stage in turn and ran past their budgets."""
+    import threading
+    import time
+
+    from memq.workers import search, store
+
+    probes: list[str] = []
+    real_probe = store.probe_stage
+
+    def counted_probe(stage: str, memory_type: str, dimensions: int) -> bool:
+        probes.append(stage)
+        time.sleep(0.2)  # while the first probe runs, the other searches arrive
+        return real_probe(stage, memory_type, dimensions)
+
+    monkeypatch.setattr(store, "probe_stage", counted_probe)
+    monkeypatch.setattr(search, "_probe_results", {})
+    start = threading.Barrier(8)
+    answers: list[bool] = []
+
+    def first_search() -> None:
+        start.wait()
+        answers.append(search.supports("$vectorSearch", "long_term_memory", 384))
+
+    threads = [threading.Thread(target=first_search) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert probes == ["$vectorSearch"]
+    assert len(answers) == 8 and len(set(answers)) == 1
+
+
+def test_a_stale_probe_answer_serves_other_searches_while_one_search_refreshes_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+    import time
+
+    from memq.workers import search, store
+
+    refreshing = threading.Event()
+    release = threading.Event()
+
+    def slow_probe(stage: str, memory_type: str, dimensions: int) -> bool:
+        refreshing.set()
+        release.wait(10)
+        return False
+
+    monkeypatch.setattr(store, "probe_stage", slow_probe)
+    stale_at = time.monotonic() - search.PROBE_TTL_S - 1
+    monkeypatch.setattr(search, "_probe_results", {"$search:long_term_memory": (True, stale_at)})
+    refresher = threading.Thread(target=search.supports, args=("$search", "long_term_memory", 384))
+    refresher.start()
+    assert refreshing.wait(10)
+
+    assert search.supports("$search", "long_term_memory", 384) is True  # the last answer, without waiting
+    release.set()
+    refresher.join(10)
+    assert search.supports("$search", "long_term_memory", 384) is False  # the refreshed answer

@@ -311,6 +311,7 @@ tenant_locks: ProcessLocal[KeyedLocks] = ProcessLocal(lambda: KeyedLocks())
 load_phases: dict[tuple[str, str, int], str] = {}
 READING = "reading MongoDB"
 _probe_results: dict[str, tuple[bool, float]] = {}
+_probe_locks: dict[str, threading.Lock] = {}
 
 
 class KeyedLocks:
@@ -686,14 +687,25 @@ def guard_info() -> dict[str, Any]:
 
 def supports(stage: str, memory_type: str, dimensions: int) -> bool:
     """Does this server run ``stage`` ($vectorSearch, $search, $rankFusion) here? Found out by trying it,
-    remembered for ``PROBE_TTL_S``."""
+    remembered for ``PROBE_TTL_S``. One search at a time probes: the others wait for its answer, or, once an answer
+    is known, go on with it while the probe refreshes it (a probe can take seconds where the server does not know
+    the stage: eight first searches each probing in turn ran past their budgets)."""
     key = f"{stage}:{memory_type}"
-    cached = _probe_results.get(key)
-    now = time.monotonic()
-    if cached is None or now - cached[1] > PROBE_TTL_S:
-        _probe_results[key] = (store.probe_stage(stage, memory_type, dimensions), now)
-        cached = _probe_results[key]
-    return cached[0]
+    known = _probe_results.get(key)
+    if known is not None and time.monotonic() - known[1] <= PROBE_TTL_S:
+        return known[0]
+    lock = _probe_locks.setdefault(key, threading.Lock())
+    if known is not None and not lock.acquire(blocking=False):
+        return known[0]  # a refresh is under way: the last answer meanwhile
+    if known is None:
+        lock.acquire()
+    try:
+        known = _probe_results.get(key)
+        if known is None or time.monotonic() - known[1] > PROBE_TTL_S:
+            _probe_results[key] = known = (store.probe_stage(stage, memory_type, dimensions), time.monotonic())
+        return known[0]
+    finally:
+        lock.release()
 
 
 def resolve_strategy(requested: str, memory_type: str, dimensions: int) -> str:
