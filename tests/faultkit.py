@@ -21,6 +21,13 @@ from memq.services import Service
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def count_stored(collection: Any, query: dict[str, Any]) -> int:
+    """Documents matching ``query``, counted from a ``find`` of their ids. On nx-27017 ``count_documents`` runs an
+    aggregation that reads the whole collection (about 1 s at 10,000 documents, and the tests poll it); a find by
+    ``memory_id`` reads the tenant's documents only (about 0.07 s)."""
+    return sum(1 for _ in collection.find(query, {"_id": 1}))
+
+
 def private_app(broker_url: str, name: str = "memq-test") -> Any:
     """A Celery app configured like memq's on ``broker_url`` (broker and result backend), for pings and raw tasks;
     never the process's current app."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from faultkit import count_stored
 
 from memq.client import IngestProgress, remember_many
 from memq.errors import IngestStopped, InvalidItem
@@ -39,7 +40,7 @@ def write_jsonl(path: Path, lines: list[str]) -> Path:
 
 
 def stored(mongo_db: Any, tenant: str) -> int:
-    return int(mongo_db["long_term_memory"].count_documents({"memory_id": tenant}))
+    return int(count_stored(mongo_db["long_term_memory"], {"memory_id": tenant}))
 
 
 def remember_file(tenant: str, path: Path, *extra: str) -> subprocess.CompletedProcess[str]:

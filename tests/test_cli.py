@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from faultkit import count_stored
 
 pytestmark = pytest.mark.usefixtures("fleet")
 
@@ -107,7 +108,7 @@ def test_malformed_jsonl_names_the_line_and_writes_nothing(tenant: str, tmp_path
 
     assert shown.returncode == 2
     assert "line 2" in shown.stderr and "Traceback" not in shown.stderr
-    assert mongo_db["long_term_memory"].count_documents({"memory_id": tenant}) == 0  # type: ignore[index]
+    assert count_stored(mongo_db["long_term_memory"], {"memory_id": tenant}) == 0  # type: ignore[index]
 
 
 def run_demo(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -155,7 +156,7 @@ def remember_production_tenants(mongo_db: Any) -> dict[str, int]:
     for name in ("alice", "bob"):
         stored = memq("remember", "--memory-id", name, "--type", "semantic", "--text", f"{name}'s production memory")
         assert stored.returncode == 0, stored.stderr
-    return {name: mongo_db["long_term_memory"].count_documents({"memory_id": name}) for name in ("alice", "bob")}
+    return {name: count_stored(mongo_db["long_term_memory"], {"memory_id": name}) for name in ("alice", "bob")}
 
 
 def answering(app: Any) -> set[str]:
@@ -175,7 +176,7 @@ def test_the_demo_refuses_a_broker_where_a_fleet_answers_and_starts_or_sends_not
     assert all(host in shown.stderr for host in fleet.workers)
     assert "Traceback" not in shown.stderr and "workers ready" not in shown.stdout
     assert answering(app) == set(fleet.workers)  # it started no worker on the fleet's queues
-    after = {name: mongo_db["long_term_memory"].count_documents({"memory_id": name}) for name in ("alice", "bob")}
+    after = {name: count_stored(mongo_db["long_term_memory"], {"memory_id": name}) for name in ("alice", "bob")}
     assert after == before and all(count >= 1 for count in after.values())  # no forget("alice") reached them
 
 
@@ -197,8 +198,8 @@ def test_a_joined_demo_runs_through_the_fleet_on_namespaced_tenants_and_leaves_r
     results = json.loads(shown.stdout.strip().splitlines()[-1])
     assert_each_tenant_sees_only_its_own_memories_cold_then_cached(results)
     assert answering(app) == set(fleet.workers)  # it started no workers of its own
-    after = {name: mongo_db["long_term_memory"].count_documents({"memory_id": name}) for name in ("alice", "bob")}
+    after = {name: count_stored(mongo_db["long_term_memory"], {"memory_id": name}) for name in ("alice", "bob")}
     assert after == before
     namespace = results[0]["memory_id"].removesuffix("alice")
     for collection in ("long_term_memory", "conversation_memory", "workflow_memory"):
-        assert mongo_db[collection].count_documents({"memory_id": {"$regex": f"^{namespace}"}}) == 0  # forgotten
+        assert count_stored(mongo_db[collection], {"memory_id": {"$regex": f"^{namespace}"}}) == 0  # forgotten

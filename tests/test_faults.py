@@ -253,7 +253,7 @@ class Rig:
 
         client = pymongo.MongoClient(self.mongo.url, serverSelectionTimeoutMS=10000)
         try:
-            return int(client[self.env["MEMQ_MONGODB_DB"]][collection].count_documents({"memory_id": tenant}))
+            return int(faultkit.count_stored(client[self.env["MEMQ_MONGODB_DB"]][collection], {"memory_id": tenant}))
         finally:
             client.close()
 

@@ -108,8 +108,8 @@ def test_a_forget_that_fails_mid_way_until_its_retries_run_out_leaves_no_deleted
 
     assert outcome == "StoreUnavailable"  # the retries ran out and the caller sees why
     assert proxy.cuts >= 2  # the forget was retried
-    assert mongo_db["long_term_memory"].count_documents({"memory_id": tenant}) == 0  # the 1st type was deleted
-    assert mongo_db["conversation_memory"].count_documents({"memory_id": tenant}) == len(EPISODIC)  # not the 2nd
+    assert faultkit.count_stored(mongo_db["long_term_memory"], {"memory_id": tenant}) == 0  # the 1st type was deleted
+    assert faultkit.count_stored(mongo_db["conversation_memory"], {"memory_id": tenant}) == len(EPISODIC)  # not the 2nd
     assert retrieved(env, tenant, QUERY) == []  # the same retrieval as before: not from a cached result
     assert retrieved(env, tenant, "bread baking") == []  # a new one: not from the search worker's cached matrix
     after = versions(cache, tenant)

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from faultkit import count_stored
 
 from memq import client
 from memq.errors import InvalidInput
@@ -121,7 +122,7 @@ def test_reingesting_the_same_memories_never_duplicates(tenant: str, mongo_db: A
 
     assert first["ids"] == second["ids"]
     assert first["inserted"] == len(items) and second["inserted"] == 0
-    assert mongo_db["long_term_memory"].count_documents({"memory_id": tenant}) == len(items)
+    assert count_stored(mongo_db["long_term_memory"], {"memory_id": tenant}) == len(items)
 
 
 def test_a_rewrite_updates_content_and_keeps_created_at(tenant: str, mongo_db: Any) -> None:
@@ -196,8 +197,8 @@ def test_forget_deletes_only_its_own_tenant(tenant: str, mongo_db: Any) -> None:
 
     assert everything["deleted"]["long_term_memory"] == 1
     assert everything["deleted"]["conversation_memory"] == 1
-    assert mongo_db["long_term_memory"].count_documents({"memory_id": tenant}) == 0
-    assert mongo_db["long_term_memory"].count_documents({"memory_id": other}) == 2
+    assert count_stored(mongo_db["long_term_memory"], {"memory_id": tenant}) == 0
+    assert count_stored(mongo_db["long_term_memory"], {"memory_id": other}) == 2
     assert client.retrieve("food", tenant, {"semantic": 5})["results"]["long_term_memory"] == []
     assert len(client.retrieve("food", other, {"semantic": 5})["results"]["long_term_memory"]) == 2
 

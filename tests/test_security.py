@@ -94,7 +94,7 @@ def test_a_pickle_message_is_refused_by_every_worker_kind_and_never_unpickled(
     # The task never ran: its caller was told at once that it was dead-lettered (memq's guard), not left PENDING.
     services.wait_until(lambda: app.AsyncResult(task_id).state == "FAILURE", 30, "the caller's failure")
     assert "was dead-lettered: undecodable" in str(app.AsyncResult(task_id).result)
-    assert mongo_db["long_term_memory"].count_documents({"memory_id": tenant}) == 1
+    assert faultkit.count_stored(mongo_db["long_term_memory"], {"memory_id": tenant}) == 1
     # The worker is alive and still serves JSON tasks.
     host = next(h for h in fleet.workers if h.startswith(f"{kind}@"))
     assert fleet.workers[host].poll() is None

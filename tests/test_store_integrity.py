@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 from bson.binary import Binary
-from faultkit import memq_cli
+from faultkit import count_stored, memq_cli
 from test_hostile_input import outcome_of
 
 from memq import client, names
@@ -39,7 +39,7 @@ TOO_LATE = "9999-12-31T23:00:00-05:00"  # 10000-01-01T04:00 in UTC
 
 
 def stored_count(mongo_db: Any, memory_id: str, collection: str = "long_term_memory") -> int:
-    return mongo_db[collection].count_documents({"memory_id": memory_id})
+    return count_stored(mongo_db[collection], {"memory_id": memory_id})
 
 
 def one_error_line(shown: subprocess.CompletedProcess[str]) -> str:

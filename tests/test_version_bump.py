@@ -80,9 +80,9 @@ def test_a_store_during_a_cache_redis_outage_retries_the_version_bump_and_the_wr
         storing = client_call(env, remember.format(t=tenant, c="watched a volcano eruption in Iceland"))
         collection = mongo_db["long_term_memory"]
         deadline = time.monotonic() + 60
-        while collection.count_documents({"memory_id": tenant}) < 2 and time.monotonic() < deadline:
+        while faultkit.count_stored(collection, {"memory_id": tenant}) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert collection.count_documents({"memory_id": tenant}) == 2  # the write reached MongoDB
+        assert faultkit.count_stored(collection, {"memory_id": tenant}) == 2  # the write reached MongoDB
         time.sleep(1.0)  # the bump fails at least once meanwhile
     finally:
         faultkit.resume(cache.process)  # type: ignore[arg-type]
