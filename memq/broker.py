@@ -14,7 +14,9 @@ tests/test_deploy.py against ``definitions``).
   crashed consumer had only prefetched included, so a limit as low as memq's would dead-letter innocent messages.
 - Each queue has its own topic exchange of the same name (``exchange_type``).
 - Dead letters go to the fanout exchange ``memq.dead`` and wait in the quorum queue ``memq.dead``
-  (``at-least-once`` dead-lettering, which needs ``overflow: reject-publish``).
+  (``at-least-once`` dead-lettering, which needs ``overflow: reject-publish``). The same exchange copies each one
+  to ``memq.dead.watch``, which every worker consumes (``memq.workers.dead_letter_watch``): a message the broker
+  itself dead-lettered fails its caller at once, while its letter stays in ``memq.dead`` for ``memq dead-letters``.
 
 Import-light: no Celery, no kombu.
 """
@@ -31,6 +33,7 @@ URL_SEPARATOR = ";"  # kombu's: ``amqp://a//;amqp://b//`` is a list of nodes tri
 QUORUM = {"x-queue-type": "quorum"}
 DEAD_LETTER_EXCHANGE = "memq.dead"
 DEAD_LETTER_QUEUE = "memq.dead"
+DEAD_LETTER_WATCH_QUEUE = "memq.dead.watch"
 POLICY_NAME = "memq-task-queues"
 POLICY_PATTERN = r"^(embed|search|ingest|search\.[0-9]{1,4})$"  # names.is_memq_queue's queues
 DEFAULT_DELIVERY_LIMIT = 20
@@ -117,10 +120,11 @@ def definitions(vhost: str, search_shards: int, delivery_limit: int = DEFAULT_DE
             *(exchange(name, exchange_type(amqp=True)) for name in queues),
             exchange(DEAD_LETTER_EXCHANGE, "fanout"),
         ],
-        "queues": [*(queue(name) for name in queues), queue(DEAD_LETTER_QUEUE)],
+        "queues": [*(queue(name) for name in queues), queue(DEAD_LETTER_QUEUE), queue(DEAD_LETTER_WATCH_QUEUE)],
         "bindings": [
             *(binding(name, name, name) for name in queues),
             binding(DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, ""),
+            binding(DEAD_LETTER_EXCHANGE, DEAD_LETTER_WATCH_QUEUE, ""),
         ],
         "policies": [
             {

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from brokerkit import AmqpProbe
 from faultkit import run_client
 from kombu import Connection, Exchange, Queue
 
-from memq import broker, names, services
+from memq import broker, names, services, sharding
 
 pytestmark = pytest.mark.skipif(
     not rabbitkit.wanted(), reason="RabbitMQ broker tests: bash scripts/test_rabbitmq.sh (MEMQ_TEST_BROKER=rabbitmq)"
@@ -148,6 +149,57 @@ def test_a_message_past_the_brokers_delivery_limit_is_listed_with_the_brokers_re
     ]
     assert [(r["outcome"], r["queue"], r["task_id"]) for r in replayed] == [("replayed", "ingest", task_id)]
     assert cli(env, "dead-letters", "--json")["dead_letters"] == []
+
+
+def die_with_every_delivery(url: str, queue: str, stop: threading.Event, seen: list[str]) -> None:
+    """A consumer of ``queue`` that takes each delivery and dies before acknowledging it, as a worker SIGKILLed on
+    every delivery would: its connection closes, the broker returns the message and counts one more delivery."""
+    while not stop.is_set():
+        with Connection(url) as connection:
+            message = Queue(queue, no_declare=True).bind(connection.channel()).get(no_ack=False)
+            if message is not None:
+                seen.append(message.headers["id"])
+        if message is None:
+            time.sleep(0.05)
+
+
+def test_a_retrieval_step_the_broker_dead_letters_past_its_delivery_limit_fails_its_caller_at_once(
+    fleet: services.Fleet, tenant: str
+) -> None:
+    from memq import amqp_dead_letters
+
+    url = os.environ["MEMQ_BROKER_URL"]
+    env = {**os.environ, "MEMQ_SEARCH_SHARDS": "2"}  # the searches go to a shard queue only the killer consumes
+    rabbitkit.setup_topology(env)  # the shard queues, under the policy with the delivery limit
+    shard = sharding.search_queue_for(tenant, 2)
+    stop, seen = threading.Event(), []
+    killer = threading.Thread(target=die_with_every_delivery, args=(url, shard, stop, seen))
+    killer.start()
+    try:
+        answered = run_client(
+            env,
+            f"""
+            import json
+            from memq import client
+            from memq.errors import MemqError
+            try:
+                client.retrieve("bees", {tenant!r}, {{"semantic": 1}}, timeout_s=60)
+            except MemqError as exc:
+                print(json.dumps([type(exc).__name__, str(exc)]))
+            """,
+        )
+    finally:
+        stop.set()
+        killer.join()
+    letters = [letter.fields for letter in amqp_dead_letters.listed(url, 100)]
+    amqp_dead_letters.purge_all(url)
+
+    assert answered[0] == "DeadLettered", answered  # not RetrievalTimeout: it came before its 60 s
+    assert "memq.search was dead-lettered: delivery_limit" in answered[1]
+    assert len(seen) > 1 and len(set(seen)) == 1  # one search step, delivered again and again
+    assert [(letter["broker_reason"], letter["queue"], letter["task_id"]) for letter in letters] == [
+        ("delivery_limit", shard, seen[0])
+    ]
 
 
 def cli(env: dict[str, str], *args: str) -> dict[str, Any]:
