@@ -1,8 +1,10 @@
 """RabbitMQ as memq's broker: the topology ``memq broker setup`` declares (quorum queues, dead letters, the policy
-with the delivery limit), letters the broker dead-letters itself, retries on quorum queues, the broadcast guard,
-and a client given a list of nodes. Runs in ``bash scripts/test_rabbitmq.sh`` (``MEMQ_TEST_BROKER=rabbitmq``),
-where the session fleet works in a private virtual host; tests that need a broker of their own make another one
-(``rabbitmq_vhost``). The pipeline and poison tests run there too, on the same bodies as on Redis."""
+with the delivery limit), letters the broker dead-letters itself (listed, replayed, and failing their callers at
+once), retries on quorum queues, the broadcast guard, a client given a list of nodes, and the broker users per role
+(the session fleet's workers run as their kind's user). Runs in ``bash scripts/test_rabbitmq.sh``
+(``MEMQ_TEST_BROKER=rabbitmq``), where the session fleet works in a private virtual host; tests that need a broker of
+their own make another one (``rabbitmq_vhost``). The pipeline and poison tests run there too, on the same bodies as
+on Redis."""
 
 from __future__ import annotations
 
@@ -177,6 +179,7 @@ def test_a_retrieval_step_the_broker_dead_letters_past_its_delivery_limit_fails_
     from memq.waiting import ResultWaiter
 
     url = os.environ["MEMQ_BROKER_URL"]
+    amqp_dead_letters.purge_all(url)
     rabbitkit.setup_topology({**os.environ, "MEMQ_SEARCH_SHARDS": "2"})  # shard queues, under the delivery limit
     shard = sharding.shard_queue(1)  # the retrieval's search step goes where only the killer consumes
     request = retrieval_request(get_settings(), "bees", tenant, {"semantic": 1})
