@@ -2,6 +2,7 @@
 
     python -m bench.broker_bench            # ~6 min on 2 cores
     python -m bench.broker_bench --quick    # fewer requests and memories
+    python -m bench.broker_bench --full     # 10,000 memories, 1,000 requests, 60 s, 3 rounds: for a machine of its own
 
 Each variant gets its own broker (a redis-server; a RabbitMQ node of its own; three nodes joined into a cluster,
 memq's queues quorum queues on 3 members), its own Redis for results and caches, and one embed, one search and
@@ -10,6 +11,10 @@ one ingest worker; all read and write the same nx-27017. Through each, from a cl
 queries: p50/p99), the same number of cached ones (one query again: the result cache answers, the broker is not
 used), and closed-loop throughput of 16 client threads for ``--seconds`` (cold queries: requests/s). Writes
 ``bench/results/broker.json`` and ``broker.png`` and prints each figure as a ratio to Redis.
+
+``--rounds N`` runs every variant N times, each round in another order (round r starts at variant r), each run on
+fresh brokers, workers and a database of its own, so that no variant always runs first or after another's tail;
+each figure is the median of the rounds (every round's figures are kept in the JSON under ``rounds``).
 
 The RabbitMQ nodes are started with ``tests/rabbitkit.py`` (its ``Node``): ``rabbitmq-server`` and ``rabbitmqctl``
 must be installed (they are on this project's machines).
@@ -20,11 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +101,7 @@ def rabbitmq_broker(nodes: int) -> Iterator[str]:
             node.remove()
 
 
-def run_variant(name: str, broker_url: str, mongo_url: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_variant(name: str, broker_url: str, mongo_url: str, args: argparse.Namespace, round_: int) -> dict[str, Any]:
     with ExitStack() as stack:
         results = services.start_redis_server()
         stack.callback(results.stop)
@@ -105,7 +111,7 @@ def run_variant(name: str, broker_url: str, mongo_url: str, args: argparse.Names
             mongo_url,
             MEMQ_RESULT_BACKEND=results.url,
             MEMQ_REDIS_URL=results.url,
-            MEMQ_MONGODB_DB=f"memq_broker_bench_{name.replace('-', '_')}",
+            MEMQ_MONGODB_DB=f"memq_broker_bench_{name.replace('-', '_')}_{round_}",
             MEMQ_METRICS_PORT="0",
         )
         fleet = services.Fleet(env)
@@ -170,33 +176,59 @@ def plot(variants: dict[str, dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+VARIANTS: dict[str, Callable[[], AbstractContextManager[str]]] = {
+    "redis": redis_broker,
+    "rabbitmq-1": lambda: rabbitmq_broker(1),
+    "rabbitmq-3": lambda: rabbitmq_broker(3),
+}
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure's median over the rounds (nested: the latency summaries)."""
+    first = runs[0]
+    return {
+        key: median_of([run[key] for run in runs])
+        if isinstance(first[key], dict)
+        else statistics.median(run[key] for run in runs)
+        for key in first
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--memories", type=int, default=3000)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=20)
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=1)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true")
+    size.add_argument("--full", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
         args.memories, args.requests, args.seconds = 1000, 60, 8
-    variants: dict[str, dict[str, Any]] = {}
+    if args.full:
+        args.memories, args.requests, args.seconds, args.rounds = 10_000, 1000, 60, max(args.rounds, 3)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
     mongo = services.start_nx27017()
     try:
-        for name, broker in (
-            ("redis", redis_broker),
-            ("rabbitmq-1", lambda: rabbitmq_broker(1)),
-            ("rabbitmq-3", lambda: rabbitmq_broker(3)),
-        ):
-            started = time.monotonic()
-            with broker() as url:
-                variants[name] = run_variant(name, url, mongo.url, args)
-            print(f"{name}: {json.dumps(variants[name])} ({time.monotonic() - started:.0f} s)", flush=True)
+        for round_ in range(args.rounds):
+            order = list(VARIANTS)[round_ % len(VARIANTS) :] + list(VARIANTS)[: round_ % len(VARIANTS)]
+            for name in order:
+                started = time.monotonic()
+                with VARIANTS[name]() as url:
+                    runs[name].append(run_variant(name, url, mongo.url, args, round_))
+                took_s = time.monotonic() - started
+                print(f"round {round_ + 1} {name}: {json.dumps(runs[name][-1])} ({took_s:.0f} s)", flush=True)
     finally:
         mongo.stop()
+    variants = {name: median_of(results) for name, results in runs.items()}
     report = {
         "machine": machine(),
         "args": vars(args),
         "variants": variants,
+        "rounds": runs,
         "ratio_to_redis": ratios(variants),
         "when": time.strftime("%Y-%m-%d"),
     }

@@ -47,6 +47,9 @@ class ConfigFromSettings(Mapping[str, Any]):
 
 app = Celery("memq", include=WORKER_MODULES, events="memq.celery_internals:MemqEvents")
 app.config_from_object(ConfigFromSettings())
+# On RabbitMQ every worker also fails the callers of the messages the broker dead-letters (a step past the delivery
+# limit). Named, not imported: a web process never builds a consumer.
+app.steps["consumer"].add("memq.workers.dead_letter_watch:DeadLetterWatch")
 
 
 @before_task_publish.connect(dispatch_uid="memq.stamp_published_at")

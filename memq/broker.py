@@ -14,13 +14,16 @@ tests/test_deploy.py against ``definitions``).
   crashed consumer had only prefetched included, so a limit as low as memq's would dead-letter innocent messages.
 - Each queue has its own topic exchange of the same name (``exchange_type``).
 - Dead letters go to the fanout exchange ``memq.dead`` and wait in the quorum queue ``memq.dead``
-  (``at-least-once`` dead-lettering, which needs ``overflow: reject-publish``).
+  (``at-least-once`` dead-lettering, which needs ``overflow: reject-publish``). The same exchange copies each one
+  to ``memq.dead.watch``, which every worker consumes (``memq.workers.dead_letter_watch``): a message the broker
+  itself dead-lettered fails its caller at once, while its letter stays in ``memq.dead`` for ``memq dead-letters``.
 
 Import-light: no Celery, no kombu.
 """
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,22 +34,62 @@ URL_SEPARATOR = ";"  # kombu's: ``amqp://a//;amqp://b//`` is a list of nodes tri
 QUORUM = {"x-queue-type": "quorum"}
 DEAD_LETTER_EXCHANGE = "memq.dead"
 DEAD_LETTER_QUEUE = "memq.dead"
+DEAD_LETTER_WATCH_QUEUE = "memq.dead.watch"
 POLICY_NAME = "memq-task-queues"
-POLICY_PATTERN = r"^(embed|search|ingest|search\.[0-9]{1,4})$"  # names.is_memq_queue's queues
 DEFAULT_DELIVERY_LIMIT = 20
 POLICY_PRIORITY = 10
 
 
-#: RabbitMQ permissions (configure, write, read: regular expressions over exchange and queue names) per role, all
-#: in memq's own virtual host (docs/operations.md, "Broker users per role"). The web app's user may only publish to
-#: memq's task exchanges: RabbitMQ itself refuses it a remote-control broadcast (``celery.pidbox``), consuming,
-#: purging or declaring anything. Workers and the operator's tools (``memq status``, ``dead-letters``, ``broker
-#: setup``, Flower) get the whole virtual host, which holds nothing but memq's queues.
+#: memq's task queues, each with its exchange of the same name (``names.is_memq_queue``'s queues).
+TASK_NAMES = r"embed|search|ingest|search\.[0-9]{1,4}"
+POLICY_PATTERN = rf"^({TASK_NAMES})$"
+#: What each worker kind consumes.
+KIND_QUEUES = {"embed": r"embed", "search": r"search|search\.[0-9]{1,4}", "ingest": r"ingest"}
+DEAD_NAMES = r"memq\.dead|memq\.dead\.watch"
+#: Celery's own names: remote control (the ``celery.pidbox`` and ``reply.celery.pidbox`` exchanges, each worker's
+#: and each caller's pidbox queue), events (``celeryev``, each worker's ``celeryev.<uuid>``), and native delayed
+#: delivery (``celery_delayed_*``, declared by each worker at start).
+CELERY_NAMES = r"celery\.pidbox|reply\.celery\.pidbox|.+\.celery\.pidbox|celeryev|celeryev\..+|celery_delayed_.+"
+
+
+def _only(*alternatives: str) -> str:
+    return "^(" + "|".join(alternatives) + ")$"
+
+
+#: RabbitMQ permissions (configure, write, read: regular expressions over exchange and queue names; an exchange and
+#: a queue of the same name share them) per role, all in memq's own virtual host (docs/operations.md, "Broker users
+#: per role"; ``memq broker permissions`` prints them as ``rabbitmqctl`` commands).
+#: - ``web``: publishes memq's requests to its task exchanges, nothing else: RabbitMQ itself refuses it a
+#:   remote-control broadcast (``celery.pidbox``), consuming, purging or declaring anything.
+#: - ``<kind>-worker``: consumes (and so may purge) its own kind's queues and ``memq.dead.watch`` only; publishes
+#:   chain and chord steps to any task exchange, dead letters to ``memq.dead``, and Celery's remote-control replies,
+#:   events and delayed retries; declares and deletes only Celery's own names, never a task queue or a dead letter.
+#: - ``operator``: ``memq broker setup`` (declares memq's names), ``memq dead-letters`` (reads, purges and replays
+#:   through the default exchange ``amq.default``), ``memq status`` (remote control): memq's names only.
 ROLE_PERMISSIONS: dict[str, tuple[str, str, str]] = {
     "web": ("^$", POLICY_PATTERN, "^$"),
-    "worker": (".*", ".*", ".*"),
-    "operator": (".*", ".*", ".*"),
+    **{
+        f"{kind}-worker": (
+            _only(CELERY_NAMES),
+            _only(TASK_NAMES, r"memq\.dead", CELERY_NAMES),
+            _only(queues, r"memq\.dead\.watch", CELERY_NAMES),
+        )
+        for kind, queues in KIND_QUEUES.items()
+    },
+    "operator": (
+        _only(TASK_NAMES, DEAD_NAMES, CELERY_NAMES),
+        _only(TASK_NAMES, DEAD_NAMES, CELERY_NAMES, r"amq\.default"),
+        _only(TASK_NAMES, DEAD_NAMES, CELERY_NAMES),
+    ),
 }
+
+
+def permission_commands(vhost: str) -> list[str]:
+    """``rabbitmqctl set_permissions`` for each role's user (``memq-<role>``) in ``vhost``."""
+    return [
+        shlex.join(["rabbitmqctl", "set_permissions", "-p", vhost, f"memq-{role}", *permissions])
+        for role, permissions in ROLE_PERMISSIONS.items()
+    ]
 
 
 def exchange_type(amqp: bool) -> str:
@@ -117,10 +160,11 @@ def definitions(vhost: str, search_shards: int, delivery_limit: int = DEFAULT_DE
             *(exchange(name, exchange_type(amqp=True)) for name in queues),
             exchange(DEAD_LETTER_EXCHANGE, "fanout"),
         ],
-        "queues": [*(queue(name) for name in queues), queue(DEAD_LETTER_QUEUE)],
+        "queues": [*(queue(name) for name in queues), queue(DEAD_LETTER_QUEUE), queue(DEAD_LETTER_WATCH_QUEUE)],
         "bindings": [
             *(binding(name, name, name) for name in queues),
             binding(DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, ""),
+            binding(DEAD_LETTER_EXCHANGE, DEAD_LETTER_WATCH_QUEUE, ""),
         ],
         "policies": [
             {

@@ -37,6 +37,9 @@ command is refused) lives with the worker (``memq.workers.guard``, ``memq.worker
    for its recursive decoder) as a header without properties, through py-amqp's documented
    ``Connection(frame_handler=...)`` argument, so the guard dead-letters the message instead of every worker
    exiting with "Unrecoverable error: RecursionError".
+4c. ``queue_consumer_step`` (RabbitMQ): a worker consumer bootstep, Celery's documented ``bootsteps.ConsumerStep``
+   (added to ``app.steps["consumer"]``), that consumes one more queue on the worker's broker connection and hands
+   each message, undecoded, to the worker side: ``memq.workers.dead_letter_watch``.
 5. ``refuse_control_commands``: replaces entries of Celery's remote-control command table (``Panel.data``).
 6. ``is_result_store_outage``: Celery's result consumer gives up reconnecting with a bare ``RuntimeError``; only
    its cause says that the result store was unreachable.
@@ -230,6 +233,49 @@ def screened_consumer(screen: Screen) -> type[Any]:
             return lambda message: screen(self, message, handle)
 
     return ScreenedConsumer
+
+
+def queue_consumer_step(
+    queue: str,
+    enabled: Callable[[celery.Celery], bool],
+    on_message: Callable[[celery.Celery, Any], None],
+    on_decode_error: Callable[[Any, Exception], None],
+    prefetch: int,
+) -> type[Any]:
+    """A consumer bootstep that consumes ``queue`` (JSON only) where ``enabled(app)``, handing each message to
+    ``on_message(app, message)``. The queue is never declared (the broker's setup does that): a passive check
+    first, and without it the step logs and consumes nothing, so the worker still starts."""
+    import amqp.exceptions
+    from celery import bootsteps
+    from kombu import Consumer, Queue
+
+    class QueueConsumerStep(bootsteps.ConsumerStep):  # type: ignore[misc]
+        def __init__(self, parent: Any, **kwargs: Any) -> None:
+            self.app = parent.app
+            super().__init__(parent, **kwargs)
+
+        def include_if(self, parent: Any) -> bool:
+            return enabled(parent.app)
+
+        def get_consumers(self, channel: Any) -> list[Any]:
+            try:  # a passive declare needs no permission
+                channel.queue_declare(queue=queue, passive=True)
+            except amqp.exceptions.NotFound:
+                log.error("no queue %s on the broker: run `memq broker setup`", queue)
+                return []
+            app = self.app
+            return [
+                Consumer(
+                    channel,
+                    queues=[Queue(queue, no_declare=True)],
+                    on_message=lambda message: on_message(app, message),
+                    on_decode_error=on_decode_error,
+                    accept=["json"],
+                    prefetch_count=prefetch,
+                )
+            ]
+
+    return QueueConsumerStep
 
 
 def mark_not_registered(app: celery.Celery, headers: dict[str, Any], properties: dict[str, Any]) -> None:

@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     definitions = action.add_parser("definitions", help="print the topology in RabbitMQ's definitions format")
     definitions.add_argument("--vhost", default="/")
     definitions.add_argument("--delivery-limit", type=int, default=None)
+    permissions = action.add_parser("permissions", help="print each role's permissions as rabbitmqctl commands")
+    permissions.add_argument("--vhost", default="memq")
     p.set_defaults(handler=cmd_broker)
 
     p = sub.add_parser("flower", help="Flower for this app; basic auth from MEMQ_FLOWER_BASIC_AUTH")
@@ -587,6 +589,9 @@ def cmd_broker(args: argparse.Namespace) -> int:
     from memq import broker
     from memq.settings import get_settings
 
+    if args.broker_command == "permissions":
+        print("\n".join(broker.permission_commands(args.vhost)))
+        return 0
     limit = broker.DEFAULT_DELIVERY_LIMIT if args.delivery_limit is None else args.delivery_limit
     if args.broker_command == "definitions":
         print(json.dumps(broker.definitions(args.vhost, get_settings().search_shards, limit), indent=2))

@@ -10,7 +10,8 @@ the keys of the results it wants and sleeps on its own event; the drain thread S
 caller whose result, and only whose, arrives. Results stored before the SUBSCRIBE took effect were published to no
 one: after the confirmation the caller reads them with one MGET. A caller also watches its chain's earlier steps:
 Celery stores a failed step's error on that step and on the chord header after it, not on the last step, so a
-failure ends the wait at once without polling.
+failure ends the wait at once without polling. A chord whose part failed ends with Celery's ``ChordError``, which
+names the part only in its text: the caller gets the part's own error instead (one MGET of the parts).
 
 Only public Celery API is used: the result backend's ``get_key_for_task`` (the Redis key, which is also the
 channel Celery publishes the result on), ``decode_result`` and ``exception_to_python``.
@@ -29,6 +30,7 @@ from typing import Any
 
 import redis
 from celery import Celery, states
+from celery.exceptions import ChordError
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 
@@ -204,7 +206,13 @@ class ResultWaiter:
             _offer_stored(drain.client, wait, backend)
             if not wait.ended.wait(_left(deadline)):
                 raise CeleryTimeoutError(f"the result did not arrive within {timeout_s:g} s")
-            return _outcome(backend, wait.outcome or {})
+            try:
+                return _outcome(backend, wait.outcome or {})
+            except ChordError as exc:
+                part_error = _failed_part(drain.client, backend, sent)
+                if part_error is None:
+                    raise
+                raise part_error from exc
         finally:
             drain.submit("forget", wait, wake=False)  # done at the drain thread's next wake-up (1 s at most)
 
@@ -222,6 +230,19 @@ def _outcome(backend: Any, meta: dict[str, Any]) -> Any:
     if meta.get("status") == states.SUCCESS:
         return meta.get("result")
     raise backend.exception_to_python(meta.get("result"))
+
+
+def _failed_part(client: redis.Redis, backend: Any, sent: AsyncResult) -> BaseException | None:
+    """The error of the first failed part of the chord whose body is ``sent`` (Celery's ``ChordError`` names it only
+    in its text), so that the caller gets the part's own error, a ``DeadLettered`` search step's for one."""
+    parts = list(getattr(sent.parent, "results", None) or [])
+    keys = [_key(backend, part.id) for part in parts]
+    for raw in client.mget(keys) if keys else []:
+        meta = backend.decode_result(raw) if raw is not None else None
+        if isinstance(meta, dict) and meta.get("status") in states.PROPAGATE_STATES:
+            error = backend.exception_to_python(meta.get("result"))
+            return error if isinstance(error, BaseException) else None
+    return None
 
 
 def _key(backend: Any, task_id: str) -> bytes:

@@ -39,6 +39,7 @@ from memq import services
 
 _started: list[services.Service] = []
 _vhosts: list[str] = []
+_users: list[str] = []
 
 
 # Modules that start fleets (or rigs) of their own, with fault injection or a configuration of their own: marked
@@ -133,12 +134,19 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def use_private_vhost() -> None:
     """This process's broker: a private RabbitMQ virtual host with memq's topology; Redis stays the result backend
-    and the cache."""
+    and the cache. The session fleet's workers connect as a broker user of their kind's role (``worker_url``); the
+    tests themselves as the broker's default user."""
     vhost = rabbitkit.open_vhost()
     _vhosts.append(vhost)
     redis_url = os.environ["MEMQ_RESULT_BACKEND"]
     os.environ.update(MEMQ_BROKER_URL=rabbitkit.vhost_url(vhost), MEMQ_REDIS_URL=redis_url)
     rabbitkit.setup_topology(dict(os.environ))
+    for kind in services.WORKER_KINDS:
+        os.environ[worker_url_variable(kind)] = rabbitkit.add_role_user(vhost, f"{kind}-worker", _users)
+
+
+def worker_url_variable(kind: str) -> str:
+    return f"MEMQ_TEST_{kind.upper()}_WORKER_BROKER_URL"
 
 
 def isolate_test_process(index: int) -> None:
@@ -215,6 +223,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         service.stop()
     for vhost in _vhosts:
         rabbitkit.close_vhost(vhost)
+    for user in _users:
+        rabbitkit.ctl("delete_user", user)
 
 
 @pytest.fixture(scope="session")
@@ -233,7 +243,9 @@ class SessionFleet(services.Fleet):
 
     def start_metered(self, kind: str) -> str:
         port = services.free_port()
-        self.hostnames[kind] = self.start(kind, extra_env={"MEMQ_METRICS_PORT": str(port)})
+        url = os.environ.get(worker_url_variable(kind)) if rabbitkit.wanted() else None
+        own_user = {"MEMQ_BROKER_URL": url} if url else {}
+        self.hostnames[kind] = self.start(kind, extra_env={"MEMQ_METRICS_PORT": str(port), **own_user})
         self.metrics_ports[kind] = port
         return self.hostnames[kind]
 

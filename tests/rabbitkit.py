@@ -81,6 +81,18 @@ def private_vhost(prefix: str = "memq-test") -> Iterator[str]:
         close_vhost(vhost)
 
 
+def add_role_user(vhost: str, role: str, users: list[str]) -> str:
+    """A new broker user with ``role``'s permissions in ``vhost`` (``memq.broker.ROLE_PERMISSIONS``), appended to
+    ``users`` (the caller deletes them); its URL."""
+    from memq import broker
+
+    user, password = f"memq-{role}-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    ctl("add_user", user, password)
+    users.append(user)
+    ctl("set_permissions", "-p", vhost, user, *broker.ROLE_PERMISSIONS[role])
+    return vhost_url(vhost, user, password)
+
+
 def setup_topology(env: dict[str, str], *extra: str, rabbitmqctl: str = "rabbitmqctl") -> str:
     """``memq broker setup`` on the broker ``env`` names, the policy applied with ``rabbitmqctl``; its output."""
     command = [sys.executable, "-m", "memq.cli", "broker", "setup", "--rabbitmqctl", rabbitmqctl, *extra]

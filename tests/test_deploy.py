@@ -548,3 +548,16 @@ def test_keda_scales_each_pool_on_its_rabbitmq_queue_as_on_the_redis_list(
         assert trigger["metadata"]["queueName"] == twin["spec"]["triggers"][0]["metadata"]["listName"]
         assert trigger["metadata"]["value"] == twin["spec"]["triggers"][0]["metadata"]["listLength"]
         assert trigger["authenticationRef"]["name"] in of_kind(rabbitmq_manifests, "TriggerAuthentication")
+
+
+def test_the_broker_users_documented_for_operators_are_what_memq_broker_permissions_prints() -> None:
+    printed = subprocess.run(
+        [sys.executable, "-m", "memq.cli", "broker", "permissions", "--vhost", "memq"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.splitlines()
+    documented = (ROOT / "docs" / "operations.md").read_text()
+
+    assert len(printed) == 5 and all(line in documented.splitlines() for line in printed)

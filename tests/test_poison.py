@@ -458,8 +458,10 @@ def test_a_chord_whose_search_step_is_dead_lettered_fails_at_once_instead_of_sta
 ) -> None:
     from celery import chord
 
+    from memq.errors import DeadLettered
     from memq.requests import retrieval_request
     from memq.settings import get_settings
+    from memq.waiting import ResultWaiter
 
     request = retrieval_request(get_settings(), "anything", tenant, {"semantic": 1, "episodic": 1})
     searches = [
@@ -471,5 +473,5 @@ def test_a_chord_whose_search_step_is_dead_lettered_fails_at_once_instead_of_sta
     with published_with_bad_headers(names.SEARCH, skip=1):
         sent = chord(searches)(merge)
 
-    with pytest.raises(Exception, match="dead-lettered"):
-        sent.get(timeout=60)
+    with pytest.raises(DeadLettered, match="dead-lettered"):  # the part's own error, as client.retrieve gets it
+        ResultWaiter(app).wait(sent, timeout_s=60)

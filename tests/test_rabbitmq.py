@@ -1,8 +1,10 @@
 """RabbitMQ as memq's broker: the topology ``memq broker setup`` declares (quorum queues, dead letters, the policy
-with the delivery limit), letters the broker dead-letters itself, retries on quorum queues, the broadcast guard,
-and a client given a list of nodes. Runs in ``bash scripts/test_rabbitmq.sh`` (``MEMQ_TEST_BROKER=rabbitmq``),
-where the session fleet works in a private virtual host; tests that need a broker of their own make another one
-(``rabbitmq_vhost``). The pipeline and poison tests run there too, on the same bodies as on Redis."""
+with the delivery limit), letters the broker dead-letters itself (listed, replayed, and failing their callers at
+once), retries on quorum queues, the broadcast guard, a client given a list of nodes, and the broker users per role
+(the session fleet's workers run as their kind's user). Runs in ``bash scripts/test_rabbitmq.sh``
+(``MEMQ_TEST_BROKER=rabbitmq``), where the session fleet works in a private virtual host; tests that need a broker of
+their own make another one (``rabbitmq_vhost``). The pipeline and poison tests run there too, on the same bodies as
+on Redis."""
 
 from __future__ import annotations
 
@@ -10,12 +12,15 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import urlsplit
 
+import amqp.basic_message
 import amqp.exceptions
 import pytest
 import rabbitkit
@@ -23,7 +28,7 @@ from brokerkit import AmqpProbe
 from faultkit import run_client
 from kombu import Connection, Exchange, Queue
 
-from memq import broker, names, services
+from memq import broker, names, services, sharding
 
 pytestmark = pytest.mark.skipif(
     not rabbitkit.wanted(), reason="RabbitMQ broker tests: bash scripts/test_rabbitmq.sh (MEMQ_TEST_BROKER=rabbitmq)"
@@ -150,6 +155,55 @@ def test_a_message_past_the_brokers_delivery_limit_is_listed_with_the_brokers_re
     assert cli(env, "dead-letters", "--json")["dead_letters"] == []
 
 
+def die_with_every_delivery(url: str, queue: str, stop: threading.Event, seen: list[str]) -> None:
+    """A consumer of ``queue`` that takes each delivery and dies before acknowledging it, as a worker SIGKILLed on
+    every delivery would: its connection closes, the broker returns the message and counts one more delivery."""
+    while not stop.is_set():
+        with Connection(url) as connection:
+            message = Queue(queue, no_declare=True).bind(connection.channel()).get(no_ack=False)
+            if message is not None:
+                seen.append(message.headers["id"])
+        if message is None:
+            time.sleep(0.05)
+
+
+def test_a_retrieval_step_the_broker_dead_letters_past_its_delivery_limit_fails_its_caller_at_once(
+    app: Any, fleet: services.Fleet, tenant: str
+) -> None:
+    from celery import chord
+
+    from memq import amqp_dead_letters
+    from memq.errors import DeadLettered
+    from memq.requests import retrieval_request
+    from memq.settings import get_settings
+    from memq.waiting import ResultWaiter
+
+    url = os.environ["MEMQ_BROKER_URL"]
+    amqp_dead_letters.purge_all(url)
+    rabbitkit.setup_topology({**os.environ, "MEMQ_SEARCH_SHARDS": "2"})  # shard queues, under the delivery limit
+    shard = sharding.shard_queue(1)  # the retrieval's search step goes where only the killer consumes
+    request = retrieval_request(get_settings(), "bees", tenant, {"semantic": 1})
+    search = app.signature(names.SEARCH, args=[{"vector": None}, tenant, "semantic", 1], queue=shard)
+    merge = app.signature(names.MERGE, kwargs={"request": request}, queue=names.SEARCH_QUEUE)
+    stop, seen = threading.Event(), []
+    killer = threading.Thread(target=die_with_every_delivery, args=(url, shard, stop, seen))
+    killer.start()
+    try:
+        sent = chord([search])(merge)
+        with pytest.raises(DeadLettered, match=r"memq\.search was dead-lettered: delivery_limit"):
+            ResultWaiter(app).wait(sent, timeout_s=60)  # as client.retrieve waits; not a timeout
+    finally:
+        stop.set()
+        killer.join()
+    letters = [letter.fields for letter in amqp_dead_letters.listed(url, 100)]
+    amqp_dead_letters.purge_all(url)
+
+    assert len(seen) > 1 and len(set(seen)) == 1  # one search step, delivered again and again
+    assert [(letter["broker_reason"], letter["queue"], letter["task_id"]) for letter in letters] == [
+        ("delivery_limit", shard, seen[0])
+    ]
+
+
 def cli(env: dict[str, str], *args: str) -> dict[str, Any]:
     done = subprocess.run(
         [sys.executable, "-m", "memq.cli", *args], env=env, capture_output=True, text=True, timeout=60
@@ -259,16 +313,19 @@ def test_a_task_message_with_a_deeply_nested_header_table_leaves_every_worker_se
 
 
 @pytest.fixture
-def web_user(rabbitmq_vhost: str) -> Iterator[str]:
-    """A broker user with the web role's permissions in ``rabbitmq_vhost``; its URL."""
-    user, password = f"memq-web-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    rabbitkit.setup_topology(env_for(rabbitmq_vhost))
-    rabbitkit.ctl("add_user", user, password)
-    try:
-        rabbitkit.ctl("set_permissions", "-p", rabbitmq_vhost, user, *broker.ROLE_PERMISSIONS["web"])
-        yield rabbitkit.vhost_url(rabbitmq_vhost, user, password)
-    finally:
+def role_user() -> Iterator[Callable[[str, str], str]]:
+    """Makes broker users of a role in a virtual host (``rabbitkit.add_role_user``), deleted afterwards; their URLs."""
+    users: list[str] = []
+    yield lambda vhost, role: rabbitkit.add_role_user(vhost, role, users)
+    for user in users:
         rabbitkit.ctl("delete_user", user)
+
+
+@pytest.fixture
+def web_user(rabbitmq_vhost: str, role_user: Callable[[str, str], str]) -> str:
+    """A broker user with the web role's permissions in ``rabbitmq_vhost``; its URL."""
+    rabbitkit.setup_topology(env_for(rabbitmq_vhost))
+    return role_user(rabbitmq_vhost, "web")
 
 
 def test_the_web_apps_broker_user_publishes_memqs_requests_and_the_broker_refuses_it_everything_else(
@@ -293,3 +350,110 @@ def test_the_web_apps_broker_user_publishes_memqs_requests_and_the_broker_refuse
     with Connection(rabbitkit.vhost_url(rabbitmq_vhost)) as connection:  # the broker's own user: what was published
         waiting = connection.default_channel.queue_declare(queue=names.INGEST_QUEUE, passive=True).message_count
     assert waiting == 1
+
+
+def session_vhost() -> str:
+    return broker.vhost_of(os.environ["MEMQ_BROKER_URL"])
+
+
+def worker_user_url(kind: str) -> str:
+    """The broker URL the session fleet's ``kind`` worker runs with (tests/conftest.py: its kind's role)."""
+    return os.environ[f"MEMQ_TEST_{kind.upper()}_WORKER_BROKER_URL"]
+
+
+def connected_users(vhost: str) -> set[str]:
+    listed = rabbitkit.ctl("list_connections", "-q", "user", "vhost")
+    return {row[0] for row in (line.split("\t") for line in listed.splitlines()) if len(row) == 2 and row[1] == vhost}
+
+
+def test_the_fleets_workers_run_as_their_kinds_broker_users_and_serve_retrievals(
+    fleet: services.Fleet, tenant: str
+) -> None:
+    from memq import client
+
+    client.remember(tenant, "semantic", ["keeps bees"])
+    found = client.retrieve("bees", tenant, {"semantic": 1})["results"]["long_term_memory"]
+
+    assert [item["content"] for item in found] == ["keeps bees"]
+    workers = {urlsplit(worker_user_url(kind)).username for kind in services.WORKER_KINDS}
+    assert workers <= connected_users(session_vhost())
+
+
+def test_a_workers_broker_user_sends_a_delayed_retry_through_celerys_delayed_delivery_to_another_kind() -> None:
+    from celery import Celery
+
+    from memq.config.celery import celery_config
+    from memq.settings import Settings
+
+    embed = Celery("memq-embed-user", set_as_current=False)
+    embed.config_from_object(
+        celery_config(Settings(broker_url=worker_user_url("embed"), result_backend=os.environ["MEMQ_RESULT_BACKEND"]))
+    )
+    sent = embed.send_task(
+        names.SEARCH, args=[["not", "a", "dict"], "retry-tenant", "semantic", 3], queue=names.SEARCH_QUEUE, countdown=1
+    )
+
+    sent.get(timeout=60)  # the search worker ran it: it arrived through the celery_delayed_* exchanges
+
+    assert sent.state == "SUCCESS"
+
+
+@pytest.mark.parametrize(
+    ("kind", "refused"),
+    [
+        ("embed", "consume search"),
+        ("search", "purge ingest"),
+        ("ingest", "consume embed"),
+        ("search", "delete its own queue"),
+        ("embed", "declare a task queue"),
+        ("ingest", "read the dead letters"),
+        ("search", "purge the dead letters"),
+        ("embed", "publish through the default exchange"),
+    ],
+)
+def test_a_workers_broker_user_is_refused_other_kinds_queues_and_memqs_topology(kind: str, refused: str) -> None:
+    own = {"embed": "embed", "search": "search", "ingest": "ingest"}[kind]
+    attempts: dict[str, Callable[[Any], Any]] = {
+        "consume search": lambda channel: Queue("search", no_declare=True).bind(channel).get(),
+        "consume embed": lambda channel: Queue("embed", no_declare=True).bind(channel).get(),
+        "purge ingest": lambda channel: Queue("ingest", no_declare=True).bind(channel).purge(),
+        "delete its own queue": lambda channel: channel.queue_delete(own),
+        "declare a task queue": lambda channel: channel.queue_declare(own, durable=True, arguments=broker.QUORUM),
+        "read the dead letters": lambda channel: channel.basic_get(broker.DEAD_LETTER_QUEUE),
+        "purge the dead letters": lambda channel: channel.queue_purge(broker.DEAD_LETTER_QUEUE),
+        "publish through the default exchange": lambda channel: channel.basic_publish(
+            amqp.basic_message.Message(b"[[], {}, {}]"), exchange="", routing_key=own
+        ),
+    }
+
+    with Connection(worker_user_url(kind)) as connection:
+        channel = connection.channel()
+        with pytest.raises(amqp.exceptions.AccessRefused):
+            attempts[refused](channel)
+            channel.basic_qos(0, 1, False)  # a refused publish closes the channel: the next call raises
+
+
+def test_the_operators_broker_user_sets_up_lists_replays_and_purges_dead_letters_and_sees_the_workers(
+    fleet: services.Fleet, role_user: Callable[[str, str], str]
+) -> None:
+    from brokerkit import AmqpProbe
+
+    operator = {**os.environ, "MEMQ_BROKER_URL": role_user(session_vhost(), "operator")}
+    harmless = b'[[["not", "a", "dict"], "replay-tenant", "semantic", 3], {"mode": "vector"}, {}]'
+    probe = AmqpProbe(os.environ["MEMQ_BROKER_URL"])
+    probe.clear_dead_letters()
+    replayed_id = probe.plant_letter("search", {"id": str(uuid.uuid4()), "task": names.SEARCH}, harmless)
+    probe.plant_letter("ingest", {"id": str(uuid.uuid4()), "task": names.STORE}, b"not json")
+
+    rabbitkit.setup_topology(operator)  # idempotent on the fleet's own virtual host
+    listed = cli(operator, "dead-letters", "--json")["dead_letters"]
+    replayed = cli(operator, "dead-letters", "--replay", replayed_id, "--json")["replayed"]
+    purged = cli(operator, "dead-letters", "--purge-all", "--json")["purged"]
+    status = cli(operator, "status", "--json")
+
+    assert len(listed) == 2
+    assert [r["outcome"] for r in replayed] == ["replayed"]
+    assert purged == 1 and probe.dead_letters() == []
+    assert set(fleet.workers) <= set(status["workers"])  # remote control (memq_info) as the operator
+    with Connection(operator["MEMQ_BROKER_URL"]) as connection, pytest.raises(amqp.exceptions.AccessRefused):
+        connection.channel().queue_declare("not-memqs", durable=True)  # memq's names only

@@ -11,7 +11,8 @@ broker's ``memq.dead`` exchange (``memq.broker``), with headers saying why, befo
 broker keeps it in the ``memq.dead`` quorum queue, replicated like the task queues, beside the letters it
 dead-letters itself (past the policy's delivery limit), where ``memq dead-letters`` lists, purges and replays both
 (``memq.amqp_dead_letters``). Publishing waits for the broker's confirm; if it fails the guard records the letter
-in the cache Redis instead, as on the Redis broker, so a refused message is never run and never lost silently.
+in the cache Redis instead, as on the Redis broker, so a refused message is never run and never lost silently. It
+declares nothing (``memq broker setup`` did): a worker's broker user may not configure memq's queues.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import logging
 import re
 import time
 from typing import Any
-
-from kombu import Exchange, Queue
 
 from memq import broker, celery_internals
 from memq.workers.metrics import DEAD_LETTERS
@@ -53,11 +52,6 @@ def original_queue(message: Any) -> str:
     return DELAY_PREFIX.sub("", key, count=1) if isinstance(key, str) else ""
 
 
-def dead_letter_queue() -> Queue:
-    exchange = Exchange(broker.DEAD_LETTER_EXCHANGE, type="fanout", durable=True)
-    return Queue(broker.DEAD_LETTER_QUEUE, exchange, routing_key="", durable=True, queue_arguments=dict(broker.QUORUM))
-
-
 def keep_on_broker(app: Any, message: Any, letter: dict[str, Any]) -> bool:
     """Publishes ``message`` whole to ``memq.dead`` with ``letter``'s id, queue, reason and detail; ``True`` once
     the broker confirmed it. ``False`` (logged) when it could not: the caller records the letter in Redis."""
@@ -82,7 +76,6 @@ def keep_on_broker(app: Any, message: Any, letter: dict[str, Any]) -> bool:
                 content_type=message.content_type or "application/octet-stream",
                 content_encoding=message.content_encoding or "binary",
                 delivery_mode=2,
-                declare=[dead_letter_queue()],
                 retry=True,
                 retry_policy=PUBLISH_RETRY,
                 **{name: properties[name] for name in ("correlation_id", "reply_to") if properties.get(name)},
