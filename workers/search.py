@@ -4,21 +4,22 @@
   cursor into the rows of a ``RowStore``: the cosine matrix, the BM25 index (``workers.lexical``) and the filter
   columns (created_at, role, tags) are built together, cached per process and keyed on the tenant's data version
   (``workers.versions``), so a write makes them unreachable at once. A warm search is one matrix-vector product and
-  one sparse BM25 sum, fused (``memq.ranking.fuse``), with the filters applied before the top k; it makes no
-  MongoDB round trip. After a write, a process holding the tenant at version v that finds V catches up
-  (``catch_up``): the change log beside the version names the stored ``_id`` s versions v+1..V touched, it reads
-  just those (``memory_id`` in the query) and applies them: a present document becomes a new row and the row it
-  replaces is tombstoned, an absent one is tombstoned. Rows once written never change, so a search still reading
-  the snapshot of version v (its row count, alive mask and BM25 segments) is unaffected. The tenant is loaded
-  whole only when the change cannot be bridged: a cold process, a log that no longer holds every version since v
-  or says anything may have changed (forget without ids, a migration), more changed ids than
-  ``CATCH_UP_MAX_FRACTION`` of the tenant, or tombstones past ``COMPACT_DEAD_FRACTION`` of the rows. A stored
-  row that cannot be searched (embedding missing, undecodable, of another dimension than ``MEMQ_EMBED_DIMENSIONS``
-  or not finite; fields unreadable) is left out of all three and counted (``memq_bad_stored_rows_total``), so one
-  bad row never fails its tenant's search. A miss is loaded once per (tenant, type, data version) in the process
-  (``load_shared``, single-flight): the searches that miss meanwhile wait on that one load, each within its own
-  budget, and the load runs under its own limit (``MEMQ_EXACT_LOAD_TIMEOUT_S``) and fills the cache even when
-  every search that waited on it has given up.
+  one sparse BM25 sum, fused (``memq.ranking.fuse``), with the filters applied before the top k; it makes no MongoDB
+  round trip. After a write, a process holding the tenant at version v that finds V catches up (``catch_up``): the
+  change log beside the version names the stored ``_id`` s versions v+1..V touched, it reads just those (``memory_id``
+  in the query) and applies them: a present document becomes a new row and the row it replaces is tombstoned, an
+  absent one is tombstoned. Those whose state the log itself carries (a new memory's stored document, a forgotten id:
+  ``versions.Changes.known``) are applied without reading MongoDB. Rows once written never change, so a search still
+  reading the snapshot of version v (its row count, alive mask and BM25 segments) is unaffected. The tenant is loaded
+  whole only when the change cannot be bridged: a cold process, a log that no longer holds every version since v or
+  says anything may have changed (forget without ids, a migration), more changed ids than ``CATCH_UP_MAX_FRACTION`` of
+  the tenant, or tombstones past ``COMPACT_DEAD_FRACTION`` of the rows. A stored row that cannot be searched
+  (embedding missing, undecodable, of another dimension than ``MEMQ_EMBED_DIMENSIONS`` or not finite; fields
+  unreadable) is left out of all three and counted (``memq_bad_stored_rows_total``), so one bad row never fails its
+  tenant's search. A miss is loaded once per (tenant, type, data version) in the process (``load_shared``,
+  single-flight): the searches that miss meanwhile wait on that one load, each within its own budget, and the load
+  runs under its own limit (``MEMQ_EXACT_LOAD_TIMEOUT_S``) and fills the cache even when every search that waited on
+  it has given up.
 - ``vector_search``: Atlas ``$vectorSearch`` with ``memory_id`` as a pre-filter.
 - ``auto``: ``vector_search`` where the server runs the stage, ``exact`` elsewhere (nx-27017, mongod).
 """
@@ -606,21 +607,25 @@ def catch_up(memory_id: str, memory_type: str, rows: RowStore, version: int) -> 
 
     One catch-up per store at a time (``rows.lock``); a store whose latest snapshot is already newer than
     ``version`` is returned as it is once Redis confirms that version (a counter reset in Redis means a reload).
-    Applying reads the current state of each changed ``_id``: present (and searchable), it becomes a new row and
-    its old row is tombstoned; absent, its row is tombstoned. Reading the current state makes it idempotent, so a
-    document newer than ``version`` (a write under way) is right too: its own version will apply it again."""
+    Applying takes the state of each changed ``_id`` from the log where its latest entry carries it, else reads
+    its current state from MongoDB: present (and searchable), it becomes a new row and its old row is tombstoned;
+    absent, its row is tombstoned. Reading the current state makes it idempotent, so a document newer than
+    ``version`` (a write under way) is right too: its own version will apply it again."""
     with rows.lock:
         latest = rows.latest
         if latest is None or rows.broken:
             return None
         if latest.version >= version:
             return latest if latest.version == version or confirmed(memory_id, memory_type, latest.version) else None
-        touched = versions.changes_between(memory_id, memory_type, latest.version, version)
-        if touched is None or len(touched) > max(CATCH_UP_MIN_IDS, CATCH_UP_MAX_FRACTION * latest.alive_rows):
+        changes = versions.changes_between(memory_id, memory_type, latest.version, version)
+        if changes is None or len(changes.ids) > max(CATCH_UP_MIN_IDS, CATCH_UP_MAX_FRACTION * latest.alive_rows):
             return None
-        docs = store.load_ids(memory_id, memory_type, sorted(touched))
+        docs = [doc for doc in changes.known.values() if doc is not None]
+        unknown = sorted(changes.ids - changes.known.keys())
+        if unknown:
+            docs += store.load_ids(memory_id, memory_type, unknown)
         try:
-            for object_id in touched:
+            for object_id in changes.ids:
                 rows.remove(object_id)
             count_skipped(rows.append(sorted(docs, key=lambda doc: str(doc["_id"]))), len(docs), memory_type)
         except BaseException:
