@@ -323,14 +323,19 @@ class KeyedLocks:
         self._locks: dict[Any, tuple[threading.Lock, list[int]]] = {}
 
     @contextmanager
-    def held(self, key: Any) -> Iterator[None]:
+    def held(self, key: Any, blocking: bool = True) -> Iterator[bool]:
+        """Holds the lock of ``key`` while the block runs; with ``blocking=False`` it yields ``False`` (and the
+        lock is not held) when someone else holds it."""
         with self._lock:
             lock, users = self._locks.setdefault(key, (threading.Lock(), [0]))
             users[0] += 1
+        acquired = False
         try:
-            with lock:
-                yield
+            acquired = lock.acquire(blocking)
+            yield acquired
         finally:
+            if acquired:
+                lock.release()
             with self._lock:
                 users[0] -= 1
                 if users[0] == 0:
@@ -511,7 +516,7 @@ def exact_search(memory_id: str, memory_type: str, query: np.ndarray, k: int, wa
         entry = cache.get(key, version)
         outcome = "hit"
         if entry is None:
-            entry = load_shared(memory_id, memory_type, version)
+            entry = caught_up_here(memory_id, memory_type, version) or load_shared(memory_id, memory_type, version)
             outcome = "miss"
     CACHE_REQUESTS.labels(cache="matrix", outcome=outcome).inc()
     return SearchOutcome(top_k(entry, query, k, wanted), "exact", outcome)
@@ -538,6 +543,33 @@ def load_shared(memory_id: str, memory_type: str, version: int) -> TenantMatrix:
         if phase == READING:
             raise StoreUnavailable(f"MongoDB unavailable: {waited} ({goes_on})") from exc
         raise WorkerBusy(f"search worker busy: {waited}, the load still {phase} ({goes_on})") from exc
+
+
+def caught_up_here(memory_id: str, memory_type: str, version: int) -> TenantMatrix | None:
+    """The tenant at ``version`` caught up in the search's own thread, when that waits for nothing: the process
+    holds the tenant, no load or catch-up of it is under way, and the change log carries the state of every changed
+    id (no MongoDB read). ``None`` otherwise: the search then goes through ``load_shared``. (A thread of its own
+    costs more than such a catch-up: about 0.3 ms here.)"""
+    key = (memory_id, memory_type)
+    held = matrix_cache.get().held(key)
+    if held is None or held.store is None:
+        return None
+    with tenant_locks.get().held(key, blocking=False) as acquired:
+        return apply_catch_up(memory_id, memory_type, held, version, read_mongodb=False) if acquired else None
+
+
+def apply_catch_up(
+    memory_id: str, memory_type: str, held: TenantMatrix, version: int, read_mongodb: bool
+) -> TenantMatrix | None:
+    """``catch_up`` of the held entry's store, its snapshot put in the cache (the caller holds the tenant's lock)."""
+    if held.store is None:
+        return None
+    caught_up = catch_up(memory_id, memory_type, held.store, version, read_mongodb)
+    if caught_up is not None and caught_up is not held:  # changes applied (else: the held entry, newer)
+        cache = matrix_cache.get()
+        cache.put((memory_id, memory_type), caught_up)
+        cache.count_catch_up()
+    return caught_up
 
 
 def load_into_cache(memory_id: str, memory_type: str, version: int) -> TenantMatrix:
@@ -570,12 +602,9 @@ def caught_up_or_loaded(memory_id: str, memory_type: str, version: int) -> Tenan
     if entry is not None:
         return entry
     held = cache.held(key)
-    if held is not None and held.store is not None:
-        caught_up = catch_up(memory_id, memory_type, held.store, version)
+    if held is not None:
+        caught_up = apply_catch_up(memory_id, memory_type, held, version, read_mongodb=True)
         if caught_up is not None:
-            if caught_up is not held:  # changes applied (else: the held entry, newer than the version read)
-                cache.put(key, caught_up)
-                cache.count_catch_up()
             return caught_up
     try:
         load_phases[flight_key] = "waiting for a load slot (MEMQ_EXACT_LOADS_IN_FLIGHT)"
@@ -601,9 +630,12 @@ def load_tenant(memory_id: str, memory_type: str, version: int, expected_rows: i
     return build_matrix(store.load_tenant(memory_id, memory_type), version, memory_type, expected_rows)
 
 
-def catch_up(memory_id: str, memory_type: str, rows: RowStore, version: int) -> TenantMatrix | None:
+def catch_up(
+    memory_id: str, memory_type: str, rows: RowStore, version: int, read_mongodb: bool = True
+) -> TenantMatrix | None:
     """The snapshot of ``rows`` at ``version`` or later, reached by applying the changes the change log names since
-    the store's latest snapshot; ``None`` when only a full load can tell (see the module's docstring).
+    the store's latest snapshot; ``None`` when only a full load can tell (see the module's docstring), or when
+    ``read_mongodb`` is false and some changed id's state must be read from MongoDB (nothing is applied then).
 
     One catch-up per store at a time (``rows.lock``); a store whose latest snapshot is already newer than
     ``version`` is returned as it is once Redis confirms that version (a counter reset in Redis means a reload).
@@ -622,6 +654,8 @@ def catch_up(memory_id: str, memory_type: str, rows: RowStore, version: int) -> 
             return None
         docs = [doc for doc in changes.known.values() if doc is not None]
         unknown = sorted(changes.ids - changes.known.keys())
+        if unknown and not read_mongodb:
+            return None
         if unknown:
             docs += store.load_ids(memory_id, memory_type, unknown)
         try:

@@ -169,9 +169,10 @@ def _logged_ids(raw: list[bytes], held_version: int, version: int) -> Changes | 
         entry = _entry(line)
         if entry is None:  # not an entry memq wrote: the log cannot bridge, the tenant is reloaded
             return None
-        logged_version, ids, known = entry
+        logged_version, ids, encoded = entry
         if held_version < logged_version <= version:
-            if ids is None:
+            known = _known(encoded, ids)
+            if ids is None or known is None:
                 return None
             seen.add(logged_version)
             changes.ids.update(ids)
@@ -181,31 +182,31 @@ def _logged_ids(raw: list[bytes], held_version: int, version: int) -> Changes | 
     return changes if len(seen) == version - held_version else None
 
 
-def _entry(line: bytes) -> tuple[int, list[str] | None, dict[str, dict[str, Any] | None]] | None:
-    """One change-log entry as (version, ids or ``None``, what it knows of them), or ``None`` when it is not what
-    ``BUMP_SCRIPT`` writes."""
+def _entry(line: bytes) -> tuple[int, list[str] | None, Any] | None:
+    """One change-log entry as (version, ids or ``None``, its "known" still encoded), or ``None`` when it is not
+    what ``BUMP_SCRIPT`` writes."""
     try:
         entry = json.loads(line)
         logged_version, ids = entry["v"], entry["ids"]
-        known = _known(entry.get("known"), ids)
-    except (ValueError, TypeError, KeyError, AttributeError, BSONError):
+    except (ValueError, TypeError, KeyError):
         return None
     if not isinstance(logged_version, int) or not (ids is None or all(isinstance(i, str) for i in ids)):
         return None
-    return logged_version, ids, known
+    return logged_version, ids, entry.get("known")
 
 
-def _known(encoded: Any, ids: list[str] | None) -> dict[str, dict[str, Any] | None]:
-    """An entry's ``"known"`` decoded: ``_id`` -> stored document or ``None`` (deleted), each among ``ids``; a
-    ``ValueError`` when it is anything else."""
+def _known(encoded: Any, ids: list[str] | None) -> dict[str, dict[str, Any] | None] | None:
+    """An entry's ``"known"`` decoded: ``_id`` -> stored document or ``None`` (deleted), each among ``ids``;
+    ``None`` when it is anything else."""
     if encoded is None:
         return {}
-    payload = bson.decode(base64.b64decode(encoded, validate=True), codec_options=STORED_CODEC)
-    known: dict[str, dict[str, Any] | None] = {doc["_id"]: doc for doc in payload["docs"]}
-    known.update(dict.fromkeys(payload["gone"]))
-    if ids is None or not set(known) <= set(ids):
-        raise ValueError("known ids outside the entry's ids")
-    return known
+    try:
+        payload = bson.decode(base64.b64decode(encoded, validate=True), codec_options=STORED_CODEC)
+        known: dict[str, dict[str, Any] | None] = {doc["_id"]: doc for doc in payload["docs"]}
+        known.update(dict.fromkeys(payload["gone"]))
+    except (ValueError, TypeError, KeyError, AttributeError, BSONError):
+        return None
+    return known if ids is not None and set(known) <= set(ids) else None
 
 
 @contextmanager
