@@ -505,18 +505,20 @@ def _scored(item: dict[str, Any], vector: float, lexical: float | None, fused: f
 
 
 def exact_search(memory_id: str, memory_type: str, query: np.ndarray, k: int, wanted: Wanted) -> SearchOutcome:
-    known = versions.read_versions(memory_id, [memory_type])
     key = (memory_id, memory_type)
     cache = matrix_cache.get()
+    held = cache.held(key)
+    known = versions.read_version_and_log(memory_id, memory_type, held.version if held is not None else -1)
     if known is None:  # Redis down: never trust a cached matrix
         entry = load_uncached(memory_id, memory_type)
         outcome = "bypass"
     else:
-        version = known[memory_type]
+        version, tail = known
         entry = cache.get(key, version)
         outcome = "hit"
         if entry is None:
-            entry = caught_up_here(memory_id, memory_type, version) or load_shared(memory_id, memory_type, version)
+            entry = caught_up_here(memory_id, memory_type, version, tail)
+            entry = entry or load_shared(memory_id, memory_type, version)
             outcome = "miss"
     CACHE_REQUESTS.labels(cache="matrix", outcome=outcome).inc()
     return SearchOutcome(top_k(entry, query, k, wanted), "exact", outcome)
@@ -545,26 +547,28 @@ def load_shared(memory_id: str, memory_type: str, version: int) -> TenantMatrix:
         raise WorkerBusy(f"search worker busy: {waited}, the load still {phase} ({goes_on})") from exc
 
 
-def caught_up_here(memory_id: str, memory_type: str, version: int) -> TenantMatrix | None:
+def caught_up_here(memory_id: str, memory_type: str, version: int, tail: list[bytes]) -> TenantMatrix | None:
     """The tenant at ``version`` caught up in the search's own thread, when that waits for nothing: the process
     holds the tenant, no load or catch-up of it is under way, and the change log carries the state of every changed
     id (no MongoDB read). ``None`` otherwise: the search then goes through ``load_shared``. (A thread of its own
-    costs more than such a catch-up: about 0.3 ms here.)"""
+    costs more than such a catch-up: about 0.3 ms here.) ``tail``: the change log's newest entries, read with the
+    version."""
     key = (memory_id, memory_type)
     held = matrix_cache.get().held(key)
     if held is None or held.store is None:
         return None
     with tenant_locks.get().held(key, blocking=False) as acquired:
-        return apply_catch_up(memory_id, memory_type, held, version, read_mongodb=False) if acquired else None
+        return apply_catch_up(memory_id, memory_type, held, version, tail) if acquired else None
 
 
 def apply_catch_up(
-    memory_id: str, memory_type: str, held: TenantMatrix, version: int, read_mongodb: bool
+    memory_id: str, memory_type: str, held: TenantMatrix, version: int, tail: list[bytes] | None
 ) -> TenantMatrix | None:
-    """``catch_up`` of the held entry's store, its snapshot put in the cache (the caller holds the tenant's lock)."""
+    """``catch_up`` of the held entry's store, its snapshot put in the cache (the caller holds the tenant's lock).
+    With a ``tail`` (the search's own thread) it reads nothing from MongoDB; without, it may."""
     if held.store is None:
         return None
-    caught_up = catch_up(memory_id, memory_type, held.store, version, read_mongodb)
+    caught_up = catch_up(memory_id, memory_type, held.store, version, tail)
     if caught_up is not None and caught_up is not held:  # changes applied (else: the held entry, newer)
         cache = matrix_cache.get()
         cache.put((memory_id, memory_type), caught_up)
@@ -603,7 +607,7 @@ def caught_up_or_loaded(memory_id: str, memory_type: str, version: int) -> Tenan
         return entry
     held = cache.held(key)
     if held is not None:
-        caught_up = apply_catch_up(memory_id, memory_type, held, version, read_mongodb=True)
+        caught_up = apply_catch_up(memory_id, memory_type, held, version, None)
         if caught_up is not None:
             return caught_up
     try:
@@ -631,11 +635,12 @@ def load_tenant(memory_id: str, memory_type: str, version: int, expected_rows: i
 
 
 def catch_up(
-    memory_id: str, memory_type: str, rows: RowStore, version: int, read_mongodb: bool = True
+    memory_id: str, memory_type: str, rows: RowStore, version: int, tail: list[bytes] | None = None
 ) -> TenantMatrix | None:
     """The snapshot of ``rows`` at ``version`` or later, reached by applying the changes the change log names since
-    the store's latest snapshot; ``None`` when only a full load can tell (see the module's docstring), or when
-    ``read_mongodb`` is false and some changed id's state must be read from MongoDB (nothing is applied then).
+    the store's latest snapshot; ``None`` when only a full load can tell (see the module's docstring), or, given a
+    ``tail`` (the log's newest entries, read with the version), when some changed id's state must be read from
+    MongoDB (nothing is applied then).
 
     One catch-up per store at a time (``rows.lock``); a store whose latest snapshot is already newer than
     ``version`` is returned as it is once Redis confirms that version (a counter reset in Redis means a reload).
@@ -649,12 +654,12 @@ def catch_up(
             return None
         if latest.version >= version:
             return latest if latest.version == version or confirmed(memory_id, memory_type, latest.version) else None
-        changes = versions.changes_between(memory_id, memory_type, latest.version, version)
+        changes = versions.changes_between(memory_id, memory_type, latest.version, version, tail)
         if changes is None or len(changes.ids) > max(CATCH_UP_MIN_IDS, CATCH_UP_MAX_FRACTION * latest.alive_rows):
             return None
         docs = [doc for doc in changes.known.values() if doc is not None]
         unknown = sorted(changes.ids - changes.known.keys())
-        if unknown and not read_mongodb:
+        if unknown and tail is not None:
             return None
         if unknown:
             docs += store.load_ids(memory_id, memory_type, unknown)
