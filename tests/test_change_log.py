@@ -4,12 +4,14 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import uuid
 from typing import Any
 
 import bm25s
+import bson
 import numpy as np
 import pytest
 import redis
@@ -257,6 +259,11 @@ def test_a_snapshot_of_the_index_is_unmoved_by_changes_applied_after_it() -> Non
         np.testing.assert_array_equal(before.scores(query), expected[query])
 
 
+def entry_knowing(docs: list[dict[str, Any]]) -> bytes:
+    known = base64.b64encode(bson.encode({"docs": docs, "gone": []}))
+    return b'{"v": 2, "ids": ["m1"], "known": "' + known + b'"}'
+
+
 @pytest.mark.parametrize(
     "hostile",
     [
@@ -268,8 +275,9 @@ def test_a_snapshot_of_the_index_is_unmoved_by_changes_applied_after_it() -> Non
         b"\xff\x00",
         b'{"v": 2, "ids": ["m1"], "known": "not base64!"}',
         b'{"v": 2, "ids": ["m1"], "known": "AAAA"}',
-        b'{"v": 2, "ids": ["m1"], "known": "MgAAAARkb2NzABwAAAADMAAUAAAAAl9pZAAGAAAAb3RoZXIAAAAEZ29uZQAFAAAAAAA="}',
+        entry_knowing([{"_id": "not-in-ids", "memory_id": "t"}]),
         b'{"v": 2, "ids": ["m1"], "known": 7}',
+        entry_knowing([{"_id": "m1", "memory_id": "another tenant"}]),  # applied unread: must be this tenant's
     ],
 )
 def test_a_change_log_entry_memq_did_not_write_makes_the_log_unbridgeable_not_a_search_error(hostile: bytes) -> None:

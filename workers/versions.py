@@ -177,7 +177,7 @@ def changes_between(
     wanted = version - held_version
     touched = _logged_ids(tail, held_version, version) if tail else None
     if touched is not None:
-        return touched
+        return _of_tenant(touched, memory_id)
     try:
         # The newest entries first: the list ends with the latest version, which is ``version`` unless writes
         # landed since it was read; the whole log only when those are not enough.
@@ -188,7 +188,12 @@ def changes_between(
     except (redis.RedisError, OSError) as exc:
         log.warning("change log unavailable (%s); the tenant is reloaded", exc)
         return None
-    return touched
+    return None if touched is None else _of_tenant(touched, memory_id)
+
+
+def _of_tenant(changes: Changes, memory_id: str) -> Changes | None:
+    """``changes``, or ``None`` when a document it carries is not this tenant's (not what memq writes)."""
+    return changes if all(doc is None or doc.get("memory_id") == memory_id for doc in changes.known.values()) else None
 
 
 def _logged_ids(raw: list[bytes], held_version: int, version: int) -> Changes | None:
