@@ -157,6 +157,7 @@ class Client:
         self.tenant = tenant
         self.asked = 0
         self.full_reload = False
+        self.errors: list[str] = []
 
     def retrieve(self) -> tuple[float, float]:
         """One retrieval of a query not asked before: (client ms, the search step's ms)."""
@@ -168,6 +169,9 @@ class Client:
         started = time.perf_counter()
         result = client.retrieve(query, self.tenant.name, CLIENT_LIMITS, timeout_s=CLIENT_TIMEOUT_S, strategy="exact")
         client_ms = (time.perf_counter() - started) * 1000
+        if result.get("errors"):  # kept in the report: a retrieval that failed has no search time
+            self.errors.append(json.dumps(result["errors"], default=str)[:300])
+            return client_ms, float("nan")
         return client_ms, float(result["timings_ms"]["search_ms"][LTM])
 
     def write(self, count: int) -> None:
@@ -223,6 +227,7 @@ def measure_client(tenant: Tenant, repeats: int) -> dict[str, Any]:
                 measured.append(measure())
             row[f"client_{name}_{label}_ms"] = statistics.median(client_ms for client_ms, _ in measured)
             row[f"client_{name}_{label}_search_ms"] = statistics.median(search_ms for _, search_ms in measured)
+    row["client_errors"] = fleet_client.errors
     return row
 
 
@@ -374,7 +379,12 @@ def main(argv: list[str] | None = None) -> int:
 
     redis_service = services.start_redis_server()
     mongo_service = services.ensure_mongodb(os.environ.get("MEMQ_MONGODB_URI"))
-    env = services.memq_env(os.environ, redis_service.url, mongo_service.url, MEMQ_MONGODB_DB="memq_write_read_bench")
+    # nx-27017 slows as the collection grows: at 200,000 memories one 250-document batch of a tenant load passed
+    # the default 6 s socket timeout under load, so the bench gives MongoDB reads more time (its own and the fleet's).
+    timeouts = {"MEMQ_MONGODB_TIMEOUT_MS": os.environ.get("MEMQ_MONGODB_TIMEOUT_MS", "15000")}
+    env = services.memq_env(
+        os.environ, redis_service.url, mongo_service.url, MEMQ_MONGODB_DB="memq_write_read_bench", **timeouts
+    )
     os.environ.update(env)
     from memq.settings import get_settings
     from memq.workers import mongo
