@@ -23,7 +23,13 @@ Measured per size, each a median over repetitions:
   write (each pair shares the load of the moment: this machine is shared and noisy);
 - ``8 concurrent``: the slowest of 8 searches started together right after a write of 1 memory (one catch-up or
   one load shared by all of them), incremental vs full reload;
-- ``cold``: the first load of the tenant in a fresh process.
+- ``cold``: the first load of the tenant in a fresh process;
+- through a fleet (``--client``, on by default): the same tenant through ``memq.client`` and real ``memq worker``
+  processes (embed, search, ingest; exact search): the client time of ``client.retrieve`` (its embedding, the
+  broker, the search, the merge) and its ``timings_ms.search_ms``, warm, right after a ``client.remember`` of 1 and
+  of 100 memories, and the slowest of 8 concurrent retrievals right after a remember of 1; incremental vs full
+  reload (the tenant's change log deleted after each write, so the search worker cannot bridge and reloads, as
+  before the change log). Every retrieval asks a query not asked before, so no result cache answers it.
 
 Goals: the search right after a write within 2x the warm search; a warm search of 200,000 memories within 20 ms.
 """
@@ -50,6 +56,8 @@ from memq import services
 
 LTM = "long_term_memory"
 K = 30
+CLIENT_LIMITS = {"semantic": 10}  # k = 30 in the search, with the default oversample: as the in-process searches
+CLIENT_TIMEOUT_S = 120.0
 SIZES = (1_000, 10_000, 50_000)
 WRITE_BATCH = 1_000  # upserts per bulk write: each well within the MongoDB client's socket timeout
 CONCURRENT = 8
@@ -142,6 +150,105 @@ class Tenant:
         return max(times)
 
 
+class Client:
+    """The tenant through a running fleet and ``memq.client``: what a caller waits for."""
+
+    def __init__(self, tenant: Tenant) -> None:
+        self.tenant = tenant
+        self.asked = 0
+        self.full_reload = False
+        self.errors: list[str] = []
+
+    def retrieve(self) -> tuple[float, float]:
+        """One retrieval of a query not asked before: (client ms, the search step's ms)."""
+        from memq import client
+
+        self.asked += 1
+        queries = self.tenant.queries
+        query = f"{queries[self.asked % len(queries)]} ({self.asked})"
+        started = time.perf_counter()
+        result = client.retrieve(query, self.tenant.name, CLIENT_LIMITS, timeout_s=CLIENT_TIMEOUT_S, strategy="exact")
+        client_ms = (time.perf_counter() - started) * 1000
+        if result.get("errors"):  # kept in the report: a retrieval that failed has no search time
+            self.errors.append(json.dumps(result["errors"], default=str)[:300])
+            return client_ms, float("nan")
+        return client_ms, float(result["timings_ms"]["search_ms"][LTM])
+
+    def write(self, count: int) -> None:
+        """``count`` memories through ``client.remember`` (half new, half re-sent), then, for a full reload, the
+        change log dropped."""
+        from memq import client, keys
+        from memq.cache_redis import cache_redis
+
+        rng = self.tenant.rng
+        items = [
+            {"id": f"m{int(rng.integers(self.tenant.size))}" if n % 2 else f"client{self.asked}-{n}", "content": text}
+            for n, text in enumerate(self.tenant.queries[self.asked % 1000 : self.asked % 1000 + count])
+        ]
+        client.remember(self.tenant.name, "semantic", items)
+        if self.full_reload:
+            cache_redis.get().delete(keys.change_log(self.tenant.name, LTM))
+
+    def concurrent(self) -> tuple[float, float]:
+        """The slowest of ``CONCURRENT`` retrievals started together: (client ms, its search step's ms)."""
+        results: list[tuple[float, float]] = []
+        barrier = threading.Barrier(CONCURRENT)
+
+        def one() -> None:
+            barrier.wait()
+            results.append(self.retrieve())
+
+        threads = [threading.Thread(target=one) for _ in range(CONCURRENT)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return max(results)
+
+
+def measure_client(tenant: Tenant, repeats: int) -> dict[str, Any]:
+    """Client and search-step times through the fleet, incremental and full reload, medians."""
+    fleet_client = Client(tenant)
+    row: dict[str, Any] = {"client_cold_ms": fleet_client.retrieve()[0]}
+    warm = [fleet_client.retrieve() for _ in range(max(10, repeats * 2))]
+    row["client_warm_ms"] = statistics.median(client_ms for client_ms, _ in warm)
+    row["client_warm_search_ms"] = statistics.median(search_ms for _, search_ms in warm)
+    reload_repeats = 1 if tenant.size >= 50_000 else max(1, repeats // 2)
+    for label, full_reload, times in (("incremental", False, repeats), ("full_reload", True, reload_repeats)):
+        fleet_client.full_reload = full_reload
+        for name, count, measure in (
+            ("after_1", 1, fleet_client.retrieve),
+            ("after_100", 100, fleet_client.retrieve),
+            ("concurrent", 1, fleet_client.concurrent),
+        ):
+            measured = []
+            for _ in range(times):
+                fleet_client.write(count)
+                measured.append(measure())
+            row[f"client_{name}_{label}_ms"] = statistics.median(client_ms for client_ms, _ in measured)
+            row[f"client_{name}_{label}_search_ms"] = statistics.median(search_ms for _, search_ms in measured)
+    row["client_errors"] = fleet_client.errors
+    return row
+
+
+def start_fleet(env: dict[str, str]) -> Any:
+    """An embed, a search and an ingest worker on the bench's Redis and MongoDB, answering pings."""
+    from celery import Celery
+
+    from memq.config.celery import celery_config
+    from memq.settings import Settings
+
+    fleet = services.Fleet({**env, "MEMQ_SEARCH_STRATEGY": "exact"})
+    hosts = [fleet.start(kind, name=f"write-read-{kind}") for kind in services.WORKER_KINDS]
+    app = Celery("memq-write-read-bench", set_as_current=False)
+    app.config_from_object(celery_config(Settings(broker_url=env["MEMQ_BROKER_URL"])))
+    try:
+        fleet.wait_ready(app, hosts, timeout_s=240)
+    finally:
+        app.close()
+    return fleet
+
+
 def full_reloads(enabled: bool) -> None:
     """Disable (or restore) the catch-up: with it off, every search after a write reloads the tenant."""
     from memq.workers import search
@@ -165,7 +272,7 @@ def after_write(tenant: Tenant, count: int, repeats: int, measure: Callable[[], 
     return statistics.median(after), statistics.median(ratios)
 
 
-def measure_size(size: int, dimensions: int, repeats: int) -> dict[str, Any]:
+def measure_size(size: int, dimensions: int, repeats: int, client: bool) -> dict[str, Any]:
     from memq.process_local import ProcessLocal
     from memq.workers import search
 
@@ -189,27 +296,42 @@ def measure_size(size: int, dimensions: int, repeats: int) -> dict[str, Any]:
     row["warm_after_ms"] = median_of(max(20, repeats * 4), tenant.search_ms)
     entry = search.matrix_cache.get().held((tenant.name, LTM))
     row["bytes"] = search.entry_nbytes(entry) if entry is not None else None
-    print_row(row)
+    search.matrix_cache = ProcessLocal(search.MatrixCache)  # this process's copy freed before the fleet's is loaded
     gc.collect()
+    if client:
+        row.update(measure_client(tenant, repeats))
+    print_row(row)
     return row
 
 
 HEADER = (
-    f"{'memories':>9} {'write s':>8} {'cold':>8} {'warm':>6} │ {'after 1':>15} {'after 100':>17} "
+    f"{'memories':>9} {'write s':>8} {'':>6} {'cold':>8} {'warm':>6} │ {'after 1':>17} {'after 100':>17} "
     f"{'8 concurrent':>17} │ {'1 / warm':>8}"
 )
 
 
 def print_row(row: dict[str, Any]) -> None:
-    def pair(name: str) -> str:
-        return f"{row[f'{name}_incremental_ms']:>7.1f} / {row[f'{name}_full_reload_ms']:<7.0f}"
+    def pair(prefix: str, name: str, suffix: str = "ms") -> str:
+        incremental, full = row[f"{prefix}{name}_incremental_{suffix}"], row[f"{prefix}{name}_full_reload_{suffix}"]
+        return f"{incremental:>7.1f} / {full:<7.0f}"
 
     print(
-        f"{row['memories']:>9,} {row['write_s']:>8.1f} {row['cold_ms']:>8.0f} {row['warm_ms']:>6.1f} │ "
-        f"{pair('after_1')} {pair('after_100'):>17} {pair('concurrent'):>17} │ "
+        f"{row['memories']:>9,} {row['write_s']:>8.1f} {'step':>6} {row['cold_ms']:>8.0f} {row['warm_ms']:>6.1f} │ "
+        f"{pair('', 'after_1')} {pair('', 'after_100'):>17} {pair('', 'concurrent'):>17} │ "
         f"{row['after_1_incremental_to_warm']:>7.2f}x",
         flush=True,
     )
+    if "client_warm_ms" not in row:
+        return
+    for label, suffix, cold, warm in (
+        ("client", "ms", row["client_cold_ms"], row["client_warm_ms"]),
+        ("(step)", "search_ms", float("nan"), row["client_warm_search_ms"]),
+    ):
+        print(
+            f"{'':>9} {'':>8} {label:>6} {cold:>8.0f} {warm:>6.1f} │ {pair('client_', 'after_1', suffix)} "
+            f"{pair('client_', 'after_100', suffix):>17} {pair('client_', 'concurrent', suffix):>17} │",
+            flush=True,
+        )
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -227,14 +349,18 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ("after_100_incremental_ms", "after a write of 100, incremental", "-"),
         ("after_1_full_reload_ms", "after a write of 1, full reload", "--"),
         ("concurrent_incremental_ms", "8 concurrent after a write, incremental (slowest)", ":"),
+        ("client_warm_ms", "client: warm retrieval", "-."),
+        ("client_after_1_incremental_ms", "client: retrieval after a remember of 1, incremental", "-."),
+        ("client_after_1_full_reload_ms", "client: retrieval after a remember of 1, full reload", "-."),
     ]
     for key, label, style in series:
-        ax.plot(sizes, [row[key] for row in rows], style, marker="o", label=label)
+        if all(key in row for row in rows):
+            ax.plot(sizes, [row[key] for row in rows], style, marker="o", label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("memories of the type")
-    ax.set_ylabel("search step, hybrid, k = 30 (ms, median)")
-    ax.set_title("memq: the search after a write (nx-27017, in-process search step)")
+    ax.set_ylabel("ms, median (hybrid, k = 30)")
+    ax.set_title("memq: the search after a write (nx-27017; search step in process, client through a fleet)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -246,31 +372,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="3 repetitions")
     parser.add_argument("--out", type=Path, default=RESULTS / "write_read.json")
+    parser.add_argument("--no-client", action="store_true", help="the in-process search step only, no fleet")
     args = parser.parse_args(argv)
     repeats = 3 if args.quick else args.repeats
     sizes = [int(size) for size in args.sizes.split(",")]
 
     redis_service = services.start_redis_server()
     mongo_service = services.ensure_mongodb(os.environ.get("MEMQ_MONGODB_URI"))
-    env = services.memq_env(os.environ, redis_service.url, mongo_service.url, MEMQ_MONGODB_DB="memq_write_read_bench")
+    # nx-27017 slows as the collection grows: at 200,000 memories one 250-document batch of a tenant load passed
+    # the default 6 s socket timeout under load, so the bench gives MongoDB reads more time (its own and the fleet's).
+    timeouts = {"MEMQ_MONGODB_TIMEOUT_MS": os.environ.get("MEMQ_MONGODB_TIMEOUT_MS", "15000")}
+    env = services.memq_env(
+        os.environ, redis_service.url, mongo_service.url, MEMQ_MONGODB_DB="memq_write_read_bench", **timeouts
+    )
     os.environ.update(env)
     from memq.settings import get_settings
     from memq.workers import mongo
 
-    report: dict[str, Any] = {"config": {"sizes": sizes, "repeats": repeats, "k": K, "mode": "hybrid"}, "rows": []}
+    config = {"sizes": sizes, "repeats": repeats, "k": K, "mode": "hybrid", "client": not args.no_client}
+    report: dict[str, Any] = {"config": config, "rows": []}
     with services.running(redis_service, mongo_service):
         mongo.collection(LTM).drop()
         mongo.collection(LTM).create_index([("memory_id", 1)])  # nx-27017 plans equality through this index
-        print(HEADER)
-        print("(ms, median; incremental / full reload)")
-        for size in sizes:
-            report["rows"].append(measure_size(size, get_settings().embed_dimensions, repeats))
-    report["machine"] = machine()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    plot(report, args.out.with_suffix(".png"))
+        fleet = None if args.no_client else start_fleet(env)
+        try:
+            print(HEADER)
+            print("(ms, median; incremental / full reload; step: the search step in process; client: memq.client")
+            print(" through the fleet, and (step) that retrieval's timings_ms.search_ms)")
+            for size in sizes:
+                report["rows"].append(measure_size(size, get_settings().embed_dimensions, repeats, fleet is not None))
+                save(report, args.out)  # each size as it is done: a later size that fails leaves the earlier ones
+        finally:
+            if fleet is not None:
+                fleet.stop_all()
     print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
+
+
+def save(report: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**report, "machine": machine()}, indent=2))
+    plot(report, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

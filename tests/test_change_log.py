@@ -4,21 +4,24 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import uuid
 from typing import Any
 
 import bm25s
+import bson
 import numpy as np
 import pytest
 import redis
 
 from bench import corpus
 from memq import keys, services
+from memq.errors import StoreUnavailable
 from memq.settings import get_settings
-from memq.vectors import to_wire
-from memq.workers import steps, versions
+from memq.vectors import from_stored, to_wire
+from memq.workers import steps, store, versions
 from memq.workers.lexical import BM25_B, BM25_K1, LexicalIndex, LexicalWriter, analyse
 
 LTM = "long_term_memory"
@@ -41,6 +44,11 @@ def embedded(count: int, seed: int = 0) -> dict[str, Any]:
     return {"vectors": [to_wire(vector) for vector in vectors], "model": get_settings().embed_model}
 
 
+def ids_between(memory_id: str, held_version: int, version: int) -> set[str] | None:
+    changes = versions.changes_between(memory_id, LTM, held_version, version)
+    return None if changes is None else changes.ids
+
+
 def fresh_tenant() -> str:
     return f"log-{uuid.uuid4().hex[:10]}"
 
@@ -59,13 +67,12 @@ def test_a_bump_logs_the_ids_it_touched_under_the_version_it_made_in_every_type(
     for memory_type in types:
         assert version_of(tenant, memory_type) == 2
         assert change_log(tenant, memory_type) == [{"v": 1, "ids": ["a", "b"]}, {"v": 2, "ids": ["c"]}]
-    assert versions.changes_between(tenant, LTM, 0, 2) == {"a", "b", "c"}
-    assert versions.changes_between(tenant, LTM, 1, 2) == {"c"}
-    assert versions.changes_between(tenant, LTM, 2, 2) == set()
+    assert ids_between(tenant, 0, 2) == {"a", "b", "c"}
+    assert ids_between(tenant, 1, 2) == {"c"}
+    assert ids_between(tenant, 2, 2) == set()
 
 
 def test_a_write_that_fails_part_way_still_logs_the_ids_it_may_have_touched() -> None:
-    from memq.errors import StoreUnavailable
 
     tenant = fresh_tenant()
     with pytest.raises(StoreUnavailable), versions.bumped_whatever_happens(tenant, [LTM], ["x1", "x2"]):
@@ -84,7 +91,7 @@ def test_without_ids_or_with_more_than_the_cap_the_log_says_anything_changed_and
         pass
 
     assert [entry["ids"] for entry in change_log(tenant, LTM)][1:] == [None, None]
-    assert versions.changes_between(tenant, LTM, 0, 1) == {"a"}
+    assert ids_between(tenant, 0, 1) == {"a"}
     assert versions.changes_between(tenant, LTM, 0, 2) is None
     assert versions.changes_between(tenant, LTM, 2, 3) is None
 
@@ -101,7 +108,7 @@ def test_the_log_is_bounded_expires_and_a_version_it_no_longer_holds_cannot_be_b
     ttl_ms = versions.cache_redis.get().pttl(keys.change_log(tenant, LTM))
     assert 0 < ttl_ms <= versions.CHANGE_LOG_TTL_MS
     assert versions.changes_between(tenant, LTM, 0, 5) is None  # versions 1..3 were trimmed
-    assert versions.changes_between(tenant, LTM, 3, 5) == {"m3", "m4"}
+    assert ids_between(tenant, 3, 5) == {"m3", "m4"}
     versions.cache_redis.get().delete(keys.change_log(tenant, LTM))  # evicted, or expired
     assert versions.changes_between(tenant, LTM, 3, 5) is None
 
@@ -121,12 +128,62 @@ def test_store_and_forget_log_the_stored_ids_of_their_memories_and_forget_all_lo
     steps.forget(tenant, LTM, ["garden"])
     steps.forget(tenant, None, None)
 
-    assert change_log(tenant, LTM) == [
+    assert [{"v": entry["v"], "ids": entry["ids"]} for entry in change_log(tenant, LTM)] == [
         {"v": 1, "ids": stored},
         {"v": 2, "ids": [keys.memory_object_id(tenant, "garden")]},
         {"v": 3, "ids": None},
     ]
     assert change_log(tenant, "workflow_memory") == [{"v": 1, "ids": None}]
+
+
+def as_read(doc: dict[str, Any] | None) -> dict[str, Any]:
+    """A stored document with its embedding decoded (nx-27017 returns the vector's raw bytes, not ``Binary``)."""
+    assert doc is not None
+    return {**doc, "embedding": from_stored(doc["embedding"]).tolist()}
+
+
+def test_a_store_logs_the_documents_it_inserted_as_mongodb_holds_them_and_a_forget_the_ids_it_deleted() -> None:
+    tenant = fresh_tenant()
+    garden, cello = (keys.memory_object_id(tenant, key) for key in ("garden", "cello"))
+    steps.store_memories(embedded(1), tenant, LTM, [{"content": "grows tomatoes", "id": "garden", "tags": ["g"]}])
+    first = store.load_ids(tenant, LTM, [garden])[0]
+    steps.store_memories(embedded(1, seed=1), tenant, LTM, [{"content": "grows basil", "id": "garden"}])  # re-sent
+    steps.store_memories(embedded(1, seed=2), tenant, LTM, [{"content": "plays the cello", "id": "cello"}])
+
+    inserted = versions.changes_between(tenant, LTM, 0, 1)
+    assert inserted is not None and set(inserted.known) == {garden}
+    assert as_read(inserted.known[garden]) == as_read(first)
+    re_sent = versions.changes_between(tenant, LTM, 1, 2)
+    assert re_sent is not None and re_sent.ids == {garden} and re_sent.known == {}  # it kept its tags: read back
+    both = versions.changes_between(tenant, LTM, 0, 3)
+    assert both is not None and both.ids == {garden, cello} and set(both.known) == {cello}  # the latest entry decides
+    assert as_read(both.known[cello]) == as_read(store.load_ids(tenant, LTM, [cello])[0])
+
+    steps.forget(tenant, LTM, ["garden"])
+    assert versions.changes_between(tenant, LTM, 3, 4) == versions.Changes(ids={garden}, known={garden: None})
+
+
+def test_a_write_another_bump_of_the_tenant_overtook_logs_its_ids_alone() -> None:
+    """Two writes whose spans overlap may reach MongoDB in one order and Redis in the other: the later bump sees a
+    version it did not read before it began, and leaves out what it knows, so the reader reads MongoDB."""
+    tenant = fresh_tenant()
+    with versions.bumped_whatever_happens(tenant, [LTM], ["a"]) as write:
+        steps.store_memories(embedded(1), tenant, LTM, [{"content": "in between", "id": "b"}])
+        write.known = {"a": None}
+    log = change_log(tenant, LTM)
+    assert [entry["v"] for entry in log] == [1, 2] and "known" in log[0] and "known" not in log[1]
+    assert versions.changes_between(tenant, LTM, 1, 2) == versions.Changes(ids={"a"}, known={})
+
+
+def test_a_write_that_failed_or_knows_too_much_logs_its_ids_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    tenant = fresh_tenant()
+    with pytest.raises(StoreUnavailable), versions.bumped_whatever_happens(tenant, [LTM], ["a"]) as write:
+        write.known = {"a": None}
+        raise StoreUnavailable("MongoDB unavailable: connection reset after the delete")
+    monkeypatch.setattr(versions, "CHANGE_LOG_MAX_KNOWN_BYTES", 100)
+    steps.store_memories(embedded(1), tenant, LTM, [{"content": "a long memory " * 20, "id": "b"}])
+
+    assert ["known" in entry for entry in change_log(tenant, LTM)] == [False, False]
 
 
 # -- BM25 applied change by change equals bm25s and a fresh index ------------------------------------------------
@@ -202,8 +259,26 @@ def test_a_snapshot_of_the_index_is_unmoved_by_changes_applied_after_it() -> Non
         np.testing.assert_array_equal(before.scores(query), expected[query])
 
 
+def entry_knowing(docs: list[dict[str, Any]]) -> bytes:
+    known = base64.b64encode(bson.encode({"docs": docs, "gone": []}))
+    return b'{"v": 2, "ids": ["m1"], "known": "' + known + b'"}'
+
+
 @pytest.mark.parametrize(
-    "hostile", [b"not json", b"[1]", b'{"v": "2", "ids": []}', b'{"v": 2, "ids": [1]}', b'{"v": 2}', b"\xff\x00"]
+    "hostile",
+    [
+        b"not json",
+        b"[1]",
+        b'{"v": "2", "ids": []}',
+        b'{"v": 2, "ids": [1]}',
+        b'{"v": 2}',
+        b"\xff\x00",
+        b'{"v": 2, "ids": ["m1"], "known": "not base64!"}',
+        b'{"v": 2, "ids": ["m1"], "known": "AAAA"}',
+        entry_knowing([{"_id": "not-in-ids", "memory_id": "t"}]),
+        b'{"v": 2, "ids": ["m1"], "known": 7}',
+        entry_knowing([{"_id": "m1", "memory_id": "another tenant"}]),  # applied unread: must be this tenant's
+    ],
 )
 def test_a_change_log_entry_memq_did_not_write_makes_the_log_unbridgeable_not_a_search_error(hostile: bytes) -> None:
     tenant = fresh_tenant()

@@ -167,6 +167,57 @@ def test_random_remember_forget_and_re_remember_each_search_equals_a_fresh_full_
     assert catch_ups == operations
 
 
+def test_new_memories_and_forgets_are_applied_from_the_log_and_only_re_sent_memories_are_read_back(
+    tenant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng, vectors_rng, pool = seeded_tenant(tenant, 50, 3)
+    queries = queries_of(rng, vectors_rng, 2)
+    assert_same_as_a_fresh_load(tenant, queries)
+    read_back: list[list[str]] = []
+    load_ids = store.load_ids
+    monkeypatch.setattr(
+        store,
+        "load_ids",
+        lambda memory_id, memory_type, ids: read_back.append(ids) or load_ids(memory_id, memory_type, ids),
+    )
+
+    remember(tenant, [memory(f"new{n}", rng) for n in range(3)], np.stack([unit(vectors_rng) for _ in range(3)]))
+    assert_same_as_a_fresh_load(tenant, queries)
+    steps.forget(tenant, LTM, [pool[0], "new1", "never-stored"])
+    assert_same_as_a_fresh_load(tenant, queries)
+    assert read_back == []  # the inserted documents and the deleted ids came with the change log
+
+    remember(tenant, [memory(pool[1], rng), memory("new4", rng)], np.stack([unit(vectors_rng) for _ in range(2)]))
+    assert_same_as_a_fresh_load(tenant, queries)
+    assert read_back == [[keys.memory_object_id(tenant, pool[1])]]  # the re-sent one keeps fields it did not send
+    assert counts() == (1, 3)
+
+
+def test_a_write_overtaken_by_a_later_write_of_the_same_memory_is_read_back_not_replayed(
+    tenant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two writes of one memory whose spans overlap reach MongoDB in one order and Redis in the other: the earlier
+    write's document must not be replayed over the later one's (``versions.BUMP_SCRIPT``)."""
+    _, vectors_rng, _ = seeded_tenant(tenant, 20, 13)
+    queries = [(unit(vectors_rng), "lighthouse")]
+    assert_same_as_a_fresh_load(tenant, queries)
+    upsert, overtaken = writes.upsert, []
+
+    def then_a_later_write(memory_type: str, batch: list[Any]) -> Any:
+        result = upsert(memory_type, batch)
+        if not overtaken:  # between this write's upsert and its bump, another writer writes and bumps
+            overtaken.append(True)
+            remember(tenant, [{"id": "x", "content": "the later lighthouse write"}], unit(vectors_rng)[None, :])
+        return result
+
+    monkeypatch.setattr(writes, "upsert", then_a_later_write)
+    remember(tenant, [{"id": "x", "content": "the earlier lighthouse write"}], queries[0][0][None, :])
+
+    assert_same_as_a_fresh_load(tenant, queries)
+    assert "the later lighthouse write" in {item["content"] for item in fresh_full_load(tenant).items}
+    assert counts() == (1, 1)
+
+
 def test_a_write_that_touches_nothing_searchable_and_a_bad_row_are_applied_as_a_reload_would(
     tenant: str, mongo_db: Any
 ) -> None:

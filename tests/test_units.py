@@ -581,7 +581,7 @@ def test_a_partly_failed_batch_reports_its_failed_items_without_the_write_and_st
     bumped: list[tuple[str, list[str]]] = []
     monkeypatch.setattr(mongo, "collection", lambda memory_type: _FailingCollection([1, 3]))
     monkeypatch.setattr(
-        versions, "bump_versions", lambda memory_id, types, touched_ids=None: bumped.append((memory_id, list(types)))
+        versions, "bump_versions", lambda memory_id, types, *_, **__: bumped.append((memory_id, list(types)))
     )
     items = [{"content": f"memory {i}", "importance": 0.5} for i in range(4)]
 
@@ -616,7 +616,7 @@ def test_a_store_that_fails_before_writing_still_bumps_the_version(monkeypatch: 
         raise StoreUnavailable("MongoDB unavailable: connection reset")
 
     monkeypatch.setattr(writes, "upsert", lost)
-    monkeypatch.setattr(versions, "bump_versions", lambda memory_id, types, touched_ids=None: bumped.append(memory_id))
+    monkeypatch.setattr(versions, "bump_versions", lambda memory_id, types, *_, **__: bumped.append(memory_id))
 
     with pytest.raises(StoreUnavailable):
         steps.store_memories(_embedded(GOOD), "tenant", "long_term_memory", [{"content": "x", "importance": 0.5}])

@@ -6,6 +6,7 @@ Each step takes and returns JSON-safe values, so it runs the same in a test, a w
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -191,12 +192,24 @@ def store_memories(
     (``versions.bumped_whatever_happens``, the one bump path of every write)."""
     settings = get_settings()
     vectors = wire.parse_embedded_texts(embedded, len(items), settings.embed_dimensions, settings.embed_model)
-    batch = writes.build_writes(memory_id, memory_type, items, vectors, embedded["model"], time.time())
+    now_ts = time.time()
+    batch = writes.build_writes(memory_id, memory_type, items, vectors, embedded["model"], now_ts)
     touched = [keys.memory_object_id(memory_id, writes.memory_key(item)) for item in items]
-    with versions.bumped_whatever_happens(memory_id, [memory_type], touched):
-        counts = writes.upsert(memory_type, batch)
+    with versions.bumped_whatever_happens(memory_id, [memory_type], touched) as write:
+        counts, inserted = writes.upsert(memory_type, batch)
+        write.known = inserted_documents(memory_id, items, vectors, embedded["model"], now_ts, inserted)
     STORE_WRITES.labels(memory_type=memory_type).inc(len(batch) - len(counts["failed"]))
     return {"memory_id": memory_id, "type": memory_type, "ids": [writes.memory_key(i) for i in items], **counts}
+
+
+def inserted_documents(
+    memory_id: str, items: Sequence[dict[str, Any]], vectors: Any, model: str, now_ts: float, inserted: list[int]
+) -> dict[str, dict[str, Any] | None]:
+    """The stored documents the upsert inserted, by ``_id``, for the change log (``versions.Write.known``): an id
+    sent twice in one batch is left out (which of its two writes MongoDB applied last is not known)."""
+    sent = Counter(keys.memory_object_id(memory_id, writes.memory_key(item)) for item in items)
+    docs = (writes.inserted_document(memory_id, items[i], vectors[i], model, now_ts) for i in inserted)
+    return {doc["_id"]: doc for doc in docs if sent[doc["_id"]] == 1}
 
 
 def forget(memory_id: str, memory_type: str | None, ids: Sequence[str] | None) -> dict[str, Any]:
@@ -206,7 +219,8 @@ def forget(memory_id: str, memory_type: str | None, ids: Sequence[str] | None) -
     deleted: dict[str, int] = {}
     # Type by type: when MongoDB fails at one, the types deleted before it must not stay cached either.
     touched = None if ids is None else [keys.memory_object_id(memory_id, key) for key in ids]
-    with versions.bumped_whatever_happens(memory_id, types, touched):
+    with versions.bumped_whatever_happens(memory_id, types, touched) as write:
         for memory_type_name in types:
             deleted[memory_type_name] = writes.delete(memory_id, memory_type_name, ids)
+        write.known = None if touched is None else dict.fromkeys(touched)  # gone from every type
     return {"memory_id": memory_id, "deleted": deleted}

@@ -44,28 +44,39 @@ def build_writes(
     ``created_at`` (``memq.ranking``), never makes a re-sent memory recent."""
     writes = []
     for item, vector in zip(items, vectors, strict=True):
-        key = memory_key(item)
-        fields: dict[str, Any] = {
-            "memory_id": memory_id,
-            "key": key,
-            "content": item["content"],
-            mongo.EMBEDDING_FIELD: to_bson(vector),
-            "model": model,
-            "importance": item.get("importance", 0.5),
-            "updated_at": mongo.to_datetime(now_ts),
-        }
-        for name in (*mongo.ITEM_FIELDS_OUT, mongo.CONTEXT_FIELD):
-            if name in item:
-                fields[name] = item[name]
-        update = {"$set": fields, "$setOnInsert": {"created_at": mongo.to_datetime(item.get("created_at", now_ts))}}
-        writes.append(
-            UpdateOne({"_id": keys.memory_object_id(memory_id, key), "memory_id": memory_id}, update, upsert=True)
-        )
+        inserted = inserted_document(memory_id, item, vector, model, now_ts)
+        object_id, created_at = inserted.pop("_id"), inserted.pop("created_at")
+        update = {"$set": inserted, "$setOnInsert": {"created_at": created_at}}
+        writes.append(UpdateOne({"_id": object_id, "memory_id": memory_id}, update, upsert=True))
     return writes
 
 
-def upsert(memory_type: str, writes: list[UpdateOne]) -> dict[str, Any]:
-    """One unordered bulk write: ``{"inserted", "updated", "failed"}``.
+def inserted_document(
+    memory_id: str, item: dict[str, Any], vector: np.ndarray, model: str, now_ts: float
+) -> dict[str, Any]:
+    """The whole stored document an upsert of ``item`` inserts when its ``_id`` is new (a re-sent memory keeps
+    its ``created_at`` and any field it does not send again)."""
+    key = memory_key(item)
+    fields: dict[str, Any] = {
+        "_id": keys.memory_object_id(memory_id, key),
+        "memory_id": memory_id,
+        "key": key,
+        "content": item["content"],
+        mongo.EMBEDDING_FIELD: to_bson(vector),
+        "model": model,
+        "importance": item.get("importance", 0.5),
+        "updated_at": mongo.to_datetime(now_ts),
+    }
+    for name in (*mongo.ITEM_FIELDS_OUT, mongo.CONTEXT_FIELD):
+        if name in item:
+            fields[name] = item[name]
+    fields["created_at"] = mongo.to_datetime(item.get("created_at", now_ts))
+    return fields
+
+
+def upsert(memory_type: str, writes: list[UpdateOne]) -> tuple[dict[str, Any], list[int]]:
+    """One unordered bulk write: ``{"inserted", "updated", "failed"}``, and the positions in ``writes`` of those
+    that inserted a new document (none after a partly failed batch).
 
     A partly failed batch (``BulkWriteError``: a unique index the operator added, a schema validator) is not an
     exception: the other writes are in MongoDB, so it returns their counts and, under ``failed``, each failed
@@ -85,12 +96,14 @@ def upsert(memory_type: str, writes: list[UpdateOne]) -> dict[str, Any]:
         ]
         if not failed:
             raise StoreUnavailable("MongoDB did not confirm the write concern of the batch") from None
-        return {
+        counts = {
             "inserted": int(details.get("nUpserted") or 0),
             "updated": int(details.get("nMatched") or 0),
             "failed": sorted(failed, key=lambda entry: entry["index"]),
         }
-    return {"inserted": result.upserted_count, "updated": result.matched_count, "failed": []}
+        return counts, []
+    counts = {"inserted": result.upserted_count, "updated": result.matched_count, "failed": []}
+    return counts, sorted(result.upserted_ids)
 
 
 def write_error_reason(error: Mapping[str, Any]) -> str:
