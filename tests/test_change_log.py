@@ -163,6 +163,31 @@ def test_a_store_logs_the_documents_it_inserted_as_mongodb_holds_them_and_a_forg
     assert versions.changes_between(tenant, LTM, 3, 4) == versions.Changes(ids={garden}, known={garden: None})
 
 
+def test_a_forget_strips_every_memorys_content_from_the_log_and_later_searches_read_mongodb() -> None:
+    """A forgotten memory's content and vector do not outlive the forget in Redis, even when it failed part-way."""
+    tenant = fresh_tenant()
+    steps.store_memories(
+        embedded(2),
+        tenant,
+        LTM,
+        [{"content": "secret: the safe's code is 4711", "id": "safe"}, {"content": "likes jazz", "id": "jazz"}],
+    )
+    assert "known" in change_log(tenant, LTM)[0]
+
+    steps.forget(tenant, LTM, ["safe"])
+
+    log = change_log(tenant, LTM)
+    assert [entry["v"] for entry in log] == [1, 2]
+    assert "known" not in log[0]  # the store's documents (content and vector) are gone from Redis
+    safe, jazz = (keys.memory_object_id(tenant, key) for key in ("safe", "jazz"))
+    assert versions.changes_between(tenant, LTM, 0, 2) == versions.Changes(ids={safe, jazz}, known={safe: None})
+
+    steps.store_memories(embedded(1, seed=3), tenant, LTM, [{"content": "plays chess", "id": "chess"}])
+    with pytest.raises(StoreUnavailable), versions.bumped_whatever_happens(tenant, [LTM], [jazz], deletes=True):
+        raise StoreUnavailable("MongoDB unavailable: connection reset during the delete")
+    assert not any("known" in entry for entry in change_log(tenant, LTM))
+
+
 def test_a_write_another_bump_of_the_tenant_overtook_logs_its_ids_alone() -> None:
     """Two writes whose spans overlap may reach MongoDB in one order and Redis in the other: the later bump sees a
     version it did not read before it began, and leaves out what it knows, so the reader reads MongoDB."""

@@ -219,7 +219,7 @@ def forget(memory_id: str, memory_type: str | None, ids: Sequence[str] | None) -
     deleted: dict[str, int] = {}
     # Type by type: when MongoDB fails at one, the types deleted before it must not stay cached either.
     touched = None if ids is None else [keys.memory_object_id(memory_id, key) for key in ids]
-    with versions.bumped_whatever_happens(memory_id, types, touched) as write:
+    with versions.bumped_whatever_happens(memory_id, types, touched, deletes=True) as write:
         for memory_type_name in types:
             deleted[memory_type_name] = writes.delete(memory_id, memory_type_name, ids)
         write.known = None if touched is None else dict.fromkeys(touched)  # gone from every type

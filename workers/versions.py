@@ -21,7 +21,10 @@ memory keeps fields the writer did not send, so it is read back), a forget the i
 when no other bump of that (tenant, type) came between the version the write read before it began (``MGET``) and the
 one it makes: two writes whose spans overlap may reach MongoDB in one order and Redis in the other, and the later
 bump (which sees the earlier one's version) then logs ids alone, so the reader reads the state MongoDB settled on.
-A ``"known"`` over ``CHANGE_LOG_MAX_KNOWN_BYTES`` is left out too (the log lives in Redis for a day).
+A ``"known"`` over ``CHANGE_LOG_MAX_KNOWN_BYTES`` is left out too (the log lives in Redis for a day). A write that
+deletes (``Write.deletes``: a forget, whatever its outcome) first strips every earlier entry of its ``"known"``, in
+the same script: a forgotten memory's content and vector never outlive the forget in Redis (readers then read those
+ids back from MongoDB).
 
 Every write (store, forget, a migration) runs inside ``bumped_whatever_happens``: the one place that bumps the
 versions of every type the write touched or may have touched, whether it succeeded, failed part-way or raised.
@@ -56,9 +59,17 @@ CHANGE_LOG_MAX_KNOWN_BYTES = 64 * 1024  # an entry's "known" documents (base64) 
 # Stored documents as the MongoDB client decodes them (``mongo._connect``: tz_aware, UTC).
 STORED_CODEC = CodecOptions(tz_aware=True)
 # KEYS: the version, its change log. ARGV: the ids as a JSON array (or "null": anything changed), the log's length
-# bound, its TTL in ms, the version the write read before it began ("" if unknown), its "known" (base64, or "").
-# The INCR and the entry of the version it made happen in one step; "known" only when no bump came in between.
+# bound, its TTL in ms, the version the write read before it began ("" if unknown), its "known" (base64, or ""),
+# "1" if the write deletes. The INCR and the entry of the version it made happen in one step; "known" only when no
+# bump came in between; a deleting write strips the earlier entries' "known" (base64 holds no quote) first.
 BUMP_SCRIPT = """
+if ARGV[6] == '1' then
+  local entries = redis.call('LRANGE', KEYS[2], 0, -1)
+  for i, entry in ipairs(entries) do
+    local stripped = string.gsub(entry, ',"known":"[^"]*"}$', '}')
+    if stripped ~= entry then redis.call('LSET', KEYS[2], i - 1, stripped) end
+  end
+end
 local version = redis.call('INCR', KEYS[1])
 local known = ''
 if ARGV[5] ~= '' and tonumber(ARGV[4]) == version - 1 then known = ',"known":"' .. ARGV[5] .. '"' end
@@ -112,6 +123,7 @@ class Write:
 
     read_before: dict[str, int] | None = None
     known: dict[str, dict[str, Any] | None] | None = None
+    deletes: bool = False
 
 
 @dataclass
@@ -153,7 +165,14 @@ def bump_versions(
             before = "" if read_before is None or t not in read_before else str(read_before[t])
             bump(
                 keys=[keys.tenant_version(memory_id, t), keys.change_log(memory_id, t)],
-                args=[logged, CHANGE_LOG_MAX_ENTRIES, CHANGE_LOG_TTL_MS, before, known if before else ""],
+                args=[
+                    logged,
+                    CHANGE_LOG_MAX_ENTRIES,
+                    CHANGE_LOG_TTL_MS,
+                    before,
+                    known if before else "",
+                    "1" if write is not None and write.deletes else "",
+                ],
                 client=pipe,
             )
         pipe.execute()
@@ -248,13 +267,14 @@ def _known(encoded: Any, ids: list[str] | None) -> dict[str, dict[str, Any] | No
 
 @contextmanager
 def bumped_whatever_happens(
-    memory_id: str, memory_types: Iterable[str], touched_ids: Collection[str] | None = None
+    memory_id: str, memory_types: Iterable[str], touched_ids: Collection[str] | None = None, deletes: bool = False
 ) -> Iterator[Write]:
     """Run a write to MongoDB, then bump the data versions of ``memory_types`` (every type the write touches or may
     touch) however it ended, so no cache goes on serving what the write changed, even part of it. ``touched_ids``:
     the stored ``_id`` s (``keys.memory_object_id``) the write touches in those types, logged with the bump so a
     search process re-reads just those (``None``: anything may have changed, the tenant is reloaded). The write
     may set ``known`` on the ``Write`` it is given once MongoDB acknowledged all of it; it is logged only then.
+    ``deletes``: the write deletes (a forget), so its bump strips the content the log holds, whatever happened.
 
     - The write succeeded: a failed bump is a ``TransientError`` (counted in ``VERSION_BUMP_FAILURES``), so the
       task is retried and re-runs its idempotent write and the bump; once its retries run out the task fails with
@@ -264,12 +284,12 @@ def bumped_whatever_happens(
       write's error, which is the one that goes up (the retried task bumps again).
     """
     names = list(memory_types)
-    write = Write(read_before=read_versions(memory_id, names) if touched_ids is not None else None)
+    write = Write(read_before=read_versions(memory_id, names) if touched_ids is not None else None, deletes=deletes)
     try:
         yield write
     except BaseException as exc:
         try:
-            bump_versions(memory_id, names, touched_ids)
+            bump_versions(memory_id, names, touched_ids, Write(deletes=deletes))
         except TransientError as bump_error:
             log.error("a write failed and so did its version bump: %s", bump_error)
             exc.add_note(f"and its version bump failed: {bump_error}")
