@@ -90,7 +90,7 @@ Seconds = Annotated[float | None, Strict(), AllowInfNan(False)]  # Unix seconds 
 
 
 def _query(query: Any, info: ValidationInfo) -> str:
-    return validation.check_query(query, _settings(info).max_query_chars)
+    return validation.check_query(query, validation.MAX_QUERY_CHARS)
 
 
 Query = Annotated[str, PlainValidator(_query)]
@@ -147,9 +147,9 @@ def _derived(request: RetrievalRequest, info: ValidationInfo) -> RetrievalReques
         raise InvalidInput("candidates", "must map requested memory types to a number of candidates")
     if "cache_key" in request and len(request["cache_versions"]) != len(request["limits"]):
         raise InvalidInput("cache_versions", "must name one data version per requested memory type")
-    oversample = _settings(info).candidate_oversample
     request["candidates"] = request["candidates"] or {
-        memory_type: candidates_for(k, request["weights"], oversample) for memory_type, k in request["limits"].items()
+        memory_type: candidates_for(k, request["weights"], validation.CANDIDATE_OVERSAMPLE)
+        for memory_type, k in request["limits"].items()
     }
     request["requested_at"] = request["requested_at"] or time.time()
     request["deadline_ts"] = request["deadline_ts"] or request["requested_at"] + request["timeout_s"]
@@ -205,23 +205,28 @@ def embed_result(
     }
 
 
-def parse_embed_result(embedded: Any, dimensions: int) -> np.ndarray:
+def parse_embed_result(embedded: Any) -> np.ndarray:
     """The query vector of an ``EmbedResult`` as ``memq.search`` receives it, every field checked (the ones the
-    search passes on to merge too), else ``InvalidInput`` naming it (``embedded.model``; ``embedded``: the vector)."""
-    return check_vector(parse(EMBED_RESULT, embedded, where="embedded")["vector"], "embedded", dimensions)
+    search passes on to merge too), else ``InvalidInput`` naming it (``embedded.model``; ``embedded``: the vector).
+    Its length is the model's dimension: the stored vectors it is compared with must have it."""
+    return check_vector(parse(EMBED_RESULT, embedded, where="embedded")["vector"], "embedded")
 
 
-def check_vector(text: Any, field: str, dimensions: int) -> np.ndarray:
-    """A vector as ``memq.vectors.to_wire`` writes it: base64 of exactly ``dimensions`` finite float32 values."""
-    wire_chars = 4 * -(-4 * dimensions // 3)
+def check_vector(text: Any, field: str, dimensions: int | None = None) -> np.ndarray:
+    """A vector as ``memq.vectors.to_wire`` writes it: base64 of exactly ``dimensions`` finite float32 values (of
+    1..``MAX_VECTOR_DIMENSIONS`` when ``None``: the first vector of a model tells its dimension)."""
+    expected = f"{dimensions}" if dimensions else f"1..{validation.MAX_VECTOR_DIMENSIONS}"
+    wire_chars = 4 * -(-4 * (dimensions or validation.MAX_VECTOR_DIMENSIONS) // 3)
     if not isinstance(text, str) or len(text) > 2 * wire_chars:
-        raise InvalidInput(field, f"must be base64 text of {dimensions} float32 values")
+        raise InvalidInput(field, f"must be base64 text of {expected} float32 values")
     try:
         vector = from_wire(text)
     except ValueError:  # not base64 (binascii.Error), not ASCII, or not a whole number of float32
-        raise InvalidInput(field, f"must be base64 text of {dimensions} float32 values") from None
-    if vector.shape != (dimensions,):
+        raise InvalidInput(field, f"must be base64 text of {expected} float32 values") from None
+    if dimensions is not None and vector.shape != (dimensions,):
         raise InvalidInput(field, f"has {vector.size} values; the embed model has {dimensions} dimensions")
+    if not 1 <= vector.size <= validation.MAX_VECTOR_DIMENSIONS:
+        raise InvalidInput(field, f"must be base64 text of {expected} float32 values")
     if not np.isfinite(vector).all():
         raise InvalidInput(field, "must hold finite values only (no NaN or infinity)")
     return vector
@@ -393,13 +398,11 @@ def item_problem(item: Any) -> str | None:
 
 
 def _items(items: Any, info: ValidationInfo) -> list[dict[str, Any]]:
-    settings = _settings(info)
-    return validation.check_items(items, settings.max_batch_items, settings.max_content_chars)
+    return validation.check_items(items, validation.MAX_BATCH_ITEMS, validation.MAX_CONTENT_CHARS)
 
 
 def _texts(texts: Any, info: ValidationInfo) -> list[str]:
-    settings = _settings(info)
-    return validation.check_texts(texts, settings.max_batch_items, settings.max_content_chars)
+    return validation.check_texts(texts, validation.MAX_BATCH_ITEMS, validation.MAX_CONTENT_CHARS)
 
 
 class RememberRequest(TypedDict):
@@ -454,10 +457,11 @@ def embedded_texts(vectors: list[np.ndarray], model: str, embed_ms: float, hits:
     }
 
 
-def parse_embedded_texts(embedded: Any, count: int, dimensions: int, model: str) -> np.ndarray:
+def parse_embedded_texts(embedded: Any, count: int, model: str) -> np.ndarray:
     """What ``memq.store`` is asked to write: ``{"vectors": [one base64 float32 vector per item], "model": name}``,
-    each vector by ``check_vector``, ``model`` the embed model's name. Returns the ``(count, dimensions)`` float32
-    matrix; anything else is ``InvalidInput`` naming the field (``embedded.vectors[3]``), so nothing is written."""
+    each vector by ``check_vector`` (all of the first one's dimension), ``model`` the embed model's name. Returns the
+    ``(count, dimensions)`` float32 matrix; anything else is ``InvalidInput`` naming the field
+    (``embedded.vectors[3]``), so nothing is written."""
     if not isinstance(embedded, Mapping):
         raise InvalidInput("embedded", "must be an object with 'vectors' and 'model'")
     vectors = embedded.get("vectors")
@@ -466,5 +470,6 @@ def parse_embedded_texts(embedded: Any, count: int, dimensions: int, model: str)
     if type(embedded.get("model")) is not str or embedded["model"] != model:
         shown = validation.shown(embedded.get("model"))
         raise InvalidInput("embedded.model", f"must be the embed model {model!r} (MEMQ_EMBED_MODEL), got {shown}")
+    dimensions = check_vector(vectors[0], "embedded.vectors[0]").size if vectors else None
     checked = [check_vector(text, f"embedded.vectors[{index}]", dimensions) for index, text in enumerate(vectors)]
-    return np.array(checked, dtype=np.float32).reshape(count, dimensions)
+    return np.array(checked, dtype=np.float32).reshape(count, dimensions or 0)

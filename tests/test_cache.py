@@ -22,7 +22,7 @@ import redis
 from memq import client, keys, names, result_cache, services
 from memq.errors import InvalidInput, RetrievalTimeout
 from memq.requests import RESULT_FORMAT, cache_fingerprint, cache_types, retrieval_request
-from memq.settings import get_settings
+from memq.settings import EMBEDDING_CACHE_TTL_S, get_settings
 from memq.validation import MAX_CACHE_TTL_S
 from memq.vectors import from_wire
 from memq.wire import parse_retrieval_request, with_cache
@@ -330,7 +330,7 @@ def test_the_embed_tasks_serve_repeated_texts_from_the_embedding_cache(app: Any,
     assert vectors[1].shape == (384,) and np.linalg.norm(vectors[1]) == pytest.approx(1.0, abs=1e-4)
     stored = cache_redis.get(keys.embedding_cache(model, new_text))
     assert stored is not None and np.array_equal(np.frombuffer(stored, dtype="<f4", offset=1), vectors[1])
-    assert 0 < cache_redis.ttl(keys.embedding_cache(model, new_text)) <= get_settings().embedding_cache_ttl_s
+    assert 0 < cache_redis.ttl(keys.embedding_cache(model, new_text)) <= EMBEDDING_CACHE_TTL_S
     assert query["embed_cache"] == "hit" and np.array_equal(from_wire(query["vector"]), planted)
 
 

@@ -34,7 +34,7 @@ from memq.workers.metrics import VERSION_BUMP_FAILURES
 log = logging.getLogger(__name__)
 
 CHANGE_LOG_MAX_ENTRIES = 64  # versions a search process can be behind and still catch up without a reload
-CHANGE_LOG_MAX_IDS = 1000  # ids one entry names (MEMQ_MAX_BATCH_ITEMS); more are logged as "anything changed"
+CHANGE_LOG_MAX_IDS = 1000  # ids one entry names (validation.MAX_BATCH_ITEMS); more are logged as "anything changed"
 CHANGE_LOG_TTL_MS = 24 * 3600 * 1000
 # KEYS: the version, its change log. ARGV: the ids as a JSON array (or "null": anything changed), the log's length
 # bound, its TTL in ms. The INCR and the entry of the version it made happen in one step.
