@@ -212,21 +212,18 @@ def parse_embed_result(embedded: Any) -> np.ndarray:
     return check_vector(parse(EMBED_RESULT, embedded, where="embedded")["vector"], "embedded")
 
 
-def check_vector(text: Any, field: str, dimensions: int | None = None) -> np.ndarray:
-    """A vector as ``memq.vectors.to_wire`` writes it: base64 of exactly ``dimensions`` finite float32 values (of
-    1..``MAX_VECTOR_DIMENSIONS`` when ``None``: the first vector of a model tells its dimension)."""
-    expected = f"{dimensions}" if dimensions else f"1..{validation.MAX_VECTOR_DIMENSIONS}"
-    wire_chars = 4 * -(-4 * (dimensions or validation.MAX_VECTOR_DIMENSIONS) // 3)
-    if not isinstance(text, str) or len(text) > 2 * wire_chars:
-        raise InvalidInput(field, f"must be base64 text of {expected} float32 values")
+def check_vector(text: Any, field: str) -> np.ndarray:
+    """A vector as ``memq.vectors.to_wire`` writes it: base64 of 1..``MAX_VECTOR_DIMENSIONS`` finite float32 values
+    (the model's dimension: there is no setting for it)."""
+    expected = f"base64 text of 1..{validation.MAX_VECTOR_DIMENSIONS} float32 values"
+    if not isinstance(text, str) or len(text) > 2 * 4 * -(-4 * validation.MAX_VECTOR_DIMENSIONS // 3):
+        raise InvalidInput(field, f"must be {expected}")
     try:
         vector = from_wire(text)
     except ValueError:  # not base64 (binascii.Error), not ASCII, or not a whole number of float32
-        raise InvalidInput(field, f"must be base64 text of {expected} float32 values") from None
-    if dimensions is not None and vector.shape != (dimensions,):
-        raise InvalidInput(field, f"has {vector.size} values; the embed model has {dimensions} dimensions")
+        raise InvalidInput(field, f"must be {expected}") from None
     if not 1 <= vector.size <= validation.MAX_VECTOR_DIMENSIONS:
-        raise InvalidInput(field, f"must be base64 text of {expected} float32 values")
+        raise InvalidInput(field, f"must be {expected}, got {vector.size}")
     if not np.isfinite(vector).all():
         raise InvalidInput(field, "must hold finite values only (no NaN or infinity)")
     return vector
@@ -470,6 +467,10 @@ def parse_embedded_texts(embedded: Any, count: int, model: str) -> np.ndarray:
     if type(embedded.get("model")) is not str or embedded["model"] != model:
         shown = validation.shown(embedded.get("model"))
         raise InvalidInput("embedded.model", f"must be the embed model {model!r} (MEMQ_EMBED_MODEL), got {shown}")
-    dimensions = check_vector(vectors[0], "embedded.vectors[0]").size if vectors else None
-    checked = [check_vector(text, f"embedded.vectors[{index}]", dimensions) for index, text in enumerate(vectors)]
-    return np.array(checked, dtype=np.float32).reshape(count, dimensions or 0)
+    checked = [check_vector(text, f"embedded.vectors[{index}]") for index, text in enumerate(vectors)]
+    for index, vector in enumerate(checked):
+        if vector.size != checked[0].size:
+            raise InvalidInput(
+                f"embedded.vectors[{index}]", f"has {vector.size} values; embedded.vectors[0] has {checked[0].size}"
+            )
+    return np.array(checked, dtype=np.float32).reshape(count, checked[0].size if checked else 0)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from memq.errors import StoreUnavailable, WorkerBusy
+from memq.errors import InvalidInput, StoreUnavailable, WorkerBusy
 from memq.workers import mongo, search
 from memq.workers.result_size import bound_result_bytes, item_bytes
 from memq.workers.single_flight import FlightTimeout, SingleFlight
@@ -151,6 +151,32 @@ def test_a_search_whose_budget_runs_out_waiting_gets_mongodb_unavailable_and_the
 
     assert search.matrix_cache.get().get(("tenant", "long_term_memory"), 3) is entry
     assert gate.calls == 1
+
+
+# -- the model's dimension, from the query vector -----------------------------------------------------------------
+
+
+def test_a_query_vector_of_another_dimension_than_a_cached_tenant_s_is_refused_and_the_entry_stays(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(search, "matrix_cache", search.ProcessLocal(search.MatrixCache))
+    monkeypatch.setattr(search.versions, "read_versions", lambda memory_id, types: dict.fromkeys(types, 1))
+    entry = search.TenantMatrix(1, [{"id": "a"}], np.ones((1, 384), dtype=np.float32))
+    search.matrix_cache.get().put(("tenant", "long_term_memory"), entry)
+
+    with pytest.raises(InvalidInput) as refused:
+        search.exact_search("tenant", "long_term_memory", np.ones(5, dtype=np.float32), 3, search.Wanted())
+
+    assert refused.value.field == "embedded" and "stored vectors have 384" in refused.value.message
+    assert search.matrix_cache.get().get(("tenant", "long_term_memory"), 1, 384) is entry
+
+
+def test_a_cached_entry_of_another_dimension_is_not_the_matrix_of_a_query() -> None:
+    cache = search.MatrixCache()
+    cache.put(("tenant", "long_term_memory"), search.TenantMatrix(1, [], np.zeros((0, 5), dtype=np.float32)))
+
+    assert cache.get(("tenant", "long_term_memory"), 1, 384) is None  # reloaded at the query's dimension
+    assert cache.get(("tenant", "long_term_memory"), 1, 5) is not None
 
 
 # -- the matrix cache's byte budget ------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from memq import deadlines, ranking
-from memq.errors import IndexNotReady, StoreUnavailable, WorkerBusy
+from memq.errors import IndexNotReady, InvalidInput, StoreUnavailable, WorkerBusy
 from memq.process_local import ProcessLocal
 from memq.settings import get_settings
 from memq.vectors import from_stored, normalise
@@ -517,6 +517,9 @@ def exact_search(memory_id: str, memory_type: str, query: np.ndarray, k: int, wa
     key = (memory_id, memory_type)
     cache = matrix_cache.get()
     dimensions = int(query.size)  # the embed model's: stored vectors of another dimension are not searched
+    held = cache.held(key)
+    if held is not None and held.rows and held.dimensions != dimensions:  # (a new model means new workers)
+        raise InvalidInput("embedded", f"has {dimensions} values; the tenant's stored vectors have {held.dimensions}")
     if known is None:  # Redis down: never trust a cached matrix
         entry = load_uncached(memory_id, memory_type, dimensions)
         outcome = "bypass"
