@@ -159,7 +159,8 @@ def run_worker(argv: list[str]) -> int:
     if kind == "embed" and any(arg == "--gpus" or arg.startswith("--gpus=") for arg in extra):
         from memq.workers.gpu_launcher import run_from_argv
 
-        if not settings_are_valid({**os.environ, "MEMQ_EMBED_DEVICE": "cuda"}):  # each child gets --device cuda:N
+        # Each child gets --device cuda:N; every setting is checked here, before any child starts.
+        if not settings_are_valid({**os.environ, "MEMQ_EMBED_DEVICE": "cuda"}) or not remote_control_is_valid():
             return 2
         return int(run_from_argv(extra) or 0)  # one pinned embed worker per GPU, supervised together
     device, extra = worker_device(extra)
