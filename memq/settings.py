@@ -54,7 +54,7 @@ REMOVED_SETTINGS: dict[str, str] = {
     "MEMQ_MONGODB_TIMEOUT_MS": "set `serverSelectionTimeoutMS`, `connectTimeoutMS` and `socketTimeoutMS` in "
     "MEMQ_MONGODB_URI (defaults 3000, 3000 and 6000)",
     "MEMQ_EMBED_DIMENSIONS": "taken from the embed model's vectors (`memq indexes` asks the embed workers)",
-    "MEMQ_EMBED_BATCH_SIZE": f"{_CONSTANT} (64 texts per forward pass, memq.workers.embedder)",
+    "MEMQ_EMBED_BATCH_SIZE": f"{_CONSTANT} (64 texts per forward pass, 512 on CUDA, memq.workers.embedder)",
     "MEMQ_NUM_CANDIDATES_FACTOR": f"{_CONSTANT} (numCandidates = 20 x k, memq.workers.search)",
     "MEMQ_CANDIDATE_OVERSAMPLE": f"{_CONSTANT} (3 candidates per k, memq.validation)",
     "MEMQ_EXACT_LOADS_IN_FLIGHT": f"{_CONSTANT} (2 tenant loads per search process; memory is bounded by "

@@ -539,12 +539,12 @@ def load_shared(memory_id: str, memory_type: str, version: int, dimensions: int)
     a new one.
 
     The load runs without this search's MongoDB budget, under the client's own timeouts (server selection, each
-    socket read: ``mongo.URI_OPTION_DEFAULTS``), and puts its matrix in the cache when done. This search waits for it
-    only as long as its own budget (``mongo.time_limit``; ``deadlines.LOAD_WAIT_WITHOUT_DEADLINE_S`` when it has
-    none) lasts, then
-    raises, as a MongoDB timeout does, ``StoreUnavailable`` when the load was reading MongoDB and ``WorkerBusy`` when
-    it was still waiting for a load slot or for memory (the task retries within the caller's deadline and finds the
-    same load, or its matrix in the cache)."""
+    socket read: ``mongo.URI_OPTION_DEFAULTS`` unless the URI sets them), and puts its matrix in the cache when done.
+    This search waits for it only as long as its own budget (``mongo.time_limit``;
+    ``deadlines.LOAD_WAIT_WITHOUT_DEADLINE_S`` when it has none) lasts, then raises, as a MongoDB timeout does,
+    ``StoreUnavailable`` when the load was reading MongoDB and ``WorkerBusy`` when it was still waiting for a load
+    slot or for memory (the task retries within the caller's deadline and finds the same load, or its matrix in the
+    cache)."""
     load_timeout_s = deadlines.LOAD_WAIT_WITHOUT_DEADLINE_S
     wait_s = caller_budget_left_s(default_s=load_timeout_s)
     flight_key = (memory_id, memory_type, version, dimensions)
