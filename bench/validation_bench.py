@@ -108,7 +108,7 @@ def after_series(settings: Settings, m: dict[str, Any]) -> dict[str, Callable[[]
         "retrieve": lambda: requests.retrieval_request(settings, request["query"], "tenant-1", m["limits"]),
         "search": lambda: (
             wire.parse(wire.SEARCH_CALL, call, settings),
-            wire.parse_embed_result(m["embedded"]),
+            wire.parse_embed_result(m["embedded"], DIMENSIONS),
         ),
         "merge": lambda: wire.parse_merge_input(m["results"], request, settings),
         "remember": lambda: requests.remember_request(settings, "tenant-1", "semantic", m["memories"]),

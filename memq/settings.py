@@ -53,7 +53,8 @@ REMOVED_SETTINGS: dict[str, str] = {
     "MEMQ_MONGODB_POOL_SIZE": "set `maxPoolSize` in MEMQ_MONGODB_URI (default 16)",
     "MEMQ_MONGODB_TIMEOUT_MS": "set `serverSelectionTimeoutMS`, `connectTimeoutMS` and `socketTimeoutMS` in "
     "MEMQ_MONGODB_URI (defaults 3000, 3000 and 6000)",
-    "MEMQ_EMBED_DIMENSIONS": "taken from the embed model's vectors (`memq indexes` asks the embed workers)",
+    "MEMQ_EMBED_DIMENSIONS": "taken from the embed model's vectors: each embed worker publishes its model's at start "
+    "and searches and stores check vectors against it; `memq indexes` embeds a probe text",
     "MEMQ_EMBED_BATCH_SIZE": f"{_CONSTANT} (64 texts per forward pass, 512 on CUDA, memq.workers.embedder)",
     "MEMQ_NUM_CANDIDATES_FACTOR": f"{_CONSTANT} (numCandidates = 20 x k, memq.workers.search)",
     "MEMQ_CANDIDATE_OVERSAMPLE": f"{_CONSTANT} (3 candidates per k, memq.validation)",

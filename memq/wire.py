@@ -205,16 +205,16 @@ def embed_result(
     }
 
 
-def parse_embed_result(embedded: Any) -> np.ndarray:
+def parse_embed_result(embedded: Any, dimensions: int | None) -> np.ndarray:
     """The query vector of an ``EmbedResult`` as ``memq.search`` receives it, every field checked (the ones the
     search passes on to merge too), else ``InvalidInput`` naming it (``embedded.model``; ``embedded``: the vector).
-    Its length is the model's dimension: the stored vectors it is compared with must have it."""
-    return check_vector(parse(EMBED_RESULT, embedded, where="embedded")["vector"], "embedded")
+    ``dimensions``: the model's as its embed workers published it (``None`` while unknown)."""
+    return check_vector(parse(EMBED_RESULT, embedded, where="embedded")["vector"], "embedded", dimensions)
 
 
-def check_vector(text: Any, field: str) -> np.ndarray:
-    """A vector as ``memq.vectors.to_wire`` writes it: base64 of 1..``MAX_VECTOR_DIMENSIONS`` finite float32 values
-    (the model's dimension: there is no setting for it)."""
+def check_vector(text: Any, field: str, dimensions: int | None = None) -> np.ndarray:
+    """A vector as ``memq.vectors.to_wire`` writes it: base64 of 1..``MAX_VECTOR_DIMENSIONS`` finite float32 values,
+    exactly ``dimensions`` of them when given (the model's: there is no setting for it)."""
     expected = f"base64 text of 1..{validation.MAX_VECTOR_DIMENSIONS} float32 values"
     if not isinstance(text, str) or len(text) > 2 * 4 * -(-4 * validation.MAX_VECTOR_DIMENSIONS // 3):
         raise InvalidInput(field, f"must be {expected}")
@@ -224,6 +224,8 @@ def check_vector(text: Any, field: str) -> np.ndarray:
         raise InvalidInput(field, f"must be {expected}") from None
     if not 1 <= vector.size <= validation.MAX_VECTOR_DIMENSIONS:
         raise InvalidInput(field, f"must be {expected}, got {vector.size}")
+    if dimensions is not None and vector.size != dimensions:
+        raise InvalidInput(field, f"has {vector.size} values; the embed model has {dimensions} dimensions")
     if not np.isfinite(vector).all():
         raise InvalidInput(field, "must hold finite values only (no NaN or infinity)")
     return vector
@@ -454,11 +456,11 @@ def embedded_texts(vectors: list[np.ndarray], model: str, embed_ms: float, hits:
     }
 
 
-def parse_embedded_texts(embedded: Any, count: int, model: str) -> np.ndarray:
+def parse_embedded_texts(embedded: Any, count: int, model: str, dimensions: int | None = None) -> np.ndarray:
     """What ``memq.store`` is asked to write: ``{"vectors": [one base64 float32 vector per item], "model": name}``,
-    each vector by ``check_vector`` (all of the first one's dimension), ``model`` the embed model's name. Returns the
-    ``(count, dimensions)`` float32 matrix; anything else is ``InvalidInput`` naming the field
-    (``embedded.vectors[3]``), so nothing is written."""
+    each vector by ``check_vector`` (of ``dimensions``, the model's once known, and all of one dimension), ``model``
+    the embed model's name. Returns the ``(count, dimensions)`` float32 matrix; anything else is ``InvalidInput``
+    naming the field (``embedded.vectors[3]``), so nothing is written."""
     if not isinstance(embedded, Mapping):
         raise InvalidInput("embedded", "must be an object with 'vectors' and 'model'")
     vectors = embedded.get("vectors")
@@ -467,7 +469,7 @@ def parse_embedded_texts(embedded: Any, count: int, model: str) -> np.ndarray:
     if type(embedded.get("model")) is not str or embedded["model"] != model:
         shown = validation.shown(embedded.get("model"))
         raise InvalidInput("embedded.model", f"must be the embed model {model!r} (MEMQ_EMBED_MODEL), got {shown}")
-    checked = [check_vector(text, f"embedded.vectors[{index}]") for index, text in enumerate(vectors)]
+    checked = [check_vector(text, f"embedded.vectors[{index}]", dimensions) for index, text in enumerate(vectors)]
     for index, vector in enumerate(checked):
         if vector.size != checked[0].size:
             raise InvalidInput(

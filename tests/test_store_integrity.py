@@ -67,7 +67,7 @@ NAN_VECTOR = _vector(np.full(DIMENSIONS, np.nan))
 ONE_INF = _vector([*([0.1] * (DIMENSIONS - 1)), np.inf])
 BAD_STORES = {
     "383 floats": ({"vectors": [None, _vector(np.ones(DIMENSIONS - 1))]}, "embedded.vectors[1]"),
-    "385 then 384 floats": ({"vectors": [_vector(np.ones(DIMENSIONS + 1)), None]}, "embedded.vectors[1]"),
+    "385 floats": ({"vectors": [_vector(np.ones(DIMENSIONS + 1)), None]}, "embedded.vectors[0]"),
     "8193 floats": ({"vectors": [_vector(np.ones(8193)), None]}, "embedded.vectors[0]"),
     "empty vector": ({"vectors": [None, ""]}, "embedded.vectors[1]"),
     "NaN vector": ({"vectors": [None, NAN_VECTOR]}, "embedded.vectors[1]"),

@@ -524,6 +524,15 @@ def test_the_store_refuses_unsound_vectors_and_models_naming_the_field(embedded:
     assert caught.value.field == field
 
 
+def test_once_the_model_s_dimension_is_known_the_store_names_the_first_vector_of_another() -> None:
+    odd_first = _embedded(to_wire(np.ones(385, dtype=np.float32)), GOOD)
+
+    with pytest.raises(InvalidInput) as caught:
+        wire.parse_embedded_texts(odd_first, 2, "all-MiniLM-L6-v2", dimensions=384)
+
+    assert caught.value.field == "embedded.vectors[0]" and "the embed model has 384 dimensions" in caught.value.message
+
+
 def test_the_store_decodes_sound_vectors_into_one_matrix() -> None:
     matrix = wire.parse_embedded_texts(_embedded(GOOD, GOOD), 2, "all-MiniLM-L6-v2")
     assert matrix.shape == (2, 384) and matrix.dtype == np.float32 and np.allclose(matrix, 0.05)

@@ -264,6 +264,9 @@ def _build() -> Embedder:
             f"model {settings.embed_model} embeds in {model.dimensions} dimensions; "
             f"memq takes 1..{MAX_VECTOR_DIMENSIONS}"
         )
+    from memq.workers.embedding_cache import publish_dimensions
+
+    publish_dimensions(settings.embed_model, model.dimensions)
     return model
 
 

@@ -75,7 +75,7 @@ def search_type(
     """One type's ranked candidates; MongoDB work takes at most ``budget_s`` (``None``: the client's timeouts)."""
     started_ts = time.time()
     started = time.perf_counter()
-    vector = wire.parse_embed_result(embedded)
+    vector = wire.parse_embed_result(embedded, embedding_cache.model_dimensions(get_settings().embed_model))
     with mongo.time_limit(budget_s):
         outcome = search_strategies.search(memory_id, memory_type, vector, k, strategy, wanted)
     elapsed_ms = (time.perf_counter() - started) * 1000
@@ -190,7 +190,8 @@ def store_memories(
     is retried and the write is idempotent), so no cache goes on serving the tenant's memories from before it
     (``versions.bumped_whatever_happens``, the one bump path of every write)."""
     settings = get_settings()
-    vectors = wire.parse_embedded_texts(embedded, len(items), settings.embed_model)
+    known = embedding_cache.model_dimensions(settings.embed_model)
+    vectors = wire.parse_embedded_texts(embedded, len(items), settings.embed_model, known)
     batch = writes.build_writes(memory_id, memory_type, items, vectors, embedded["model"], time.time())
     touched = [keys.memory_object_id(memory_id, writes.memory_key(item)) for item in items]
     with versions.bumped_whatever_happens(memory_id, [memory_type], touched):
