@@ -64,9 +64,9 @@ def forget(self: Task, memory_id: str, memory_type: str | None = None, ids: list
 
 @app.task(name=names.CREATE_INDEXES, bind=True, max_retries=None)
 @retrying(retry.INGEST)
-def create_indexes(self: Task, dimensions: int | dict[str, Any]) -> dict[str, Any]:
+def create_indexes(self: Task, dimensions: int | dict[str, Any] | None = None) -> dict[str, Any]:
     """``dimensions``: the vector index's, or the ``memq.embed_texts`` result of a probe text chained in front of
-    this task (``memq.canvas.indexes_canvas``), whose vector has the loaded model's."""
+    this task (``memq.canvas.indexes_canvas``), whose vector has the loaded model's; none is ``InvalidInput``."""
     from memq.workers import indexes
 
     settings = get_settings()
