@@ -273,7 +273,6 @@ def main(argv: list[str] | None = None) -> int:
         MEMQ_MONGODB_DB="memq_cache_bench",
         MEMQ_REDIS_URL="",
         MEMQ_RESULT_CACHE_TTL_S="300",
-        MEMQ_EMBEDDING_CACHE_TTL_S="86400",
     )
     os.environ.update(env)
     fleet = services.Fleet(env)

@@ -213,8 +213,7 @@ def start_and_run(convs: list[Conversation], modes: list[str]) -> tuple[dict[str
         redis_service.url,
         mongo_service.url,
         MEMQ_MONGODB_DB=database,
-        MEMQ_RESULT_CACHE_TTL_S="0",
-        MEMQ_EMBEDDING_CACHE_TTL_S="0",  # each mode embeds its query: modes are asked in turn, per question
+        MEMQ_RESULT_CACHE_TTL_S="0",  # and the embedding cache: each mode embeds its query (modes are asked in turn)
     )
     os.environ.update(env)  # before memq's client is imported: it uses the same Redis and MongoDB
     fleet = services.Fleet(env)

@@ -1,7 +1,8 @@
 """Does Redis grow without bound under retrievals? Counts the keys Celery and memq leave behind.
 
 Runs N retrievals (default 10,000) through ``memq.retrieve`` on a private fleet (its own redis-server,
-nx-27017, one embed, one search and one ingest worker) with a short ``MEMQ_RESULT_EXPIRES_S``, and counts
+nx-27017, one embed, one search and one ingest worker) with a short result expiry (twice
+``MEMQ_VISIBILITY_TIMEOUT_S``, which it sets to half of ``--expires-s``), and counts
 Redis keys by kind: before, right after, and once the expiry has passed. Also checks that every result key
 carries a TTL. Prints a table and writes ``bench/results/result_keys.json``.
 
@@ -113,12 +114,14 @@ def main() -> int:
     parser.add_argument("--expires-s", type=int, default=60)
     parser.add_argument("--out", type=Path, default=RESULTS / "result_keys.json")
     args = parser.parse_args()
+    if args.expires_s < 20 or args.expires_s % 2:
+        parser.error("--expires-s must be even and at least 20 (twice the 10 s retrieve timeout)")
 
     redis_service = services.start_redis_server()
     mongo = services.start_nx27017()
     env = services.memq_env(
         os.environ, redis_service.url, mongo.url, MEMQ_MONGODB_DB="memq_bench_keys",
-        MEMQ_RESULT_EXPIRES_S=str(args.expires_s),
+        MEMQ_VISIBILITY_TIMEOUT_S=str(args.expires_s // 2),  # result keys expire after twice it
     )  # fmt: skip
     os.environ.update(env)  # before anything reads the settings
     import redis

@@ -32,6 +32,7 @@ from bench.pipeline_bench import RESULTS, machine, summary
 from memq import services
 
 TYPES = ("semantic", "episodic", "procedural")
+DIMENSIONS = 384  # all-MiniLM-L6-v2's: the random vectors stand in for its embeddings
 COLLECTIONS = ("long_term_memory", "conversation_memory", "workflow_memory")
 QUERIES = ("what does this person like", "recent plans", "how to book travel", "health notes", "work projects")
 
@@ -243,7 +244,7 @@ def main() -> None:
                 db,
                 args.tenants,
                 args.memories,
-                settings.embed_dimensions,
+                DIMENSIONS,
                 settings.embed_model,
                 nx_27017=not given_mongodb_uri,
             )

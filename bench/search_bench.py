@@ -23,11 +23,11 @@ import numpy as np
 
 from bench import corpus
 from bench.pipeline_bench import RESULTS, summary
-from memq.settings import get_settings
 from memq.workers.lexical import LexicalIndex
 from memq.workers.search import TenantMatrix, Wanted, top_k
 
 SIZES = (1_000, 10_000)
+DIMENSIONS = 384  # all-MiniLM-L6-v2's: the random vectors stand in for its embeddings
 MODES = ("vector", "lexical", "hybrid")
 K = 30  # a limit of 10 with the default oversample of 3
 
@@ -122,9 +122,9 @@ def main() -> None:
     parser.add_argument("--few-matches", action="store_true", help="lexical top-k with few vs many matches only")
     args = parser.parse_args()
     if args.few_matches:
-        few_matches(60 if args.quick else 200, get_settings().embed_dimensions)
+        few_matches(60 if args.quick else 200, DIMENSIONS)
         return
-    dimensions = get_settings().embed_dimensions
+    dimensions = DIMENSIONS
     count = 60 if args.quick else 300
     queries = corpus.queries(count, seed=11)
     vectors = np.random.default_rng(3).standard_normal((count, dimensions)).astype(np.float32)

@@ -32,10 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from memq import requests, wire
+from memq import requests, validation, wire
 from memq.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DIMENSIONS = 384  # all-MiniLM-L6-v2's: the random vectors stand in for its embeddings
 ROOT = Path(__file__).resolve().parent.parent
 BEFORE = "2a7e796"  # main before one model per message (#26 point 2)
 OLD_MODULES = ("validation", "wire", "requests")  # in import order
@@ -71,7 +72,7 @@ def load_before(into: Path) -> dict[str, ModuleType]:
 def messages(settings: Settings) -> dict[str, Any]:
     limits = {"semantic": 10, "episodic": 10}
     request = requests.retrieval_request(settings, "what does the user like to eat?", "tenant-1", limits)
-    embedded = wire.embed_result(np.full(settings.embed_dimensions, 0.05, np.float32), "m", 1.0, "miss", 1.0, 2.0)
+    embedded = wire.embed_result(np.full(DIMENSIONS, 0.05, np.float32), "m", 1.0, "miss", 1.0, 2.0)
     items = [
         {"id": f"m{i}", "content": f"memory {i}", "score": 0.5, "importance": 0.5, "scores": {"relevance": 0.5}}
         for i in range(10)
@@ -91,8 +92,8 @@ def before_series(old: dict[str, ModuleType], settings: Settings, m: dict[str, A
     return {
         "retrieve": lambda: requests_before.retrieval_request(settings, request["query"], "tenant-1", m["limits"]),
         "search": lambda: (
-            wire_before.parse_search_call(*call, settings.max_query_chars, request["deadline_ts"]),
-            wire_before.parse_embed_result(m["embedded"], settings.embed_dimensions),
+            wire_before.parse_search_call(*call, validation.MAX_QUERY_CHARS, request["deadline_ts"]),
+            wire_before.parse_embed_result(m["embedded"], DIMENSIONS),
         ),
         "merge": lambda: wire_before.parse_merge_input(m["results"], request, settings.search_strategy),
         "remember": lambda: requests_before.remember_request(settings, "tenant-1", "semantic", m["memories"]),
@@ -107,7 +108,7 @@ def after_series(settings: Settings, m: dict[str, Any]) -> dict[str, Callable[[]
         "retrieve": lambda: requests.retrieval_request(settings, request["query"], "tenant-1", m["limits"]),
         "search": lambda: (
             wire.parse(wire.SEARCH_CALL, call, settings),
-            wire.parse_embed_result(m["embedded"], settings.embed_dimensions),
+            wire.parse_embed_result(m["embedded"], DIMENSIONS),
         ),
         "merge": lambda: wire.parse_merge_input(m["results"], request, settings),
         "remember": lambda: requests.remember_request(settings, "tenant-1", "semantic", m["memories"]),

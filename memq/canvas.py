@@ -41,3 +41,19 @@ def remember_canvas(request: RememberRequest) -> Signature:
         queue=names.INGEST_QUEUE,
     )
     return chain(embed, store)
+
+
+#: What ``indexes_canvas`` embeds to learn the model's dimension (its vector is thrown away).
+DIMENSION_PROBE_TEXT = "memq: the embed model's dimension"
+
+
+def indexes_canvas(dimensions: int | None) -> Signature:
+    """``create_indexes(dimensions)``; without them ``embed_texts(probe) | create_indexes``: the vector index takes
+    the dimension of the model the embed workers have loaded."""
+    create = app.signature(names.CREATE_INDEXES, queue=names.INGEST_QUEUE)
+    if dimensions is not None:
+        return create.clone(args=(dimensions,))
+    probe = app.signature(
+        names.EMBED_TEXTS, args=([DIMENSION_PROBE_TEXT],), queue=names.EMBED_QUEUE, ignore_result=True
+    )
+    return chain(probe, create)

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_forget)
 
     p = sub.add_parser("indexes", help="create indexes (idempotent) and print the Atlas vector index")
-    p.add_argument("--dimensions", type=int, default=None, help="default: MEMQ_EMBED_DIMENSIONS")
+    p.add_argument("--dimensions", type=int, default=None, help="default: the embed model's")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_indexes)
 
@@ -161,7 +161,8 @@ def run_worker(argv: list[str]) -> int:
     if kind == "embed" and any(arg == "--gpus" or arg.startswith("--gpus=") for arg in extra):
         from memq.workers.gpu_launcher import run_from_argv
 
-        if not settings_are_valid({**os.environ, "MEMQ_EMBED_DEVICE": "cuda"}):  # each child gets --device cuda:N
+        # Each child gets --device cuda:N; every setting is checked here, before any child starts.
+        if not settings_are_valid({**os.environ, "MEMQ_EMBED_DEVICE": "cuda"}) or not remote_control_is_valid():
             return 2
         return int(run_from_argv(extra) or 0)  # one pinned embed worker per GPU, supervised together
     device, extra = worker_device(extra)
@@ -182,7 +183,9 @@ def run_worker(argv: list[str]) -> int:
             return 2
     else:
         queues = [kind]
-    os.environ[names.WORKER_KIND_ENV] = kind
+    from memq.workers import startup
+
+    startup.set_kind(kind)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from memq.app import app
@@ -418,7 +421,7 @@ def cmd_remember(args: argparse.Namespace) -> int:
 
 
 def remember_file(args: argparse.Namespace) -> int:
-    """Streams the file through ``remember_numbered`` (batches of ``MEMQ_MAX_BATCH_ITEMS``, a few in flight)."""
+    """Streams the file through ``remember_numbered`` (batches of ``validation.MAX_BATCH_ITEMS``, a few in flight)."""
     from memq.client import remember_numbered
     from memq.errors import IngestStopped
 

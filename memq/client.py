@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 
 from memq import deadlines, names, result_cache, validation
 from memq.app import app
-from memq.canvas import remember_canvas, retrieval_canvas
+from memq.canvas import indexes_canvas, remember_canvas, retrieval_canvas
 from memq.celery_internals import is_result_store_outage
 from memq.errors import (
     IngestStopped,
@@ -131,8 +131,9 @@ def forget(
 
 
 def create_indexes(dimensions: int | None = None, timeout_s: float = 120.0) -> dict[str, Any]:
-    """Create memq's indexes (idempotent); ``dimensions``: the vector index's, by default the model's."""
-    result = _send(lambda: app.send_task(names.CREATE_INDEXES, args=(dimensions,), queue=names.INGEST_QUEUE))
+    """Create memq's indexes (idempotent); ``dimensions``: the vector index's, by default the model's (an embed
+    worker embeds one probe text first)."""
+    result = _send(lambda: indexes_canvas(dimensions).apply_async())
     return _wait(result, timeout_s, what="create_indexes")
 
 
@@ -208,7 +209,7 @@ def _wait(result: AsyncResult, timeout_s: float, what: str) -> dict[str, Any]:
         return payload
 
 
-# Bulk import: any number of memories, in batches of at most MEMQ_MAX_BATCH_ITEMS, a bounded number in flight.
+# Bulk import: any number of memories, in batches of at most validation.MAX_BATCH_ITEMS, a bounded number in flight.
 
 
 @dataclasses.dataclass
@@ -248,7 +249,7 @@ def remember_many(
     """Store any number of memories from ``items``, read lazily (a generator, a file's lines: never all in memory).
 
     One ``remember`` chain (embed | store) per batch of ``batch_items`` memories (default and most:
-    ``MEMQ_MAX_BATCH_ITEMS``), at most ``max_in_flight`` batches sent and not yet stored, their results awaited in
+    ``validation.MAX_BATCH_ITEMS``), at most ``max_in_flight`` batches sent and not yet stored, their results awaited in
     order (each for at most ``timeout_s``). Each batch is checked, item by item, before it is sent: a bad item stops
     the import with ``InvalidItem`` naming its position (1-based), and nothing from its batch on is sent.
 
@@ -289,15 +290,14 @@ def remember_numbered(
     """``remember_many`` over ``(position, item)`` pairs, positions increasing (``memq remember --file`` passes line
     numbers, blank lines left out); ``stored_through``: the position already stored before the first pair. A bad
     item is ``InvalidItem("items[<position - 1>]...", "<unit> <position>: ...")``."""
-    settings = get_settings()
-    most_items = settings.max_batch_items
+    most_items = validation.MAX_BATCH_ITEMS
     run = _BulkImport(
         progress=IngestProgress(
             validation.check_memory_id(memory_id), validation.check_memory_type(memory_type).value, stored_through
         ),
         batch_items=validation.check_count(batch_items or most_items, "batch_items", most_items),
         max_in_flight=validation.check_count(max_in_flight, "max_in_flight", 1024),
-        max_content_chars=settings.max_content_chars,
+        max_content_chars=validation.MAX_CONTENT_CHARS,
         unit=unit,
         on_progress=on_progress,
         timeout_s=validation.check_timeout(timeout_s),

@@ -2,7 +2,7 @@
 
 On Redis, workers write them (``memq.workers.guard``): each letter (``memq:v1:dead``, newest first) is a short JSON
 record with an ``id``, and, where the worker had a whole message, the message itself under
-``memq:v1:dead:msg:<id>`` (at most ``MEMQ_DEAD_LETTER_MAX_BYTES``, kept ``MEMQ_DEAD_LETTER_TTL_S``). On RabbitMQ
+``memq:v1:dead:msg:<id>`` (at most ``DEAD_LETTER_MAX_BYTES``, kept ``DEAD_LETTER_TTL_S``: ``memq.letters``). On RabbitMQ
 the broker keeps them, whole, in its ``memq.dead`` queue (``memq.amqp_dead_letters``).
 
 ``replay`` republishes a kept message to its original queue as a new delivery, only if it parses as a memq task
@@ -26,7 +26,17 @@ from kombu import Connection
 
 from memq import amqp_dead_letters, broker, keys
 from memq.cache_redis import cache_redis
-from memq.letters import Kept, Letter, NotReplayable, Replayed, parse_kept, printable, publish
+from memq.letters import (
+    DEAD_LETTER_MAX,
+    DEAD_LETTER_TTL_S,
+    Kept,
+    Letter,
+    NotReplayable,
+    Replayed,
+    parse_kept,
+    printable,
+    publish,
+)
 from memq.settings import get_settings
 
 __all__ = ["Letter", "Replayed", "count", "listed", "printable", "purge", "purge_all", "replay"]
@@ -135,7 +145,7 @@ def replay(ids: Iterable[str] | None) -> list[Replayed]:
     settings = get_settings()
     wanted = None if ids is None else set(ids)
     if _on_amqp():
-        return amqp_dead_letters.replay(settings.broker_url, wanted, settings.dead_letter_max)
+        return amqp_dead_letters.replay(settings.broker_url, wanted, DEAD_LETTER_MAX)
     letters = [Letter(_fields(raw), raw) for raw in cache_redis.get().lrange(keys.DEAD_LETTERS, 0, -1)]
     chosen = [letter for letter in letters if wanted is None or letter.id in wanted]
     outcomes = [Replayed(letter_id, "not_found") for letter_id in sorted((wanted or set()) - {x.id for x in chosen})]
@@ -169,13 +179,13 @@ def _replay_one(letter: Letter, producer: Any) -> Replayed:
     try:
         kept = kept_of(stored)
     except NotReplayable as exc:
-        client.set(keys.dead_message(letter.id), stored, ex=get_settings().dead_letter_ttl_s)  # kept for a purge
+        client.set(keys.dead_message(letter.id), stored, ex=DEAD_LETTER_TTL_S)  # kept for a purge
         return Replayed(letter.id, "not_replayable", detail=str(exc))
     client.delete(keys.started_count(kept.task_id))  # a fresh count of started deliveries
     try:
         publish(producer, kept)
     except Exception as exc:  # one line for the operator; the message is kept for another try
-        client.set(keys.dead_message(letter.id), stored, ex=get_settings().dead_letter_ttl_s)
+        client.set(keys.dead_message(letter.id), stored, ex=DEAD_LETTER_TTL_S)
         return Replayed(letter.id, "failed", kept.queue, kept.task_id, f"{type(exc).__name__}: {exc}"[:300])
     client.lrem(keys.DEAD_LETTERS, 1, letter.raw)
     return Replayed(letter.id, "replayed", kept.queue, kept.task_id)

@@ -15,6 +15,9 @@ import time
 DELIVERY_MARGIN_S = 0.5  # left of the deadline for merge and the result's way back: a search attempt stops before it
 MIN_ATTEMPT_S = 0.05  # the least time a search attempt (or a retry of one) is worth starting with
 ATTEMPT_SHARE = 0.5  # an attempt with retries left takes half of what is left, so a stalled server leaves a retry
+#: How long a search without a deadline of its own (a raw ``memq.search``) waits for a tenant load, and a load for
+#: memory: a 50,000-memory tenant loads in a few seconds, a stalled one fails at the MongoDB client's own timeouts.
+LOAD_WAIT_WITHOUT_DEADLINE_S = 120.0
 ASYNC_MARGIN_S = 0.25  # how far past its timeout an ``aretrieve`` may end (its thread's own wait ends at the deadline)
 MERGE_WAIT_SHARE = 0.5  # of the visibility timeout, the most a merge waits: a message held longer is delivered again
 

@@ -9,6 +9,7 @@
 | ``memq:v1:res:<fingerprint>:<versions>``  | a cached retrieval result (JSON envelope, TTL)  | merge        |
 | ``memq:v1:lock:<fingerprint>:<versions>`` | the single-flight lock of that result (PX)      | the client   |
 | ``memq:v1:emb:<digest of model, text>``   | a cached embedding (format byte + float32, TTL) | embed tasks  |
+| ``memq:v1:dims:<digest of model>``        | the model's dimension (no TTL)                  | embed worker |
 | ``memq:v1:dead``                          | dead-lettered messages (JSON, newest first)     | workers      |
 | ``memq:v1:dead:msg:<letter id>``          | a dead letter's whole message (TTL)             | workers      |
 | ``memq:v1:started:<task id>``             | redeliveries of a message that started running  | workers      |
@@ -86,6 +87,10 @@ def fingerprint(identity: Mapping[str, Any]) -> str:
 
 def embedding_cache(model: str, text: str) -> str:
     return f"{PREFIX}:emb:{_digest(model + chr(0) + text)}"
+
+
+def model_dimensions(model: str) -> str:
+    return f"{PREFIX}:dims:{_digest(model)}"
 
 
 OBJECT_ID_FORMAT = 2

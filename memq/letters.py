@@ -21,6 +21,12 @@ JSON = "application/json"
 PUBLISH_RETRY = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5}
 #: Headers a dead letter gathered on its way (memq's and RabbitMQ's), never republished.
 DEAD_HEADER_PREFIXES = ("memq_dead_", "x-death", "x-first-death-", "x-last-death-", "x-delivery-count")
+#: Dead letters kept in ``memq:v1:dead``, newest first: a bad day's worth, a few MB of previews in Redis.
+DEAD_LETTER_MAX = 10_000
+#: A letter's whole message is kept (for ``--replay``) up to this size; larger ones keep previews only, so a flood of
+#: oversized messages cannot fill the cache Redis (10,000 letters x 1 MiB at most).
+DEAD_LETTER_MAX_BYTES = 1024 * 1024
+DEAD_LETTER_TTL_S = 7 * 24 * 3600  # how long a whole message is kept: a week to notice and replay it
 
 
 class NotReplayable(ValueError):

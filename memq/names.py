@@ -7,7 +7,7 @@ without importing torch, pymongo or any worker code.
 |                     |        | filters=None                                                              |
 | memq.remember       | ingest | memory_id, memory_type, items                                             |
 | memq.forget         | ingest | memory_id, memory_type=None, ids=None                                     |
-| memq.create_indexes | ingest | dimensions=None                                                           |
+| memq.create_indexes | ingest | dimensions, or the embed_texts result of a probe text        (chain step)   |
 | memq.embed_query    | embed  | query                                                      (canvas step)  |
 | memq.embed_texts    | embed  | texts                                                      (canvas step)  |
 | memq.search         | search | embedded, memory_id, memory_type, k, strategy="auto", deadline_ts=None,   |
@@ -52,8 +52,6 @@ PUBLISHED_AT_HEADER = "memq_published_at"
 
 # The inspect command every worker answers (``memq status`` broadcasts it; ``memq.workers.control`` registers it).
 INFO_COMMAND = "memq_info"
-# ``memq worker KIND`` exports the kind here; each worker kind builds its own resources from it.
-WORKER_KIND_ENV = "MEMQ_WORKER_KIND"
 
 
 def is_memq_queue(queue: str) -> bool:

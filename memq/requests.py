@@ -57,8 +57,6 @@ def cache_identity(settings: Settings, request: RetrievalRequest) -> dict[str, A
         "mode": request["mode"],
         "filters": sorted(request["filters"].items()),
         "model": settings.embed_model,
-        "candidate_oversample": settings.candidate_oversample,
-        "num_candidates_factor": settings.num_candidates_factor,
         "recency_half_life_s": settings.recency_half_life_s,
         "vector_index": settings.vector_index,
         "text_index": settings.text_index,

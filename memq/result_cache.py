@@ -169,7 +169,9 @@ def counts() -> dict[str, float]:
 def _attempt(settings: Settings, request: RetrievalRequest, token: str) -> Lookup:
     started = time.perf_counter()
     version_keys = [keys.tenant_version(request["memory_id"], t) for t in cache_types(request)]
-    lock_ms = max(1, int(min(request["timeout_s"], settings.single_flight_lock_s) * 1000))
+    # Identical misses wait on the one chord at most the fleet's default timeout (their own, if shorter): a holder
+    # that died leaves the others waiting no longer than a retrieval normally takes.
+    lock_ms = max(1, int(min(request["timeout_s"], settings.retrieve_timeout_s) * 1000))
     fingerprint = cache_fingerprint(settings, request)
     args = [fingerprint, keys.RESULT_PREFIX, keys.LOCK_PREFIX, token, lock_ms]
     try:

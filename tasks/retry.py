@@ -51,9 +51,9 @@ EMBED = RetryPolicy(max_retries=3, first_delay_s=0.1, jitter=True)
 INGEST = RetryPolicy(max_retries=5, first_delay_s=0.5, jitter=True)
 
 
-def search_policy(max_retries: int) -> RetryPolicy:
-    """A type's search: short waits (0.05, 0.2, 0.8, 2 s ...), ``MEMQ_SEARCH_MAX_RETRIES`` times."""
-    return RetryPolicy(max_retries=max_retries, first_delay_s=0.05, factor=4.0, max_delay_s=2.0)
+#: A type's search: short waits (0.05, 0.2, 0.8 s), three times within the caller's deadline (a 10 s retrieval's
+#: attempts then take 5, 2.5 and 1.25 s: more retries would get too little time to be worth sending).
+SEARCH = RetryPolicy(max_retries=3, first_delay_s=0.05, factor=4.0, max_delay_s=2.0)
 
 
 def retry_transient(

@@ -1,6 +1,6 @@
 """Bulk import of any size (issue #18): ``memq remember --file`` and ``remember_many`` against the real fleet.
 
-With ``MEMQ_MAX_BATCH_ITEMS`` at its default of 1,000, a 2,500-line file is three batches. 100,000 lines are
+With batches of ``memq.validation.MAX_BATCH_ITEMS`` (1,000), a 2,500-line file is three batches. 100,000 lines are
 measured by ``bench/ingest_bench.py``, not here (too slow for the suite on two cores)."""
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ import redis
 from memq import client, keys, names, result_cache, services
 from memq.errors import InvalidInput, RetrievalTimeout
 from memq.requests import RESULT_FORMAT, cache_fingerprint, cache_types, retrieval_request
-from memq.settings import get_settings
+from memq.settings import EMBEDDING_CACHE_TTL_S, get_settings
 from memq.validation import MAX_CACHE_TTL_S
-from memq.vectors import from_wire
+from memq.vectors import from_wire, to_wire
 from memq.wire import parse_retrieval_request, with_cache
 from memq.workers import result_store
 
@@ -330,8 +330,21 @@ def test_the_embed_tasks_serve_repeated_texts_from_the_embedding_cache(app: Any,
     assert vectors[1].shape == (384,) and np.linalg.norm(vectors[1]) == pytest.approx(1.0, abs=1e-4)
     stored = cache_redis.get(keys.embedding_cache(model, new_text))
     assert stored is not None and np.array_equal(np.frombuffer(stored, dtype="<f4", offset=1), vectors[1])
-    assert 0 < cache_redis.ttl(keys.embedding_cache(model, new_text)) <= get_settings().embedding_cache_ttl_s
+    assert 0 < cache_redis.ttl(keys.embedding_cache(model, new_text)) <= EMBEDDING_CACHE_TTL_S
     assert query["embed_cache"] == "hit" and np.array_equal(from_wire(query["vector"]), planted)
+
+
+def test_the_embed_worker_publishes_its_model_s_dimension_and_a_search_refuses_a_vector_of_another(
+    app: Any, tenant: str, cache_redis: redis.Redis
+) -> None:
+    client.remember(tenant, "semantic", ["likes green tea"])  # the fleet's embed worker has loaded its model
+    odd = {"vector": to_wire(np.ones(385, dtype=np.float32)), "model": get_settings().embed_model}
+
+    search = [odd, tenant, "semantic", 3, "auto", None, None, "vector"]
+    searched = app.send_task(names.SEARCH, args=search, queue=names.SEARCH_QUEUE).get(60)
+
+    assert cache_redis.get(keys.model_dimensions(get_settings().embed_model)) == b"384"
+    assert searched["items"] == [] and "has 385 values; the embed model has 384 dimensions" in searched["error"]
 
 
 def test_the_cache_fields_of_a_request_are_checked_and_taken_only_with_a_key() -> None:

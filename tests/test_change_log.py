@@ -40,7 +40,7 @@ def version_of(memory_id: str, memory_type: str) -> int:
 
 def embedded(count: int, seed: int = 0) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
-    vectors = rng.standard_normal((count, get_settings().embed_dimensions)).astype(np.float32)
+    vectors = rng.standard_normal((count, 384)).astype(np.float32)
     return {"vectors": [to_wire(vector) for vector in vectors], "model": get_settings().embed_model}
 
 

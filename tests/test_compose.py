@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import yaml
 
 from memq import cli, sharding
 from memq.settings import variables
+from memq.workers.mongo import URI_OPTION_DEFAULTS
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_PATH = ROOT / "docker-compose.yml"
@@ -93,7 +95,9 @@ def test_each_queue_has_a_worker_service_and_the_worker_options_take_effect(
     assert set(kinds) == {"embed", "search", "ingest"}
     search = parse_celery_worker(celery_worker_args("search", services["search-worker"]["command"][3:]))
     assert search["queues"] == ["search"] and search["concurrency"] == 8
-    pool = int(services["search-worker"]["environment"]["MEMQ_MONGODB_POOL_SIZE"])
+    uri = services["search-worker"]["environment"]["MEMQ_MONGODB_URI"]
+    given = {name.lower(): value for name, value in urllib.parse.parse_qsl(uri.partition("?")[2])}
+    pool = int(given.get("maxpoolsize", URI_OPTION_DEFAULTS["maxPoolSize"]))  # MongoDB's own option, else memq's
     assert pool >= search["concurrency"]  # a search thread never waits for a Mongo socket
 
 

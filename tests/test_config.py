@@ -32,15 +32,28 @@ def test_a_worker_with_a_bad_setting_exits_2_at_start_naming_the_variable(kind: 
     assert "ready" not in started.stderr + started.stdout
 
 
-def test_a_search_worker_started_with_a_removed_setting_exits_2_naming_what_replaced_it() -> None:
+@pytest.mark.parametrize(
+    ("kind", "variable", "replacement"),
+    [
+        ("search", "MEMQ_EXACT_CACHE_MAX_BYTES", "MEMQ_SEARCH_MAX_RSS_BYTES"),
+        ("search", "MEMQ_MONGODB_POOL_SIZE", "`maxPoolSize` in MEMQ_MONGODB_URI"),
+        ("search", "MEMQ_EXACT_LOADS_IN_FLIGHT", "now a constant of the code"),
+        ("embed", "MEMQ_EMBED_DIMENSIONS", "taken from the embed model's vectors"),
+        ("embed", "MEMQ_EMBED_BATCH_SIZE", "now a constant of the code"),
+        ("ingest", "MEMQ_MAX_BATCH_ITEMS", "now a constant of the code"),
+        ("ingest", "MEMQ_RESULT_EXPIRES_S", "MEMQ_VISIBILITY_TIMEOUT_S"),
+    ],
+)
+def test_a_worker_started_with_a_removed_setting_exits_2_naming_what_replaced_it(
+    kind: str, variable: str, replacement: str
+) -> None:
     started = run(
-        [sys.executable, "-m", "memq.cli", "worker", "search", "-n", "search-removed@config-test"],
-        MEMQ_EXACT_CACHE_MAX_BYTES="1073741824",
+        [sys.executable, "-m", "memq.cli", "worker", kind, "-n", f"{kind}-removed@config-test"], **{variable: "1"}
     )
 
     assert started.returncode == 2
-    assert "memq: error: MEMQ_EXACT_CACHE_MAX_BYTES was removed: " in started.stderr
-    assert "MEMQ_SEARCH_MAX_RSS_BYTES" in started.stderr and "Traceback" not in started.stderr
+    assert f"memq: error: {variable} was removed: " in started.stderr
+    assert replacement in started.stderr and "Traceback" not in started.stderr
 
 
 def test_a_device_given_on_the_command_line_is_checked_like_the_variable() -> None:
@@ -73,8 +86,8 @@ def test_the_clients_first_call_raises_config_error_naming_the_variable(variable
 def test_another_command_with_a_bad_setting_exits_2_naming_the_variable() -> None:
     shown = run(
         [sys.executable, "-m", "memq.cli", "retrieve", "q", "--memory-id", "a", "--limit", "semantic=1"],
-        **{"MEMQ_MAX_BATCH_ITEMS": "-5"},
+        **{"MEMQ_MAX_DELIVERIES": "-5"},
     )
 
-    assert shown.returncode == 2 and "MEMQ_MAX_BATCH_ITEMS must be in 1..100000 (a whole number)" in shown.stderr
+    assert shown.returncode == 2 and "MEMQ_MAX_DELIVERIES must be in 1..1000 (a whole number)" in shown.stderr
     assert "Traceback" not in shown.stderr

@@ -296,11 +296,10 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     env = services.memq_env(
         os.environ,
         redis_service.url,
-        mongo.url,
+        faultkit.mongodb_timeouts(mongo.url, 1000),
         MEMQ_MONGODB_DB="memq_faults",
         MEMQ_REDIS_URL="",
         MEMQ_VISIBILITY_TIMEOUT_S=str(VISIBILITY_TIMEOUT_S),
-        MEMQ_MONGODB_TIMEOUT_MS="1000",
         MEMQ_METRICS_PORT="0",
         MEMQ_MAX_DELIVERIES=str(MAX_DELIVERIES),
     )
@@ -604,7 +603,8 @@ class KillableIngest:
     host: str = ""
 
     def start(self) -> str:
-        fleet = services.Fleet({**self.rig.env, "MEMQ_MONGODB_TIMEOUT_MS": "60000"}, logdir=self.rig.fleet.logdir)
+        uri = faultkit.mongodb_timeouts(self.rig.env["MEMQ_MONGODB_URI"], 60_000)
+        fleet = services.Fleet({**self.rig.env, "MEMQ_MONGODB_URI": uri}, logdir=self.rig.fleet.logdir)
         self.host = fleet.start("ingest", name=self.rig.hosts["ingest"][0].split("@")[0], extra_args=["-c", "1"])
         self.rig.fleet.workers[self.host] = fleet.workers[self.host]
         self.rig.fleet.wait_ready(self.rig.app, [self.host], timeout_s=120)

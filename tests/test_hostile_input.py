@@ -399,6 +399,16 @@ def test_a_raw_retrieve_with_hostile_arguments_fails_with_invalid_input(
     assert state == "FAILURE" and refused(value, "query", "memory_id", "limits")
 
 
+@pytest.mark.parametrize("arguments", [[], [None], [0], ["384"], [{"vectors": ["!!"], "model": "x"}]])
+def test_a_raw_create_indexes_without_a_sound_dimension_fails_with_invalid_input_naming_it(
+    app: Any, arguments: list[Any]
+) -> None:
+    state, value = outcome_of(app, names.CREATE_INDEXES, arguments, names.INGEST_QUEUE)
+
+    assert state == "FAILURE" and isinstance(value, InvalidInput), (state, value)
+    assert value.field in ("dimensions", "embedded.model", "embedded.vectors[0]")
+
+
 BAD_TEXTS = st.one_of(
     st.sampled_from([[], None, "not a list", {"texts": ["a"]}, [""], ["   "], [None], [7], [["nested"]]]),
     st.integers(32769, 40_000).map(lambda n: ["t" * n]),

@@ -23,7 +23,7 @@ from memq.workers import search, steps, store, versions, writes
 from memq.workers.single_flight import SingleFlight
 
 LTM = "long_term_memory"
-DIMENSIONS = get_settings().embed_dimensions
+DIMENSIONS = 384  # all-MiniLM-L6-v2
 WORDS = [
     "ramen",
     "curry",
@@ -97,7 +97,7 @@ def remember(tenant: str, items: list[dict[str, Any]], vectors: np.ndarray) -> N
 
 def fresh_full_load(tenant: str) -> search.TenantMatrix:
     """What a process that never saw the tenant loads: the whole tenant, now."""
-    return search.load_tenant(tenant, LTM, -1)
+    return search.load_tenant(tenant, LTM, -1, dimensions=DIMENSIONS)
 
 
 def ranked(items: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
@@ -294,11 +294,11 @@ def test_a_cached_entry_newer_than_the_version_read_is_used_only_while_redis_sti
     search.exact_search(tenant, LTM, vector, 3, search.Wanted())
     remember(tenant, [memory("late", rng)], unit(vectors_rng)[None, :])
     search.exact_search(tenant, LTM, vector, 3, search.Wanted())  # caught up to version 2
-    assert search.load_shared(tenant, LTM, 1).version == 2  # a search that read version 1 meanwhile
+    assert search.load_shared(tenant, LTM, 1, DIMENSIONS).version == 2  # a search that read version 1 meanwhile
     assert counts() == (1, 1)
 
     versions.cache_redis.get().delete(keys.tenant_version(tenant, LTM))  # Redis lost its versions: 0 now
-    assert search.load_shared(tenant, LTM, 0).version == 0
+    assert search.load_shared(tenant, LTM, 0, DIMENSIONS).version == 0
     assert counts() == (2, 1)
 
 
@@ -309,7 +309,7 @@ def test_a_search_holding_an_older_snapshot_is_unmoved_by_changes_applied_after_
     rng, vectors_rng, pool = seeded_tenant(tenant, 60, 9)
     queries = queries_of(rng, vectors_rng, 2)
     version = versions.read_versions(tenant, [LTM])[LTM]  # type: ignore[index]
-    old = search.load_shared(tenant, LTM, version)
+    old = search.load_shared(tenant, LTM, version, DIMENSIONS)
     wanted = [search.Wanted(query=text, mode=mode) for _, text in queries for mode in MODES]
     before = [ranked(search.top_k(old, vector, 10, w)) for (vector, _) in queries for w in wanted]
 
@@ -400,7 +400,7 @@ def test_a_cold_load_streams_the_cursor_into_growing_buffers(tenant: str, monkey
     real_load = store.load_tenant
     monkeypatch.setattr(store, "load_tenant", lambda *a: loaded_from.append(real_load(*a)) or loaded_from[-1])
 
-    entry = search.load_tenant(tenant, LTM, 1)
+    entry = search.load_tenant(tenant, LTM, 1, dimensions=DIMENSIONS)
 
     assert isinstance(loaded_from[0], Iterator)  # a cursor, never a list of the tenant's documents
     assert largest_chunk[0] == search.LOAD_CHUNK_ROWS

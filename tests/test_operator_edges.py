@@ -20,14 +20,22 @@ from faultkit import memq_cli
 from memq import client, keys, names
 from memq.workers.control import DEFAULT_ALLOWED_COMMANDS
 
+SEARCH_WORKER = ["search", "-n", f"misspelled-{uuid.uuid4().hex[:6]}@x"]
 
-@pytest.mark.parametrize("setting", ["shutdwon", "ALL", "ping,revok"])
+
+@pytest.mark.parametrize(
+    ("setting", "worker"),
+    [
+        ("shutdwon", SEARCH_WORKER),
+        ("ALL", SEARCH_WORKER),
+        ("ping,revok", SEARCH_WORKER),
+        ("shutdwon", ["embed", "--gpus", "0"]),  # one worker per GPU: none starts
+    ],
+)
 def test_a_worker_with_a_misspelled_remote_control_list_exits_2_naming_the_variable_before_it_starts(
-    setting: str,
+    setting: str, worker: list[str]
 ) -> None:
-    started = memq_cli("worker", "search", "-n", f"misspelled-{uuid.uuid4().hex[:6]}@x", env={
-        **os.environ, "MEMQ_REMOTE_CONTROL": setting
-    })  # fmt: skip
+    started = memq_cli("worker", *worker, env={**os.environ, "MEMQ_REMOTE_CONTROL": setting})
 
     assert started.returncode == 2, started.stderr[-2000:]
     assert started.stderr.startswith("memq: error: MEMQ_REMOTE_CONTROL names unknown command(s)")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from faultkit import count_stored
 
-from memq import client
+from memq import client, validation
 from memq.errors import InvalidInput
 from memq.vectors import from_stored
 
@@ -165,7 +165,7 @@ def test_a_failing_embedding_step_reaches_the_caller_as_its_error_not_as_a_timeo
     from memq.settings import get_settings
 
     request = retrieval_request(get_settings(), "a query", tenant, {"semantic": 2}, timeout_s=60)
-    request["query"] = "x" * (get_settings().max_query_chars + 1)  # past the client's check, refused by the worker
+    request["query"] = "x" * (validation.MAX_QUERY_CHARS + 1)  # past the client's check, refused by the worker
 
     with pytest.raises(InvalidInput) as refused:
         client._wait(retrieval_canvas(request).apply_async(), 60, what="retrieval")

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import faultkit
 import pytest
 import rabbitkit
 import test_faults
@@ -54,11 +55,10 @@ def rig(node: rabbitkit.Node, tmp_path_factory: pytest.TempPathFactory) -> Itera
     env = services.memq_env(
         os.environ,
         node.url,
-        mongo.url,
+        faultkit.mongodb_timeouts(mongo.url, 1000),
         MEMQ_RESULT_BACKEND=redis_service.url,
         MEMQ_REDIS_URL=redis_service.url,
         MEMQ_MONGODB_DB="memq_rabbitmq_faults",
-        MEMQ_MONGODB_TIMEOUT_MS="1000",
         MEMQ_METRICS_PORT="0",
         MEMQ_RESULT_CACHE_TTL_S="0",  # every retrieval goes through the broker
     )

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from memq.errors import StoreUnavailable, WorkerBusy
+from memq.errors import InvalidInput, StoreUnavailable, WorkerBusy
 from memq.workers import mongo, search
 from memq.workers.result_size import bound_result_bytes, item_bytes
 from memq.workers.single_flight import FlightTimeout, SingleFlight
@@ -135,7 +135,7 @@ def test_a_search_whose_budget_runs_out_waiting_gets_mongodb_unavailable_and_the
     entry = search.TenantMatrix(3, [{"id": "a"}], np.ones((1, 2), dtype=np.float32))
     gate = Gate(entry)
 
-    def load(memory_id: str, memory_type: str, version: int) -> search.TenantMatrix:
+    def load(memory_id: str, memory_type: str, version: int, dimensions: int) -> search.TenantMatrix:
         loaded = gate()
         search.matrix_cache.get().put((memory_id, memory_type), loaded)
         return loaded
@@ -143,7 +143,7 @@ def test_a_search_whose_budget_runs_out_waiting_gets_mongodb_unavailable_and_the
     monkeypatch.setattr(search, "load_into_cache", load)
 
     with pytest.raises(StoreUnavailable, match=r"MongoDB unavailable: .* timed out"), mongo.time_limit(0.1):
-        search.load_shared("tenant", "long_term_memory", 3)
+        search.load_shared("tenant", "long_term_memory", 3, 2)
     gate.release.set()
     deadline = time.monotonic() + 10
     while search.matrix_cache.get().get(("tenant", "long_term_memory"), 3) is None and time.monotonic() < deadline:
@@ -151,6 +151,32 @@ def test_a_search_whose_budget_runs_out_waiting_gets_mongodb_unavailable_and_the
 
     assert search.matrix_cache.get().get(("tenant", "long_term_memory"), 3) is entry
     assert gate.calls == 1
+
+
+# -- the model's dimension, from the query vector -----------------------------------------------------------------
+
+
+def test_a_query_vector_of_another_dimension_than_a_cached_tenant_s_is_refused_and_the_entry_stays(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(search, "matrix_cache", search.ProcessLocal(search.MatrixCache))
+    monkeypatch.setattr(search.versions, "read_versions", lambda memory_id, types: dict.fromkeys(types, 1))
+    entry = search.TenantMatrix(1, [{"id": "a"}], np.ones((1, 384), dtype=np.float32))
+    search.matrix_cache.get().put(("tenant", "long_term_memory"), entry)
+
+    with pytest.raises(InvalidInput) as refused:
+        search.exact_search("tenant", "long_term_memory", np.ones(5, dtype=np.float32), 3, search.Wanted())
+
+    assert refused.value.field == "embedded" and "stored vectors have 384" in refused.value.message
+    assert search.matrix_cache.get().get(("tenant", "long_term_memory"), 1, 384) is entry
+
+
+def test_a_cached_entry_of_another_dimension_is_not_the_matrix_of_a_query() -> None:
+    cache = search.MatrixCache()
+    cache.put(("tenant", "long_term_memory"), search.TenantMatrix(1, [], np.zeros((0, 5), dtype=np.float32)))
+
+    assert cache.get(("tenant", "long_term_memory"), 1, 384) is None  # reloaded at the query's dimension
+    assert cache.get(("tenant", "long_term_memory"), 1, 5) is not None
 
 
 # -- the matrix cache's byte budget ------------------------------------------------------------------------------
@@ -164,7 +190,7 @@ def cached_entry(rows: int, content_bytes: int = 10, version: int = 1) -> search
 def test_an_entry_counts_its_vectors_its_items_content_and_its_bm25_index() -> None:
     plain = cached_entry(4, content_bytes=10)
     wordy = cached_entry(4, content_bytes=1010)
-    indexed = search.build_matrix([], 1)
+    indexed = search.build_matrix([], 1, dimensions=8)
     indexed.lexical = search.LexicalIndex([f"memory {i} about hiking and jazz" for i in range(50)])
 
     assert search.entry_nbytes(plain) == 4 * 8 * 4 + 4 * (search.ITEM_OVERHEAD_BYTES + 10 + 2)
@@ -223,10 +249,9 @@ def test_content_is_counted_in_utf8_bytes_and_metadata_as_json() -> None:
 
 
 def test_merge_applies_the_byte_budget_after_ranking(monkeypatch: pytest.MonkeyPatch) -> None:
-    from memq.settings import Settings
     from memq.workers import steps
 
-    monkeypatch.setattr(steps, "get_settings", lambda: Settings(max_result_bytes=250))
+    monkeypatch.setattr(steps, "MAX_RESULT_BYTES", 250)
     items = [
         {"id": f"m{i}", "content": "x" * 100, "score": 1.0 - i / 10, "importance": 0.5, "created_at_ts": None}
         for i in range(4)
@@ -317,7 +342,7 @@ def test_loads_of_five_cold_tenants_run_at_most_two_at_a_time_and_each_fills_the
     monkeypatch.setattr(search.store, "load_tenant", load_tenant)
     outcomes: list[search.TenantMatrix] = []
     threads = [
-        threading.Thread(target=lambda n=n: outcomes.append(search.load_shared(f"t{n}", "long_term_memory", 1)))
+        threading.Thread(target=lambda n=n: outcomes.append(search.load_shared(f"t{n}", "long_term_memory", 1, 384)))
         for n in range(5)
     ]
     for thread in threads:
@@ -342,7 +367,7 @@ def test_a_search_whose_load_still_waits_for_a_slot_is_told_the_worker_is_busy_n
 
     busy = pytest.raises(WorkerBusy, match=r"search worker busy: .* still waiting for a load slot")
     with busy, mongo.time_limit(0.2):
-        search.load_shared("tenant", "long_term_memory", 1)
+        search.load_shared("tenant", "long_term_memory", 1, 384)
     slots.release()
     deadline = time.monotonic() + 10
     while search.matrix_cache.get().get(("tenant", "long_term_memory"), 1) is None and time.monotonic() < deadline:
@@ -362,10 +387,10 @@ def test_with_redis_down_an_uncached_load_also_waits_for_a_slot_within_the_searc
     slots.acquire()
 
     with pytest.raises(WorkerBusy, match=r"no load slot .* within 0\.2 s"), mongo.time_limit(0.2):
-        search.load_uncached("tenant", "long_term_memory")
+        search.load_uncached("tenant", "long_term_memory", 384)
     assert loaded == []
     slots.release()
 
     with mongo.time_limit(5):
-        assert search.load_uncached("tenant", "long_term_memory").items == []
+        assert search.load_uncached("tenant", "long_term_memory", 384).items == []
     assert loaded == ["tenant"] and slots.acquire(blocking=False)  # the slot was given back

@@ -68,6 +68,7 @@ ONE_INF = _vector([*([0.1] * (DIMENSIONS - 1)), np.inf])
 BAD_STORES = {
     "383 floats": ({"vectors": [None, _vector(np.ones(DIMENSIONS - 1))]}, "embedded.vectors[1]"),
     "385 floats": ({"vectors": [_vector(np.ones(DIMENSIONS + 1)), None]}, "embedded.vectors[0]"),
+    "8193 floats": ({"vectors": [_vector(np.ones(8193)), None]}, "embedded.vectors[0]"),
     "empty vector": ({"vectors": [None, ""]}, "embedded.vectors[1]"),
     "NaN vector": ({"vectors": [None, NAN_VECTOR]}, "embedded.vectors[1]"),
     "one infinity": ({"vectors": [ONE_INF, None]}, "embedded.vectors[0]"),

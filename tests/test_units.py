@@ -175,29 +175,29 @@ def test_the_matrix_cache_serves_an_entry_only_at_its_own_data_version() -> None
 
 
 def test_settings_parse_types_and_refuse_bad_values() -> None:
-    settings = Settings.from_env({"MEMQ_MONGODB_POOL_SIZE": "32", "MEMQ_RECENCY_HALF_LIFE_S": "60.5"})
-    assert settings.mongodb_pool_size == 32 and settings.recency_half_life_s == 60.5
+    settings = Settings.from_env({"MEMQ_SEARCH_SHARDS": "32", "MEMQ_RECENCY_HALF_LIFE_S": "60.5"})
+    assert settings.search_shards == 32 and settings.recency_half_life_s == 60.5
     assert settings.cache_redis_url == settings.broker_url
     with pytest.raises(ConfigError, match="MEMQ_SEARCH_STRATEGY"):
         Settings.from_env({"MEMQ_SEARCH_STRATEGY": "fuzzy"})
-    with pytest.raises(ConfigError, match="MEMQ_MONGODB_POOL_SIZE"):
-        Settings.from_env({"MEMQ_MONGODB_POOL_SIZE": "many"})
+    with pytest.raises(ConfigError, match="MEMQ_SEARCH_SHARDS"):
+        Settings.from_env({"MEMQ_SEARCH_SHARDS": "many"})
 
 
 @pytest.mark.parametrize(
     ("variable", "value"),
     [
         ("MEMQ_RETRIEVE_TIMEOUT_S", "0"),
-        ("MEMQ_MAX_BATCH_ITEMS", "-5"),
-        ("MEMQ_MONGODB_TIMEOUT_MS", "-1"),
+        ("MEMQ_RETRIEVE_TIMEOUT_S", "-inf"),
+        ("MEMQ_MAX_DELIVERIES", "-5"),
+        ("MEMQ_RESULT_CACHE_TTL_S", "-1"),
         ("MEMQ_RECENCY_HALF_LIFE_S", "nan"),
         ("MEMQ_RECENCY_HALF_LIFE_S", "inf"),
-        ("MEMQ_SINGLE_FLIGHT_LOCK_S", "-inf"),
         ("MEMQ_SEARCH_MAX_RSS_BYTES", "0"),
         ("MEMQ_EMBED_DEVICE", "tpu"),
         ("MEMQ_EMBED_DEVICE", "cuda:x"),
         ("MEMQ_METRICS_PORT", "65536"),
-        ("MEMQ_RESULT_EXPIRES_S", "0"),
+        ("MEMQ_VISIBILITY_TIMEOUT_S", "0"),
     ],
 )
 def test_a_setting_out_of_its_range_is_refused_naming_the_variable_and_what_it_accepts(
@@ -213,8 +213,8 @@ def test_a_setting_out_of_its_range_is_refused_naming_the_variable_and_what_it_a
 def test_the_range_in_the_message_is_the_fields_own() -> None:
     with pytest.raises(ConfigError, match=r"MEMQ_RETRIEVE_TIMEOUT_S must be in \(0, 3600\] \(a finite number\)"):
         Settings.from_env({"MEMQ_RETRIEVE_TIMEOUT_S": "0"})
-    with pytest.raises(ConfigError, match=r"MEMQ_MAX_BATCH_ITEMS must be in 1\.\.100000 \(a whole number\)"):
-        Settings.from_env({"MEMQ_MAX_BATCH_ITEMS": "-5"})
+    with pytest.raises(ConfigError, match=r"MEMQ_MAX_DELIVERIES must be in 1\.\.1000 \(a whole number\)"):
+        Settings.from_env({"MEMQ_MAX_DELIVERIES": "-5"})
 
 
 @pytest.mark.parametrize(
@@ -226,6 +226,25 @@ def test_the_range_in_the_message_is_the_fields_own() -> None:
         ("MEMQ_SEARCH_RSS_HEADROOM_BYTES", "derived from MEMQ_SEARCH_MAX_RSS_BYTES"),
         ("MEMQ_MALLOC_ARENA_MAX", "glibc's own MALLOC_ARENA_MAX"),
         ("MEMQ_MALLOC_MMAP_THRESHOLD_BYTES", "glibc's own MALLOC_MMAP_THRESHOLD_"),
+        ("MEMQ_MONGODB_POOL_SIZE", "`maxPoolSize` in MEMQ_MONGODB_URI"),
+        ("MEMQ_MONGODB_TIMEOUT_MS", "`socketTimeoutMS` in MEMQ_MONGODB_URI"),
+        ("MEMQ_EMBED_DIMENSIONS", "taken from the embed model's vectors"),
+        ("MEMQ_EMBED_BATCH_SIZE", "now a constant of the code (64 texts per forward pass"),
+        ("MEMQ_NUM_CANDIDATES_FACTOR", "now a constant of the code (numCandidates = 20 x k"),
+        ("MEMQ_CANDIDATE_OVERSAMPLE", "now a constant of the code (3 candidates per k"),
+        ("MEMQ_EXACT_LOADS_IN_FLIGHT", "memory is bounded by MEMQ_SEARCH_MAX_RSS_BYTES"),
+        ("MEMQ_EXACT_LOAD_TIMEOUT_S", "as long as its own deadline allows"),
+        ("MEMQ_MAX_QUERY_CHARS", "now a constant of the code (4096 characters"),
+        ("MEMQ_MAX_CONTENT_CHARS", "now a constant of the code (32768 characters"),
+        ("MEMQ_MAX_BATCH_ITEMS", "`remember_numbered` and `memq remember --file` take any number"),
+        ("MEMQ_MAX_RESULT_BYTES", "now a constant of the code (8 MiB of items per retrieval"),
+        ("MEMQ_EMBEDDING_CACHE_TTL_S", "MEMQ_RESULT_CACHE_TTL_S=0 turns both off"),
+        ("MEMQ_SINGLE_FLIGHT_LOCK_S", "derived from MEMQ_RETRIEVE_TIMEOUT_S"),
+        ("MEMQ_RESULT_EXPIRES_S", "MEMQ_VISIBILITY_TIMEOUT_S and MEMQ_RETRIEVE_TIMEOUT_S"),
+        ("MEMQ_SEARCH_MAX_RETRIES", "now a constant of the code (3 retries"),
+        ("MEMQ_DEAD_LETTER_MAX", "now a constant of the code (10000 dead letters"),
+        ("MEMQ_DEAD_LETTER_MAX_BYTES", "now a constant of the code (whole messages of at most 1 MiB"),
+        ("MEMQ_DEAD_LETTER_TTL_S", "now a constant of the code (whole messages kept 7 days"),
     ],
 )
 def test_a_removed_setting_still_set_is_refused_naming_what_replaced_it(variable: str, replacement: str) -> None:
@@ -244,6 +263,26 @@ def test_no_removed_setting_is_a_setting_again() -> None:
     from memq.settings import REMOVED_SETTINGS, variables
 
     assert set(REMOVED_SETTINGS).isdisjoint(variables())
+
+
+def test_an_operator_has_at_most_20_settings_each_saying_when_to_change_it() -> None:
+    from memq.settings import markdown_table
+
+    rows = markdown_table().splitlines()[2:]
+
+    assert 0 < len(rows) <= 20
+    assert all(
+        re.search(r"\b(Set|Change|Raise|Lower)\b", info.description or "") for info in Settings.model_fields.values()
+    )
+
+
+def test_every_memq_variable_the_code_names_is_a_setting_a_removed_one_or_a_test_one() -> None:
+    from memq.settings import REMOVED_SETTINGS, variables
+
+    product = [p for folder in ("memq", "workers", "tasks", "config") for p in (ROOT / folder).rglob("*.py")]
+    named = {name for p in product for name in re.findall(r"MEMQ_[A-Z0-9_]*[A-Z0-9]", p.read_text())}
+
+    assert named - set(variables()) - set(REMOVED_SETTINGS) == set()
 
 
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12", "mps"])
@@ -333,18 +372,13 @@ def test_queue_waits_leave_out_what_has_no_stamp() -> None:
     assert queue_waits_ms([{"type": "long_term_memory", "items": [], "search_ms": 0.0}], None, 1.0) == {"search": {}}
 
 
-def test_an_oversample_whose_candidates_cannot_fit_a_search_is_refused_at_start_up() -> None:
-    with pytest.raises(ConfigError, match="MEMQ_CANDIDATE_OVERSAMPLE"):
-        Settings.from_env({"MEMQ_CANDIDATE_OVERSAMPLE": "11"})
-
-
-def test_the_largest_limit_under_the_largest_oversample_still_fits_one_search() -> None:
-    settings = Settings.from_env({"MEMQ_CANDIDATE_OVERSAMPLE": str(validation.MAX_OVERSAMPLE)})
+def test_the_largest_limit_under_the_oversample_still_fits_one_search() -> None:
     weights = validation.check_weights(None)
 
-    candidates = ranking.candidates_for(validation.MAX_LIMIT, weights, settings.candidate_oversample)
+    candidates = ranking.candidates_for(validation.MAX_LIMIT, weights, validation.CANDIDATE_OVERSAMPLE)
 
-    assert candidates == validation.check_count(candidates, "k", validation.MAX_CANDIDATES) == validation.MAX_CANDIDATES
+    assert validation.CANDIDATE_OVERSAMPLE <= validation.MAX_OVERSAMPLE
+    assert candidates == validation.check_count(candidates, "k", validation.MAX_CANDIDATES)
 
 
 def test_a_search_of_more_candidates_than_allowed_names_k() -> None:
@@ -470,7 +504,8 @@ GOOD = to_wire(np.full(384, 0.05, dtype=np.float32))
         (_embedded(GOOD), "embedded.vectors"),
         ({"vectors": GOOD, "model": "all-MiniLM-L6-v2"}, "embedded.vectors"),
         (_embedded(GOOD, to_wire(np.ones(383, dtype=np.float32))), "embedded.vectors[1]"),
-        (_embedded(to_wire(np.ones(385, dtype=np.float32)), GOOD), "embedded.vectors[0]"),
+        (_embedded(to_wire(np.ones(385, dtype=np.float32)), GOOD), "embedded.vectors[1]"),  # not the first's 385
+        (_embedded(to_wire(np.ones(8193, dtype=np.float32)), GOOD), "embedded.vectors[0]"),
         (_embedded(GOOD, ""), "embedded.vectors[1]"),
         (_embedded(GOOD, to_wire(np.full(384, np.nan, dtype=np.float32))), "embedded.vectors[1]"),
         (_embedded(GOOD, to_wire(np.array([np.inf] + [0.0] * 383, dtype=np.float32))), "embedded.vectors[1]"),
@@ -485,12 +520,21 @@ GOOD = to_wire(np.full(384, 0.05, dtype=np.float32))
 )
 def test_the_store_refuses_unsound_vectors_and_models_naming_the_field(embedded: object, field: str) -> None:
     with pytest.raises(InvalidInput) as caught:
-        wire.parse_embedded_texts(embedded, 2, 384, "all-MiniLM-L6-v2")
+        wire.parse_embedded_texts(embedded, 2, "all-MiniLM-L6-v2")
     assert caught.value.field == field
 
 
+def test_once_the_model_s_dimension_is_known_the_store_names_the_first_vector_of_another() -> None:
+    odd_first = _embedded(to_wire(np.ones(385, dtype=np.float32)), GOOD)
+
+    with pytest.raises(InvalidInput) as caught:
+        wire.parse_embedded_texts(odd_first, 2, "all-MiniLM-L6-v2", dimensions=384)
+
+    assert caught.value.field == "embedded.vectors[0]" and "the embed model has 384 dimensions" in caught.value.message
+
+
 def test_the_store_decodes_sound_vectors_into_one_matrix() -> None:
-    matrix = wire.parse_embedded_texts(_embedded(GOOD, GOOD), 2, 384, "all-MiniLM-L6-v2")
+    matrix = wire.parse_embedded_texts(_embedded(GOOD, GOOD), 2, "all-MiniLM-L6-v2")
     assert matrix.shape == (2, 384) and matrix.dtype == np.float32 and np.allclose(matrix, 0.05)
 
 
@@ -523,7 +567,7 @@ def test_building_a_tenant_matrix_skips_and_counts_bad_rows_keeping_every_column
     labels = {"memory_type": "long_term_memory"}
     before = REGISTRY.get_sample_value("memq_bad_stored_rows_total", labels) or 0.0
 
-    entry = build_matrix(docs, 1, "long_term_memory")
+    entry = build_matrix(docs, 1, "long_term_memory", dimensions=384)
 
     assert REGISTRY.get_sample_value("memq_bad_stored_rows_total", labels) == before + 7
     assert [item["id"] for item in entry.items] == ["g1", "g2", "g3"]
@@ -715,13 +759,12 @@ def test_a_request_read_again_on_receipt_is_the_request_the_edge_built() -> None
     assert built["query"] == "Reserved file" and built["deadline_ts"] == built["requested_at"] + built["timeout_s"]
 
 
-@pytest.mark.parametrize("text", ["fine\x00hidden", "x" * 20_001])
+@pytest.mark.parametrize("text", ["fine\x00hidden", "x" * (validation.MAX_CONTENT_CHARS + 1)])
 def test_embed_texts_refuses_a_text_that_remember_would_refuse_as_content(text: str) -> None:
-    settings = Settings(max_content_chars=20_000)
     with pytest.raises(InvalidInput) as as_content:
-        validation.check_items([{"content": text}], 10, settings.max_content_chars)
+        validation.check_items([{"content": text}], 10, validation.MAX_CONTENT_CHARS)
     with pytest.raises(InvalidInput) as as_text:
-        wire.parse(wire.EMBED_TEXTS, {"texts": ["ok", text]}, settings)
+        wire.parse(wire.EMBED_TEXTS, {"texts": ["ok", text]}, Settings())
 
     assert as_content.value.field == "items[0].content" and as_text.value.field == "texts[1]"
     assert as_content.value.message == as_text.value.message
@@ -731,13 +774,45 @@ def test_a_search_attempt_takes_half_of_what_is_left_of_the_deadline_while_retri
     from memq import deadlines
     from memq.tasks.retrieval import attempt_budget_s
 
-    settings = Settings(mongodb_timeout_ms=60_000)
+    settings = Settings(mongodb_uri="mongodb://127.0.0.1:27017/?socketTimeoutMS=60000")
     deadline_ts = time.time() + 10 + deadlines.DELIVERY_MARGIN_S
 
     assert 4.9 < attempt_budget_s(deadline_ts, settings, attempts_left=2) <= 5.0  # type: ignore[operator]
     assert 9.9 < attempt_budget_s(deadline_ts, settings, attempts_left=1) <= 10.0  # type: ignore[operator]
     assert attempt_budget_s(time.time() - 1, settings, attempts_left=1) == deadlines.MIN_ATTEMPT_S
     assert attempt_budget_s(None, settings, attempts_left=1) is None
+
+
+def test_a_search_attempt_never_outlasts_the_socket_timeout_the_mongodb_uri_gives() -> None:
+    from memq.tasks.retrieval import attempt_budget_s
+
+    far_deadline_ts = time.time() + 600
+    given = Settings(mongodb_uri="mongodb://db:27017/?sockettimeoutms=2500&maxPoolSize=4")
+
+    assert attempt_budget_s(far_deadline_ts, given, attempts_left=1) == 2.5
+    assert attempt_budget_s(far_deadline_ts, Settings(), attempts_left=1) == 6.0  # memq's default, 6000 ms
+
+
+def test_the_mongodb_uri_s_own_options_win_and_memq_s_defaults_fill_the_rest() -> None:
+    from memq.workers.mongo import URI_OPTION_DEFAULTS, client_options
+
+    assert client_options("mongodb://db:27017") == URI_OPTION_DEFAULTS
+    assert client_options("mongodb://db:27017/memq?MAXPOOLSIZE=64&socketTimeoutMS=0") == {
+        "serverSelectionTimeoutMS": 3000,
+        "connectTimeoutMS": 3000,
+    }
+
+
+def test_result_keys_outlive_a_redelivery_and_a_caller_s_wait() -> None:
+    assert Settings().result_expires_s == 600  # 2 x the visibility timeout's 300 s
+    assert Settings(visibility_timeout_s=30, retrieve_timeout_s=45.5).result_expires_s == 91
+
+
+def test_embeddings_are_cached_exactly_while_results_are() -> None:
+    from memq.settings import EMBEDDING_CACHE_TTL_S
+
+    assert Settings().embedding_cache_ttl_s == EMBEDDING_CACHE_TTL_S
+    assert Settings(result_cache_ttl_s=0).embedding_cache_ttl_s == 0
 
 
 def test_every_margin_taken_from_a_deadline_is_named_in_memq_deadlines_alone() -> None:

@@ -22,7 +22,7 @@ from celery.worker.control import inspect_command
 
 from memq import celery_internals
 from memq.errors import ConfigError
-from memq.names import INFO_COMMAND, WORKER_KIND_ENV
+from memq.names import INFO_COMMAND
 from memq.settings import get_settings
 from memq.workers.memory_guard import resident_bytes
 from memq.workers.metrics import REFUSED_CONTROL_COMMANDS
@@ -58,7 +58,9 @@ ALL_COMMANDS = "all"
 @inspect_command(name=INFO_COMMAND)
 def memq_info(state: Any, **_: Any) -> dict[str, Any]:
     """memq worker kind, queues, pool, in-flight tasks, and the embed model and device."""
-    kind = os.environ.get(WORKER_KIND_ENV, "")
+    from memq.workers.startup import worker_kind  # (startup imports this module)
+
+    kind = worker_kind()
     settings = get_settings()
     info: dict[str, Any] = {
         "kind": kind,

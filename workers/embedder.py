@@ -26,6 +26,7 @@ import numpy as np
 from memq.errors import ConfigError
 from memq.process_local import ProcessLocal
 from memq.settings import get_settings
+from memq.validation import MAX_VECTOR_DIMENSIONS
 from memq.workers.batcher import DynamicBatcher
 from memq.workers.cuda_graphs import CudaGraphs, capture_or_none
 
@@ -107,7 +108,7 @@ class EncodeStats:
 
 
 class Embedder:
-    def __init__(self, model_name: str, device: str = "auto", batch_size: int = 64) -> None:
+    def __init__(self, model_name: str, device: str = "auto", batch_size: int = LEAN_PATH_MAX_TEXTS) -> None:
         import torch
         from sentence_transformers import SentenceTransformer
 
@@ -257,12 +258,15 @@ class Embedder:
 
 def _build() -> Embedder:
     settings = get_settings()
-    model = Embedder(settings.embed_model, settings.embed_device, settings.embed_batch_size)
-    if model.dimensions != settings.embed_dimensions:
+    model = Embedder(settings.embed_model, settings.embed_device)
+    if not 1 <= model.dimensions <= MAX_VECTOR_DIMENSIONS:
         raise ConfigError(
-            f"model {settings.embed_model} embeds in {model.dimensions} dimensions but MEMQ_EMBED_DIMENSIONS is "
-            f"{settings.embed_dimensions}: set it to {model.dimensions} (and create the vector indexes for it)"
+            f"model {settings.embed_model} embeds in {model.dimensions} dimensions; "
+            f"memq takes 1..{MAX_VECTOR_DIMENSIONS}"
         )
+    from memq.workers.embedding_cache import publish_dimensions
+
+    publish_dimensions(settings.embed_model, model.dimensions)
     return model
 
 

@@ -1,7 +1,8 @@
 """The embedding cache: ``memq:v1:emb:<digest of (model, text)>`` → a format byte + float32 little-endian.
 
 The embed tasks read it for every text in one ``MGET`` and write what they computed in one pipeline, with
-``MEMQ_EMBEDDING_CACHE_TTL_S`` (0 disables). The model's name is in the key, so another model never reads
+a TTL of a day (``settings.EMBEDDING_CACHE_TTL_S``) while the result cache is on (``MEMQ_RESULT_CACHE_TTL_S=0``
+turns both off). The model's name is in the key, so another model never reads
 these vectors. A Redis error is a miss with a warning (then the cache's breaker leaves it alone a while):
 the text is embedded as if there were no cache.
 """
@@ -65,6 +66,32 @@ def store(model: str, texts: Sequence[str], vectors: Sequence[np.ndarray], clien
         breaker.trip(exc)
         return False
     return True
+
+
+_known_dimensions: dict[str, int] = {}  # model -> its dimension, once an embed worker has published it
+
+
+def publish_dimensions(model: str, dimensions: int) -> None:
+    """Tell the fleet ``model``'s dimension (an embed worker that loaded it, at start): searches and stores check
+    the vectors they receive against it. A Redis error is logged; those checks then wait for the next embed worker."""
+    try:
+        cache_redis.get().set(keys.model_dimensions(model), dimensions)
+    except (redis.RedisError, OSError) as exc:
+        log.warning("could not publish the dimension of %s (%s): searches check vectors once one is", model, exc)
+
+
+def model_dimensions(model: str) -> int | None:
+    """The dimension an embed worker published for ``model`` (kept in this process once read), or ``None`` while
+    none has or Redis does not answer."""
+    if model not in _known_dimensions and not breaker.is_open():
+        try:
+            raw = cache_redis.get().get(keys.model_dimensions(model))
+        except (redis.RedisError, OSError) as exc:
+            breaker.trip(exc)
+            return None
+        if raw is not None and raw.isdigit():
+            _known_dimensions[model] = int(raw)
+    return _known_dimensions.get(model)
 
 
 def _usable() -> bool:

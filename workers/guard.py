@@ -37,7 +37,7 @@ from typing import Any
 import redis
 from celery.signals import task_postrun, task_prerun
 
-from memq import celery_internals, keys, names, validation
+from memq import celery_internals, keys, letters, names, validation
 from memq.cache_redis import cache_redis
 from memq.errors import DeadLettered, InvalidInput
 from memq.settings import get_settings
@@ -268,7 +268,7 @@ _SHORT_REPR = _short_repr()
 
 
 def record(client: redis.Redis, letter: dict[str, Any], max_entries: int, message: str | None = None) -> None:
-    """Newest first, at most ``max_entries`` kept; the whole ``message`` beside it for ``MEMQ_DEAD_LETTER_TTL_S``.
+    """Newest first, at most ``max_entries`` kept; the whole ``message`` beside it for ``letters.DEAD_LETTER_TTL_S``.
     A Redis error is logged: the message is dropped all the same, because keeping it would loop."""
     DEAD_LETTERS.labels(queue=letter["queue"], reason=letter["reason"]).inc()
     log.error("dead-lettered a message from %s: %s (%s)", letter["queue"], letter["reason"], letter["detail"])
@@ -276,7 +276,7 @@ def record(client: redis.Redis, letter: dict[str, Any], max_entries: int, messag
     try:
         pipe = client.pipeline(transaction=False)
         if message is not None:
-            pipe.set(keys.dead_message(letter["id"]), message, ex=get_settings().dead_letter_ttl_s)
+            pipe.set(keys.dead_message(letter["id"]), message, ex=letters.DEAD_LETTER_TTL_S)
         pipe.lpush(keys.DEAD_LETTERS, json.dumps(letter, separators=(",", ":")))
         pipe.ltrim(keys.DEAD_LETTERS, 0, max_entries - 1)
         pipe.execute()
@@ -305,12 +305,12 @@ def screen(consumer: Any, message: Any, handle: Callable[[Any], Any]) -> Any:
 def quarantine(consumer: Any, message: Any, problem: Problem) -> None:
     """Record, then acknowledge: whatever fails here is logged, never raised into the consumer."""
     try:
-        queue, settings = queue_of(message), get_settings()
+        queue = queue_of(message)
         letter = entry(queue, problem, message.headers, message.body)
         # On RabbitMQ the broker keeps the letter (memq.workers.amqp_guard); on Redis, or if that fails, Redis.
         if not (amqp_guard.is_amqp_app(consumer.app) and amqp_guard.keep_on_broker(consumer.app, message, letter)):
-            kept = whole_message(message, queue, settings.dead_letter_max_bytes)
-            record(cache_redis.get(), letter, settings.dead_letter_max, kept)
+            kept = whole_message(message, queue, letters.DEAD_LETTER_MAX_BYTES)
+            record(cache_redis.get(), letter, letters.DEAD_LETTER_MAX, kept)
         fail_caller(consumer.app, message, problem)
     except Exception:
         log.exception("could not record a dead letter (%s); dropping the message", problem.reason)
@@ -380,7 +380,7 @@ def _body_problem(body: Any, encoding: Any) -> str | None:
 
 def _record_quietly(queue: str, problem: Problem) -> None:
     try:
-        record(cache_redis.get(), entry(queue, problem, None, None), get_settings().dead_letter_max)
+        record(cache_redis.get(), entry(queue, problem, None, None), letters.DEAD_LETTER_MAX)
     except Exception:
         log.exception("could not record a dead letter (%s); dropping the message", problem.reason)
 

@@ -5,7 +5,9 @@ indexed (``memq.workers.indexes``) lives beside it.
 
 from __future__ import annotations
 
+import math
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -26,17 +28,35 @@ CONTEXT_FIELD = "context"  # text the writer supplied beside the content: search
 ITEM_FIELDS_OUT = ("role", "tags", "metadata")  # optional item fields stored and returned as they are
 
 
+#: The client options memq sets where ``MEMQ_MONGODB_URI`` does not (its own options win): a pool above the search
+#: worker's 8 threads, and timeouts that fail a lost server within a retrieval's default 10 s.
+URI_OPTION_DEFAULTS: dict[str, int] = {
+    "maxPoolSize": 16,
+    "serverSelectionTimeoutMS": 3000,
+    "connectTimeoutMS": 3000,
+    "socketTimeoutMS": 6000,  # also the most one search attempt may take (memq.tasks.retrieval)
+}
+
+
+def client_options(uri: str) -> dict[str, int]:
+    """``URI_OPTION_DEFAULTS`` less the options ``uri`` names itself (option names are case-insensitive)."""
+    given = {name.lower() for name in urllib.parse.parse_qs(uri.partition("?")[2], keep_blank_values=True)}
+    return {name: value for name, value in URI_OPTION_DEFAULTS.items() if name.lower() not in given}
+
+
+def socket_timeout_s(uri: str) -> float:
+    """The socket timeout the client of ``uri`` gets, in seconds: ``socketTimeoutMS`` from it (0: none), else
+    memq's."""
+    for name, values in urllib.parse.parse_qs(uri.partition("?")[2]).items():
+        if name.lower() == "sockettimeoutms" and values[-1].isdigit():
+            return int(values[-1]) / 1000 or math.inf
+    return URI_OPTION_DEFAULTS["socketTimeoutMS"] / 1000
+
+
 def _connect() -> pymongo.MongoClient:
-    settings = get_settings()
+    uri = get_settings().mongodb_uri
     return pymongo.MongoClient(
-        settings.mongodb_uri,
-        maxPoolSize=settings.mongodb_pool_size,
-        serverSelectionTimeoutMS=settings.mongodb_timeout_ms,
-        connectTimeoutMS=settings.mongodb_timeout_ms,
-        socketTimeoutMS=settings.mongodb_timeout_ms * 2,
-        tz_aware=True,
-        appname="memq",
-        event_listeners=_pool_listeners(),
+        uri, tz_aware=True, appname="memq", event_listeners=_pool_listeners(), **client_options(uri)
     )
 
 

@@ -1,4 +1,4 @@
-"""The byte budget of one retrieval's result (``MEMQ_MAX_RESULT_BYTES``), applied by merge after ranking.
+"""The byte budget of one retrieval's result (``MAX_RESULT_BYTES``), applied by merge after ranking.
 
 An item's size is its ``content`` in UTF-8 plus its ``metadata`` as JSON: what a caller stored and gets back. Past
 the budget, the lowest-ranked items are dropped: items are taken rank by rank across the types (every type's best,
@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import json
 from typing import Any
+
+#: Bytes of items one retrieval returns (contents in UTF-8, metadata as JSON): the merged result travels through the
+#: result backend and the caller's memory, so it stays well under Redis's 512 MB value while no sane k reaches it.
+MAX_RESULT_BYTES = 8 * 1024 * 1024
 
 
 def item_bytes(item: dict[str, Any]) -> int:

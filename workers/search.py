@@ -4,22 +4,23 @@
   cursor into the rows of a ``RowStore``: the cosine matrix, the BM25 index (``workers.lexical``) and the filter
   columns (created_at, role, tags) are built together, cached per process and keyed on the tenant's data version
   (``workers.versions``), so a write makes them unreachable at once. A warm search is one matrix-vector product and
-  one sparse BM25 sum, fused (``memq.ranking.fuse``), with the filters applied before the top k; it makes no MongoDB
-  round trip. After a write, a process holding the tenant at version v that finds V catches up (``catch_up``): the
-  change log beside the version names the stored ``_id`` s versions v+1..V touched, it reads just those (``memory_id``
-  in the query) and applies them: a present document becomes a new row and the row it replaces is tombstoned, an
-  absent one is tombstoned. Those whose state the log itself carries (a new memory's stored document, a forgotten id:
-  ``versions.Changes.known``) are applied without reading MongoDB. Rows once written never change, so a search still
-  reading the snapshot of version v (its row count, alive mask and BM25 segments) is unaffected. The tenant is loaded
-  whole only when the change cannot be bridged: a cold process, a log that no longer holds every version since v or
-  says anything may have changed (forget without ids, a migration), more changed ids than ``CATCH_UP_MAX_FRACTION`` of
-  the tenant, or tombstones past ``COMPACT_DEAD_FRACTION`` of the rows. A stored row that cannot be searched
-  (embedding missing, undecodable, of another dimension than ``MEMQ_EMBED_DIMENSIONS`` or not finite; fields
-  unreadable) is left out of all three and counted (``memq_bad_stored_rows_total``), so one bad row never fails its
-  tenant's search. A miss is loaded once per (tenant, type, data version) in the process (``load_shared``,
-  single-flight): the searches that miss meanwhile wait on that one load, each within its own budget, and the load
-  runs under its own limit (``MEMQ_EXACT_LOAD_TIMEOUT_S``) and fills the cache even when every search that waited on
-  it has given up.
+  one sparse BM25 sum, fused (``memq.ranking.fuse``), with the filters applied before the top k; it makes no
+  MongoDB round trip. After a write, a process holding the tenant at version v that finds V catches up
+  (``catch_up``): the change log beside the version names the stored ``_id`` s versions v+1..V touched, it reads
+  just those (``memory_id`` in the query) and applies them: a present document becomes a new row and the row it
+  replaces is tombstoned, an absent one is tombstoned. Those whose state the log itself carries (a new memory's
+  stored document, a forgotten id: ``versions.Changes.known``) are applied without reading MongoDB. Rows once
+  written never change, so a search still reading the snapshot of version v (its row count, alive mask and BM25
+  segments) is unaffected. The tenant is loaded
+  whole only when the change cannot be bridged: a cold process, a log that no longer holds every version since v
+  or says anything may have changed (forget without ids, a migration), more changed ids than
+  ``CATCH_UP_MAX_FRACTION`` of the tenant, or tombstones past ``COMPACT_DEAD_FRACTION`` of the rows. A stored
+  row that cannot be searched (embedding missing, undecodable, of another dimension than the query's
+  or not finite; fields unreadable) is left out of all three and counted (``memq_bad_stored_rows_total``), so one
+  bad row never fails its tenant's search. A miss is loaded once per (tenant, type, data version) in the process
+  (``load_shared``, single-flight): the searches that miss meanwhile wait on that one load, each within its own
+  budget, and the load runs under the MongoDB client's own timeouts and fills the cache even when every search that
+  waited on it has given up. The matrix has the dimension of the query vector (the embed model's).
 - ``vector_search``: Atlas ``$vectorSearch`` with ``memory_id`` as a pre-filter.
 - ``auto``: ``vector_search`` where the server runs the stage, ``exact`` elsewhere (nx-27017, mongod).
 """
@@ -39,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from memq import ranking
-from memq.errors import IndexNotReady, StoreUnavailable, WorkerBusy
+from memq import deadlines, ranking
+from memq.errors import IndexNotReady, InvalidInput, StoreUnavailable, WorkerBusy
 from memq.process_local import ProcessLocal
 from memq.settings import get_settings
 from memq.vectors import from_stored, normalise
@@ -62,6 +63,11 @@ LOAD_CHUNK_ROWS = 1000  # documents taken from the cursor at a time by a load
 CATCH_UP_MAX_FRACTION = 0.25  # more changed ids than this fraction of the tenant (and CATCH_UP_MIN_IDS): reload
 CATCH_UP_MIN_IDS = 256  # changed ids a catch-up always takes, however small the tenant
 COMPACT_DEAD_FRACTION = 0.5  # tombstoned rows past this fraction of the rows (and MIN_CAPACITY_ROWS): reload
+NUM_CANDIDATES_FACTOR = 20  # `$vectorSearch` numCandidates per k: Atlas's advice (10-20 x k) for recall near exact
+#: Tenant loads (one `find`, the matrix and BM25 build) a search process runs at once; more wait for a slot. Each
+#: holds a batch of documents and its tenant's postings while it builds: two let a small tenant load beside a large
+#: one, and the memory guard (MEMQ_SEARCH_MAX_RSS_BYTES) admits each. A catch-up takes no slot.
+LOADS_IN_FLIGHT = 2
 
 
 @dataclass
@@ -90,6 +96,10 @@ class TenantMatrix:
     @property
     def alive_rows(self) -> int:
         return self.rows if self.alive is None else int(np.count_nonzero(self.alive))
+
+    @property
+    def dimensions(self) -> int:
+        return int(self.matrix.shape[1]) if self.matrix.ndim == 2 else 0
 
 
 class RowStore:
@@ -229,10 +239,11 @@ class MatrixCache:
         self.loads = 0  # matrices loaded from MongoDB and built by this process (single-flight: one per version)
         self.catch_ups = 0  # versions reached by applying the change log instead of a load
 
-    def get(self, key: tuple[str, str], version: int) -> TenantMatrix | None:
+    def get(self, key: tuple[str, str], version: int, dimensions: int = 0) -> TenantMatrix | None:
+        """The entry of ``key`` at ``version`` (and of ``dimensions``, the query's, unless 0), else ``None``."""
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None or entry.version != version:
+            if entry is None or entry.version != version or dimensions not in (0, entry.dimensions):
                 return None
             self._entries.move_to_end(key)
             return entry
@@ -290,13 +301,11 @@ class MatrixCache:
 
 matrix_cache: ProcessLocal[MatrixCache] = ProcessLocal(MatrixCache)
 # One load per (tenant, type, data version) at a time in this process, whatever the number of searches asking.
-matrix_loads: ProcessLocal[SingleFlight[tuple[str, str, int], TenantMatrix]] = ProcessLocal(
+matrix_loads: ProcessLocal[SingleFlight[tuple[str, str, int, int], TenantMatrix]] = ProcessLocal(
     lambda: SingleFlight("matrix")
 )
 # Loads (their documents and the build) in this process at once; the others wait for a slot in their load thread.
-load_slots: ProcessLocal[threading.BoundedSemaphore] = ProcessLocal(
-    lambda: threading.BoundedSemaphore(get_settings().exact_loads_in_flight)
-)
+load_slots: ProcessLocal[threading.BoundedSemaphore] = ProcessLocal(lambda: threading.BoundedSemaphore(LOADS_IN_FLIGHT))
 # Loads and merges start only while this process is under MEMQ_SEARCH_MAX_RSS_BYTES (shedding this cache first).
 memory_guard: ProcessLocal[MemoryGuard] = ProcessLocal(
     lambda: MemoryGuard(
@@ -309,7 +318,7 @@ memory_guard: ProcessLocal[MemoryGuard] = ProcessLocal(
 # One load or catch-up per (tenant, type) at a time in this process, whatever the versions asked for.
 tenant_locks: ProcessLocal[KeyedLocks] = ProcessLocal(lambda: KeyedLocks())
 # What each load under way is doing, for the error a search gets when it stops waiting for it.
-load_phases: dict[tuple[str, str, int], str] = {}
+load_phases: dict[tuple[str, str, int, int], str] = {}
 READING = "reading MongoDB"
 _probe_results: dict[str, tuple[bool, float]] = {}
 _probe_locks: dict[str, threading.Lock] = {}
@@ -363,19 +372,25 @@ def item_nbytes(item: dict[str, Any]) -> int:
 
 
 def build_matrix(
-    docs: Iterable[dict[str, Any]], version: int, memory_type: str = "unknown", expected_rows: int = 0
+    docs: Iterable[dict[str, Any]],
+    version: int,
+    memory_type: str = "unknown",
+    expected_rows: int = 0,
+    *,
+    dimensions: int,
 ) -> TenantMatrix:
     """The matrix, BM25 index and filter columns of one tenant and type, row i of each from the same document,
     taken from ``docs`` (a cursor) ``LOAD_CHUNK_ROWS`` at a time into a ``RowStore`` sized for ``expected_rows``:
     the documents are never all held at once, nor the vectors copied into a second matrix. Rows that cannot be
-    searched are left out (``usable_row``, then the finite check), counted, and logged once per load."""
-    rows = RowStore(get_settings().embed_dimensions, expected_rows + expected_rows // 8)
+    searched are left out (``usable_row``, then the finite check; ``dimensions``: the query's, so the model's),
+    counted, and logged once per load."""
+    rows = RowStore(dimensions, expected_rows + expected_rows // 8)
     skipped: list[Any] = []
     seen = 0
     for chunk in chunked(docs, LOAD_CHUNK_ROWS):
         seen += len(chunk)
         skipped += rows.append(chunk)
-    count_skipped(skipped, seen, memory_type)
+    count_skipped(skipped, seen, memory_type, dimensions)
     return rows.snapshot(version)
 
 
@@ -390,7 +405,7 @@ def chunked(docs: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str
         yield chunk
 
 
-def count_skipped(skipped: list[Any], seen: int, memory_type: str) -> None:
+def count_skipped(skipped: list[Any], seen: int, memory_type: str, dimensions: int) -> None:
     if not skipped:
         return
     BAD_STORED_ROWS.labels(memory_type=memory_type).inc(len(skipped))
@@ -400,7 +415,7 @@ def count_skipped(skipped: list[Any], seen: int, memory_type: str) -> None:
         len(skipped),
         seen,
         memory_type,
-        get_settings().embed_dimensions,
+        dimensions,
         ", ".join(repr(_id)[:40] for _id in skipped[:5]) + (" ..." if len(skipped) > 5 else ""),
     )
 
@@ -507,37 +522,44 @@ def _scored(item: dict[str, Any], vector: float, lexical: float | None, fused: f
 def exact_search(memory_id: str, memory_type: str, query: np.ndarray, k: int, wanted: Wanted) -> SearchOutcome:
     key = (memory_id, memory_type)
     cache = matrix_cache.get()
+    dimensions = int(query.size)  # the embed model's: stored vectors of another dimension are not searched
     held = cache.held(key)
+    if held is not None and held.rows and held.dimensions != dimensions:  # (a new model means new workers)
+        raise InvalidInput("embedded", f"has {dimensions} values; the tenant's stored vectors have {held.dimensions}")
     known = versions.read_version_and_log(memory_id, memory_type, held.version if held is not None else -1)
     if known is None:  # Redis down: never trust a cached matrix
-        entry = load_uncached(memory_id, memory_type)
+        entry = load_uncached(memory_id, memory_type, dimensions)
         outcome = "bypass"
     else:
         version, tail = known
-        entry = cache.get(key, version)
+        entry = cache.get(key, version, dimensions)
         outcome = "hit"
         if entry is None:
-            entry = caught_up_here(memory_id, memory_type, version, tail)
-            entry = entry or load_shared(memory_id, memory_type, version)
+            entry = caught_up_here(memory_id, memory_type, version, tail, dimensions)
+            entry = entry or load_shared(memory_id, memory_type, version, dimensions)
             outcome = "miss"
     CACHE_REQUESTS.labels(cache="matrix", outcome=outcome).inc()
     return SearchOutcome(top_k(entry, query, k, wanted), "exact", outcome)
 
 
-def load_shared(memory_id: str, memory_type: str, version: int) -> TenantMatrix:
-    """The tenant's matrix at ``version``, from the one load under way for it in this process or a new one.
+def load_shared(memory_id: str, memory_type: str, version: int, dimensions: int) -> TenantMatrix:
+    """The tenant's matrix at ``version`` (of ``dimensions``), from the one load under way for it in this process or
+    a new one.
 
     The load runs without this search's MongoDB budget, under the client's own timeouts (server selection, each
-    socket read: ``MEMQ_MONGODB_TIMEOUT_MS``), and puts its matrix in the cache when done. This search waits for it
-    only as long as its own budget (``mongo.time_limit``; ``MEMQ_EXACT_LOAD_TIMEOUT_S`` when it has none) lasts, then
-    raises, as a MongoDB timeout does, ``StoreUnavailable`` when the load was reading MongoDB and ``WorkerBusy`` when
-    it was still waiting for a load slot or for memory (the task retries within the caller's deadline and finds the
-    same load, or its matrix in the cache)."""
-    load_timeout_s = get_settings().exact_load_timeout_s
+    socket read: ``mongo.URI_OPTION_DEFAULTS`` unless the URI sets them), and puts its matrix in the cache when done.
+    This search waits for it only as long as its own budget (``mongo.time_limit``;
+    ``deadlines.LOAD_WAIT_WITHOUT_DEADLINE_S`` when it has none) lasts, then raises, as a MongoDB timeout does,
+    ``StoreUnavailable`` when the load was reading MongoDB and ``WorkerBusy`` when it was still waiting for a load
+    slot or for memory (the task retries within the caller's deadline and finds the same load, or its matrix in the
+    cache)."""
+    load_timeout_s = deadlines.LOAD_WAIT_WITHOUT_DEADLINE_S
     wait_s = caller_budget_left_s(default_s=load_timeout_s)
-    flight_key = (memory_id, memory_type, version)
+    flight_key = (memory_id, memory_type, version, dimensions)
     try:
-        return matrix_loads.get().run(flight_key, lambda: load_into_cache(memory_id, memory_type, version), wait_s)
+        return matrix_loads.get().run(
+            flight_key, lambda: load_into_cache(memory_id, memory_type, version, dimensions), wait_s
+        )
     except FlightTimeout as exc:
         phase = load_phases.get(flight_key, READING)
         waited = f"loading the tenant's {memory_type} memories timed out after {wait_s:.3g} s of this search's budget"
@@ -547,7 +569,9 @@ def load_shared(memory_id: str, memory_type: str, version: int) -> TenantMatrix:
         raise WorkerBusy(f"search worker busy: {waited}, the load still {phase} ({goes_on})") from exc
 
 
-def caught_up_here(memory_id: str, memory_type: str, version: int, tail: list[bytes]) -> TenantMatrix | None:
+def caught_up_here(
+    memory_id: str, memory_type: str, version: int, tail: list[bytes], dimensions: int
+) -> TenantMatrix | None:
     """The tenant at ``version`` caught up in the search's own thread, when that waits for nothing: the process
     holds the tenant, no load or catch-up of it is under way, and the change log carries the state of every changed
     id (no MongoDB read). ``None`` otherwise: the search then goes through ``load_shared``. (A thread of its own
@@ -555,7 +579,7 @@ def caught_up_here(memory_id: str, memory_type: str, version: int, tail: list[by
     version."""
     key = (memory_id, memory_type)
     held = matrix_cache.get().held(key)
-    if held is None or held.store is None:
+    if held is None or held.store is None or held.dimensions != dimensions:
         return None
     with tenant_locks.get().held(key, blocking=False) as acquired:
         return apply_catch_up(memory_id, memory_type, held, version, tail) if acquired else None
@@ -576,50 +600,51 @@ def apply_catch_up(
     return caught_up
 
 
-def load_into_cache(memory_id: str, memory_type: str, version: int) -> TenantMatrix:
+def load_into_cache(memory_id: str, memory_type: str, version: int, dimensions: int) -> TenantMatrix:
     """The tenant at ``version`` put in the cache: caught up from the entry the cache holds (``catch_up``) where the
     change log bridges the versions, else one load from MongoDB under the client's own timeouts (no overall limit:
     an unreachable server fails at server selection, a stalled one at a socket read, and a large tenant takes as
     long as its ``find`` does), streamed and built (unless a load of the same version finished just before this
     one began). A load waits for one of the process's load slots, then for the memory guard, at most
-    ``MEMQ_EXACT_LOAD_TIMEOUT_S`` for the latter; a catch-up, which reads only the changed documents, waits for
-    neither."""
+    ``deadlines.LOAD_WAIT_WITHOUT_DEADLINE_S`` for the latter; a catch-up, which reads only the changed documents,
+    waits for neither."""
     cache = matrix_cache.get()
     key = (memory_id, memory_type)
-    flight_key = (memory_id, memory_type, version)
-    entry = cache.get(key, version)
+    flight_key = (memory_id, memory_type, version, dimensions)
+    entry = cache.get(key, version, dimensions)
     if entry is not None:
         return entry
     load_phases[flight_key] = "waiting for the load of an earlier version of this tenant"
     try:
         with tenant_locks.get().held(key):  # a version that changed during a load is caught up from that load
-            return caught_up_or_loaded(memory_id, memory_type, version)
+            return caught_up_or_loaded(memory_id, memory_type, version, dimensions)
     finally:
         load_phases.pop(flight_key, None)
 
 
-def caught_up_or_loaded(memory_id: str, memory_type: str, version: int) -> TenantMatrix:
+def caught_up_or_loaded(memory_id: str, memory_type: str, version: int, dimensions: int) -> TenantMatrix:
     cache = matrix_cache.get()
     key = (memory_id, memory_type)
-    flight_key = (memory_id, memory_type, version)
-    entry = cache.get(key, version)
+    flight_key = (memory_id, memory_type, version, dimensions)
+    entry = cache.get(key, version, dimensions)
     if entry is not None:
         return entry
     held = cache.held(key)
-    if held is not None:
+    if held is not None and held.dimensions == dimensions:
         caught_up = apply_catch_up(memory_id, memory_type, held, version, None)
         if caught_up is not None:
             return caught_up
     try:
-        load_phases[flight_key] = "waiting for a load slot (MEMQ_EXACT_LOADS_IN_FLIGHT)"
-        with load_slots.get():  # at most MEMQ_EXACT_LOADS_IN_FLIGHT loads hold their documents at once
-            entry = cache.get(key, version)  # filled by a load of the same version that held the slot before
+        load_phases[flight_key] = "waiting for a load slot"
+        with load_slots.get():  # at most LOADS_IN_FLIGHT loads hold their documents at once
+            entry = cache.get(key, version, dimensions)  # filled by a load of the same version that held the slot
             if entry is not None:
                 return entry
             load_phases[flight_key] = "waiting for memory (MEMQ_SEARCH_MAX_RSS_BYTES)"
-            with memory_guard.get().admitted("load", get_settings().exact_load_timeout_s):
+            with memory_guard.get().admitted("load", deadlines.LOAD_WAIT_WITHOUT_DEADLINE_S):
                 load_phases[flight_key] = READING
-                entry = load_tenant(memory_id, memory_type, version, held.alive_rows if held is not None else 0)
+                expected_rows = held.alive_rows if held is not None else 0
+                entry = load_tenant(memory_id, memory_type, version, expected_rows, dimensions=dimensions)
             cache.put(key, entry)
             cache.count_load()
     finally:
@@ -628,10 +653,14 @@ def caught_up_or_loaded(memory_id: str, memory_type: str, version: int) -> Tenan
     return entry
 
 
-def load_tenant(memory_id: str, memory_type: str, version: int, expected_rows: int = 0) -> TenantMatrix:
+def load_tenant(
+    memory_id: str, memory_type: str, version: int, expected_rows: int = 0, *, dimensions: int
+) -> TenantMatrix:
     """The whole tenant from MongoDB, streamed into a ``RowStore`` sized for ``expected_rows`` (the rows of the
     entry it replaces, if any: no count is asked of MongoDB, which on some servers reads every document)."""
-    return build_matrix(store.load_tenant(memory_id, memory_type), version, memory_type, expected_rows)
+    return build_matrix(
+        store.load_tenant(memory_id, memory_type), version, memory_type, expected_rows, dimensions=dimensions
+    )
 
 
 def catch_up(
@@ -666,7 +695,9 @@ def catch_up(
         try:
             for object_id in changes.ids:
                 rows.remove(object_id)
-            count_skipped(rows.append(sorted(docs, key=lambda doc: str(doc["_id"]))), len(docs), memory_type)
+            count_skipped(
+                rows.append(sorted(docs, key=lambda doc: str(doc["_id"]))), len(docs), memory_type, rows.dimensions
+            )
         except BaseException:
             rows.broken = True
             raise
@@ -682,19 +713,19 @@ def confirmed(memory_id: str, memory_type: str, version: int) -> bool:
     return known is not None and known[memory_type] >= version
 
 
-def load_uncached(memory_id: str, memory_type: str) -> TenantMatrix:
+def load_uncached(memory_id: str, memory_type: str, dimensions: int) -> TenantMatrix:
     """The tenant's matrix built for this search alone (Redis is down, so no data version can key a cache entry),
     under the same load slots and memory guard as a cached load, within this search's budget."""
-    wait_s = caller_budget_left_s(default_s=get_settings().exact_load_timeout_s)
+    wait_s = caller_budget_left_s(default_s=deadlines.LOAD_WAIT_WITHOUT_DEADLINE_S)
     slots = load_slots.get()
     if not slots.acquire(timeout=max(0.0, wait_s)):
         raise WorkerBusy(
             f"search worker busy: no load slot for the tenant's {memory_type} memories within {wait_s:.3g} s "
-            "(MEMQ_EXACT_LOADS_IN_FLIGHT)"
+            f"(all {LOADS_IN_FLIGHT} busy)"
         )
     try:
         with memory_guard.get().admitted("load", caller_budget_left_s(default_s=wait_s)):
-            return load_tenant(memory_id, memory_type, -1)
+            return load_tenant(memory_id, memory_type, -1, dimensions=dimensions)
     finally:
         slots.release()
 
@@ -795,7 +826,7 @@ def server_search(
     ``$search``; for hybrid ``$rankFusion`` of both (MongoDB 8.1+), else both lists fused here. ``None`` when the
     server lacks what the mode needs (the caller then searches exactly)."""
     settings = get_settings()
-    num_candidates = k * settings.num_candidates_factor
+    num_candidates = k * NUM_CANDIDATES_FACTOR
     if wanted.mode == "vector":
         items = store.vector_search(memory_id, memory_type, query, k, num_candidates, settings, wanted.filters)
         return SearchOutcome(items, "vector_search", "n/a")

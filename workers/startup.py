@@ -1,6 +1,7 @@
 """Worker start-up: each worker kind builds its own process resources before taking tasks.
 
-``memq worker KIND`` sets ``MEMQ_WORKER_KIND``. With the threads or solo pool, resources are built
+``memq worker KIND`` sets the kind (``set_kind``) before Celery starts, in the worker's own process. With the
+threads or solo pool, resources are built
 once in the worker process at ``worker_init``; with prefork they are built in each child at
 ``worker_process_init`` (after fork: no CUDA context or Mongo socket crosses a fork).
 """
@@ -8,17 +9,25 @@ once in the worker process at ``worker_init``; with prefork they are built in ea
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from celery.signals import worker_init, worker_process_init, worker_shutdown
 
-from memq.names import WORKER_KIND_ENV
 from memq.settings import get_settings
 from memq.workers import metrics
 from memq.workers.control import restrict_remote_control  # (also registers the memq_info inspect command)
 
 log = logging.getLogger(__name__)
+_kind = ""  # embed, search or ingest in a worker started by `memq worker`; the children of a prefork pool inherit it
+
+
+def set_kind(kind: str) -> None:
+    global _kind
+    _kind = kind
+
+
+def worker_kind() -> str:
+    return _kind
 
 
 def build_resources(kind: str) -> None:
@@ -43,7 +52,7 @@ def _forks_children(sender: Any) -> bool:
 
 @worker_init.connect
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
-    kind = os.environ.get(WORKER_KIND_ENV, "")
+    kind = worker_kind()
     if not kind:
         return
     refused = restrict_remote_control(get_settings().remote_control)
@@ -55,7 +64,7 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 
 @worker_process_init.connect
 def _on_worker_process_init(**_: Any) -> None:
-    kind = os.environ.get(WORKER_KIND_ENV, "")
+    kind = worker_kind()
     if kind:
         build_resources(kind)
 

@@ -19,7 +19,7 @@ from memq.workers import search as search_strategies
 from memq.workers.embedder import embedder
 from memq.workers.memory_guard import MERGE_HOLDS_INPUT_TIMES
 from memq.workers.metrics import EMBED_BATCH_SIZE, EMBED_SECONDS, MERGE_SECONDS, STORE_WRITES
-from memq.workers.result_size import bound_result_bytes, item_bytes
+from memq.workers.result_size import MAX_RESULT_BYTES, bound_result_bytes, item_bytes
 from memq.workers.search import Wanted
 
 INTERNAL_ITEM_FIELDS = ("created_at_ts",)
@@ -76,7 +76,7 @@ def search_type(
     """One type's ranked candidates; MongoDB work takes at most ``budget_s`` (``None``: the client's timeouts)."""
     started_ts = time.time()
     started = time.perf_counter()
-    vector = wire.parse_embed_result(embedded, get_settings().embed_dimensions)
+    vector = wire.parse_embed_result(embedded, embedding_cache.model_dimensions(get_settings().embed_model))
     with mongo.time_limit(budget_s):
         outcome = search_strategies.search(memory_id, memory_type, vector, k, strategy, wanted)
     elapsed_ms = (time.perf_counter() - started) * 1000
@@ -149,7 +149,7 @@ def _merge(merge_input: wire.MergeInput, started: float, started_ts: float, now_
         "timings_ms": timings,
         "cached": False,
     }
-    merged = bound_result_bytes(merged, settings.max_result_bytes)
+    merged = bound_result_bytes(merged, MAX_RESULT_BYTES)
     if request.get("cache_key") is not None:  # filed only under the key of this very request
         result_store.store_merged(cache_redis.get(), settings, request, merged)
     return merged
@@ -191,7 +191,8 @@ def store_memories(
     is retried and the write is idempotent), so no cache goes on serving the tenant's memories from before it
     (``versions.bumped_whatever_happens``, the one bump path of every write)."""
     settings = get_settings()
-    vectors = wire.parse_embedded_texts(embedded, len(items), settings.embed_dimensions, settings.embed_model)
+    dimensions = embedding_cache.model_dimensions(settings.embed_model)
+    vectors = wire.parse_embedded_texts(embedded, len(items), settings.embed_model, dimensions)
     now_ts = time.time()
     batch = writes.build_writes(memory_id, memory_type, items, vectors, embedded["model"], now_ts)
     touched = [keys.memory_object_id(memory_id, writes.memory_key(item)) for item in items]

@@ -53,7 +53,7 @@ from memq.workers.metrics import VERSION_BUMP_FAILURES
 log = logging.getLogger(__name__)
 
 CHANGE_LOG_MAX_ENTRIES = 64  # versions a search process can be behind and still catch up without a reload
-CHANGE_LOG_MAX_IDS = 1000  # ids one entry names (MEMQ_MAX_BATCH_ITEMS); more are logged as "anything changed"
+CHANGE_LOG_MAX_IDS = 1000  # ids one entry names (validation.MAX_BATCH_ITEMS); more are logged as "anything changed"
 CHANGE_LOG_TTL_MS = 24 * 3600 * 1000
 CHANGE_LOG_MAX_KNOWN_BYTES = 64 * 1024  # an entry's "known" documents (base64) past this are left out: read back
 # Stored documents as the MongoDB client decodes them (``mongo._connect``: tz_aware, UTC).
