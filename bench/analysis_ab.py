@@ -20,7 +20,7 @@ import numpy as np
 
 from bench.locomo_bench import RESULTS, conversation, load_samples, scores
 from bench.pipeline_bench import machine
-from memq.workers import lexical
+from memq.workers.search import lexical
 
 Analyser = Callable[[Sequence[str]], list[list[str]]]
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.pipeline_bench import RESULTS, machine, summary
-from memq import services
+from memq.ops import services
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -120,7 +120,7 @@ def run_variant(name: str, broker_url: str, mongo_url: str, args: argparse.Names
         from celery import Celery
 
         from memq.config.celery import celery_config
-        from memq.settings import Settings
+        from memq.core.settings import Settings
 
         app = Celery(f"bench-{name}", set_as_current=False)
         app.config_from_object(celery_config(Settings(broker_url=broker_url, result_backend=results.url)))

@@ -7,7 +7,7 @@ and ``cache.png``.
 Series (interleaved, so machine noise hits each alike):
   - cold: a retrieval whose result is not cached (a distinct query each time: a full chord);
   - cached: the same retrieval repeated (result cache hit: one Redis round trip, no task);
-  - lookup: the cache round trip alone (``memq.result_cache.lookup``), for the floor of a hit.
+  - lookup: the cache round trip alone (``memq.client.result_cache.lookup``), for the floor of a hit.
 Bursts: N identical concurrent cold retrievals with single-flight, and with the result cache off (N chords).
 Embedding cache: ``memq.embed_texts`` on the same texts, first (computed) and again (served by MGET).
 """
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from bench import corpus
-from memq import services
+from memq.ops import services
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LIMITS = {"semantic": 5, "episodic": 5, "procedural": 5}
@@ -60,34 +60,34 @@ def merges_run(app: Any) -> int:
 
 def set_result_cache_ttl_s(ttl_s: int) -> None:
     """Settings are read once per process; the bench switches the cache off and on between phases."""
-    from memq.settings import get_settings
+    from memq.core.settings import get_settings
 
     os.environ["MEMQ_RESULT_CACHE_TTL_S"] = str(ttl_s)
     get_settings.cache_clear()
 
 
 def ingest(tenant: str, per_type: int) -> None:
-    from memq import client
+    from memq.client import api
 
     for memory_type in ("long_term_memory", "conversation_memory", "workflow_memory"):
         items = corpus.memories(memory_type, per_type, seed=len(memory_type))
         for start in range(0, len(items), 250):
-            client.remember(tenant, memory_type, items[start : start + 250])
+            api.remember(tenant, memory_type, items[start : start + 250])
 
 
 def latency_series(tenant: str, iterations: int, queries: Any) -> dict[str, list[float]]:
-    from memq import client, result_cache
-    from memq.requests import retrieval_request
-    from memq.settings import get_settings
+    from memq.client import api, result_cache
+    from memq.client.edge import retrieval_request
+    from memq.core.settings import get_settings
 
     hot = next(queries)
-    client.retrieve(hot, tenant, LIMITS)
+    api.retrieve(hot, tenant, LIMITS)
     series: dict[str, list[float]] = {"cold": [], "cached": [], "lookup": [], "cache_ms_in_hit": []}
     settings = get_settings()
     for _ in range(iterations):
-        ms, _ = timed(lambda: client.retrieve(next(queries), tenant, LIMITS))
+        ms, _ = timed(lambda: api.retrieve(next(queries), tenant, LIMITS))
         series["cold"].append(ms)
-        ms, hit = timed(lambda: client.retrieve(hot, tenant, LIMITS))
+        ms, hit = timed(lambda: api.retrieve(hot, tenant, LIMITS))
         assert hit["cached"], "the repeated retrieval missed the cache"
         series["cached"].append(ms)
         series["cache_ms_in_hit"].append(hit["timings_ms"]["cache_ms"])
@@ -97,7 +97,7 @@ def latency_series(tenant: str, iterations: int, queries: Any) -> dict[str, list
 
 
 def burst(app: Any, tenant: str, size: int, rounds: int, queries: Any) -> dict[str, Any]:
-    from memq import client
+    from memq.client import api
 
     latencies: list[float] = []
     merges_before = merges_run(app)
@@ -107,7 +107,7 @@ def burst(app: Any, tenant: str, size: int, rounds: int, queries: Any) -> dict[s
 
         def one(_: int, q: str = query, barrier: threading.Barrier = start) -> float:
             barrier.wait()
-            return timed(lambda: client.retrieve(q, tenant, LIMITS, timeout_s=60))[0]
+            return timed(lambda: api.retrieve(q, tenant, LIMITS, timeout_s=60))[0]
 
         with ThreadPoolExecutor(max_workers=size) as pool:
             latencies.extend(pool.map(one, range(size)))
@@ -116,7 +116,7 @@ def burst(app: Any, tenant: str, size: int, rounds: int, queries: Any) -> dict[s
 
 
 def embedding_cache_series(app: Any, texts: int, rounds: int) -> dict[str, Any]:
-    from memq import names
+    from memq.core import names
 
     def embed(batch: list[str]) -> dict[str, Any]:
         return dict(app.send_task(names.EMBED_TEXTS, args=(batch,), queue=names.EMBED_QUEUE).get(timeout=120))
@@ -135,8 +135,8 @@ def embedding_cache_series(app: Any, texts: int, rounds: int) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, fleet: services.Fleet) -> dict[str, Any]:
-    from memq import result_cache
-    from memq.app import app
+    from memq.client import result_cache
+    from memq.client.app import app
 
     hosts = [fleet.start(kind) for kind in services.WORKER_KINDS]
     fleet.wait_ready(app, hosts)
@@ -144,10 +144,10 @@ def run(args: argparse.Namespace, fleet: services.Fleet) -> dict[str, Any]:
     print(f"ingesting {3 * args.per_type} memories ...", file=sys.stderr)
     ingest(tenant, args.per_type)
     queries = iter(corpus.queries(100_000, seed=11))
-    from memq import client
+    from memq.client import api
 
     for _ in range(3):  # steady state: model warm, tenant matrices loaded in the search worker
-        client.retrieve(next(queries), tenant, LIMITS)
+        api.retrieve(next(queries), tenant, LIMITS)
     report: dict[str, Any] = {"config": {k: str(v) for k, v in vars(args).items()}, "limits": LIMITS}
     print("latency series ...", file=sys.stderr)
     series = latency_series(tenant, args.iterations, queries)

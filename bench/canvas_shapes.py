@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from memq import services
+from memq.ops import services
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -135,7 +135,7 @@ def passages(count: int, seed: int = 7) -> list[str]:
 def load_models(model: str, device: str, bulk_batch_texts: int) -> tuple[Any, Any]:
     from sentence_transformers import SentenceTransformer
 
-    from memq.workers.embedder import Embedder, resolve_model_path
+    from memq.workers.embedding.embedder import Embedder, resolve_model_path
 
     embedder = Embedder(model, device, batch_size=bulk_batch_texts)
     plain = SentenceTransformer(resolve_model_path(model), device=embedder.device)
@@ -229,7 +229,7 @@ def bulk(encode: Encode, texts: list[str]) -> float:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from memq.workers.embedder import choose_device
+    from memq.workers.embedding.embedder import choose_device
 
     device = choose_device(args.device)
     plan = plan_for(device, args.quick)

@@ -14,11 +14,12 @@ from celery import Celery, chain, chord
 from celery.canvas import Signature
 from kombu import Exchange, Queue
 
-from memq import names, services
-from memq.app import app
+from memq.client.app import app
 from memq.config.celery import celery_config
-from memq.settings import get_settings
-from memq.wire import RetrievalRequest
+from memq.core import names
+from memq.core.settings import get_settings
+from memq.core.wire import RetrievalRequest
+from memq.ops import services
 
 NOOP = "bench.floor.noop"
 FLOOR_QUEUE = "bench.floor"

@@ -1,5 +1,5 @@
 """Bulk ingest through the real pipeline (issue #18): ``remember_many`` over a generator of short memories, in
-batches of ``memq.validation.MAX_BATCH_ITEMS`` with a bounded number in flight. Prints a table, writes
+batches of ``memq.core.field_rules.MAX_BATCH_ITEMS`` with a bounded number in flight. Prints a table, writes
 ``bench/results/ingest.json``.
 
     python -m bench.ingest_bench                    # 100,000 memories, 4 batches in flight
@@ -25,7 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from memq import services, validation
+from memq.core import field_rules
+from memq.ops import services
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -41,7 +42,7 @@ def short_memories(count: int, run: str) -> Iterator[dict[str, Any]]:
 
 
 def run_one(count: int, in_flight: int, tenant: str) -> dict[str, Any]:
-    from memq.client import IngestProgress, remember_many
+    from memq.client.api import IngestProgress, remember_many
 
     started = time.perf_counter()
     last = [started]
@@ -78,8 +79,8 @@ def stored_count(mongodb_uri: str, tenant: str) -> int:
 
 
 def run(args: argparse.Namespace, fleet: services.Fleet, mongodb_uri: str) -> dict[str, Any]:
-    from memq.app import app
-    from memq.client import remember
+    from memq.client.api import remember
+    from memq.client.app import app
 
     hosts = [fleet.start(kind) for kind in services.WORKER_KINDS]
     fleet.wait_ready(app, hosts)
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace, fleet: services.Fleet, mongodb_uri: str) -> di
         row["stored_in_mongodb"] = stored_count(mongodb_uri, tenant)
         rows.append(row)
     return {
-        "config": {"count": args.count, "batch_items": validation.MAX_BATCH_ITEMS, "in_flight": args.in_flight},
+        "config": {"count": args.count, "batch_items": field_rules.MAX_BATCH_ITEMS, "in_flight": args.in_flight},
         "runs": rows,
     }
 
@@ -111,7 +112,7 @@ def machine() -> dict[str, Any]:
 
 def print_report(report: dict[str, Any]) -> None:
     print(f"\nmachine: {report['machine']}")
-    print(f"batch: {report['config']['batch_items']} memories (memq.validation.MAX_BATCH_ITEMS)\n")
+    print(f"batch: {report['config']['batch_items']} memories (memq.core.field_rules.MAX_BATCH_ITEMS)\n")
     header = f"{'memories':>10}{'in flight':>11}{'batches':>9}{'seconds':>10}{'memories/s':>12}{'stored':>10}"
     print(header + f"{'client RSS MiB':>16}")
     for row in report["runs"]:

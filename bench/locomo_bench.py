@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from bench.pipeline_bench import machine, summary
-from memq import services
+from memq.ops import services
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("hybrid", "vector", "lexical")
@@ -168,7 +168,7 @@ def run_baselines(convs: list[Conversation]) -> dict[str, dict[str, list[list[st
     """Brute-force MiniLM cosine and plain BM25, outside memq, over the same texts: ranked ids."""
     import bm25s
 
-    from memq.workers.embedder import Embedder
+    from memq.workers.embedding.embedder import Embedder
 
     embedder = Embedder("all-MiniLM-L6-v2", "cpu")
     out: dict[str, dict[str, list[list[str]]]] = {"minilm_cosine": {}, "bm25": {}}
@@ -219,7 +219,7 @@ def start_and_run(convs: list[Conversation], modes: list[str]) -> tuple[dict[str
     fleet = services.Fleet(env)
     with services.running(redis_service, mongo_service):
         try:
-            from memq.app import app
+            from memq.client.app import app
 
             fleet.wait_ready(app, [fleet.start(kind) for kind in services.WORKER_KINDS])
             return run_memq(convs, modes)

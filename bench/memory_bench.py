@@ -31,8 +31,8 @@ import redis
 
 from bench.pipeline_bench import RESULTS, machine, summary
 from bench.scale_bench import rss_mb
-from memq import services
-from memq.memory_types import MemoryType
+from memq.core.memory_types import MemoryType
+from memq.ops import services
 
 TYPES = tuple(memory_type.value for memory_type in MemoryType)  # all 9
 QUERIES = ("what does this person like", "recent plans", "how to book travel", "health notes", "work projects")
@@ -47,8 +47,8 @@ def load_memories(uri: str, db: str, tenants: int, memories: int, content_bytes:
     import pymongo
 
     from bench.scale_bench import _dt
-    from memq.keys import memory_object_id
-    from memq.vectors import to_bson
+    from memq.core.keys import memory_object_id
+    from memq.core.vectors import to_bson
 
     rng = np.random.default_rng(11)
     database = pymongo.MongoClient(uri)[db]
@@ -154,7 +154,7 @@ def run_fleet(base_env: dict[str, str], label: str, budget: dict[str, int], args
         from celery import Celery
 
         from memq.config.celery import celery_config
-        from memq.settings import Settings
+        from memq.core.settings import Settings
 
         app = Celery("memq-memory-bench", set_as_current=False)
         app.config_from_object(
@@ -193,7 +193,7 @@ def run_fleet(base_env: dict[str, str], label: str, budget: dict[str, int], args
 
 
 def search_info(app: Any, host: str) -> dict[str, Any]:
-    from memq import names
+    from memq.core import names
 
     replies = app.control.broadcast(names.INFO_COMMAND, destination=[host], reply=True, timeout=5.0) or []
     return next((reply[host] for reply in replies if host in reply), {})

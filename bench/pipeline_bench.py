@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from bench import corpus
-from memq import services
+from memq.ops import services
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TYPES3 = {"semantic": 5, "episodic": 5, "procedural": 5}
@@ -64,7 +64,7 @@ class Baselines:
     def __init__(self, mongodb_uri: str, db: str) -> None:
         import pymongo
 
-        from memq.workers.embedder import resolve_model_path
+        from memq.workers.embedding.embedder import resolve_model_path
 
         self.model_path = resolve_model_path("all-MiniLM-L6-v2")
         self.db = pymongo.MongoClient(mongodb_uri)[db]
@@ -76,7 +76,7 @@ class Baselines:
         return SentenceTransformer(self.model_path, device="cpu")
 
     def _search(self, vector: np.ndarray, memory_id: str, memory_type: str, k: int) -> list[dict[str, Any]]:
-        from memq.vectors import from_stored
+        from memq.core.vectors import from_stored
 
         docs = list(self.db[memory_type].find({"memory_id": memory_id}))
         if not docs:
@@ -86,7 +86,7 @@ class Baselines:
         return [{"content": docs[i]["content"], "score": float(scores[i])} for i in np.argsort(-scores)[:k]]
 
     def before(self, query: str, memory_id: str, limits: dict[str, int]) -> dict[str, Any]:
-        from memq.validation import check_limits
+        from memq.core.field_rules import check_limits
 
         out = {}
         for memory_type, k in check_limits(limits).items():
@@ -95,7 +95,7 @@ class Baselines:
         return out
 
     def after_one_process(self, query: str, memory_id: str, limits: dict[str, int], pool: ThreadPoolExecutor) -> Any:
-        from memq.validation import check_limits
+        from memq.core.field_rules import check_limits
 
         if self._model is None:
             self._model = self._load_model()
@@ -190,10 +190,10 @@ def machine() -> dict[str, Any]:
 
 def run(args: argparse.Namespace, fleet: services.Fleet, mongodb_uri: str) -> dict[str, Any]:
     from bench.floor import floor_canvas, start_floor_worker
-    from memq import client
-    from memq.app import app
-    from memq.requests import retrieval_request
-    from memq.settings import get_settings
+    from memq.client import api
+    from memq.client.app import app
+    from memq.client.edge import retrieval_request
+    from memq.core.settings import get_settings
 
     hosts = [*(fleet.start(kind) for kind in services.WORKER_KINDS), start_floor_worker(fleet)]
     fleet.wait_ready(app, hosts)
@@ -208,7 +208,7 @@ def run(args: argparse.Namespace, fleet: services.Fleet, mongodb_uri: str) -> di
         for memory_type in ("long_term_memory", "conversation_memory", "workflow_memory"):
             items = corpus.memories(memory_type, args.per_type, seed=hash((t_index, memory_type)) & 0xFFFF)
             for start in range(0, len(items), 250):
-                client.remember(tenant, memory_type, items[start : start + 250])
+                api.remember(tenant, memory_type, items[start : start + 250])
                 done += len(items[start : start + 250])
                 print(f"\ringest {done}/{total} memories", end="", file=sys.stderr, flush=True)
     ingest_s = time.perf_counter() - started
@@ -217,7 +217,7 @@ def run(args: argparse.Namespace, fleet: services.Fleet, mongodb_uri: str) -> di
 
     queries = iter(corpus.queries(100_000, seed=7))
     for tenant in tenants:  # steady state: each search process has loaded each tenant's matrices once
-        client.retrieve(next(queries), tenant, TYPES3)
+        api.retrieve(next(queries), tenant, TYPES3)
 
     settings = get_settings()
 
@@ -233,7 +233,7 @@ def run(args: argparse.Namespace, fleet: services.Fleet, mongodb_uri: str) -> di
     pool = ThreadPoolExecutor(max_workers=3)
     baselines.after_one_process("warm", tenants[0], TYPES3, pool)
     cached_query = next(queries)
-    client.retrieve(cached_query, tenants[0], TYPES3)
+    api.retrieve(cached_query, tenants[0], TYPES3)
 
     series: dict[str, list[float]] = {
         k: []
@@ -252,14 +252,14 @@ def run(args: argparse.Namespace, fleet: services.Fleet, mongodb_uri: str) -> di
         tenant = tenants[i % len(tenants)]
         series["floor_3"].append(timed(lambda: floor(TYPES3))[0])
         series["floor_1"].append(timed(lambda: floor(TYPES1))[0])
-        ms, result = timed(lambda t=tenant: client.retrieve(next(queries), t, TYPES3))
+        ms, result = timed(lambda t=tenant: api.retrieve(next(queries), t, TYPES3))
         series["memq_cold_3"].append(ms)
         stages.append(result["timings_ms"] | {"client_ms": ms})
         # The same cold retrieval as before hybrid search existed: cosine only.
-        vector_only = timed(lambda t=tenant: client.retrieve(next(queries), t, TYPES3, mode="vector"))[0]
+        vector_only = timed(lambda t=tenant: api.retrieve(next(queries), t, TYPES3, mode="vector"))[0]
         series["memq_cold_3_vector"].append(vector_only)
-        series["memq_cold_1"].append(timed(lambda t=tenant: client.retrieve(next(queries), t, TYPES1))[0])
-        series["memq_cached_3"].append(timed(lambda: client.retrieve(cached_query, tenants[0], TYPES3))[0])
+        series["memq_cold_1"].append(timed(lambda t=tenant: api.retrieve(next(queries), t, TYPES1))[0])
+        series["memq_cached_3"].append(timed(lambda: api.retrieve(cached_query, tenants[0], TYPES3))[0])
         series["baseline_b_3"].append(
             timed(lambda t=tenant: baselines.after_one_process(next(queries), t, TYPES3, pool))[0]
         )
@@ -279,7 +279,7 @@ def run(args: argparse.Namespace, fleet: services.Fleet, mongodb_uri: str) -> di
         for clients in levels:
             key = f"memq_cold_3_search{search_workers}_c{clients}"
             load[key] = run_load(
-                lambda n: client.retrieve(next(queries), tenants[n % len(tenants)], TYPES3, timeout_s=30),
+                lambda n: api.retrieve(next(queries), tenants[n % len(tenants)], TYPES3, timeout_s=30),
                 clients,
                 args.duration_s,
             )

@@ -24,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from memq import services
+from memq.ops import services
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LIMITS = {"semantic": 2, "episodic": 1}
@@ -76,7 +76,7 @@ def wait_for_expiry(client: Any, kind: str, until: float) -> dict[str, Any]:
 
 
 def run_retrievals(n: int, threads: int, tenants: list[str]) -> dict[str, Any]:
-    from memq import client
+    from memq.client import api
     from memq.errors import MemqError
 
     outcomes: Counter[str] = Counter()
@@ -91,7 +91,7 @@ def run_retrievals(n: int, threads: int, tenants: list[str]) -> dict[str, Any]:
                     return
                 remaining[0] -= 1
             try:
-                result = client.retrieve(f"query {rng.random()}", rng.choice(tenants), LIMITS, timeout_s=30)
+                result = api.retrieve(f"query {rng.random()}", rng.choice(tenants), LIMITS, timeout_s=30)
                 outcome = "complete" if not result["errors"] else "reported"
             except MemqError as exc:
                 outcome = type(exc).__name__
@@ -126,8 +126,8 @@ def main() -> int:
     os.environ.update(env)  # before anything reads the settings
     import redis
 
-    from memq import client
-    from memq.app import app
+    from memq.client import api
+    from memq.client.app import app
 
     fleet = services.Fleet(env)
     try:
@@ -135,8 +135,8 @@ def main() -> int:
         fleet.wait_ready(app, hosts, timeout_s=240)
         tenants = [f"keys-tenant-{i}" for i in range(8)]
         for tenant in tenants:
-            client.remember(tenant, "semantic", [f"{tenant} likes {food}" for food in ("tea", "curry", "bread")])
-            client.remember(tenant, "episodic", [f"user: {tenant} books a table"])
+            api.remember(tenant, "semantic", [f"{tenant} likes {food}" for food in ("tea", "curry", "bread")])
+            api.remember(tenant, "episodic", [f"user: {tenant} books a table"])
         r = redis.Redis.from_url(redis_service.url)
         before = census(r)
         run = run_retrievals(args.n, args.threads, tenants)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from bench.pipeline_bench import RESULTS, machine, summary
-from memq import services
+from memq.ops import services
 
 TYPES = ("semantic", "episodic", "procedural")
 DIMENSIONS = 384  # all-MiniLM-L6-v2's: the random vectors stand in for its embeddings
@@ -42,8 +42,8 @@ def load_memories(
 ) -> None:
     import pymongo
 
-    from memq.keys import memory_object_id
-    from memq.vectors import to_bson
+    from memq.core.keys import memory_object_id
+    from memq.core.vectors import to_bson
 
     rng = np.random.default_rng(5)
     database = pymongo.MongoClient(uri)[db]
@@ -158,7 +158,7 @@ def run_config(env: dict[str, str], workers: int, sharded: bool, stream: list[st
         from celery import Celery
 
         from memq.config.celery import celery_config
-        from memq.settings import Settings
+        from memq.core.settings import Settings
 
         app = Celery("memq-scale", set_as_current=False)
         app.config_from_object(
@@ -231,7 +231,7 @@ def main() -> None:
         MEMQ_SEARCH_STRATEGY="exact",
     )
     os.environ.update(env)
-    from memq.settings import get_settings
+    from memq.core.settings import get_settings
 
     settings = get_settings()
     shown_args = {**vars(args), "nx_dir": None, "out": str(args.out)}

@@ -23,8 +23,8 @@ import numpy as np
 
 from bench import corpus
 from bench.pipeline_bench import RESULTS, summary
-from memq.workers.lexical import LexicalIndex
-from memq.workers.search import TenantMatrix, Wanted, top_k
+from memq.workers.search.lexical import LexicalIndex
+from memq.workers.search.strategies import TenantMatrix, Wanted, top_k
 
 SIZES = (1_000, 10_000)
 DIMENSIONS = 384  # all-MiniLM-L6-v2's: the random vectors stand in for its embeddings
@@ -33,7 +33,7 @@ K = 30  # a limit of 10 with the default oversample of 3
 
 
 def tenant(size: int, dimensions: int, seed: int = 7) -> tuple[TenantMatrix, float]:
-    """A cached entry as ``workers.search.build_matrix`` makes it, and the seconds building it took."""
+    """A cached entry as ``workers.search.strategies.build_matrix`` makes it, and the seconds building it took."""
     rng = np.random.default_rng(seed)
     rows = corpus.memories("long_term_memory", size, seed)
     items: list[dict[str, Any]] = [
@@ -66,8 +66,8 @@ RARE_WORD = "zephyrine"  # in 5 memories: a lexical query for it matches fewer t
 def full_sort_top_k(entry: TenantMatrix, query: np.ndarray, k: int, wanted: Wanted) -> list[int]:
     """The selection ``top_k`` made before partial selection: every row tied with the k-th best fused score sorted
     in Python (with few matches, every zero-score row). Kept here as the baseline."""
-    from memq import ranking
-    from memq.vectors import normalise
+    from memq.core import ranking
+    from memq.core.vectors import normalise
 
     vector = entry.matrix @ normalise(query.astype(np.float32))
     lexical = entry.lexical.scores(wanted.query or "") if entry.lexical else np.zeros(len(entry.items))

@@ -33,10 +33,10 @@ import numpy as np
 
 from bench import corpus
 from bench.pipeline_bench import RESULTS, TYPES3, machine, summary
-from memq import services
+from memq.ops import services
 
 ROOT = Path(__file__).resolve().parent.parent
-BEFORE_SHARDS_REV = "a8579c2"  # the last commit before memq.sharding (9a848a8 added it)
+BEFORE_SHARDS_REV = "a8579c2"  # the last commit before memq.core.sharding (9a848a8 added it)
 COLLECTIONS = ("long_term_memory", "conversation_memory", "workflow_memory")
 
 # Runs in each variant's client process: reads a JSON list of [query, tenant] per line, answers the latencies.
@@ -209,7 +209,7 @@ def measure(args: argparse.Namespace, variants: list[Variant], tenants: list[str
     from celery import Celery
 
     from memq.config.celery import celery_config
-    from memq.settings import Settings
+    from memq.core.settings import Settings
 
     for variant in variants:
         hosts = variant.start_workers(ingest=variant is variants[1])

@@ -25,7 +25,7 @@ import numpy as np
 
 from bench import corpus
 from bench.pipeline_bench import machine, timed
-from memq import services
+from memq.ops import services
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TYPES3 = {"semantic": 5, "episodic": 5, "procedural": 5}
@@ -42,10 +42,10 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
 
 def run_variant(env: dict[str, str], flags: dict[str, list[str]], tenant: str, iterations: int) -> dict[str, list]:
     from bench.floor import THREADS, floor_canvas, start_floor_worker
-    from memq import client
-    from memq.app import app
-    from memq.requests import retrieval_request
-    from memq.settings import get_settings
+    from memq.client import api
+    from memq.client.app import app
+    from memq.client.edge import retrieval_request
+    from memq.core.settings import get_settings
 
     fleet = services.Fleet(env)
     run = uuid.uuid4().hex[:8]  # rounds share one Redis: no query may repeat across fleets (cache hits)
@@ -64,12 +64,12 @@ def run_variant(env: dict[str, str], flags: dict[str, list[str]], tenant: str, i
         hosts.append(start_floor_worker(fleet, pool_args=[*THREADS, *flags.get("search", [])]))
         fleet.wait_ready(app, hosts)
         for _ in range(3):  # load the tenant's matrices and warm the model in this fleet
-            client.retrieve(next(queries), tenant, TYPES3)
+            api.retrieve(next(queries), tenant, TYPES3)
             floor()
         samples: dict[str, list[float]] = {"floor_3": [], "memq_cold_3": []}
         for _ in range(iterations):
             samples["floor_3"].append(timed(floor)[0])
-            samples["memq_cold_3"].append(timed(lambda: client.retrieve(next(queries), tenant, TYPES3))[0])
+            samples["memq_cold_3"].append(timed(lambda: api.retrieve(next(queries), tenant, TYPES3))[0])
         return samples
     finally:
         fleet.stop_all()
@@ -117,18 +117,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def seed_corpus(env: dict[str, str], tenant: str, per_type: int) -> None:
-    from memq import client
+    from memq.client import api
 
     fleet = services.Fleet(env)
     try:
-        from memq.app import app
+        from memq.client.app import app
 
         fleet.wait_ready(app, [fleet.start(kind) for kind in services.WORKER_KINDS])
-        client.forget(tenant)
+        api.forget(tenant)
         for index, memory_type in enumerate(("long_term_memory", "conversation_memory", "workflow_memory")):
             items = corpus.memories(memory_type, per_type, seed=index)
             for start in range(0, len(items), 250):
-                client.remember(tenant, memory_type, items[start : start + 250])
+                api.remember(tenant, memory_type, items[start : start + 250])
     finally:
         fleet.stop_all()
 

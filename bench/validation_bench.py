@@ -1,6 +1,6 @@
-"""The validation cost per request, before (the hand-written checks of ``memq.wire``, ``memq.validation`` and
-``memq.requests`` at commit ``BEFORE``) and after (one pydantic model per message, ``memq.wire``), in one run.
-Prints a table, writes ``bench/results/validation.json`` and ``validation.png``.
+"""The validation cost per request, before (the hand-written checks of ``memq.core.wire``, ``memq.core.field_rules`` and
+``memq.client.edge`` at commit ``BEFORE``) and after (one pydantic model per message, ``memq.core.wire``), in one run.
+Prints a table, writes ``bench/results/field_rules.json`` and ``field_rules.png``.
 
     python -m bench.validation_bench            # ~1 min on 2 cores
     python -m bench.validation_bench --quick
@@ -32,8 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from memq import requests, validation, wire
-from memq.settings import Settings
+from memq.client import edge
+from memq.core import field_rules, wire
+from memq.core.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DIMENSIONS = 384  # all-MiniLM-L6-v2's: the random vectors stand in for its embeddings
@@ -43,7 +44,7 @@ OLD_MODULES = ("validation", "wire", "requests")  # in import order
 
 
 def load_before(into: Path) -> dict[str, ModuleType]:
-    """The old ``memq.validation``, ``memq.wire`` and ``memq.requests`` as ``memq_before.*``."""
+    """The old ``memq.core.field_rules``, ``memq.core.wire`` and ``memq.client.edge`` as ``memq_before.*``."""
     package = into / "memq_before"
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -71,7 +72,7 @@ def load_before(into: Path) -> dict[str, ModuleType]:
 
 def messages(settings: Settings) -> dict[str, Any]:
     limits = {"semantic": 10, "episodic": 10}
-    request = requests.retrieval_request(settings, "what does the user like to eat?", "tenant-1", limits)
+    request = edge.retrieval_request(settings, "what does the user like to eat?", "tenant-1", limits)
     embedded = wire.embed_result(np.full(DIMENSIONS, 0.05, np.float32), "m", 1.0, "miss", 1.0, 2.0)
     items = [
         {"id": f"m{i}", "content": f"memory {i}", "score": 0.5, "importance": 0.5, "scores": {"relevance": 0.5}}
@@ -92,7 +93,7 @@ def before_series(old: dict[str, ModuleType], settings: Settings, m: dict[str, A
     return {
         "retrieve": lambda: requests_before.retrieval_request(settings, request["query"], "tenant-1", m["limits"]),
         "search": lambda: (
-            wire_before.parse_search_call(*call, validation.MAX_QUERY_CHARS, request["deadline_ts"]),
+            wire_before.parse_search_call(*call, field_rules.MAX_QUERY_CHARS, request["deadline_ts"]),
             wire_before.parse_embed_result(m["embedded"], DIMENSIONS),
         ),
         "merge": lambda: wire_before.parse_merge_input(m["results"], request, settings.search_strategy),
@@ -105,13 +106,13 @@ def after_series(settings: Settings, m: dict[str, Any]) -> dict[str, Callable[[]
     call = {"memory_id": request["memory_id"], "memory_type": "long_term_memory", "k": 30, "strategy": "auto"}
     call |= {"query": request["query"], "mode": "hybrid", "filters": {}, "deadline_ts": request["deadline_ts"]}
     return {
-        "retrieve": lambda: requests.retrieval_request(settings, request["query"], "tenant-1", m["limits"]),
+        "retrieve": lambda: edge.retrieval_request(settings, request["query"], "tenant-1", m["limits"]),
         "search": lambda: (
             wire.parse(wire.SEARCH_CALL, call, settings),
             wire.parse_embed_result(m["embedded"], DIMENSIONS),
         ),
         "merge": lambda: wire.parse_merge_input(m["results"], request, settings),
-        "remember": lambda: requests.remember_request(settings, "tenant-1", "semantic", m["memories"]),
+        "remember": lambda: edge.remember_request(settings, "tenant-1", "semantic", m["memories"]),
     }
 
 
@@ -177,8 +178,8 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "median_us_per_request": figures,
     }
-    (RESULTS / "validation.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(figures, RESULTS / "validation.png")
+    (RESULTS / "field_rules.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(figures, RESULTS / "field_rules.png")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Write, then read: what a write costs the next search of its tenant, at 1,000 to 200,000 memories of one type,
-with the incremental path (the change log applied: ``workers.search.catch_up``) and a forced full reload side by
+with the incremental path (the change log applied: ``workers.search.strategies.catch_up``) and a forced full reload side
+by
 side, in one run. Prints a table, writes ``bench/results/write_read.json`` and ``write_read.png``.
 
     python -m bench.write_read_bench                          # 1,000, 10,000 and 50,000 memories
@@ -24,7 +25,7 @@ Measured per size, each a median over repetitions:
 - ``8 concurrent``: the slowest of 8 searches started together right after a write of 1 memory (one catch-up or
   one load shared by all of them), incremental vs full reload;
 - ``cold``: the first load of the tenant in a fresh process;
-- through a fleet (``--client``, on by default): the same tenant through ``memq.client`` and real ``memq worker``
+- through a fleet (``--client``, on by default): the same tenant through ``memq.client.api`` and real ``memq worker``
   processes (embed, search, ingest; exact search): the client time of ``client.retrieve`` (its embedding, the
   broker, the search, the merge) and its ``timings_ms.search_ms``, warm, right after a ``client.remember`` of 1 and
   of 100 memories, and the slowest of 8 concurrent retrievals right after a remember of 1; incremental vs full
@@ -52,7 +53,7 @@ import numpy as np
 
 from bench import corpus
 from bench.pipeline_bench import RESULTS, machine
-from memq import services
+from memq.ops import services
 
 LTM = "long_term_memory"
 DIMENSIONS = 384  # all-MiniLM-L6-v2's: the random vectors stand in for its embeddings
@@ -71,10 +72,10 @@ def unit_vectors(rng: np.random.Generator, count: int, dimensions: int) -> np.nd
 
 def write_tenant(tenant: str, size: int, dimensions: int) -> float:
     """The tenant's memories written straight through the write functions; the seconds it took."""
-    from memq import keys
+    from memq.core import keys
+    from memq.core.settings import get_settings
     from memq.errors import StoreUnavailable
-    from memq.settings import get_settings
-    from memq.workers import versions, writes
+    from memq.workers.storage import versions, writes
 
     rng = np.random.default_rng(size)
     texts = corpus.memories(LTM, size, seed=size)
@@ -112,8 +113,8 @@ class Tenant:
 
     def write(self, count: int) -> None:
         """``count`` memories through the ingest step: half new, half re-sent with new content."""
-        from memq.settings import get_settings
-        from memq.vectors import to_wire
+        from memq.core.settings import get_settings
+        from memq.core.vectors import to_wire
         from memq.workers import steps
 
         items = []
@@ -126,12 +127,12 @@ class Tenant:
         steps.store_memories(embedded, self.name, LTM, items)
 
     def search_ms(self) -> float:
-        from memq.workers import search
+        from memq.workers.search import strategies
 
         query = self.queries[int(self.rng.integers(len(self.queries)))]
         vector = unit_vectors(self.rng, 1, self.dimensions)[0]
         started = time.perf_counter()
-        search.exact_search(self.name, LTM, vector, K, search.Wanted(query=query, mode="hybrid"))
+        strategies.exact_search(self.name, LTM, vector, K, strategies.Wanted(query=query, mode="hybrid"))
         return (time.perf_counter() - started) * 1000
 
     def concurrent_ms(self) -> float:
@@ -152,7 +153,7 @@ class Tenant:
 
 
 class Client:
-    """The tenant through a running fleet and ``memq.client``: what a caller waits for."""
+    """The tenant through a running fleet and ``memq.client.api``: what a caller waits for."""
 
     def __init__(self, tenant: Tenant) -> None:
         self.tenant = tenant
@@ -162,13 +163,13 @@ class Client:
 
     def retrieve(self) -> tuple[float, float]:
         """One retrieval of a query not asked before: (client ms, the search step's ms)."""
-        from memq import client
+        from memq.client import api
 
         self.asked += 1
         queries = self.tenant.queries
         query = f"{queries[self.asked % len(queries)]} ({self.asked})"
         started = time.perf_counter()
-        result = client.retrieve(query, self.tenant.name, CLIENT_LIMITS, timeout_s=CLIENT_TIMEOUT_S, strategy="exact")
+        result = api.retrieve(query, self.tenant.name, CLIENT_LIMITS, timeout_s=CLIENT_TIMEOUT_S, strategy="exact")
         client_ms = (time.perf_counter() - started) * 1000
         if result.get("errors"):  # kept in the report: a retrieval that failed has no search time
             self.errors.append(json.dumps(result["errors"], default=str)[:300])
@@ -176,17 +177,18 @@ class Client:
         return client_ms, float(result["timings_ms"]["search_ms"][LTM])
 
     def write(self, count: int) -> None:
-        """``count`` memories through ``client.remember`` (half new, half re-sent), then, for a full reload, the
+        """``count`` memories through ``api.remember`` (half new, half re-sent), then, for a full reload, the
         change log dropped."""
-        from memq import client, keys
-        from memq.cache_redis import cache_redis
+        from memq.client import api
+        from memq.client.cache_redis import cache_redis
+        from memq.core import keys
 
         rng = self.tenant.rng
         items = [
             {"id": f"m{int(rng.integers(self.tenant.size))}" if n % 2 else f"client{self.asked}-{n}", "content": text}
             for n, text in enumerate(self.tenant.queries[self.asked % 1000 : self.asked % 1000 + count])
         ]
-        client.remember(self.tenant.name, "semantic", items)
+        api.remember(self.tenant.name, "semantic", items)
         if self.full_reload:
             cache_redis.get().delete(keys.change_log(self.tenant.name, LTM))
 
@@ -237,7 +239,7 @@ def start_fleet(env: dict[str, str]) -> Any:
     from celery import Celery
 
     from memq.config.celery import celery_config
-    from memq.settings import Settings
+    from memq.core.settings import Settings
 
     fleet = services.Fleet({**env, "MEMQ_SEARCH_STRATEGY": "exact"})
     hosts = [fleet.start(kind, name=f"write-read-{kind}") for kind in services.WORKER_KINDS]
@@ -252,9 +254,9 @@ def start_fleet(env: dict[str, str]) -> Any:
 
 def full_reloads(enabled: bool) -> None:
     """Disable (or restore) the catch-up: with it off, every search after a write reloads the tenant."""
-    from memq.workers import search
+    from memq.workers.search import strategies
 
-    search.CATCH_UP_MIN_IDS, search.CATCH_UP_MAX_FRACTION = (-1, -1.0) if enabled else (256, 0.25)
+    strategies.CATCH_UP_MIN_IDS, strategies.CATCH_UP_MAX_FRACTION = (-1, -1.0) if enabled else (256, 0.25)
 
 
 def median_of(repeats: int, measure: Callable[[], float]) -> float:
@@ -274,10 +276,10 @@ def after_write(tenant: Tenant, count: int, repeats: int, measure: Callable[[], 
 
 
 def measure_size(size: int, dimensions: int, repeats: int, client: bool) -> dict[str, Any]:
-    from memq.process_local import ProcessLocal
-    from memq.workers import search
+    from memq.core.process_local import ProcessLocal
+    from memq.workers.search import strategies
 
-    search.matrix_cache = ProcessLocal(search.MatrixCache)  # a fresh process
+    strategies.matrix_cache = ProcessLocal(strategies.MatrixCache)  # a fresh process
     tenant = Tenant(f"write-read-{size}", size, dimensions)
     row: dict[str, Any] = {"memories": size, "write_s": write_tenant(tenant.name, size, dimensions)}
     row["cold_ms"] = tenant.search_ms()
@@ -295,9 +297,11 @@ def measure_size(size: int, dimensions: int, repeats: int, client: bool) -> dict
             row[f"{name}_{label}_ms"], row[f"{name}_{label}_to_warm"] = after_write(tenant, count, rounds, measure)
     full_reloads(False)
     row["warm_after_ms"] = median_of(max(20, repeats * 4), tenant.search_ms)
-    entry = search.matrix_cache.get().held((tenant.name, LTM))
-    row["bytes"] = search.entry_nbytes(entry) if entry is not None else None
-    search.matrix_cache = ProcessLocal(search.MatrixCache)  # this process's copy freed before the fleet's is loaded
+    entry = strategies.matrix_cache.get().held((tenant.name, LTM))
+    row["bytes"] = strategies.entry_nbytes(entry) if entry is not None else None
+    strategies.matrix_cache = ProcessLocal(
+        strategies.MatrixCache
+    )  # this process's copy freed before the fleet's is loaded
     gc.collect()
     if client:
         row.update(measure_client(tenant, repeats))
@@ -387,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ, redis_service.url, mongo_service.url, MEMQ_MONGODB_DB="memq_write_read_bench", **timeouts
     )
     os.environ.update(env)
-    from memq.workers import mongo
+    from memq.workers.storage import mongo
 
     config = {"sizes": sizes, "repeats": repeats, "k": K, "mode": "hybrid", "client": not args.no_client}
     report: dict[str, Any] = {"config": config, "rows": []}
@@ -397,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         fleet = None if args.no_client else start_fleet(env)
         try:
             print(HEADER)
-            print("(ms, median; incremental / full reload; step: the search step in process; client: memq.client")
+            print("(ms, median; incremental / full reload; step: the search step in process; client: memq.client.api")
             print(" through the fleet, and (step) that retrieval's timings_ms.search_ms)")
             for size in sizes:
                 report["rows"].append(measure_size(size, DIMENSIONS, repeats, fleet is not None))

@@ -6,8 +6,8 @@ from typing import Any
 
 from kombu import Exchange, Queue
 
-from memq import broker, names
-from memq.settings import Settings
+from memq.core import broker, names
+from memq.core.settings import Settings
 
 #: A web process's Redis budget: a call that finds Redis down or paused fails within its timeout_s plus about this
 #: much (docs/guarantees.md, "Time"). Workers keep longer ones (``worker_overrides``).
@@ -39,7 +39,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": broker_transport_options(settings),
         "result_expires": settings.result_expires_s,
         # How long Celery's own result consumer retries a lost result store. memq's client waits on its own
-        # connection (memq.waiting), so in a web process this only bounds what sending a chord costs while the
+        # connection (memq.client.waiting), so in a web process this only bounds what sending a chord costs while the
         # store is down (Celery subscribes each step it freezes); workers, which store results, keep 2 s.
         "result_backend_transport_options": {
             "retry_policy": {
@@ -58,7 +58,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_track_started": False,
         # Every task message passes memq's guard first: a malformed one is dead-lettered, never fatal. A web
         # process never builds a consumer, so it never imports this.
-        "worker_consumer": "memq.workers.guard:GuardedConsumer",
+        "worker_consumer": "memq.workers.plumbing.poison_guard:GuardedConsumer",
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
         **(amqp_config() if broker.is_amqp(settings.broker_url) else {}),
@@ -70,7 +70,7 @@ def task_queues(settings: Settings) -> tuple[Queue, ...]:
     broker's policy), behind topic exchanges, which Celery's native delayed delivery needs, the search shards'
     included; never declared by a client or a worker (``no_declare``) but by ``memq broker setup`` (or the
     compose/Kubernetes definitions), so a web app's broker user needs no ``configure`` permission
-    (``memq.broker``)."""
+    (``memq.core.broker``)."""
     if not broker.is_amqp(settings.broker_url):
         return tuple(Queue(name, Exchange(name, type="direct"), routing_key=name) for name in names.QUEUES)
     return tuple(

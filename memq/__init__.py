@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from memq.client import (
+    from memq.client.api import (
         aforget,
         aremember,
         aretrieve,
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str) -> Any:
     if name in __all__ and name != "__version__":
-        from memq import client
+        from memq.client import api
 
-        return getattr(client, name)
+        return getattr(api, name)
     raise AttributeError(f"module 'memq' has no attribute {name!r}")

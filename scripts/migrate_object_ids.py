@@ -1,4 +1,4 @@
-"""One-off: move memories stored under an older ``_id`` format to the current one (``memq.keys.OBJECT_ID_FORMAT``).
+"""One-off: move memories stored under an older ``_id`` format to the current one (``memq.core.keys.OBJECT_ID_FORMAT``).
 
     python scripts/migrate_object_ids.py [--dry-run] [--type long_term_memory ...]
 
@@ -19,15 +19,15 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from memq.keys import memory_object_id
-from memq.memory_types import MemoryType
+from memq.core.keys import memory_object_id
+from memq.core.memory_types import MemoryType
 
 
 def migrate(database: Any, collections: Sequence[str] | None = None, dry_run: bool = False) -> dict[str, Any]:
     """``{collection: {"moved", "current", "skipped"}}`` for each memory type's collection in ``database``."""
     from pymongo.errors import DuplicateKeyError
 
-    from memq.workers.versions import bump_versions
+    from memq.workers.storage.versions import bump_versions
 
     report: dict[str, Any] = {}
     for name in collections or [t.value for t in MemoryType]:
@@ -66,7 +66,7 @@ def migrate(database: Any, collections: Sequence[str] | None = None, dry_run: bo
 def main(argv: Sequence[str] | None = None) -> int:
     import pymongo
 
-    from memq.settings import get_settings
+    from memq.core.settings import get_settings
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="count what would move; change nothing")

@@ -7,15 +7,15 @@ from typing import Any
 
 from celery import Task
 
-from memq import names
-from memq.app import app
-from memq.memory_types import MemoryType
-from memq.requests import forget_request, remember_request
-from memq.settings import get_settings
+from memq.client.app import app
+from memq.client.edge import forget_request, remember_request
+from memq.core import names
+from memq.core.field_rules import MAX_VECTOR_DIMENSIONS, check_count
+from memq.core.memory_types import MemoryType
+from memq.core.settings import get_settings
+from memq.core.wire import EMBED_TEXTS, parse, parse_embedded_texts
 from memq.tasks import retry
 from memq.tasks.retry import retrying
-from memq.validation import MAX_VECTOR_DIMENSIONS, check_count
-from memq.wire import EMBED_TEXTS, parse, parse_embedded_texts
 
 
 @app.task(name=names.EMBED_TEXTS, bind=True, max_retries=None, store_errors_even_if_ignored=True)
@@ -48,7 +48,7 @@ def store(
 @app.task(name=names.REMEMBER, bind=True)
 def remember(self: Task, memory_id: str, memory_type: str, items: list[dict[str, Any]]) -> Any:
     """Entry point for ``send_task('memq.remember', ...)``: checks, then becomes embed | store."""
-    from memq.canvas import remember_canvas
+    from memq.client.canvas import remember_canvas
 
     raise self.replace(remember_canvas(remember_request(get_settings(), memory_id, memory_type, items)))
 
@@ -66,8 +66,8 @@ def forget(self: Task, memory_id: str, memory_type: str | None = None, ids: list
 @retrying(retry.INGEST)
 def create_indexes(self: Task, dimensions: int | dict[str, Any] | None = None) -> dict[str, Any]:
     """``dimensions``: the vector index's, or the ``memq.embed_texts`` result of a probe text chained in front of
-    this task (``memq.canvas.indexes_canvas``), whose vector has the loaded model's; none is ``InvalidInput``."""
-    from memq.workers import indexes
+    this task (``memq.client.canvas.indexes_canvas``), whose vector has the loaded model's; none is ``InvalidInput``."""
+    from memq.workers.storage import indexes
 
     settings = get_settings()
     if isinstance(dimensions, dict):

@@ -1,6 +1,6 @@
 """Retrieval tasks: thin wrappers that check arguments, retry transient failures, and route.
 
-The logic is in ``memq.workers.steps``; the canvas is built in ``memq.canvas``.
+The logic is in ``memq.workers.steps``; the canvas is built in ``memq.client.canvas``.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from typing import Any
 
 from celery import Task
 
-from memq import deadlines, names, sharding, validation, wire
-from memq.app import app
+from memq.client.app import app
+from memq.core import deadlines, field_rules, names, sharding, wire
+from memq.core.settings import Settings, get_settings
 from memq.errors import InvalidInput, TransientError
-from memq.settings import Settings, get_settings
 from memq.tasks import retry
 from memq.tasks.retry import retrying
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 def embed_query(self: Task, query: str) -> dict[str, Any]:
     from memq.workers import steps
 
-    return steps.embed_query(validation.check_query(query, validation.MAX_QUERY_CHARS))
+    return steps.embed_query(field_rules.check_query(query, field_rules.MAX_QUERY_CHARS))
 
 
 @app.task(name=names.SEARCH, bind=True, max_retries=None)
@@ -47,14 +47,14 @@ def search(
 ) -> dict[str, Any]:
     """One type's search. Never raises, whatever its arguments (a raw ``send_task`` may send any): a failure is
     reported for this type only, so the chord's other types still arrive. Transient store errors retry with
-    bounded backoff inside the deadline. ``mode`` defaults to ``validation.DEFAULT_MODE``, as ``retrieve``'s."""
+    bounded backoff inside the deadline. ``mode`` defaults to ``field_rules.DEFAULT_MODE``, as ``retrieve``'s."""
     from memq.workers import steps
 
     try:
         if unknown:
-            raise InvalidInput(next(iter(unknown)), "is not an argument of memq.search (memq.names)")
+            raise InvalidInput(next(iter(unknown)), "is not an argument of memq.search (memq.core.names)")
         if extra:
-            raise InvalidInput("args", f"memq.search takes at most 9 arguments, got {9 + len(extra)} (memq.names)")
+            raise InvalidInput("args", f"memq.search takes at most 9 arguments, got {9 + len(extra)} (memq.core.names)")
         settings = get_settings()
         arguments = {"memory_id": memory_id, "memory_type": memory_type, "k": k, "strategy": strategy}
         options = {"query": query, "mode": mode, "filters": filters, "deadline_ts": deadline_ts}
@@ -90,7 +90,7 @@ def attempt_budget_s(deadline_ts: float | None, settings: Settings, attempts_lef
     merge and delivery), and half of what is left while retries remain, so a stalled server still leaves
     time to retry and to report the type under ``errors`` before the caller gives up; never more than the MongoDB
     client's socket timeout."""
-    from memq.workers.mongo import socket_timeout_s
+    from memq.workers.storage.mongo import socket_timeout_s
 
     return deadlines.budget_s(
         deadline_ts,
@@ -105,7 +105,7 @@ def attempt_budget_s(deadline_ts: float | None, settings: Settings, attempts_lef
 def merge(results: list[dict[str, Any]], request: dict[str, Any]) -> dict[str, Any]:
     from memq.workers import steps
 
-    return steps.merge(results, request)  # checks their shape (memq.wire.parse_merge_input)
+    return steps.merge(results, request)  # checks their shape (memq.core.wire.parse_merge_input)
 
 
 @app.task(name=names.RETRIEVE, bind=True)
@@ -121,8 +121,8 @@ def retrieve(
 ) -> Any:
     """Entry point for ``send_task('memq.retrieve', ...)``: checks, then replaces itself with the canvas.
     The caller's ``AsyncResult`` resolves to the merged result."""
-    from memq.canvas import retrieval_canvas
-    from memq.requests import retrieval_request
+    from memq.client.canvas import retrieval_canvas
+    from memq.client.edge import retrieval_request
 
     settings = get_settings()
     request = retrieval_request(settings, query, memory_id, limits, weights, timeout_s, mode=mode, filters=filters)

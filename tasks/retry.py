@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from celery import Task
 
-from memq import broker, deadlines
+from memq.core import broker, deadlines
 from memq.errors import TransientError
 
 AMQP_MIN_COUNTDOWN_S = 1.0  # native delayed delivery's unit: shorter waits are slept in the worker

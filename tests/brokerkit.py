@@ -16,7 +16,7 @@ import redis
 from kombu import Connection
 from kombu.exceptions import ChannelError
 
-from memq import broker, keys
+from memq.core import broker, keys
 
 
 class BrokerProbe(Protocol):
@@ -98,7 +98,7 @@ class RedisProbe:
 
     def plant_stored(self, stored: str, shown_queue: str = "search") -> str:
         """A letter whose kept message is ``stored``, whatever it holds."""
-        from memq.workers.guard import Problem, entry, record
+        from memq.workers.plumbing.poison_guard import Problem, entry, record
 
         letter = entry(shown_queue, Problem("too_many_deliveries", "planted by a test"), {}, b"")
         record(self.cache, letter, 1000, stored)
@@ -145,12 +145,12 @@ class AmqpProbe:
         return self._counts(queue)[1]
 
     def dead_letters(self) -> list[dict[str, Any]]:
-        from memq import amqp_dead_letters
+        from memq.ops import amqp_dead_letters
 
         return [letter.fields for letter in amqp_dead_letters.listed(self.url, 100_000)]
 
     def clear_dead_letters(self) -> None:
-        from memq import amqp_dead_letters
+        from memq.ops import amqp_dead_letters
 
         amqp_dead_letters.purge_all(self.url)
 

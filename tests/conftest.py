@@ -35,7 +35,7 @@ import pytest
 import rabbitkit
 import redis
 
-from memq import services
+from memq.ops import services
 
 _started: list[services.Service] = []
 _vhosts: list[str] = []
@@ -229,7 +229,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def app() -> Any:
-    from memq.app import app as celery_app
+    from memq.client.app import app as celery_app
 
     return celery_app
 
@@ -284,7 +284,7 @@ def mongo_db() -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def embedder() -> Any:
     """The real model in the test process, to compute expected answers independently."""
-    from memq.workers.embedder import Embedder
+    from memq.workers.embedding.embedder import Embedder
 
     return Embedder("all-MiniLM-L6-v2", "cpu")
 

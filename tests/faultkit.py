@@ -1,5 +1,5 @@
 """Test helpers: a private Celery app on a test's own broker; fault injection (pause, stop and restart the
-services ``memq.services`` starts, kill a worker)."""
+services ``memq.ops.services`` starts, kill a worker)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from memq import services
-from memq.services import Service
+from memq.ops import services
+from memq.ops.services import Service
 
 
 def mongodb_timeouts(uri: str, timeout_ms: int) -> str:
@@ -47,7 +47,7 @@ def private_app(broker_url: str, name: str = "memq-test") -> Any:
     from celery import Celery
 
     from memq.config.celery import celery_config
-    from memq.settings import Settings
+    from memq.core.settings import Settings
 
     app = Celery(name, set_as_current=False)
     app.config_from_object(celery_config(Settings(broker_url=broker_url, result_backend=broker_url)))
@@ -57,10 +57,15 @@ def private_app(broker_url: str, name: str = "memq-test") -> Any:
 def memq_cli(
     *args: str | bytes, env: dict[str, str] | None = None, timeout_s: float = 120
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m memq.cli ARGS`` from the repository root (arguments may be bytes: any byte string an operator
+    """``python -m memq.ops.cli ARGS`` from the repository root (arguments may be bytes: any byte string an operator
     could type); output decoded with undecodable bytes replaced."""
     return subprocess.run(
-        [os.fsencode(sys.executable), b"-m", b"memq.cli", *(os.fsencode(a) if isinstance(a, str) else a for a in args)],
+        [
+            os.fsencode(sys.executable),
+            b"-m",
+            b"memq.ops.cli",
+            *(os.fsencode(a) if isinstance(a, str) else a for a in args),
+        ],
         env=env or dict(os.environ),
         capture_output=True,
         text=True,

@@ -82,9 +82,9 @@ def private_vhost(prefix: str = "memq-test") -> Iterator[str]:
 
 
 def add_role_user(vhost: str, role: str, users: list[str]) -> str:
-    """A new broker user with ``role``'s permissions in ``vhost`` (``memq.broker.ROLE_PERMISSIONS``), appended to
+    """A new broker user with ``role``'s permissions in ``vhost`` (``memq.core.broker.ROLE_PERMISSIONS``), appended to
     ``users`` (the caller deletes them); its URL."""
-    from memq import broker
+    from memq.core import broker
 
     user, password = f"memq-{role}-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     ctl("add_user", user, password)
@@ -95,7 +95,7 @@ def add_role_user(vhost: str, role: str, users: list[str]) -> str:
 
 def setup_topology(env: dict[str, str], *extra: str, rabbitmqctl: str = "rabbitmqctl") -> str:
     """``memq broker setup`` on the broker ``env`` names, the policy applied with ``rabbitmqctl``; its output."""
-    command = [sys.executable, "-m", "memq.cli", "broker", "setup", "--rabbitmqctl", rabbitmqctl, *extra]
+    command = [sys.executable, "-m", "memq.ops.cli", "broker", "setup", "--rabbitmqctl", rabbitmqctl, *extra]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=CTL_TIMEOUT_S)
     if done.returncode != 0:
         raise RuntimeError(f"memq broker setup failed: {done.stderr.strip() or done.stdout.strip()}")
@@ -208,7 +208,7 @@ def _is_zombie(pid: int) -> bool:
 
 def own_node(port: int | None = None, prefix: str = "memqtest") -> Node:
     """A fresh node on free ports, its data in a new temporary directory (not started)."""
-    from memq import services
+    from memq.ops import services
 
     port = port or free_port_pair(services.free_port)
     parent = Path(tempfile.mkdtemp(prefix="memq-rabbitmq-"))

@@ -20,9 +20,9 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
-from memq.workers.batcher import BatcherClosed, DynamicBatcher
-from memq.workers.embedder import Embedder, choose_device, resolve_model_path
-from memq.workers.gpu_launcher import Supervisor, parse_gpus, split_gpus_arg, worker_command
+from memq.workers.embedding.batcher import BatcherClosed, DynamicBatcher
+from memq.workers.embedding.embedder import Embedder, choose_device, resolve_model_path
+from memq.workers.embedding.gpu_launcher import Supervisor, parse_gpus, split_gpus_arg, worker_command
 
 WAIT_S = 60.0
 QUERIES = [
@@ -360,7 +360,7 @@ def test_gpus_are_parsed_from_a_comma_separated_list_and_bad_lists_are_refused()
 
 def test_each_gpu_gets_an_embed_worker_pinned_to_its_device_under_its_own_name() -> None:
     command = worker_command(1, ["--concurrency", "8"])
-    assert command[:5] == [sys.executable, "-m", "memq.cli", "worker", "embed"]
+    assert command[:5] == [sys.executable, "-m", "memq.ops.cli", "worker", "embed"]
     assert command[5:] == ["--device", "cuda:1", "-n", "embed-gpu1@%h", "--concurrency", "8"]
     for clash in (["--device", "cpu"], ["-n", "x@%h"], ["--hostname=x@%h"]):
         with pytest.raises(ValueError, match="set per GPU"):
@@ -396,12 +396,16 @@ def test_when_one_gpu_worker_dies_the_launcher_stops_the_others_and_reports_its_
 
 
 def test_memq_worker_embed_gpus_rejects_a_bad_gpu_list_before_starting_anything() -> None:
-    from memq.workers.gpu_launcher import run_from_argv
+    from memq.workers.embedding.gpu_launcher import run_from_argv
 
     assert run_from_argv(["--concurrency", "4"]) is None
     assert run_from_argv(["--gpus", "0,0"]) == 2
     done = subprocess.run(
-        [sys.executable, "-c", "from memq.workers.gpu_launcher import run_from_argv; print(run_from_argv(['--gpus']))"],
+        [
+            sys.executable,
+            "-c",
+            "from memq.workers.embedding.gpu_launcher import run_from_argv; print(run_from_argv(['--gpus']))",
+        ],
         capture_output=True,
         text=True,
         timeout=WAIT_S,

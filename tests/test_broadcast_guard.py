@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 import redis
 
-from memq import client, keys, services
+from memq.client import api
+from memq.core import keys
+from memq.ops import services
 
 pytestmark = pytest.mark.usefixtures("fleet")
 DEEP = 100_000
@@ -56,8 +58,8 @@ def wait_for(check: Any, timeout_s: float = 30.0) -> None:
 def still_serving(app: Any, fleet: services.Fleet, tenant: str) -> None:
     assert all(process.poll() is None for process in fleet.workers.values()), "a worker exited"
     assert every_worker_answers(app, fleet)
-    client.remember(tenant, "semantic", ["keeps bees in the garden"])
-    assert client.retrieve("bees", tenant, {"semantic": 1})["results"]["long_term_memory"]
+    api.remember(tenant, "semantic", ["keeps bees in the garden"])
+    assert api.retrieve("bees", tenant, {"semantic": 1})["results"]["long_term_memory"]
 
 
 RAW_PIDBOX_PAYLOADS = ["[1]", "[" * DEEP + "]" * DEEP, '{"body": 5}', "null", '"text"', "\x00\xff"]

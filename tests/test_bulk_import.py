@@ -1,6 +1,6 @@
 """Bulk import of any size (issue #18): ``memq remember --file`` and ``remember_many`` against the real fleet.
 
-With batches of ``memq.validation.MAX_BATCH_ITEMS`` (1,000), a 2,500-line file is three batches. 100,000 lines are
+With batches of ``memq.core.field_rules.MAX_BATCH_ITEMS`` (1,000), a 2,500-line file is three batches. 100,000 lines are
 measured by ``bench/ingest_bench.py``, not here (too slow for the suite on two cores)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from faultkit import count_stored
 
-from memq.client import IngestProgress, remember_many
+from memq.client.api import IngestProgress, remember_many
 from memq.errors import IngestStopped, InvalidItem
 
 pytestmark = pytest.mark.usefixtures("fleet")
@@ -26,7 +26,7 @@ LINES = 2500
 
 def memq(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "memq.cli", *args], capture_output=True, text=True, timeout=600, env=os.environ
+        [sys.executable, "-m", "memq.ops.cli", *args], capture_output=True, text=True, timeout=600, env=os.environ
     )
 
 

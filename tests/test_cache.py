@@ -19,14 +19,16 @@ import numpy as np
 import pytest
 import redis
 
-from memq import client, keys, names, result_cache, services
+from memq.client import api, result_cache
+from memq.client.edge import RESULT_FORMAT, cache_fingerprint, cache_types, retrieval_request
+from memq.core import keys, names
+from memq.core.field_rules import MAX_CACHE_TTL_S
+from memq.core.settings import EMBEDDING_CACHE_TTL_S, get_settings
+from memq.core.vectors import from_wire, to_wire
+from memq.core.wire import parse_retrieval_request, with_cache
 from memq.errors import InvalidInput, RetrievalTimeout
-from memq.requests import RESULT_FORMAT, cache_fingerprint, cache_types, retrieval_request
-from memq.settings import EMBEDDING_CACHE_TTL_S, get_settings
-from memq.validation import MAX_CACHE_TTL_S
-from memq.vectors import from_wire, to_wire
-from memq.wire import parse_retrieval_request, with_cache
-from memq.workers import result_store
+from memq.ops import services
+from memq.workers.plumbing import cache_filing
 
 pytestmark = pytest.mark.usefixtures("fleet")
 
@@ -42,8 +44,8 @@ RETRIEVAL_TASKS = (names.EMBED_QUERY, names.SEARCH, names.MERGE)
 
 
 def seed(tenant: str) -> None:
-    client.remember(tenant, "semantic", FOOD)
-    client.remember(tenant, "episodic", ["user: book a table for Friday"])
+    api.remember(tenant, "semantic", FOOD)
+    api.remember(tenant, "episodic", ["user: book a table for Friday"])
 
 
 def executed(app: Any) -> Counter[str]:
@@ -83,12 +85,12 @@ def run_client(script: str, **env: str) -> list[Any]:
 
 def test_a_repeated_question_is_answered_from_the_cache_without_any_task(tenant: str, app: Any) -> None:
     seed(tenant)
-    first = client.retrieve(QUERY, tenant, LIMITS)
+    first = api.retrieve(QUERY, tenant, LIMITS)
     hits_before = result_cache.counts()["hit"]
     tasks_before = executed(app)
 
-    second = client.retrieve(QUERY, tenant, LIMITS)
-    respaced = client.retrieve("  what does  she like\tto eat? ", tenant, LIMITS)
+    second = api.retrieve(QUERY, tenant, LIMITS)
+    respaced = api.retrieve("  what does  she like\tto eat? ", tenant, LIMITS)
 
     assert executed(app) == tasks_before
     assert first["cached"] is False and second["cached"] is True and respaced["cached"] is True
@@ -104,30 +106,30 @@ def test_a_write_makes_that_tenants_cached_results_unreachable_and_leaves_other_
 ) -> None:
     other = tenant + "-other"
     for who in (tenant, other):
-        client.remember(who, "semantic", FOOD[:2])
-        client.retrieve(QUERY, who, {"semantic": 5})
-        assert client.retrieve(QUERY, who, {"semantic": 5})["cached"] is True
+        api.remember(who, "semantic", FOOD[:2])
+        api.retrieve(QUERY, who, {"semantic": 5})
+        assert api.retrieve(QUERY, who, {"semantic": 5})["cached"] is True
 
-    client.remember(tenant, "semantic", [FOOD[2]])
-    after_remember = client.retrieve(QUERY, tenant, {"semantic": 5})
-    other_after = client.retrieve(QUERY, other, {"semantic": 5})
+    api.remember(tenant, "semantic", [FOOD[2]])
+    after_remember = api.retrieve(QUERY, tenant, {"semantic": 5})
+    other_after = api.retrieve(QUERY, other, {"semantic": 5})
 
     assert after_remember["cached"] is False and sorted(contents(after_remember)) == sorted(FOOD[:3])
     assert other_after["cached"] is True and sorted(contents(other_after)) == sorted(FOOD[:2])
 
-    client.remember(tenant, "semantic", [{"content": FOOD[0], "importance": 1.0}])
-    after_importance = client.retrieve(QUERY, tenant, {"semantic": 5})
+    api.remember(tenant, "semantic", [{"content": FOOD[0], "importance": 1.0}])
+    after_importance = api.retrieve(QUERY, tenant, {"semantic": 5})
     assert after_importance["cached"] is False
     assert {i["content"]: i["importance"] for i in after_importance["results"]["long_term_memory"]}[FOOD[0]] == 1.0
 
-    forgotten = client.remember(tenant, "semantic", [FOOD[1]])["ids"][0]
-    client.forget(tenant, "semantic", ids=[forgotten])
-    after_forget = client.retrieve(QUERY, tenant, {"semantic": 5})
+    forgotten = api.remember(tenant, "semantic", [FOOD[1]])["ids"][0]
+    api.forget(tenant, "semantic", ids=[forgotten])
+    after_forget = api.retrieve(QUERY, tenant, {"semantic": 5})
     assert after_forget["cached"] is False and FOOD[1] not in contents(after_forget)
 
-    client.remember(other, "episodic", ["user: a write to another type"])  # semantic-only entries stay valid
-    assert client.retrieve(QUERY, other, {"semantic": 5})["cached"] is True
-    assert client.retrieve(QUERY, other, {"semantic": 5, "episodic": 1})["cached"] is False
+    api.remember(other, "episodic", ["user: a write to another type"])  # semantic-only entries stay valid
+    assert api.retrieve(QUERY, other, {"semantic": 5})["cached"] is True
+    assert api.retrieve(QUERY, other, {"semantic": 5, "episodic": 1})["cached"] is False
 
 
 def test_cached_results_expire_after_the_configured_ttl(tenant: str, cache_redis: redis.Redis) -> None:
@@ -136,7 +138,7 @@ def test_cached_results_expire_after_the_configured_ttl(tenant: str, cache_redis
     flags = run_client(
         f"for pause_s in (0, 0, 1.3):\n"
         f"    time.sleep(pause_s)\n"
-        f"    print(json.dumps(client.retrieve({QUERY!r}, {tenant!r}, {LIMITS!r})['cached']))\n",
+        f"    print(json.dumps(api.retrieve({QUERY!r}, {tenant!r}, {LIMITS!r})['cached']))\n",
         MEMQ_RESULT_CACHE_TTL_S="1",
     )
 
@@ -149,7 +151,7 @@ def test_a_ttl_of_zero_disables_the_result_cache(tenant: str, cache_redis: redis
     seed(tenant)
 
     flags = run_client(
-        f"for _ in range(2):\n    print(json.dumps(client.retrieve({QUERY!r}, {tenant!r}, {LIMITS!r})['cached']))\n",
+        f"for _ in range(2):\n    print(json.dumps(api.retrieve({QUERY!r}, {tenant!r}, {LIMITS!r})['cached']))\n",
         MEMQ_RESULT_CACHE_TTL_S="0",
     )
 
@@ -159,21 +161,21 @@ def test_a_ttl_of_zero_disables_the_result_cache(tenant: str, cache_redis: redis
 
 def test_other_weights_limits_strategy_or_model_miss_and_another_timeout_hits(tenant: str) -> None:
     seed(tenant)
-    client.retrieve(QUERY, tenant, LIMITS)
+    api.retrieve(QUERY, tenant, LIMITS)
 
-    assert client.retrieve(QUERY, tenant, LIMITS, weights={"relevance": 1})["cached"] is False
-    assert client.retrieve(QUERY, tenant, {"semantic": 2, "episodic": 1})["cached"] is False
-    assert client.retrieve(QUERY, tenant, {"semantic": 3})["cached"] is False
-    assert client.retrieve(QUERY, tenant, LIMITS, strategy="exact")["cached"] is False
-    assert client.retrieve(QUERY.upper(), tenant, LIMITS)["cached"] is False
-    assert client.retrieve(QUERY, tenant, LIMITS, timeout_s=7.5)["cached"] is True
+    assert api.retrieve(QUERY, tenant, LIMITS, weights={"relevance": 1})["cached"] is False
+    assert api.retrieve(QUERY, tenant, {"semantic": 2, "episodic": 1})["cached"] is False
+    assert api.retrieve(QUERY, tenant, {"semantic": 3})["cached"] is False
+    assert api.retrieve(QUERY, tenant, LIMITS, strategy="exact")["cached"] is False
+    assert api.retrieve(QUERY.upper(), tenant, LIMITS)["cached"] is False
+    assert api.retrieve(QUERY, tenant, LIMITS, timeout_s=7.5)["cached"] is True
     other_model = run_client(
-        f"for _ in range(2):\n    print(json.dumps(client.retrieve({QUERY!r}, {tenant!r}, {LIMITS!r})['cached']))\n",
+        f"for _ in range(2):\n    print(json.dumps(api.retrieve({QUERY!r}, {tenant!r}, {LIMITS!r})['cached']))\n",
         MEMQ_EMBED_MODEL="sentence-transformers/all-MiniLM-L6-v2",
     )
     # merge files results under the fingerprint of the workers' settings: a client configured otherwise only misses
     assert other_model == [False, False]
-    assert client.retrieve(QUERY, tenant, LIMITS)["cached"] is True
+    assert api.retrieve(QUERY, tenant, LIMITS)["cached"] is True
 
 
 def test_a_burst_of_20_identical_requests_runs_one_chord(tenant: str, app: Any) -> None:
@@ -183,7 +185,7 @@ def test_a_burst_of_20_identical_requests_runs_one_chord(tenant: str, app: Any) 
 
     def one(_: int) -> dict[str, Any]:
         start.wait()
-        return client.retrieve("favourite dishes for a dinner party", tenant, LIMITS)
+        return api.retrieve("favourite dishes for a dinner party", tenant, LIMITS)
 
     with ThreadPoolExecutor(max_workers=20) as pool:
         results = list(pool.map(one, range(20)))
@@ -200,11 +202,11 @@ def test_waiters_take_over_when_the_single_flight_holder_never_finishes(tenant: 
     dead_holder = result_cache.lookup(settings, retrieval_request(settings, QUERY, tenant, LIMITS, timeout_s=1.0))
     assert dead_holder.leader  # it holds the lock for 1 s and never runs the chord
 
-    result = client.retrieve(QUERY, tenant, LIMITS, timeout_s=10.0)
+    result = api.retrieve(QUERY, tenant, LIMITS, timeout_s=10.0)
 
     assert result["cached"] is False and len(result["results"]["long_term_memory"]) == 3
     assert result["timings_ms"]["wait_ms"] >= 500  # it waited for the lock to expire, then ran the chord
-    assert client.retrieve(QUERY, tenant, LIMITS)["cached"] is True
+    assert api.retrieve(QUERY, tenant, LIMITS)["cached"] is True
 
 
 def test_a_waiter_gives_up_at_its_own_timeout(tenant: str) -> None:
@@ -215,43 +217,43 @@ def test_a_waiter_gives_up_at_its_own_timeout(tenant: str) -> None:
 
     try:
         with pytest.raises(RetrievalTimeout, match="identical"):
-            client.retrieve(QUERY, tenant, LIMITS, timeout_s=0.3)
+            api.retrieve(QUERY, tenant, LIMITS, timeout_s=0.3)
     finally:
         result_cache.release(settings, holder)
-    assert client.retrieve(QUERY, tenant, LIMITS)["cached"] is False
+    assert api.retrieve(QUERY, tenant, LIMITS)["cached"] is False
 
 
 def test_a_result_with_errors_is_kept_only_for_the_callers_waiting_on_it(tenant: str, cache_redis: redis.Redis) -> None:
     seed(tenant)
     settings = get_settings()
-    fresh = client.retrieve(QUERY, tenant, LIMITS)
+    fresh = api.retrieve(QUERY, tenant, LIMITS)
     [key] = result_keys(cache_redis, QUERY, tenant, LIMITS)
     versions = parse_result_key(key)[1]  # type: ignore[index]
     request = with_cache(retrieval_request(settings, QUERY, tenant, LIMITS), key, versions, settings.result_cache_ttl_s)
     partial = {**fresh, "errors": {"conversation_memory": "unavailable after 4 attempt(s)"}, "cached": False}
 
-    assert result_store.store_merged(cache_redis, settings, request, partial)  # what memq.merge does with it
+    assert cache_filing.store_merged(cache_redis, settings, request, partial)  # what memq.merge does with it
     ttl_ms = cache_redis.pttl(key)
-    time.sleep(result_store.PARTIAL_RESULT_TTL_MS / 1000 + 0.1)
-    again = client.retrieve(QUERY, tenant, LIMITS)
+    time.sleep(cache_filing.PARTIAL_RESULT_TTL_MS / 1000 + 0.1)
+    again = api.retrieve(QUERY, tenant, LIMITS)
 
-    assert 0 < ttl_ms <= result_store.PARTIAL_RESULT_TTL_MS
+    assert 0 < ttl_ms <= cache_filing.PARTIAL_RESULT_TTL_MS
     assert again["cached"] is False and again["errors"] == {}
 
 
 def test_an_entry_written_in_another_format_is_never_served(tenant: str, cache_redis: redis.Redis) -> None:
     seed(tenant)
-    fresh = client.retrieve(QUERY, tenant, LIMITS)
+    fresh = api.retrieve(QUERY, tenant, LIMITS)
     [key] = result_keys(cache_redis, QUERY, tenant, LIMITS)
     cache_redis.set(key, json.dumps({"format": 999, "result": {"results": {"long_term_memory": []}}}), ex=60)
 
-    after = client.retrieve(QUERY, tenant, LIMITS)
+    after = api.retrieve(QUERY, tenant, LIMITS)
 
     assert after["cached"] is False
     assert {t: [i["id"] for i in items] for t, items in after["results"].items()} == {
         t: [i["id"] for i in items] for t, items in fresh["results"].items()
     }
-    assert client.retrieve(QUERY, tenant, LIMITS)["cached"] is True  # rewritten in the current format
+    assert api.retrieve(QUERY, tenant, LIMITS)["cached"] is True  # rewritten in the current format
 
 
 def test_retrieval_succeeds_uncached_when_the_cache_redis_goes_down(tenant: str) -> None:
@@ -262,7 +264,7 @@ def test_retrieval_succeeds_uncached_when_the_cache_redis_goes_down(tenant: str)
         "from memq import result_cache\n"
         "from memq import client\n"
         "def ask():\n"
-        f"    r = client.retrieve({QUERY!r}, {tenant!r}, {LIMITS!r})\n"
+        f"    r = api.retrieve({QUERY!r}, {tenant!r}, {LIMITS!r})\n"
         "    print(json.dumps({'cached': r['cached'], 'n': len(r['results']['long_term_memory']),"
         " 'counts': result_cache.counts()}), flush=True)\n"
         "ask()\n"
@@ -298,8 +300,8 @@ def test_retrieval_succeeds_uncached_when_the_cache_redis_goes_down(tenant: str)
 
 
 def test_worker_side_cache_writes_degrade_when_redis_is_unreachable() -> None:
-    from memq.cache_redis import breaker
-    from memq.workers import embedding_cache
+    from memq.client.cache_redis import breaker
+    from memq.workers.embedding import embedding_cache
 
     dead = redis.Redis(port=services.free_port(), socket_connect_timeout=0.2, socket_timeout=0.2)
     settings = get_settings()
@@ -307,7 +309,7 @@ def test_worker_side_cache_writes_degrade_when_redis_is_unreachable() -> None:
     key = keys.result_key(cache_fingerprint(settings, request), [1])
     result = {"query": "q", "results": {}, "errors": {}, "timings_ms": {}, "cached": False}
     try:
-        assert result_store.store_merged(dead, settings, with_cache(request, key, [1], 60), result) is False
+        assert cache_filing.store_merged(dead, settings, with_cache(request, key, [1], 60), result) is False
         assert embedding_cache.lookup("m", ["a", "b"], client=dead) == [None, None]
         assert embedding_cache.store("m", ["a"], [np.ones(4, dtype=np.float32)], client=dead) is False
     finally:
@@ -337,7 +339,7 @@ def test_the_embed_tasks_serve_repeated_texts_from_the_embedding_cache(app: Any,
 def test_the_embed_worker_publishes_its_model_s_dimension_and_a_search_refuses_a_vector_of_another(
     app: Any, tenant: str, cache_redis: redis.Redis
 ) -> None:
-    client.remember(tenant, "semantic", ["likes green tea"])  # the fleet's embed worker has loaded its model
+    api.remember(tenant, "semantic", ["likes green tea"])  # the fleet's embed worker has loaded its model
     odd = {"vector": to_wire(np.ones(385, dtype=np.float32)), "model": get_settings().embed_model}
 
     search = [odd, tenant, "semantic", 3, "auto", None, None, "vector"]
@@ -387,9 +389,9 @@ def test_merge_files_a_result_only_under_the_key_of_its_own_request(cache_redis:
     ]
 
     for key in forged:
-        assert not result_store.store_merged(cache_redis, settings, with_cache(request, key, [0, 0], 60), result)
+        assert not cache_filing.store_merged(cache_redis, settings, with_cache(request, key, [0, 0], 60), result)
         assert cache_redis.exists(key) == 0
-    assert result_store.store_merged(cache_redis, settings, with_cache(request, own_key, [0, 0], 60), result)
+    assert cache_filing.store_merged(cache_redis, settings, with_cache(request, own_key, [0, 0], 60), result)
     assert 0 < cache_redis.pttl(own_key) <= 60_000
     cache_redis.delete(own_key)
 
@@ -408,7 +410,7 @@ def test_a_forged_merge_naming_another_tenants_cache_key_does_not_change_what_th
     settings = get_settings()
     attacker = tenant + "-attacker"
     seed(tenant)
-    fresh = client.retrieve(QUERY, tenant, LIMITS)
+    fresh = api.retrieve(QUERY, tenant, LIMITS)
     [victim_key] = result_keys(cache_redis, QUERY, tenant, LIMITS)
     _, versions = parse_result_key(victim_key) or ("", [])
     forged_request: dict[str, Any] = {
@@ -423,7 +425,7 @@ def test_a_forged_merge_naming_another_tenants_cache_key_does_not_change_what_th
         kwargs={"results": forged_results(forged_request, "FORGED"), "request": forged_request},
         queue=names.SEARCH_QUEUE,
     ).get(timeout=30)
-    after = client.retrieve(QUERY, tenant, LIMITS)
+    after = api.retrieve(QUERY, tenant, LIMITS)
 
     assert after["memory_id"] == tenant and after["cached"] is True
     assert "FORGED" not in json.dumps(after["results"]) and after["results"] == fresh["results"]
@@ -438,7 +440,7 @@ def test_a_forged_merge_naming_future_versions_of_a_tenants_own_request_is_never
 ) -> None:
     settings = get_settings()
     seed(tenant)
-    client.retrieve(QUERY, tenant, LIMITS)
+    api.retrieve(QUERY, tenant, LIMITS)
     [key] = result_keys(cache_redis, QUERY, tenant, LIMITS)
     _, versions = parse_result_key(key) or ("", [])
     future = [version + 1 for version in versions]  # what the tenant's next write will make current
@@ -453,15 +455,15 @@ def test_a_forged_merge_naming_future_versions_of_a_tenants_own_request_is_never
         kwargs={"results": forged_results(forged_request, "FORGED"), "request": forged_request},
         queue=names.SEARCH_QUEUE,
     ).get(timeout=30)
-    client.remember(tenant, "semantic", ["started learning the oboe"])  # the versions move on
-    after = client.retrieve(QUERY, tenant, LIMITS)
+    api.remember(tenant, "semantic", ["started learning the oboe"])  # the versions move on
+    after = api.retrieve(QUERY, tenant, LIMITS)
 
     assert after["cached"] is False and "FORGED" not in json.dumps(after["results"])
 
 
 def test_a_cache_entry_naming_another_tenant_or_request_is_never_served(tenant: str, cache_redis: redis.Redis) -> None:
     seed(tenant)
-    fresh = client.retrieve(QUERY, tenant, LIMITS)
+    fresh = api.retrieve(QUERY, tenant, LIMITS)
     [key] = result_keys(cache_redis, QUERY, tenant, LIMITS)
     fingerprint, _ = parse_result_key(key) or ("", [])
     envelopes = [
@@ -482,7 +484,7 @@ def test_a_cache_entry_naming_another_tenant_or_request_is_never_served(tenant: 
         cache_redis.set(key, json.dumps(envelope), ex=60)
         foreign_before = result_cache.counts().get("foreign", 0.0)
 
-        after = client.retrieve(QUERY, tenant, LIMITS)
+        after = api.retrieve(QUERY, tenant, LIMITS)
 
         assert after["cached"] is False and after["memory_id"] == tenant
         assert after["results"] == {t: after["results"][t] for t in fresh["results"]} != planted["results"]
@@ -490,4 +492,4 @@ def test_a_cache_entry_naming_another_tenant_or_request_is_never_served(tenant: 
             i["id"] for i in fresh["results"]["long_term_memory"]
         ]
         assert result_cache.counts()["foreign"] == foreign_before + 1
-        assert client.retrieve(QUERY, tenant, LIMITS)["cached"] is True  # rewritten, now its own
+        assert api.retrieve(QUERY, tenant, LIMITS)["cached"] is True  # rewritten, now its own

@@ -1,4 +1,4 @@
-"""Canaries for the private parts of Celery and kombu that memq relies on (``memq.celery_internals``, listed in
+"""Canaries for the private parts of Celery and kombu that memq relies on (``memq.client.celery_internals``, listed in
 docs/celery.md). Each fails with a message naming the upstream change to look at: a hook that would silently stop
 working, or a workaround that upstream made unnecessary."""
 
@@ -26,9 +26,9 @@ from kombu import Connection
 from kombu.simple import SimpleQueue
 from kombu.transport import redis as kombu_redis
 
-from memq import celery_internals
-from memq.app import app
-from memq.workers.guard import GuardedRedisTransport
+from memq.client import celery_internals
+from memq.client.app import app
+from memq.workers.plumbing.poison_guard import GuardedRedisTransport
 
 ROOT = Path(__file__).resolve().parents[1]
 PRODUCT_DIRS = ("memq", "workers", "tasks", "config")
@@ -38,7 +38,7 @@ CELERY_57 = tuple(celery.VERSION[:2]) >= celery_internals.LOSSLESS_FLUSH_SINCE
 def test_kombus_redis_channel_still_reads_through_the_two_methods_the_guard_wraps() -> None:
     for name in ("_brpop_read", "_receive_one"):
         assert callable(getattr(kombu_redis.Channel, name, None)), (
-            f"kombu's Redis Channel has no {name} any more: memq.celery_internals.GuardedRedisChannel no longer "
+            f"kombu's Redis Channel has no {name} any more: memq.client.celery_internals.GuardedRedisChannel no longer "
             "guards that path; find where kombu now reads task queues / pub/sub messages (docs/celery.md)"
         )
 
@@ -92,7 +92,7 @@ def test_kombus_own_channel_still_fails_to_ack_after_collect() -> None:
 
     assert raised, (
         "kombu now acknowledges safely on a channel whose connection Celery collected: "
-        "GuardedRedisChannel.basic_ack's workaround (memq.celery_internals, docs/celery.md) can go"
+        "GuardedRedisChannel.basic_ack's workaround (memq.client.celery_internals, docs/celery.md) can go"
     )
 
 
@@ -117,7 +117,7 @@ def test_kombus_own_channel_still_fails_to_close_after_collect_so_the_workaround
 
     assert raised, (
         "kombu now closes a channel whose connection Celery collected: GuardedRedisChannel.close's workaround "
-        "(memq.celery_internals, docs/celery.md) can go"
+        "(memq.client.celery_internals, docs/celery.md) can go"
     )
 
 
@@ -149,7 +149,7 @@ def test_memq_uses_its_own_flush_exactly_where_celerys_loses_events() -> None:
     stock_keeps_them = flush_while_a_pool_thread_buffers(EventDispatcher) == [["early"], ["late"]]
 
     assert stock_keeps_them == CELERY_57, (
-        "Celery's EventDispatcher.flush changed (celery#10434): LOSSLESS_FLUSH_SINCE in memq.celery_internals "
+        "Celery's EventDispatcher.flush changed (celery#10434): LOSSLESS_FLUSH_SINCE in memq.client.celery_internals "
         "must name the first Celery that keeps events buffered during a flush"
     )
     expected = celery_internals.HandoverEventDispatcher if CELERY_57 else celery_internals.LosslessEventDispatcher
@@ -169,7 +169,7 @@ def test_celerys_dispatcher_still_drops_the_buffered_task_events_of_the_one_it_r
 
     assert not handed_over, (
         "Celery's EventDispatcher.extend_buffer now hands over buffered task events: "
-        "memq.celery_internals.HandoverEventDispatcher can go"
+        "memq.client.celery_internals.HandoverEventDispatcher can go"
     )
 
 
@@ -186,7 +186,7 @@ def test_kombus_redis_channel_still_makes_its_messages_with_the_channels_message
 
     assert dropped == ["PoisonEnvelope: refused by the canary"], (
         "kombu's Redis channel no longer builds its messages with Channel.Message, or no longer reads them through "
-        "_brpop_read: memq.celery_internals.GuardedMessage no longer refuses poison envelopes (docs/celery.md)"
+        "_brpop_read: memq.client.celery_internals.GuardedMessage no longer refuses poison envelopes (docs/celery.md)"
     )
 
 
@@ -195,14 +195,14 @@ def test_celerys_event_loops_still_take_the_task_handler_from_create_task_handle
 
     assert source.count("obj.create_task_handler()") == 2, (
         "Celery's worker loops no longer take their task handler from Consumer.create_task_handler: "
-        "memq.celery_internals.screened_consumer no longer screens task messages (docs/celery.md)"
+        "memq.client.celery_internals.screened_consumer no longer screens task messages (docs/celery.md)"
     )
 
 
 def test_celerys_pidbox_still_dispatches_through_the_panel_table_memq_rewrites() -> None:
     assert "handlers=control.Panel.data" in inspect.getsource(celery.worker.pidbox), (
         "Celery's pidbox no longer dispatches remote control through Panel.data: "
-        "memq.celery_internals.refuse_control_commands no longer refuses anything (docs/celery.md)"
+        "memq.client.celery_internals.refuse_control_commands no longer refuses anything (docs/celery.md)"
     )
 
 
@@ -211,7 +211,7 @@ def test_celerys_result_consumer_still_gives_up_with_a_runtime_error_raised_from
 
     assert re.search(r"raise RuntimeError\(E_RETRY_LIMIT_EXCEEDED\) from \w+", source), (
         "Celery's result consumer gives up reconnecting differently: "
-        "memq.celery_internals.is_result_store_outage must recognise the new error (docs/celery.md)"
+        "memq.client.celery_internals.is_result_store_outage must recognise the new error (docs/celery.md)"
     )
 
 
@@ -259,7 +259,8 @@ def _is_private(node: ast.AST) -> bool:
 
 def celery_names(tree: ast.Module) -> set[str]:
     """The names a module binds to Celery or kombu objects: what it imports from ``celery``, ``kombu``, memq's
-    Celery app and ``memq.celery_internals``; arguments annotated with one of those; names assigned an alias of one
+    Celery app and ``memq.client.celery_internals``; arguments annotated with one of those; names assigned an alias of
+    one
     (``table = Panel.data``); and module-level names assigned anything made from one (``GuardedConsumer =
     celery_internals.screened_consumer(...)``)."""
     names: set[str] = set()
@@ -282,7 +283,7 @@ def celery_names(tree: ast.Module) -> set[str]:
 
 
 def _is_celery_module(module: str) -> bool:
-    return module.split(".")[0] in ("celery", "kombu") or module in ("memq.app", "memq.celery_internals")
+    return module.split(".")[0] in ("celery", "kombu") or module in ("memq.client.app", "memq.client.celery_internals")
 
 
 def _uses(expression: ast.AST, names: set[str]) -> bool:
@@ -344,14 +345,14 @@ def product_modules_but_internals() -> list[Path]:
 def test_no_memq_module_but_celery_internals_touches_a_private_attribute() -> None:
     found = [hit for module in product_modules_but_internals() for hit in private_accesses_outside_own_classes(module)]
 
-    assert found == [], "private attributes outside memq/celery_internals.py (move them there, docs/celery.md)"
+    assert found == [], "private attributes outside memq/client/celery_internals.py (move them there, docs/celery.md)"
 
 
 def test_no_memq_module_but_celery_internals_subclasses_or_assigns_into_celery_or_kombu() -> None:
     found = [hit for module in product_modules_but_internals() for hit in overrides_outside_internals(module)]
 
     assert found == [], (
-        "overrides of Celery or kombu outside memq/celery_internals.py (move them there, docs/celery.md)"
+        "overrides of Celery or kombu outside memq/client/celery_internals.py (move them there, docs/celery.md)"
     )
 
 
@@ -361,7 +362,7 @@ from celery.worker.consumer import Consumer
 from celery.worker.control import Panel
 from kombu.transport import redis as kombu_redis
 from memq import celery_internals
-from memq.app import app
+from memq.client.app import app
 
 class Screened(Consumer): pass
 class Channel(celery_internals.GuardedRedisChannel): pass

@@ -1,5 +1,5 @@
-"""The change log beside each tenant data version (``workers.versions``), and the incremental BM25 index
-(``workers.lexical``) that applies changes exactly: real Redis, real nx-27017, the real write path
+"""The change log beside each tenant data version (``workers.storage.versions``), and the incremental BM25 index
+(``workers.search.lexical``) that applies changes exactly: real Redis, real nx-27017, the real write path
 (``steps.store_memories`` / ``steps.forget``), ``bm25s`` as the reference for the scores."""
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ import pytest
 import redis
 
 from bench import corpus
-from memq import keys, services
+from memq.core import keys
+from memq.core.settings import get_settings
+from memq.core.vectors import from_stored, to_wire
 from memq.errors import StoreUnavailable
-from memq.settings import get_settings
-from memq.vectors import from_stored, to_wire
-from memq.workers import steps, store, versions
-from memq.workers.lexical import BM25_B, BM25_K1, LexicalIndex, LexicalWriter, analyse
+from memq.ops import services
+from memq.workers import steps
+from memq.workers.search.lexical import BM25_B, BM25_K1, LexicalIndex, LexicalWriter, analyse
+from memq.workers.storage import reads, versions
 
 LTM = "long_term_memory"
 
@@ -146,7 +148,7 @@ def test_a_store_logs_the_documents_it_inserted_as_mongodb_holds_them_and_a_forg
     tenant = fresh_tenant()
     garden, cello = (keys.memory_object_id(tenant, key) for key in ("garden", "cello"))
     steps.store_memories(embedded(1), tenant, LTM, [{"content": "grows tomatoes", "id": "garden", "tags": ["g"]}])
-    first = store.load_ids(tenant, LTM, [garden])[0]
+    first = reads.load_ids(tenant, LTM, [garden])[0]
     steps.store_memories(embedded(1, seed=1), tenant, LTM, [{"content": "grows basil", "id": "garden"}])  # re-sent
     steps.store_memories(embedded(1, seed=2), tenant, LTM, [{"content": "plays the cello", "id": "cello"}])
 
@@ -157,7 +159,7 @@ def test_a_store_logs_the_documents_it_inserted_as_mongodb_holds_them_and_a_forg
     assert re_sent is not None and re_sent.ids == {garden} and re_sent.known == {}  # it kept its tags: read back
     both = versions.changes_between(tenant, LTM, 0, 3)
     assert both is not None and both.ids == {garden, cello} and set(both.known) == {cello}  # the latest entry decides
-    assert as_read(both.known[cello]) == as_read(store.load_ids(tenant, LTM, [cello])[0])
+    assert as_read(both.known[cello]) == as_read(reads.load_ids(tenant, LTM, [cello])[0])
 
     steps.forget(tenant, LTM, ["garden"])
     assert versions.changes_between(tenant, LTM, 3, 4) == versions.Changes(ids={garden}, known={garden: None})

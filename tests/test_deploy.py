@@ -1,7 +1,7 @@
 """deploy/k8s/ stays in step with the CLI, the settings and the queues; ``memq exporter`` against real Redis.
 
 No cluster is needed: every manifest is parsed here, each ``memq`` command is parsed as the CLI parses it (a
-search worker's ``--shards`` into its queues, by ``memq.cli.search_worker_queues``, for the MEMQ_SEARCH_SHARDS the
+search worker's ``--shards`` into its queues, by ``memq.ops.cli.search_worker_queues``, for the MEMQ_SEARCH_SHARDS the
 manifests set; then the Celery options by Celery's own parser), and each KEDA ScaledObject must watch a queue its
 Deployment's worker serves. The exporter tests run the real ``memq exporter`` process on the suite's Redis.
 """
@@ -32,9 +32,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from test_compose import celery_worker_args, parse_celery_worker
 
-from memq import cli, exporter, names, services, sharding
-from memq.settings import Settings, variables
-from memq.status import fleet_queues
+from memq.core import names, sharding
+from memq.core.settings import Settings, variables
+from memq.ops import cli, exporter, services
+from memq.ops.status import fleet_queues
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -298,7 +299,7 @@ def envelope(headers: dict[str, Any]) -> str:
 
 
 def test_the_header_name_is_the_same_on_both_sides() -> None:
-    from memq import app
+    from memq.client import app
 
     assert app.PUBLISHED_AT_HEADER == exporter.PUBLISHED_AT_HEADER
 
@@ -360,10 +361,10 @@ def test_the_exporter_refuses_a_broker_that_is_not_redis() -> None:
 
 def test_importing_the_exporter_loads_no_celery_model_driver_or_worker_code() -> None:
     probe = (
-        "import sys, memq.exporter; "
+        "import sys, memq.ops.exporter; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
         "('celery', 'torch', 'sentence_transformers', 'pymongo', 'bm25s') "
-        "or m.startswith(('memq.workers', 'memq.tasks', 'memq.app'))))"
+        "or m.startswith(('memq.workers', 'memq.tasks', 'memq.client.app'))))"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
@@ -388,7 +389,7 @@ def test_memq_exporter_reports_depth_and_a_growing_age_from_the_real_broker(
     cache_redis.delete(queue, foreign)
     port = services.free_port()
     env = {**os.environ, "MEMQ_SEARCH_SHARDS": str(shards)}
-    argv = [sys.executable, "-m", "memq.cli", "exporter", "--port", str(port), "--address", "127.0.0.1"]
+    argv = [sys.executable, "-m", "memq.ops.cli", "exporter", "--port", str(port), "--address", "127.0.0.1"]
     log_path = tmp_path / "exporter.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
@@ -502,7 +503,7 @@ def test_the_rabbitmq_cluster_has_three_nodes(rabbitmq_manifests: list[dict[str,
 def test_the_clusters_topology_is_what_memq_broker_setup_declares(
     manifests: list[dict[str, Any]], rabbitmq_manifests: list[dict[str, Any]]
 ) -> None:
-    from memq import broker
+    from memq.core import broker
 
     shards = int(of_kind(manifests, "ConfigMap")[CONFIG_MAP]["data"]["MEMQ_SEARCH_SHARDS"])
     (vhost,) = (doc["spec"]["name"] for doc in of_kind(rabbitmq_manifests, "Vhost").values())
@@ -552,7 +553,7 @@ def test_keda_scales_each_pool_on_its_rabbitmq_queue_as_on_the_redis_list(
 
 def test_the_broker_users_documented_for_operators_are_what_memq_broker_permissions_prints() -> None:
     printed = subprocess.run(
-        [sys.executable, "-m", "memq.cli", "broker", "permissions", "--vhost", "memq"],
+        [sys.executable, "-m", "memq.ops.cli", "broker", "permissions", "--vhost", "memq"],
         capture_output=True,
         text=True,
         check=True,

@@ -8,8 +8,8 @@ from typing import Any
 
 from kombu import Connection
 
-from memq.app import app
-from memq.celery_internals import HandoverEventDispatcher
+from memq.client.app import app
+from memq.client.celery_internals import HandoverEventDispatcher
 
 
 def test_memq_workers_build_their_event_dispatcher_from_memq_events() -> None:

@@ -11,7 +11,8 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
-from memq import exporter, names
+from memq.core import names
+from memq.ops import exporter
 
 DEEP_ARRAY = "[" * 100_000 + "]" * 100_000
 

@@ -42,8 +42,8 @@ if str(ROOT) not in sys.path:  # run as a script from tests/
 import faultkit  # noqa: E402
 import pytest  # noqa: E402
 
-from memq import services  # noqa: E402
 from memq.errors import DeadLettered  # noqa: E402
+from memq.ops import services  # noqa: E402
 
 LIMITS = {"semantic": 2, "episodic": 1}
 EXPECTED = {"long_term_memory": 2, "conversation_memory": 1}
@@ -66,13 +66,13 @@ def classify(result: dict[str, Any]) -> str:
 
 
 def one_retrieval(tenant: str, timeout_s: float) -> dict[str, Any]:
-    from memq import client
+    from memq.client import api
     from memq.errors import RetrievalTimeout, TaskFailed, TransientError
 
     started = time.monotonic()
     outcome, detail, errors = "complete", "", {}
     try:
-        result = client.retrieve("what does this person eat?", tenant, LIMITS, timeout_s=timeout_s)
+        result = api.retrieve("what does this person eat?", tenant, LIMITS, timeout_s=timeout_s)
         outcome = classify(result)
         errors = {memory_type: message[:200] for memory_type, message in result["errors"].items()}
     except RetrievalTimeout as exc:
@@ -129,11 +129,11 @@ def drive_timeline(tenant: str, timeout_s: float, stop_file: str, progress: str,
 
 
 def drive_remember(tenant: str, memory_type: str, contents: list[str]) -> dict[str, Any]:
-    from memq import client
+    from memq.client import api
     from memq.errors import MemqError
 
     try:
-        return {"ok": client.remember(tenant, memory_type, [{"content": c} for c in contents], timeout_s=180)}
+        return {"ok": api.remember(tenant, memory_type, [{"content": c} for c in contents], timeout_s=180)}
     except MemqError as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
@@ -426,7 +426,7 @@ def test_idle_workers_reconnect_to_a_restarted_redis_without_being_restarted(rig
 
 
 def test_a_worker_busy_with_a_task_when_redis_goes_down_reconnects_without_a_restart(rig: Rig) -> None:
-    from memq import names
+    from memq.core import names
 
     texts = [f"text {i} " + " ".join(uuid.uuid4().hex for _ in range(20)) for i in range(300)]
     logs = {host: Path(rig.fleet.logdir) / f"{host.split('@')[0]}.log" for host in rig.hosts["embed"]}
@@ -523,7 +523,7 @@ def test_ingestion_while_mongodb_is_down_retries_and_stores_each_memory_once(rig
 
 
 def test_a_redelivered_store_message_writes_no_duplicate_memories(rig: Rig) -> None:
-    from memq import names
+    from memq.core import names
 
     tenant = f"redeliver-{uuid.uuid4().hex[:8]}"
     items = [{"content": f"fact {i} {uuid.uuid4().hex}"} for i in range(10)] + [{"id": "own-id", "content": "x y z"}]
@@ -634,7 +634,7 @@ def killable(rig: Rig) -> Iterator[tuple[KillableIngest, StartedTasks]]:
 
 
 def embedded_batch(rig: Rig, count: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    from memq import names
+    from memq.core import names
 
     items = [{"content": f"batch memory {i} {uuid.uuid4().hex}"} for i in range(count)]
     contents = [item["content"] for item in items]
@@ -643,7 +643,7 @@ def embedded_batch(rig: Rig, count: int) -> tuple[dict[str, Any], list[dict[str,
 
 
 def send_store(rig: Rig, embedded: dict[str, Any], tenant: str, items: list[dict[str, Any]]) -> Any:
-    from memq import names
+    from memq.core import names
 
     return rig.app.send_task(names.STORE, args=(embedded, tenant, "semantic", items), queue=names.INGEST_QUEUE)
 
@@ -696,7 +696,7 @@ def test_a_store_that_kills_its_worker_every_time_is_dead_lettered_alone_and_its
 ) -> None:
     import redis
 
-    from memq import keys
+    from memq.core import keys
 
     ingest, started = killable
     broker = redis.Redis.from_url(rig.redis.url)
@@ -727,7 +727,7 @@ def test_a_store_that_kills_its_worker_every_time_is_dead_lettered_alone_and_its
         killer.get(timeout=60)
 
     replayed = subprocess.run(
-        [sys.executable, "-m", "memq.cli", "dead-letters", "--replay", letters[0]["id"], "--json"],
+        [sys.executable, "-m", "memq.ops.cli", "dead-letters", "--replay", letters[0]["id"], "--json"],
         env=rig.env,
         capture_output=True,
         text=True,

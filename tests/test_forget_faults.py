@@ -18,8 +18,9 @@ import pytest
 import redis
 from wirecut import WireCut
 
-from memq import keys, services
-from memq.memory_types import MemoryType
+from memq.core import keys
+from memq.core.memory_types import MemoryType
+from memq.ops import services
 
 SEMANTIC = ["loves spicy Thai green curry", "bakes sourdough bread on Sundays"]
 EPISODIC = ["user: book a table for two on Friday", "assistant: booked the Thai place for Friday"]

@@ -17,7 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memq import client, names
+from memq.client import api
+from memq.core import names
 from memq.errors import InvalidInput, MemqError
 
 pytestmark = pytest.mark.usefixtures("fleet")
@@ -122,7 +123,7 @@ def all_workers_answer(app: Any, fleet: Any) -> bool:
 def victim(mongo_db: Any) -> str:
     """A tenant with memories that a leaked operator (``$ne``, ``$gt``) would read, overwrite or delete."""
     tenant = f"victim-{uuid.uuid4().hex[:8]}"
-    client.remember(tenant, "semantic", ["the victim's secret: likes marmite", "the victim's second memory"])
+    api.remember(tenant, "semantic", ["the victim's secret: likes marmite", "the victim's second memory"])
     return tenant
 
 
@@ -150,7 +151,7 @@ def test_the_client_refuses_any_hostile_retrieval_argument_naming_it(data: st.Da
     )
 
     with pytest.raises(InvalidInput) as caught:
-        client.retrieve(**call)
+        api.retrieve(**call)
 
     assert field_root(caught.value.field) == hostile
     assert caught.value.message
@@ -167,7 +168,7 @@ def test_the_client_refuses_hostile_memories_and_writes_nothing(data: st.DataObj
     stored = stored_documents(mongo_db)
 
     with pytest.raises(InvalidInput) as caught:
-        client.remember(**call)
+        api.remember(**call)
 
     expected = {"memory_id": "memory_id", "memory_type": "type", "items": "items"}[hostile]
     assert field_root(caught.value.field) == expected
@@ -180,7 +181,7 @@ def test_the_client_refuses_a_hostile_forget_and_deletes_nothing(
     memory_id: Any, memory_type: Any, ids: Any, mongo_db: Any, victim: str
 ) -> None:
     with pytest.raises(InvalidInput) as caught:
-        client.forget(memory_id, memory_type, ids)
+        api.forget(memory_id, memory_type, ids)
 
     assert field_root(caught.value.field) in {"memory_id", "type", "ids"}
     assert victim_intact(mongo_db, victim)
@@ -191,7 +192,12 @@ def test_the_client_refuses_a_hostile_forget_and_deletes_nothing(
 
 def memq(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "memq.cli", *args], capture_output=True, text=True, timeout=120, env=os.environ, cwd=ROOT
+        [sys.executable, "-m", "memq.ops.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ,
+        cwd=ROOT,
     )
 
 
@@ -479,25 +485,25 @@ def test_no_retrieval_cache_hit_or_forget_ever_touches_another_tenants_memories(
         items = [{"content": f"{tenant}: {text}"} for text in texts]
         if shared_id:
             items[0]["id"] = "same-id-everywhere"
-        stored = client.remember(tenant, "semantic", items)
+        stored = api.remember(tenant, "semantic", items)
         own[tenant] = {item["content"] for item in items}
         assert stored["inserted"] == len(items)
 
     for _ in range(2):  # the second pass is served from the search workers' matrix caches
         for tenant in tenants:
-            found = client.retrieve(query, tenant, {"semantic": 10})["results"]["long_term_memory"]
+            found = api.retrieve(query, tenant, {"semantic": 10})["results"]["long_term_memory"]
             assert {item["content"] for item in found} == own[tenant]
 
     gone = tenants[forget_index % len(tenants)]
     if shared_id:
-        deleted = client.forget(gone, "semantic", ids=["same-id-everywhere"])
+        deleted = api.forget(gone, "semantic", ids=["same-id-everywhere"])
         own[gone] -= {f"{gone}: {contents[tenants.index(gone)][0]}"}
         assert deleted["deleted"] == {"long_term_memory": 1}
     else:
-        client.forget(gone)
+        api.forget(gone)
         own[gone] = set()
     for tenant in tenants:
         stored = {d["content"] for d in mongo_db["long_term_memory"].find({"memory_id": tenant}, {"content": 1})}
         assert stored == own[tenant]
-        found = client.retrieve(query, tenant, {"semantic": 10})["results"]["long_term_memory"]
+        found = api.retrieve(query, tenant, {"semantic": 10})["results"]["long_term_memory"]
         assert {item["content"] for item in found} == own[tenant]

@@ -1,4 +1,5 @@
-"""A search after a write applies what changed, not the tenant (``workers.search.catch_up``), and answers exactly
+"""A search after a write applies what changed, not the tenant (``workers.search.strategies.catch_up``), and answers
+exactly
 what a fresh full load answers: real Redis, real nx-27017, the real write path (``steps.store_memories``,
 ``steps.forget``) and the exact search functions in this process, no Celery; the last tests go through the
 session fleet with ``memq.retrieve``."""
@@ -15,12 +16,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from memq import keys
-from memq.process_local import ProcessLocal
-from memq.settings import get_settings
-from memq.vectors import to_wire
-from memq.workers import search, steps, store, versions, writes
-from memq.workers.single_flight import SingleFlight
+from memq.core import keys
+from memq.core.process_local import ProcessLocal
+from memq.core.settings import get_settings
+from memq.core.vectors import to_wire
+from memq.workers import steps
+from memq.workers.search import strategies
+from memq.workers.search.single_flight import SingleFlight
+from memq.workers.storage import reads, versions, writes
 
 LTM = "long_term_memory"
 DIMENSIONS = 384  # all-MiniLM-L6-v2
@@ -63,9 +66,9 @@ FILTERS: list[dict[str, Any]] = [
 @pytest.fixture(autouse=True)
 def fresh_process_caches(monkeypatch: pytest.MonkeyPatch) -> None:
     """This test's own matrix cache and loads, as a fresh search process has."""
-    monkeypatch.setattr(search, "matrix_cache", ProcessLocal(search.MatrixCache))
-    monkeypatch.setattr(search, "matrix_loads", ProcessLocal(lambda: SingleFlight("matrix")))
-    monkeypatch.setattr(search, "tenant_locks", ProcessLocal(lambda: search.KeyedLocks()))
+    monkeypatch.setattr(strategies, "matrix_cache", ProcessLocal(strategies.MatrixCache))
+    monkeypatch.setattr(strategies, "matrix_loads", ProcessLocal(lambda: SingleFlight("matrix")))
+    monkeypatch.setattr(strategies, "tenant_locks", ProcessLocal(lambda: strategies.KeyedLocks()))
 
 
 def unit(rng: np.random.Generator) -> np.ndarray:
@@ -95,9 +98,9 @@ def remember(tenant: str, items: list[dict[str, Any]], vectors: np.ndarray) -> N
     steps.store_memories(embedded, tenant, LTM, items)
 
 
-def fresh_full_load(tenant: str) -> search.TenantMatrix:
+def fresh_full_load(tenant: str) -> strategies.TenantMatrix:
     """What a process that never saw the tenant loads: the whole tenant, now."""
-    return search.load_tenant(tenant, LTM, -1, dimensions=DIMENSIONS)
+    return strategies.load_tenant(tenant, LTM, -1, dimensions=DIMENSIONS)
 
 
 def ranked(items: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
@@ -112,13 +115,13 @@ def assert_same_as_a_fresh_load(tenant: str, queries: list[tuple[np.ndarray, str
     for vector, text in queries:
         for mode in MODES:
             for filters in FILTERS:
-                wanted = search.Wanted(query=text, mode=mode, filters=filters)
-                got = search.exact_search(tenant, LTM, vector, k, wanted).items
-                assert ranked(got) == ranked(search.top_k(fresh, vector, k, wanted)), (mode, filters)
+                wanted = strategies.Wanted(query=text, mode=mode, filters=filters)
+                got = strategies.exact_search(tenant, LTM, vector, k, wanted).items
+                assert ranked(got) == ranked(strategies.top_k(fresh, vector, k, wanted)), (mode, filters)
 
 
 def counts() -> tuple[int, int]:
-    cache = search.matrix_cache.get()
+    cache = strategies.matrix_cache.get()
     return cache.loads, cache.catch_ups
 
 
@@ -174,9 +177,9 @@ def test_new_memories_and_forgets_are_applied_from_the_log_and_only_re_sent_memo
     queries = queries_of(rng, vectors_rng, 2)
     assert_same_as_a_fresh_load(tenant, queries)
     read_back: list[list[str]] = []
-    load_ids = store.load_ids
+    load_ids = reads.load_ids
     monkeypatch.setattr(
-        store,
+        reads,
         "load_ids",
         lambda memory_id, memory_type, ids: read_back.append(ids) or load_ids(memory_id, memory_type, ids),
     )
@@ -263,14 +266,14 @@ def test_forget_without_ids_and_a_migration_say_everything_changed_and_reload(te
     assert_same_as_a_fresh_load(tenant, queries)
 
     assert counts() == (3, 0)
-    assert search.exact_search(tenant, LTM, queries[0][0], 5, search.Wanted()).items == []
+    assert strategies.exact_search(tenant, LTM, queries[0][0], 5, strategies.Wanted()).items == []
 
 
 def test_more_changed_ids_than_a_fraction_of_the_tenant_reload_and_so_do_too_many_tombstones(
     tenant: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(search, "CATCH_UP_MIN_IDS", 4)
-    monkeypatch.setattr(search, "MIN_CAPACITY_ROWS", 8)
+    monkeypatch.setattr(strategies, "CATCH_UP_MIN_IDS", 4)
+    monkeypatch.setattr(strategies, "MIN_CAPACITY_ROWS", 8)
     rng, vectors_rng, pool = seeded_tenant(tenant, 40, 7)
     queries = queries_of(rng, vectors_rng, 1)
     assert_same_as_a_fresh_load(tenant, queries)
@@ -291,14 +294,14 @@ def test_a_cached_entry_newer_than_the_version_read_is_used_only_while_redis_sti
 ) -> None:
     rng, vectors_rng, _ = seeded_tenant(tenant, 20, 8)
     vector = unit(vectors_rng)
-    search.exact_search(tenant, LTM, vector, 3, search.Wanted())
+    strategies.exact_search(tenant, LTM, vector, 3, strategies.Wanted())
     remember(tenant, [memory("late", rng)], unit(vectors_rng)[None, :])
-    search.exact_search(tenant, LTM, vector, 3, search.Wanted())  # caught up to version 2
-    assert search.load_shared(tenant, LTM, 1, DIMENSIONS).version == 2  # a search that read version 1 meanwhile
+    strategies.exact_search(tenant, LTM, vector, 3, strategies.Wanted())  # caught up to version 2
+    assert strategies.load_shared(tenant, LTM, 1, DIMENSIONS).version == 2  # a search that read version 1 meanwhile
     assert counts() == (1, 1)
 
     versions.cache_redis.get().delete(keys.tenant_version(tenant, LTM))  # Redis lost its versions: 0 now
-    assert search.load_shared(tenant, LTM, 0, DIMENSIONS).version == 0
+    assert strategies.load_shared(tenant, LTM, 0, DIMENSIONS).version == 0
     assert counts() == (2, 1)
 
 
@@ -309,17 +312,17 @@ def test_a_search_holding_an_older_snapshot_is_unmoved_by_changes_applied_after_
     rng, vectors_rng, pool = seeded_tenant(tenant, 60, 9)
     queries = queries_of(rng, vectors_rng, 2)
     version = versions.read_versions(tenant, [LTM])[LTM]  # type: ignore[index]
-    old = search.load_shared(tenant, LTM, version, DIMENSIONS)
-    wanted = [search.Wanted(query=text, mode=mode) for _, text in queries for mode in MODES]
-    before = [ranked(search.top_k(old, vector, 10, w)) for (vector, _) in queries for w in wanted]
+    old = strategies.load_shared(tenant, LTM, version, DIMENSIONS)
+    wanted = [strategies.Wanted(query=text, mode=mode) for _, text in queries for mode in MODES]
+    before = [ranked(strategies.top_k(old, vector, 10, w)) for (vector, _) in queries for w in wanted]
 
     for n in range(40):  # enough appends to grow the buffers past their spare capacity
         chosen = rng.sample(pool, 3)
         steps.forget(tenant, LTM, chosen[:1])
         remember(tenant, [memory(key, rng) for key in [*chosen[1:], f"x{n}"]], np.stack([unit(vectors_rng)] * 3))
-        search.exact_search(tenant, LTM, queries[0][0], 5, search.Wanted(query="ramen", mode="hybrid"))
+        strategies.exact_search(tenant, LTM, queries[0][0], 5, strategies.Wanted(query="ramen", mode="hybrid"))
 
-    assert [ranked(search.top_k(old, vector, 10, w)) for (vector, _) in queries for w in wanted] == before
+    assert [ranked(strategies.top_k(old, vector, 10, w)) for (vector, _) in queries for w in wanted] == before
     assert counts()[1] == 40
 
 
@@ -330,7 +333,7 @@ def test_after_forget_returns_a_forgotten_memory_is_never_found_by_concurrent_re
     secret = {"id": "secret", "content": "the lighthouse keeper's secret code", "tags": ["red"], "role": "user"}
     secret_vector = unit(vectors_rng)
     wanted = [
-        search.Wanted(query="lighthouse secret code", mode=mode, filters=filters)
+        strategies.Wanted(query="lighthouse secret code", mode=mode, filters=filters)
         for mode in MODES
         for filters in ({}, {"tags": ["red"]}, {"role": "user"})
     ]
@@ -345,7 +348,7 @@ def test_after_forget_returns_a_forgotten_memory_is_never_found_by_concurrent_re
             with lock:
                 generation, forgotten = state["generation"], state["forgotten"]
             one = wanted[n % len(wanted)]
-            found = {item["id"] for item in search.exact_search(tenant, LTM, secret_vector, 3, one).items}
+            found = {item["id"] for item in strategies.exact_search(tenant, LTM, secret_vector, 3, one).items}
             with lock:
                 unchanged = state["generation"] == generation
                 searches[0] += 1
@@ -362,14 +365,14 @@ def test_after_forget_returns_a_forgotten_memory_is_never_found_by_concurrent_re
                 state["generation"] += 1
                 state["forgotten"] = False
             remember(tenant, [secret], secret_vector[None, :])
-            found = search.exact_search(tenant, LTM, secret_vector, 3, wanted[0]).items
+            found = strategies.exact_search(tenant, LTM, secret_vector, 3, wanted[0]).items
             assert "secret" in {item["id"] for item in found}
             steps.forget(tenant, LTM, ["secret"])
             with lock:
                 state["forgotten"] = True
             for one in wanted:
                 assert "secret" not in {
-                    item["id"] for item in search.exact_search(tenant, LTM, secret_vector, 3, one).items
+                    item["id"] for item in strategies.exact_search(tenant, LTM, secret_vector, 3, one).items
                 }
             time.sleep(0.02)
     finally:
@@ -389,21 +392,21 @@ def test_after_forget_returns_a_forgotten_memory_is_never_found_by_concurrent_re
 def test_a_cold_load_streams_the_cursor_into_growing_buffers(tenant: str, monkeypatch: pytest.MonkeyPatch) -> None:
     seeded_tenant(tenant, 2500, 12)
     largest_chunk = [0]
-    real_append = search.RowStore.append
+    real_append = strategies.RowStore.append
 
-    def append(self: search.RowStore, docs: Any) -> list[Any]:
+    def append(self: strategies.RowStore, docs: Any) -> list[Any]:
         largest_chunk[0] = max(largest_chunk[0], len(docs))
         return real_append(self, docs)
 
-    monkeypatch.setattr(search.RowStore, "append", append)
+    monkeypatch.setattr(strategies.RowStore, "append", append)
     loaded_from = []
-    real_load = store.load_tenant
-    monkeypatch.setattr(store, "load_tenant", lambda *a: loaded_from.append(real_load(*a)) or loaded_from[-1])
+    real_load = reads.load_tenant
+    monkeypatch.setattr(reads, "load_tenant", lambda *a: loaded_from.append(real_load(*a)) or loaded_from[-1])
 
-    entry = search.load_tenant(tenant, LTM, 1, dimensions=DIMENSIONS)
+    entry = strategies.load_tenant(tenant, LTM, 1, dimensions=DIMENSIONS)
 
     assert isinstance(loaded_from[0], Iterator)  # a cursor, never a list of the tenant's documents
-    assert largest_chunk[0] == search.LOAD_CHUNK_ROWS
+    assert largest_chunk[0] == strategies.LOAD_CHUNK_ROWS
     assert entry.rows == 2500 and entry.store is not None
     assert entry.store.vectors.shape[0] < 2 * 2500  # grown by half its capacity at a time
     assert entry.matrix.base is entry.store.vectors or entry.matrix.base is entry.store.vectors.base
@@ -413,7 +416,7 @@ def test_a_cold_load_streams_the_cursor_into_growing_buffers(tenant: str, monkey
 
 
 def search_worker_info(app: Any, fleet: Any) -> dict[str, Any]:
-    from memq import names
+    from memq.core import names
 
     host = next(host for host in fleet.workers if host.startswith("search@"))
     replies = app.control.broadcast(names.INFO_COMMAND, destination=[host], reply=True, timeout=5.0) or []
@@ -423,17 +426,17 @@ def search_worker_info(app: Any, fleet: Any) -> dict[str, Any]:
 def test_through_the_fleet_each_retrieval_after_a_remember_or_forget_is_caught_up_not_reloaded(
     app: Any, fleet: Any, tenant: str
 ) -> None:
-    from memq import client
+    from memq.client import api
 
-    client.remember(tenant, "semantic", [{"content": f"note {i} about {WORDS[i]}", "id": f"n{i}"} for i in range(20)])
+    api.remember(tenant, "semantic", [{"content": f"note {i} about {WORDS[i]}", "id": f"n{i}"} for i in range(20)])
     ask = {"weights": {"relevance": 1}, "timeout_s": 60}
-    client.retrieve("ramen", tenant, {"semantic": 3}, **ask)
+    api.retrieve("ramen", tenant, {"semantic": 3}, **ask)
     before = search_worker_info(app, fleet)
 
-    client.remember(tenant, "semantic", [{"content": "slurped ramen in Kyoto last night", "id": "kyoto"}])
-    first = client.retrieve("ramen Kyoto", tenant, {"semantic": 3}, **ask)
-    client.forget(tenant, "semantic", ids=["kyoto"])
-    second = client.retrieve("ramen Kyoto night", tenant, {"semantic": 3}, **ask)
+    api.remember(tenant, "semantic", [{"content": "slurped ramen in Kyoto last night", "id": "kyoto"}])
+    first = api.retrieve("ramen Kyoto", tenant, {"semantic": 3}, **ask)
+    api.forget(tenant, "semantic", ids=["kyoto"])
+    second = api.retrieve("ramen Kyoto night", tenant, {"semantic": 3}, **ask)
 
     assert first["results"]["long_term_memory"][0]["id"] == "kyoto"
     assert "kyoto" not in {item["id"] for item in second["results"]["long_term_memory"]}
@@ -466,17 +469,17 @@ def write_directly(tenant: str, count: int, seed: int) -> None:
 def test_eight_concurrent_first_retrievals_of_a_50000_memory_tenant_right_after_its_import_all_answer_in_30_s(
     app: Any, fleet: Any, tenant: str, mongo_db: Any
 ) -> None:
-    from memq import client
+    from memq.client import api
 
     mongo_db[LTM].create_index([("memory_id", 1)])  # nx-27017 plans an equality through a single-field index only
     write_directly(tenant, MEMORIES_50K, seed=13)
-    client.remember(tenant, "semantic", [{"content": "the newest memory: a trip to Lisbon in May"}])
+    api.remember(tenant, "semantic", [{"content": "the newest memory: a trip to Lisbon in May"}])
     outcomes: list[Any] = [None] * 8
 
     def retrieve(i: int) -> None:
         started = time.monotonic()
         try:
-            result = client.retrieve(f"{WORDS[i]} question {i}", tenant, {"semantic": 5}, timeout_s=30)
+            result = api.retrieve(f"{WORDS[i]} question {i}", tenant, {"semantic": 5}, timeout_s=30)
         except Exception as exc:
             result = exc
         outcomes[i] = (result, time.monotonic() - started)
@@ -492,8 +495,8 @@ def test_eight_concurrent_first_retrievals_of_a_50000_memory_tenant_right_after_
     assert all(len(result["results"]["long_term_memory"]) == 5 for result, _ in outcomes)
 
     before = search_worker_info(app, fleet)
-    client.remember(tenant, "semantic", [{"content": "a later memory: ferry to Porto", "id": "porto"}])
-    result = client.retrieve("ferry to Porto", tenant, {"semantic": 5}, weights={"relevance": 1}, timeout_s=30)
+    api.remember(tenant, "semantic", [{"content": "a later memory: ferry to Porto", "id": "porto"}])
+    result = api.retrieve("ferry to Porto", tenant, {"semantic": 5}, weights={"relevance": 1}, timeout_s=30)
     assert result["errors"] == {} and result["results"]["long_term_memory"][0]["id"] == "porto"
     after = search_worker_info(app, fleet)
     assert after["loads"] == before["loads"] and after["catch_ups"] == before["catch_ups"] + 1

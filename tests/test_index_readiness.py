@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from memq.workers.index_readiness import state_from_documents
+from memq.workers.search.index_readiness import state_from_documents
 
 
 def atlas_index(name: str, status: str, queryable: bool | None, **extra: Any) -> dict[str, Any]:
@@ -43,8 +43,8 @@ def test_an_index_state_is_read_from_atlas_list_search_indexes_documents(
 
 
 def test_memq_status_lists_each_collections_vector_and_search_index_state(mongo_db: Any) -> None:
-    from memq.settings import get_settings
-    from memq.status import search_index_states
+    from memq.core.settings import get_settings
+    from memq.ops.status import search_index_states
 
     mongo_db["long_term_memory"].insert_one({"memory_id": "index-probe", "content": "x"})
 
@@ -59,7 +59,7 @@ def test_a_search_that_needs_a_missing_index_fails_naming_memq_indexes_instead_o
     mongo_db: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from memq.errors import IndexNotReady
-    from memq.workers import index_readiness
+    from memq.workers.search import index_readiness
 
     if os.environ.get("MEMQ_TEST_REAL_MONGODB"):
         pytest.skip("on a real Atlas the index may exist")
@@ -74,13 +74,13 @@ def test_a_building_vector_index_sends_auto_to_the_exact_path_and_an_explicit_re
     mongo_db: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from memq.errors import IndexNotReady
-    from memq.workers import index_readiness, search
+    from memq.workers.search import index_readiness, strategies
 
     monkeypatch.setitem(index_readiness._states, ("workflow_memory", "memq_vector"), ("building", 1e18))
 
-    assert search.vector_index_building("workflow_memory", explicit=False) is True
+    assert strategies.vector_index_building("workflow_memory", explicit=False) is True
     with pytest.raises(IndexNotReady, match="still building"):
-        search.vector_index_building("workflow_memory", explicit=True)
+        strategies.vector_index_building("workflow_memory", explicit=True)
 
 
 def test_concurrent_first_searches_probe_a_stage_once_and_all_get_its_answer(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -89,24 +89,25 @@ def test_concurrent_first_searches_probe_a_stage_once_and_all_get_its_answer(mon
     import threading
     import time
 
-    from memq.workers import search, store
+    from memq.workers.search import strategies
+    from memq.workers.storage import reads
 
     probes: list[str] = []
-    real_probe = store.probe_stage
+    real_probe = reads.probe_stage
 
     def counted_probe(stage: str, memory_type: str, dimensions: int) -> bool:
         probes.append(stage)
         time.sleep(0.2)  # while the first probe runs, the other searches arrive
         return real_probe(stage, memory_type, dimensions)
 
-    monkeypatch.setattr(store, "probe_stage", counted_probe)
-    monkeypatch.setattr(search, "_probe_results", {})
+    monkeypatch.setattr(reads, "probe_stage", counted_probe)
+    monkeypatch.setattr(strategies, "_probe_results", {})
     start = threading.Barrier(8)
     answers: list[bool] = []
 
     def first_search() -> None:
         start.wait()
-        answers.append(search.supports("$vectorSearch", "long_term_memory", 384))
+        answers.append(strategies.supports("$vectorSearch", "long_term_memory", 384))
 
     threads = [threading.Thread(target=first_search) for _ in range(8)]
     for thread in threads:
@@ -124,7 +125,8 @@ def test_a_stale_probe_answer_serves_other_searches_while_one_search_refreshes_i
     import threading
     import time
 
-    from memq.workers import search, store
+    from memq.workers.search import strategies
+    from memq.workers.storage import reads
 
     refreshing = threading.Event()
     release = threading.Event()
@@ -134,14 +136,14 @@ def test_a_stale_probe_answer_serves_other_searches_while_one_search_refreshes_i
         release.wait(10)
         return False
 
-    monkeypatch.setattr(store, "probe_stage", slow_probe)
-    stale_at = time.monotonic() - search.PROBE_TTL_S - 1
-    monkeypatch.setattr(search, "_probe_results", {"$search:long_term_memory": (True, stale_at)})
-    refresher = threading.Thread(target=search.supports, args=("$search", "long_term_memory", 384))
+    monkeypatch.setattr(reads, "probe_stage", slow_probe)
+    stale_at = time.monotonic() - strategies.PROBE_TTL_S - 1
+    monkeypatch.setattr(strategies, "_probe_results", {"$search:long_term_memory": (True, stale_at)})
+    refresher = threading.Thread(target=strategies.supports, args=("$search", "long_term_memory", 384))
     refresher.start()
     assert refreshing.wait(10)
 
-    assert search.supports("$search", "long_term_memory", 384) is True  # the last answer, without waiting
+    assert strategies.supports("$search", "long_term_memory", 384) is True  # the last answer, without waiting
     release.set()
     refresher.join(10)
-    assert search.supports("$search", "long_term_memory", 384) is False  # the refreshed answer
+    assert strategies.supports("$search", "long_term_memory", 384) is False  # the refreshed answer

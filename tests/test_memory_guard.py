@@ -1,4 +1,5 @@
-"""The search process's one memory limit (``MEMQ_SEARCH_MAX_RSS_BYTES``, ``memq.workers.memory_guard``): the guard's
+"""The search process's one memory limit (``MEMQ_SEARCH_MAX_RSS_BYTES``, ``memq.workers.search.rss_budget``): the
+guard's
 rules on a real matrix cache with the resident memory it is given, glibc handing freed pages back, then a real search
 worker over its budget."""
 
@@ -18,11 +19,12 @@ import faultkit
 import numpy as np
 import pytest
 
-from memq import names, services
+from memq.core import names
+from memq.core.settings import Settings
 from memq.errors import WorkerBusy
-from memq.settings import Settings
-from memq.workers import search
-from memq.workers.memory_guard import HEADROOM_MAX_BYTES, MemoryGuard, headroom_bytes, resident_bytes
+from memq.ops import services
+from memq.workers.search import strategies
+from memq.workers.search.rss_budget import HEADROOM_MAX_BYTES, MemoryGuard, headroom_bytes, resident_bytes
 from memq.workers.steps import merge_wait_s
 
 MB = 1_000_000
@@ -31,7 +33,7 @@ MB = 1_000_000
 class Process:
     """The resident memory the guard reads: a base plus what the cache holds, and how often it was released."""
 
-    def __init__(self, base_bytes: int, cache: search.MatrixCache) -> None:
+    def __init__(self, base_bytes: int, cache: strategies.MatrixCache) -> None:
         self.base_bytes = base_bytes
         self.cache = cache
         self.releases = 0
@@ -43,11 +45,11 @@ class Process:
         self.releases += 1
 
 
-def cache_of(tenants: int, content_bytes: int) -> search.MatrixCache:
-    cache = search.MatrixCache()
+def cache_of(tenants: int, content_bytes: int) -> strategies.MatrixCache:
+    cache = strategies.MatrixCache()
     for n in range(tenants):
         items = [{"id": f"m{i}", "content": "x" * content_bytes} for i in range(10)]
-        cache.put((f"t{n}", "long_term_memory"), search.TenantMatrix(1, items, np.zeros((10, 4), dtype=np.float32)))
+        cache.put((f"t{n}", "long_term_memory"), strategies.TenantMatrix(1, items, np.zeros((10, 4), dtype=np.float32)))
     return cache
 
 
@@ -163,7 +165,7 @@ def test_a_merge_waits_at_most_what_is_left_of_its_deadline_and_never_past_half_
 
 FREED_BETWEEN_LIVE_BLOCKS = """
 import sys
-from memq.workers.memory_guard import release_free_memory, resident_bytes
+from memq.workers.search.rss_budget import release_free_memory, resident_bytes
 blocks = [bytearray(4096) for _ in range(50_000)]  # ~200 MB from the heap, 4 KB at a time
 live = blocks[::64]  # one block in 64 stays, so the heap's top never frees and glibc keeps the pages between them
 del blocks
@@ -191,7 +193,7 @@ def freed_pages_left(mode: str) -> tuple[int, int]:
 
 EIGHT_THREADS_ALLOCATING = """
 import ctypes, ctypes.util, sys, threading
-from memq.workers.memory_guard import configure_allocator
+from memq.workers.search.rss_budget import configure_allocator
 print(configure_allocator() if sys.argv[1] == "configured" else {})
 barrier = threading.Barrier(8)
 def work():

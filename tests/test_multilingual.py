@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from memq import client
-from memq.workers.lexical import LexicalIndex, analyse
+from memq.client import api
+from memq.workers.search.lexical import LexicalIndex, analyse
 
 pytestmark = pytest.mark.usefixtures("fleet")
 
@@ -54,13 +54,13 @@ def multilingual_tenant() -> str:
     import uuid
 
     tenant = f"multilingual-{uuid.uuid4().hex[:8]}"
-    client.remember(tenant, "semantic", MEMORIES)
+    api.remember(tenant, "semantic", MEMORIES)
     return tenant
 
 
 @pytest.mark.parametrize("query", list(QUERIES))
 def test_a_lexical_retrieval_finds_the_memory_in_its_own_script(query: str, multilingual_tenant: str) -> None:
-    result = client.retrieve(query, multilingual_tenant, {"semantic": 3}, mode="lexical")
+    result = api.retrieve(query, multilingual_tenant, {"semantic": 3}, mode="lexical")
 
     found = result["results"]["long_term_memory"]
     assert found, result["errors"]
@@ -69,19 +69,19 @@ def test_a_lexical_retrieval_finds_the_memory_in_its_own_script(query: str, mult
 
 
 def test_a_lexical_query_that_matches_nothing_returns_nothing(multilingual_tenant: str) -> None:
-    result = client.retrieve("submarine", multilingual_tenant, {"semantic": 3}, mode="lexical")
+    result = api.retrieve("submarine", multilingual_tenant, {"semantic": 3}, mode="lexical")
 
     assert result["results"]["long_term_memory"] == [] and result["errors"] == {}
 
 
 def test_an_nfd_and_an_nfc_query_are_one_query(multilingual_tenant: str, cache_redis: Any) -> None:
-    nfc = client.retrieve("Köln", multilingual_tenant, {"semantic": 1}, mode="lexical")
-    nfd = client.retrieve(unicodedata.normalize("NFD", "Köln"), multilingual_tenant, {"semantic": 1}, mode="lexical")
+    nfc = api.retrieve("Köln", multilingual_tenant, {"semantic": 1}, mode="lexical")
+    nfd = api.retrieve(unicodedata.normalize("NFD", "Köln"), multilingual_tenant, {"semantic": 1}, mode="lexical")
 
     assert nfd["cached"] is True and nfd["results"] == nfc["results"]
 
 
-#: Memories whose text changes under the text form (``memq.validation.text_form``), beside plain near-twins.
+#: Memories whose text changes under the text form (``memq.core.field_rules.text_form``), beside plain near-twins.
 UNUSUAL_FORMS = [
     "Ｒｅｓｅｒｖｅｄ ｔａｂｌｅ ａｔ ｔｅｎ",  # full-width Latin
     "The ﬁnal ﬁle is ready",  # ligatures
@@ -100,7 +100,7 @@ def unusual_forms_tenant() -> str:
     import uuid
 
     tenant = f"forms-{uuid.uuid4().hex[:8]}"
-    client.remember(tenant, "semantic", [*UNUSUAL_FORMS, *PLAIN_NEIGHBOURS])
+    api.remember(tenant, "semantic", [*UNUSUAL_FORMS, *PLAIN_NEIGHBOURS])
     return tenant
 
 
@@ -108,7 +108,7 @@ def unusual_forms_tenant() -> str:
 def test_a_memory_searched_with_its_own_text_scores_one_and_ranks_first_whatever_its_unicode_form(
     text: str, unusual_forms_tenant: str
 ) -> None:
-    result = client.retrieve(
+    result = api.retrieve(
         text,
         unusual_forms_tenant,
         {"semantic": 3},

@@ -23,7 +23,9 @@ import pytest
 from faultkit import memq_cli
 from prometheus_client.parser import text_string_to_metric_families
 
-from memq import client, names, services
+from memq.client import api
+from memq.core import names
+from memq.ops import services
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOWER_AUTH = ("ops", "s3cret-for-tests")
@@ -110,7 +112,7 @@ def flower(metered: MeteredFleet, tmp_path_factory: pytest.TempPathFactory) -> I
     port = services.free_port()
     env = {**os.environ, "MEMQ_FLOWER_BASIC_AUTH": ":".join(FLOWER_AUTH)}
     log_path = str(tmp_path_factory.mktemp("flower") / "flower.log")
-    command = [sys.executable, "-m", "memq.cli", "flower", "--port", str(port), "--address", "127.0.0.1"]
+    command = [sys.executable, "-m", "memq.ops.cli", "flower", "--port", str(port), "--address", "127.0.0.1"]
     served = serve(command, port, "/healthcheck", env, log_path)
 
     def receives_events() -> bool:
@@ -210,11 +212,11 @@ def test_status_reports_an_unreachable_redis_without_waiting_for_workers() -> No
 
 
 def test_each_worker_serves_its_stage_metrics_after_a_retrieval(metered: MeteredFleet, tenant: str) -> None:
-    client.remember(tenant, "semantic", FACTS)
-    client.remember(tenant, "procedural", ["To plan meals: list, shop, cook."])
+    api.remember(tenant, "semantic", FACTS)
+    api.remember(tenant, "procedural", ["To plan meals: list, shop, cook."])
     # Other suites' workers may share these queues: retrieve until this fleet's workers have run each stage.
     for attempt in range(ATTEMPTS):
-        client.retrieve(f"what does she eat? #{attempt}", tenant, {"semantic": 2, "procedural": 1})
+        api.retrieve(f"what does she eat? #{attempt}", tenant, {"semantic": 2, "procedural": 1})
         embed, search = metered.metrics("embed"), metered.metrics("search")
         if (
             total(embed, "memq_embed_seconds_count") >= 1
@@ -271,11 +273,11 @@ def flower_tasks(flower: Served) -> dict[str, dict[str, Any]]:
 def test_flower_finds_a_retrievals_chord_tasks_by_name_in_its_api_and_metrics(
     flower: Served, metered: MeteredFleet, tenant: str
 ) -> None:
-    from memq.canvas import retrieval_canvas
-    from memq.requests import retrieval_request
-    from memq.settings import get_settings
+    from memq.client.canvas import retrieval_canvas
+    from memq.client.edge import retrieval_request
+    from memq.core.settings import get_settings
 
-    client.remember(tenant, "semantic", FACTS)
+    api.remember(tenant, "semantic", FACTS)
     steps: dict[str, str] = {}
 
     def seen_in_flower() -> dict[str, dict[str, Any]]:
@@ -291,8 +293,8 @@ def test_flower_finds_a_retrievals_chord_tasks_by_name_in_its_api_and_metrics(
     # flush dropped (celery#10434); pub/sub itself loses nothing for a subscriber that stays connected.
     limits = {"semantic": 2, "episodic": 1}
     request = retrieval_request(get_settings(), f"what does {tenant} like to eat?", tenant, limits)
-    sent = retrieval_canvas(request).apply_async()  # the canvas client.retrieve sends, so its ids are known here
-    client._wait(sent, 60, what="retrieval")
+    sent = retrieval_canvas(request).apply_async()  # the canvas api.retrieve sends, so its ids are known here
+    api._wait(sent, 60, what="retrieval")
     steps = {sent.parent.parent.id: names.EMBED_QUERY, sent.id: names.MERGE}
     steps.update({search.id: names.SEARCH for search in sent.parent.results})
     try:
@@ -398,7 +400,7 @@ def test_the_fastapi_example_answers_other_requests_while_one_is_in_flight(web_a
 
 
 def test_the_fastapi_example_serves_concurrent_retrievals(web_app: Served, tenant: str) -> None:
-    client.remember(tenant, "semantic", FACTS)
+    api.remember(tenant, "semantic", FACTS)
     queries = [f"question {i} about food" for i in range(8)]
 
     async def scenario() -> list[httpx.Response]:

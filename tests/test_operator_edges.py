@@ -17,8 +17,9 @@ import redis
 from celery.exceptions import TaskRevokedError
 from faultkit import memq_cli
 
-from memq import client, keys, names
-from memq.workers.control import DEFAULT_ALLOWED_COMMANDS
+from memq.client import api
+from memq.core import keys, names
+from memq.workers.plumbing.remote_control import DEFAULT_ALLOWED_COMMANDS
 
 SEARCH_WORKER = ["search", "-n", f"misspelled-{uuid.uuid4().hex[:6]}@x"]
 
@@ -131,8 +132,8 @@ def test_a_message_with_an_eta_ten_years_ahead_is_dead_lettered_not_held_and_the
     assert "MEMQ_VISIBILITY_TIMEOUT_S" in letter["detail"]
     assert not held_unacknowledged(sent.id)
     assert all(process.poll() is None for process in fleet.workers.values())
-    client.remember(tenant, "semantic", ["keeps bees in the garden"])
-    assert client.retrieve("bees", tenant, {"semantic": 1})["results"]["long_term_memory"]
+    api.remember(tenant, "semantic", ["keeps bees in the garden"])
+    assert api.retrieve("bees", tenant, {"semantic": 1})["results"]["long_term_memory"]
 
 
 def test_a_message_whose_eta_is_after_its_own_expiry_is_dead_lettered_naming_both(fleet: Any, app: Any) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from memq import services
+from memq.ops import services
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "sentence_transformers", "pymongo")
@@ -107,7 +107,7 @@ def test_memq_worker_embed_with_gpus_starts_one_worker_per_device_and_stops_them
     """On a machine without CUDA each child falls back to the CPU; what is tested is the launcher: one worker per
     named device, each named after it, all stopped by one signal."""
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "memq.cli", "worker", "embed", "--gpus", "0,1", "--loglevel", "WARNING"],
+        [sys.executable, "-m", "memq.ops.cli", "worker", "embed", "--gpus", "0,1", "--loglevel", "WARNING"],
         env=os.environ,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -131,7 +131,7 @@ def test_memq_worker_embed_with_gpus_starts_one_worker_per_device_and_stops_them
 @pytest.mark.parametrize("argv", [["--gpus", "0,0"], ["--gpus", "x"], ["--gpus", "0", "--device", "cuda:1"]])
 def test_memq_worker_embed_refuses_a_bad_gpu_list_in_one_line(argv: list[str]) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "memq.cli", "worker", "embed", *argv],
+        [sys.executable, "-m", "memq.ops.cli", "worker", "embed", *argv],
         capture_output=True,
         text=True,
         timeout=60,

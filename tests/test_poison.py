@@ -23,8 +23,10 @@ import pytest
 import redis
 from brokerkit import BrokerProbe, RedisProbe, envelope, probe_for, redis_unacked
 
-from memq import client, keys, names, services
+from memq.client import api
+from memq.core import keys, names
 from memq.errors import RetrievalTimeout, TransientError
+from memq.ops import services
 
 pytestmark = pytest.mark.usefixtures("fleet")
 DEEP = 100_000
@@ -129,8 +131,8 @@ def test_every_malformed_message_is_dead_lettered_and_the_worker_keeps_serving(
     letters = probe.dead_letters()
     assert {letter["reason"] for letter in letters} == {"bad_body", "undecodable", "bad_headers", "unknown_task"}
     assert {letter["queue"] for letter in letters} == {queue}
-    client.remember(tenant, "semantic", ["keeps bees in the garden"])
-    assert client.retrieve("bees", tenant, {"semantic": 1})["results"]["long_term_memory"]
+    api.remember(tenant, "semantic", ["keeps bees in the garden"])
+    assert api.retrieve("bees", tenant, {"semantic": 1})["results"]["long_term_memory"]
 
 
 @pytest.mark.parametrize("queue", names.QUEUES)
@@ -146,8 +148,8 @@ def test_every_envelope_kombu_cannot_read_is_dead_lettered_and_the_worker_keeps_
     assert broker.llen(queue) == 0 and unacked_of(broker, queue) == 0
     assert all(process.poll() is None for process in fleet.workers.values())
     assert {letter["reason"] for letter in probe.dead_letters()} == {"undecodable_envelope"}
-    client.remember(tenant, "semantic", ["keeps bees in the garden"])
-    assert client.retrieve("bees", tenant, {"semantic": 1})["results"]["long_term_memory"]
+    api.remember(tenant, "semantic", ["keeps bees in the garden"])
+    assert api.retrieve("bees", tenant, {"semantic": 1})["results"]["long_term_memory"]
 
 
 def test_a_retry_carrying_kombus_redelivered_header_is_not_counted_as_a_redelivery(broker: redis.Redis) -> None:
@@ -202,24 +204,24 @@ def test_a_message_that_started_the_limit_of_times_is_dead_lettered_whole_and_it
 
 def cli_json(*args: str) -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, "-m", "memq.cli", *args, "--json"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "memq.ops.cli", *args, "--json"], capture_output=True, text=True, timeout=60
     )
     assert proc.stdout, proc.stderr
     return dict(json.loads(proc.stdout))
 
 
 def cli_text(*args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "memq.cli", *args], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "memq.ops.cli", *args], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
 
 def test_poison_on_the_search_queue_under_load_never_hangs_a_retrieval(probe: BrokerProbe, tenant: str) -> None:
-    client.remember(tenant, "semantic", ["runs a small bakery", "plays the cello", "grows chillies"])
+    api.remember(tenant, "semantic", ["runs a small bakery", "plays the cello", "grows chillies"])
 
     def one(i: int) -> str:
         try:
-            result = client.retrieve(f"hobby number {i}", tenant, {"semantic": 2}, timeout_s=20)
+            result = api.retrieve(f"hobby number {i}", tenant, {"semantic": 2}, timeout_s=20)
         except (RetrievalTimeout, TransientError) as exc:
             return type(exc).__name__
         return "complete" if len(result["results"]["long_term_memory"]) == 2 else "reported"
@@ -290,8 +292,8 @@ def test_a_search_message_with_an_embedded_that_is_not_a_dict_reports_the_type_i
 def test_a_merge_of_garbage_or_forged_results_reports_those_types_and_ranks_nothing_from_them(
     app: Any, tenant: str
 ) -> None:
-    from memq.requests import retrieval_request
-    from memq.settings import get_settings
+    from memq.client.edge import retrieval_request
+    from memq.core.settings import get_settings
 
     request = retrieval_request(get_settings(), "anything", tenant, {"semantic": 2, "episodic": 2, "procedural": 1})
     forged_item = {"id": "x", "content": "forged", "score": 0.9, "importance": 1e308}
@@ -329,7 +331,7 @@ def test_a_task_name_no_worker_knows_fails_its_caller_at_once_and_is_dead_letter
 def test_a_search_whose_query_vector_is_empty_short_or_garbage_reports_the_type(
     app: Any, tenant: str, vector: Any
 ) -> None:
-    client.remember(tenant, "semantic", ["keeps a vegetable patch"])
+    api.remember(tenant, "semantic", ["keeps a vegetable patch"])
 
     sent = app.send_task(
         names.SEARCH,
@@ -352,7 +354,7 @@ def letter_of(letter_id: str) -> dict[str, Any]:
 
 def replay_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "memq.cli", "dead-letters", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "memq.ops.cli", "dead-letters", *args], capture_output=True, text=True, timeout=60
     )
 
 
@@ -395,7 +397,7 @@ def test_two_concurrent_replays_of_one_letter_publish_it_once(probe: BrokerProbe
 
     both = [
         subprocess.Popen(
-            [sys.executable, "-m", "memq.cli", "dead-letters", "--replay", letter, "--json"],
+            [sys.executable, "-m", "memq.ops.cli", "dead-letters", "--replay", letter, "--json"],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -450,7 +452,7 @@ def test_a_retrieval_whose_embed_step_is_dead_lettered_fails_at_once_with_a_clea
     from memq.errors import TaskFailed
 
     with published_with_bad_headers(names.EMBED_QUERY), pytest.raises(TaskFailed, match="dead-lettered"):
-        client.retrieve("anything at all", tenant, {"semantic": 1}, timeout_s=60)
+        api.retrieve("anything at all", tenant, {"semantic": 1}, timeout_s=60)
 
 
 def test_a_chord_whose_search_step_is_dead_lettered_fails_at_once_instead_of_staying_pending(
@@ -458,10 +460,10 @@ def test_a_chord_whose_search_step_is_dead_lettered_fails_at_once_instead_of_sta
 ) -> None:
     from celery import chord
 
+    from memq.client.edge import retrieval_request
+    from memq.client.waiting import ResultWaiter
+    from memq.core.settings import get_settings
     from memq.errors import DeadLettered
-    from memq.requests import retrieval_request
-    from memq.settings import get_settings
-    from memq.waiting import ResultWaiter
 
     request = retrieval_request(get_settings(), "anything", tenant, {"semantic": 1, "episodic": 1})
     searches = [
@@ -473,5 +475,5 @@ def test_a_chord_whose_search_step_is_dead_lettered_fails_at_once_instead_of_sta
     with published_with_bad_headers(names.SEARCH, skip=1):
         sent = chord(searches)(merge)
 
-    with pytest.raises(DeadLettered, match="dead-lettered"):  # the part's own error, as client.retrieve gets it
+    with pytest.raises(DeadLettered, match="dead-lettered"):  # the part's own error, as api.retrieve gets it
         ResultWaiter(app).wait(sent, timeout_s=60)

@@ -28,7 +28,8 @@ from brokerkit import AmqpProbe
 from faultkit import run_client
 from kombu import Connection, Exchange, Queue
 
-from memq import broker, names, services, sharding
+from memq.core import broker, names, sharding
+from memq.ops import services
 
 pytestmark = pytest.mark.skipif(
     not rabbitkit.wanted(), reason="RabbitMQ broker tests: bash scripts/test_rabbitmq.sh (MEMQ_TEST_BROKER=rabbitmq)"
@@ -88,7 +89,7 @@ def test_broker_setup_declares_quorum_queues_dead_letters_and_the_policy_and_a_s
 
 def test_a_changed_delivery_limit_changes_only_the_policy_and_memqs_queues_still_declare(rabbitmq_vhost: str) -> None:
     from memq.config.celery import task_queues
-    from memq.settings import Settings
+    from memq.core.settings import Settings
 
     rabbitkit.setup_topology(env_for(rabbitmq_vhost))
     rabbitkit.setup_topology(env_for(rabbitmq_vhost), "--delivery-limit", "7")
@@ -172,11 +173,11 @@ def test_a_retrieval_step_the_broker_dead_letters_past_its_delivery_limit_fails_
 ) -> None:
     from celery import chord
 
-    from memq import amqp_dead_letters
+    from memq.client.edge import retrieval_request
+    from memq.client.waiting import ResultWaiter
+    from memq.core.settings import get_settings
     from memq.errors import DeadLettered
-    from memq.requests import retrieval_request
-    from memq.settings import get_settings
-    from memq.waiting import ResultWaiter
+    from memq.ops import amqp_dead_letters
 
     url = os.environ["MEMQ_BROKER_URL"]
     amqp_dead_letters.purge_all(url)
@@ -206,7 +207,7 @@ def test_a_retrieval_step_the_broker_dead_letters_past_its_delivery_limit_fails_
 
 def cli(env: dict[str, str], *args: str) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, "-m", "memq.cli", *args], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "memq.ops.cli", *args], env=env, capture_output=True, text=True, timeout=60
     )
     assert done.stdout, done.stderr
     return dict(json.loads(done.stdout))
@@ -220,7 +221,7 @@ def every_worker_answers(app: Any, fleet: services.Fleet) -> bool:
 def test_a_remote_shutdown_and_garbage_on_the_remote_control_exchange_leave_every_worker_serving(
     app: Any, fleet: services.Fleet, tenant: str
 ) -> None:
-    from memq import client
+    from memq.client import api
 
     refused = app.control.broadcast("shutdown", reply=True, timeout=2.0) or []
     with Connection(os.environ["MEMQ_BROKER_URL"]) as connection:
@@ -234,8 +235,8 @@ def test_a_remote_shutdown_and_garbage_on_the_remote_control_exchange_leave_ever
     assert all("disabled" in str(answer) for reply in refused for answer in reply.values())
     assert all(process.poll() is None for process in fleet.workers.values())
     wait_for(lambda: every_worker_answers(app, fleet))
-    client.remember(tenant, "semantic", ["keeps bees"])
-    assert client.retrieve("bees", tenant, {"semantic": 1})["results"]["long_term_memory"]
+    api.remember(tenant, "semantic", ["keeps bees"])
+    assert api.retrieve("bees", tenant, {"semantic": 1})["results"]["long_term_memory"]
 
 
 def test_a_countdown_under_a_second_is_refused_by_native_delayed_delivery_so_memq_sleeps_it_in_the_worker(
@@ -283,7 +284,8 @@ def nested(depth: int) -> dict[str, Any]:
 def test_a_task_message_with_a_deeply_nested_header_table_leaves_every_worker_serving(
     app: Any, fleet: services.Fleet, tenant: str
 ) -> None:
-    from memq import amqp_dead_letters, client
+    from memq.client import api
+    from memq.ops import amqp_dead_letters
 
     url = os.environ["MEMQ_BROKER_URL"]
     sys.setrecursionlimit(20_000)  # deep enough that a worker's decoder (limit 1,000) cannot read it
@@ -303,8 +305,8 @@ def test_a_task_message_with_a_deeply_nested_header_table_leaves_every_worker_se
     wait_for(lambda: all(probe.unacked(queue) == 0 for queue in names.QUEUES))
     assert all(process.poll() is None for process in fleet.workers.values())
     wait_for(lambda: every_worker_answers(app, fleet))
-    client.remember(tenant, "semantic", ["keeps bees"])
-    assert client.retrieve("bees", tenant, {"semantic": 1})["results"]["long_term_memory"]
+    api.remember(tenant, "semantic", ["keeps bees"])
+    assert api.retrieve("bees", tenant, {"semantic": 1})["results"]["long_term_memory"]
     letters = amqp_dead_letters.listed(url, 100)
     assert sorted((letter.fields["queue"], letter.fields["reason"]) for letter in letters) == sorted(
         (queue, "bad_headers") for queue in names.QUEUES
@@ -334,7 +336,7 @@ def test_the_web_apps_broker_user_publishes_memqs_requests_and_the_broker_refuse
     from celery import Celery
 
     from memq.config.celery import celery_config
-    from memq.settings import Settings
+    from memq.core.settings import Settings
 
     web = Celery("memq-web", set_as_current=False)
     web.config_from_object(celery_config(Settings(broker_url=web_user, result_backend=os.environ["MEMQ_REDIS_URL"])))
@@ -369,10 +371,10 @@ def connected_users(vhost: str) -> set[str]:
 def test_the_fleets_workers_run_as_their_kinds_broker_users_and_serve_retrievals(
     fleet: services.Fleet, tenant: str
 ) -> None:
-    from memq import client
+    from memq.client import api
 
-    client.remember(tenant, "semantic", ["keeps bees"])
-    found = client.retrieve("bees", tenant, {"semantic": 1})["results"]["long_term_memory"]
+    api.remember(tenant, "semantic", ["keeps bees"])
+    found = api.retrieve("bees", tenant, {"semantic": 1})["results"]["long_term_memory"]
 
     assert [item["content"] for item in found] == ["keeps bees"]
     workers = {urlsplit(worker_user_url(kind)).username for kind in services.WORKER_KINDS}
@@ -383,7 +385,7 @@ def test_a_workers_broker_user_sends_a_delayed_retry_through_celerys_delayed_del
     from celery import Celery
 
     from memq.config.celery import celery_config
-    from memq.settings import Settings
+    from memq.core.settings import Settings
 
     embed = Celery("memq-embed-user", set_as_current=False)
     embed.config_from_object(

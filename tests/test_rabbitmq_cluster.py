@@ -19,7 +19,8 @@ import rabbitkit
 from test_faults import Rig, running_rig, tally, wait_for
 from test_rabbitmq_faults import amqp_app, assert_every_request_accounted_for
 
-from memq import names, services
+from memq.core import names
+from memq.ops import services
 
 pytestmark = pytest.mark.skipif(
     not rabbitkit.wanted(), reason="RabbitMQ broker tests: bash scripts/test_rabbitmq.sh (MEMQ_TEST_BROKER=rabbitmq)"

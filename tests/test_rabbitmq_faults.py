@@ -19,7 +19,7 @@ import rabbitkit
 import test_faults
 from test_faults import CLEAR, HANG_MARGIN_S, Rig, running_rig, tally, wait_for
 
-from memq import services
+from memq.ops import services
 
 pytestmark = pytest.mark.skipif(
     not rabbitkit.wanted(), reason="RabbitMQ broker tests: bash scripts/test_rabbitmq.sh (MEMQ_TEST_BROKER=rabbitmq)"
@@ -31,7 +31,7 @@ def amqp_app(broker_url: str, result_backend: str) -> Any:
     from celery import Celery
 
     from memq.config.celery import celery_config
-    from memq.settings import Settings
+    from memq.core.settings import Settings
 
     app = Celery("memq-rabbitmq-faults", set_as_current=False)
     app.config_from_object(celery_config(Settings(broker_url=broker_url, result_backend=result_backend)))

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from memq import client
+from memq.client import api
 
 pytestmark = pytest.mark.usefixtures("fleet")
 
@@ -18,18 +18,18 @@ NEWER = "walks to the office along the river on Mondays"
 
 
 def by_recency(tenant: str) -> list[dict[str, Any]]:
-    result = client.retrieve("walks along the river", tenant, {"semantic": 2}, weights=RECENCY_ONLY)
+    result = api.retrieve("walks along the river", tenant, {"semantic": 2}, weights=RECENCY_ONLY)
     assert not result["errors"], result["errors"]
     return result["results"]["long_term_memory"]
 
 
 def test_re_sending_an_unchanged_memory_keeps_its_created_at_and_never_makes_it_recent(tenant: str) -> None:
-    client.remember(tenant, "semantic", [OLDER])
+    api.remember(tenant, "semantic", [OLDER])
     time.sleep(0.05)  # the newer memory's first insert is strictly later
-    client.remember(tenant, "semantic", [NEWER])
+    api.remember(tenant, "semantic", [NEWER])
     before = {item["content"]: item for item in by_recency(tenant)}
 
-    client.remember(tenant, "semantic", [OLDER])  # re-sent unchanged, after a partial failure
+    api.remember(tenant, "semantic", [OLDER])  # re-sent unchanged, after a partial failure
     after = by_recency(tenant)
 
     assert [item["content"] for item in after] == [NEWER, OLDER]  # ranked as before: the newer memory first
@@ -40,11 +40,11 @@ def test_re_sending_an_unchanged_memory_keeps_its_created_at_and_never_makes_it_
 
 def test_a_memory_re_sent_with_its_own_created_at_keeps_the_one_it_was_first_stored_with(tenant: str) -> None:
     created = "2024-05-01T08:00:00+00:00"
-    client.remember(tenant, "semantic", [{"content": OLDER, "created_at": created}])
+    api.remember(tenant, "semantic", [{"content": OLDER, "created_at": created}])
     [first] = by_recency(tenant)
 
-    client.remember(tenant, "semantic", [{"content": OLDER, "created_at": created}])
-    client.remember(tenant, "semantic", [{"content": OLDER, "created_at": "2026-01-01T00:00:00+00:00"}])
+    api.remember(tenant, "semantic", [{"content": OLDER, "created_at": created}])
+    api.remember(tenant, "semantic", [{"content": OLDER, "created_at": "2026-01-01T00:00:00+00:00"}])
     [item] = by_recency(tenant)
 
     assert item["created_at"] == created

@@ -15,13 +15,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memq import client
+from memq.client import api
 from memq.errors import InvalidInput
-from memq.workers.lexical import BM25_B, BM25_K1, analyse
+from memq.workers.search.lexical import BM25_B, BM25_K1, analyse
 
 pytestmark = pytest.mark.usefixtures("fleet")
 FILTER_FLAGS = ["--tag", "work", "--tag", "plans", "--all-tags", "--role", "user"]
-RETRIEVE_CLI = [sys.executable, "-m", "memq.cli", "retrieve"]
+RETRIEVE_CLI = [sys.executable, "-m", "memq.ops.cli", "retrieve"]
 RELEVANCE_ONLY = {"relevance": 1, "recency": 0, "importance": 0}
 TRAVEL = [
     "booked flights to Lisbon for the spring holiday",
@@ -35,7 +35,7 @@ RARE = "the storage unit gate code is QX7731"
 
 
 def memories(tenant: str, memory_type: str, items: list[dict[str, Any]]) -> None:
-    client.remember(tenant, memory_type, items)
+    api.remember(tenant, memory_type, items)
 
 
 def ids(result: dict[str, Any], memory_type: str = "long_term_memory") -> list[str]:
@@ -47,8 +47,8 @@ def test_hybrid_finds_a_memory_by_a_rare_code_that_cosine_ranks_low(tenant: str)
     memories(tenant, "semantic", [{"id": "rare", "content": RARE}])
     query = "vacation airfare and lodging QX7731"  # paraphrases the travel memories; the code is only in one
 
-    vector = client.retrieve(query, tenant, {"semantic": 3}, weights=RELEVANCE_ONLY, mode="vector")
-    hybrid = client.retrieve(query, tenant, {"semantic": 1}, weights=RELEVANCE_ONLY)
+    vector = api.retrieve(query, tenant, {"semantic": 3}, weights=RELEVANCE_ONLY, mode="vector")
+    hybrid = api.retrieve(query, tenant, {"semantic": 1}, weights=RELEVANCE_ONLY)
 
     assert "rare" not in ids(vector)  # cosine ranks the travel memories above it
     assert ids(hybrid) == ["rare"]
@@ -82,7 +82,7 @@ def test_lexical_mode_equals_an_independent_bm25(tenant: str) -> None:
     memories(tenant, "semantic", [{"id": f"d{i}", "content": text} for i, text in enumerate(corpus)])
     query = "long flights this week"
 
-    result = client.retrieve(query, tenant, {"semantic": 5}, weights=RELEVANCE_ONLY, mode="lexical")
+    result = api.retrieve(query, tenant, {"semantic": 5}, weights=RELEVANCE_ONLY, mode="lexical")
 
     expected = independent_bm25(corpus, query)
     got = result["results"]["long_term_memory"]
@@ -95,10 +95,10 @@ def test_a_write_is_visible_to_lexical_search_at_once_and_rebuilds_only_what_it_
     memories(tenant, "semantic", [{"id": "a", "content": "grows basil on the balcony"}])
     memories(tenant, "episodic", [{"id": "b", "content": "user: remind me about the dentist"}])
     limits = {"semantic": 2, "episodic": 2}
-    client.retrieve("warm up", tenant, limits, mode="lexical")
+    api.retrieve("warm up", tenant, limits, mode="lexical")
 
     memories(tenant, "semantic", [{"id": "c", "content": "bought a kumquat tree"}])
-    result = client.retrieve("kumquat", tenant, limits, mode="lexical")
+    result = api.retrieve("kumquat", tenant, limits, mode="lexical")
 
     assert ids(result)[0] == "c"
     assert result["timings_ms"]["matrix_cache"] == {"long_term_memory": "miss", "conversation_memory": "hit"}
@@ -123,8 +123,8 @@ def two_tenants() -> dict[str, list[dict[str, Any]]]:
             }
             for i in range(12)
         ]
-        client.forget(name)
-        client.remember(name, "episodic", items)
+        api.forget(name)
+        api.remember(name, "episodic", items)
         tenants[name] = items
     return tenants
 
@@ -167,7 +167,7 @@ def test_filters_never_return_a_row_outside_them_or_another_tenants(
     if filters.get("created_after", 0) > filters.get("created_before", math.inf):
         return
     for tenant, items in two_tenants.items():
-        result = client.retrieve("planning meeting", tenant, {"episodic": 12}, mode=mode, filters=filters)
+        result = api.retrieve("planning meeting", tenant, {"episodic": 12}, mode=mode, filters=filters)
         expected = {item["id"] for item in items if passes(item, filters)}
         assert set(ids(result, "conversation_memory")) == expected
 
@@ -188,13 +188,13 @@ BAD_FILTERS = [
 @pytest.mark.parametrize(("filters", "field"), BAD_FILTERS)
 def test_bad_filters_are_refused_by_the_client_naming_the_field(tenant: str, filters: Any, field: str) -> None:
     with pytest.raises(InvalidInput) as caught:
-        client.retrieve("anything", tenant, {"semantic": 1}, filters=filters)
+        api.retrieve("anything", tenant, {"semantic": 1}, filters=filters)
     assert caught.value.field == field
 
 
 def test_an_unknown_mode_is_refused_by_the_client_the_cli_and_send_task(tenant: str, app: Any) -> None:
     with pytest.raises(InvalidInput) as caught:
-        client.retrieve("anything", tenant, {"semantic": 1}, mode="fuzzy")
+        api.retrieve("anything", tenant, {"semantic": 1}, mode="fuzzy")
     assert caught.value.field == "mode"
 
     cli = subprocess.run(
@@ -252,7 +252,7 @@ def test_send_task_by_name_takes_mode_and_filters(tenant: str, app: Any) -> None
 @pytest.mark.skipif(not os.environ.get("MEMQ_TEST_REAL_MONGODB"), reason="$search needs a real Atlas/mongot")
 def test_hybrid_in_atlas_finds_the_rare_code_and_keeps_filters_inside_both_pipelines(tenant: str) -> None:
     """On Atlas: ``$rankFusion`` of ``$vectorSearch`` and ``$search`` (or both lists fused in the worker)."""
-    created = client.create_indexes()
+    created = api.create_indexes()
     assert created["text_index_definition"]["type"] == "search"
     memories(tenant, "semantic", [{"id": f"t{i}", "content": text} for i, text in enumerate(TRAVEL)])
     memories(tenant, "semantic", [{"id": "rare", "content": RARE, "tags": ["storage"]}])
@@ -261,8 +261,8 @@ def test_hybrid_in_atlas_finds_the_rare_code_and_keeps_filters_inside_both_pipel
     time.sleep(5)  # Atlas indexes asynchronously
     query = "vacation airfare and lodging QX7731"
 
-    atlas = client.retrieve(query, tenant, {"semantic": 1}, weights=RELEVANCE_ONLY, strategy="vector_search")
-    filtered = client.retrieve(
+    atlas = api.retrieve(query, tenant, {"semantic": 1}, weights=RELEVANCE_ONLY, strategy="vector_search")
+    filtered = api.retrieve(
         query, tenant, {"semantic": 5}, weights=RELEVANCE_ONLY, strategy="vector_search", filters={"tags": ["work"]}
     )
 

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from memq.errors import InvalidInput, StoreUnavailable, WorkerBusy
-from memq.workers import mongo, search
-from memq.workers.result_size import bound_result_bytes, item_bytes
-from memq.workers.single_flight import FlightTimeout, SingleFlight
+from memq.workers.search import strategies
+from memq.workers.search.result_size import bound_result_bytes, item_bytes
+from memq.workers.search.single_flight import FlightTimeout, SingleFlight
+from memq.workers.storage import mongo
 
 # -- single-flight ---------------------------------------------------------------------------------------------
 
@@ -130,26 +131,26 @@ def test_a_failed_load_fails_every_waiter_and_the_next_call_loads_again() -> Non
 def test_a_search_whose_budget_runs_out_waiting_gets_mongodb_unavailable_and_the_load_fills_the_cache(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(search, "matrix_loads", search.ProcessLocal(lambda: SingleFlight("matrix")))
-    monkeypatch.setattr(search, "matrix_cache", search.ProcessLocal(search.MatrixCache))
-    entry = search.TenantMatrix(3, [{"id": "a"}], np.ones((1, 2), dtype=np.float32))
+    monkeypatch.setattr(strategies, "matrix_loads", strategies.ProcessLocal(lambda: SingleFlight("matrix")))
+    monkeypatch.setattr(strategies, "matrix_cache", strategies.ProcessLocal(strategies.MatrixCache))
+    entry = strategies.TenantMatrix(3, [{"id": "a"}], np.ones((1, 2), dtype=np.float32))
     gate = Gate(entry)
 
-    def load(memory_id: str, memory_type: str, version: int, dimensions: int) -> search.TenantMatrix:
+    def load(memory_id: str, memory_type: str, version: int, dimensions: int) -> strategies.TenantMatrix:
         loaded = gate()
-        search.matrix_cache.get().put((memory_id, memory_type), loaded)
+        strategies.matrix_cache.get().put((memory_id, memory_type), loaded)
         return loaded
 
-    monkeypatch.setattr(search, "load_into_cache", load)
+    monkeypatch.setattr(strategies, "load_into_cache", load)
 
     with pytest.raises(StoreUnavailable, match=r"MongoDB unavailable: .* timed out"), mongo.time_limit(0.1):
-        search.load_shared("tenant", "long_term_memory", 3, 2)
+        strategies.load_shared("tenant", "long_term_memory", 3, 2)
     gate.release.set()
     deadline = time.monotonic() + 10
-    while search.matrix_cache.get().get(("tenant", "long_term_memory"), 3) is None and time.monotonic() < deadline:
+    while strategies.matrix_cache.get().get(("tenant", "long_term_memory"), 3) is None and time.monotonic() < deadline:
         time.sleep(0.01)
 
-    assert search.matrix_cache.get().get(("tenant", "long_term_memory"), 3) is entry
+    assert strategies.matrix_cache.get().get(("tenant", "long_term_memory"), 3) is entry
     assert gate.calls == 1
 
 
@@ -159,21 +160,21 @@ def test_a_search_whose_budget_runs_out_waiting_gets_mongodb_unavailable_and_the
 def test_a_query_vector_of_another_dimension_than_a_cached_tenant_s_is_refused_and_the_entry_stays(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(search, "matrix_cache", search.ProcessLocal(search.MatrixCache))
-    monkeypatch.setattr(search.versions, "read_versions", lambda memory_id, types: dict.fromkeys(types, 1))
-    entry = search.TenantMatrix(1, [{"id": "a"}], np.ones((1, 384), dtype=np.float32))
-    search.matrix_cache.get().put(("tenant", "long_term_memory"), entry)
+    monkeypatch.setattr(strategies, "matrix_cache", strategies.ProcessLocal(strategies.MatrixCache))
+    monkeypatch.setattr(strategies.versions, "read_versions", lambda memory_id, types: dict.fromkeys(types, 1))
+    entry = strategies.TenantMatrix(1, [{"id": "a"}], np.ones((1, 384), dtype=np.float32))
+    strategies.matrix_cache.get().put(("tenant", "long_term_memory"), entry)
 
     with pytest.raises(InvalidInput) as refused:
-        search.exact_search("tenant", "long_term_memory", np.ones(5, dtype=np.float32), 3, search.Wanted())
+        strategies.exact_search("tenant", "long_term_memory", np.ones(5, dtype=np.float32), 3, strategies.Wanted())
 
     assert refused.value.field == "embedded" and "stored vectors have 384" in refused.value.message
-    assert search.matrix_cache.get().get(("tenant", "long_term_memory"), 1, 384) is entry
+    assert strategies.matrix_cache.get().get(("tenant", "long_term_memory"), 1, 384) is entry
 
 
 def test_a_cached_entry_of_another_dimension_is_not_the_matrix_of_a_query() -> None:
-    cache = search.MatrixCache()
-    cache.put(("tenant", "long_term_memory"), search.TenantMatrix(1, [], np.zeros((0, 5), dtype=np.float32)))
+    cache = strategies.MatrixCache()
+    cache.put(("tenant", "long_term_memory"), strategies.TenantMatrix(1, [], np.zeros((0, 5), dtype=np.float32)))
 
     assert cache.get(("tenant", "long_term_memory"), 1, 384) is None  # reloaded at the query's dimension
     assert cache.get(("tenant", "long_term_memory"), 1, 5) is not None
@@ -182,28 +183,28 @@ def test_a_cached_entry_of_another_dimension_is_not_the_matrix_of_a_query() -> N
 # -- the matrix cache's byte budget ------------------------------------------------------------------------------
 
 
-def cached_entry(rows: int, content_bytes: int = 10, version: int = 1) -> search.TenantMatrix:
+def cached_entry(rows: int, content_bytes: int = 10, version: int = 1) -> strategies.TenantMatrix:
     items = [{"id": f"m{i}", "content": "x" * content_bytes} for i in range(rows)]
-    return search.TenantMatrix(version, items, np.zeros((rows, 8), dtype=np.float32))
+    return strategies.TenantMatrix(version, items, np.zeros((rows, 8), dtype=np.float32))
 
 
 def test_an_entry_counts_its_vectors_its_items_content_and_its_bm25_index() -> None:
     plain = cached_entry(4, content_bytes=10)
     wordy = cached_entry(4, content_bytes=1010)
-    indexed = search.build_matrix([], 1, dimensions=8)
-    indexed.lexical = search.LexicalIndex([f"memory {i} about hiking and jazz" for i in range(50)])
+    indexed = strategies.build_matrix([], 1, dimensions=8)
+    indexed.lexical = strategies.LexicalIndex([f"memory {i} about hiking and jazz" for i in range(50)])
 
-    assert search.entry_nbytes(plain) == 4 * 8 * 4 + 4 * (search.ITEM_OVERHEAD_BYTES + 10 + 2)
-    assert search.entry_nbytes(wordy) - search.entry_nbytes(plain) == 4 * 1000
-    assert search.entry_nbytes(indexed) >= indexed.lexical.nbytes() > 0
+    assert strategies.entry_nbytes(plain) == 4 * 8 * 4 + 4 * (strategies.ITEM_OVERHEAD_BYTES + 10 + 2)
+    assert strategies.entry_nbytes(wordy) - strategies.entry_nbytes(plain) == 4 * 1000
+    assert strategies.entry_nbytes(indexed) >= indexed.lexical.nbytes() > 0
 
 
 def test_a_replaced_entry_frees_its_bytes() -> None:
-    cache = search.MatrixCache()
+    cache = strategies.MatrixCache()
     cache.put(("a", "t"), cached_entry(10, version=1))
     cache.put(("a", "t"), cached_entry(5, version=2))
 
-    assert cache.nbytes == search.entry_nbytes(cached_entry(5)) and cache.get(("a", "t"), 2) is not None
+    assert cache.nbytes == strategies.entry_nbytes(cached_entry(5)) and cache.get(("a", "t"), 2) is not None
     assert len(cache) == 1 and cache.vectors == 5
 
 
@@ -273,17 +274,17 @@ def test_merge_applies_the_byte_budget_after_ranking(monkeypatch: pytest.MonkeyP
 # -- top-k by partial selection ----------------------------------------------------------------------------------
 
 
-def full_sort_top_k(entry: search.TenantMatrix, query: np.ndarray, k: int, wanted: search.Wanted) -> list[str]:
+def full_sort_top_k(entry: strategies.TenantMatrix, query: np.ndarray, k: int, wanted: strategies.Wanted) -> list[str]:
     """The ranking as top_k defined it before partial selection: every row sorted by (fused, cosine, id)."""
     vector = entry.matrix @ (query / np.linalg.norm(query))
     lexical = entry.lexical.scores(wanted.query) if wanted.mode != "vector" else np.zeros(len(entry.items))
-    fused = search.ranking.fuse(vector, lexical, wanted.mode)
+    fused = strategies.ranking.fuse(vector, lexical, wanted.mode)
     rows = [i for i in range(len(entry.items)) if wanted.mode != "lexical" or lexical[i] > 0]  # lexical: matches only
     order = sorted(rows, key=lambda i: (-fused[i], -vector[i], entry.items[i]["id"]))
     return [entry.items[i]["id"] for i in order[:k]]
 
 
-def lexical_tenant(size: int, seed: int) -> search.TenantMatrix:
+def lexical_tenant(size: int, seed: int) -> strategies.TenantMatrix:
     rng = np.random.default_rng(seed)
     words = ["alpine", "hiking", "sourdough", "piano", "jazz", "taxes", "marathon", "curry"]
     texts = [" ".join(rng.choice(words, 2)) if i % 50 == 0 else f"note {i}" for i in range(size)]
@@ -291,8 +292,8 @@ def lexical_tenant(size: int, seed: int) -> search.TenantMatrix:
     matrix[::7] = matrix[0]  # many rows tied on cosine too
     matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
     ids = [f"m{(i * 7919) % size:05d}" for i in range(size)]  # ids out of row order
-    return search.TenantMatrix(
-        1, [{"id": i, "content": t} for i, t in zip(ids, texts, strict=True)], matrix, search.LexicalIndex(texts)
+    return strategies.TenantMatrix(
+        1, [{"id": i, "content": t} for i, t in zip(ids, texts, strict=True)], matrix, strategies.LexicalIndex(texts)
     )
 
 
@@ -302,18 +303,18 @@ def lexical_tenant(size: int, seed: int) -> search.TenantMatrix:
 def test_top_k_by_partial_selection_ranks_as_a_full_sort_ties_included(k: int, query: str, mode: str) -> None:
     entry = lexical_tenant(2000, seed=k)
     vector = entry.matrix[3] + 0.0  # the query points exactly at a row that 1 in 7 rows share
-    wanted = search.Wanted(query=query, mode=mode)
+    wanted = strategies.Wanted(query=query, mode=mode)
 
-    got = [item["id"] for item in search.top_k(entry, vector, k, wanted)]
+    got = [item["id"] for item in strategies.top_k(entry, vector, k, wanted)]
 
     assert got == full_sort_top_k(entry, vector, k, wanted)
 
 
 def test_a_lexical_query_with_fewer_matches_than_k_returns_only_the_matches() -> None:
     entry = lexical_tenant(2000, seed=1)
-    wanted = search.Wanted(query="sourdough", mode="lexical")
+    wanted = strategies.Wanted(query="sourdough", mode="lexical")
 
-    got = search.top_k(entry, entry.matrix[3] + 0.0, 100, wanted)
+    got = strategies.top_k(entry, entry.matrix[3] + 0.0, 100, wanted)
 
     assert 0 < len(got) < 100 and all(item["scores"]["lexical"] > 0 for item in got)
 
@@ -324,9 +325,9 @@ def test_a_lexical_query_with_fewer_matches_than_k_returns_only_the_matches() ->
 def test_loads_of_five_cold_tenants_run_at_most_two_at_a_time_and_each_fills_the_cache(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(search, "matrix_loads", search.ProcessLocal(lambda: SingleFlight("matrix")))
-    monkeypatch.setattr(search, "matrix_cache", search.ProcessLocal(search.MatrixCache))
-    monkeypatch.setattr(search, "load_slots", search.ProcessLocal(lambda: threading.BoundedSemaphore(2)))
+    monkeypatch.setattr(strategies, "matrix_loads", strategies.ProcessLocal(lambda: SingleFlight("matrix")))
+    monkeypatch.setattr(strategies, "matrix_cache", strategies.ProcessLocal(strategies.MatrixCache))
+    monkeypatch.setattr(strategies, "load_slots", strategies.ProcessLocal(lambda: threading.BoundedSemaphore(2)))
     lock = threading.Lock()
     running, most_at_once = [0], [0]
 
@@ -339,10 +340,12 @@ def test_loads_of_five_cold_tenants_run_at_most_two_at_a_time_and_each_fills_the
             running[0] -= 1
         return []
 
-    monkeypatch.setattr(search.store, "load_tenant", load_tenant)
-    outcomes: list[search.TenantMatrix] = []
+    monkeypatch.setattr(strategies.reads, "load_tenant", load_tenant)
+    outcomes: list[strategies.TenantMatrix] = []
     threads = [
-        threading.Thread(target=lambda n=n: outcomes.append(search.load_shared(f"t{n}", "long_term_memory", 1, 384)))
+        threading.Thread(
+            target=lambda n=n: outcomes.append(strategies.load_shared(f"t{n}", "long_term_memory", 1, 384))
+        )
         for n in range(5)
     ]
     for thread in threads:
@@ -352,45 +355,45 @@ def test_loads_of_five_cold_tenants_run_at_most_two_at_a_time_and_each_fills_the
 
     assert len(outcomes) == 5
     assert most_at_once[0] == 2
-    assert all(search.matrix_cache.get().get((f"t{n}", "long_term_memory"), 1) is not None for n in range(5))
+    assert all(strategies.matrix_cache.get().get((f"t{n}", "long_term_memory"), 1) is not None for n in range(5))
 
 
 def test_a_search_whose_load_still_waits_for_a_slot_is_told_the_worker_is_busy_not_that_mongodb_is_down(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(search, "matrix_loads", search.ProcessLocal(lambda: SingleFlight("matrix")))
-    monkeypatch.setattr(search, "matrix_cache", search.ProcessLocal(search.MatrixCache))
+    monkeypatch.setattr(strategies, "matrix_loads", strategies.ProcessLocal(lambda: SingleFlight("matrix")))
+    monkeypatch.setattr(strategies, "matrix_cache", strategies.ProcessLocal(strategies.MatrixCache))
     slots = threading.BoundedSemaphore(1)
-    monkeypatch.setattr(search, "load_slots", search.ProcessLocal(lambda: slots))
-    monkeypatch.setattr(search.store, "load_tenant", lambda memory_id, memory_type: [])
+    monkeypatch.setattr(strategies, "load_slots", strategies.ProcessLocal(lambda: slots))
+    monkeypatch.setattr(strategies.reads, "load_tenant", lambda memory_id, memory_type: [])
     slots.acquire()  # another tenant's load holds the only slot
 
     busy = pytest.raises(WorkerBusy, match=r"search worker busy: .* still waiting for a load slot")
     with busy, mongo.time_limit(0.2):
-        search.load_shared("tenant", "long_term_memory", 1, 384)
+        strategies.load_shared("tenant", "long_term_memory", 1, 384)
     slots.release()
     deadline = time.monotonic() + 10
-    while search.matrix_cache.get().get(("tenant", "long_term_memory"), 1) is None and time.monotonic() < deadline:
+    while strategies.matrix_cache.get().get(("tenant", "long_term_memory"), 1) is None and time.monotonic() < deadline:
         time.sleep(0.01)
 
-    assert search.matrix_cache.get().get(("tenant", "long_term_memory"), 1) is not None  # the load went on
-    assert search.load_phases == {}
+    assert strategies.matrix_cache.get().get(("tenant", "long_term_memory"), 1) is not None  # the load went on
+    assert strategies.load_phases == {}
 
 
 def test_with_redis_down_an_uncached_load_also_waits_for_a_slot_within_the_search_s_budget(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     slots = threading.BoundedSemaphore(1)
-    monkeypatch.setattr(search, "load_slots", search.ProcessLocal(lambda: slots))
+    monkeypatch.setattr(strategies, "load_slots", strategies.ProcessLocal(lambda: slots))
     loaded: list[str] = []
-    monkeypatch.setattr(search.store, "load_tenant", lambda memory_id, memory_type: loaded.append(memory_id) or [])
+    monkeypatch.setattr(strategies.reads, "load_tenant", lambda memory_id, memory_type: loaded.append(memory_id) or [])
     slots.acquire()
 
     with pytest.raises(WorkerBusy, match=r"no load slot .* within 0\.2 s"), mongo.time_limit(0.2):
-        search.load_uncached("tenant", "long_term_memory", 384)
+        strategies.load_uncached("tenant", "long_term_memory", 384)
     assert loaded == []
     slots.release()
 
     with mongo.time_limit(5):
-        assert search.load_uncached("tenant", "long_term_memory", 384).items == []
+        assert strategies.load_uncached("tenant", "long_term_memory", 384).items == []
     assert loaded == ["tenant"] and slots.acquire(blocking=False)  # the slot was given back

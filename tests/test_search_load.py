@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from memq import client, names
-from memq.keys import memory_object_id
-from memq.vectors import to_bson
+from memq.client import api
+from memq.core import names
+from memq.core.keys import memory_object_id
+from memq.core.vectors import to_bson
 
 pytestmark = pytest.mark.usefixtures("fleet")
 
@@ -65,7 +66,7 @@ def test_eight_concurrent_retrievals_of_a_20000_memory_tenant_after_a_write_all_
 ) -> None:
     tenant = f"large-{uuid.uuid4().hex[:8]}"
     write_memories(mongo_db, tenant, MEMORIES)
-    client.remember(tenant, "semantic", [{"content": "the newest memory: a trip to Lisbon in May"}])
+    api.remember(tenant, "semantic", [{"content": "the newest memory: a trip to Lisbon in May"}])
     search_host = next(host for host in fleet.workers if host.startswith("search@"))
     loads_before = matrix_loads(app, search_host)
 
@@ -75,7 +76,7 @@ def test_eight_concurrent_retrievals_of_a_20000_memory_tenant_after_a_write_all_
         started = time.monotonic()
         try:
             # A different query each: the result cache's single-flight must not be what shares the work.
-            result = client.retrieve(
+            result = api.retrieve(
                 f"{TOPICS[i % len(TOPICS)]} question {i}", tenant, {"semantic": 5}, timeout_s=TIMEOUT_S
             )
             outcomes[i] = (result, time.monotonic() - started)

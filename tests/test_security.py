@@ -20,7 +20,9 @@ import faultkit
 import pytest
 from kombu import Exchange, Producer
 
-from memq import client, names, services
+from memq.client import api
+from memq.core import names
+from memq.ops import services
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = f"pw-{uuid.uuid4().hex}"
@@ -83,7 +85,7 @@ def worker_log(fleet: services.Fleet, kind: str) -> str:
 def test_a_pickle_message_is_refused_by_every_worker_kind_and_never_unpickled(
     app: Any, fleet: services.Fleet, tenant: str, mongo_db: Any, tmp_path: Path, kind: str, task: str
 ) -> None:
-    client.remember(tenant, "semantic", ["a memory that a forged forget would delete"])
+    api.remember(tenant, "semantic", ["a memory that a forged forget would delete"])
     marker = tmp_path / "unpickled"
     refusals_before = worker_log(fleet, kind).count(REFUSED)
 
@@ -98,7 +100,7 @@ def test_a_pickle_message_is_refused_by_every_worker_kind_and_never_unpickled(
     # The worker is alive and still serves JSON tasks.
     host = next(h for h in fleet.workers if h.startswith(f"{kind}@"))
     assert fleet.workers[host].poll() is None
-    assert len(client.retrieve("memory", tenant, {"semantic": 1})["results"]["long_term_memory"]) == 1
+    assert len(api.retrieve("memory", tenant, {"semantic": 1})["results"]["long_term_memory"]) == 1
 
 
 def test_the_celery_config_accepts_json_only_in_both_directions(app: Any) -> None:
@@ -134,7 +136,7 @@ def test_a_worker_with_a_password_in_its_broker_url_never_logs_the_password(
         failed = app.send_task(names.SEARCH, args=({}, "tenant", "dreams", 1), queue=names.SEARCH_QUEUE)
         assert "error" in failed.get(timeout=60)
         status = subprocess.run(
-            [sys.executable, "-m", "memq.cli", "status", "--json", "--timeout-s", "2"],
+            [sys.executable, "-m", "memq.ops.cli", "status", "--json", "--timeout-s", "2"],
             env=env,
             capture_output=True,
             text=True,
@@ -155,7 +157,7 @@ def retrieve_through(broker_url: str) -> subprocess.CompletedProcess[str]:
     env = services.memq_env(os.environ, broker_url, os.environ["MEMQ_MONGODB_URI"])
     command = ["retrieve", "q", "--memory-id", "a", "--limit", "semantic=1", "--timeout-s", "5", "--json"]
     return subprocess.run(
-        [sys.executable, "-m", "memq.cli", *command], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT
+        [sys.executable, "-m", "memq.ops.cli", *command], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT
     )
 
 

@@ -13,7 +13,8 @@ from typing import Any
 import faultkit
 import pytest
 
-from memq import services, sharding
+from memq.core import sharding
+from memq.ops import services
 
 SHARDS = 2
 TENANTS = [f"shard-tenant-{i}" for i in range(12)]
@@ -166,7 +167,7 @@ def test_a_shard_without_its_worker_fails_clearly_others_are_unaffected_and_a_re
             """
         )
         status = shard_fleet.client(
-            "import json; from memq.status import collect_status; print(json.dumps(collect_status(timeout_s=1)))"
+            "import json; from memq.ops.status import collect_status; print(json.dumps(collect_status(timeout_s=1)))"
         )
     finally:
         restarted = shard_fleet.start_search(1)
@@ -212,11 +213,13 @@ def test_a_stale_shard_queue_with_messages_and_no_worker_makes_status_not_ok_unt
     """What a shrink of MEMQ_SEARCH_SHARDS leaves behind: messages on a shard queue outside N."""
     import redis
 
-    from memq import names
+    from memq.core import names
 
     broker = redis.Redis.from_url(shard_fleet.broker.url)
     shard_fleet.app.send_task(names.SEARCH, queue="search.5")
-    status_code = "import json; from memq.status import collect_status; print(json.dumps(collect_status(timeout_s=1)))"
+    status_code = (
+        "import json; from memq.ops.status import collect_status; print(json.dumps(collect_status(timeout_s=1)))"
+    )
     try:
         stranded = shard_fleet.client(status_code)
     finally:
@@ -234,8 +237,8 @@ def test_a_retried_search_goes_to_the_queue_of_the_workers_shard_count_not_back_
     import numpy as np
     import redis
 
-    from memq import names
-    from memq.vectors import to_wire
+    from memq.core import names
+    from memq.core.vectors import to_wire
 
     tenant = next(t for t in TENANTS if sharding.shard_of(t, SHARDS) == 1)
     broker = services.start_redis_server()
@@ -266,9 +269,9 @@ def test_a_retried_search_goes_to_the_queue_of_the_workers_shard_count_not_back_
 
 
 def test_shards_are_refused_without_a_shard_count_and_both_option_forms_parse() -> None:
-    from memq import cli
+    from memq.core.settings import Settings
     from memq.errors import ConfigError
-    from memq.settings import Settings
+    from memq.ops import cli
 
     with pytest.raises(ValueError, match="MEMQ_SEARCH_SHARDS is 1"):
         sharding.parse_shards("0", shards=1)

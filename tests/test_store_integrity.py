@@ -25,9 +25,10 @@ from bson.binary import Binary
 from faultkit import count_stored, memq_cli
 from test_hostile_input import outcome_of
 
-from memq import client, names
+from memq.client import api
+from memq.core import names
+from memq.core.vectors import to_bson, to_wire
 from memq.errors import InvalidInput
-from memq.vectors import to_bson, to_wire
 
 pytestmark = pytest.mark.usefixtures("fleet")
 
@@ -114,7 +115,7 @@ def test_a_raw_store_of_sound_vectors_is_written(
 
 
 def test_rows_written_bad_by_hand_never_break_the_tenants_search(mongo_db: Any, tenant: str) -> None:
-    client.remember(
+    api.remember(
         tenant,
         "semantic",
         [{"id": "tea", "content": "drinks green tea every morning"}, {"id": "cats", "content": "has two cats"}],
@@ -138,7 +139,7 @@ def test_rows_written_bad_by_hand_never_break_the_tenants_search(mongo_db: Any, 
     collection.insert_one({**missing, "_id": f"bad-{tenant}-missing", "key": "bad-missing"})
 
     for mode in ("hybrid", "vector", "lexical"):
-        result = client.retrieve("green tea", tenant, {"semantic": 20}, mode=mode)
+        result = api.retrieve("green tea", tenant, {"semantic": 20}, mode=mode)
 
         assert result["errors"] == {}, result["errors"]
         expected = {"tea"} if mode == "lexical" else {"tea", "cats"}  # lexical mode returns only matches
@@ -153,15 +154,15 @@ def test_the_unit_separator_pair_writes_two_memories_one_per_tenant(mongo_db: An
     first = f"sep-{uuid.uuid4().hex[:8]}"
     second = f"{first}\x1fq"
 
-    stored_first = client.remember(first, "semantic", [{"id": "q\x1fnotes", "content": "first tenant sails boats"}])
-    stored_second = client.remember(second, "semantic", [{"id": "notes", "content": "second tenant climbs rocks"}])
+    stored_first = api.remember(first, "semantic", [{"id": "q\x1fnotes", "content": "first tenant sails boats"}])
+    stored_second = api.remember(second, "semantic", [{"id": "notes", "content": "second tenant climbs rocks"}])
 
     assert stored_first["inserted"] == 1 and stored_second["inserted"] == 1, stored_second
     docs = list(mongo_db["long_term_memory"].find({"memory_id": {"$in": [first, second]}}))
     assert sorted(doc["memory_id"] for doc in docs) == sorted([first, second])
     assert len({doc["_id"] for doc in docs}) == 2
     for tenant, content in ((first, "first tenant sails boats"), (second, "second tenant climbs rocks")):
-        found = client.retrieve("what does this tenant do?", tenant, {"semantic": 5})
+        found = api.retrieve("what does this tenant do?", tenant, {"semantic": 5})
         assert [item["content"] for item in found["results"]["long_term_memory"]] == [content]
 
 
@@ -178,12 +179,12 @@ def test_a_partly_failed_batch_bumps_the_version_and_reports_the_failed_items_wi
         partialFilterExpression={"memory_id": tenant},
     )
     try:
-        client.remember(tenant, "toolbox", [{"id": "a", "content": "the secret sauce alpha"}])
+        api.remember(tenant, "toolbox", [{"id": "a", "content": "the secret sauce alpha"}])
         weights = {"relevance": 1, "recency": 0, "importance": 0}
-        before = client.retrieve("secret sauce", tenant, {"toolbox": 10}, weights=weights)  # warms every cache
+        before = api.retrieve("secret sauce", tenant, {"toolbox": 10}, weights=weights)  # warms every cache
         assert [item["id"] for item in before["results"]["toolbox"]] == ["a"]
 
-        stored = client.remember(
+        stored = api.remember(
             tenant,
             "toolbox",
             [
@@ -196,7 +197,7 @@ def test_a_partly_failed_batch_bumps_the_version_and_reports_the_failed_items_wi
         assert stored["failed"] == [{"index": 1, "reason": "duplicate key"}], stored
         assert stored["inserted"] == 2
         assert "alpha" not in json.dumps(stored)  # the failed write is not echoed
-        after = client.retrieve("secret sauce", tenant, {"toolbox": 10}, weights=weights)
+        after = api.retrieve("secret sauce", tenant, {"toolbox": 10}, weights=weights)
         assert not after["cached"]
         assert {item["id"] for item in after["results"]["toolbox"]} == {"a", "b", "d"}
     finally:
@@ -212,7 +213,7 @@ def _load_migration() -> Any:
 
 
 def test_the_migration_moves_memories_stored_under_the_old_id_format(mongo_db: Any, tenant: str) -> None:
-    client.remember(tenant, "semantic", [{"id": "kept", "content": "remembers the old format"}])
+    api.remember(tenant, "semantic", [{"id": "kept", "content": "remembers the old format"}])
     collection = mongo_db["long_term_memory"]
     doc = collection.find_one({"memory_id": tenant, "key": "kept"})
     old_id = hashlib.sha256(f"{tenant}\x1fkept".encode()).hexdigest()[:32]
@@ -223,9 +224,9 @@ def test_the_migration_moves_memories_stored_under_the_old_id_format(mongo_db: A
 
     assert moved["long_term_memory"]["moved"] >= 1
     assert [d["_id"] for d in collection.find({"memory_id": tenant})] == [doc["_id"]]
-    again = client.remember(tenant, "semantic", [{"id": "kept", "content": "remembers the old format"}])
+    again = api.remember(tenant, "semantic", [{"id": "kept", "content": "remembers the old format"}])
     assert again["inserted"] == 0 and again["updated"] == 1
-    assert client.forget(tenant, "semantic", ids=["kept"])["deleted"] == {"long_term_memory": 1}
+    assert api.forget(tenant, "semantic", ids=["kept"])["deleted"] == {"long_term_memory": 1}
 
 
 # -- part 6: text and dates ------------------------------------------------------------------------------------
@@ -258,7 +259,7 @@ def test_the_client_refuses_a_lone_surrogate_or_an_out_of_range_date_in_a_retrie
     call: dict[str, Any] = {"query": "what do they drink?", "memory_id": "tenant-ok", "limits": {"semantic": 2}}
 
     with pytest.raises(InvalidInput) as caught:
-        client.retrieve(**{**call, **change})
+        api.retrieve(**{**call, **change})
 
     assert caught.value.field == field
     str(caught.value).encode("utf-8")  # the message itself is printable
@@ -271,7 +272,7 @@ def test_the_client_refuses_a_lone_surrogate_or_an_out_of_range_date_in_a_memory
     change, field = BAD_MEMORIES[case]
 
     with pytest.raises(InvalidInput) as caught:
-        client.remember(tenant, "semantic", [{"content": "a fine memory", **change}])
+        api.remember(tenant, "semantic", [{"content": "a fine memory", **change}])
 
     assert caught.value.field == field
     str(caught.value).encode("utf-8")
@@ -280,7 +281,7 @@ def test_the_client_refuses_a_lone_surrogate_or_an_out_of_range_date_in_a_memory
 
 def test_the_client_refuses_a_lone_surrogate_in_the_ids_to_forget() -> None:
     with pytest.raises(InvalidInput) as caught:
-        client.forget("tenant-ok", "semantic", ids=["fine", SURROGATE])
+        api.forget("tenant-ok", "semantic", ids=["fine", SURROGATE])
     assert caught.value.field == "ids"
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memq import ranking, validation, wire
+from memq.core import field_rules, ranking, wire
+from memq.core.memory_types import MemoryType
+from memq.core.settings import Settings
+from memq.core.vectors import from_stored, from_wire, to_bson, to_wire
 from memq.errors import ConfigError, InvalidInput
-from memq.memory_types import MemoryType
-from memq.settings import Settings
-from memq.vectors import from_stored, from_wire, to_bson, to_wire
-from memq.workers.search import MatrixCache, TenantMatrix, top_k
+from memq.workers.search.strategies import MatrixCache, TenantMatrix, top_k
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,43 +26,46 @@ ROOT = Path(__file__).resolve().parents[1]
     [("semantic", "long_term_memory"), ("episodic", "conversation_memory"), ("procedural", "workflow_memory")],
 )
 def test_aliases_name_memorizz_types(alias: str, expected: str) -> None:
-    assert validation.check_memory_type(alias) is MemoryType(expected)
+    assert field_rules.check_memory_type(alias) is MemoryType(expected)
 
 
 @pytest.mark.parametrize(
     ("call", "field"),
     [
-        (lambda: validation.check_query("", 100), "query"),
-        (lambda: validation.check_query("   ", 100), "query"),
-        (lambda: validation.check_query("x" * 101, 100), "query"),
-        (lambda: validation.check_query(b"bytes", 100), "query"),
-        (lambda: validation.check_memory_id({"$ne": None}), "memory_id"),
-        (lambda: validation.check_memory_id({"$gt": ""}), "memory_id"),
-        (lambda: validation.check_memory_id("$where"), "memory_id"),
-        (lambda: validation.check_memory_id(""), "memory_id"),
-        (lambda: validation.check_memory_id(42), "memory_id"),
-        (lambda: validation.check_memory_type("dreams"), "type"),
-        (lambda: validation.check_limits({}), "limits"),
-        (lambda: validation.check_limits({"semantic": 0}), "limits['semantic']"),
-        (lambda: validation.check_limits({"semantic": 101}), "limits['semantic']"),
-        (lambda: validation.check_limits({"semantic": True}), "limits['semantic']"),
-        (lambda: validation.check_limits({"semantic": 1, "long_term_memory": 2}), "limits"),
-        (lambda: validation.check_limits({"nightmares": 1}), "limits['nightmares']"),
-        (lambda: validation.check_weights({"relevance": -1}), "weights['relevance']"),
-        (lambda: validation.check_weights({"relevance": math.nan}), "weights['relevance']"),
-        (lambda: validation.check_weights({"relevance": 0, "recency": 0, "importance": 0}), "weights"),
-        (lambda: validation.check_weights({"fame": 1}), "weights"),
-        (lambda: validation.check_weights([1, 2]), "weights"),
-        (lambda: validation.check_timeout(0), "timeout_s"),
-        (lambda: validation.check_items([], 10, 100), "items"),
-        (lambda: validation.check_items("text", 10, 100), "items"),
-        (lambda: validation.check_items([{"content": ""}], 10, 100), "items[0].content"),
-        (lambda: validation.check_items([{"content": "x", "importance": 2}], 10, 100), "items[0].importance"),
-        (lambda: validation.check_items([{"content": "x", "metadata": {"$set": 1}}], 10, 100), "items[0].metadata"),
-        (lambda: validation.check_items([{"content": "x", "colour": "red"}], 10, 100), "items[0]"),
-        (lambda: validation.check_items([{"content": "x"}] * 11, 10, 100), "items"),
-        (lambda: validation.check_items([{"content": "x", "created_at": "yesterday"}], 10, 100), "items[0].created_at"),
-        (lambda: validation.check_ids("abc"), "ids"),
+        (lambda: field_rules.check_query("", 100), "query"),
+        (lambda: field_rules.check_query("   ", 100), "query"),
+        (lambda: field_rules.check_query("x" * 101, 100), "query"),
+        (lambda: field_rules.check_query(b"bytes", 100), "query"),
+        (lambda: field_rules.check_memory_id({"$ne": None}), "memory_id"),
+        (lambda: field_rules.check_memory_id({"$gt": ""}), "memory_id"),
+        (lambda: field_rules.check_memory_id("$where"), "memory_id"),
+        (lambda: field_rules.check_memory_id(""), "memory_id"),
+        (lambda: field_rules.check_memory_id(42), "memory_id"),
+        (lambda: field_rules.check_memory_type("dreams"), "type"),
+        (lambda: field_rules.check_limits({}), "limits"),
+        (lambda: field_rules.check_limits({"semantic": 0}), "limits['semantic']"),
+        (lambda: field_rules.check_limits({"semantic": 101}), "limits['semantic']"),
+        (lambda: field_rules.check_limits({"semantic": True}), "limits['semantic']"),
+        (lambda: field_rules.check_limits({"semantic": 1, "long_term_memory": 2}), "limits"),
+        (lambda: field_rules.check_limits({"nightmares": 1}), "limits['nightmares']"),
+        (lambda: field_rules.check_weights({"relevance": -1}), "weights['relevance']"),
+        (lambda: field_rules.check_weights({"relevance": math.nan}), "weights['relevance']"),
+        (lambda: field_rules.check_weights({"relevance": 0, "recency": 0, "importance": 0}), "weights"),
+        (lambda: field_rules.check_weights({"fame": 1}), "weights"),
+        (lambda: field_rules.check_weights([1, 2]), "weights"),
+        (lambda: field_rules.check_timeout(0), "timeout_s"),
+        (lambda: field_rules.check_items([], 10, 100), "items"),
+        (lambda: field_rules.check_items("text", 10, 100), "items"),
+        (lambda: field_rules.check_items([{"content": ""}], 10, 100), "items[0].content"),
+        (lambda: field_rules.check_items([{"content": "x", "importance": 2}], 10, 100), "items[0].importance"),
+        (lambda: field_rules.check_items([{"content": "x", "metadata": {"$set": 1}}], 10, 100), "items[0].metadata"),
+        (lambda: field_rules.check_items([{"content": "x", "colour": "red"}], 10, 100), "items[0]"),
+        (lambda: field_rules.check_items([{"content": "x"}] * 11, 10, 100), "items"),
+        (
+            lambda: field_rules.check_items([{"content": "x", "created_at": "yesterday"}], 10, 100),
+            "items[0].created_at",
+        ),
+        (lambda: field_rules.check_ids("abc"), "ids"),
     ],
 )
 def test_bad_input_names_the_field(call: object, field: str) -> None:
@@ -73,11 +76,11 @@ def test_bad_input_names_the_field(call: object, field: str) -> None:
 
 
 def test_limits_accept_aliases_and_values() -> None:
-    assert validation.check_limits({"semantic": 3, "toolbox": 1}) == {"long_term_memory": 3, "toolbox": 1}
+    assert field_rules.check_limits({"semantic": 3, "toolbox": 1}) == {"long_term_memory": 3, "toolbox": 1}
 
 
 def test_items_are_normalised_with_defaults() -> None:
-    [item] = validation.check_items([{"content": "hi", "id": 7, "created_at": "2026-01-01T00:00:00"}], 10, 100)
+    [item] = field_rules.check_items([{"content": "hi", "id": 7, "created_at": "2026-01-01T00:00:00"}], 10, 100)
     assert item == {"content": "hi", "id": "7", "importance": 0.5, "created_at": 1767225600.0}
 
 
@@ -130,7 +133,7 @@ def test_a_barely_related_important_memory_does_not_outrank_a_clearly_relevant_o
     barely = {"id": "barely", "score": 0.10, "importance": 0.9, "created_at_ts": same_day}
     clearly = {"id": "clearly", "score": 0.50, "importance": 0.3, "created_at_ts": same_day}
 
-    ranked = ranking.rank_type([barely, clearly], 2, validation.check_weights(None), same_day, 7 * 24 * 3600)
+    ranked = ranking.rank_type([barely, clearly], 2, field_rules.check_weights(None), same_day, 7 * 24 * 3600)
 
     assert [item["id"] for item in ranked] == ["clearly", "barely"]
 
@@ -260,13 +263,13 @@ def test_a_removed_setting_set_empty_counts_as_unset_like_any_other() -> None:
 
 
 def test_no_removed_setting_is_a_setting_again() -> None:
-    from memq.settings import REMOVED_SETTINGS, variables
+    from memq.core.settings import REMOVED_SETTINGS, variables
 
     assert set(REMOVED_SETTINGS).isdisjoint(variables())
 
 
 def test_an_operator_has_at_most_20_settings_each_saying_when_to_change_it() -> None:
-    from memq.settings import markdown_table
+    from memq.core.settings import markdown_table
 
     rows = markdown_table().splitlines()[2:]
 
@@ -277,7 +280,7 @@ def test_an_operator_has_at_most_20_settings_each_saying_when_to_change_it() -> 
 
 
 def test_every_memq_variable_the_code_names_is_a_setting_a_removed_one_or_a_test_one() -> None:
-    from memq.settings import REMOVED_SETTINGS, variables
+    from memq.core.settings import REMOVED_SETTINGS, variables
 
     product = [p for folder in ("memq", "workers", "tasks", "config") for p in (ROOT / folder).rglob("*.py")]
     named = {name for p in product for name in re.findall(r"MEMQ_[A-Z0-9_]*[A-Z0-9]", p.read_text())}
@@ -315,7 +318,7 @@ def test_an_empty_variable_counts_as_unset() -> None:
 
 
 def test_every_number_setting_has_a_lower_and_an_upper_bound() -> None:
-    from memq.settings import number_range
+    from memq.core.settings import number_range
 
     numbers = [name for name, info in Settings.model_fields.items() if info.annotation in (int, float)]
 
@@ -330,13 +333,13 @@ def test_every_setting_is_documented_in_the_readme() -> None:
 
 
 def test_the_readme_configuration_table_is_the_one_the_settings_model_generates() -> None:
-    from memq.settings import markdown_table
+    from memq.core.settings import markdown_table
 
     readme = (ROOT / "README.md").read_text()
     start = readme.index("| variable | default | allowed | meaning |")
     table = readme[start : readme.index("\n\n", start) + 1]
 
-    assert table == markdown_table(), "regenerate it: python -m memq.settings --markdown"
+    assert table == markdown_table(), "regenerate it: python -m memq.core.settings --markdown"
 
 
 def test_the_celery_config_accepts_json_only() -> None:
@@ -373,12 +376,12 @@ def test_queue_waits_leave_out_what_has_no_stamp() -> None:
 
 
 def test_the_largest_limit_under_the_oversample_still_fits_one_search() -> None:
-    weights = validation.check_weights(None)
+    weights = field_rules.check_weights(None)
 
-    candidates = ranking.candidates_for(validation.MAX_LIMIT, weights, validation.CANDIDATE_OVERSAMPLE)
+    candidates = ranking.candidates_for(field_rules.MAX_LIMIT, weights, field_rules.CANDIDATE_OVERSAMPLE)
 
-    assert validation.CANDIDATE_OVERSAMPLE <= validation.MAX_OVERSAMPLE
-    assert candidates == validation.check_count(candidates, "k", validation.MAX_CANDIDATES)
+    assert field_rules.CANDIDATE_OVERSAMPLE <= field_rules.MAX_OVERSAMPLE
+    assert candidates == field_rules.check_count(candidates, "k", field_rules.MAX_CANDIDATES)
 
 
 def test_a_search_of_more_candidates_than_allowed_names_k() -> None:
@@ -386,7 +389,7 @@ def test_a_search_of_more_candidates_than_allowed_names_k() -> None:
         call = {
             "memory_id": "tenant",
             "memory_type": "semantic",
-            "k": validation.MAX_CANDIDATES + 1,
+            "k": field_rules.MAX_CANDIDATES + 1,
             "strategy": "auto",
         }
         wire.parse(wire.SEARCH_CALL, {**call, "query": "q", "mode": None, "filters": None, "deadline_ts": None})
@@ -396,7 +399,7 @@ def test_a_search_of_more_candidates_than_allowed_names_k() -> None:
 def test_a_result_store_outage_is_recognised_by_its_cause_not_its_text() -> None:
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    from memq.celery_internals import is_result_store_outage
+    from memq.client.celery_internals import is_result_store_outage
 
     def raised_from(cause: BaseException, text: str) -> RuntimeError:
         try:
@@ -423,23 +426,23 @@ def test_a_lone_surrogate_cannot_be_encoded_as_utf8() -> None:
 @pytest.mark.parametrize(
     ("call", "field"),
     [
-        (lambda: validation.check_query(SURROGATE, 100), "query"),
-        (lambda: validation.check_memory_id(SURROGATE), "memory_id"),
-        (lambda: validation.check_items([{"content": SURROGATE}], 10, 100), "items[0].content"),
-        (lambda: validation.check_items([SURROGATE], 10, 100), "items[0].content"),
-        (lambda: validation.check_items([{"content": "x", "context": SURROGATE}], 10, 100), "items[0].context"),
-        (lambda: validation.check_items([{"content": "x", "id": SURROGATE}], 10, 100), "items[0].id"),
-        (lambda: validation.check_items([{"content": "x", "role": SURROGATE}], 10, 100), "items[0].role"),
-        (lambda: validation.check_items([{"content": "x", "tags": ["a", SURROGATE]}], 10, 100), "items[0].tags"),
-        (lambda: validation.check_items([{"content": "x", "metadata": {SURROGATE: 1}}], 10, 100), "items[0].metadata"),
+        (lambda: field_rules.check_query(SURROGATE, 100), "query"),
+        (lambda: field_rules.check_memory_id(SURROGATE), "memory_id"),
+        (lambda: field_rules.check_items([{"content": SURROGATE}], 10, 100), "items[0].content"),
+        (lambda: field_rules.check_items([SURROGATE], 10, 100), "items[0].content"),
+        (lambda: field_rules.check_items([{"content": "x", "context": SURROGATE}], 10, 100), "items[0].context"),
+        (lambda: field_rules.check_items([{"content": "x", "id": SURROGATE}], 10, 100), "items[0].id"),
+        (lambda: field_rules.check_items([{"content": "x", "role": SURROGATE}], 10, 100), "items[0].role"),
+        (lambda: field_rules.check_items([{"content": "x", "tags": ["a", SURROGATE]}], 10, 100), "items[0].tags"),
+        (lambda: field_rules.check_items([{"content": "x", "metadata": {SURROGATE: 1}}], 10, 100), "items[0].metadata"),
         (
-            lambda: validation.check_items([{"content": "x", "metadata": {"a": {"b": [SURROGATE]}}}], 10, 100),
+            lambda: field_rules.check_items([{"content": "x", "metadata": {"a": {"b": [SURROGATE]}}}], 10, 100),
             "items[0].metadata.a.b",
         ),
-        (lambda: validation.check_filters({"tags": [SURROGATE]}), "filters.tags"),
-        (lambda: validation.check_filters({"role": SURROGATE}), "filters.role"),
-        (lambda: validation.check_ids(["ok", SURROGATE]), "ids"),
-        (lambda: validation.check_utf8("\udcff", "anything"), "anything"),
+        (lambda: field_rules.check_filters({"tags": [SURROGATE]}), "filters.tags"),
+        (lambda: field_rules.check_filters({"role": SURROGATE}), "filters.role"),
+        (lambda: field_rules.check_ids(["ok", SURROGATE]), "ids"),
+        (lambda: field_rules.check_utf8("\udcff", "anything"), "anything"),
     ],
 )
 def test_every_accepted_string_must_be_valid_utf8(call: object, field: str) -> None:
@@ -456,7 +459,7 @@ def test_every_accepted_string_must_be_valid_utf8(call: object, field: str) -> N
 )  # fmt: skip
 def test_timestamps_outside_1970_to_9999_in_utc_are_refused(value: object) -> None:
     with pytest.raises(InvalidInput) as caught:
-        validation.check_timestamp(value, "items[0].created_at")
+        field_rules.check_timestamp(value, "items[0].created_at")
     assert caught.value.field == "items[0].created_at"
 
 
@@ -471,9 +474,9 @@ def test_timestamps_outside_1970_to_9999_in_utc_are_refused(value: object) -> No
     ],
 )
 def test_timestamps_at_the_edges_of_the_range_are_accepted_and_storable(value: object, expected: float) -> None:
-    from memq.workers.mongo import to_datetime
+    from memq.workers.storage.mongo import to_datetime
 
-    assert validation.check_timestamp(value, "created_at") == expected
+    assert field_rules.check_timestamp(value, "created_at") == expected
     to_datetime(expected)  # what the store does with it
 
 
@@ -481,7 +484,7 @@ def test_stored_ids_digest_an_unambiguous_encoding_of_the_tenant_and_the_key() -
     import hashlib
     import json
 
-    from memq import keys
+    from memq.core import keys
 
     assert keys.memory_object_id("p", "q\x1fnotes") != keys.memory_object_id("p\x1fq", "notes")
     assert keys.memory_object_id("a", "bc") != keys.memory_object_id("ab", "c")
@@ -548,7 +551,7 @@ def _row(key: str, embedding: object, **fields: object) -> dict[str, object]:
 def test_building_a_tenant_matrix_skips_and_counts_bad_rows_keeping_every_column_aligned() -> None:
     from prometheus_client import REGISTRY
 
-    from memq.workers.search import Wanted, build_matrix
+    from memq.workers.search.strategies import Wanted, build_matrix
 
     rng = np.random.default_rng(7)
     good = {key: rng.standard_normal(384).astype(np.float32) for key in ("g1", "g2", "g3")}
@@ -620,7 +623,8 @@ def test_a_partly_failed_batch_reports_its_failed_items_without_the_write_and_st
 ) -> None:
     import json
 
-    from memq.workers import mongo, steps, versions
+    from memq.workers import steps
+    from memq.workers.storage import mongo, versions
 
     bumped: list[tuple[str, list[str]]] = []
     monkeypatch.setattr(mongo, "collection", lambda memory_type: _FailingCollection([1, 3]))
@@ -638,7 +642,7 @@ def test_a_partly_failed_batch_reports_its_failed_items_without_the_write_and_st
 
 
 def test_a_failed_write_reason_is_short_and_never_quotes_the_write() -> None:
-    from memq.workers.writes import write_error_reason
+    from memq.workers.storage.writes import write_error_reason
 
     assert write_error_reason({"code": "11000", "errmsg": "E11000 dup key: { content: 'SECRET' }"}) == "duplicate key"
     assert (
@@ -652,7 +656,8 @@ def test_a_failed_write_reason_is_short_and_never_quotes_the_write() -> None:
 def test_a_store_that_fails_before_writing_still_bumps_the_version(monkeypatch: pytest.MonkeyPatch) -> None:
     """A connection lost mid-batch may have written part of it: the version is bumped before the error goes up."""
     from memq.errors import StoreUnavailable
-    from memq.workers import steps, versions, writes
+    from memq.workers import steps
+    from memq.workers.storage import versions, writes
 
     bumped: list[str] = []
 
@@ -669,7 +674,7 @@ def test_a_store_that_fails_before_writing_still_bumps_the_version(monkeypatch: 
 
 @pytest.mark.parametrize("depth", [33, 1000, 100_000])
 def test_a_jsonl_line_nested_deeper_than_32_is_refused_naming_the_line(depth: int, tmp_path: Path) -> None:
-    from memq.cli import MAX_JSONL_DEPTH, iter_jsonl
+    from memq.ops.cli import MAX_JSONL_DEPTH, iter_jsonl
 
     path = tmp_path / "memories.jsonl"
     deep = '{"content": "x", "metadata": {"a": ' + "[" * (depth - 2) + "]" * (depth - 2) + "}}"
@@ -683,7 +688,7 @@ def test_a_jsonl_line_nested_deeper_than_32_is_refused_naming_the_line(depth: in
 
 
 def test_a_jsonl_line_nested_32_deep_is_read(tmp_path: Path) -> None:
-    from memq.cli import iter_jsonl, json_depth
+    from memq.ops.cli import iter_jsonl, json_depth
 
     path = tmp_path / "memories.jsonl"
     path.write_text('{"content": "x", "metadata": {"a": ' + "[" * 30 + "]" * 30 + "}}\n", encoding="utf-8")
@@ -696,7 +701,7 @@ def test_a_jsonl_line_nested_32_deep_is_read(tmp_path: Path) -> None:
 
 
 def test_merge_names_the_worker_of_every_type_even_one_that_failed() -> None:
-    from memq.requests import retrieval_request
+    from memq.client.edge import retrieval_request
     from memq.workers import steps
 
     request = retrieval_request(Settings(), "hobbies", "tenant-a", {"semantic": 2, "episodic": 1})
@@ -734,7 +739,7 @@ EDGE_ARGUMENTS = {"query": "what do I eat?", "memory_id": "tenant-a", "limits": 
 def test_the_edge_and_merge_refuse_a_bad_retrieval_field_with_one_and_the_same_error(
     change: dict[str, object], field: str
 ) -> None:
-    from memq.requests import retrieval_request
+    from memq.client.edge import retrieval_request
 
     settings = Settings()
     arguments = {**EDGE_ARGUMENTS, **change}
@@ -748,7 +753,7 @@ def test_the_edge_and_merge_refuse_a_bad_retrieval_field_with_one_and_the_same_e
 
 
 def test_a_request_read_again_on_receipt_is_the_request_the_edge_built() -> None:
-    from memq.requests import retrieval_request
+    from memq.client.edge import retrieval_request
 
     settings = Settings()
     built = retrieval_request(
@@ -759,10 +764,10 @@ def test_a_request_read_again_on_receipt_is_the_request_the_edge_built() -> None
     assert built["query"] == "Reserved file" and built["deadline_ts"] == built["requested_at"] + built["timeout_s"]
 
 
-@pytest.mark.parametrize("text", ["fine\x00hidden", "x" * (validation.MAX_CONTENT_CHARS + 1)])
+@pytest.mark.parametrize("text", ["fine\x00hidden", "x" * (field_rules.MAX_CONTENT_CHARS + 1)])
 def test_embed_texts_refuses_a_text_that_remember_would_refuse_as_content(text: str) -> None:
     with pytest.raises(InvalidInput) as as_content:
-        validation.check_items([{"content": text}], 10, validation.MAX_CONTENT_CHARS)
+        field_rules.check_items([{"content": text}], 10, field_rules.MAX_CONTENT_CHARS)
     with pytest.raises(InvalidInput) as as_text:
         wire.parse(wire.EMBED_TEXTS, {"texts": ["ok", text]}, Settings())
 
@@ -771,7 +776,7 @@ def test_embed_texts_refuses_a_text_that_remember_would_refuse_as_content(text: 
 
 
 def test_a_search_attempt_takes_half_of_what_is_left_of_the_deadline_while_retries_remain() -> None:
-    from memq import deadlines
+    from memq.core import deadlines
     from memq.tasks.retrieval import attempt_budget_s
 
     settings = Settings(mongodb_uri="mongodb://127.0.0.1:27017/?socketTimeoutMS=60000")
@@ -794,7 +799,7 @@ def test_a_search_attempt_never_outlasts_the_socket_timeout_the_mongodb_uri_give
 
 
 def test_the_mongodb_uri_s_own_options_win_and_memq_s_defaults_fill_the_rest() -> None:
-    from memq.workers.mongo import URI_OPTION_DEFAULTS, client_options
+    from memq.workers.storage.mongo import URI_OPTION_DEFAULTS, client_options
 
     assert client_options("mongodb://db:27017") == URI_OPTION_DEFAULTS
     assert client_options("mongodb://db:27017/memq?MAXPOOLSIZE=64&socketTimeoutMS=0") == {
@@ -809,7 +814,7 @@ def test_result_keys_outlive_a_redelivery_and_a_caller_s_wait() -> None:
 
 
 def test_embeddings_are_cached_exactly_while_results_are() -> None:
-    from memq.settings import EMBEDDING_CACHE_TTL_S
+    from memq.core.settings import EMBEDDING_CACHE_TTL_S
 
     assert Settings().embedding_cache_ttl_s == EMBEDDING_CACHE_TTL_S
     assert Settings(result_cache_ttl_s=0).embedding_cache_ttl_s == 0

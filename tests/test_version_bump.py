@@ -20,7 +20,8 @@ import faultkit
 import pytest
 import redis
 
-from memq import keys, services
+from memq.core import keys
+from memq.ops import services
 
 
 @pytest.fixture(scope="module")
@@ -94,13 +95,14 @@ def test_a_store_during_a_cache_redis_outage_retries_the_version_bump_and_the_wr
     assert finished(client_call(env, retrieve.format(t=tenant)))[0] == "watched a volcano eruption in Iceland"
 
 
-# -- the one bump path of every write (workers.versions.bumped_whatever_happens), on a real Redis ---------------
+# -- the one bump path of every write (workers.storage.versions.bumped_whatever_happens), on a real Redis
+# ---------------
 
 
 @pytest.fixture
 def dead_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     """The process's cache Redis is one that nothing answers on (a real client, connection refused)."""
-    from memq.workers import versions
+    from memq.workers.storage import versions
 
     dead = redis.Redis.from_url(f"redis://127.0.0.1:{services.free_port()}/0", socket_connect_timeout=0.25)
     monkeypatch.setattr(versions.cache_redis, "get", lambda: dead)
@@ -114,7 +116,7 @@ def bump_failures() -> float:
 
 def test_a_write_that_fails_part_way_still_moves_the_versions_of_every_type_it_may_have_touched() -> None:
     from memq.errors import StoreUnavailable
-    from memq.workers import versions
+    from memq.workers.storage import versions
 
     tenant = f"bump-{uuid.uuid4().hex[:8]}"
     types = ["long_term_memory", "conversation_memory", "workflow_memory"]
@@ -131,7 +133,7 @@ def test_a_write_that_fails_part_way_still_moves_the_versions_of_every_type_it_m
 @pytest.mark.usefixtures("dead_cache")
 def test_a_version_bump_that_fails_after_a_write_is_a_counted_transient_error_so_the_write_is_retried() -> None:
     from memq.errors import TransientError
-    from memq.workers import versions
+    from memq.workers.storage import versions
 
     counted = bump_failures()
 
@@ -144,7 +146,7 @@ def test_a_version_bump_that_fails_after_a_write_is_a_counted_transient_error_so
 @pytest.mark.usefixtures("dead_cache")
 def test_when_the_write_and_its_version_bump_both_fail_the_writes_error_goes_up_noting_the_counted_bump() -> None:
     from memq.errors import StoreUnavailable
-    from memq.workers import versions
+    from memq.workers.storage import versions
 
     counted = bump_failures()
 

@@ -1,4 +1,4 @@
-"""Every field of every internal message is checked on receipt (``memq.wire``): a malformed one, sent by
+"""Every field of every internal message is checked on receipt (``memq.core.wire``): a malformed one, sent by
 ``send_task`` straight to a real worker, is ``InvalidInput`` naming that very field, never a ``TypeError`` or a
 silent default. ``memq.search`` never raises: it reports the refusal under its type's ``error``."""
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from memq import names
+from memq.core import names
 from memq.errors import InvalidInput
 
 pytestmark = pytest.mark.usefixtures("fleet")

@@ -13,9 +13,11 @@ from typing import Any
 
 from celery.signals import worker_init, worker_process_init, worker_shutdown
 
-from memq.settings import get_settings
-from memq.workers import metrics
-from memq.workers.control import restrict_remote_control  # (also registers the memq_info inspect command)
+from memq.core.settings import get_settings
+from memq.workers.plumbing import metrics
+from memq.workers.plumbing.remote_control import (
+    restrict_remote_control,  # (also registers the memq_info inspect command)
+)
 
 log = logging.getLogger(__name__)
 _kind = ""  # embed, search or ingest in a worker started by `memq worker`; the children of a prefork pool inherit it
@@ -32,13 +34,13 @@ def worker_kind() -> str:
 
 def build_resources(kind: str) -> None:
     if kind == "embed":
-        from memq.workers.embedder import embedder
+        from memq.workers.embedding.embedder import embedder
 
         model = embedder.get()
         log.info("embed worker: model %s on %s", model.model_name, model.device)
     elif kind in ("search", "ingest"):
-        from memq.cache_redis import cache_redis
-        from memq.workers.mongo import mongo_client
+        from memq.client.cache_redis import cache_redis
+        from memq.workers.storage.mongo import mongo_client
 
         mongo_client.get()
         cache_redis.get()
@@ -71,8 +73,8 @@ def _on_worker_process_init(**_: Any) -> None:
 
 @worker_shutdown.connect
 def _on_worker_shutdown(**_: Any) -> None:
-    from memq.workers.embedder import embedder
-    from memq.workers.mongo import mongo_client
+    from memq.workers.embedding.embedder import embedder
+    from memq.workers.storage.mongo import mongo_client
 
     embedder.reset()  # the batcher finishes the queries already queued, then stops
     mongo_client.reset()

@@ -10,17 +10,19 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from memq import deadlines, keys, ranking, wire
-from memq.cache_redis import cache_redis
-from memq.settings import get_settings
-from memq.validation import text_form
-from memq.workers import embedding_cache, mongo, result_store, versions, writes
-from memq.workers import search as search_strategies
-from memq.workers.embedder import embedder
-from memq.workers.memory_guard import MERGE_HOLDS_INPUT_TIMES
-from memq.workers.metrics import EMBED_BATCH_SIZE, EMBED_SECONDS, MERGE_SECONDS, STORE_WRITES
-from memq.workers.result_size import MAX_RESULT_BYTES, bound_result_bytes, item_bytes
-from memq.workers.search import Wanted
+from memq.client.cache_redis import cache_redis
+from memq.core import deadlines, keys, ranking, wire
+from memq.core.field_rules import text_form
+from memq.core.settings import get_settings
+from memq.workers.embedding import embedding_cache
+from memq.workers.embedding.embedder import embedder
+from memq.workers.plumbing import cache_filing
+from memq.workers.plumbing.metrics import EMBED_BATCH_SIZE, EMBED_SECONDS, MERGE_SECONDS, STORE_WRITES
+from memq.workers.search import strategies as search_strategies
+from memq.workers.search.result_size import MAX_RESULT_BYTES, bound_result_bytes, item_bytes
+from memq.workers.search.rss_budget import MERGE_HOLDS_INPUT_TIMES
+from memq.workers.search.strategies import Wanted
+from memq.workers.storage import mongo, versions, writes
 
 INTERNAL_ITEM_FIELDS = ("created_at_ts",)
 QUERY_WAIT_S = 60.0  # longest wait for the batcher's forward pass of one query
@@ -151,7 +153,7 @@ def _merge(merge_input: wire.MergeInput, started: float, started_ts: float, now_
     }
     merged = bound_result_bytes(merged, MAX_RESULT_BYTES)
     if request.get("cache_key") is not None:  # filed only under the key of this very request
-        result_store.store_merged(cache_redis.get(), settings, request, merged)
+        cache_filing.store_merged(cache_redis.get(), settings, request, merged)
     return merged
 
 
@@ -214,7 +216,7 @@ def inserted_documents(
 
 
 def forget(memory_id: str, memory_type: str | None, ids: Sequence[str] | None) -> dict[str, Any]:
-    from memq.memory_types import MemoryType
+    from memq.core.memory_types import MemoryType
 
     types = [memory_type] if memory_type else [t.value for t in MemoryType]
     deleted: dict[str, int] = {}

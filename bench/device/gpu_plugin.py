@@ -7,6 +7,6 @@ import pytest
 
 @pytest.fixture(scope="session")
 def embedder() -> Any:
-    from memq.workers.embedder import Embedder
+    from memq.workers.embedding.embedder import Embedder
 
     return Embedder("all-MiniLM-L6-v2", "cpu")  # fp32 on CPU: the copy's config names float32

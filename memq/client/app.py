@@ -1,0 +1,62 @@
+"""The Celery application, as a web process and a worker both see it.
+
+Importing it loads no model, opens no connection and imports nothing of the worker side: the task
+definitions and the worker start-up hooks are named in ``include``, which only a worker process imports.
+
+Every task message published through it carries ``memq_published_at`` (``stamp_published_at``), from which
+``memq exporter`` reports how long the oldest message of each queue has waited.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from celery import Celery
+from celery.signals import before_task_publish
+
+from memq.config.celery import celery_config
+from memq.core import names
+from memq.core.settings import get_settings
+
+WORKER_MODULES = ["memq.workers.startup", "memq.tasks.retrieval", "memq.tasks.ingest"]
+# The header memq.ops.exporter reads (it keeps its own copy of the name: it never imports Celery).
+PUBLISHED_AT_HEADER = names.PUBLISHED_AT_HEADER
+
+
+class ConfigFromSettings(Mapping[str, Any]):
+    """Celery's configuration, derived from the settings when Celery first reads it (Celery reads its configuration
+    source lazily), so importing the app never raises: a bad ``MEMQ_*`` value surfaces as ``ConfigError`` at a
+    worker's start or a client's first call, naming the variable."""
+
+    @functools.cached_property
+    def _config(self) -> dict[str, Any]:
+        return celery_config(get_settings())
+
+    def __getitem__(self, key: str) -> Any:
+        return self._config[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._config)
+
+    def __len__(self) -> int:
+        return len(self._config)
+
+
+app = Celery("memq", include=WORKER_MODULES, events="memq.client.celery_internals:MemqEvents")
+app.config_from_object(ConfigFromSettings())
+# On RabbitMQ every worker also fails the callers of the messages the broker dead-letters (a step past the delivery
+# limit). Named, not imported: a web process never builds a consumer.
+app.steps["consumer"].add("memq.workers.plumbing.dead_letter_watch:DeadLetterWatch")
+
+
+@before_task_publish.connect(dispatch_uid="memq.stamp_published_at")
+def stamp_published_at(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """Stamps the publish time (Unix seconds) on every task message this process sends: a web process's
+    retrievals and writes, a worker's chain and chord steps, retries. Set on each publish, never kept from an
+    earlier one: Celery copies a task's custom headers onto its retry, whose wait starts when it is sent again.
+    Celery's documented signal (``before_task_publish``: "headers ... can be modified")."""
+    if isinstance(headers, dict):
+        headers[PUBLISHED_AT_HEADER] = time.time()

@@ -1,0 +1,634 @@
+"""The ``memq`` command line. ``--json`` prints machine-readable output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from memq.core import broker, names
+from memq.errors import ConfigError, InvalidInput, MemqError
+
+WORKER_DEFAULTS: dict[str, list[str]] = {
+    # One process, threads share the model; never forks after CUDA is initialised.
+    "embed": ["--pool", "threads", "--concurrency", "4"],
+    # I/O-bound Mongo queries and numpy (releases the GIL); threads share one Mongo pool and matrix cache.
+    # Prefetch 1: a merge's message holds every type's results (MBs at k=100 over long memories); at Celery's default
+    # of 4 a busy worker held 32 of them, decoded (README, "Memory under the heaviest retrievals").
+    "search": ["--pool", "threads", "--concurrency", "8", "--prefetch-multiplier", "1"],
+    "ingest": ["--pool", "threads", "--concurrency", "2"],
+}
+
+
+GUARDED_REDIS_TRANSPORT = "memq.workers.plumbing.poison_guard:GuardedRedisTransport"
+GUARDED_AMQP_TRANSPORT = "memq.workers.plumbing.amqp_poison_guard:GuardedAmqpTransport"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["worker"]:
+        return run_worker(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except InvalidInput as exc:
+        return _fail(args, "invalid_input", str(exc), field=exc.field)
+    except MemqError as exc:
+        return _fail(args, type(exc).__name__, str(exc))
+
+
+def _fail(args: argparse.Namespace, kind: str, message: str, **extra: str) -> int:
+    if getattr(args, "json", False):
+        print(json.dumps({"error": kind, "message": message, **extra}))
+    else:
+        print(f"memq: error: {message}", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memq", description="Celery retrieval workers for agent memory.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("worker", help="start a worker: memq worker embed|search|ingest [celery worker args]")
+
+    p = sub.add_parser("remember", help="embed and store memories")
+    p.add_argument("--memory-id", required=True)
+    p.add_argument("--type", required=True, dest="memory_type")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text")
+    source.add_argument(
+        "--file", type=Path, help="JSONL, any size: one object per line with 'content' (and optional fields)"
+    )
+    p.add_argument(
+        "--skip", type=int, default=0, metavar="N", help="with --file: resume after line N (skip lines 1..N)"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_remember)
+
+    p = sub.add_parser("retrieve", help="retrieve ranked memories")
+    p.add_argument("query")
+    p.add_argument("--memory-id", required=True)
+    p.add_argument("--limit", action="append", required=True, metavar="TYPE=K")
+    p.add_argument("--weights", metavar="relevance=1,recency=0,importance=0")
+    p.add_argument("--timeout-s", type=float, default=None)
+    p.add_argument("--mode", help="hybrid (default), vector or lexical")
+    p.add_argument("--tag", action="append", dest="tags", metavar="TAG", help="only memories with this tag (repeat)")
+    p.add_argument("--all-tags", action="store_true", help="with --tag: memories with every tag, not any")
+    p.add_argument("--after", help="only memories created at or after this time (ISO-8601 or Unix seconds)")
+    p.add_argument("--before", help="only memories created at or before this time (ISO-8601 or Unix seconds)")
+    p.add_argument("--role", help="only memories of this role (e.g. user, assistant)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_retrieve)
+
+    p = sub.add_parser("forget", help="delete a tenant's memories")
+    p.add_argument("--memory-id", required=True)
+    p.add_argument("--type", dest="memory_type")
+    p.add_argument("--id", action="append", dest="ids", metavar="ID")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_forget)
+
+    p = sub.add_parser("indexes", help="create indexes (idempotent) and print the Atlas vector index")
+    p.add_argument("--dimensions", type=int, default=None, help="default: the embed model's")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_indexes)
+
+    p = sub.add_parser("demo", help="start everything locally, ingest samples, retrieve, stop")
+    p.add_argument(
+        "--join",
+        action="store_true",
+        help="where workers already answer on the broker, run through them (namespaced tenants) instead of refusing",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_demo)
+
+    p = sub.add_parser("status", help="workers per queue, queue depths, Redis/MongoDB reachability, models")
+    p.add_argument("--timeout-s", type=float, default=1.0, help="how long to wait for worker replies")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser("dead-letters", help="messages the workers quarantined instead of running (newest first)")
+    p.add_argument("--limit", type=int, default=100)
+    act = p.add_mutually_exclusive_group()
+    act.add_argument("--purge", action="store_true", help="remove exactly the letters shown (after showing them)")
+    act.add_argument("--purge-all", action="store_true", help="remove every letter; prints how many")
+    act.add_argument("--replay", nargs="+", metavar="ID", help="republish these letters' messages to their queues")
+    act.add_argument("--replay-all", action="store_true", help="republish every replayable letter's message")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_dead_letters)
+
+    p = sub.add_parser("broker", help="RabbitMQ: declare memq's topology (idempotent) or print it as definitions")
+    action = p.add_subparsers(dest="broker_command", required=True)
+    setup = action.add_parser("setup", help="declare exchanges, quorum queues, dead letters; apply the policy")
+    setup.add_argument("--delivery-limit", type=int, default=None, help="the broker's backstop (default 20)")
+    setup.add_argument(
+        "--management-url", help="apply the policy through the management API: http://user:pw@host:15672"
+    )
+    setup.add_argument("--rabbitmqctl", metavar="PATH", help="apply the policy with this rabbitmqctl (on a node)")
+    setup.add_argument("--json", action="store_true")
+    definitions = action.add_parser("definitions", help="print the topology in RabbitMQ's definitions format")
+    definitions.add_argument("--vhost", default="/")
+    definitions.add_argument("--delivery-limit", type=int, default=None)
+    permissions = action.add_parser("permissions", help="print each role's permissions as rabbitmqctl commands")
+    permissions.add_argument("--vhost", default="memq")
+    p.set_defaults(handler=cmd_broker)
+
+    p = sub.add_parser("flower", help="Flower for this app; basic auth from MEMQ_FLOWER_BASIC_AUTH")
+    p.add_argument("--port", type=int, default=5555)
+    p.add_argument("--address", default="0.0.0.0")
+    p.set_defaults(handler=cmd_flower)
+
+    p = sub.add_parser("exporter", help="Prometheus: messages waiting per queue and the oldest one's age")
+    p.add_argument("--port", type=int, default=9808)
+    p.add_argument("--address", default="0.0.0.0")
+    p.add_argument("--interval-s", type=float, default=5.0, help="seconds between two reads of the broker")
+    p.set_defaults(handler=cmd_exporter)
+    return parser
+
+
+def run_worker(argv: list[str]) -> int:
+    if not argv or argv[0] not in WORKER_DEFAULTS:
+        print(
+            "usage: memq worker embed|search|ingest [--device cuda:N | --gpus 0,1] [celery worker args...]",
+            file=sys.stderr,
+        )
+        return 2
+    kind, extra = argv[0], argv[1:]
+    if kind == "embed" and any(arg == "--gpus" or arg.startswith("--gpus=") for arg in extra):
+        from memq.workers.embedding.gpu_launcher import run_from_argv
+
+        # Each child gets --device cuda:N; every setting is checked here, before any child starts.
+        if not settings_are_valid({**os.environ, "MEMQ_EMBED_DEVICE": "cuda"}) or not remote_control_is_valid():
+            return 2
+        return int(run_from_argv(extra) or 0)  # one pinned embed worker per GPU, supervised together
+    device, extra = worker_device(extra)
+    if device is not None:
+        os.environ["MEMQ_EMBED_DEVICE"] = device
+    if not settings_are_valid(os.environ) or not remote_control_is_valid():
+        return 2
+    from memq.core.settings import get_settings
+
+    if kind == "search":  # the memory guard's allocator, before any thread starts
+        from memq.workers.search.rss_budget import configure_allocator
+
+        configure_allocator()
+        try:
+            queues = search_worker_queues(extra, get_settings().search_shards)
+        except ValueError as exc:
+            print(f"memq: error: {exc}", file=sys.stderr)
+            return 2
+    else:
+        queues = [kind]
+    from memq.workers import startup
+
+    startup.set_kind(kind)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from memq.client.app import app
+
+    # Worker processes only: envelopes the transport cannot decode are dead-lettered
+    # (memq.workers.plumbing.poison_guard, and
+    # memq.workers.plumbing.amqp_poison_guard on RabbitMQ).
+    if str(app.conf.broker_url).startswith(("redis://", "rediss://", "unix://")):
+        app.conf.broker_transport = GUARDED_REDIS_TRANSPORT
+    elif broker.is_amqp(str(app.conf.broker_url)):
+        app.conf.broker_transport = GUARDED_AMQP_TRANSPORT
+    from memq.config.celery import worker_overrides
+    from memq.core.settings import get_settings
+
+    app.conf.update(worker_overrides(get_settings()))
+    args = ["worker", "-Q", ",".join(queues), *WORKER_DEFAULTS[kind]]
+    if not any(a in ("-n", "--hostname") or a.startswith("--hostname=") for a in extra):
+        args += ["-n", f"{kind}@%h"]
+    app.worker_main([*args, *extra])
+    return 0
+
+
+def worker_device(extra: list[str]) -> tuple[str | None, list[str]]:
+    """``--device X`` (or ``--device=X``) taken out of a worker's arguments; a missing value is a usage error (exit
+    status 2, argparse's one line)."""
+    parser = argparse.ArgumentParser(prog="memq worker", add_help=False, allow_abbrev=False)
+    parser.add_argument("--device", help="the embed worker's device: cpu, cuda, cuda:N or mps")
+    known, rest = parser.parse_known_args(extra)
+    return known.device, rest
+
+
+def remote_control_is_valid() -> bool:
+    """``MEMQ_REMOTE_CONTROL`` names only commands the worker has (or ``all``), checked before Celery starts: a
+    misspelled list must stop the worker, not leave its remote control open."""
+    from memq.core.settings import get_settings
+    from memq.workers.plumbing.remote_control import check_remote_control
+
+    try:
+        check_remote_control(get_settings().remote_control)
+    except ConfigError as exc:
+        print(f"memq: error: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
+def settings_are_valid(env: Mapping[str, str]) -> bool:
+    """A worker refuses to start on a bad ``MEMQ_*`` value: one line naming the variable, no traceback."""
+    from memq.core.settings import Settings
+
+    try:
+        Settings.from_env(env)
+    except ConfigError as exc:
+        print(f"memq: error: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
+def search_worker_queues(extra: list[str], search_shards: int) -> list[str]:
+    """``--shards 0,2`` or ``--shards=0,2`` (taken out of ``extra``): the shard queues this search worker serves
+    with ``search_shards`` shards, beside the shared ``search`` queue every search worker serves (merge runs there;
+    so do all searches without shards)."""
+    from memq.core import sharding
+
+    given = [at for at, arg in enumerate(extra) if arg == "--shards" or arg.startswith("--shards=")]
+    if not given:
+        return [names.SEARCH_QUEUE]
+    if len(given) > 1:
+        raise ValueError("--shards is given more than once; list every shard once, e.g. --shards 0,2")
+    at = given[0]
+    if extra[at] == "--shards":
+        if at + 1 >= len(extra):
+            raise ValueError("--shards needs a value, e.g. --shards 0,2")
+        spec, taken = extra[at + 1], 2
+    else:
+        spec, taken = extra[at].partition("=")[2], 1
+    chosen = sharding.parse_shards(spec, search_shards)
+    del extra[at : at + taken]
+    return [names.SEARCH_QUEUE, *(sharding.shard_queue(s) for s in chosen)]
+
+
+def parse_pairs(values: Sequence[str], field: str, number: type) -> dict[str, Any]:
+    pairs: dict[str, Any] = {}
+    for value in values:
+        for part in value.split(","):
+            name, sep, raw = part.partition("=")
+            if not sep or not name.strip():
+                raise InvalidInput(field, f"expected NAME=VALUE, got {part!r}")
+            try:
+                pairs[name.strip()] = number(raw)
+            except ValueError:
+                raise InvalidInput(field, f"{name.strip()}: {raw!r} is not a number") from None
+    return pairs
+
+
+def filters_from(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The retrieve command's filter flags as ``retrieve``'s ``filters`` (checked there, like any caller's)."""
+    filters: dict[str, Any] = {}
+    if args.tags:
+        filters["tags"] = args.tags
+    if args.all_tags:
+        filters["tags_match"] = "all"
+    for flag, name in ((args.after, "created_after"), (args.before, "created_before")):
+        if flag is not None:
+            filters[name] = float(flag) if _is_number(flag) else flag
+    if args.role is not None:
+        filters["role"] = args.role
+    return filters or None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+MAX_JSONL_DEPTH = 32  # levels of nesting in one JSONL line; the line's object is level 1
+
+
+def json_depth(value: Any) -> int:
+    """How deeply parsed JSON nests: a scalar is 0, ``{}`` and ``[]`` are 1, ``[[1]]`` is 2 (no recursion)."""
+    deepest = 0
+    pending = [(value, 1)]
+    while pending:
+        node, depth = pending.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, depth)
+            pending.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+MAX_JSONL_LINE_BYTES = 16 * 1024 * 1024  # one line is read whole; a file is never read whole
+
+
+def iter_jsonl(path: Path, after_line: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each non-blank line after ``after_line``, read lazily (lines up to
+    ``after_line`` are read, not parsed); a line that is not UTF-8 JSON, not an object, nested deeper than
+    ``MAX_JSONL_DEPTH`` or longer than ``MAX_JSONL_LINE_BYTES`` is ``InvalidInput`` naming the line."""
+    try:
+        with path.open("rb") as handle:
+            number = 0
+            while raw := handle.readline(MAX_JSONL_LINE_BYTES + 1):
+                number += 1
+                if len(raw) > MAX_JSONL_LINE_BYTES:
+                    raise InvalidInput("file", f"line {number}: longer than {MAX_JSONL_LINE_BYTES} bytes")
+                if number > after_line and raw.strip():
+                    yield number, parse_jsonl_line(raw, number)
+    except OSError as exc:
+        raise InvalidInput("file", f"cannot read {path}: {exc}") from None
+
+
+def parse_jsonl_line(raw: bytes, number: int) -> dict[str, Any]:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput("file", f"line {number}: not UTF-8 text") from None
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput("file", f"line {number}: not JSON ({exc.msg})") from None
+    except ValueError:  # e.g. an integer of more digits than Python converts
+        raise InvalidInput("file", f"line {number}: not JSON memq can read") from None
+    except RecursionError:  # json.loads of a line nested thousands deep
+        item = None
+        depth = MAX_JSONL_DEPTH + 1
+    else:
+        depth = json_depth(item)
+    if depth > MAX_JSONL_DEPTH:
+        raise InvalidInput("file", f"line {number}: nested deeper than {MAX_JSONL_DEPTH} levels")
+    if not isinstance(item, dict):
+        raise InvalidInput("file", f"line {number}: expected an object with 'content'")
+    return item
+
+
+def count_lines(path: Path) -> int | None:
+    """The file's lines, counted in one pass of 1 MiB reads (for the progress line's total); None if unreadable."""
+    lines, last = 0, b"\n"
+    try:
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                lines += chunk.count(b"\n")
+                last = chunk[-1:]
+    except OSError:
+        return None
+    return lines + (last != b"\n")
+
+
+class ProgressLine:
+    """One ``\\r``-rewritten line on stderr (only when stderr is a terminal): lines stored, rate, time left."""
+
+    def __init__(self, total_lines: int | None, first_line: int) -> None:
+        self.total, self.first = total_lines, first_line
+        self.started = time.monotonic()
+        self.shown = False
+
+    def show(self, progress: Any) -> None:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        rate = progress.items / elapsed
+        text = f"memq: line {progress.stored_through:,}"
+        if self.total:
+            done = (progress.stored_through - self.first) / max(self.total - self.first, 1)
+            left = (self.total - progress.stored_through) * elapsed / max(progress.stored_through - self.first, 1)
+            text += f"/{self.total:,} ({100 * done:.0f}%), about {left:.0f} s left"
+        sys.stderr.write(f"\r{text}, {rate:,.0f} memories/s   ")
+        sys.stderr.flush()
+        self.shown = True
+
+    def end(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
+            self.shown = False
+
+
+def cmd_remember(args: argparse.Namespace) -> int:
+    if args.file is not None:
+        return remember_file(args)
+    if args.skip:
+        raise InvalidInput("skip", "only with --file")
+    from memq.client.api import remember
+
+    result = remember(args.memory_id, args.memory_type, [{"content": args.text}])
+    failed = result.get("failed") or []
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"stored {len(result['ids']) - len(failed)} memories in {result['type']} "
+            f"({result['inserted']} new, {result['updated']} updated) for {result['memory_id']}"
+        )
+        for entry in failed:
+            print(f"memq: not written: item {entry['index']} ({entry['reason']})", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def remember_file(args: argparse.Namespace) -> int:
+    """Streams the file through ``remember_numbered`` (batches of ``validation.MAX_BATCH_ITEMS``, a few in flight)."""
+    from memq.client.api import remember_numbered
+    from memq.errors import IngestStopped
+
+    if args.skip < 0:
+        raise InvalidInput("skip", f"must be a line number >= 0, got {args.skip}")
+    lines = count_lines(args.file)
+    if args.skip > lines:
+        raise InvalidInput("skip", f"past the end: {args.file} has {lines} line(s), --skip {args.skip}")
+    bar = ProgressLine(lines, args.skip) if sys.stderr.isatty() and not args.json else None
+    try:
+        summary = remember_numbered(
+            args.memory_id,
+            args.memory_type,
+            iter_jsonl(args.file, args.skip),
+            stored_through=args.skip,
+            unit="line",
+            on_progress=bar.show if bar else None,
+        )
+    except IngestStopped as exc:
+        if bar:
+            bar.end()
+        return stopped_import(args, exc)
+    if bar:
+        bar.end()
+    if summary["items"] == 0 and args.skip == 0:
+        raise InvalidInput("file", f"{args.file} holds no memories")
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"stored {summary['items']} memories in {summary['type']} ({summary['inserted']} new, "
+            f"{summary['updated']} updated) for {summary['memory_id']}, in {summary['batches']} batch(es)"
+            f" through line {summary['stored_through']}"
+        )
+    return 0
+
+
+def stopped_import(args: argparse.Namespace, exc: Any) -> int:
+    """One line: the error, what is stored (every line up to ``stored_through``) and the ``--skip`` that resumes.
+    Exit 2 for a line memq refuses (``InvalidItem``), else 1."""
+    through = exc.stored_through
+    stored = f"lines 1..{through} are stored; rerun with --skip {through} to resume" if through else "nothing is stored"
+    refused = isinstance(exc, InvalidInput)
+    if args.json:
+        error = {"error": "invalid_input", "field": exc.field} if refused else {"error": "stopped"}
+        print(json.dumps({**error, "message": exc.reason, "stored_through": through, "summary": exc.summary}))
+    else:
+        where = f"{exc.field}: " if refused else ""
+        print(f"memq: error: {where}{exc.reason}; {stored}", file=sys.stderr)
+    return 2 if refused else 1
+
+
+def cmd_retrieve(args: argparse.Namespace) -> int:
+    from memq.client.api import retrieve
+    from memq.ops.display import format_result
+
+    limits = parse_pairs(args.limit, "limit", int)
+    weights = parse_pairs([args.weights], "weights", float) if args.weights else None
+    result = retrieve(
+        args.query,
+        args.memory_id,
+        limits,
+        weights=weights,
+        timeout_s=args.timeout_s,
+        mode=args.mode,
+        filters=filters_from(args),
+    )
+    print(json.dumps(result) if args.json else format_result(result))
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    from memq.client.api import forget
+
+    result = forget(args.memory_id, args.memory_type, args.ids)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"deleted {sum(result['deleted'].values())} memories of {result['memory_id']}")
+    return 0
+
+
+def cmd_indexes(args: argparse.Namespace) -> int:
+    from memq.client.api import create_indexes
+
+    result = create_indexes(args.dimensions)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for memory_type, names in result["indexes"].items():
+            vector, text = result["vector_indexes"].get(memory_type), result["text_indexes"].get(memory_type)
+            print(f"{memory_type}: {', '.join(names)}; vector index: {vector}; search index: {text}")
+        print("Atlas Vector Search index definition:")
+        print(json.dumps(result["vector_index_definition"], indent=2))
+        print("Atlas Search index definition (hybrid and lexical modes):")
+        print(json.dumps(result["text_index_definition"], indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from memq.ops.demo import run_demo
+
+    return run_demo(as_json=args.json, join=args.join)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from memq.ops.status import collect_status, format_status
+
+    status = collect_status(timeout_s=args.timeout_s)
+    print(json.dumps(status) if args.json else format_status(status))
+    return 0 if status["ok"] else 1
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    """Every failure is one line (exit status 2), never a traceback."""
+    import amqp.exceptions
+    import kombu.exceptions
+    import redis
+
+    try:
+        return dead_letters_command(args)
+    except (OSError, redis.RedisError, kombu.exceptions.OperationalError, amqp.exceptions.AMQPError) as exc:
+        return _fail(args, "unavailable", f"dead letters unavailable: {type(exc).__name__}: {exc}"[:300])
+
+
+def dead_letters_command(args: argparse.Namespace) -> int:
+    from memq.ops import dead_letters
+
+    if args.replay is not None or args.replay_all:
+        replayed = dead_letters.replay(None if args.replay_all else args.replay)
+        if args.json:
+            print(json.dumps({"replayed": [vars(r) for r in replayed]}))
+        for outcome in replayed if not args.json else []:
+            print(replay_line(outcome))
+        return 0 if all(r.outcome == "replayed" for r in replayed) else 1
+    if args.purge_all:
+        purged = dead_letters.purge_all()
+        print(json.dumps({"purged": purged}) if args.json else f"purged all {purged} dead letter(s)")
+        return 0
+    letters = dead_letters.listed(limit=args.limit)
+    purged = dead_letters.purge(letters) if args.purge else None
+    if args.json:
+        print(json.dumps({"dead_letters": [letter.fields for letter in letters], "purged": purged}))
+        return 0
+    for letter in letters:
+        fields, show = letter.fields, dead_letters.printable
+        replay_note = show(fields.get("replay"), 120) if fields.get("replay") else "preview only"
+        print(
+            f"{float(fields.get('at') or 0):.3f}  {show(fields.get('id', ''), 32)}  {show(fields.get('queue'), 8):<8} "
+            f"{show(fields.get('reason'), 24):<20} {show(fields.get('detail'), 200)}  [{replay_note}]"
+        )
+        print(f"    headers: {show(fields.get('headers'))}")
+        print(f"    body:    {show(fields.get('body'))}")
+    print(f"{len(letters)} dead letter(s) shown" + (f"; purged those {purged}" if purged is not None else ""))
+    return 0
+
+
+def replay_line(outcome: Any) -> str:
+    from memq.core.letters import printable
+
+    line = f"{printable(outcome.id, 40)}  {outcome.outcome}"
+    if outcome.outcome == "replayed":
+        line += f" -> {outcome.queue} (task {printable(outcome.task_id, 40)})"
+    return line + (f": {printable(outcome.detail, 300)}" if outcome.detail else "")
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from memq.core import broker
+    from memq.core.settings import get_settings
+
+    if args.broker_command == "permissions":
+        print("\n".join(broker.permission_commands(args.vhost)))
+        return 0
+    limit = broker.DEFAULT_DELIVERY_LIMIT if args.delivery_limit is None else args.delivery_limit
+    if args.broker_command == "definitions":
+        print(json.dumps(broker.definitions(args.vhost, get_settings().search_shards, limit), indent=2))
+        return 0
+    from memq.ops.broker_setup import setup
+
+    report = setup(get_settings(), limit, args.management_url, args.rabbitmqctl)
+    if args.json:
+        print(json.dumps(vars(report)))
+        return 0
+    print(f"vhost {report.vhost}: exchanges {', '.join(report.exchanges)}; quorum queues {', '.join(report.queues)}")
+    if report.policy_applied_by:
+        print(f"policy {report.policy['name']} applied ({report.policy_applied_by}): {report.policy['definition']}")
+    else:
+        print(
+            f"policy {report.policy['name']} NOT applied (give --management-url or --rabbitmqctl); apply: "
+            f"{json.dumps(report.policy)}"
+        )
+        return 1
+    return 0
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    from memq.ops.flower import run_flower
+
+    return run_flower(args.port, args.address)
+
+
+def cmd_exporter(args: argparse.Namespace) -> int:
+    from memq.ops.exporter import run_exporter
+
+    return run_exporter(args.port, args.address, args.interval_s)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

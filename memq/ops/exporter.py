@@ -1,0 +1,275 @@
+"""``memq exporter``: per queue, the messages waiting and how long the oldest has waited, for autoscalers.
+
+Prometheus metrics on ``/metrics`` (default port 9808), one series per queue of the fleet
+(``memq.ops.status.fleet_queues``: embed, search, ingest, and ``search.0`` … ``search.N-1`` when
+``MEMQ_SEARCH_SHARDS`` = N > 1), and one per stale shard queue (``search.<s>`` outside N) while it holds messages,
+so that the workers draining it after a change of N can still be scaled on it:
+
+- ``memq_queue_messages{queue}``: the length of the queue's Redis list (``LLEN``). kombu's Redis transport
+  ``LPUSH``es each task message there and workers pop from the other end, so this counts the messages no worker
+  has taken yet; messages a worker has reserved (prefetched, or running) have left the list.
+- ``memq_queue_oldest_age_seconds{queue}``: how long the next message to be delivered (the list's tail,
+  ``LINDEX queue -1``) has waited; 0 when the queue is empty. From its ``memq_published_at`` header, which
+  memq's Celery app stamps on every publish (``memq.client.app.stamp_published_at``). A message without the header
+  (another producer) is aged from the moment this exporter first saw it at the tail (known by its task id), so
+  its age starts at 0, lags by up to one interval and restarts when the exporter restarts.
+- ``memq_exporter_errors_total{queue,reason}``: what the exporter could not read, logged and counted, never fatal:
+  ``unreadable_message`` once per tail message that is not a JSON object (not UTF-8, not JSON, or nested past the
+  decoder's recursion bound, such as a 100,000-deep array: aged like an unstamped message), ``sample_failed`` for
+  any other exception while reading one queue's sample (that queue keeps its depth; the others are unaffected) or
+  a whole sample (queue ``""``).
+- ``memq_exporter_broker_up``: 1 when the last sample read Redis, else 0 (the queue series are then left out
+  rather than reported stale); ``memq_exporter_last_sample_timestamp_seconds``: when that sample was taken.
+
+Redis is sampled every ``--interval-s`` (one pipeline of ``EXISTS`` over the possible shard queues outside N, then
+one ``MULTI`` of ``LLEN`` + ``LINDEX`` per queue); a scrape serves the
+last sample, with ages computed at scrape time. It reads only: nothing is consumed, declared or acknowledged.
+Import-light: redis-py and prometheus_client; no Celery, torch, pymongo or worker code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from kombu.utils.url import maybe_sanitize_url
+from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from memq.core import names
+from memq.core.settings import Settings, get_settings
+from memq.errors import ConfigError
+from memq.ops.status import fleet_queues, stale_shard_queues
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 9808
+DEFAULT_INTERVAL_S = 5.0
+# Stamped by memq.client.app.stamp_published_at (kept in step by tests/test_deploy.py; this module never imports
+# Celery).
+PUBLISHED_AT_HEADER = names.PUBLISHED_AT_HEADER
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+SOCKET_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class QueueState:
+    depth: int
+    oldest_since: float | None  # when the oldest waiting message was published (or first seen); None: empty
+
+
+def read_envelope(raw: bytes) -> tuple[float | None, str, bool]:
+    """A queued envelope's ``memq_published_at`` (None when absent or not a finite number), an identity for it (its
+    task id, or a digest of the raw message when it has none) and whether it was a JSON object at all. Any message
+    is answered: one nested deeper than the JSON decoder's recursion bound (``[[[[...]]]]``, a ``RecursionError``)
+    or not UTF-8 or not JSON is an unreadable message, identified by its digest."""
+    try:
+        envelope = json.loads(raw)
+    except (ValueError, RecursionError):  # ValueError includes UnicodeDecodeError
+        envelope = None
+    headers = envelope.get("headers") if isinstance(envelope, dict) else None
+    headers = headers if isinstance(headers, dict) else {}
+    stamp = headers.get(PUBLISHED_AT_HEADER)
+    published = None
+    if isinstance(stamp, int | float) and not isinstance(stamp, bool) and math.isfinite(stamp):
+        published = float(stamp)
+    task_id = headers.get("id")
+    identity = task_id if isinstance(task_id, str) and task_id else "sha256:" + hashlib.sha256(raw).hexdigest()
+    return published, identity, isinstance(envelope, dict)
+
+
+class QueueWatch:
+    """Samples the queues' Redis lists; remembers when it first saw each unstamped message at a tail."""
+
+    def __init__(self, client: redis.Redis, queues: Sequence[str], clock: Callable[[], float] = time.time) -> None:
+        self.client = client
+        self.queues = tuple(queues)
+        self.clock = clock
+        self._first_seen: dict[str, tuple[str, float]] = {}  # queue -> (identity of its tail message, seen at)
+        # (queue, reason) -> count: each unreadable tail message once, and each failure to read a queue's sample
+        self.errors: Counter[tuple[str, str]] = Counter()
+        self._last_error: dict[str, str] = {}  # queue -> the last error logged for it (each change is logged once)
+
+    def sample(self) -> dict[str, QueueState]:
+        """LLEN and LINDEX -1 of every queue (and of each stale shard queue), atomically. Raises redis errors."""
+        queues = (*self.queues, *stale_shard_queues(self.client, self.queues))
+        pipe = self.client.pipeline(transaction=True)
+        for queue in queues:
+            pipe.llen(queue)
+            pipe.lindex(queue, -1)
+        replies = pipe.execute()
+        now = self.clock()
+        for gone in set(self._first_seen) - set(queues):  # a stale shard queue that emptied
+            del self._first_seen[gone]
+        states: dict[str, QueueState] = {}
+        for at, queue in enumerate(queues):
+            try:
+                states[queue] = self._state(queue, replies[2 * at], replies[2 * at + 1], now)
+            except Exception as exc:  # one queue's odd reply never costs the other queues their series
+                self.record_error(queue, "sample_failed", f"{type(exc).__name__}: {exc}")
+                depth = replies[2 * at]
+                if isinstance(depth, int):
+                    states[queue] = QueueState(depth, None)
+        return states
+
+    def record_error(self, queue: str, reason: str, detail: str) -> None:
+        self.errors[(queue, reason)] += 1
+        if self._last_error.get(queue) != detail:
+            self._last_error[queue] = detail
+            log.warning("memq exporter: queue %s: %s (%s)", queue, reason.replace("_", " "), detail[:300])
+
+    def _state(self, queue: str, depth: int, tail: bytes | None, now: float) -> QueueState:
+        if tail is None:
+            self._first_seen.pop(queue, None)
+            return QueueState(int(depth), None)
+        return QueueState(int(depth), self._oldest_since(queue, tail, now))
+
+    def _oldest_since(self, queue: str, tail: bytes, now: float) -> float:
+        published, identity, readable = read_envelope(tail)
+        if not readable and self._first_seen.get(queue, ("", 0.0))[0] != identity:
+            self.record_error(queue, "unreadable_message", f"the next message ({len(tail)} bytes) is not a JSON object")
+        if published is not None:
+            self._first_seen.pop(queue, None)
+            return published
+        seen = self._first_seen.get(queue)
+        if seen is None or seen[0] != identity:
+            seen = (identity, now)
+            self._first_seen[queue] = seen
+        return seen[1]
+
+
+class QueueExporter(Collector):
+    """A Prometheus collector serving the last sample of a ``QueueWatch``; ``refresh`` takes a new one."""
+
+    def __init__(self, watch: QueueWatch, clock: Callable[[], float] = time.time) -> None:
+        self.watch = watch
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._states: dict[str, QueueState] = {}
+        self._up = False
+        self._sampled_at: float | None = None
+        self._error: str | None = None
+        self._errors: dict[tuple[str, str], int] = {}  # the watch's error counts as of the last refresh
+
+    def refresh(self) -> bool:
+        """Samples Redis; on an error the queue series go away and ``memq_exporter_broker_up`` reads 0."""
+        try:
+            states = self.watch.sample()
+        except Exception as exc:  # the broker down, or anything else: the exporter goes on sampling
+            if not isinstance(exc, redis.RedisError | OSError):
+                self.watch.record_error("", "sample_failed", f"{type(exc).__name__}: {exc}")
+            error = f"{type(exc).__name__}: {exc}"
+            with self._lock:
+                self._states, self._up, self._errors = {}, False, dict(self.watch.errors)
+                changed, self._error = error != self._error, error
+            if changed:
+                log.warning("memq exporter: cannot read the broker: %s", error)
+            return False
+        with self._lock:
+            if self._error is not None:
+                log.warning("memq exporter: the broker answers again")
+            self._states, self._up, self._sampled_at, self._error = states, True, self.clock(), None
+            self._errors = dict(self.watch.errors)
+        return True
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            states, up, sampled_at = dict(self._states), self._up, self._sampled_at
+            error_counts = dict(self._errors)
+        now = self.clock()
+        messages = GaugeMetricFamily(
+            "memq_queue_messages", "Task messages waiting in the queue's Redis list (LLEN).", labels=["queue"]
+        )
+        age = GaugeMetricFamily(
+            "memq_queue_oldest_age_seconds",
+            "Seconds the oldest waiting message of the queue has waited (0 when empty).",
+            labels=["queue"],
+        )
+        for queue, state in states.items():
+            messages.add_metric([queue], state.depth)
+            waited = 0.0 if state.oldest_since is None else max(0.0, now - state.oldest_since)
+            age.add_metric([queue], waited)
+        yield messages
+        yield age
+        errors = CounterMetricFamily(
+            "memq_exporter_errors",
+            "Tail messages the exporter could not read (each once) and queue samples that failed, by queue "
+            "('' for a whole sample) and reason (unreadable_message, sample_failed).",
+            labels=["queue", "reason"],
+        )
+        for (queue, reason), count in sorted(error_counts.items()):
+            errors.add_metric([queue, reason], count)
+        yield errors
+        yield GaugeMetricFamily("memq_exporter_broker_up", "1 when the last sample read the broker.", value=int(up))
+        if sampled_at is not None:
+            yield GaugeMetricFamily(
+                "memq_exporter_last_sample_timestamp_seconds",
+                "Unix time of the last sample that read the broker.",
+                value=sampled_at,
+            )
+
+
+def broker_client(url: str) -> redis.Redis:
+    if not url.startswith(REDIS_SCHEMES):
+        raise ConfigError(f"memq exporter reads a Redis broker; MEMQ_BROKER_URL is {maybe_sanitize_url(url)}")
+    return redis.Redis.from_url(
+        url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S, health_check_interval=30
+    )
+
+
+def build_exporter(settings: Settings) -> QueueExporter:
+    return QueueExporter(QueueWatch(broker_client(settings.broker_url), fleet_queues(settings.search_shards)))
+
+
+def run_exporter(
+    port: int = DEFAULT_PORT,
+    address: str = "0.0.0.0",
+    interval_s: float = DEFAULT_INTERVAL_S,
+    settings: Settings | None = None,
+    registry: CollectorRegistry = REGISTRY,
+) -> int:
+    """Serves ``/metrics`` until SIGTERM/SIGINT, sampling the broker every ``interval_s`` seconds."""
+    if not (math.isfinite(interval_s) and interval_s > 0):
+        raise ConfigError(f"--interval-s must be a positive number of seconds, got {interval_s}")
+    settings = settings or get_settings()
+    exporter = build_exporter(settings)
+    exporter.refresh()  # the first scrape already has numbers (or broker_up 0)
+    registry.register(exporter)
+    try:
+        server, _thread = start_http_server(port, addr=address, registry=registry)
+    except OSError as exc:
+        registry.unregister(exporter)
+        raise ConfigError(f"memq exporter cannot listen on {address}:{port}: {exc}") from None
+    stop = threading.Event()
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    print(
+        f"memq exporter: http://{address}:{port}/metrics, queues {', '.join(exporter.watch.queues)} of "
+        f"{maybe_sanitize_url(settings.broker_url)}, sampled every {interval_s:g} s",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        while not stop.wait(interval_s):
+            exporter.refresh()
+    finally:
+        server.shutdown()
+        server.server_close()
+        registry.unregister(exporter)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0

@@ -1,0 +1,849 @@
+"""Search strategies for one (tenant, memory type).
+
+- ``exact``: in this worker, over the tenant's memories loaded by one ``find`` on ``memory_id``, streamed from the
+  cursor into the rows of a ``RowStore``: the cosine matrix, the BM25 index (``workers.search.lexical``) and the filter
+  columns (created_at, role, tags) are built together, cached per process and keyed on the tenant's data version
+  (``workers.storage.versions``), so a write makes them unreachable at once. A warm search is one matrix-vector product
+  and
+  one sparse BM25 sum, fused (``memq.core.ranking.fuse``), with the filters applied before the top k; it makes no
+  MongoDB round trip. After a write, a process holding the tenant at version v that finds V catches up
+  (``catch_up``): the change log beside the version names the stored ``_id`` s versions v+1..V touched, it reads
+  just those (``memory_id`` in the query) and applies them: a present document becomes a new row and the row it
+  replaces is tombstoned, an absent one is tombstoned. Those whose state the log itself carries (a new memory's
+  stored document, a forgotten id: ``versions.Changes.known``) are applied without reading MongoDB. Rows once
+  written never change, so a search still reading the snapshot of version v (its row count, alive mask and BM25
+  segments) is unaffected. The tenant is loaded
+  whole only when the change cannot be bridged: a cold process, a log that no longer holds every version since v
+  or says anything may have changed (forget without ids, a migration), more changed ids than
+  ``CATCH_UP_MAX_FRACTION`` of the tenant, or tombstones past ``COMPACT_DEAD_FRACTION`` of the rows. A stored
+  row that cannot be searched (embedding missing, undecodable, of another dimension than the query's
+  or not finite; fields unreadable) is left out of all three and counted (``memq_bad_stored_rows_total``), so one
+  bad row never fails its tenant's search. A miss is loaded once per (tenant, type, data version) in the process
+  (``load_shared``, single-flight): the searches that miss meanwhile wait on that one load, each within its own
+  budget, and the load runs under the MongoDB client's own timeouts and fills the cache even when every search that
+  waited on it has given up. The matrix has the dimension of the query vector (the embed model's).
+- ``vector_search``: Atlas ``$vectorSearch`` with ``memory_id`` as a pre-filter.
+- ``auto``: ``vector_search`` where the server runs the stage, ``exact`` elsewhere (nx-27017, mongod).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from memq.core import deadlines, ranking
+from memq.core.process_local import ProcessLocal
+from memq.core.settings import get_settings
+from memq.core.vectors import from_stored, normalise
+from memq.errors import IndexNotReady, InvalidInput, StoreUnavailable, WorkerBusy
+from memq.workers.plumbing.metrics import BAD_STORED_ROWS, CACHE_REQUESTS, MATRIX_LOADS, SEARCH_SECONDS
+from memq.workers.search import index_readiness
+from memq.workers.search.lexical import LexicalIndex, LexicalWriter
+from memq.workers.search.rss_budget import MemoryGuard, release_free_memory, resident_bytes
+from memq.workers.search.single_flight import FlightTimeout, SingleFlight
+from memq.workers.storage import mongo, reads, versions
+
+log = logging.getLogger(__name__)
+
+PROBE_TTL_S = 60.0
+# One cached result item besides its strings: the dict, its floats and ISO dates (measured with tracemalloc on items
+# from reads.to_item, CPython 3.11: about 450 bytes with no tags or metadata).
+ITEM_OVERHEAD_BYTES = 480
+MIN_CAPACITY_ROWS = 1024  # rows a RowStore holds at least, and grows by at least
+GROWTH_FRACTION = 0.5  # a full RowStore grows by this fraction of its capacity (a copy into a new buffer)
+LOAD_CHUNK_ROWS = 1000  # documents taken from the cursor at a time by a load
+CATCH_UP_MAX_FRACTION = 0.25  # more changed ids than this fraction of the tenant (and CATCH_UP_MIN_IDS): reload
+CATCH_UP_MIN_IDS = 256  # changed ids a catch-up always takes, however small the tenant
+COMPACT_DEAD_FRACTION = 0.5  # tombstoned rows past this fraction of the rows (and MIN_CAPACITY_ROWS): reload
+NUM_CANDIDATES_FACTOR = 20  # `$vectorSearch` numCandidates per k: Atlas's advice (10-20 x k) for recall near exact
+#: Tenant loads (one `find`, the matrix and BM25 build) a search process runs at once; more wait for a slot. Each
+#: holds a batch of documents and its tenant's postings while it builds: two let a small tenant load beside a large
+#: one, and the memory guard (MEMQ_SEARCH_MAX_RSS_BYTES) admits each. A catch-up takes no slot.
+LOADS_IN_FLIGHT = 2
+
+
+@dataclass
+class TenantMatrix:
+    """Everything an exact search of one (tenant, type) at one data version needs: a snapshot of its rows.
+
+    Row i of ``matrix``, ``items``, ``created_ts``, ``roles``, ``tags`` and the BM25 index is one stored memory.
+    A snapshot of a ``RowStore`` (``store``) views the store's arrays up to its row count and shares its ``items``
+    list, which may hold later rows (only the first ``rows`` count); ``alive`` says which of its rows are still the
+    memory's current state (``None``: all of them)."""
+
+    version: int
+    items: list[dict[str, Any]]
+    matrix: np.ndarray  # (n, d) float32, rows L2-normalised
+    lexical: LexicalIndex | None = None  # BM25 over the items' content
+    created_ts: np.ndarray = field(default_factory=lambda: np.zeros(0))  # Unix seconds, NaN where unknown
+    roles: Sequence[str | None] = field(default_factory=list)
+    tags: Sequence[frozenset[str]] = field(default_factory=list)
+    alive: np.ndarray | None = None
+    store: RowStore | None = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.matrix.shape[0]) if self.matrix.ndim == 2 else 0
+
+    @property
+    def alive_rows(self) -> int:
+        return self.rows if self.alive is None else int(np.count_nonzero(self.alive))
+
+    @property
+    def dimensions(self) -> int:
+        return int(self.matrix.shape[1]) if self.matrix.ndim == 2 else 0
+
+
+class RowStore:
+    """The rows of one (tenant, type), append-only, with spare capacity: an update appends the memory's new row
+    and tombstones its old one, a delete tombstones. A row once written is never modified and a full buffer is
+    replaced by a larger copy (``GROWTH_FRACTION``), never resized in place, so every snapshot (``snapshot``) stays
+    valid while later changes are applied. One writer at a time (``lock``)."""
+
+    def __init__(self, dimensions: int, capacity_rows: int) -> None:
+        capacity_rows = max(capacity_rows, MIN_CAPACITY_ROWS)
+        self.dimensions = dimensions
+        self.vectors = np.empty((capacity_rows, dimensions), dtype=np.float32)
+        self.created_ts = np.empty(capacity_rows, dtype=np.float64)
+        self.roles = np.empty(capacity_rows, dtype=object)
+        self.tags = np.empty(capacity_rows, dtype=object)
+        self.alive = np.zeros(capacity_rows, dtype=bool)
+        self.items: list[dict[str, Any]] = []
+        self.row_of: dict[Any, int] = {}  # stored _id -> its alive row
+        self.rows = 0
+        self.item_bytes = 0
+        self.lexical = LexicalWriter()
+        self.lock = threading.Lock()
+        self.latest: TenantMatrix | None = None
+        self.broken = False  # a change failed half-applied: the next one reloads the tenant
+
+    @property
+    def dead_rows(self) -> int:
+        return self.rows - len(self.row_of)
+
+    def append(self, docs: Sequence[dict[str, Any]]) -> list[Any]:
+        """Each searchable document as a new row (replacing the row of the same ``_id``); the ``_id`` s of those
+        that cannot be searched (``usable_row``, or a vector not finite)."""
+        usable, skipped = [], []
+        for doc in docs:
+            row = usable_row(doc, self.dimensions)
+            if row is None:
+                skipped.append(doc.get("_id"))
+            else:
+                usable.append((doc, row[0], row[1]))
+        if not usable:
+            return skipped
+        block = np.stack([vector for _, vector, _ in usable])  # one chunk's vectors (LOAD_CHUNK_ROWS at most)
+        finite = np.isfinite(block).all(axis=1)
+        if not finite.all():
+            skipped += [usable[i][0].get("_id") for i in np.flatnonzero(~finite)]
+            usable, block = [usable[i] for i in np.flatnonzero(finite)], block[finite]
+        start, end = self.rows, self.rows + len(usable)
+        self._reserve(end)
+        self.vectors[start:end] = normalise(block)
+        for row, (doc, _, item) in enumerate(usable, start):
+            self.remove(doc["_id"])
+            self.created_ts[row] = np.nan if item["created_at_ts"] is None else item["created_at_ts"]
+            self.roles[row] = item.get("role")
+            self.tags[row] = frozenset(item.get("tags") or ())
+            self.items.append(item)
+            self.item_bytes += item_nbytes(item)
+            self.row_of[doc["_id"]] = row
+        self.alive[start:end] = True
+        self.lexical.add(start, [lexical_text(doc) for doc, _, _ in usable])
+        self.rows = end
+        return skipped
+
+    def remove(self, object_id: Any) -> None:
+        """Tombstone the row of ``object_id`` (if it has one)."""
+        row = self.row_of.pop(object_id, None)
+        if row is not None:
+            self.alive[row] = False
+            self.lexical.remove(row)
+
+    def snapshot(self, version: int) -> TenantMatrix:
+        """The rows as they are now, for searches at ``version`` (becomes ``latest``)."""
+        rows = self.rows
+        self.lexical.commit(self.alive[:rows])
+        alive = None if self.dead_rows == 0 else self.alive[:rows].copy()
+        self.latest = TenantMatrix(
+            version,
+            self.items,
+            self.vectors[:rows],
+            self.lexical.view(rows, alive),
+            self.created_ts[:rows],
+            self.roles[:rows],
+            self.tags[:rows],
+            alive,
+            self,
+        )
+        return self.latest
+
+    def nbytes(self) -> int:
+        """What the rows hold besides the BM25 index: the buffers (their whole capacity) and the items."""
+        columns = self.vectors.nbytes + self.created_ts.nbytes + self.alive.nbytes
+        return columns + self.roles.nbytes + self.tags.nbytes + self.item_bytes
+
+    def _reserve(self, rows: int) -> None:
+        capacity = self.vectors.shape[0]
+        if rows <= capacity:
+            return
+        grown = max(rows, capacity + max(MIN_CAPACITY_ROWS, int(capacity * GROWTH_FRACTION)))
+        for name in ("vectors", "created_ts", "roles", "tags", "alive"):
+            old = getattr(self, name)
+            new = np.zeros((grown, *old.shape[1:]), dtype=old.dtype)
+            new[: self.rows] = old[: self.rows]
+            setattr(self, name, new)
+
+
+def lexical_text(doc: dict[str, Any]) -> str:
+    """What BM25 indexes of a stored memory: its content and the context its writer supplied."""
+    return f"{doc.get('content', '')} {doc.get(reads.CONTEXT_FIELD) or ''}"
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What a search is asked for beyond the vector: the query text, the mode and the filters."""
+
+    query: str | None = None
+    mode: str = "vector"
+    filters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SearchOutcome:
+    items: list[dict[str, Any]]
+    strategy: str
+    matrix_cache: str  # "hit" | "miss" | "bypass" | "n/a"
+
+
+class MatrixCache:
+    """LRU of tenant matrices with the bytes each holds (``entry_nbytes``: vectors, items, BM25 index). It has no
+    bound of its own: the memory guard (``MEMQ_SEARCH_MAX_RSS_BYTES``) sheds the least recently used entries
+    (``shed``) before a load or merge that finds the process over its budget."""
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[tuple[str, str], TenantMatrix] = OrderedDict()
+        self._sizes: dict[tuple[str, str], int] = {}
+        self._vectors = 0
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.loads = 0  # matrices loaded from MongoDB and built by this process (single-flight: one per version)
+        self.catch_ups = 0  # versions reached by applying the change log instead of a load
+
+    def get(self, key: tuple[str, str], version: int, dimensions: int = 0) -> TenantMatrix | None:
+        """The entry of ``key`` at ``version`` (and of ``dimensions``, the query's, unless 0), else ``None``."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.version != version or dimensions not in (0, entry.dimensions):
+                return None
+            self._entries.move_to_end(key)
+            return entry
+
+    def held(self, key: tuple[str, str]) -> TenantMatrix | None:
+        """The entry of ``key`` at whatever version it holds (what a catch-up starts from)."""
+        with self._lock:
+            return self._entries.get(key)
+
+    def put(self, key: tuple[str, str], entry: TenantMatrix) -> None:
+        size = entry_nbytes(entry)
+        with self._lock:
+            self._drop(key)
+            self._entries[key] = entry
+            self._sizes[key] = size
+            self._vectors += entry.rows
+            self._bytes += size
+
+    def shed(self, nbytes: int) -> int:
+        """Drop the least recently used entries until at least ``nbytes`` are freed (or the cache is empty); the
+        bytes dropped. (Memory comes back once no search still holds a dropped entry.)"""
+        freed = 0
+        with self._lock:
+            while self._entries and freed < nbytes:
+                key = next(iter(self._entries))
+                freed += self._sizes[key]
+                self._drop(key)
+        return freed
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._vectors -= old.rows
+            self._bytes -= self._sizes.pop(key)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    @property
+    def vectors(self) -> int:
+        return self._vectors
+
+    def count_load(self) -> None:
+        with self._lock:
+            self.loads += 1
+
+    def count_catch_up(self) -> None:
+        with self._lock:
+            self.catch_ups += 1
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+matrix_cache: ProcessLocal[MatrixCache] = ProcessLocal(MatrixCache)
+# One load per (tenant, type, data version) at a time in this process, whatever the number of searches asking.
+matrix_loads: ProcessLocal[SingleFlight[tuple[str, str, int, int], TenantMatrix]] = ProcessLocal(
+    lambda: SingleFlight("matrix")
+)
+# Loads (their documents and the build) in this process at once; the others wait for a slot in their load thread.
+load_slots: ProcessLocal[threading.BoundedSemaphore] = ProcessLocal(lambda: threading.BoundedSemaphore(LOADS_IN_FLIGHT))
+# Loads and merges start only while this process is under MEMQ_SEARCH_MAX_RSS_BYTES (shedding this cache first).
+memory_guard: ProcessLocal[MemoryGuard] = ProcessLocal(
+    lambda: MemoryGuard(
+        get_settings().search_max_rss_bytes,
+        shed=lambda nbytes: matrix_cache.get().shed(nbytes),
+        read_rss_bytes=resident_bytes,
+        release=release_free_memory,
+    )
+)
+# One load or catch-up per (tenant, type) at a time in this process, whatever the versions asked for.
+tenant_locks: ProcessLocal[KeyedLocks] = ProcessLocal(lambda: KeyedLocks())
+# What each load under way is doing, for the error a search gets when it stops waiting for it.
+load_phases: dict[tuple[str, str, int, int], str] = {}
+READING = "reading MongoDB"
+_probe_results: dict[str, tuple[bool, float]] = {}
+_probe_locks: dict[str, threading.Lock] = {}
+
+
+class KeyedLocks:
+    """A lock per key, held only while someone holds or waits for it (no entry is kept for idle keys)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._locks: dict[Any, tuple[threading.Lock, list[int]]] = {}
+
+    @contextmanager
+    def held(self, key: Any, blocking: bool = True) -> Iterator[bool]:
+        """Holds the lock of ``key`` while the block runs; with ``blocking=False`` it yields ``False`` (and the
+        lock is not held) when someone else holds it."""
+        with self._lock:
+            lock, users = self._locks.setdefault(key, (threading.Lock(), [0]))
+            users[0] += 1
+        acquired = False
+        try:
+            acquired = lock.acquire(blocking)
+            yield acquired
+        finally:
+            if acquired:
+                lock.release()
+            with self._lock:
+                users[0] -= 1
+                if users[0] == 0:
+                    del self._locks[key]
+
+
+def entry_nbytes(entry: TenantMatrix) -> int:
+    """The memory one cached entry holds: its matrix and filter columns, its BM25 index, and its items (each
+    ``ITEM_OVERHEAD_BYTES`` for the dict and its small values, plus its content, id, tags and metadata). A snapshot
+    of a ``RowStore`` counts the store's buffers (spare capacity included) and items, kept as rows are added."""
+    lexical = entry.lexical.nbytes() if entry.lexical is not None else 0
+    if entry.store is not None:
+        return entry.store.nbytes() + lexical
+    columns = entry.matrix.nbytes + entry.created_ts.nbytes
+    return columns + lexical + sum(item_nbytes(item) for item in entry.items)
+
+
+def item_nbytes(item: dict[str, Any]) -> int:
+    size = ITEM_OVERHEAD_BYTES + len(str(item.get("content", "")).encode("utf-8", "replace"))
+    size += len(str(item.get("id", "")))
+    for name in ("tags", "metadata"):
+        if item.get(name):
+            size += len(json.dumps(item[name], default=str))
+    return size
+
+
+def build_matrix(
+    docs: Iterable[dict[str, Any]],
+    version: int,
+    memory_type: str = "unknown",
+    expected_rows: int = 0,
+    *,
+    dimensions: int,
+) -> TenantMatrix:
+    """The matrix, BM25 index and filter columns of one tenant and type, row i of each from the same document,
+    taken from ``docs`` (a cursor) ``LOAD_CHUNK_ROWS`` at a time into a ``RowStore`` sized for ``expected_rows``:
+    the documents are never all held at once, nor the vectors copied into a second matrix. Rows that cannot be
+    searched are left out (``usable_row``, then the finite check; ``dimensions``: the query's, so the model's),
+    counted, and logged once per load."""
+    rows = RowStore(dimensions, expected_rows + expected_rows // 8)
+    skipped: list[Any] = []
+    seen = 0
+    for chunk in chunked(docs, LOAD_CHUNK_ROWS):
+        seen += len(chunk)
+        skipped += rows.append(chunk)
+    count_skipped(skipped, seen, memory_type, dimensions)
+    return rows.snapshot(version)
+
+
+def chunked(docs: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
+    for doc in docs:
+        chunk.append(doc)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def count_skipped(skipped: list[Any], seen: int, memory_type: str, dimensions: int) -> None:
+    if not skipped:
+        return
+    BAD_STORED_ROWS.labels(memory_type=memory_type).inc(len(skipped))
+    log.warning(
+        "skipped %d of %d stored memories of %s that cannot be searched (embedding missing, undecodable, not "
+        "%d-dimensional or not finite, or fields unreadable); _id %s",
+        len(skipped),
+        seen,
+        memory_type,
+        dimensions,
+        ", ".join(repr(_id)[:40] for _id in skipped[:5]) + (" ..." if len(skipped) > 5 else ""),
+    )
+
+
+def usable_row(doc: dict[str, Any], dimensions: int) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """A stored document's vector and result item, or ``None`` when its embedding is missing, undecodable or not
+    ``dimensions`` long, or its fields cannot make a JSON-safe item. (Finiteness is checked on the whole matrix.)"""
+    try:
+        vector = from_stored(doc[reads.EMBEDDING_FIELD])
+        item = reads.to_item(doc, 0.0)
+        frozenset(item.get("tags") or ())
+    except Exception:  # whatever a hand-written row holds: KeyError, TypeError, ValueError, OverflowError...
+        return None
+    if vector.shape != (dimensions,):
+        return None
+    if not isinstance(item["id"], str) or not isinstance(item["content"], str):
+        return None
+    if not math.isfinite(item["importance"]) or not 0 <= item["importance"] <= 1:
+        return None
+    return vector, item
+
+
+def filter_mask(entry: TenantMatrix, filters: dict[str, Any]) -> np.ndarray:
+    """Which rows are alive and pass every filter (all alive rows when there is none)."""
+    rows = entry.rows
+    mask = np.ones(rows, dtype=bool) if entry.alive is None else entry.alive.copy()
+    if "created_after" in filters:
+        mask &= entry.created_ts[:rows] >= filters["created_after"]  # NaN (unknown) compares False: left out
+    if "created_before" in filters:
+        mask &= entry.created_ts[:rows] <= filters["created_before"]
+    if "role" in filters:
+        mask &= np.asarray(entry.roles[:rows], dtype=object) == filters["role"]
+    if "tags" in filters:
+        named = frozenset(filters["tags"])
+        left = np.flatnonzero(mask)  # only the rows still in: a tag test is one Python call per row
+        if filters.get("tags_match") == "all":
+            passes = [named <= entry.tags[row] for row in left]
+        else:
+            passes = [not named.isdisjoint(entry.tags[row]) for row in left]
+        mask[left] = np.array(passes, dtype=bool)
+    return mask
+
+
+def top_k(entry: TenantMatrix, query: np.ndarray, k: int, wanted: Wanted | None = None) -> list[dict[str, Any]]:
+    """The k best alive rows that pass the filters, by the mode's score (``memq.core.ranking.fuse``); ties broken by
+    cosine, then id, so results are deterministic (and the same whatever the rows' order). Each item carries its
+    ``scores``."""
+    wanted = wanted or Wanted()
+    rows = entry.rows
+    if rows == 0 or k <= 0:
+        return []
+    if not np.isfinite(query).all():  # a forged query vector: no NaN scores (stored rows are finite, see build_matrix)
+        query = np.zeros_like(query)
+    vector = entry.matrix @ normalise(query.astype(np.float32)) if query.size else np.zeros(rows)
+    lexical_used = wanted.mode != "vector" and wanted.query is not None and entry.lexical is not None
+    lexical = np.zeros(rows, dtype=np.float32)
+    if lexical_used and entry.lexical is not None and wanted.query is not None:
+        lexical = entry.lexical.scores(wanted.query)
+    eligible = np.flatnonzero(filter_mask(entry, wanted.filters))
+    if wanted.mode == "lexical":  # only memories the query's terms match, as Atlas $search returns
+        eligible = eligible[lexical[eligible] > 0]
+    if eligible.size == 0:
+        return []
+    fused = ranking.fuse(vector[eligible], lexical[eligible], wanted.mode)
+    cosine = vector[eligible]
+    k = min(k, eligible.size)
+    order = sorted(
+        candidates(fused, cosine, k).tolist(),
+        key=lambda i: (-float(fused[i]), -float(cosine[i]), str(entry.items[eligible[i]]["id"])),
+    )[:k]
+    return [
+        _scored(
+            entry.items[eligible[i]],
+            float(vector[eligible[i]]),
+            float(lexical[eligible[i]]) if lexical_used else None,
+            float(fused[i]),
+        )
+        for i in order
+    ]
+
+
+def candidates(fused: np.ndarray, cosine: np.ndarray, k: int) -> np.ndarray:
+    """The rows that can be among the k best by (fused desc, cosine desc, id), found by partial selection: every row
+    better than the k-th best fused score, and of the rows tied with it only those that can win the cosine
+    tie-break (tied again on cosine, all of them: the id decides). A lexical query that matches fewer than k
+    memories so sorts a few rows, not every zero-score row of the tenant."""
+    if k >= fused.size:
+        return np.arange(fused.size)
+    kth_best = np.partition(-fused, k - 1)[k - 1]
+    better = np.flatnonzero(-fused < kth_best)
+    tied = np.flatnonzero(-fused == kth_best)
+    needed = k - better.size
+    if tied.size > needed:
+        tied_cosine = -cosine[tied]
+        kth_cosine = np.partition(tied_cosine, needed - 1)[needed - 1]
+        tied = tied[tied_cosine <= kth_cosine]
+    return np.concatenate([better, tied])
+
+
+def _scored(item: dict[str, Any], vector: float, lexical: float | None, fused: float) -> dict[str, Any]:
+    return {**item, "score": fused, "scores": {"vector": vector, "lexical": lexical, "fused": fused}}
+
+
+def exact_search(memory_id: str, memory_type: str, query: np.ndarray, k: int, wanted: Wanted) -> SearchOutcome:
+    key = (memory_id, memory_type)
+    cache = matrix_cache.get()
+    dimensions = int(query.size)  # the embed model's: stored vectors of another dimension are not searched
+    held = cache.held(key)
+    if held is not None and held.rows and held.dimensions != dimensions:  # (a new model means new workers)
+        raise InvalidInput("embedded", f"has {dimensions} values; the tenant's stored vectors have {held.dimensions}")
+    known = versions.read_version_and_log(memory_id, memory_type, held.version if held is not None else -1)
+    if known is None:  # Redis down: never trust a cached matrix
+        entry = load_uncached(memory_id, memory_type, dimensions)
+        outcome = "bypass"
+    else:
+        version, tail = known
+        entry = cache.get(key, version, dimensions)
+        outcome = "hit"
+        if entry is None:
+            entry = caught_up_here(memory_id, memory_type, version, tail, dimensions)
+            entry = entry or load_shared(memory_id, memory_type, version, dimensions)
+            outcome = "miss"
+    CACHE_REQUESTS.labels(cache="matrix", outcome=outcome).inc()
+    return SearchOutcome(top_k(entry, query, k, wanted), "exact", outcome)
+
+
+def load_shared(memory_id: str, memory_type: str, version: int, dimensions: int) -> TenantMatrix:
+    """The tenant's matrix at ``version`` (of ``dimensions``), from the one load under way for it in this process or
+    a new one.
+
+    The load runs without this search's MongoDB budget, under the client's own timeouts (server selection, each
+    socket read: ``mongo.URI_OPTION_DEFAULTS`` unless the URI sets them), and puts its matrix in the cache when done.
+    This search waits for it only as long as its own budget (``mongo.time_limit``;
+    ``deadlines.LOAD_WAIT_WITHOUT_DEADLINE_S`` when it has none) lasts, then raises, as a MongoDB timeout does,
+    ``StoreUnavailable`` when the load was reading MongoDB and ``WorkerBusy`` when it was still waiting for a load
+    slot or for memory (the task retries within the caller's deadline and finds the same load, or its matrix in the
+    cache)."""
+    load_timeout_s = deadlines.LOAD_WAIT_WITHOUT_DEADLINE_S
+    wait_s = caller_budget_left_s(default_s=load_timeout_s)
+    flight_key = (memory_id, memory_type, version, dimensions)
+    try:
+        return matrix_loads.get().run(
+            flight_key, lambda: load_into_cache(memory_id, memory_type, version, dimensions), wait_s
+        )
+    except FlightTimeout as exc:
+        phase = load_phases.get(flight_key, READING)
+        waited = f"loading the tenant's {memory_type} memories timed out after {wait_s:.3g} s of this search's budget"
+        goes_on = "the load goes on and fills this worker's cache"
+        if phase == READING:
+            raise StoreUnavailable(f"MongoDB unavailable: {waited} ({goes_on})") from exc
+        raise WorkerBusy(f"search worker busy: {waited}, the load still {phase} ({goes_on})") from exc
+
+
+def caught_up_here(
+    memory_id: str, memory_type: str, version: int, tail: list[bytes], dimensions: int
+) -> TenantMatrix | None:
+    """The tenant at ``version`` caught up in the search's own thread, when that waits for nothing: the process
+    holds the tenant, no load or catch-up of it is under way, and the change log carries the state of every changed
+    id (no MongoDB read). ``None`` otherwise: the search then goes through ``load_shared``. (A thread of its own
+    costs more than such a catch-up: about 0.3 ms here.) ``tail``: the change log's newest entries, read with the
+    version."""
+    key = (memory_id, memory_type)
+    held = matrix_cache.get().held(key)
+    if held is None or held.store is None or held.dimensions != dimensions:
+        return None
+    with tenant_locks.get().held(key, blocking=False) as acquired:
+        return apply_catch_up(memory_id, memory_type, held, version, tail) if acquired else None
+
+
+def apply_catch_up(
+    memory_id: str, memory_type: str, held: TenantMatrix, version: int, tail: list[bytes] | None
+) -> TenantMatrix | None:
+    """``catch_up`` of the held entry's store, its snapshot put in the cache (the caller holds the tenant's lock).
+    With a ``tail`` (the search's own thread) it reads nothing from MongoDB; without, it may."""
+    if held.store is None:
+        return None
+    caught_up = catch_up(memory_id, memory_type, held.store, version, tail)
+    if caught_up is not None and caught_up is not held:  # changes applied (else: the held entry, newer)
+        cache = matrix_cache.get()
+        cache.put((memory_id, memory_type), caught_up)
+        cache.count_catch_up()
+    return caught_up
+
+
+def load_into_cache(memory_id: str, memory_type: str, version: int, dimensions: int) -> TenantMatrix:
+    """The tenant at ``version`` put in the cache: caught up from the entry the cache holds (``catch_up``) where the
+    change log bridges the versions, else one load from MongoDB under the client's own timeouts (no overall limit:
+    an unreachable server fails at server selection, a stalled one at a socket read, and a large tenant takes as
+    long as its ``find`` does), streamed and built (unless a load of the same version finished just before this
+    one began). A load waits for one of the process's load slots, then for the memory guard, at most
+    ``deadlines.LOAD_WAIT_WITHOUT_DEADLINE_S`` for the latter; a catch-up, which reads only the changed documents,
+    waits for neither."""
+    cache = matrix_cache.get()
+    key = (memory_id, memory_type)
+    flight_key = (memory_id, memory_type, version, dimensions)
+    entry = cache.get(key, version, dimensions)
+    if entry is not None:
+        return entry
+    load_phases[flight_key] = "waiting for the load of an earlier version of this tenant"
+    try:
+        with tenant_locks.get().held(key):  # a version that changed during a load is caught up from that load
+            return caught_up_or_loaded(memory_id, memory_type, version, dimensions)
+    finally:
+        load_phases.pop(flight_key, None)
+
+
+def caught_up_or_loaded(memory_id: str, memory_type: str, version: int, dimensions: int) -> TenantMatrix:
+    cache = matrix_cache.get()
+    key = (memory_id, memory_type)
+    flight_key = (memory_id, memory_type, version, dimensions)
+    entry = cache.get(key, version, dimensions)
+    if entry is not None:
+        return entry
+    held = cache.held(key)
+    if held is not None and held.dimensions == dimensions:
+        caught_up = apply_catch_up(memory_id, memory_type, held, version, None)
+        if caught_up is not None:
+            return caught_up
+    try:
+        load_phases[flight_key] = "waiting for a load slot"
+        with load_slots.get():  # at most LOADS_IN_FLIGHT loads hold their documents at once
+            entry = cache.get(key, version, dimensions)  # filled by a load of the same version that held the slot
+            if entry is not None:
+                return entry
+            load_phases[flight_key] = "waiting for memory (MEMQ_SEARCH_MAX_RSS_BYTES)"
+            with memory_guard.get().admitted("load", deadlines.LOAD_WAIT_WITHOUT_DEADLINE_S):
+                load_phases[flight_key] = READING
+                expected_rows = held.alive_rows if held is not None else 0
+                entry = load_tenant(memory_id, memory_type, version, expected_rows, dimensions=dimensions)
+            cache.put(key, entry)
+            cache.count_load()
+    finally:
+        load_phases.pop(flight_key, None)
+    MATRIX_LOADS.labels(memory_type=memory_type).inc()
+    return entry
+
+
+def load_tenant(
+    memory_id: str, memory_type: str, version: int, expected_rows: int = 0, *, dimensions: int
+) -> TenantMatrix:
+    """The whole tenant from MongoDB, streamed into a ``RowStore`` sized for ``expected_rows`` (the rows of the
+    entry it replaces, if any: no count is asked of MongoDB, which on some servers reads every document)."""
+    return build_matrix(
+        reads.load_tenant(memory_id, memory_type), version, memory_type, expected_rows, dimensions=dimensions
+    )
+
+
+def catch_up(
+    memory_id: str, memory_type: str, rows: RowStore, version: int, tail: list[bytes] | None = None
+) -> TenantMatrix | None:
+    """The snapshot of ``rows`` at ``version`` or later, reached by applying the changes the change log names since
+    the store's latest snapshot; ``None`` when only a full load can tell (see the module's docstring), or, given a
+    ``tail`` (the log's newest entries, read with the version), when some changed id's state must be read from
+    MongoDB (nothing is applied then).
+
+    One catch-up per store at a time (``rows.lock``); a store whose latest snapshot is already newer than
+    ``version`` is returned as it is once Redis confirms that version (a counter reset in Redis means a reload).
+    Applying takes the state of each changed ``_id`` from the log where its latest entry carries it, else reads
+    its current state from MongoDB: present (and searchable), it becomes a new row and its old row is tombstoned;
+    absent, its row is tombstoned. Reading the current state makes it idempotent, so a document newer than
+    ``version`` (a write under way) is right too: its own version will apply it again."""
+    with rows.lock:
+        latest = rows.latest
+        if latest is None or rows.broken:
+            return None
+        if latest.version >= version:
+            return latest if latest.version == version or confirmed(memory_id, memory_type, latest.version) else None
+        changes = versions.changes_between(memory_id, memory_type, latest.version, version, tail)
+        if changes is None or len(changes.ids) > max(CATCH_UP_MIN_IDS, CATCH_UP_MAX_FRACTION * latest.alive_rows):
+            return None
+        docs = [doc for doc in changes.known.values() if doc is not None]
+        unknown = sorted(changes.ids - changes.known.keys())
+        if unknown and tail is not None:
+            return None
+        if unknown:
+            docs += reads.load_ids(memory_id, memory_type, unknown)
+        try:
+            for object_id in changes.ids:
+                rows.remove(object_id)
+            count_skipped(
+                rows.append(sorted(docs, key=lambda doc: str(doc["_id"]))), len(docs), memory_type, rows.dimensions
+            )
+        except BaseException:
+            rows.broken = True
+            raise
+        if rows.dead_rows > max(MIN_CAPACITY_ROWS, COMPACT_DEAD_FRACTION * rows.rows):
+            rows.broken = True  # compacted by the full load that follows
+            return None
+        return rows.snapshot(version)
+
+
+def confirmed(memory_id: str, memory_type: str, version: int) -> bool:
+    """Is the tenant's data version in Redis at least ``version`` (so a snapshot of it is not from before a reset)?"""
+    known = versions.read_versions(memory_id, [memory_type])
+    return known is not None and known[memory_type] >= version
+
+
+def load_uncached(memory_id: str, memory_type: str, dimensions: int) -> TenantMatrix:
+    """The tenant's matrix built for this search alone (Redis is down, so no data version can key a cache entry),
+    under the same load slots and memory guard as a cached load, within this search's budget."""
+    wait_s = caller_budget_left_s(default_s=deadlines.LOAD_WAIT_WITHOUT_DEADLINE_S)
+    slots = load_slots.get()
+    if not slots.acquire(timeout=max(0.0, wait_s)):
+        raise WorkerBusy(
+            f"search worker busy: no load slot for the tenant's {memory_type} memories within {wait_s:.3g} s "
+            f"(all {LOADS_IN_FLIGHT} busy)"
+        )
+    try:
+        with memory_guard.get().admitted("load", caller_budget_left_s(default_s=wait_s)):
+            return load_tenant(memory_id, memory_type, -1, dimensions=dimensions)
+    finally:
+        slots.release()
+
+
+def caller_budget_left_s(default_s: float) -> float:
+    """What is left of the MongoDB budget the caller set with ``mongo.time_limit`` (pymongo's client-side
+    operation timeout), or ``default_s`` when it set none."""
+    left_s = mongo.budget_left_s()
+    return default_s if left_s is None else left_s
+
+
+def cache_info() -> dict[str, Any]:
+    """What this process's matrix cache holds, for ``memq_info`` (nothing is built to answer)."""
+    if not matrix_cache.is_built():
+        return {"entries": 0, "vectors": 0, "bytes": 0, "loads": 0, "catch_ups": 0, "loads_in_flight": 0}
+    cache = matrix_cache.get()
+    in_flight = matrix_loads.get().in_flight() if matrix_loads.is_built() else 0
+    return {
+        "entries": len(cache),
+        "vectors": cache.vectors,
+        "bytes": cache.nbytes,
+        "loads": cache.loads,
+        "catch_ups": cache.catch_ups,
+        "loads_in_flight": in_flight,
+    }
+
+
+def guard_info() -> dict[str, Any]:
+    """What this process's memory guard has done, for ``memq_info``."""
+    if not memory_guard.is_built():
+        return {"max_rss_bytes": get_settings().search_max_rss_bytes, "in_flight": 0, "shed_bytes": 0}
+    return memory_guard.get().info()
+
+
+def supports(stage: str, memory_type: str, dimensions: int) -> bool:
+    """Does this server run ``stage`` ($vectorSearch, $search, $rankFusion) here? Found out by trying it,
+    remembered for ``PROBE_TTL_S``. One search at a time probes: the others wait for its answer, or, once an answer
+    is known, go on with it while the probe refreshes it (a probe can take seconds where the server does not know
+    the stage: eight first searches each probing in turn ran past their budgets)."""
+    key = f"{stage}:{memory_type}"
+    known = _probe_results.get(key)
+    if known is not None and time.monotonic() - known[1] <= PROBE_TTL_S:
+        return known[0]
+    lock = _probe_locks.setdefault(key, threading.Lock())
+    if known is not None and not lock.acquire(blocking=False):
+        return known[0]  # a refresh is under way: the last answer meanwhile
+    if known is None:
+        lock.acquire()
+    try:
+        known = _probe_results.get(key)
+        if known is None or time.monotonic() - known[1] > PROBE_TTL_S:
+            _probe_results[key] = known = (reads.probe_stage(stage, memory_type, dimensions), time.monotonic())
+        return known[0]
+    finally:
+        lock.release()
+
+
+def resolve_strategy(requested: str, memory_type: str, dimensions: int) -> str:
+    if requested != "auto":
+        return requested
+    return "vector_search" if supports("$vectorSearch", memory_type, dimensions) else "exact"
+
+
+def vector_index_building(memory_type: str, explicit: bool) -> bool:
+    """Whether the vector index is still building (``auto`` then searches exactly); raises ``IndexNotReady`` when
+    it is missing or failed, or building while ``vector_search`` was asked for by name."""
+    name = get_settings().vector_index
+    building = index_readiness.require_ready(memory_type, name, "vector") == "building"
+    if building and explicit:
+        raise IndexNotReady(f"the vector index {name!r} on {memory_type} is still building: retry when it is ready")
+    return building
+
+
+def search(
+    memory_id: str, memory_type: str, query: np.ndarray, k: int, strategy: str, wanted: Wanted | None = None
+) -> SearchOutcome:
+    wanted = wanted or Wanted()
+    dimensions = int(query.shape[0])
+    chosen = resolve_strategy(strategy, memory_type, dimensions)
+    note = None
+    if chosen == "vector_search" and vector_index_building(memory_type, explicit=strategy == "vector_search"):
+        chosen, note = "exact", "exact (vector index building)"
+    started = time.perf_counter()
+    outcome = None
+    if chosen == "vector_search":
+        outcome = server_search(memory_id, memory_type, query, k, wanted, dimensions)
+    if outcome is None:  # exact asked for, or the server lacks the stage (or a ready index) this mode needs
+        outcome = exact_search(memory_id, memory_type, query, k, wanted)
+        outcome.strategy = note or outcome.strategy
+    SEARCH_SECONDS.labels(memory_type=memory_type, strategy=outcome.strategy).observe(time.perf_counter() - started)
+    return outcome
+
+
+def server_search(
+    memory_id: str, memory_type: str, query: np.ndarray, k: int, wanted: Wanted, dimensions: int
+) -> SearchOutcome | None:
+    """The search in MongoDB Atlas, ``memory_id`` and every filter inside each stage: ``$vectorSearch``;
+    ``$search``; for hybrid ``$rankFusion`` of both (MongoDB 8.1+), else both lists fused here. ``None`` when the
+    server lacks what the mode needs (the caller then searches exactly)."""
+    settings = get_settings()
+    num_candidates = k * NUM_CANDIDATES_FACTOR
+    if wanted.mode == "vector":
+        items = reads.vector_search(memory_id, memory_type, query, k, num_candidates, settings, wanted.filters)
+        return SearchOutcome(items, "vector_search", "n/a")
+    if wanted.query is None or not supports("$search", memory_type, dimensions):
+        return None
+    if index_readiness.require_ready(memory_type, settings.text_index, "search") == "building":
+        return None  # searched exactly until the text index is queryable
+    if wanted.mode == "lexical":
+        items = reads.text_search(memory_id, memory_type, wanted.query, k, settings, wanted.filters)
+        return SearchOutcome(items, "text_search", "n/a")
+    if supports("$rankFusion", memory_type, dimensions):
+        items = reads.rank_fusion_search(
+            memory_id, memory_type, query, wanted.query, k, num_candidates, settings, wanted.filters
+        )
+        return SearchOutcome(items, "rank_fusion", "n/a")
+    vector_items = reads.vector_search(memory_id, memory_type, query, k, num_candidates, settings, wanted.filters)
+    text_items = reads.text_search(memory_id, memory_type, wanted.query, k, settings, wanted.filters)
+    return SearchOutcome(ranking.fuse_lists(vector_items, text_items, k), "vector_search+text_search", "n/a")

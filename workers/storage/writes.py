@@ -1,0 +1,130 @@
+"""What memq writes to MongoDB: idempotent upserts of a tenant's memories, and deletes.
+
+Every write filters on ``memory_id`` in the database query itself, so a tenant's request can never overwrite or
+delete another tenant's documents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from pymongo import UpdateOne
+from pymongo.errors import BulkWriteError
+
+from memq.core import keys
+from memq.core.vectors import to_bson
+from memq.errors import StoreUnavailable
+from memq.workers.storage import mongo
+
+# A failed write's reason as ``upsert`` reports it: by the server's error code, never its message (which quotes
+# the document).
+WRITE_ERROR_REASONS = {
+    11000: "duplicate key",
+    11001: "duplicate key",
+    121: "document failed validation",
+    10334: "document too large",
+    17419: "document too large",
+    17280: "index key too large",
+}
+
+
+def memory_key(item: dict[str, Any]) -> str:
+    """The id a caller sees: theirs if they gave one, else a digest of the content."""
+    return item.get("id") or keys.content_key(item["content"])
+
+
+def build_writes(
+    memory_id: str, memory_type: str, items: Sequence[dict[str, Any]], vectors: np.ndarray, model: str, now_ts: float
+) -> list[UpdateOne]:
+    """Idempotent upserts: ``_id`` is derived from (memory_id, key), so a redelivered write never
+    duplicates. ``created_at`` (the item's own, else the time of this write) is set only when the memory is first
+    inserted (``$setOnInsert``): re-sending a memory, changed or not, never moves it, and recency, the age since
+    ``created_at`` (``memq.core.ranking``), never makes a re-sent memory recent."""
+    writes = []
+    for item, vector in zip(items, vectors, strict=True):
+        inserted = inserted_document(memory_id, item, vector, model, now_ts)
+        object_id, created_at = inserted.pop("_id"), inserted.pop("created_at")
+        update = {"$set": inserted, "$setOnInsert": {"created_at": created_at}}
+        writes.append(UpdateOne({"_id": object_id, "memory_id": memory_id}, update, upsert=True))
+    return writes
+
+
+def inserted_document(
+    memory_id: str, item: dict[str, Any], vector: np.ndarray, model: str, now_ts: float
+) -> dict[str, Any]:
+    """The whole stored document an upsert of ``item`` inserts when its ``_id`` is new (a re-sent memory keeps
+    its ``created_at`` and any field it does not send again)."""
+    key = memory_key(item)
+    fields: dict[str, Any] = {
+        "_id": keys.memory_object_id(memory_id, key),
+        "memory_id": memory_id,
+        "key": key,
+        "content": item["content"],
+        mongo.EMBEDDING_FIELD: to_bson(vector),
+        "model": model,
+        "importance": item.get("importance", 0.5),
+        "updated_at": mongo.to_datetime(now_ts),
+    }
+    for name in (*mongo.ITEM_FIELDS_OUT, mongo.CONTEXT_FIELD):
+        if name in item:
+            fields[name] = item[name]
+    fields["created_at"] = mongo.to_datetime(item.get("created_at", now_ts))
+    return fields
+
+
+def upsert(memory_type: str, writes: list[UpdateOne]) -> tuple[dict[str, Any], list[int]]:
+    """One unordered bulk write: ``{"inserted", "updated", "failed"}``, and the positions in ``writes`` of those
+    that inserted a new document (none after a partly failed batch).
+
+    A partly failed batch (``BulkWriteError``: a unique index the operator added, a schema validator) is not an
+    exception: the other writes are in MongoDB, so it returns their counts and, under ``failed``, each failed
+    write as ``{"index": its position in the batch, "reason": a short reason}`` (``write_error_reason``: never
+    the document nor the server's message, which quotes it). The caller (``steps.store_memories``) bumps the
+    tenant's data version either way, and ``memq.store`` returns this result rather than failing, so the caller
+    learns what was written and which items to fix or re-send (the write is idempotent). A write-concern error
+    alone (written, durability unconfirmed) raises ``StoreUnavailable``, so the store is retried."""
+    try:
+        with mongo.transient_errors():
+            result = mongo.collection(memory_type).bulk_write(writes, ordered=False)
+    except BulkWriteError as exc:
+        details = exc.details or {}
+        failed = [
+            {"index": _write_index(error), "reason": write_error_reason(error)}
+            for error in details.get("writeErrors") or []
+        ]
+        if not failed:
+            raise StoreUnavailable("MongoDB did not confirm the write concern of the batch") from None
+        counts = {
+            "inserted": int(details.get("nUpserted") or 0),
+            "updated": int(details.get("nMatched") or 0),
+            "failed": sorted(failed, key=lambda entry: entry["index"]),
+        }
+        return counts, []
+    counts = {"inserted": result.upserted_count, "updated": result.matched_count, "failed": []}
+    return counts, sorted(result.upserted_ids)
+
+
+def write_error_reason(error: Mapping[str, Any]) -> str:
+    """A short reason for one failed write of a bulk write, from its code alone."""
+    try:
+        code = int(error.get("code"))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "write error"
+    return WRITE_ERROR_REASONS.get(code, f"write error {code}")
+
+
+def _write_index(error: Mapping[str, Any]) -> int:
+    try:
+        return int(error.get("index"))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return -1
+
+
+def delete(memory_id: str, memory_type: str, ids: Sequence[str] | None) -> int:
+    query: dict[str, Any] = {"memory_id": memory_id}
+    if ids is not None:
+        query["_id"] = {"$in": [keys.memory_object_id(memory_id, key) for key in ids]}
+    with mongo.transient_errors():
+        return mongo.collection(memory_type).delete_many(query).deleted_count
