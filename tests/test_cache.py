@@ -75,7 +75,7 @@ def parse_result_key(key: str) -> tuple[str, list[int]] | None:
 
 def run_client(script: str, **env: str) -> list[Any]:
     """``script`` in a fresh client process with these settings; each line it prints is JSON."""
-    code = f"import json, time\nfrom memq import client\n{script}"
+    code = f"import json, time\nfrom memq.client import api\n{script}"
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, **env}
     )
@@ -261,8 +261,8 @@ def test_retrieval_succeeds_uncached_when_the_cache_redis_goes_down(tenant: str)
     cache = services.start_redis_server()
     code = (
         "import json, sys\n"
-        "from memq import result_cache\n"
-        "from memq import client\n"
+        "from memq.client import result_cache\n"
+        "from memq.client import api\n"
         "def ask():\n"
         f"    r = api.retrieve({QUERY!r}, {tenant!r}, {LIMITS!r})\n"
         "    print(json.dumps({'cached': r['cached'], 'n': len(r['results']['long_term_memory']),"

@@ -827,3 +827,12 @@ def test_every_margin_taken_from_a_deadline_is_named_in_memq_deadlines_alone() -
     elsewhere = [str(p.relative_to(ROOT)) for p in product if p.name != "deadlines.py" and margin.search(p.read_text())]
 
     assert elsewhere == []
+
+
+def test_the_api_names_still_resolve_from_memq_client_where_they_lived_before_the_folders() -> None:
+    from memq import client
+    from memq.client import api
+
+    assert client.retrieve is api.retrieve and client.aforget is api.aforget
+    with pytest.raises(AttributeError, match="no_such_name"):
+        client.no_such_name  # noqa: B018
