@@ -1,13 +1,13 @@
-"""The validation cost per request, before (the hand-written checks of ``memq.core.wire``, ``memq.core.field_rules`` and
-``memq.client.edge`` at commit ``BEFORE``) and after (one pydantic model per message, ``memq.core.wire``), in one run.
-Prints a table, writes ``bench/results/field_rules.json`` and ``field_rules.png``.
+"""The validation cost per request, before (the hand-written checks of ``memq/wire.py``, ``memq/validation.py`` and
+``memq/requests.py`` at commit ``BEFORE``) and after (one pydantic model per message, ``memq.core.wire``), in one run.
+Prints a table, writes ``bench/results/validation.json`` and ``validation.png``.
 
     python -m bench.validation_bench            # ~1 min on 2 cores
     python -m bench.validation_bench --quick
 
-No services: each series checks one message as its receiver does, in this process. The old modules are read
-from git (``git show BEFORE:memq/...``) into a package of their own, so both run side by side on the same
-interpreter, interleaved round by round so that machine noise hits each alike. Series:
+No services: each series checks one message as its receiver does. The old revision's whole ``memq`` package (its
+own settings, layout and API) is read from git (``git archive BEFORE memq``) and measured in a process of its own,
+round by round in turn with this one, so that machine noise hits each alike. Series:
   - retrieve: the edge building a retrieval request from the caller's arguments;
   - search: ``memq.search`` reading its call and the embed step's result;
   - merge: ``memq.merge`` reading the request and two types' search results of 10 items;
@@ -17,7 +17,6 @@ interpreter, interleaved round by round so that machine noise hits each alike. S
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import statistics
@@ -27,13 +26,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from memq.client import edge
-from memq.core import field_rules, wire
+from memq.core import wire
 from memq.core.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -43,31 +41,62 @@ BEFORE = "2a7e796"  # main before one model per message (#26 point 2)
 OLD_MODULES = ("validation", "wire", "requests")  # in import order
 
 
-def load_before(into: Path) -> dict[str, ModuleType]:
-    """The old ``memq.core.field_rules``, ``memq.core.wire`` and ``memq.client.edge`` as ``memq_before.*``."""
-    package = into / "memq_before"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    loaded: dict[str, ModuleType] = {}
-    for name in OLD_MODULES:
-        source = subprocess.run(
-            ["git", "show", f"{BEFORE}:memq/{name}.py"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout
-        for old in OLD_MODULES:
-            source = source.replace(f"from memq.{old} import", f"from memq_before.{old} import")
-        source = source.replace(
-            "from memq import keys, validation", "from memq import keys\nfrom memq_before import validation"
-        )
-        source = source.replace("from memq import validation", "from memq_before import validation")
-        path = package / f"{name}.py"
-        path.write_text(source)
-        spec = importlib.util.spec_from_file_location(f"memq_before.{name}", path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        loaded[name] = module
-    return loaded
+# Run with the old revision's package first on sys.path: one round of every series, printed as JSON (µs per call).
+BEFORE_ROUND = """
+import json, sys, time
+import numpy as np
+from memq import requests, wire
+from memq.settings import Settings
+
+repeat = int(sys.argv[1])
+settings = Settings()
+limits = {"semantic": 10, "episodic": 10}
+request = requests.retrieval_request(settings, "what does the user like to eat?", "tenant-1", limits)
+embedded = wire.embed_result(np.full(384, 0.05, np.float32), "m", 1.0, "miss", 1.0, 2.0)
+items = [
+    {"id": f"m{i}", "content": f"memory {i}", "score": 0.5, "importance": 0.5, "scores": {"relevance": 0.5}}
+    for i in range(10)
+]
+results = [
+    {"type": t, "items": items, "strategy": "exact", "matrix_cache": "hit", "search_ms": 1.0} for t in request["limits"]
+]
+memories = [{"content": f"the user likes dish {i}", "tags": ["food"], "importance": 0.7} for i in range(10)]
+call = (request["memory_id"], "long_term_memory", 30, "auto", request["query"], "hybrid", {})
+series = {
+    "retrieve": lambda: requests.retrieval_request(settings, request["query"], "tenant-1", limits),
+    "search": lambda: (
+        wire.parse_search_call(*call, settings.max_query_chars, request["deadline_ts"]),
+        wire.parse_embed_result(embedded, 384),
+    ),
+    "merge": lambda: wire.parse_merge_input(results, request, settings.search_strategy),
+    "remember": lambda: requests.remember_request(settings, "tenant-1", "semantic", memories),
+}
+out = {}
+for name, call_once in series.items():
+    started = time.perf_counter()
+    for _ in range(repeat):
+        call_once()
+    out[name] = (time.perf_counter() - started) / repeat * 1e6
+print(json.dumps(out))
+"""
+
+
+def extract_before(into: Path) -> None:
+    """The old revision's ``memq`` package, whole, under ``into``."""
+    archive = subprocess.run(["git", "archive", BEFORE, "memq"], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+
+
+def before_round(tree: Path, repeat: int) -> dict[str, float]:
+    done = subprocess.run(
+        [sys.executable, "-c", BEFORE_ROUND, str(repeat)],
+        env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin"},
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return {name: float(us) for name, us in json.loads(done.stdout).items()}
 
 
 def messages(settings: Settings) -> dict[str, Any]:
@@ -84,21 +113,6 @@ def messages(settings: Settings) -> dict[str, Any]:
     ]
     memories = [{"content": f"the user likes dish {i}", "tags": ["food"], "importance": 0.7} for i in range(10)]
     return {"request": request, "embedded": embedded, "results": results, "memories": memories, "limits": limits}
-
-
-def before_series(old: dict[str, ModuleType], settings: Settings, m: dict[str, Any]) -> dict[str, Callable[[], Any]]:
-    wire_before, requests_before = old["wire"], old["requests"]
-    request = m["request"]
-    call = (request["memory_id"], "long_term_memory", 30, "auto", request["query"], "hybrid", {})
-    return {
-        "retrieve": lambda: requests_before.retrieval_request(settings, request["query"], "tenant-1", m["limits"]),
-        "search": lambda: (
-            wire_before.parse_search_call(*call, field_rules.MAX_QUERY_CHARS, request["deadline_ts"]),
-            wire_before.parse_embed_result(m["embedded"], DIMENSIONS),
-        ),
-        "merge": lambda: wire_before.parse_merge_input(m["results"], request, settings.search_strategy),
-        "remember": lambda: requests_before.remember_request(settings, "tenant-1", "semantic", m["memories"]),
-    }
 
 
 def after_series(settings: Settings, m: dict[str, Any]) -> dict[str, Callable[[], Any]]:
@@ -125,15 +139,14 @@ def per_call_us(call: Callable[[], Any], repeat: int) -> float:
 
 def measure(rounds: int, repeat: int) -> dict[str, dict[str, float]]:
     settings = Settings()
-    m = messages(settings)
+    new = after_series(settings, messages(settings))
+    samples: dict[str, dict[str, list[float]]] = {name: {"before": [], "after": []} for name in new}
     with tempfile.TemporaryDirectory() as scratch:
-        sys.path.insert(0, scratch)
-        old = before_series(load_before(Path(scratch)), settings, m)
-        new = after_series(settings, m)
-        samples: dict[str, dict[str, list[float]]] = {name: {"before": [], "after": []} for name in new}
+        extract_before(Path(scratch))
         for _ in range(rounds):
+            for name, us in before_round(Path(scratch), repeat).items():
+                samples[name]["before"].append(us)
             for name in new:
-                samples[name]["before"].append(per_call_us(old[name], repeat))
                 samples[name]["after"].append(per_call_us(new[name], repeat))
     return {
         name: {side: round(statistics.median(values), 2) for side, values in sides.items()}
@@ -178,8 +191,8 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "median_us_per_request": figures,
     }
-    (RESULTS / "field_rules.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(figures, RESULTS / "field_rules.png")
+    (RESULTS / "validation.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(figures, RESULTS / "validation.png")
 
 
 if __name__ == "__main__":
