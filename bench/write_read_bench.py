@@ -386,10 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     mongo_service = services.ensure_mongodb(os.environ.get("MEMQ_MONGODB_URI"))
     # nx-27017 slows as the collection grows: at 200,000 memories one 250-document batch of a tenant load passed
     # the default 6 s socket timeout under load, so the bench gives MongoDB reads more time (its own and the fleet's).
-    timeouts = {"MEMQ_MONGODB_TIMEOUT_MS": os.environ.get("MEMQ_MONGODB_TIMEOUT_MS", "15000")}
-    env = services.memq_env(
-        os.environ, redis_service.url, mongo_service.url, MEMQ_MONGODB_DB="memq_write_read_bench", **timeouts
-    )
+    mongodb_uri = services.mongodb_timeouts(mongo_service.url, 15_000)
+    env = services.memq_env(os.environ, redis_service.url, mongodb_uri, MEMQ_MONGODB_DB="memq_write_read_bench")
     os.environ.update(env)
     from memq.workers.storage import mongo
 

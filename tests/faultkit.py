@@ -12,24 +12,11 @@ import subprocess
 import sys
 import textwrap
 import time
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
 from memq.ops import services
 from memq.ops.services import Service
-
-
-def mongodb_timeouts(uri: str, timeout_ms: int) -> str:
-    """``uri`` with MongoDB's own client timeouts set (server selection and connect ``timeout_ms``, socket reads
-    twice that), replacing any it gave: how a test shortens or lengthens them in the workers it starts."""
-    base, _, query = uri.partition("?")
-    options = dict(urllib.parse.parse_qsl(query))
-    options.update(
-        serverSelectionTimeoutMS=str(timeout_ms), connectTimeoutMS=str(timeout_ms), socketTimeoutMS=str(2 * timeout_ms)
-    )
-    return f"{base if '/' in base.partition('://')[2] else base + '/'}?{urllib.parse.urlencode(options)}"
-
 
 ROOT = Path(__file__).resolve().parent.parent
 

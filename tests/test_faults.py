@@ -296,7 +296,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     env = services.memq_env(
         os.environ,
         redis_service.url,
-        faultkit.mongodb_timeouts(mongo.url, 1000),
+        services.mongodb_timeouts(mongo.url, 1000),
         MEMQ_MONGODB_DB="memq_faults",
         MEMQ_REDIS_URL="",
         MEMQ_VISIBILITY_TIMEOUT_S=str(VISIBILITY_TIMEOUT_S),
@@ -603,7 +603,7 @@ class KillableIngest:
     host: str = ""
 
     def start(self) -> str:
-        uri = faultkit.mongodb_timeouts(self.rig.env["MEMQ_MONGODB_URI"], 60_000)
+        uri = services.mongodb_timeouts(self.rig.env["MEMQ_MONGODB_URI"], 60_000)
         fleet = services.Fleet({**self.rig.env, "MEMQ_MONGODB_URI": uri}, logdir=self.rig.fleet.logdir)
         self.host = fleet.start("ingest", name=self.rig.hosts["ingest"][0].split("@")[0], extra_args=["-c", "1"])
         self.rig.fleet.workers[self.host] = fleet.workers[self.host]

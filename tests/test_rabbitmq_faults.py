@@ -13,7 +13,6 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import faultkit
 import pytest
 import rabbitkit
 import test_faults
@@ -55,7 +54,7 @@ def rig(node: rabbitkit.Node, tmp_path_factory: pytest.TempPathFactory) -> Itera
     env = services.memq_env(
         os.environ,
         node.url,
-        faultkit.mongodb_timeouts(mongo.url, 1000),
+        services.mongodb_timeouts(mongo.url, 1000),
         MEMQ_RESULT_BACKEND=redis_service.url,
         MEMQ_REDIS_URL=redis_service.url,
         MEMQ_MONGODB_DB="memq_rabbitmq_faults",

@@ -242,7 +242,7 @@ def test_a_retried_search_goes_to_the_queue_of_the_workers_shard_count_not_back_
 
     tenant = next(t for t in TENANTS if sharding.shard_of(t, SHARDS) == 1)
     broker = services.start_redis_server()
-    dead_mongodb = faultkit.mongodb_timeouts(f"mongodb://127.0.0.1:{services.free_port()}", 200)
+    dead_mongodb = services.mongodb_timeouts(f"mongodb://127.0.0.1:{services.free_port()}", 200)
     env = services.memq_env(os.environ, broker.url, dead_mongodb, MEMQ_SEARCH_SHARDS=str(SHARDS))
     fleet = services.Fleet(env)
     app = faultkit.private_app(broker.url, "memq-retry-route")

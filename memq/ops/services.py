@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,3 +243,14 @@ def running(*services: Service) -> Iterator[tuple[Service, ...]]:
     finally:
         for service in reversed(services):
             service.stop()
+
+
+def mongodb_timeouts(uri: str, timeout_ms: int) -> str:
+    """``uri`` with MongoDB's own client timeouts set (server selection and connect ``timeout_ms``, socket reads
+    twice that), replacing any it gave: how a test or benchmark shortens or lengthens them in the workers it starts."""
+    base, _, query = uri.partition("?")
+    options = dict(urllib.parse.parse_qsl(query))
+    options.update(
+        serverSelectionTimeoutMS=str(timeout_ms), connectTimeoutMS=str(timeout_ms), socketTimeoutMS=str(2 * timeout_ms)
+    )
+    return f"{base if '/' in base.partition('://')[2] else base + '/'}?{urllib.parse.urlencode(options)}"
