@@ -203,3 +203,36 @@ def test_a_joined_demo_runs_through_the_fleet_on_namespaced_tenants_and_leaves_r
     namespace = results[0]["memory_id"].removesuffix("alice")
     for collection in ("long_term_memory", "conversation_memory", "workflow_memory"):
         assert count_stored(mongo_db[collection], {"memory_id": {"$regex": f"^{namespace}"}}) == 0  # forgotten
+
+
+CHECK_THEN_SHOW_IMPORTS = (
+    "import sys; from memq.ops.cli import main; code = main(sys.argv[1:]); "
+    "print(code, [m for m in ('celery', 'memq.client.api') if m in sys.modules])"
+)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["retrieve", "q", "--memory-id", "a", "--limit", "semantic=0"],
+        ["remember", "--memory-id", "a", "--type", "dreams", "--text", "x"],
+        ["forget", "--memory-id", "$ne"],
+        ["remember", "--memory-id", "a", "--type", "semantic", "--file", "BAD_JSONL"],
+    ],
+)
+def test_bad_input_is_refused_before_the_client_and_celery_are_imported(args: list[str], tmp_path: Path) -> None:
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text('{"content": "fine"}\n{"content": oops}\n')
+    argv = [str(bad_jsonl) if arg == "BAD_JSONL" else arg for arg in args]
+
+    shown = subprocess.run(
+        [sys.executable, "-c", CHECK_THEN_SHOW_IMPORTS, *argv, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ,
+    )
+
+    exit_code, loaded = shown.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert exit_code == "2" and json.loads(shown.stdout.splitlines()[0])["error"] == "invalid_input", shown.stdout
+    assert loaded == "[]", shown.stdout  # neither Celery nor the client API was imported

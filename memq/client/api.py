@@ -30,8 +30,9 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
-from memq.client import result_cache
+from memq.client import bulk_items, result_cache
 from memq.client.app import app
+from memq.client.bulk_items import IngestProgress
 from memq.client.canvas import indexes_canvas, remember_canvas, retrieval_canvas
 from memq.client.celery_internals import is_result_store_outage
 from memq.client.edge import forget_request, remember_request, retrieval_request
@@ -43,7 +44,6 @@ from memq.core.wire import RememberRequest, RetrievalRequest, with_cache
 from memq.errors import (
     IngestStopped,
     InvalidInput,
-    InvalidItem,
     MemqError,
     RetrievalTimeout,
     TaskFailed,
@@ -215,23 +215,6 @@ def _wait(result: AsyncResult, timeout_s: float, what: str) -> dict[str, Any]:
 
 
 @dataclasses.dataclass
-class IngestProgress:
-    """How far a bulk import got: every item up to ``stored_through`` (its 1-based position in the input; a file's
-    line) is stored. ``items``, ``batches``, ``inserted``, ``updated``: what this call stored."""
-
-    memory_id: str
-    type: str
-    stored_through: int = 0
-    items: int = 0
-    batches: int = 0
-    inserted: int = 0
-    updated: int = 0
-
-    def summary(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclasses.dataclass
 class _Batch:
     positions: list[int] = dataclasses.field(default_factory=list)  # its items' input positions, in order
     items: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # checked; dropped once sent
@@ -295,12 +278,9 @@ def remember_numbered(
     item is ``InvalidItem("items[<position - 1>]...", "<unit> <position>: ...")``."""
     most_items = field_rules.MAX_BATCH_ITEMS
     run = _BulkImport(
-        progress=IngestProgress(
-            field_rules.check_memory_id(memory_id), field_rules.check_memory_type(memory_type).value, stored_through
-        ),
+        progress=bulk_items.progress_before(memory_id, memory_type, stored_through),
         batch_items=field_rules.check_count(batch_items or most_items, "batch_items", most_items),
         max_in_flight=field_rules.check_count(max_in_flight, "max_in_flight", 1024),
-        max_content_chars=field_rules.MAX_CONTENT_CHARS,
         unit=unit,
         on_progress=on_progress,
         timeout_s=field_rules.check_timeout(timeout_s),
@@ -315,7 +295,6 @@ class _BulkImport:
     progress: IngestProgress
     batch_items: int
     max_in_flight: int
-    max_content_chars: int
     unit: str
     on_progress: Callable[[IngestProgress], None] | None
     timeout_s: float
@@ -341,22 +320,13 @@ class _BulkImport:
         """Batches of checked items: each is read and checked whole before it is sent."""
         batch = _Batch()
         for position, item in numbered:
-            batch.items.append(self._checked_item(position, item))
+            batch.items.append(bulk_items.checked_item(position, item, self.unit))
             batch.positions.append(position)
             if len(batch.items) == self.batch_items:
                 yield batch
                 batch = _Batch()
         if batch.items:
             yield batch
-
-    def _checked_item(self, position: int, item: Any) -> dict[str, Any]:
-        """The item checked as ``remember`` checks it; a bad one is named by its 0-based index in the input (as
-        ``remember`` names a list's) and, in the message, by its 1-based position (a file's line number)."""
-        try:
-            return field_rules.check_items([item], 1, self.max_content_chars)[0]
-        except InvalidInput as exc:
-            field = exc.field.replace("items[0]", f"items[{position - 1}]", 1)
-            raise InvalidInput(field, f"{self.unit} {position}: {exc.message}") from None
 
     def _send(self, batch: _Batch) -> _Batch:
         # The items are checked (field_rules.check_items, one by one): this is remember_request's output.
@@ -409,7 +379,7 @@ class _BulkImport:
         if isinstance(exc, IngestStopped):
             return exc
         if isinstance(exc, InvalidInput):
-            return InvalidItem(exc.field, exc.message, progress.stored_through, progress.summary())
+            return bulk_items.invalid_item(exc, progress)
         reason = str(exc) if isinstance(exc, MemqError) else f"{type(exc).__name__}: {exc}"
         return IngestStopped(reason, progress.stored_through, progress.summary())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -405,9 +406,11 @@ def cmd_remember(args: argparse.Namespace) -> int:
         return remember_file(args)
     if args.skip:
         raise InvalidInput("skip", "only with --file")
+    items = [{"content": args.text}]
+    check_before_the_client_loads("remember", args.memory_id, args.memory_type, items)
     from memq.client.api import remember
 
-    result = remember(args.memory_id, args.memory_type, [{"content": args.text}])
+    result = remember(args.memory_id, args.memory_type, items)
     failed = result.get("failed") or []
     if args.json:
         print(json.dumps(result))
@@ -422,8 +425,9 @@ def cmd_remember(args: argparse.Namespace) -> int:
 
 
 def remember_file(args: argparse.Namespace) -> int:
-    """Streams the file through ``remember_numbered`` (batches of ``validation.MAX_BATCH_ITEMS``, a few in flight)."""
-    from memq.client.api import remember_numbered
+    """Streams the file through ``remember_numbered`` (batches of ``field_rules.MAX_BATCH_ITEMS``, a few in
+    flight). The first batch's lines are read and checked before the client (Celery, numpy) is imported: a file
+    refused there costs no client start."""
     from memq.errors import IngestStopped
 
     if args.skip < 0:
@@ -431,12 +435,18 @@ def remember_file(args: argparse.Namespace) -> int:
     lines = count_lines(args.file)
     if args.skip > lines:
         raise InvalidInput("skip", f"past the end: {args.file} has {lines} line(s), --skip {args.skip}")
+    try:
+        numbered = first_batch_checked(args, iter_jsonl(args.file, args.skip))
+    except IngestStopped as exc:
+        return stopped_import(args, exc)
+    from memq.client.api import remember_numbered
+
     bar = ProgressLine(lines, args.skip) if sys.stderr.isatty() and not args.json else None
     try:
         summary = remember_numbered(
             args.memory_id,
             args.memory_type,
-            iter_jsonl(args.file, args.skip),
+            numbered,
             stored_through=args.skip,
             unit="line",
             on_progress=bar.show if bar else None,
@@ -460,6 +470,25 @@ def remember_file(args: argparse.Namespace) -> int:
     return 0
 
 
+def first_batch_checked(
+    args: argparse.Namespace, numbered: Iterator[tuple[int, dict[str, Any]]]
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``numbered`` unchanged, once its first batch has been read and checked item by item as ``remember_numbered``
+    checks it (a bad line: ``InvalidItem``, nothing stored after ``--skip``)."""
+    from memq.client import bulk_items
+    from memq.core.field_rules import MAX_BATCH_ITEMS
+
+    progress = bulk_items.progress_before(args.memory_id, args.memory_type, args.skip)
+    head = []
+    try:
+        for position, item in itertools.islice(numbered, MAX_BATCH_ITEMS):
+            bulk_items.checked_item(position, item, "line")
+            head.append((position, item))
+    except InvalidInput as exc:
+        raise bulk_items.invalid_item(exc, progress) from None
+    return itertools.chain(head, numbered)
+
+
 def stopped_import(args: argparse.Namespace, exc: Any) -> int:
     """One line: the error, what is stored (every line up to ``stored_through``) and the ``--skip`` that resumes.
     Exit 2 for a line memq refuses (``InvalidItem``), else 1."""
@@ -476,25 +505,24 @@ def stopped_import(args: argparse.Namespace, exc: Any) -> int:
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:
+    limits = parse_pairs(args.limit, "limit", int)
+    weights = parse_pairs([args.weights], "weights", float) if args.weights else None
+    filters = filters_from(args)
+    check_before_the_client_loads(
+        "retrieve", args.query, args.memory_id, limits, weights, args.timeout_s, None, args.mode, filters
+    )
     from memq.client.api import retrieve
     from memq.ops.display import format_result
 
-    limits = parse_pairs(args.limit, "limit", int)
-    weights = parse_pairs([args.weights], "weights", float) if args.weights else None
     result = retrieve(
-        args.query,
-        args.memory_id,
-        limits,
-        weights=weights,
-        timeout_s=args.timeout_s,
-        mode=args.mode,
-        filters=filters_from(args),
+        args.query, args.memory_id, limits, weights=weights, timeout_s=args.timeout_s, mode=args.mode, filters=filters
     )
     print(json.dumps(result) if args.json else format_result(result))
     return 0
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
+    check_before_the_client_loads("forget", args.memory_id, args.memory_type, args.ids)
     from memq.client.api import forget
 
     result = forget(args.memory_id, args.memory_type, args.ids)
@@ -503,6 +531,20 @@ def cmd_forget(args: argparse.Namespace) -> int:
     else:
         print(f"deleted {sum(result['deleted'].values())} memories of {result['memory_id']}")
     return 0
+
+
+def check_before_the_client_loads(command: str, *arguments: Any) -> None:
+    """Reads the arguments as the client will (``memq.client.edge``, ``InvalidInput`` naming the field) without
+    importing the client (Celery, its Redis client): bad input exits 2 without paying for their start-up."""
+    from memq.client import edge
+    from memq.core.settings import get_settings
+
+    if command == "retrieve":
+        edge.retrieval_request(get_settings(), *arguments)
+    elif command == "remember":
+        edge.remember_request(get_settings(), *arguments)
+    else:
+        edge.forget_request(*arguments)
 
 
 def cmd_indexes(args: argparse.Namespace) -> int:
