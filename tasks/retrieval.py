@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 def embed_query(self: Task, query: str) -> dict[str, Any]:
     from memq.workers import steps
 
-    return steps.embed_query(field_rules.check_query(query, field_rules.MAX_QUERY_CHARS))
+    return steps.embed_query(field_rules.check_query(query))
 
 
 @app.task(name=names.SEARCH, bind=True, max_retries=None)

@@ -300,7 +300,6 @@ def remember_numbered(
         ),
         batch_items=field_rules.check_count(batch_items or most_items, "batch_items", most_items),
         max_in_flight=field_rules.check_count(max_in_flight, "max_in_flight", 1024),
-        max_content_chars=field_rules.MAX_CONTENT_CHARS,
         unit=unit,
         on_progress=on_progress,
         timeout_s=field_rules.check_timeout(timeout_s),
@@ -315,7 +314,6 @@ class _BulkImport:
     progress: IngestProgress
     batch_items: int
     max_in_flight: int
-    max_content_chars: int
     unit: str
     on_progress: Callable[[IngestProgress], None] | None
     timeout_s: float
@@ -353,7 +351,7 @@ class _BulkImport:
         """The item checked as ``remember`` checks it; a bad one is named by its 0-based index in the input (as
         ``remember`` names a list's) and, in the message, by its 1-based position (a file's line number)."""
         try:
-            return field_rules.check_items([item], 1, self.max_content_chars)[0]
+            return field_rules.check_items([item])[0]
         except InvalidInput as exc:
             field = exc.field.replace("items[0]", f"items[{position - 1}]", 1)
             raise InvalidInput(field, f"{self.unit} {position}: {exc.message}") from None

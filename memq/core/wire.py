@@ -79,9 +79,9 @@ def _settings(info: ValidationInfo) -> Settings:
     return info.context if isinstance(info.context, Settings) else get_settings()
 
 
-def _rule(check: Any, *args: Any) -> PlainValidator:
-    """A field checked by ``check(value, *args)``."""
-    return PlainValidator(lambda value: check(value, *args))
+def _rule(check: Any) -> PlainValidator:
+    """A field checked by ``check(value)``."""
+    return PlainValidator(lambda value: check(value))
 
 
 Text = Annotated[str, Strict()]
@@ -89,11 +89,7 @@ OptionalText = Annotated[str | None, Strict()]
 Seconds = Annotated[float | None, Strict(), AllowInfNan(False)]  # Unix seconds or a duration; None: not said
 
 
-def _query(query: Any, info: ValidationInfo) -> str:
-    return field_rules.check_query(query, field_rules.MAX_QUERY_CHARS)
-
-
-Query = Annotated[str, PlainValidator(_query)]
+Query = Annotated[str, _rule(field_rules.check_query)]
 MemoryId = Annotated[str, _rule(field_rules.check_memory_id)]
 TypeName = Annotated[str, _rule(lambda memory_type: field_rules.check_memory_type(memory_type).value)]
 Strategy = SearchStrategy
@@ -252,7 +248,7 @@ class SearchCall(TypedDict):
     memory_type: TypeName
     k: Annotated[int, Strict(), Field(ge=1, le=MAX_CANDIDATES)]
     strategy: Strategy
-    query: Annotated[str | None, PlainValidator(lambda query, info: None if query is None else _query(query, info))]
+    query: Annotated[str | None, _rule(lambda query: None if query is None else field_rules.check_query(query))]
     mode: Mode
     filters: Filters
     deadline_ts: Seconds  # the caller's deadline (Unix seconds); None: none
@@ -399,20 +395,12 @@ def item_problem(item: Any) -> str | None:
 # -- ingestion ---------------------------------------------------------------------------------------------------
 
 
-def _items(items: Any, info: ValidationInfo) -> list[dict[str, Any]]:
-    return field_rules.check_items(items, field_rules.MAX_BATCH_ITEMS, field_rules.MAX_CONTENT_CHARS)
-
-
-def _texts(texts: Any, info: ValidationInfo) -> list[str]:
-    return field_rules.check_texts(texts, field_rules.MAX_BATCH_ITEMS, field_rules.MAX_CONTENT_CHARS)
-
-
 class RememberRequest(TypedDict):
     """Memories to store, as ``memq.remember`` (the client, ``send_task``) and ``memq.store`` take them."""
 
     memory_id: MemoryId
     memory_type: TypeName
-    items: Annotated[list[dict[str, Any]], PlainValidator(_items)]
+    items: Annotated[list[dict[str, Any]], _rule(field_rules.check_items)]
 
 
 class ForgetRequest(TypedDict):
@@ -428,7 +416,7 @@ class ForgetRequest(TypedDict):
 class EmbedTexts(TypedDict):
     """What ``memq.embed_texts`` embeds: the contents of one batch of memories."""
 
-    texts: Annotated[list[str], PlainValidator(_texts)]
+    texts: Annotated[list[str], _rule(field_rules.check_texts)]
 
 
 REMEMBER_REQUEST: TypeAdapter[RememberRequest] = TypeAdapter(RememberRequest)
