@@ -7,12 +7,15 @@ from typing import Any
 from kombu import Exchange, Queue
 
 from memq.core import broker, names
+from memq.core.deadlines import (
+    CLIENT_RESULT_RETRY_S,
+    CLIENT_SOCKET_TIMEOUT_S,
+    WORKER_CONNECT_TIMEOUT_S,
+    WORKER_RESULT_RETRY_S,
+    WORKER_SOCKET_TIMEOUT_S,
+)
 from memq.core.settings import Settings
 
-#: A web process's Redis budget: a call that finds Redis down or paused fails within its timeout_s plus about this
-#: much (docs/guarantees.md, "Time"). Workers keep longer ones (``worker_overrides``).
-CLIENT_SOCKET_TIMEOUT_S = 0.5
-CLIENT_RESULT_RETRY_S = 0.25
 #: RabbitMQ: a connection whose peer is silent this long is closed (a node lost without a TCP reset).
 AMQP_HEARTBEAT_S = 10
 AMQP_CONNECT_TIMEOUT_S = 2.0
@@ -40,7 +43,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_expires": settings.result_expires_s,
         # How long Celery's own result consumer retries a lost result store. memq's client waits on its own
         # connection (memq.client.waiting), so in a web process this only bounds what sending a chord costs while the
-        # store is down (Celery subscribes each step it freezes); workers, which store results, keep 2 s.
+        # store is down (Celery subscribes each step it freezes); workers, which store results, keep longer.
         "result_backend_transport_options": {
             "retry_policy": {
                 "timeout": CLIENT_RESULT_RETRY_S,
@@ -120,7 +123,7 @@ def worker_overrides(settings: Settings) -> dict[str, Any]:
             if broker.is_amqp(settings.broker_url)
             else {"visibility_timeout": settings.visibility_timeout_s}
         ),
-        "result_backend_transport_options": {"retry_policy": {"timeout": 2.0}},
-        "redis_socket_timeout": 5.0,
-        "redis_socket_connect_timeout": 2.0,
+        "result_backend_transport_options": {"retry_policy": {"timeout": WORKER_RESULT_RETRY_S}},
+        "redis_socket_timeout": WORKER_SOCKET_TIMEOUT_S,
+        "redis_socket_connect_timeout": WORKER_CONNECT_TIMEOUT_S,
     }

@@ -769,7 +769,7 @@ def test_embed_texts_refuses_a_text_that_remember_would_refuse_as_content(text: 
     with pytest.raises(InvalidInput) as as_content:
         field_rules.check_items([{"content": text}])
     with pytest.raises(InvalidInput) as as_text:
-        wire.parse(wire.EMBED_TEXTS, {"texts": ["ok", text]}, Settings())
+        wire.parse(wire.EMBED_TEXTS, {"texts": ["ok", text], "deadline_ts": None}, Settings())
 
     assert as_content.value.field == "items[0].content" and as_text.value.field == "texts[1]"
     assert as_content.value.message == as_text.value.message

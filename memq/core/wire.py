@@ -9,6 +9,7 @@ never crashes a worker and is never ranked or written.
 | message          | sent by                  | received by          | model (read by ``parse``)  | built with         |
 |------------------|--------------------------|----------------------|----------------------------|---------------------|
 | RetrievalRequest | the edge                 | the canvas, merge    | ``RETRIEVAL_REQUEST``      | retrieval_request  |
+| EmbedQuery       | the canvas               | memq.embed_query     | ``EMBED_QUERY``            | retrieval_canvas   |
 | EmbedResult      | memq.embed_query         | each memq.search     | ``EMBED_RESULT``           | embed_result       |
 | SearchCall       | the canvas               | memq.search          | ``SEARCH_CALL``            | search_call        |
 | SearchResult     | memq.search              | memq.merge (chord)   | ``SEARCH_RESULT``          | search_result      |
@@ -172,7 +173,17 @@ def with_cache(request: RetrievalRequest, cache_key: Any, cache_versions: Any, c
     return parse_retrieval_request({**request, **cache})
 
 
-# -- the embed step's result -------------------------------------------------------------------------------------
+# -- the embed step -----------------------------------------------------------------------------------------------
+
+
+class EmbedQuery(TypedDict):
+    """What ``memq.embed_query`` embeds, and the retrieval's deadline (``None``: none)."""
+
+    query: Query
+    deadline_ts: Seconds
+
+
+EMBED_QUERY: TypeAdapter[EmbedQuery] = TypeAdapter(EmbedQuery)
 
 
 class EmbedResult(TypedDict):
@@ -401,6 +412,7 @@ class RememberRequest(TypedDict):
     memory_id: MemoryId
     memory_type: TypeName
     items: Annotated[list[dict[str, Any]], _rule(field_rules.check_items)]
+    deadline_ts: Seconds  # when the caller stops waiting (Unix seconds; None: none)
 
 
 class ForgetRequest(TypedDict):
@@ -411,12 +423,14 @@ class ForgetRequest(TypedDict):
         str | None, _rule(lambda name: None if name is None else field_rules.check_memory_type(name).value)
     ]
     ids: Annotated[list[str] | None, _rule(field_rules.check_ids)]
+    deadline_ts: Seconds
 
 
 class EmbedTexts(TypedDict):
     """What ``memq.embed_texts`` embeds: the contents of one batch of memories."""
 
     texts: Annotated[list[str], _rule(field_rules.check_texts)]
+    deadline_ts: Seconds
 
 
 REMEMBER_REQUEST: TypeAdapter[RememberRequest] = TypeAdapter(RememberRequest)
