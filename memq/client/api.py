@@ -148,10 +148,10 @@ async def aretrieve(*args: Any, **kwargs: Any) -> dict[str, Any]:
     budget_s = get_settings().retrieve_timeout_s if timeout_s is None else timeout_s
     if not (is_finite_number(budget_s) and budget_s > 0):  # retrieve names the bad timeout_s
         return await _in_thread(functools.partial(retrieve, *call.args, **call.kwargs))
-    deadline = time.monotonic() + budget_s
+    deadline_ts = time.time() + budget_s
 
     def run() -> dict[str, Any]:
-        left_s = deadline - time.monotonic()
+        left_s = deadlines.budget_s(deadline_ts) or 0.0
         if left_s <= 0:
             raise RetrievalTimeout(f"retrieval did not start within {budget_s:g} s (every client thread was busy)")
         call.arguments["timeout_s"] = left_s

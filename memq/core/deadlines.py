@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import time
-from typing import overload
 
 from memq.errors import RetrievalTimeout
 
@@ -45,6 +44,9 @@ CLIENT_RESULT_RETRY_S = 0.25  # how long Celery's own result consumer retries a 
 WORKER_SOCKET_TIMEOUT_S = 5.0
 WORKER_CONNECT_TIMEOUT_S = 2.0
 WORKER_RESULT_RETRY_S = 2.0
+#: RabbitMQ: a connection whose peer is silent this long is closed (a node lost without a TCP reset).
+AMQP_HEARTBEAT_S = 10
+AMQP_CONNECT_TIMEOUT_S = 2.0
 
 
 def refuse_if_passed(deadline_ts: float | None, what: str) -> None:
@@ -53,30 +55,6 @@ def refuse_if_passed(deadline_ts: float | None, what: str) -> None:
     late_s = time.time() - deadline_ts if deadline_ts is not None else -math.inf
     if late_s >= 0:
         raise RetrievalTimeout(f"{what} not run: its deadline passed {late_s:.3g} s before it started")
-
-
-@overload
-def budget_s(
-    deadline_ts: float | None,
-    *,
-    margin_s: float = 0.0,
-    share: float = 1.0,
-    floor_s: float = 0.0,
-    cap_s: float = math.inf,
-    default_s: float,
-) -> float: ...
-
-
-@overload
-def budget_s(
-    deadline_ts: float | None,
-    *,
-    margin_s: float = 0.0,
-    share: float = 1.0,
-    floor_s: float = 0.0,
-    cap_s: float = math.inf,
-    default_s: None = None,
-) -> float | None: ...
 
 
 def budget_s(

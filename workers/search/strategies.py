@@ -734,7 +734,7 @@ def load_uncached(memory_id: str, memory_type: str, dimensions: int) -> TenantMa
 def load_wait_s() -> float:
     """How long this search may wait for a tenant load: what is left of the MongoDB budget its task set with
     ``mongo.time_limit``, or ``deadlines.LOAD_WAIT_WITHOUT_DEADLINE_S`` when it set none."""
-    return deadlines.budget_s(mongo.deadline_ts(), default_s=deadlines.LOAD_WAIT_WITHOUT_DEADLINE_S)
+    return deadlines.budget_s(mongo.deadline_ts(), default_s=deadlines.LOAD_WAIT_WITHOUT_DEADLINE_S) or 0.0
 
 
 def cache_info() -> dict[str, Any]:
