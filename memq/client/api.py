@@ -38,7 +38,6 @@ from memq.client.celery_internals import is_result_store_outage
 from memq.client.edge import forget_request, remember_request, retrieval_request
 from memq.client.waiting import ResultWaiter
 from memq.core import deadlines, field_rules
-from memq.core.field_rules import is_finite_number
 from memq.core.settings import Settings, get_settings
 from memq.core.wire import RememberRequest, RetrievalRequest, with_cache
 from memq.errors import (
@@ -144,10 +143,7 @@ async def aretrieve(*args: Any, **kwargs: Any) -> dict[str, Any]:
     the
     pool is doing."""
     call = inspect.signature(retrieve).bind(*args, **kwargs)  # a wrong argument raises TypeError here, as in retrieve
-    timeout_s = call.arguments.get("timeout_s")
-    budget_s = get_settings().retrieve_timeout_s if timeout_s is None else timeout_s
-    if not (is_finite_number(budget_s) and budget_s > 0):  # retrieve names the bad timeout_s
-        return await _in_thread(functools.partial(retrieve, *call.args, **call.kwargs))
+    budget_s = field_rules.check_timeout(call.arguments.get("timeout_s"), get_settings().retrieve_timeout_s)
     deadline_ts = time.time() + budget_s
 
     def run() -> dict[str, Any]:
