@@ -6,16 +6,8 @@ from typing import Any
 
 from kombu import Exchange, Queue
 
-from memq.core import broker, names
+from memq.core import broker, deadlines, names
 from memq.core.settings import Settings
-
-#: A web process's Redis budget: a call that finds Redis down or paused fails within its timeout_s plus about this
-#: much (docs/guarantees.md, "Time"). Workers keep longer ones (``worker_overrides``).
-CLIENT_SOCKET_TIMEOUT_S = 0.5
-CLIENT_RESULT_RETRY_S = 0.25
-#: RabbitMQ: a connection whose peer is silent this long is closed (a node lost without a TCP reset).
-AMQP_HEARTBEAT_S = 10
-AMQP_CONNECT_TIMEOUT_S = 2.0
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -40,17 +32,17 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_expires": settings.result_expires_s,
         # How long Celery's own result consumer retries a lost result store. memq's client waits on its own
         # connection (memq.client.waiting), so in a web process this only bounds what sending a chord costs while the
-        # store is down (Celery subscribes each step it freezes); workers, which store results, keep 2 s.
+        # store is down (Celery subscribes each step it freezes); workers, which store results, keep longer.
         "result_backend_transport_options": {
             "retry_policy": {
-                "timeout": CLIENT_RESULT_RETRY_S,
+                "timeout": deadlines.CLIENT_RESULT_RETRY_S,
                 "interval_start": 0,
                 "interval_step": 0.05,
                 "interval_max": 0.1,
             }
         },
-        "redis_socket_timeout": CLIENT_SOCKET_TIMEOUT_S,
-        "redis_socket_connect_timeout": CLIENT_SOCKET_TIMEOUT_S,
+        "redis_socket_timeout": deadlines.CLIENT_SOCKET_TIMEOUT_S,
+        "redis_socket_connect_timeout": deadlines.CLIENT_SOCKET_TIMEOUT_S,
         "broker_connection_retry_on_startup": True,
         # Flower sees every task, including when it was sent.
         "worker_send_task_events": True,
@@ -91,8 +83,8 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
         return {"confirm_publish": True}
     return {
         "visibility_timeout": settings.visibility_timeout_s,
-        "socket_timeout": CLIENT_SOCKET_TIMEOUT_S,  # a publish to a paused broker fails instead of hanging
-        "socket_connect_timeout": CLIENT_SOCKET_TIMEOUT_S,
+        "socket_timeout": deadlines.CLIENT_SOCKET_TIMEOUT_S,  # a publish to a paused broker fails instead of hanging
+        "socket_connect_timeout": deadlines.CLIENT_SOCKET_TIMEOUT_S,
     }
 
 
@@ -102,8 +94,8 @@ def amqp_config() -> dict[str, Any]:
     return {
         "task_default_delivery_mode": "persistent",
         "broker_failover_strategy": "round-robin",
-        "broker_heartbeat": AMQP_HEARTBEAT_S,
-        "broker_connection_timeout": AMQP_CONNECT_TIMEOUT_S,
+        "broker_heartbeat": deadlines.AMQP_HEARTBEAT_S,
+        "broker_connection_timeout": deadlines.AMQP_CONNECT_TIMEOUT_S,
         "worker_detect_quorum_queues": True,
         # A search shard's queue (``search.<n>``) is made when first used: a quorum queue too.
         "task_create_missing_queue_type": "quorum",
@@ -120,7 +112,7 @@ def worker_overrides(settings: Settings) -> dict[str, Any]:
             if broker.is_amqp(settings.broker_url)
             else {"visibility_timeout": settings.visibility_timeout_s}
         ),
-        "result_backend_transport_options": {"retry_policy": {"timeout": 2.0}},
-        "redis_socket_timeout": 5.0,
-        "redis_socket_connect_timeout": 2.0,
+        "result_backend_transport_options": {"retry_policy": {"timeout": deadlines.WORKER_RESULT_RETRY_S}},
+        "redis_socket_timeout": deadlines.WORKER_SOCKET_TIMEOUT_S,
+        "redis_socket_connect_timeout": deadlines.WORKER_CONNECT_TIMEOUT_S,
     }

@@ -11,7 +11,7 @@ from typing import Any
 from celery import Task
 
 from memq.client.app import app
-from memq.core import deadlines, field_rules, names, sharding, wire
+from memq.core import deadlines, names, sharding, wire
 from memq.core.settings import Settings, get_settings
 from memq.errors import InvalidInput, TransientError
 from memq.tasks import retry
@@ -24,10 +24,13 @@ log = logging.getLogger(__name__)
 # that Celery marks the rest of the chain failed and the caller learns it at once instead of timing out.
 @app.task(name=names.EMBED_QUERY, bind=True, max_retries=None, store_errors_even_if_ignored=True)
 @retrying(retry.EMBED)
-def embed_query(self: Task, query: str) -> dict[str, Any]:
+def embed_query(self: Task, query: str, deadline_ts: float | None = None) -> dict[str, Any]:
     from memq.workers import steps
 
-    return steps.embed_query(field_rules.check_query(query, field_rules.MAX_QUERY_CHARS))
+    call = wire.parse(wire.EMBED_QUERY, {"query": query, "deadline_ts": deadline_ts})
+    deadlines.refuse_if_passed(call["deadline_ts"], names.EMBED_QUERY)
+    wait_s = deadlines.budget_s(call["deadline_ts"], default_s=deadlines.EMBED_WAIT_WITHOUT_DEADLINE_S)
+    return steps.embed_query(call["query"], wait_s)
 
 
 @app.task(name=names.SEARCH, bind=True, max_retries=None)

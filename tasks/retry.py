@@ -85,7 +85,8 @@ def countdown_for(task: Task, delay_s: float) -> float:
 
 def retrying(policy: RetryPolicy) -> Callable[[F], F]:
     """For a bound task (``bind=True``) that fails as a whole: its ``TransientError`` is retried by ``policy``
-    and, once the policy gives up, raised."""
+    while a retry can start before the message's ``deadline_ts`` argument (when it has one) and, once the policy
+    gives up, raised."""
 
     def decorate(run: F) -> F:
         @functools.wraps(run)
@@ -93,7 +94,7 @@ def retrying(policy: RetryPolicy) -> Callable[[F], F]:
             try:
                 return run(self, *args, **kwargs)
             except TransientError as exc:
-                retry_transient(self, exc, policy)
+                retry_transient(self, exc, policy, kwargs.get("deadline_ts"))
                 raise
 
         return wrapper  # type: ignore[return-value]

@@ -32,10 +32,10 @@ def test_aliases_name_memorizz_types(alias: str, expected: str) -> None:
 @pytest.mark.parametrize(
     ("call", "field"),
     [
-        (lambda: field_rules.check_query("", 100), "query"),
-        (lambda: field_rules.check_query("   ", 100), "query"),
-        (lambda: field_rules.check_query("x" * 101, 100), "query"),
-        (lambda: field_rules.check_query(b"bytes", 100), "query"),
+        (lambda: field_rules.check_query(""), "query"),
+        (lambda: field_rules.check_query("   "), "query"),
+        (lambda: field_rules.check_query("x" * (field_rules.MAX_QUERY_CHARS + 1)), "query"),
+        (lambda: field_rules.check_query(b"bytes"), "query"),
         (lambda: field_rules.check_memory_id({"$ne": None}), "memory_id"),
         (lambda: field_rules.check_memory_id({"$gt": ""}), "memory_id"),
         (lambda: field_rules.check_memory_id("$where"), "memory_id"),
@@ -54,15 +54,15 @@ def test_aliases_name_memorizz_types(alias: str, expected: str) -> None:
         (lambda: field_rules.check_weights({"fame": 1}), "weights"),
         (lambda: field_rules.check_weights([1, 2]), "weights"),
         (lambda: field_rules.check_timeout(0), "timeout_s"),
-        (lambda: field_rules.check_items([], 10, 100), "items"),
-        (lambda: field_rules.check_items("text", 10, 100), "items"),
-        (lambda: field_rules.check_items([{"content": ""}], 10, 100), "items[0].content"),
-        (lambda: field_rules.check_items([{"content": "x", "importance": 2}], 10, 100), "items[0].importance"),
-        (lambda: field_rules.check_items([{"content": "x", "metadata": {"$set": 1}}], 10, 100), "items[0].metadata"),
-        (lambda: field_rules.check_items([{"content": "x", "colour": "red"}], 10, 100), "items[0]"),
-        (lambda: field_rules.check_items([{"content": "x"}] * 11, 10, 100), "items"),
+        (lambda: field_rules.check_items([]), "items"),
+        (lambda: field_rules.check_items("text"), "items"),
+        (lambda: field_rules.check_items([{"content": ""}]), "items[0].content"),
+        (lambda: field_rules.check_items([{"content": "x", "importance": 2}]), "items[0].importance"),
+        (lambda: field_rules.check_items([{"content": "x", "metadata": {"$set": 1}}]), "items[0].metadata"),
+        (lambda: field_rules.check_items([{"content": "x", "colour": "red"}]), "items[0]"),
+        (lambda: field_rules.check_items([{"content": "x"}] * (field_rules.MAX_BATCH_ITEMS + 1)), "items"),
         (
-            lambda: field_rules.check_items([{"content": "x", "created_at": "yesterday"}], 10, 100),
+            lambda: field_rules.check_items([{"content": "x", "created_at": "yesterday"}]),
             "items[0].created_at",
         ),
         (lambda: field_rules.check_ids("abc"), "ids"),
@@ -80,7 +80,7 @@ def test_limits_accept_aliases_and_values() -> None:
 
 
 def test_items_are_normalised_with_defaults() -> None:
-    [item] = field_rules.check_items([{"content": "hi", "id": 7, "created_at": "2026-01-01T00:00:00"}], 10, 100)
+    [item] = field_rules.check_items([{"content": "hi", "id": 7, "created_at": "2026-01-01T00:00:00"}])
     assert item == {"content": "hi", "id": "7", "importance": 0.5, "created_at": 1767225600.0}
 
 
@@ -426,17 +426,17 @@ def test_a_lone_surrogate_cannot_be_encoded_as_utf8() -> None:
 @pytest.mark.parametrize(
     ("call", "field"),
     [
-        (lambda: field_rules.check_query(SURROGATE, 100), "query"),
+        (lambda: field_rules.check_query(SURROGATE), "query"),
         (lambda: field_rules.check_memory_id(SURROGATE), "memory_id"),
-        (lambda: field_rules.check_items([{"content": SURROGATE}], 10, 100), "items[0].content"),
-        (lambda: field_rules.check_items([SURROGATE], 10, 100), "items[0].content"),
-        (lambda: field_rules.check_items([{"content": "x", "context": SURROGATE}], 10, 100), "items[0].context"),
-        (lambda: field_rules.check_items([{"content": "x", "id": SURROGATE}], 10, 100), "items[0].id"),
-        (lambda: field_rules.check_items([{"content": "x", "role": SURROGATE}], 10, 100), "items[0].role"),
-        (lambda: field_rules.check_items([{"content": "x", "tags": ["a", SURROGATE]}], 10, 100), "items[0].tags"),
-        (lambda: field_rules.check_items([{"content": "x", "metadata": {SURROGATE: 1}}], 10, 100), "items[0].metadata"),
+        (lambda: field_rules.check_items([{"content": SURROGATE}]), "items[0].content"),
+        (lambda: field_rules.check_items([SURROGATE]), "items[0].content"),
+        (lambda: field_rules.check_items([{"content": "x", "context": SURROGATE}]), "items[0].context"),
+        (lambda: field_rules.check_items([{"content": "x", "id": SURROGATE}]), "items[0].id"),
+        (lambda: field_rules.check_items([{"content": "x", "role": SURROGATE}]), "items[0].role"),
+        (lambda: field_rules.check_items([{"content": "x", "tags": ["a", SURROGATE]}]), "items[0].tags"),
+        (lambda: field_rules.check_items([{"content": "x", "metadata": {SURROGATE: 1}}]), "items[0].metadata"),
         (
-            lambda: field_rules.check_items([{"content": "x", "metadata": {"a": {"b": [SURROGATE]}}}], 10, 100),
+            lambda: field_rules.check_items([{"content": "x", "metadata": {"a": {"b": [SURROGATE]}}}]),
             "items[0].metadata.a.b",
         ),
         (lambda: field_rules.check_filters({"tags": [SURROGATE]}), "filters.tags"),
@@ -767,9 +767,9 @@ def test_a_request_read_again_on_receipt_is_the_request_the_edge_built() -> None
 @pytest.mark.parametrize("text", ["fine\x00hidden", "x" * (field_rules.MAX_CONTENT_CHARS + 1)])
 def test_embed_texts_refuses_a_text_that_remember_would_refuse_as_content(text: str) -> None:
     with pytest.raises(InvalidInput) as as_content:
-        field_rules.check_items([{"content": text}], 10, field_rules.MAX_CONTENT_CHARS)
+        field_rules.check_items([{"content": text}])
     with pytest.raises(InvalidInput) as as_text:
-        wire.parse(wire.EMBED_TEXTS, {"texts": ["ok", text]}, Settings())
+        wire.parse(wire.EMBED_TEXTS, {"texts": ["ok", text], "deadline_ts": None}, Settings())
 
     assert as_content.value.field == "items[0].content" and as_text.value.field == "texts[1]"
     assert as_content.value.message == as_text.value.message

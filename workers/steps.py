@@ -25,12 +25,11 @@ from memq.workers.search.strategies import Wanted
 from memq.workers.storage import mongo, versions, writes
 
 INTERNAL_ITEM_FIELDS = ("created_at_ts",)
-QUERY_WAIT_S = 60.0  # longest wait for the batcher's forward pass of one query
 
 
-def embed_query(query: str) -> dict[str, Any]:
+def embed_query(query: str, wait_s: float | None = None) -> dict[str, Any]:
     """The query's vector (of its text form, as a memory's): from the embedding cache when this model embedded
-    this text before."""
+    this text before, else from the batcher's forward pass, waited for at most ``wait_s``."""
     started_ts = time.time()  # wall clock: merge turns the steps' stamps into queue waits
     query = text_form(query)
     model = embedder.get()
@@ -39,7 +38,7 @@ def embed_query(query: str) -> dict[str, Any]:
     cache = "hit" if vector is not None else "miss"
     if vector is None:
         # Through the process's batcher: concurrent embed tasks share forward passes (it records the metrics).
-        vector = model.encode_queries([query], QUERY_WAIT_S)[0]
+        vector = model.encode_queries([query], wait_s)[0]
         embedding_cache.store(model.model_name, [query], [vector])
     elapsed_ms = (time.perf_counter() - started) * 1000
     return wire.embed_result(vector, model.model_name, elapsed_ms, cache, started_ts, time.time())

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from celery.exceptions import TaskRevokedError
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
@@ -33,12 +34,11 @@ from redis.exceptions import RedisError
 from memq.client import bulk_items, result_cache
 from memq.client.app import app
 from memq.client.bulk_items import IngestProgress
-from memq.client.canvas import indexes_canvas, remember_canvas, retrieval_canvas
+from memq.client.canvas import forget_signature, indexes_canvas, remember_canvas, retrieval_canvas
 from memq.client.celery_internals import is_result_store_outage
 from memq.client.edge import forget_request, remember_request, retrieval_request
 from memq.client.waiting import ResultWaiter
-from memq.core import deadlines, field_rules, names
-from memq.core.field_rules import is_finite_number
+from memq.core import deadlines, field_rules
 from memq.core.settings import Settings, get_settings
 from memq.core.wire import RememberRequest, RetrievalRequest, with_cache
 from memq.errors import (
@@ -53,7 +53,6 @@ from memq.errors import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 ASYNC_THREADS = 64
-INGEST_TIMEOUT_S = 300.0
 MAX_IN_FLIGHT = 4  # remember_many: batches sent and not yet stored
 RESULT_STORE_OUTAGE = "result backend unavailable: Celery could not reconnect to the result store"
 
@@ -110,24 +109,23 @@ def _run_chord(settings: Settings, request: RetrievalRequest, found: result_cach
 
 
 def remember(
-    memory_id: str, memory_type: str, items: list[dict[str, Any] | str], timeout_s: float = INGEST_TIMEOUT_S
+    memory_id: str, memory_type: str, items: list[dict[str, Any] | str], timeout_s: float = deadlines.INGEST_TIMEOUT_S
 ) -> dict[str, Any]:
     """Embed and store memories in bulk (idempotent); returns their ids and insert/update counts."""
-    request = remember_request(get_settings(), memory_id, memory_type, items)
+    request = remember_request(get_settings(), memory_id, memory_type, items, timeout_s)
     result = _send(lambda: remember_canvas(request).apply_async())
     return _wait(result, timeout_s, what="remember")
 
 
 def forget(
-    memory_id: str, memory_type: str | None = None, ids: list[str] | None = None, timeout_s: float = 60.0
+    memory_id: str,
+    memory_type: str | None = None,
+    ids: list[str] | None = None,
+    timeout_s: float = deadlines.FORGET_TIMEOUT_S,
 ) -> dict[str, Any]:
     """Delete this tenant's memories (of one type, or all; all of them, or these ids)."""
-    request = forget_request(memory_id, memory_type, ids)
-    result = _send(
-        lambda: app.send_task(
-            names.FORGET, args=(request["memory_id"], request["memory_type"], request["ids"]), queue=names.INGEST_QUEUE
-        )
-    )
+    request = forget_request(memory_id, memory_type, ids, timeout_s)
+    result = _send(lambda: forget_signature(request).apply_async())
     return _wait(result, timeout_s, what="forget")
 
 
@@ -145,14 +143,11 @@ async def aretrieve(*args: Any, **kwargs: Any) -> dict[str, Any]:
     the
     pool is doing."""
     call = inspect.signature(retrieve).bind(*args, **kwargs)  # a wrong argument raises TypeError here, as in retrieve
-    timeout_s = call.arguments.get("timeout_s")
-    budget_s = get_settings().retrieve_timeout_s if timeout_s is None else timeout_s
-    if not (is_finite_number(budget_s) and budget_s > 0):  # retrieve names the bad timeout_s
-        return await _in_thread(functools.partial(retrieve, *call.args, **call.kwargs))
-    deadline = time.monotonic() + budget_s
+    budget_s = field_rules.check_timeout(call.arguments.get("timeout_s"), get_settings().retrieve_timeout_s)
+    deadline_ts = time.time() + budget_s
 
     def run() -> dict[str, Any]:
-        left_s = deadline - time.monotonic()
+        left_s = deadlines.budget_s(deadline_ts) or 0.0
         if left_s <= 0:
             raise RetrievalTimeout(f"retrieval did not start within {budget_s:g} s (every client thread was busy)")
         call.arguments["timeout_s"] = left_s
@@ -195,6 +190,10 @@ def _wait(result: AsyncResult, timeout_s: float, what: str) -> dict[str, Any]:
         payload = _waiter.wait(result, timeout_s)
     except CeleryTimeoutError:
         raise RetrievalTimeout(f"{what} did not finish within {timeout_s:g} s") from None
+    except TaskRevokedError as exc:
+        if str(exc) != "expired":
+            raise TaskFailed(f"{what} was revoked: {exc}") from exc
+        raise RetrievalTimeout(f"{what} not run: a step reached its worker after the call's deadline") from None
     except (OperationalError, RedisError, OSError) as exc:
         raise TransientError(f"result backend unavailable: {exc}") from exc
     except MemqError:
@@ -229,7 +228,7 @@ def remember_many(
     max_in_flight: int = MAX_IN_FLIGHT,
     on_progress: Callable[[IngestProgress], None] | None = None,
     skip: int = 0,
-    timeout_s: float = INGEST_TIMEOUT_S,
+    timeout_s: float = deadlines.INGEST_TIMEOUT_S,
 ) -> dict[str, Any]:
     """Store any number of memories from ``items``, read lazily (a generator, a file's lines: never all in memory).
 
@@ -271,7 +270,7 @@ def remember_numbered(
     batch_items: int | None = None,
     max_in_flight: int = MAX_IN_FLIGHT,
     on_progress: Callable[[IngestProgress], None] | None = None,
-    timeout_s: float = INGEST_TIMEOUT_S,
+    timeout_s: float = deadlines.INGEST_TIMEOUT_S,
 ) -> dict[str, Any]:
     """``remember_many`` over ``(position, item)`` pairs, positions increasing (``memq remember --file`` passes line
     numbers, blank lines left out); ``stored_through``: the position already stored before the first pair. A bad
@@ -329,11 +328,13 @@ class _BulkImport:
             yield batch
 
     def _send(self, batch: _Batch) -> _Batch:
-        # The items are checked (field_rules.check_items, one by one): this is remember_request's output.
+        # The items are checked (field_rules.check_items, one by one): this is remember_request's output, with the
+        # batch's own deadline, timeout_s from its sending (a long import is many calls of timeout_s each).
         request: RememberRequest = {
             "memory_id": self.progress.memory_id,
             "memory_type": self.progress.type,
             "items": batch.items,
+            "deadline_ts": time.time() + self.timeout_s,
         }
         try:
             batch.result = _send(lambda: remember_canvas(request).apply_async())

@@ -37,7 +37,7 @@ def checked_item(position: int, item: Any, unit: str) -> dict[str, Any]:
     """The item checked as ``remember`` checks it; a bad one is ``InvalidInput`` named by its 0-based index in the
     input (as ``remember`` names a list's) and, in the message, by its 1-based position (a file's line number)."""
     try:
-        return field_rules.check_items([item], 1, field_rules.MAX_CONTENT_CHARS)[0]
+        return field_rules.check_items([item])[0]
     except InvalidInput as exc:
         field = exc.field.replace("items[0]", f"items[{position - 1}]", 1)
         raise InvalidInput(field, f"{unit} {position}: {exc.message}") from None

@@ -10,13 +10,18 @@ from celery.canvas import Signature
 from memq.client.app import app
 from memq.core import names, sharding
 from memq.core.settings import get_settings
-from memq.core.wire import RememberRequest, RetrievalRequest, search_call
+from memq.core.wire import ForgetRequest, RememberRequest, RetrievalRequest, search_call
+
+
+def expires_at(deadline_ts: float | None) -> datetime | None:
+    """A message's ``expires``: its call's deadline (Celery drops a message received after it)."""
+    return None if deadline_ts is None else datetime.fromtimestamp(deadline_ts, tz=UTC)
 
 
 def retrieval_canvas(request: RetrievalRequest) -> Signature:
     """``embed(query) | group(search(type) for type in limits) | merge``: the query is embedded once,
     each type is searched in parallel on the search queue, and merge ranks the union."""
-    expires = datetime.fromtimestamp(request["deadline_ts"], tz=UTC)
+    expires = expires_at(request["deadline_ts"])
     search_queue = sharding.search_queue_for(request["memory_id"], get_settings().search_shards)
     searches = [
         app.signature(names.SEARCH, *search_call(request, memory_type), queue=search_queue, expires=expires)
@@ -25,22 +30,36 @@ def retrieval_canvas(request: RetrievalRequest) -> Signature:
     # The embedding travels to the searches in the messages; storing it as a result too would cost a 2 KB
     # SET + PUBLISH per retrieval that nobody reads (its failures are still stored: see tasks/retrieval.py).
     embed = app.signature(
-        names.EMBED_QUERY, args=(request["query"],), queue=names.EMBED_QUEUE, expires=expires, ignore_result=True
+        names.EMBED_QUERY,
+        args=(request["query"],),
+        kwargs={"deadline_ts": request["deadline_ts"]},
+        queue=names.EMBED_QUEUE,
+        expires=expires,
+        ignore_result=True,
     )
     merge = app.signature(names.MERGE, kwargs={"request": request}, queue=names.SEARCH_QUEUE)
     return chain(embed, chord(searches, merge))
 
 
 def remember_canvas(request: RememberRequest) -> Signature:
-    """``embed_texts(contents) | store(...)``: embedding on the embed queue, the bulk write on ingest."""
+    """``embed_texts(contents) | store(...)``: embedding on the embed queue, the bulk write on ingest; both messages
+    carry the request's deadline."""
     texts = [item["content"] for item in request["items"]]
-    embed = app.signature(names.EMBED_TEXTS, args=(texts,), queue=names.EMBED_QUEUE, ignore_result=True)
-    store = app.signature(
-        names.STORE,
-        args=(request["memory_id"], request["memory_type"], request["items"]),
+    deadline = {"kwargs": {"deadline_ts": request["deadline_ts"]}, "expires": expires_at(request["deadline_ts"])}
+    embed = app.signature(names.EMBED_TEXTS, args=(texts,), queue=names.EMBED_QUEUE, ignore_result=True, **deadline)
+    args = (request["memory_id"], request["memory_type"], request["items"])
+    return chain(embed, app.signature(names.STORE, args=args, queue=names.INGEST_QUEUE, **deadline))
+
+
+def forget_signature(request: ForgetRequest) -> Signature:
+    """``forget(...)`` on the ingest queue, with the request's deadline."""
+    return app.signature(
+        names.FORGET,
+        args=(request["memory_id"], request["memory_type"], request["ids"]),
+        kwargs={"deadline_ts": request["deadline_ts"]},
         queue=names.INGEST_QUEUE,
+        expires=expires_at(request["deadline_ts"]),
     )
-    return chain(embed, store)
 
 
 #: What ``indexes_canvas`` embeds to learn the model's dimension (its vector is thrown away).

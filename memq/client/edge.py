@@ -4,9 +4,10 @@ client before anything is sent, or by the ``memq.retrieve`` / ``memq.remember`` 
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from memq.core import field_rules, keys
+from memq.core import deadlines, field_rules, keys
 from memq.core.settings import Settings
 from memq.core.wire import (
     FORGET_REQUEST,
@@ -73,9 +74,17 @@ def cache_types(request: RetrievalRequest) -> list[str]:
     return sorted(request["limits"])
 
 
-def remember_request(settings: Settings, memory_id: Any, memory_type: Any, items: Any) -> RememberRequest:
-    return parse(REMEMBER_REQUEST, {"memory_id": memory_id, "memory_type": memory_type, "items": items}, settings)
+def remember_request(
+    settings: Settings, memory_id: Any, memory_type: Any, items: Any, timeout_s: Any = None
+) -> RememberRequest:
+    """New memories: their deadline is ``timeout_s`` (``None``: ``deadlines.INGEST_TIMEOUT_S``) from now."""
+    deadline_ts = time.time() + field_rules.check_timeout(timeout_s, deadlines.INGEST_TIMEOUT_S)
+    request = {"memory_id": memory_id, "memory_type": memory_type, "items": items, "deadline_ts": deadline_ts}
+    return parse(REMEMBER_REQUEST, request, settings)
 
 
-def forget_request(memory_id: Any, memory_type: Any = None, ids: Any = None) -> ForgetRequest:
-    return parse(FORGET_REQUEST, {"memory_id": memory_id, "memory_type": memory_type, "ids": ids})
+def forget_request(memory_id: Any, memory_type: Any = None, ids: Any = None, timeout_s: Any = None) -> ForgetRequest:
+    """A forget: its deadline is ``timeout_s`` (``None``: ``deadlines.FORGET_TIMEOUT_S``) from now."""
+    deadline_ts = time.time() + field_rules.check_timeout(timeout_s, deadlines.FORGET_TIMEOUT_S)
+    request = {"memory_id": memory_id, "memory_type": memory_type, "ids": ids, "deadline_ts": deadline_ts}
+    return parse(FORGET_REQUEST, request)

@@ -34,7 +34,7 @@ from celery.exceptions import ChordError
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 
-from memq.core.deadlines import RESULT_STORE_SOCKET_TIMEOUT_S
+from memq.core.deadlines import CLIENT_SOCKET_TIMEOUT_S
 from memq.core.process_local import ProcessLocal
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class _Drain:
         self.app = app
         url = str(app.conf.result_backend)
         self.client = redis.Redis.from_url(
-            url, socket_connect_timeout=RESULT_STORE_SOCKET_TIMEOUT_S, socket_timeout=RESULT_STORE_SOCKET_TIMEOUT_S
+            url, socket_connect_timeout=CLIENT_SOCKET_TIMEOUT_S, socket_timeout=CLIENT_SOCKET_TIMEOUT_S
         )
         self.wake_channel = f"memq:waiter:wake:{uuid.uuid4().hex}".encode()
         self.commands: queue.SimpleQueue[tuple[str, _Wait]] = queue.SimpleQueue()

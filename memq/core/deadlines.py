@@ -1,15 +1,19 @@
-"""The one deadline of a retrieval, and every margin taken from it.
+"""The one deadline of a call, and every margin taken from it.
 
-The edge sets ``deadline_ts`` (Unix seconds: ``timeout_s`` from when the request was made) in the request
-(``memq.core.wire.RetrievalRequest``); the canvas gives each message that same instant as its ``expires`` and each
-``memq.search`` its ``deadline_ts``. Every hop derives its budget from it with ``budget_s`` and the margins below,
-written here once, each with its reason.
+The edge (``memq.client.edge``) sets ``deadline_ts`` (Unix seconds: the caller's ``timeout_s`` from when the call
+was made) in the request; the canvas gives each message of the call that same instant as its ``expires`` and its
+``deadline_ts`` argument: ``memq.embed_query`` and ``memq.search`` of a retrieval, ``memq.embed_texts``,
+``memq.store`` and ``memq.forget`` of an ingestion (one deadline per batch of a bulk import). A message past its
+deadline is not started (``refuse_if_passed``; Celery drops one past its ``expires`` before that). Every hop derives
+its budget from it with ``budget_s`` and the margins below, written here once, each with its reason.
 """
 
 from __future__ import annotations
 
 import math
 import time
+
+from memq.errors import RetrievalTimeout
 
 # -- margins inside a retrieval's deadline ------------------------------------------------------------------------
 DELIVERY_MARGIN_S = 0.5  # left of the deadline for merge and the result's way back: a search attempt stops before it
@@ -18,12 +22,39 @@ ATTEMPT_SHARE = 0.5  # an attempt with retries left takes half of what is left, 
 #: How long a search without a deadline of its own (a raw ``memq.search``) waits for a tenant load, and a load for
 #: memory: a 50,000-memory tenant loads in a few seconds, a stalled one fails at the MongoDB client's own timeouts.
 LOAD_WAIT_WITHOUT_DEADLINE_S = 120.0
+#: How long a ``memq.embed_query`` without a deadline of its own waits for the batcher's forward pass: a stalled
+#: device fails the step rather than holding its thread for ever.
+EMBED_WAIT_WITHOUT_DEADLINE_S = 60.0
 ASYNC_MARGIN_S = 0.25  # how far past its timeout an ``aretrieve`` may end (its thread's own wait ends at the deadline)
 MERGE_WAIT_SHARE = 0.5  # of the visibility timeout, the most a merge waits: a message held longer is delivered again
 
+# -- the caller's timeout_s when it gives none ---------------------------------------------------------------------
+INGEST_TIMEOUT_S = 300.0  # one remember, or one batch of a bulk import (1000 memories embed in seconds on a CPU)
+FORGET_TIMEOUT_S = 60.0  # one forget: a delete and a version bump
+
 # -- socket timeouts: how far past a deadline a stalled Redis may hold a caller -----------------------------------
 CACHE_SOCKET_TIMEOUT_S = 0.25  # a slow cache costs a caller at most this a reply, then it goes on without it
-RESULT_STORE_SOCKET_TIMEOUT_S = 0.5  # the result store a caller waits on: at most this past its deadline
+#: The broker and the result store, from a web process: a publish to a paused Redis, or the wait for a result,
+#: ends at most this past the call's deadline (docs/guarantees.md, "Time").
+CLIENT_SOCKET_TIMEOUT_S = 0.5
+CLIENT_RESULT_RETRY_S = 0.25  # how long Celery's own result consumer retries a lost store while a chord is sent
+#: A worker's Redis (broker and result store): its connections are long-lived and each result it stores ends a
+#: step, so it rides out a stall of a few seconds (a failover) before the step fails and is retried or redelivered;
+#: all well under ``MEMQ_VISIBILITY_TIMEOUT_S``.
+WORKER_SOCKET_TIMEOUT_S = 5.0
+WORKER_CONNECT_TIMEOUT_S = 2.0
+WORKER_RESULT_RETRY_S = 2.0
+#: RabbitMQ: a connection whose peer is silent this long is closed (a node lost without a TCP reset).
+AMQP_HEARTBEAT_S = 10
+AMQP_CONNECT_TIMEOUT_S = 2.0
+
+
+def refuse_if_passed(deadline_ts: float | None, what: str) -> None:
+    """A message past its deadline is not started: its caller has stopped waiting (``RetrievalTimeout``, which the
+    retry policy does not retry past the deadline)."""
+    late_s = time.time() - deadline_ts if deadline_ts is not None else -math.inf
+    if late_s >= 0:
+        raise RetrievalTimeout(f"{what} not run: its deadline passed {late_s:.3g} s before it started")
 
 
 def budget_s(

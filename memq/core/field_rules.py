@@ -83,11 +83,12 @@ def text_form(text: str) -> str:
     return unicodedata.normalize("NFKC", text)
 
 
-def check_query(query: Any, max_chars: int) -> str:
-    """A query in its text form, stripped (one spelling for cache and search), by the rule of a memory's text."""
+def check_query(query: Any) -> str:
+    """A query in its text form, stripped (one spelling for cache and search), by the rule of a memory's text, at
+    most ``MAX_QUERY_CHARS``."""
     if not isinstance(query, str):
         raise InvalidInput("query", f"must be a string, got {type(query).__name__}")
-    return check_content(text_form(check_utf8(query, "query")).strip(), "query", max_chars)
+    return _check_text(text_form(check_utf8(query, "query")).strip(), "query", MAX_QUERY_CHARS)
 
 
 def check_memory_id(memory_id: Any) -> str:
@@ -167,19 +168,23 @@ def check_timeout(timeout_s: Any, default_s: float | None = None) -> float:
     return float(timeout_s)
 
 
-def check_batch(values: Any, field: str, max_count: int) -> list[Any] | tuple[Any, ...]:
-    """A non-empty list of at most ``max_count`` values (memories, or their texts)."""
+def check_batch(values: Any, field: str) -> list[Any] | tuple[Any, ...]:
+    """A non-empty list of at most ``MAX_BATCH_ITEMS`` values (memories, or their texts)."""
     if isinstance(values, Mapping | str) or not isinstance(values, list | tuple):
         raise InvalidInput(field, "must be a list of memories")
     if not values:
         raise InvalidInput(field, "must not be empty")
-    if len(values) > max_count:
-        raise InvalidInput(field, f"has {len(values)} memories; the limit per call is {max_count}")
+    if len(values) > MAX_BATCH_ITEMS:
+        raise InvalidInput(field, f"has {len(values)} memories; the limit per call is {MAX_BATCH_ITEMS}")
     return values
 
 
-def check_content(content: Any, field: str, max_chars: int) -> str:
-    """A memory's text: non-empty, valid UTF-8, at most ``max_chars``, no NUL."""
+def check_content(content: Any, field: str) -> str:
+    """A memory's text: non-empty, valid UTF-8, at most ``MAX_CONTENT_CHARS``, no NUL."""
+    return _check_text(content, field, MAX_CONTENT_CHARS)
+
+
+def _check_text(content: Any, field: str, max_chars: int) -> str:
     if not isinstance(content, str) or not content.strip():
         raise InvalidInput(field, "must be a non-empty string")
     check_utf8(content, field)
@@ -190,19 +195,17 @@ def check_content(content: Any, field: str, max_chars: int) -> str:
     return content
 
 
-def check_texts(texts: Any, max_count: int, max_chars: int) -> list[str]:
+def check_texts(texts: Any) -> list[str]:
     """The texts ``memq.embed_texts`` embeds: the contents of a batch of memories."""
-    return [
-        check_content(text, f"texts[{i}]", max_chars) for i, text in enumerate(check_batch(texts, "texts", max_count))
-    ]
+    return [check_content(text, f"texts[{i}]") for i, text in enumerate(check_batch(texts, "texts"))]
 
 
-def check_items(items: Any, max_items: int, max_content_chars: int) -> list[dict[str, Any]]:
+def check_items(items: Any) -> list[dict[str, Any]]:
     """Normalise memories to store; every item is checked before anything is written."""
-    return [_check_item(i, item, max_content_chars) for i, item in enumerate(check_batch(items, "items", max_items))]
+    return [_check_item(i, item) for i, item in enumerate(check_batch(items, "items"))]
 
 
-def _check_item(index: int, item: Any, max_content_chars: int) -> dict[str, Any]:
+def _check_item(index: int, item: Any) -> dict[str, Any]:
     where = f"items[{index}]"
     if isinstance(item, str):
         item = {"content": item}
@@ -211,20 +214,20 @@ def _check_item(index: int, item: Any, max_content_chars: int) -> dict[str, Any]
     unknown = set(item) - ITEM_FIELDS
     if unknown:
         raise InvalidInput(where, f"unknown field(s) {sorted(map(str, unknown))}; known: {sorted(ITEM_FIELDS)}")
-    content = check_content(item.get("content"), f"{where}.content", max_content_chars)
+    content = check_content(item.get("content"), f"{where}.content")
     checked: dict[str, Any] = {"content": content}
     if item.get("context") is not None:
         context = item["context"]
-        if not isinstance(context, str) or len(context) > max_content_chars or "\x00" in context:
-            raise InvalidInput(f"{where}.context", f"must be a string of at most {max_content_chars} characters")
+        if not isinstance(context, str) or len(context) > MAX_CONTENT_CHARS or "\x00" in context:
+            raise InvalidInput(f"{where}.context", f"must be a string of at most {MAX_CONTENT_CHARS} characters")
         checked["context"] = check_utf8(context, f"{where}.context")
     if item.get("id") is not None:
         key = item["id"]
-        if isinstance(key, int) and not isinstance(key, bool) and abs(key) >= 10**256:  # str() of a huge int raises
+        small_int = isinstance(key, int) and not isinstance(key, bool) and abs(key) < 10**256  # str(10**5000) raises
+        text = key if isinstance(key, str) else str(key) if small_int else ""
+        if not text.strip() or len(text) > 256:
             raise InvalidInput(f"{where}.id", "must be a non-empty string of at most 256 characters")
-        if not isinstance(key, str | int) or isinstance(key, bool) or not str(key).strip() or len(str(key)) > 256:
-            raise InvalidInput(f"{where}.id", "must be a non-empty string of at most 256 characters")
-        checked["id"] = check_utf8(str(key), f"{where}.id")
+        checked["id"] = check_utf8(text, f"{where}.id")
     importance = item.get("importance", 0.5)
     if isinstance(importance, bool) or not isinstance(importance, int | float) or not 0 <= importance <= 1:
         raise InvalidInput(f"{where}.importance", f"must be a number in 0..1, got {shown(importance)}")

@@ -9,6 +9,7 @@ never crashes a worker and is never ranked or written.
 | message          | sent by                  | received by          | model (read by ``parse``)  | built with         |
 |------------------|--------------------------|----------------------|----------------------------|---------------------|
 | RetrievalRequest | the edge                 | the canvas, merge    | ``RETRIEVAL_REQUEST``      | retrieval_request  |
+| EmbedQuery       | the canvas               | memq.embed_query     | ``EMBED_QUERY``            | retrieval_canvas   |
 | EmbedResult      | memq.embed_query         | each memq.search     | ``EMBED_RESULT``           | embed_result       |
 | SearchCall       | the canvas               | memq.search          | ``SEARCH_CALL``            | search_call        |
 | SearchResult     | memq.search              | memq.merge (chord)   | ``SEARCH_RESULT``          | search_result      |
@@ -79,9 +80,9 @@ def _settings(info: ValidationInfo) -> Settings:
     return info.context if isinstance(info.context, Settings) else get_settings()
 
 
-def _rule(check: Any, *args: Any) -> PlainValidator:
-    """A field checked by ``check(value, *args)``."""
-    return PlainValidator(lambda value: check(value, *args))
+def _rule(check: Any) -> PlainValidator:
+    """A field checked by ``check(value)``."""
+    return PlainValidator(lambda value: check(value))
 
 
 Text = Annotated[str, Strict()]
@@ -89,11 +90,7 @@ OptionalText = Annotated[str | None, Strict()]
 Seconds = Annotated[float | None, Strict(), AllowInfNan(False)]  # Unix seconds or a duration; None: not said
 
 
-def _query(query: Any, info: ValidationInfo) -> str:
-    return field_rules.check_query(query, field_rules.MAX_QUERY_CHARS)
-
-
-Query = Annotated[str, PlainValidator(_query)]
+Query = Annotated[str, _rule(field_rules.check_query)]
 MemoryId = Annotated[str, _rule(field_rules.check_memory_id)]
 TypeName = Annotated[str, _rule(lambda memory_type: field_rules.check_memory_type(memory_type).value)]
 Strategy = SearchStrategy
@@ -176,7 +173,17 @@ def with_cache(request: RetrievalRequest, cache_key: Any, cache_versions: Any, c
     return parse_retrieval_request({**request, **cache})
 
 
-# -- the embed step's result -------------------------------------------------------------------------------------
+# -- the embed step -----------------------------------------------------------------------------------------------
+
+
+class EmbedQuery(TypedDict):
+    """What ``memq.embed_query`` embeds, and the retrieval's deadline (``None``: none)."""
+
+    query: Query
+    deadline_ts: Seconds
+
+
+EMBED_QUERY: TypeAdapter[EmbedQuery] = TypeAdapter(EmbedQuery)
 
 
 class EmbedResult(TypedDict):
@@ -252,7 +259,7 @@ class SearchCall(TypedDict):
     memory_type: TypeName
     k: Annotated[int, Strict(), Field(ge=1, le=MAX_CANDIDATES)]
     strategy: Strategy
-    query: Annotated[str | None, PlainValidator(lambda query, info: None if query is None else _query(query, info))]
+    query: Annotated[str | None, _rule(lambda query: None if query is None else field_rules.check_query(query))]
     mode: Mode
     filters: Filters
     deadline_ts: Seconds  # the caller's deadline (Unix seconds); None: none
@@ -399,20 +406,13 @@ def item_problem(item: Any) -> str | None:
 # -- ingestion ---------------------------------------------------------------------------------------------------
 
 
-def _items(items: Any, info: ValidationInfo) -> list[dict[str, Any]]:
-    return field_rules.check_items(items, field_rules.MAX_BATCH_ITEMS, field_rules.MAX_CONTENT_CHARS)
-
-
-def _texts(texts: Any, info: ValidationInfo) -> list[str]:
-    return field_rules.check_texts(texts, field_rules.MAX_BATCH_ITEMS, field_rules.MAX_CONTENT_CHARS)
-
-
 class RememberRequest(TypedDict):
     """Memories to store, as ``memq.remember`` (the client, ``send_task``) and ``memq.store`` take them."""
 
     memory_id: MemoryId
     memory_type: TypeName
-    items: Annotated[list[dict[str, Any]], PlainValidator(_items)]
+    items: Annotated[list[dict[str, Any]], _rule(field_rules.check_items)]
+    deadline_ts: Seconds  # when the caller stops waiting (Unix seconds; None: none)
 
 
 class ForgetRequest(TypedDict):
@@ -423,12 +423,14 @@ class ForgetRequest(TypedDict):
         str | None, _rule(lambda name: None if name is None else field_rules.check_memory_type(name).value)
     ]
     ids: Annotated[list[str] | None, _rule(field_rules.check_ids)]
+    deadline_ts: Seconds
 
 
 class EmbedTexts(TypedDict):
     """What ``memq.embed_texts`` embeds: the contents of one batch of memories."""
 
-    texts: Annotated[list[str], PlainValidator(_texts)]
+    texts: Annotated[list[str], _rule(field_rules.check_texts)]
+    deadline_ts: Seconds
 
 
 REMEMBER_REQUEST: TypeAdapter[RememberRequest] = TypeAdapter(RememberRequest)

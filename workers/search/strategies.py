@@ -555,8 +555,7 @@ def load_shared(memory_id: str, memory_type: str, version: int, dimensions: int)
     ``StoreUnavailable`` when the load was reading MongoDB and ``WorkerBusy`` when it was still waiting for a load
     slot or for memory (the task retries within the caller's deadline and finds the same load, or its matrix in the
     cache)."""
-    load_timeout_s = deadlines.LOAD_WAIT_WITHOUT_DEADLINE_S
-    wait_s = caller_budget_left_s(default_s=load_timeout_s)
+    wait_s = load_wait_s()
     flight_key = (memory_id, memory_type, version, dimensions)
     try:
         return matrix_loads.get().run(
@@ -718,7 +717,7 @@ def confirmed(memory_id: str, memory_type: str, version: int) -> bool:
 def load_uncached(memory_id: str, memory_type: str, dimensions: int) -> TenantMatrix:
     """The tenant's matrix built for this search alone (Redis is down, so no data version can key a cache entry),
     under the same load slots and memory guard as a cached load, within this search's budget."""
-    wait_s = caller_budget_left_s(default_s=deadlines.LOAD_WAIT_WITHOUT_DEADLINE_S)
+    wait_s = load_wait_s()
     slots = load_slots.get()
     if not slots.acquire(timeout=max(0.0, wait_s)):
         raise WorkerBusy(
@@ -726,17 +725,16 @@ def load_uncached(memory_id: str, memory_type: str, dimensions: int) -> TenantMa
             f"(all {LOADS_IN_FLIGHT} busy)"
         )
     try:
-        with memory_guard.get().admitted("load", caller_budget_left_s(default_s=wait_s)):
+        with memory_guard.get().admitted("load", load_wait_s()):
             return load_tenant(memory_id, memory_type, -1, dimensions=dimensions)
     finally:
         slots.release()
 
 
-def caller_budget_left_s(default_s: float) -> float:
-    """What is left of the MongoDB budget the caller set with ``mongo.time_limit`` (pymongo's client-side
-    operation timeout), or ``default_s`` when it set none."""
-    left_s = mongo.budget_left_s()
-    return default_s if left_s is None else left_s
+def load_wait_s() -> float:
+    """How long this search may wait for a tenant load: what is left of the MongoDB budget its task set with
+    ``mongo.time_limit``, or ``deadlines.LOAD_WAIT_WITHOUT_DEADLINE_S`` when it set none."""
+    return deadlines.budget_s(mongo.deadline_ts(), default_s=deadlines.LOAD_WAIT_WITHOUT_DEADLINE_S) or 0.0
 
 
 def cache_info() -> dict[str, Any]:

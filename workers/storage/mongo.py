@@ -79,29 +79,29 @@ def transient_errors() -> Iterator[None]:
         raise StoreUnavailable(f"MongoDB unavailable: {exc}") from exc
 
 
-_deadline: ContextVar[float | None] = ContextVar("memq_mongo_deadline", default=None)
+_deadline_ts: ContextVar[float | None] = ContextVar("memq_mongo_deadline_ts", default=None)
 
 
 @contextmanager
 def time_limit(budget_s: float | None) -> Iterator[None]:
     """Every MongoDB operation inside takes at most ``budget_s`` in all (pymongo's client-side operation
     timeout: server selection, pool wait and socket reads together); ``None`` keeps the client's timeouts.
-    ``budget_left_s`` tells code inside what is left of it."""
+    ``deadline_ts`` tells code inside when it ends."""
     if budget_s is None:
         yield
         return
-    token = _deadline.set(time.monotonic() + budget_s)
+    token = _deadline_ts.set(time.time() + budget_s)
     try:
         with pymongo.timeout(budget_s):
             yield
     finally:
-        _deadline.reset(token)
+        _deadline_ts.reset(token)
 
 
-def budget_left_s() -> float | None:
-    """What is left of the innermost ``time_limit`` around this call (``None``: none is set)."""
-    deadline = _deadline.get()
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
+def deadline_ts() -> float | None:
+    """When the innermost ``time_limit`` around this call ends (Unix seconds; ``None``: none is set): what is left
+    of it is ``memq.core.deadlines.budget_s`` of it."""
+    return _deadline_ts.get()
 
 
 def collection(memory_type: str) -> Collection:
