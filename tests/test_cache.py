@@ -133,16 +133,34 @@ def test_a_write_makes_that_tenants_cached_results_unreachable_and_leaves_other_
 
 
 def test_cached_results_expire_after_the_configured_ttl(tenant: str, cache_redis: redis.Redis) -> None:
+    """Asked twice, then again once the cached result's key has expired (the expiry is waited for, not slept)."""
     seed(tenant)
-
-    flags = run_client(
-        f"for pause_s in (0, 0, 1.3):\n"
-        f"    time.sleep(pause_s)\n"
-        f"    print(json.dumps(api.retrieve({QUERY!r}, {tenant!r}, {LIMITS!r})['cached']))\n",
-        MEMQ_RESULT_CACHE_TTL_S="1",
+    ask = f"print(json.dumps(api.retrieve({QUERY!r}, {tenant!r}, {LIMITS!r})['cached']), flush=True)\n"
+    code = f"import json, sys\nfrom memq.client import api\n{ask}{ask}sys.stdin.readline()\n{ask}"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env={**os.environ, "MEMQ_RESULT_CACHE_TTL_S": "1"},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        flags = [json.loads(proc.stdout.readline()) for _ in range(2)]
+        [key] = result_keys(cache_redis, QUERY, tenant, LIMITS)
+        deadline = time.monotonic() + 30
+        while cache_redis.exists(key) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.stdin.write("expired\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
-    assert flags == [False, True, False]
+    assert proc.returncode == 0, err[-3000:]
+    assert [*flags, json.loads(out)] == [False, True, False]
     [key] = result_keys(cache_redis, QUERY, tenant, LIMITS)
     assert 0 < cache_redis.pttl(key) <= 1000
 
