@@ -4,6 +4,7 @@ writes, TTL, identity, single-flight, format version, Redis down) and the embed 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -511,3 +512,29 @@ def test_a_cache_entry_naming_another_tenant_or_request_is_never_served(tenant: 
         ]
         assert result_cache.counts()["foreign"] == foreign_before + 1
         assert api.retrieve(QUERY, tenant, LIMITS)["cached"] is True  # rewritten, now its own
+
+
+def test_a_result_store_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A web process whose result store is down logs one warning, not one per reconnection attempt (every
+    ``RETRY_AFTER_S``), and one when the store answers again."""
+    import faultkit
+
+    from memq.client.waiting import RETRY_AFTER_S, _Drain
+
+    store = services.start_redis_server()
+    caplog.set_level(logging.DEBUG, logger="memq.client.waiting")
+    _Drain(faultkit.private_app(store.url))  # its thread subscribes, then outlives the store
+    try:
+        store = faultkit.restart_redis_server(store, down_s=8 * RETRY_AFTER_S)
+        deadline = time.monotonic() + 30
+        while "result store reachable again" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        records = [r for r in caplog.records if r.name == "memq.client.waiting"]  # before this test stops the store
+    finally:
+        store.stop()
+
+    warnings = [r.getMessage().partition(":")[0] for r in records if r.levelno == logging.WARNING]
+    assert warnings == ["result store unavailable", "result store reachable again"]
+    assert sum(r.levelno == logging.DEBUG and "unavailable" in r.getMessage() for r in records) >= 2  # the retries

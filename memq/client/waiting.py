@@ -89,10 +89,14 @@ class _Drain:
             self.client.publish(self.wake_channel, b"")  # wakes the drain thread out of its socket read
 
     def _run(self) -> None:
+        down = False  # one warning per outage, not one per reconnection attempt
         while True:
             pubsub = self.client.pubsub()
             try:
                 pubsub.subscribe(self.wake_channel, *self.waits)
+                if down:
+                    log.warning("result store reachable again")
+                    down = False
                 if self.waits:
                     self._read_stored(list(self.waits))  # published while the connection was down
                 while True:
@@ -101,7 +105,8 @@ class _Drain:
                     if message is not None:
                         self._on_message(pubsub, message)
             except Exception as exc:  # the store is down or reconnecting: callers time out, never hang
-                log.warning("result store unavailable while waiting for results: %s", exc)
+                log.log(logging.DEBUG if down else logging.WARNING, "result store unavailable: %s", exc)
+                down = True
                 self._fail_unconfirmed(exc)
                 time.sleep(RETRY_AFTER_S)
             finally:
