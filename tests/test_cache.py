@@ -68,6 +68,19 @@ def result_keys(cache_redis: redis.Redis, query: str, tenant: str, limits: dict[
     return [key.decode() for key in cache_redis.scan_iter(match=pattern, count=1000)]
 
 
+def client_process(code: str, **env: str) -> subprocess.Popen[str]:
+    """``code`` in a fresh client process with these settings, stdin and stdout piped: the test steps it line by
+    line (a JSON line out, a line in)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def parse_result_key(key: str) -> tuple[str, list[int]] | None:
     """``(fingerprint, versions)`` of a well-formed result key, else ``None``."""
     match = re.fullmatch(rf"{re.escape(keys.RESULT_PREFIX)}([0-9a-f]{{{keys.FINGERPRINT_CHARS}}}):(\d+(?:\.\d+)*)", key)
@@ -138,14 +151,7 @@ def test_cached_results_expire_after_the_configured_ttl(tenant: str, cache_redis
     seed(tenant)
     ask = f"print(json.dumps(api.retrieve({QUERY!r}, {tenant!r}, {LIMITS!r})['cached']), flush=True)\n"
     code = f"import json, sys\nfrom memq.client import api\n{ask}{ask}sys.stdin.readline()\n{ask}"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code],
-        env={**os.environ, "MEMQ_RESULT_CACHE_TTL_S": "1"},
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = client_process(code, MEMQ_RESULT_CACHE_TTL_S="1")
     try:
         assert proc.stdout is not None and proc.stdin is not None
         flags = [json.loads(proc.stdout.readline()) for _ in range(2)]
@@ -290,14 +296,7 @@ def test_retrieval_succeeds_uncached_when_the_cache_redis_goes_down(tenant: str)
         "sys.stdin.readline()\n"
         "ask(); ask()\n"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code],
-        env={**os.environ, "MEMQ_REDIS_URL": cache.url},
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = client_process(code, MEMQ_REDIS_URL=cache.url)
     try:
         assert proc.stdout is not None and proc.stdin is not None
         up = json.loads(proc.stdout.readline())

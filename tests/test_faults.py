@@ -224,6 +224,13 @@ class Rig:
         for memory_type, contents in (("semantic", SEMANTIC), ("episodic", EPISODIC)):
             assert "ok" in self.remember(tenant, memory_type, contents)
 
+    def seed_tenants(self, prefix: str, count: int = 4) -> list[str]:
+        """``count`` fresh tenants named ``<prefix>-<i>-<random>``, each seeded."""
+        tenants = [f"{prefix}-{i}-{uuid.uuid4().hex[:6]}" for i in range(count)]
+        for tenant in tenants:
+            self.seed(tenant)
+        return tenants
+
     def all_hosts(self) -> list[str]:
         return [host for hosts in self.hosts.values() for host in hosts]
 
@@ -311,10 +318,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
 
 @pytest.fixture(scope="module")
 def seeded(rig: Rig) -> list[str]:
-    tenants = [f"load-{i}-{uuid.uuid4().hex[:6]}" for i in range(4)]
-    for tenant in tenants:
-        rig.seed(tenant)
-    return tenants
+    return rig.seed_tenants("load")
 
 
 def fresh_tenant(rig: Rig) -> str:

@@ -70,10 +70,7 @@ def rig(node: rabbitkit.Node, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 @pytest.fixture(scope="module")
 def seeded(rig: Rig) -> list[str]:
-    tenants = [f"rmq-load-{i}-{uuid.uuid4().hex[:6]}" for i in range(4)]
-    for tenant in tenants:
-        rig.seed(tenant)
-    return tenants
+    return rig.seed_tenants("rmq-load")
 
 
 def start_load(rig: Rig, tenants: list[str], seconds: float) -> tuple[test_faults.Driver, Any]:
