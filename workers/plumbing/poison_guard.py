@@ -1,24 +1,10 @@
 """Poison-message quarantine: a message a worker cannot run never kills, stalls or loops it.
 
-Every task message a memq worker receives first passes ``check``: the shape of Celery's protocol 2 (headers
-``id`` and ``task`` non-empty strings naming a registered task; a body that decodes to ``[args: list, kwargs:
-dict, embed: dict]``; the headers Celery's ``Request`` unpacks — ``timelimit``, ``retries``, ``eta``, ``expires``,
-``shadow`` — of the types it expects), an ``eta`` (or ``countdown``, which Celery sends as an ``eta``) no later than
-the message's own deadline (its ``expires``) nor more than ``MEMQ_VISIBILITY_TIMEOUT_S`` ahead (a worker holds such
-a message unacknowledged until then, and past the visibility timeout the broker hands it out again), and a delivery
-limit: a message that *started* ``MEMQ_MAX_DELIVERIES``
-times without finishing (it killed or stalled its worker, again and again) is not run again; messages a dying
-worker had only prefetched are redelivered as often as it takes, at no cost (``count_started_redelivery``).
-A message that fails the check, or that still makes Celery's handler raise, is acknowledged and recorded in the
-dead-letter list instead (``record``, with the whole message where it is small enough, for ``memq dead-letters
---replay``), counted in ``memq_dead_letters_total{queue,reason}``, listed by ``memq
-dead-letters`` and ``memq status``. What a task does with well-formed arguments is the task's business: its own
-checks answer bad values with ``InvalidInput``.
-
-Hooked in through Celery's documented extension points, with classes made in ``memq.client.celery_internals``:
-``GuardedConsumer`` is the worker's consumer class (setting ``worker_consumer``), and ``GuardedRedisTransport``
-(setting ``broker_transport``, worker processes only) catches an envelope the transport cannot even decode (a
-100,000-deep JSON header exhausts the decoder's stack).
+Every task message first passes ``screen``: Celery's protocol-2 shape (``check``), an ``eta`` within its own
+deadline and the visibility timeout (``eta_problem``), and the started-deliveries limit (``over_delivery_limit``).
+A message that fails, or makes Celery's handler raise, is dead-lettered (``quarantine``), its caller failed at once
+(``fail_caller``), then acknowledged. Hooked in through ``memq.client.celery_internals`` (``GuardedConsumer``,
+``GuardedRedisTransport``); the rules and their tests: docs/guarantees.md, "Poison messages".
 """
 
 from __future__ import annotations
