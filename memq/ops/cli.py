@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from memq.core import broker, names
+from memq.core.letters import printable
 from memq.errors import ConfigError, InvalidInput, MemqError
 
 WORKER_DEFAULTS: dict[str, list[str]] = {
@@ -28,14 +29,14 @@ WORKER_DEFAULTS: dict[str, list[str]] = {
 
 GUARDED_REDIS_TRANSPORT = "memq.workers.plumbing.poison_guard:GuardedRedisTransport"
 GUARDED_AMQP_TRANSPORT = "memq.workers.plumbing.amqp_poison_guard:GuardedAmqpTransport"
+WORKER_USAGE = "usage: memq worker embed|search|ingest [--device cuda:N | --gpus 0,1] [celery worker args...]"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["worker"]:
         return run_worker(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)
     except InvalidInput as exc:
@@ -45,10 +46,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(args: argparse.Namespace, kind: str, message: str, **extra: str) -> int:
-    if getattr(args, "json", False):
-        print(json.dumps({"error": kind, "message": message, **extra}))
-    else:
-        print(f"memq: error: {message}", file=sys.stderr)
+    if not getattr(args, "json", False):
+        return _error(message)
+    print(json.dumps({"error": kind, "message": message, **extra}))
+    return 2
+
+
+def _error(message: object) -> int:
+    """One line on stderr, no traceback; exit status 2."""
+    print(f"memq: error: {message}", file=sys.stderr)
     return 2
 
 
@@ -68,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--skip", type=int, default=0, metavar="N", help="with --file: resume after line N (skip lines 1..N)"
     )
-    p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_remember)
+    printing = [p]
 
     p = sub.add_parser("retrieve", help="retrieve ranked memories")
     p.add_argument("query")
@@ -83,20 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--after", help="only memories created at or after this time (ISO-8601 or Unix seconds)")
     p.add_argument("--before", help="only memories created at or before this time (ISO-8601 or Unix seconds)")
     p.add_argument("--role", help="only memories of this role (e.g. user, assistant)")
-    p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_retrieve)
+    printing.append(p)
 
     p = sub.add_parser("forget", help="delete a tenant's memories")
     p.add_argument("--memory-id", required=True)
     p.add_argument("--type", dest="memory_type")
     p.add_argument("--id", action="append", dest="ids", metavar="ID")
-    p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_forget)
+    printing.append(p)
 
     p = sub.add_parser("indexes", help="create indexes (idempotent) and print the Atlas vector index")
     p.add_argument("--dimensions", type=int, default=None, help="default: the embed model's")
-    p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_indexes)
+    printing.append(p)
 
     p = sub.add_parser("demo", help="start everything locally, ingest samples, retrieve, stop")
     p.add_argument(
@@ -104,13 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="where workers already answer on the broker, run through them (namespaced tenants) instead of refusing",
     )
-    p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_demo)
+    printing.append(p)
 
     p = sub.add_parser("status", help="workers per queue, queue depths, Redis/MongoDB reachability, models")
     p.add_argument("--timeout-s", type=float, default=1.0, help="how long to wait for worker replies")
-    p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_status)
+    printing.append(p)
 
     p = sub.add_parser("dead-letters", help="messages the workers quarantined instead of running (newest first)")
     p.add_argument("--limit", type=int, default=100)
@@ -119,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_argument("--purge-all", action="store_true", help="remove every letter; prints how many")
     act.add_argument("--replay", nargs="+", metavar="ID", help="republish these letters' messages to their queues")
     act.add_argument("--replay-all", action="store_true", help="republish every replayable letter's message")
-    p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_dead_letters)
+    printing.append(p)
 
     p = sub.add_parser("broker", help="RabbitMQ: declare memq's topology (idempotent) or print it as definitions")
     action = p.add_subparsers(dest="broker_command", required=True)
@@ -130,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--management-url", help="apply the policy through the management API: http://user:pw@host:15672"
     )
     setup.add_argument("--rabbitmqctl", metavar="PATH", help="apply the policy with this rabbitmqctl (on a node)")
-    setup.add_argument("--json", action="store_true")
+    printing.append(setup)
     definitions = action.add_parser("definitions", help="print the topology in RabbitMQ's definitions format")
     definitions.add_argument("--vhost", default="/")
     definitions.add_argument("--delivery-limit", type=int, default=None)
@@ -148,31 +154,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default="0.0.0.0")
     p.add_argument("--interval-s", type=float, default=5.0, help="seconds between two reads of the broker")
     p.set_defaults(handler=cmd_exporter)
+    for p in printing:
+        p.add_argument("--json", action="store_true")
     return parser
 
 
 def run_worker(argv: list[str]) -> int:
     if not argv or argv[0] not in WORKER_DEFAULTS:
-        print(
-            "usage: memq worker embed|search|ingest [--device cuda:N | --gpus 0,1] [celery worker args...]",
-            file=sys.stderr,
-        )
+        print(WORKER_USAGE, file=sys.stderr)
         return 2
     kind, extra = argv[0], argv[1:]
     if kind == "embed" and any(arg == "--gpus" or arg.startswith("--gpus=") for arg in extra):
         from memq.workers.embedding.gpu_launcher import run_from_argv
 
         # Each child gets --device cuda:N; every setting is checked here, before any child starts.
-        if not settings_are_valid({**os.environ, "MEMQ_EMBED_DEVICE": "cuda"}) or not remote_control_is_valid():
+        if settings_error({**os.environ, "MEMQ_EMBED_DEVICE": "cuda"}):
             return 2
         return int(run_from_argv(extra) or 0)  # one pinned embed worker per GPU, supervised together
     device, extra = worker_device(extra)
     if device is not None:
         os.environ["MEMQ_EMBED_DEVICE"] = device
-    if not settings_are_valid(os.environ) or not remote_control_is_valid():
+    if settings_error(os.environ):
         return 2
     from memq.core.settings import get_settings
 
+    queues = [kind]
     if kind == "search":  # the memory guard's allocator, before any thread starts
         from memq.workers.search.rss_budget import configure_allocator
 
@@ -180,10 +186,7 @@ def run_worker(argv: list[str]) -> int:
         try:
             queues = search_worker_queues(extra, get_settings().search_shards)
         except ValueError as exc:
-            print(f"memq: error: {exc}", file=sys.stderr)
-            return 2
-    else:
-        queues = [kind]
+            return _error(exc)
     from memq.workers import startup
 
     startup.set_kind(kind)
@@ -191,15 +194,12 @@ def run_worker(argv: list[str]) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from memq.client.app import app
 
-    # Worker processes only: envelopes the transport cannot decode are dead-lettered
-    # (memq.workers.plumbing.poison_guard, and
-    # memq.workers.plumbing.amqp_poison_guard on RabbitMQ).
+    # Worker processes only: envelopes the transport cannot decode are dead-lettered (poison_guard, amqp_poison_guard).
     if str(app.conf.broker_url).startswith(("redis://", "rediss://", "unix://")):
         app.conf.broker_transport = GUARDED_REDIS_TRANSPORT
     elif broker.is_amqp(str(app.conf.broker_url)):
         app.conf.broker_transport = GUARDED_AMQP_TRANSPORT
     from memq.config.celery import worker_overrides
-    from memq.core.settings import get_settings
 
     app.conf.update(worker_overrides(get_settings()))
     args = ["worker", "-Q", ",".join(queues), *WORKER_DEFAULTS[kind]]
@@ -218,30 +218,18 @@ def worker_device(extra: list[str]) -> tuple[str | None, list[str]]:
     return known.device, rest
 
 
-def remote_control_is_valid() -> bool:
-    """``MEMQ_REMOTE_CONTROL`` names only commands the worker has (or ``all``), checked before Celery starts: a
-    misspelled list must stop the worker, not leave its remote control open."""
-    from memq.core.settings import get_settings
+def settings_error(env: Mapping[str, str]) -> bool:
+    """Whether a worker must refuse to start: a bad ``MEMQ_*`` value, or a ``MEMQ_REMOTE_CONTROL`` naming a command the
+    worker lacks (a misspelled list must not leave its remote control open); said in one line naming the variable."""
+    from memq.core.settings import Settings
     from memq.workers.plumbing.remote_control import check_remote_control
 
     try:
-        check_remote_control(get_settings().remote_control)
+        check_remote_control(Settings.from_env(env).remote_control)
     except ConfigError as exc:
-        print(f"memq: error: {exc}", file=sys.stderr)
-        return False
-    return True
-
-
-def settings_are_valid(env: Mapping[str, str]) -> bool:
-    """A worker refuses to start on a bad ``MEMQ_*`` value: one line naming the variable, no traceback."""
-    from memq.core.settings import Settings
-
-    try:
-        Settings.from_env(env)
-    except ConfigError as exc:
-        print(f"memq: error: {exc}", file=sys.stderr)
-        return False
-    return True
+        _error(exc)
+        return True
+    return False
 
 
 def search_worker_queues(extra: list[str], search_shards: int) -> list[str]:
@@ -283,25 +271,21 @@ def parse_pairs(values: Sequence[str], field: str, number: type) -> dict[str, An
 
 def filters_from(args: argparse.Namespace) -> dict[str, Any] | None:
     """The retrieve command's filter flags as ``retrieve``'s ``filters`` (checked there, like any caller's)."""
-    filters: dict[str, Any] = {}
-    if args.tags:
-        filters["tags"] = args.tags
-    if args.all_tags:
-        filters["tags_match"] = "all"
-    for flag, name in ((args.after, "created_after"), (args.before, "created_before")):
-        if flag is not None:
-            filters[name] = float(flag) if _is_number(flag) else flag
-    if args.role is not None:
-        filters["role"] = args.role
-    return filters or None
+    filters = {
+        "tags": args.tags,
+        "tags_match": "all" if args.all_tags else None,
+        "created_after": _seconds_or_text(args.after),
+        "created_before": _seconds_or_text(args.before),
+        "role": args.role,
+    }
+    return {name: value for name, value in filters.items() if value is not None} or None
 
 
-def _is_number(text: str) -> bool:
+def _seconds_or_text(flag: str | None) -> float | str | None:
     try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+        return float(flag)  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # None, or an ISO-8601 time
+        return flag
 
 
 MAX_JSONL_DEPTH = 32  # levels of nesting in one JSONL line; the line's object is level 1
@@ -340,45 +324,42 @@ def iter_jsonl(path: Path, after_line: int = 0) -> Iterator[tuple[int, dict[str,
 
 
 def parse_jsonl_line(raw: bytes, number: int) -> dict[str, Any]:
+    too_deep = f"nested deeper than {MAX_JSONL_DEPTH} levels"
     try:
-        line = raw.decode("utf-8")
+        item = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
-        raise InvalidInput("file", f"line {number}: not UTF-8 text") from None
-    try:
-        item = json.loads(line)
+        why = "not UTF-8 text"
     except json.JSONDecodeError as exc:
-        raise InvalidInput("file", f"line {number}: not JSON ({exc.msg})") from None
+        why = f"not JSON ({exc.msg})"
     except ValueError:  # e.g. an integer of more digits than Python converts
-        raise InvalidInput("file", f"line {number}: not JSON memq can read") from None
+        why = "not JSON memq can read"
     except RecursionError:  # json.loads of a line nested thousands deep
-        item = None
-        depth = MAX_JSONL_DEPTH + 1
+        why = too_deep
     else:
         depth = json_depth(item)
-    if depth > MAX_JSONL_DEPTH:
-        raise InvalidInput("file", f"line {number}: nested deeper than {MAX_JSONL_DEPTH} levels")
-    if not isinstance(item, dict):
-        raise InvalidInput("file", f"line {number}: expected an object with 'content'")
-    return item
+        if depth <= MAX_JSONL_DEPTH and isinstance(item, dict):
+            return item
+        why = too_deep if depth > MAX_JSONL_DEPTH else "expected an object with 'content'"
+    raise InvalidInput("file", f"line {number}: {why}")
 
 
-def count_lines(path: Path) -> int | None:
-    """The file's lines, counted in one pass of 1 MiB reads (for the progress line's total); None if unreadable."""
+def count_lines(path: Path) -> int:
+    """The file's lines, counted in one pass of 1 MiB reads (for ``--skip`` and the progress line's total)."""
     lines, last = 0, b"\n"
     try:
         with path.open("rb") as handle:
             while chunk := handle.read(1 << 20):
                 lines += chunk.count(b"\n")
                 last = chunk[-1:]
-    except OSError:
-        return None
+    except OSError as exc:
+        raise InvalidInput("file", f"cannot read {path}: {exc}") from None
     return lines + (last != b"\n")
 
 
 class ProgressLine:
     """One ``\\r``-rewritten line on stderr (only when stderr is a terminal): lines stored, rate, time left."""
 
-    def __init__(self, total_lines: int | None, first_line: int) -> None:
+    def __init__(self, total_lines: int, first_line: int) -> None:
         self.total, self.first = total_lines, first_line
         self.started = time.monotonic()
         self.shown = False
@@ -435,26 +416,18 @@ def remember_file(args: argparse.Namespace) -> int:
     lines = count_lines(args.file)
     if args.skip > lines:
         raise InvalidInput("skip", f"past the end: {args.file} has {lines} line(s), --skip {args.skip}")
+    bar = None
     try:
         numbered = first_batch_checked(args, iter_jsonl(args.file, args.skip))
-    except IngestStopped as exc:
-        return stopped_import(args, exc)
-    from memq.client.api import remember_numbered
+        from memq.client.api import remember_numbered
 
-    bar = ProgressLine(lines, args.skip) if sys.stderr.isatty() and not args.json else None
-    try:
+        bar = ProgressLine(lines, args.skip) if sys.stderr.isatty() and not args.json else None
+        on_progress = bar.show if bar else None
         summary = remember_numbered(
-            args.memory_id,
-            args.memory_type,
-            numbered,
-            stored_through=args.skip,
-            unit="line",
-            on_progress=bar.show if bar else None,
+            args.memory_id, args.memory_type, numbered, stored_through=args.skip, unit="line", on_progress=on_progress
         )
     except IngestStopped as exc:
-        if bar:
-            bar.end()
-        return stopped_import(args, exc)
+        return stopped_import(args, exc, bar)
     if bar:
         bar.end()
     if summary["items"] == 0 and args.skip == 0:
@@ -489,9 +462,11 @@ def first_batch_checked(
     return itertools.chain(head, numbered)
 
 
-def stopped_import(args: argparse.Namespace, exc: Any) -> int:
+def stopped_import(args: argparse.Namespace, exc: Any, bar: ProgressLine | None = None) -> int:
     """One line: the error, what is stored (every line up to ``stored_through``) and the ``--skip`` that resumes.
     Exit 2 for a line memq refuses (``InvalidItem``), else 1."""
+    if bar:
+        bar.end()
     through = exc.stored_through
     stored = f"lines 1..{through} are stored; rerun with --skip {through} to resume" if through else "nothing is stored"
     refused = isinstance(exc, InvalidInput)
@@ -526,10 +501,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
     from memq.client.api import forget
 
     result = forget(args.memory_id, args.memory_type, args.ids)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"deleted {sum(result['deleted'].values())} memories of {result['memory_id']}")
+    deleted = f"deleted {sum(result['deleted'].values())} memories of {result['memory_id']}"
+    print(json.dumps(result) if args.json else deleted)
     return 0
 
 
@@ -593,11 +566,13 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
 def dead_letters_command(args: argparse.Namespace) -> int:
     from memq.ops import dead_letters
 
+    show = printable
+
     if args.replay is not None or args.replay_all:
         replayed = dead_letters.replay(None if args.replay_all else args.replay)
         if args.json:
             print(json.dumps({"replayed": [vars(r) for r in replayed]}))
-        for outcome in replayed if not args.json else []:
+        for outcome in [] if args.json else replayed:
             print(replay_line(outcome))
         return 0 if all(r.outcome == "replayed" for r in replayed) else 1
     if args.purge_all:
@@ -609,22 +584,18 @@ def dead_letters_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"dead_letters": [letter.fields for letter in letters], "purged": purged}))
         return 0
-    for letter in letters:
-        fields, show = letter.fields, dead_letters.printable
+    for fields in (letter.fields for letter in letters):
         replay_note = show(fields.get("replay"), 120) if fields.get("replay") else "preview only"
         print(
             f"{float(fields.get('at') or 0):.3f}  {show(fields.get('id', ''), 32)}  {show(fields.get('queue'), 8):<8} "
             f"{show(fields.get('reason'), 24):<20} {show(fields.get('detail'), 200)}  [{replay_note}]"
         )
-        print(f"    headers: {show(fields.get('headers'))}")
-        print(f"    body:    {show(fields.get('body'))}")
+        print(f"    headers: {show(fields.get('headers'))}\n    body:    {show(fields.get('body'))}")
     print(f"{len(letters)} dead letter(s) shown" + (f"; purged those {purged}" if purged is not None else ""))
     return 0
 
 
 def replay_line(outcome: Any) -> str:
-    from memq.core.letters import printable
-
     line = f"{printable(outcome.id, 40)}  {outcome.outcome}"
     if outcome.outcome == "replayed":
         line += f" -> {outcome.queue} (task {printable(outcome.task_id, 40)})"
