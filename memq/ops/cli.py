@@ -62,8 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memq", description="Celery retrieval workers for agent memory.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("worker", help="start a worker: memq worker embed|search|ingest [celery worker args]")
+    printing: list[argparse.ArgumentParser] = []  # the commands with --json (added last, as their help lists it)
 
-    p = sub.add_parser("remember", help="embed and store memories")
+    def command(name: str, handler: Any, help: str, json: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.set_defaults(handler=handler)
+        if json:
+            printing.append(p)
+        return p
+
+    p = command("remember", cmd_remember, "embed and store memories")
     p.add_argument("--memory-id", required=True)
     p.add_argument("--type", required=True, dest="memory_type")
     source = p.add_mutually_exclusive_group(required=True)
@@ -74,10 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--skip", type=int, default=0, metavar="N", help="with --file: resume after line N (skip lines 1..N)"
     )
-    p.set_defaults(handler=cmd_remember)
-    printing = [p]
 
-    p = sub.add_parser("retrieve", help="retrieve ranked memories")
+    p = command("retrieve", cmd_retrieve, "retrieve ranked memories")
     p.add_argument("query")
     p.add_argument("--memory-id", required=True)
     p.add_argument("--limit", action="append", required=True, metavar="TYPE=K")
@@ -89,46 +95,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--after", help="only memories created at or after this time (ISO-8601 or Unix seconds)")
     p.add_argument("--before", help="only memories created at or before this time (ISO-8601 or Unix seconds)")
     p.add_argument("--role", help="only memories of this role (e.g. user, assistant)")
-    p.set_defaults(handler=cmd_retrieve)
-    printing.append(p)
 
-    p = sub.add_parser("forget", help="delete a tenant's memories")
+    p = command("forget", cmd_forget, "delete a tenant's memories")
     p.add_argument("--memory-id", required=True)
     p.add_argument("--type", dest="memory_type")
     p.add_argument("--id", action="append", dest="ids", metavar="ID")
-    p.set_defaults(handler=cmd_forget)
-    printing.append(p)
 
-    p = sub.add_parser("indexes", help="create indexes (idempotent) and print the Atlas vector index")
+    p = command("indexes", cmd_indexes, "create indexes (idempotent) and print the Atlas vector index")
     p.add_argument("--dimensions", type=int, default=None, help="default: the embed model's")
-    p.set_defaults(handler=cmd_indexes)
-    printing.append(p)
 
-    p = sub.add_parser("demo", help="start everything locally, ingest samples, retrieve, stop")
+    p = command("demo", cmd_demo, "start everything locally, ingest samples, retrieve, stop")
     p.add_argument(
         "--join",
         action="store_true",
         help="where workers already answer on the broker, run through them (namespaced tenants) instead of refusing",
     )
-    p.set_defaults(handler=cmd_demo)
-    printing.append(p)
 
-    p = sub.add_parser("status", help="workers per queue, queue depths, Redis/MongoDB reachability, models")
+    p = command("status", cmd_status, "workers per queue, queue depths, Redis/MongoDB reachability, models")
     p.add_argument("--timeout-s", type=float, default=1.0, help="how long to wait for worker replies")
-    p.set_defaults(handler=cmd_status)
-    printing.append(p)
 
-    p = sub.add_parser("dead-letters", help="messages the workers quarantined instead of running (newest first)")
+    p = command("dead-letters", cmd_dead_letters, "messages the workers quarantined instead of running (newest first)")
     p.add_argument("--limit", type=int, default=100)
     act = p.add_mutually_exclusive_group()
     act.add_argument("--purge", action="store_true", help="remove exactly the letters shown (after showing them)")
     act.add_argument("--purge-all", action="store_true", help="remove every letter; prints how many")
     act.add_argument("--replay", nargs="+", metavar="ID", help="republish these letters' messages to their queues")
     act.add_argument("--replay-all", action="store_true", help="republish every replayable letter's message")
-    p.set_defaults(handler=cmd_dead_letters)
-    printing.append(p)
 
-    p = sub.add_parser("broker", help="RabbitMQ: declare memq's topology (idempotent) or print it as definitions")
+    p = command(
+        "broker", cmd_broker, "RabbitMQ: declare memq's topology (idempotent) or print it as definitions", False
+    )
     action = p.add_subparsers(dest="broker_command", required=True)
     setup = action.add_parser("setup", help="declare exchanges, quorum queues, dead letters; apply the policy")
     setup.add_argument("--delivery-limit", type=int, default=None, help="the broker's backstop (default 20)")
@@ -142,18 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     definitions.add_argument("--delivery-limit", type=int, default=None)
     permissions = action.add_parser("permissions", help="print each role's permissions as rabbitmqctl commands")
     permissions.add_argument("--vhost", default="memq")
-    p.set_defaults(handler=cmd_broker)
 
-    p = sub.add_parser("flower", help="Flower for this app; basic auth from MEMQ_FLOWER_BASIC_AUTH")
+    p = command("flower", cmd_flower, "Flower for this app; basic auth from MEMQ_FLOWER_BASIC_AUTH", False)
     p.add_argument("--port", type=int, default=5555)
     p.add_argument("--address", default="0.0.0.0")
-    p.set_defaults(handler=cmd_flower)
 
-    p = sub.add_parser("exporter", help="Prometheus: messages waiting per queue and the oldest one's age")
+    p = command("exporter", cmd_exporter, "Prometheus: messages waiting per queue and the oldest one's age", False)
     p.add_argument("--port", type=int, default=9808)
     p.add_argument("--address", default="0.0.0.0")
     p.add_argument("--interval-s", type=float, default=5.0, help="seconds between two reads of the broker")
-    p.set_defaults(handler=cmd_exporter)
     for p in printing:
         p.add_argument("--json", action="store_true")
     return parser
@@ -487,13 +480,35 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
         "retrieve", args.query, args.memory_id, limits, weights, args.timeout_s, None, args.mode, filters
     )
     from memq.client.api import retrieve
-    from memq.ops.display import format_result
 
     result = retrieve(
         args.query, args.memory_id, limits, weights=weights, timeout_s=args.timeout_s, mode=args.mode, filters=filters
     )
     print(json.dumps(result) if args.json else format_result(result))
     return 0
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """A retrieval for a person (``memq retrieve`` and the demo): each type's items, best first, then errors and
+    timings."""
+    lines = [f"query: {result['query']!r}  memory_id: {result['memory_id']}  cached: {result.get('cached')}"]
+    for memory_type, items in result["results"].items():
+        lines.append(f"  {memory_type} ({len(items)})")
+        for item in items:
+            scores = item.get("scores", {})
+            parts = [f"{name}={scores[name]:.3f}" for name in ("vector", "lexical") if scores.get(name) is not None]
+            lines.append(f"    {item['memory_signal']:.3f}  {' '.join(parts)}  {item['content'][:80]}")
+    for memory_type, message in result.get("errors", {}).items():
+        lines.append(f"  {memory_type}: ERROR {message}")
+    if timings := result.get("timings_ms", {}):
+        lines.append("  timings_ms: " + json.dumps(_rounded(timings)))
+    return "\n".join(lines)
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 2)
+    return {k: _rounded(v) for k, v in value.items()} if isinstance(value, dict) else value
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
@@ -632,9 +647,17 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_flower(args: argparse.Namespace) -> int:
-    from memq.ops.flower import run_flower
+    """Flower on memq's app until SIGTERM/SIGINT, like ``celery -A memq.client.app flower --basic-auth=...``; the
+    credentials reach it through its own ``FLOWER_BASIC_AUTH`` variable, never its command line (``ps``)."""
+    from memq.core.settings import get_settings
 
-    return run_flower(args.port, args.address)
+    credentials = get_settings().flower_basic_auth
+    if not all(user and password for user, _, password in (pair.partition(":") for pair in credentials.split(","))):
+        raise ConfigError("MEMQ_FLOWER_BASIC_AUTH must be set to user:password (comma-separated for several)")
+    os.environ["FLOWER_BASIC_AUTH"] = credentials
+    from memq.client.app import app
+
+    return int(app.start(["flower", f"--port={args.port}", f"--address={args.address}"]) or 0)
 
 
 def cmd_exporter(args: argparse.Namespace) -> int:
