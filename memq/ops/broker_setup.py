@@ -64,12 +64,11 @@ def setup(
 
 
 def declare(broker_url: str, wanted: dict[str, Any]) -> None:
-    exchanges = {item["name"]: Exchange(item["name"], type=item["type"], durable=True) for item in wanted["exchanges"]}
     try:
         with Connection(broker_url, connect_timeout=CONNECT_TIMEOUT_S) as connection:
             channel = connection.default_channel
-            for exchange in exchanges.values():
-                exchange.declare(channel=channel)
+            for item in wanted["exchanges"]:
+                Exchange(item["name"], type=item["type"], durable=True).declare(channel=channel)
             for item in wanted["queues"]:
                 Queue(item["name"], durable=True, queue_arguments=item["arguments"]).declare(channel=channel)
             for item in wanted["bindings"]:
@@ -94,8 +93,7 @@ def put_policy(management_url: str, policy: dict[str, Any]) -> None:
         token = base64.b64encode(f"{parts.username}:{parts.password or ''}".encode()).decode()
         request.add_header("authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S):
-            pass
+        urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S).close()
     except urllib.error.HTTPError as exc:
         raise ConfigError(f"the management API refused the policy: HTTP {exc.code} {exc.reason}") from None
     except OSError as exc:

@@ -25,11 +25,11 @@ WORKER_DEFAULTS: dict[str, list[str]] = {
     "search": ["--pool", "threads", "--concurrency", "8", "--prefetch-multiplier", "1"],
     "ingest": ["--pool", "threads", "--concurrency", "2"],
 }
-
-
 GUARDED_REDIS_TRANSPORT = "memq.workers.plumbing.poison_guard:GuardedRedisTransport"
 GUARDED_AMQP_TRANSPORT = "memq.workers.plumbing.amqp_poison_guard:GuardedAmqpTransport"
 WORKER_USAGE = "usage: memq worker embed|search|ingest [--device cuda:N | --gpus 0,1] [celery worker args...]"
+MAX_JSONL_DEPTH = 32  # levels of nesting in one JSONL line; the line's object is level 1
+MAX_JSONL_LINE_BYTES = 16 * 1024 * 1024  # one line is read whole; a file is never read whole
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -281,9 +281,6 @@ def _seconds_or_text(flag: str | None) -> float | str | None:
         return flag
 
 
-MAX_JSONL_DEPTH = 32  # levels of nesting in one JSONL line; the line's object is level 1
-
-
 def json_depth(value: Any) -> int:
     """How deeply parsed JSON nests: a scalar is 0, ``{}`` and ``[]`` are 1, ``[[1]]`` is 2 (no recursion)."""
     deepest = 0
@@ -294,9 +291,6 @@ def json_depth(value: Any) -> int:
             deepest = max(deepest, depth)
             pending.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
     return deepest
-
-
-MAX_JSONL_LINE_BYTES = 16 * 1024 * 1024  # one line is read whole; a file is never read whole
 
 
 def iter_jsonl(path: Path, after_line: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -353,19 +347,16 @@ class ProgressLine:
     """One ``\\r``-rewritten line on stderr (only when stderr is a terminal): lines stored, rate, time left."""
 
     def __init__(self, total_lines: int, first_line: int) -> None:
-        self.total, self.first = total_lines, first_line
-        self.started = time.monotonic()
-        self.shown = False
+        self.total, self.first, self.started, self.shown = total_lines, first_line, time.monotonic(), False
 
     def show(self, progress: Any) -> None:
         elapsed = max(time.monotonic() - self.started, 1e-6)
-        rate = progress.items / elapsed
         text = f"memq: line {progress.stored_through:,}"
         if self.total:
             done = (progress.stored_through - self.first) / max(self.total - self.first, 1)
             left = (self.total - progress.stored_through) * elapsed / max(progress.stored_through - self.first, 1)
             text += f"/{self.total:,} ({100 * done:.0f}%), about {left:.0f} s left"
-        sys.stderr.write(f"\r{text}, {rate:,.0f} memories/s   ")
+        sys.stderr.write(f"\r{text}, {progress.items / elapsed:,.0f} memories/s   ")
         sys.stderr.flush()
         self.shown = True
 
@@ -386,15 +377,10 @@ def cmd_remember(args: argparse.Namespace) -> int:
 
     result = remember(args.memory_id, args.memory_type, items)
     failed = result.get("failed") or []
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(
-            f"stored {len(result['ids']) - len(failed)} memories in {result['type']} "
-            f"({result['inserted']} new, {result['updated']} updated) for {result['memory_id']}"
-        )
-        for entry in failed:
-            print(f"memq: not written: item {entry['index']} ({entry['reason']})", file=sys.stderr)
+    stored = f"stored {len(result['ids']) - len(failed)} memories in {result['type']} ({result['inserted']} new, "
+    print(json.dumps(result) if args.json else f"{stored}{result['updated']} updated) for {result['memory_id']}")
+    for entry in [] if args.json else failed:
+        print(f"memq: not written: item {entry['index']} ({entry['reason']})", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -425,14 +411,9 @@ def remember_file(args: argparse.Namespace) -> int:
         bar.end()
     if summary["items"] == 0 and args.skip == 0:
         raise InvalidInput("file", f"{args.file} holds no memories")
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(
-            f"stored {summary['items']} memories in {summary['type']} ({summary['inserted']} new, "
-            f"{summary['updated']} updated) for {summary['memory_id']}, in {summary['batches']} batch(es)"
-            f" through line {summary['stored_through']}"
-        )
+    stored = f"stored {summary['items']} memories in {summary['type']} ({summary['inserted']} new, "
+    stored += f"{summary['updated']} updated) for {summary['memory_id']}, in {summary['batches']} batch(es)"
+    print(json.dumps(summary) if args.json else f"{stored} through line {summary['stored_through']}")
     return 0
 
 
@@ -541,14 +522,13 @@ def cmd_indexes(args: argparse.Namespace) -> int:
     result = create_indexes(args.dimensions)
     if args.json:
         print(json.dumps(result))
-    else:
-        for memory_type, names in result["indexes"].items():
-            vector, text = result["vector_indexes"].get(memory_type), result["text_indexes"].get(memory_type)
-            print(f"{memory_type}: {', '.join(names)}; vector index: {vector}; search index: {text}")
-        print("Atlas Vector Search index definition:")
-        print(json.dumps(result["vector_index_definition"], indent=2))
-        print("Atlas Search index definition (hybrid and lexical modes):")
-        print(json.dumps(result["text_index_definition"], indent=2))
+        return 0
+    for memory_type, created in result["indexes"].items():
+        vector, text = result["vector_indexes"].get(memory_type), result["text_indexes"].get(memory_type)
+        print(f"{memory_type}: {', '.join(created)}; vector index: {vector}; search index: {text}")
+    vector_index, text_index = (json.dumps(result[f"{kind}_index_definition"], indent=2) for kind in ("vector", "text"))
+    print(f"Atlas Vector Search index definition:\n{vector_index}")
+    print(f"Atlas Search index definition (hybrid and lexical modes):\n{text_index}")
     return 0
 
 
@@ -618,7 +598,6 @@ def replay_line(outcome: Any) -> str:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from memq.core import broker
     from memq.core.settings import get_settings
 
     if args.broker_command == "permissions":

@@ -1,11 +1,8 @@
 """The dead letters, as an operator sees them: list, count, purge exactly what was shown, replay; on either broker.
 
-Redis: the workers' guard (``memq.workers.plumbing.poison_guard``) pushes a short JSON record with an ``id`` to
-``memq:v1:dead`` (newest first) and, where it had a whole message, keeps it under ``memq:v1:dead:msg:<id>``.
-RabbitMQ: the broker keeps each letter whole in its ``memq.dead`` quorum queue, from the guard
-(``memq.workers.plumbing.amqp_poison_guard``, ``memq_dead_*`` headers) or from its own delivery limit (``x-death``).
-Reading that queue takes its messages: a listing holds them unacknowledged and hands them back by closing its
-channel; a replay or purge holds them until it has acknowledged the ones it removed. What a replay promises:
+Redis: a short record per letter in ``memq:v1:dead`` (newest first), the whole message beside it under
+``memq:v1:dead:msg:<id>``. RabbitMQ: each letter whole in ``memq.dead``, which a listing holds unacknowledged and
+hands back, and a replay or purge holds until it has acknowledged what it removed. What a replay promises:
 docs/guarantees.md, "Dead letters keep the whole message".
 """
 
@@ -15,10 +12,10 @@ import base64
 import binascii
 import contextlib
 import datetime as dt
-import functools
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import Any
 
 import redis
@@ -61,7 +58,7 @@ def listed(limit: int = 100, broker_url: str | None = None) -> list[Letter]:
     letters = [Letter(_fields(raw), raw) for raw in client.lrange(keys.DEAD_LETTERS, 0, max(0, limit - 1))]
     stored = client.mget([keys.dead_message(letter.id) for letter in letters]) if letters else []
     return [
-        Letter(_with_replay(letter.fields, functools.partial(_redis_kept, message)), letter.raw)
+        Letter(_with_replay(letter.fields, partial(_redis_kept, message)), letter.raw)
         if message is not None
         else Letter({**letter.fields, "replayable": False}, letter.raw)
         for letter, message in zip(letters, stored, strict=True)
@@ -123,16 +120,12 @@ def replay(ids: Iterable[str] | None, broker_url: str | None = None) -> list[Rep
     if url := _amqp_url(broker_url):
         with _held_letters(url, DEAD_LETTER_MAX if wanted is None else AMQP_GET_LIMIT) as (conn, held):
             producer = conn.Producer(channel=conn.channel())
-            return _replayed(
-                wanted, [(letter, functools.partial(_replay_amqp, letter, m, producer)) for letter, m in held]
-            )
+            return _replayed(wanted, [(x, partial(_replay_amqp, x, message, producer)) for x, message in held])
     letters = [Letter(_fields(raw), raw) for raw in cache_redis.get().lrange(keys.DEAD_LETTERS, 0, -1)]
     try:
         with Connection(get_settings().broker_url, connect_timeout=CONNECT_TIMEOUT_S) as connection:
             producer = connection.Producer()
-            return _replayed(
-                wanted, [(letter, functools.partial(_replay_redis, letter, producer)) for letter in letters]
-            )
+            return _replayed(wanted, [(x, partial(_replay_redis, x, producer)) for x in letters])
     except OSError as exc:
         detail = f"broker unreachable: {exc}"
         return _replayed(wanted, [(x, lambda i=x.id: Replayed(i, "failed", detail=detail)) for x in letters])
@@ -269,7 +262,7 @@ def _amqp_letter(message: Any) -> Letter:
         "body": printable(body.decode("utf-8", errors="replace"), BODY_PREVIEW_CHARS),
         "at": _at(headers),
     }
-    return Letter(_with_replay(fields, functools.partial(_amqp_kept, message, queue)))
+    return Letter(_with_replay(fields, partial(_amqp_kept, message, queue)))
 
 
 def _amqp_kept(message: Any, queue: str) -> Kept:

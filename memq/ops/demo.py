@@ -112,21 +112,15 @@ def _run(fleet: services.Fleet, say: Any, as_json: bool, start_workers: bool = T
             cold["asked_again"] = {"cached": again["cached"], "client_ms": again_ms}
             outputs.append(cold)
             say(f"\n{format_result(cold)}\n  asked again: cached={again['cached']} in {again_ms:.2f} ms")
-    finally:
-        forget_all(list(tenants.values()), say)  # nothing left behind, in its own database or a joined fleet's
+    finally:  # nothing left behind, in its own database or a joined fleet's
+        for tenant in tenants.values():
+            try:
+                api.forget(tenant, timeout_s=FORGET_TIMEOUT_S)
+            except MemqError as exc:
+                say(f"could not forget {tenant}: {exc}")
     if as_json:
         print(json.dumps(outputs))
     return 0
-
-
-def forget_all(tenants: list[str], say: Any) -> None:
-    from memq.client import api
-
-    for tenant in tenants:
-        try:
-            api.forget(tenant, timeout_s=FORGET_TIMEOUT_S)
-        except MemqError as exc:
-            say(f"could not forget {tenant}: {exc}")
 
 
 def _timed(call: Any, *args: Any) -> tuple[dict[str, Any], float]:

@@ -48,9 +48,8 @@ class QueueState:
 
 def read_envelope(raw: bytes) -> tuple[float | None, str, bool]:
     """A queued envelope's ``memq_published_at`` (None when absent or not a finite number), an identity for it (its
-    task id, or a digest of the raw message when it has none) and whether it was a JSON object at all. Any message
-    is answered: one nested deeper than the JSON decoder's recursion bound (``[[[[...]]]]``, a ``RecursionError``)
-    or not UTF-8 or not JSON is an unreadable message, identified by its digest."""
+    task id, else a digest of the raw message) and whether it is a JSON object at all (not UTF-8, not JSON or nested
+    past the decoder's recursion bound: not)."""
     try:
         envelope = json.loads(raw)
     except (ValueError, RecursionError):  # ValueError includes UnicodeDecodeError
@@ -140,29 +139,27 @@ class QueueExporter(Collector):
 
     def refresh(self) -> bool:
         """Samples Redis; on an error the queue series go away and ``memq_exporter_broker_up`` reads 0."""
+        states: dict[str, QueueState] = {}
+        error = None
         try:
             states = self.watch.sample()
         except Exception as exc:  # the broker down, or anything else: the exporter goes on sampling
             error = f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, redis.RedisError | OSError):
                 self.watch.record_error("", "sample_failed", error)
-            with self._lock:
-                self._states, self._up, self._errors = {}, False, dict(self.watch.errors)
-                changed, self._error = error != self._error, error
-            if changed:
-                log.warning("memq exporter: cannot read the broker: %s", error)
-            return False
         with self._lock:
-            if self._error is not None:
-                log.warning("memq exporter: the broker answers again")
-            self._states, self._up, self._sampled_at, self._error = states, True, self.clock(), None
-            self._errors = dict(self.watch.errors)
-        return True
+            if error != self._error:  # each change logged once
+                log.warning(
+                    "memq exporter: %s", f"cannot read the broker: {error}" if error else "the broker answers again"
+                )
+            self._states, self._up, self._error, self._errors = states, error is None, error, dict(self.watch.errors)
+            if error is None:
+                self._sampled_at = self.clock()
+        return error is None
 
     def collect(self) -> Iterator[Metric]:
-        with self._lock:
-            states, up, sampled_at = dict(self._states), self._up, self._sampled_at
-            error_counts = dict(self._errors)
+        with self._lock:  # refresh replaces these, never changes them
+            states, up, sampled_at, error_counts = self._states, self._up, self._sampled_at, self._errors
         now = self.clock()
         messages = GaugeMetricFamily(
             "memq_queue_messages", "Task messages waiting in the queue's Redis list (LLEN).", labels=["queue"]
@@ -174,10 +171,8 @@ class QueueExporter(Collector):
         )
         for queue, state in states.items():
             messages.add_metric([queue], state.depth)
-            waited = 0.0 if state.oldest_since is None else max(0.0, now - state.oldest_since)
-            age.add_metric([queue], waited)
-        yield messages
-        yield age
+            age.add_metric([queue], 0.0 if state.oldest_since is None else max(0.0, now - state.oldest_since))
+        yield from (messages, age)
         errors = CounterMetricFamily(
             "memq_exporter_errors",
             "Tail messages the exporter could not read (each once) and queue samples that failed, by queue "

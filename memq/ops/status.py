@@ -1,9 +1,7 @@
-"""``memq status``: the fleet at a glance, from the outside (docs/operations.md, "Health: `memq status`").
-
-The broker, the cache Redis and MongoDB (reachable, or the error), messages waiting per queue (through the broker),
-every worker's ``memq_info`` reply (``memq.workers.plumbing.remote_control``), and stale shards: ``search.<s>`` queues
-outside ``MEMQ_SEARCH_SHARDS`` that hold messages or have a worker. ``ok`` when every service answers, every queue has
-a worker and no stale shard holds messages without one. Imports no torch; pymongo only to ping MongoDB.
+"""``memq status``: the fleet at a glance, from the outside (docs/operations.md, "Health: `memq status`"): services,
+queue depths, every worker's ``memq_info`` reply, and stale shards (``search.<s>`` outside ``MEMQ_SEARCH_SHARDS``
+holding messages or served). ``ok``: every service answers, every queue has a worker, no stale shard holds messages
+without one. Imports no torch; pymongo only to ping MongoDB.
 """
 
 from __future__ import annotations
@@ -132,17 +130,15 @@ def search_index_states(database: Any, settings: Settings) -> dict[str, Any]:
 
     existing = set(database.list_collection_names())
     states: dict[str, Any] = {}
-    for memory_type in MemoryType:
-        if memory_type.value not in existing:
-            continue
+    for collection in (memory_type.value for memory_type in MemoryType if memory_type.value in existing):
         try:
-            documents = list(database[memory_type.value].list_search_indexes())
+            documents = list(database[collection].list_search_indexes())
         except OperationFailure:
-            states[memory_type.value] = "unknown"
-            continue
-        states[memory_type.value] = {
-            name: state_from_documents(documents, name) for name in (settings.vector_index, settings.text_index)
-        }
+            states[collection] = "unknown"
+        else:
+            states[collection] = {
+                name: state_from_documents(documents, name) for name in (settings.vector_index, settings.text_index)
+            }
     return states
 
 
