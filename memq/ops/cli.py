@@ -30,6 +30,7 @@ GUARDED_AMQP_TRANSPORT = "memq.workers.plumbing.amqp_poison_guard:GuardedAmqpTra
 WORKER_USAGE = "usage: memq worker embed|search|ingest [--device cuda:N | --gpus 0,1] [celery worker args...]"
 MAX_JSONL_DEPTH = 32  # levels of nesting in one JSONL line; the line's object is level 1
 MAX_JSONL_LINE_BYTES = 16 * 1024 * 1024  # one line is read whole; a file is never read whole
+Numbered = Iterator[tuple[int, dict[str, Any]]]  # (line number, the object on that line)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -276,8 +277,8 @@ def filters_from(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def _seconds_or_text(flag: str | None) -> float | str | None:
     try:
-        return float(flag)  # type: ignore[arg-type]
-    except (TypeError, ValueError):  # None, or an ISO-8601 time
+        return None if flag is None else float(flag)
+    except ValueError:  # an ISO-8601 time
         return flag
 
 
@@ -293,7 +294,7 @@ def json_depth(value: Any) -> int:
     return deepest
 
 
-def iter_jsonl(path: Path, after_line: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_jsonl(path: Path, after_line: int = 0) -> Numbered:
     """``(line number, object)`` for each non-blank line after ``after_line``, read lazily (lines up to
     ``after_line`` are read, not parsed); a line that is not UTF-8 JSON, not an object, nested deeper than
     ``MAX_JSONL_DEPTH`` or longer than ``MAX_JSONL_LINE_BYTES`` is ``InvalidInput`` naming the line."""
@@ -377,8 +378,7 @@ def cmd_remember(args: argparse.Namespace) -> int:
 
     result = remember(args.memory_id, args.memory_type, items)
     failed = result.get("failed") or []
-    stored = f"stored {len(result['ids']) - len(failed)} memories in {result['type']} ({result['inserted']} new, "
-    print(json.dumps(result) if args.json else f"{stored}{result['updated']} updated) for {result['memory_id']}")
+    print(json.dumps(result) if args.json else stored_line(len(result["ids"]) - len(failed), result))
     for entry in [] if args.json else failed:
         print(f"memq: not written: item {entry['index']} ({entry['reason']})", file=sys.stderr)
     return 1 if failed else 0
@@ -411,15 +411,17 @@ def remember_file(args: argparse.Namespace) -> int:
         bar.end()
     if summary["items"] == 0 and args.skip == 0:
         raise InvalidInput("file", f"{args.file} holds no memories")
-    stored = f"stored {summary['items']} memories in {summary['type']} ({summary['inserted']} new, "
-    stored += f"{summary['updated']} updated) for {summary['memory_id']}, in {summary['batches']} batch(es)"
-    print(json.dumps(summary) if args.json else f"{stored} through line {summary['stored_through']}")
+    batches = f"in {summary['batches']} batch(es) through line {summary['stored_through']}"
+    print(json.dumps(summary) if args.json else f"{stored_line(summary['items'], summary)}, {batches}")
     return 0
 
 
-def first_batch_checked(
-    args: argparse.Namespace, numbered: Iterator[tuple[int, dict[str, Any]]]
-) -> Iterator[tuple[int, dict[str, Any]]]:
+def stored_line(items: int, result: dict[str, Any]) -> str:
+    counts = f"({result['inserted']} new, {result['updated']} updated)"
+    return f"stored {items} memories in {result['type']} {counts} for {result['memory_id']}"
+
+
+def first_batch_checked(args: argparse.Namespace, numbered: Numbered) -> Numbered:
     """``numbered`` unchanged, once its first batch has been read and checked item by item as ``remember_numbered``
     checks it (a bad line: ``InvalidItem``, nothing stored after ``--skip``)."""
     from memq.client import bulk_items
@@ -561,8 +563,7 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
 def dead_letters_command(args: argparse.Namespace) -> int:
     from memq.ops import dead_letters
 
-    show = printable
-
+    show = printable  # the listing's columns, below
     if args.replay is not None or args.replay_all:
         replayed = dead_letters.replay(None if args.replay_all else args.replay)
         if args.json:

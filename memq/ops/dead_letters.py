@@ -120,15 +120,19 @@ def replay(ids: Iterable[str] | None, broker_url: str | None = None) -> list[Rep
     if url := _amqp_url(broker_url):
         with _held_letters(url, DEAD_LETTER_MAX if wanted is None else AMQP_GET_LIMIT) as (conn, held):
             producer = conn.Producer(channel=conn.channel())
-            return _replayed(wanted, [(x, partial(_replay_amqp, x, message, producer)) for x, message in held])
+            return _replayed(
+                wanted, [(letter, partial(_replay_amqp, letter, message, producer)) for letter, message in held]
+            )
     letters = [Letter(_fields(raw), raw) for raw in cache_redis.get().lrange(keys.DEAD_LETTERS, 0, -1)]
     try:
         with Connection(get_settings().broker_url, connect_timeout=CONNECT_TIMEOUT_S) as connection:
             producer = connection.Producer()
-            return _replayed(wanted, [(x, partial(_replay_redis, x, producer)) for x in letters])
+            return _replayed(wanted, [(letter, partial(_replay_redis, letter, producer)) for letter in letters])
     except OSError as exc:
         detail = f"broker unreachable: {exc}"
-        return _replayed(wanted, [(x, lambda i=x.id: Replayed(i, "failed", detail=detail)) for x in letters])
+        return _replayed(
+            wanted, [(letter, lambda i=letter.id: Replayed(i, "failed", detail=detail)) for letter in letters]
+        )
 
 
 def _replayed(wanted: set[str] | None, letters: list[tuple[Letter, Callable[[], Replayed]]]) -> list[Replayed]:

@@ -18,7 +18,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 from kombu.utils.url import maybe_sanitize_url
@@ -219,10 +218,8 @@ def run_exporter(
         registry.unregister(exporter)
         raise ConfigError(f"memq exporter cannot listen on {address}:{port}: {exc}") from None
     stop = threading.Event()
-    previous: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    on_main = threading.current_thread() is threading.main_thread()  # signal handlers can be set there only
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT) if on_main}
     print(
         f"memq exporter: http://{address}:{port}/metrics, queues {', '.join(exporter.watch.queues)} of "
         f"{maybe_sanitize_url(settings.broker_url)}, sampled every {interval_s:g} s",

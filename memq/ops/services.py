@@ -145,9 +145,8 @@ class Fleet:
         for this worker alone (its own metrics port, say)."""
         name = name or kind
         hostname = f"{name}@memq-{os.getpid()}"
-        log_path = os.path.join(self.logdir, f"{name}.log")
         command = [sys.executable, "-m", "memq.ops.cli", "worker", kind, "-n", hostname, "--loglevel", "INFO"]
-        with open(log_path, "ab") as log:
+        with open(os.path.join(self.logdir, f"{name}.log"), "ab") as log:
             self.workers[hostname] = subprocess.Popen(
                 [*command, *extra_args],
                 env={**self.env, **(extra_env or {})},

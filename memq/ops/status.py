@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import redis
+from kombu import Connection
 from kombu.utils.url import maybe_sanitize_url
 
 from memq.core import broker, names, sharding
@@ -101,8 +102,6 @@ def reachability(url: str, ping: Callable[[], Any]) -> dict[str, Any]:
 
 
 def amqp_ping(url: str, timeout_s: float) -> None:
-    from kombu import Connection
-
     with Connection(url, connect_timeout=timeout_s) as connection:
         connection.ensure_connection(max_retries=1, timeout=timeout_s)
 
