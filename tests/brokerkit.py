@@ -145,14 +145,14 @@ class AmqpProbe:
         return self._counts(queue)[1]
 
     def dead_letters(self) -> list[dict[str, Any]]:
-        from memq.ops import amqp_dead_letters
+        from memq.ops import dead_letters
 
-        return [letter.fields for letter in amqp_dead_letters.listed(self.url, 100_000)]
+        return [letter.fields for letter in dead_letters.listed(100_000, self.url)]
 
     def clear_dead_letters(self) -> None:
-        from memq.ops import amqp_dead_letters
+        from memq.ops import dead_letters
 
-        amqp_dead_letters.purge_all(self.url)
+        dead_letters.purge_all(self.url)
 
     def plant_letter(self, queue: str, headers: Any, body: bytes, shown_queue: str | None = None) -> str:
         """A letter as a memq worker publishes it to the dead-letter exchange (the broker holds one record: the

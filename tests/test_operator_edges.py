@@ -1,6 +1,6 @@
 """Edges an independent probe broke (issue #26): a misspelled remote-control list, ``hello`` revoking tasks, a worker
-option without its value, a resume line past the end of an import file, and a far-future ``eta`` held
-unacknowledged."""
+option without its value, a resume line past the end of an import file (or a file that cannot be read), and a far-future
+``eta`` held unacknowledged."""
 
 from __future__ import annotations
 
@@ -63,6 +63,15 @@ def test_an_import_resumed_past_the_end_of_its_file_is_refused_naming_skip(tmp_p
     assert resumed.returncode == 2 and resumed.stderr.startswith("memq: error: skip: past the end"), resumed.stderr
     assert "3 line(s)" in resumed.stderr and "stored_through" not in resumed.stdout
     assert as_json.returncode == 2 and json.loads(as_json.stdout)["field"] == "skip"
+
+
+def test_an_import_of_a_file_that_cannot_be_read_is_refused_naming_it(tmp_path: Path, tenant: str) -> None:
+    missing = tmp_path / "missing.jsonl"
+
+    refused = memq_cli("remember", "--memory-id", tenant, "--type", "semantic", "--file", str(missing))
+
+    assert refused.returncode == 2 and refused.stderr.startswith(f"memq: error: file: cannot read {missing}")
+    assert "Traceback" not in refused.stderr
 
 
 def test_a_hello_broadcast_with_a_revoked_map_is_refused_and_revokes_nothing(fleet: Any, app: Any) -> None:

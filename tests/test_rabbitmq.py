@@ -177,10 +177,10 @@ def test_a_retrieval_step_the_broker_dead_letters_past_its_delivery_limit_fails_
     from memq.client.waiting import ResultWaiter
     from memq.core.settings import get_settings
     from memq.errors import DeadLettered
-    from memq.ops import amqp_dead_letters
+    from memq.ops import dead_letters
 
     url = os.environ["MEMQ_BROKER_URL"]
-    amqp_dead_letters.purge_all(url)
+    dead_letters.purge_all(url)
     rabbitkit.setup_topology({**os.environ, "MEMQ_SEARCH_SHARDS": "2"})  # shard queues, under the delivery limit
     shard = sharding.shard_queue(1)  # the retrieval's search step goes where only the killer consumes
     request = retrieval_request(get_settings(), "bees", tenant, {"semantic": 1})
@@ -196,8 +196,8 @@ def test_a_retrieval_step_the_broker_dead_letters_past_its_delivery_limit_fails_
     finally:
         stop.set()
         killer.join()
-    letters = [letter.fields for letter in amqp_dead_letters.listed(url, 100)]
-    amqp_dead_letters.purge_all(url)
+    letters = [letter.fields for letter in dead_letters.listed(100, url)]
+    dead_letters.purge_all(url)
 
     assert len(seen) > 1 and len(set(seen)) == 1  # one search step, delivered again and again
     assert [(letter["broker_reason"], letter["queue"], letter["task_id"]) for letter in letters] == [
@@ -285,7 +285,7 @@ def test_a_task_message_with_a_deeply_nested_header_table_leaves_every_worker_se
     app: Any, fleet: services.Fleet, tenant: str
 ) -> None:
     from memq.client import api
-    from memq.ops import amqp_dead_letters
+    from memq.ops import dead_letters
 
     url = os.environ["MEMQ_BROKER_URL"]
     sys.setrecursionlimit(20_000)  # deep enough that a worker's decoder (limit 1,000) cannot read it
@@ -307,11 +307,11 @@ def test_a_task_message_with_a_deeply_nested_header_table_leaves_every_worker_se
     wait_for(lambda: every_worker_answers(app, fleet))
     api.remember(tenant, "semantic", ["keeps bees"])
     assert api.retrieve("bees", tenant, {"semantic": 1})["results"]["long_term_memory"]
-    letters = amqp_dead_letters.listed(url, 100)
+    letters = dead_letters.listed(100, url)
     assert sorted((letter.fields["queue"], letter.fields["reason"]) for letter in letters) == sorted(
         (queue, "bad_headers") for queue in names.QUEUES
     )
-    amqp_dead_letters.purge_all(url)
+    dead_letters.purge_all(url)
 
 
 @pytest.fixture

@@ -1,12 +1,7 @@
 """``memq broker setup``: declares memq's RabbitMQ topology (``memq.core.broker``) on the configured broker,
-idempotently.
-
-Exchanges, quorum queues and bindings are declared over AMQP with the broker URL's own user (it needs the
-``configure`` permission: the operator's user, docs/operations.md). AMQP cannot set a policy; the delivery-limit
-policy is applied through RabbitMQ's management HTTP API (``--management-url``) or, on a broker node's own
-machine, ``rabbitmqctl`` (``--rabbitmqctl``). Running it again changes nothing; running it with another
-``--delivery-limit`` changes the policy only, which RabbitMQ applies to the existing queues at once (a queue
-argument could not be changed without deleting the queue).
+idempotently, over AMQP with the URL's own user (it needs ``configure``); AMQP cannot set a policy, so the
+delivery-limit policy goes through the management HTTP API or ``rabbitmqctl`` (docs/operations.md, "RabbitMQ as the
+broker"). A policy, not a queue argument: another ``--delivery-limit`` applies to the existing queues at once.
 """
 
 from __future__ import annotations
@@ -64,22 +59,16 @@ def setup(
     elif rabbitmqctl:
         set_policy_with_ctl(rabbitmqctl, policy)
         applied_by = "rabbitmqctl"
-    return SetupReport(
-        vhost,
-        [item["name"] for item in wanted["exchanges"]],
-        [item["name"] for item in wanted["queues"]],
-        policy,
-        applied_by,
-    )
+    exchanges, queues = ([item["name"] for item in wanted[kind]] for kind in ("exchanges", "queues"))
+    return SetupReport(vhost, exchanges, queues, policy, applied_by)
 
 
 def declare(broker_url: str, wanted: dict[str, Any]) -> None:
-    exchanges = {item["name"]: Exchange(item["name"], type=item["type"], durable=True) for item in wanted["exchanges"]}
     try:
         with Connection(broker_url, connect_timeout=CONNECT_TIMEOUT_S) as connection:
             channel = connection.default_channel
-            for exchange in exchanges.values():
-                exchange.declare(channel=channel)
+            for item in wanted["exchanges"]:
+                Exchange(item["name"], type=item["type"], durable=True).declare(channel=channel)
             for item in wanted["queues"]:
                 Queue(item["name"], durable=True, queue_arguments=item["arguments"]).declare(channel=channel)
             for item in wanted["bindings"]:
@@ -104,8 +93,7 @@ def put_policy(management_url: str, policy: dict[str, Any]) -> None:
         token = base64.b64encode(f"{parts.username}:{parts.password or ''}".encode()).decode()
         request.add_header("authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S):
-            pass
+        urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S).close()
     except urllib.error.HTTPError as exc:
         raise ConfigError(f"the management API refused the policy: HTTP {exc.code} {exc.reason}") from None
     except OSError as exc:
@@ -113,13 +101,8 @@ def put_policy(management_url: str, policy: dict[str, Any]) -> None:
 
 
 def set_policy_with_ctl(rabbitmqctl: str, policy: dict[str, Any]) -> None:
-    command = [
-        rabbitmqctl,
-        "set_policy",
-        "-p",
-        policy["vhost"],
-        "--apply-to",
-        policy["apply-to"],
+    command = [rabbitmqctl, "set_policy", "-p", policy["vhost"], "--apply-to", policy["apply-to"]]
+    command += [
         "--priority",
         str(policy["priority"]),
         policy["name"],

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from memq.core import broker, names
+from memq.core.letters import printable
 from memq.errors import ConfigError, InvalidInput, MemqError
 
 WORKER_DEFAULTS: dict[str, list[str]] = {
@@ -24,18 +25,19 @@ WORKER_DEFAULTS: dict[str, list[str]] = {
     "search": ["--pool", "threads", "--concurrency", "8", "--prefetch-multiplier", "1"],
     "ingest": ["--pool", "threads", "--concurrency", "2"],
 }
-
-
 GUARDED_REDIS_TRANSPORT = "memq.workers.plumbing.poison_guard:GuardedRedisTransport"
 GUARDED_AMQP_TRANSPORT = "memq.workers.plumbing.amqp_poison_guard:GuardedAmqpTransport"
+WORKER_USAGE = "usage: memq worker embed|search|ingest [--device cuda:N | --gpus 0,1] [celery worker args...]"
+MAX_JSONL_DEPTH = 32  # levels of nesting in one JSONL line; the line's object is level 1
+MAX_JSONL_LINE_BYTES = 16 * 1024 * 1024  # one line is read whole; a file is never read whole
+Numbered = Iterator[tuple[int, dict[str, Any]]]  # (line number, the object on that line)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["worker"]:
         return run_worker(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)
     except InvalidInput as exc:
@@ -45,10 +47,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(args: argparse.Namespace, kind: str, message: str, **extra: str) -> int:
-    if getattr(args, "json", False):
-        print(json.dumps({"error": kind, "message": message, **extra}))
-    else:
-        print(f"memq: error: {message}", file=sys.stderr)
+    if not getattr(args, "json", False):
+        return _error(message)
+    print(json.dumps({"error": kind, "message": message, **extra}))
+    return 2
+
+
+def _error(message: object) -> int:
+    """One line on stderr, no traceback; exit status 2."""
+    print(f"memq: error: {message}", file=sys.stderr)
     return 2
 
 
@@ -56,8 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memq", description="Celery retrieval workers for agent memory.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("worker", help="start a worker: memq worker embed|search|ingest [celery worker args]")
+    printing: list[argparse.ArgumentParser] = []  # the commands with --json (added last, as their help lists it)
 
-    p = sub.add_parser("remember", help="embed and store memories")
+    def command(name: str, handler: Any, help: str, json: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.set_defaults(handler=handler)
+        if json:
+            printing.append(p)
+        return p
+
+    p = command("remember", cmd_remember, "embed and store memories")
     p.add_argument("--memory-id", required=True)
     p.add_argument("--type", required=True, dest="memory_type")
     source = p.add_mutually_exclusive_group(required=True)
@@ -68,10 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--skip", type=int, default=0, metavar="N", help="with --file: resume after line N (skip lines 1..N)"
     )
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_remember)
 
-    p = sub.add_parser("retrieve", help="retrieve ranked memories")
+    p = command("retrieve", cmd_retrieve, "retrieve ranked memories")
     p.add_argument("query")
     p.add_argument("--memory-id", required=True)
     p.add_argument("--limit", action="append", required=True, metavar="TYPE=K")
@@ -83,46 +96,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--after", help="only memories created at or after this time (ISO-8601 or Unix seconds)")
     p.add_argument("--before", help="only memories created at or before this time (ISO-8601 or Unix seconds)")
     p.add_argument("--role", help="only memories of this role (e.g. user, assistant)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_retrieve)
 
-    p = sub.add_parser("forget", help="delete a tenant's memories")
+    p = command("forget", cmd_forget, "delete a tenant's memories")
     p.add_argument("--memory-id", required=True)
     p.add_argument("--type", dest="memory_type")
     p.add_argument("--id", action="append", dest="ids", metavar="ID")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_forget)
 
-    p = sub.add_parser("indexes", help="create indexes (idempotent) and print the Atlas vector index")
+    p = command("indexes", cmd_indexes, "create indexes (idempotent) and print the Atlas vector index")
     p.add_argument("--dimensions", type=int, default=None, help="default: the embed model's")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_indexes)
 
-    p = sub.add_parser("demo", help="start everything locally, ingest samples, retrieve, stop")
+    p = command("demo", cmd_demo, "start everything locally, ingest samples, retrieve, stop")
     p.add_argument(
         "--join",
         action="store_true",
         help="where workers already answer on the broker, run through them (namespaced tenants) instead of refusing",
     )
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_demo)
 
-    p = sub.add_parser("status", help="workers per queue, queue depths, Redis/MongoDB reachability, models")
+    p = command("status", cmd_status, "workers per queue, queue depths, Redis/MongoDB reachability, models")
     p.add_argument("--timeout-s", type=float, default=1.0, help="how long to wait for worker replies")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_status)
 
-    p = sub.add_parser("dead-letters", help="messages the workers quarantined instead of running (newest first)")
+    p = command("dead-letters", cmd_dead_letters, "messages the workers quarantined instead of running (newest first)")
     p.add_argument("--limit", type=int, default=100)
     act = p.add_mutually_exclusive_group()
     act.add_argument("--purge", action="store_true", help="remove exactly the letters shown (after showing them)")
     act.add_argument("--purge-all", action="store_true", help="remove every letter; prints how many")
     act.add_argument("--replay", nargs="+", metavar="ID", help="republish these letters' messages to their queues")
     act.add_argument("--replay-all", action="store_true", help="republish every replayable letter's message")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_dead_letters)
 
-    p = sub.add_parser("broker", help="RabbitMQ: declare memq's topology (idempotent) or print it as definitions")
+    p = command(
+        "broker", cmd_broker, "RabbitMQ: declare memq's topology (idempotent) or print it as definitions", False
+    )
     action = p.add_subparsers(dest="broker_command", required=True)
     setup = action.add_parser("setup", help="declare exchanges, quorum queues, dead letters; apply the policy")
     setup.add_argument("--delivery-limit", type=int, default=None, help="the broker's backstop (default 20)")
@@ -130,49 +133,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--management-url", help="apply the policy through the management API: http://user:pw@host:15672"
     )
     setup.add_argument("--rabbitmqctl", metavar="PATH", help="apply the policy with this rabbitmqctl (on a node)")
-    setup.add_argument("--json", action="store_true")
+    printing.append(setup)
     definitions = action.add_parser("definitions", help="print the topology in RabbitMQ's definitions format")
     definitions.add_argument("--vhost", default="/")
     definitions.add_argument("--delivery-limit", type=int, default=None)
     permissions = action.add_parser("permissions", help="print each role's permissions as rabbitmqctl commands")
     permissions.add_argument("--vhost", default="memq")
-    p.set_defaults(handler=cmd_broker)
 
-    p = sub.add_parser("flower", help="Flower for this app; basic auth from MEMQ_FLOWER_BASIC_AUTH")
+    p = command("flower", cmd_flower, "Flower for this app; basic auth from MEMQ_FLOWER_BASIC_AUTH", False)
     p.add_argument("--port", type=int, default=5555)
     p.add_argument("--address", default="0.0.0.0")
-    p.set_defaults(handler=cmd_flower)
 
-    p = sub.add_parser("exporter", help="Prometheus: messages waiting per queue and the oldest one's age")
+    p = command("exporter", cmd_exporter, "Prometheus: messages waiting per queue and the oldest one's age", False)
     p.add_argument("--port", type=int, default=9808)
     p.add_argument("--address", default="0.0.0.0")
     p.add_argument("--interval-s", type=float, default=5.0, help="seconds between two reads of the broker")
-    p.set_defaults(handler=cmd_exporter)
+    for p in printing:
+        p.add_argument("--json", action="store_true")
     return parser
 
 
 def run_worker(argv: list[str]) -> int:
     if not argv or argv[0] not in WORKER_DEFAULTS:
-        print(
-            "usage: memq worker embed|search|ingest [--device cuda:N | --gpus 0,1] [celery worker args...]",
-            file=sys.stderr,
-        )
+        print(WORKER_USAGE, file=sys.stderr)
         return 2
     kind, extra = argv[0], argv[1:]
     if kind == "embed" and any(arg == "--gpus" or arg.startswith("--gpus=") for arg in extra):
         from memq.workers.embedding.gpu_launcher import run_from_argv
 
         # Each child gets --device cuda:N; every setting is checked here, before any child starts.
-        if not settings_are_valid({**os.environ, "MEMQ_EMBED_DEVICE": "cuda"}) or not remote_control_is_valid():
+        if settings_error({**os.environ, "MEMQ_EMBED_DEVICE": "cuda"}):
             return 2
         return int(run_from_argv(extra) or 0)  # one pinned embed worker per GPU, supervised together
     device, extra = worker_device(extra)
     if device is not None:
         os.environ["MEMQ_EMBED_DEVICE"] = device
-    if not settings_are_valid(os.environ) or not remote_control_is_valid():
+    if settings_error(os.environ):
         return 2
     from memq.core.settings import get_settings
 
+    queues = [kind]
     if kind == "search":  # the memory guard's allocator, before any thread starts
         from memq.workers.search.rss_budget import configure_allocator
 
@@ -180,10 +180,7 @@ def run_worker(argv: list[str]) -> int:
         try:
             queues = search_worker_queues(extra, get_settings().search_shards)
         except ValueError as exc:
-            print(f"memq: error: {exc}", file=sys.stderr)
-            return 2
-    else:
-        queues = [kind]
+            return _error(exc)
     from memq.workers import startup
 
     startup.set_kind(kind)
@@ -191,15 +188,12 @@ def run_worker(argv: list[str]) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from memq.client.app import app
 
-    # Worker processes only: envelopes the transport cannot decode are dead-lettered
-    # (memq.workers.plumbing.poison_guard, and
-    # memq.workers.plumbing.amqp_poison_guard on RabbitMQ).
+    # Worker processes only: envelopes the transport cannot decode are dead-lettered (poison_guard, amqp_poison_guard).
     if str(app.conf.broker_url).startswith(("redis://", "rediss://", "unix://")):
         app.conf.broker_transport = GUARDED_REDIS_TRANSPORT
     elif broker.is_amqp(str(app.conf.broker_url)):
         app.conf.broker_transport = GUARDED_AMQP_TRANSPORT
     from memq.config.celery import worker_overrides
-    from memq.core.settings import get_settings
 
     app.conf.update(worker_overrides(get_settings()))
     args = ["worker", "-Q", ",".join(queues), *WORKER_DEFAULTS[kind]]
@@ -218,30 +212,18 @@ def worker_device(extra: list[str]) -> tuple[str | None, list[str]]:
     return known.device, rest
 
 
-def remote_control_is_valid() -> bool:
-    """``MEMQ_REMOTE_CONTROL`` names only commands the worker has (or ``all``), checked before Celery starts: a
-    misspelled list must stop the worker, not leave its remote control open."""
-    from memq.core.settings import get_settings
+def settings_error(env: Mapping[str, str]) -> bool:
+    """Whether a worker must refuse to start: a bad ``MEMQ_*`` value, or a ``MEMQ_REMOTE_CONTROL`` naming a command the
+    worker lacks (a misspelled list must not leave its remote control open); said in one line naming the variable."""
+    from memq.core.settings import Settings
     from memq.workers.plumbing.remote_control import check_remote_control
 
     try:
-        check_remote_control(get_settings().remote_control)
+        check_remote_control(Settings.from_env(env).remote_control)
     except ConfigError as exc:
-        print(f"memq: error: {exc}", file=sys.stderr)
-        return False
-    return True
-
-
-def settings_are_valid(env: Mapping[str, str]) -> bool:
-    """A worker refuses to start on a bad ``MEMQ_*`` value: one line naming the variable, no traceback."""
-    from memq.core.settings import Settings
-
-    try:
-        Settings.from_env(env)
-    except ConfigError as exc:
-        print(f"memq: error: {exc}", file=sys.stderr)
-        return False
-    return True
+        _error(exc)
+        return True
+    return False
 
 
 def search_worker_queues(extra: list[str], search_shards: int) -> list[str]:
@@ -283,28 +265,21 @@ def parse_pairs(values: Sequence[str], field: str, number: type) -> dict[str, An
 
 def filters_from(args: argparse.Namespace) -> dict[str, Any] | None:
     """The retrieve command's filter flags as ``retrieve``'s ``filters`` (checked there, like any caller's)."""
-    filters: dict[str, Any] = {}
-    if args.tags:
-        filters["tags"] = args.tags
-    if args.all_tags:
-        filters["tags_match"] = "all"
-    for flag, name in ((args.after, "created_after"), (args.before, "created_before")):
-        if flag is not None:
-            filters[name] = float(flag) if _is_number(flag) else flag
-    if args.role is not None:
-        filters["role"] = args.role
-    return filters or None
+    filters = {
+        "tags": args.tags,
+        "tags_match": "all" if args.all_tags else None,
+        "created_after": _seconds_or_text(args.after),
+        "created_before": _seconds_or_text(args.before),
+        "role": args.role,
+    }
+    return {name: value for name, value in filters.items() if value is not None} or None
 
 
-def _is_number(text: str) -> bool:
+def _seconds_or_text(flag: str | None) -> float | str | None:
     try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-MAX_JSONL_DEPTH = 32  # levels of nesting in one JSONL line; the line's object is level 1
+        return None if flag is None else float(flag)
+    except ValueError:  # an ISO-8601 time
+        return flag
 
 
 def json_depth(value: Any) -> int:
@@ -319,10 +294,7 @@ def json_depth(value: Any) -> int:
     return deepest
 
 
-MAX_JSONL_LINE_BYTES = 16 * 1024 * 1024  # one line is read whole; a file is never read whole
-
-
-def iter_jsonl(path: Path, after_line: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_jsonl(path: Path, after_line: int = 0) -> Numbered:
     """``(line number, object)`` for each non-blank line after ``after_line``, read lazily (lines up to
     ``after_line`` are read, not parsed); a line that is not UTF-8 JSON, not an object, nested deeper than
     ``MAX_JSONL_DEPTH`` or longer than ``MAX_JSONL_LINE_BYTES`` is ``InvalidInput`` naming the line."""
@@ -340,58 +312,52 @@ def iter_jsonl(path: Path, after_line: int = 0) -> Iterator[tuple[int, dict[str,
 
 
 def parse_jsonl_line(raw: bytes, number: int) -> dict[str, Any]:
+    too_deep = f"nested deeper than {MAX_JSONL_DEPTH} levels"
     try:
-        line = raw.decode("utf-8")
+        item = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
-        raise InvalidInput("file", f"line {number}: not UTF-8 text") from None
-    try:
-        item = json.loads(line)
+        why = "not UTF-8 text"
     except json.JSONDecodeError as exc:
-        raise InvalidInput("file", f"line {number}: not JSON ({exc.msg})") from None
+        why = f"not JSON ({exc.msg})"
     except ValueError:  # e.g. an integer of more digits than Python converts
-        raise InvalidInput("file", f"line {number}: not JSON memq can read") from None
+        why = "not JSON memq can read"
     except RecursionError:  # json.loads of a line nested thousands deep
-        item = None
-        depth = MAX_JSONL_DEPTH + 1
+        why = too_deep
     else:
         depth = json_depth(item)
-    if depth > MAX_JSONL_DEPTH:
-        raise InvalidInput("file", f"line {number}: nested deeper than {MAX_JSONL_DEPTH} levels")
-    if not isinstance(item, dict):
-        raise InvalidInput("file", f"line {number}: expected an object with 'content'")
-    return item
+        if depth <= MAX_JSONL_DEPTH and isinstance(item, dict):
+            return item
+        why = too_deep if depth > MAX_JSONL_DEPTH else "expected an object with 'content'"
+    raise InvalidInput("file", f"line {number}: {why}")
 
 
-def count_lines(path: Path) -> int | None:
-    """The file's lines, counted in one pass of 1 MiB reads (for the progress line's total); None if unreadable."""
+def count_lines(path: Path) -> int:
+    """The file's lines, counted in one pass of 1 MiB reads (for ``--skip`` and the progress line's total)."""
     lines, last = 0, b"\n"
     try:
         with path.open("rb") as handle:
             while chunk := handle.read(1 << 20):
                 lines += chunk.count(b"\n")
                 last = chunk[-1:]
-    except OSError:
-        return None
+    except OSError as exc:
+        raise InvalidInput("file", f"cannot read {path}: {exc}") from None
     return lines + (last != b"\n")
 
 
 class ProgressLine:
     """One ``\\r``-rewritten line on stderr (only when stderr is a terminal): lines stored, rate, time left."""
 
-    def __init__(self, total_lines: int | None, first_line: int) -> None:
-        self.total, self.first = total_lines, first_line
-        self.started = time.monotonic()
-        self.shown = False
+    def __init__(self, total_lines: int, first_line: int) -> None:
+        self.total, self.first, self.started, self.shown = total_lines, first_line, time.monotonic(), False
 
     def show(self, progress: Any) -> None:
         elapsed = max(time.monotonic() - self.started, 1e-6)
-        rate = progress.items / elapsed
         text = f"memq: line {progress.stored_through:,}"
         if self.total:
             done = (progress.stored_through - self.first) / max(self.total - self.first, 1)
             left = (self.total - progress.stored_through) * elapsed / max(progress.stored_through - self.first, 1)
             text += f"/{self.total:,} ({100 * done:.0f}%), about {left:.0f} s left"
-        sys.stderr.write(f"\r{text}, {rate:,.0f} memories/s   ")
+        sys.stderr.write(f"\r{text}, {progress.items / elapsed:,.0f} memories/s   ")
         sys.stderr.flush()
         self.shown = True
 
@@ -412,15 +378,9 @@ def cmd_remember(args: argparse.Namespace) -> int:
 
     result = remember(args.memory_id, args.memory_type, items)
     failed = result.get("failed") or []
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(
-            f"stored {len(result['ids']) - len(failed)} memories in {result['type']} "
-            f"({result['inserted']} new, {result['updated']} updated) for {result['memory_id']}"
-        )
-        for entry in failed:
-            print(f"memq: not written: item {entry['index']} ({entry['reason']})", file=sys.stderr)
+    print(json.dumps(result) if args.json else stored_line(len(result["ids"]) - len(failed), result))
+    for entry in [] if args.json else failed:
+        print(f"memq: not written: item {entry['index']} ({entry['reason']})", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -435,44 +395,33 @@ def remember_file(args: argparse.Namespace) -> int:
     lines = count_lines(args.file)
     if args.skip > lines:
         raise InvalidInput("skip", f"past the end: {args.file} has {lines} line(s), --skip {args.skip}")
+    bar = None
     try:
         numbered = first_batch_checked(args, iter_jsonl(args.file, args.skip))
-    except IngestStopped as exc:
-        return stopped_import(args, exc)
-    from memq.client.api import remember_numbered
+        from memq.client.api import remember_numbered
 
-    bar = ProgressLine(lines, args.skip) if sys.stderr.isatty() and not args.json else None
-    try:
+        bar = ProgressLine(lines, args.skip) if sys.stderr.isatty() and not args.json else None
+        on_progress = bar.show if bar else None
         summary = remember_numbered(
-            args.memory_id,
-            args.memory_type,
-            numbered,
-            stored_through=args.skip,
-            unit="line",
-            on_progress=bar.show if bar else None,
+            args.memory_id, args.memory_type, numbered, stored_through=args.skip, unit="line", on_progress=on_progress
         )
     except IngestStopped as exc:
-        if bar:
-            bar.end()
-        return stopped_import(args, exc)
+        return stopped_import(args, exc, bar)
     if bar:
         bar.end()
     if summary["items"] == 0 and args.skip == 0:
         raise InvalidInput("file", f"{args.file} holds no memories")
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(
-            f"stored {summary['items']} memories in {summary['type']} ({summary['inserted']} new, "
-            f"{summary['updated']} updated) for {summary['memory_id']}, in {summary['batches']} batch(es)"
-            f" through line {summary['stored_through']}"
-        )
+    batches = f"in {summary['batches']} batch(es) through line {summary['stored_through']}"
+    print(json.dumps(summary) if args.json else f"{stored_line(summary['items'], summary)}, {batches}")
     return 0
 
 
-def first_batch_checked(
-    args: argparse.Namespace, numbered: Iterator[tuple[int, dict[str, Any]]]
-) -> Iterator[tuple[int, dict[str, Any]]]:
+def stored_line(items: int, result: dict[str, Any]) -> str:
+    counts = f"({result['inserted']} new, {result['updated']} updated)"
+    return f"stored {items} memories in {result['type']} {counts} for {result['memory_id']}"
+
+
+def first_batch_checked(args: argparse.Namespace, numbered: Numbered) -> Numbered:
     """``numbered`` unchanged, once its first batch has been read and checked item by item as ``remember_numbered``
     checks it (a bad line: ``InvalidItem``, nothing stored after ``--skip``)."""
     from memq.client import bulk_items
@@ -489,9 +438,11 @@ def first_batch_checked(
     return itertools.chain(head, numbered)
 
 
-def stopped_import(args: argparse.Namespace, exc: Any) -> int:
+def stopped_import(args: argparse.Namespace, exc: Any, bar: ProgressLine | None = None) -> int:
     """One line: the error, what is stored (every line up to ``stored_through``) and the ``--skip`` that resumes.
     Exit 2 for a line memq refuses (``InvalidItem``), else 1."""
+    if bar:
+        bar.end()
     through = exc.stored_through
     stored = f"lines 1..{through} are stored; rerun with --skip {through} to resume" if through else "nothing is stored"
     refused = isinstance(exc, InvalidInput)
@@ -512,7 +463,6 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
         "retrieve", args.query, args.memory_id, limits, weights, args.timeout_s, None, args.mode, filters
     )
     from memq.client.api import retrieve
-    from memq.ops.display import format_result
 
     result = retrieve(
         args.query, args.memory_id, limits, weights=weights, timeout_s=args.timeout_s, mode=args.mode, filters=filters
@@ -521,15 +471,36 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     return 0
 
 
+def format_result(result: dict[str, Any]) -> str:
+    """A retrieval for a person (``memq retrieve`` and the demo): each type's items, best first, then errors and
+    timings."""
+    lines = [f"query: {result['query']!r}  memory_id: {result['memory_id']}  cached: {result.get('cached')}"]
+    for memory_type, items in result["results"].items():
+        lines.append(f"  {memory_type} ({len(items)})")
+        for item in items:
+            scores = item.get("scores", {})
+            parts = [f"{name}={scores[name]:.3f}" for name in ("vector", "lexical") if scores.get(name) is not None]
+            lines.append(f"    {item['memory_signal']:.3f}  {' '.join(parts)}  {item['content'][:80]}")
+    for memory_type, message in result.get("errors", {}).items():
+        lines.append(f"  {memory_type}: ERROR {message}")
+    if timings := result.get("timings_ms", {}):
+        lines.append("  timings_ms: " + json.dumps(_rounded(timings)))
+    return "\n".join(lines)
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 2)
+    return {k: _rounded(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+
 def cmd_forget(args: argparse.Namespace) -> int:
     check_before_the_client_loads("forget", args.memory_id, args.memory_type, args.ids)
     from memq.client.api import forget
 
     result = forget(args.memory_id, args.memory_type, args.ids)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"deleted {sum(result['deleted'].values())} memories of {result['memory_id']}")
+    deleted = f"deleted {sum(result['deleted'].values())} memories of {result['memory_id']}"
+    print(json.dumps(result) if args.json else deleted)
     return 0
 
 
@@ -553,14 +524,13 @@ def cmd_indexes(args: argparse.Namespace) -> int:
     result = create_indexes(args.dimensions)
     if args.json:
         print(json.dumps(result))
-    else:
-        for memory_type, names in result["indexes"].items():
-            vector, text = result["vector_indexes"].get(memory_type), result["text_indexes"].get(memory_type)
-            print(f"{memory_type}: {', '.join(names)}; vector index: {vector}; search index: {text}")
-        print("Atlas Vector Search index definition:")
-        print(json.dumps(result["vector_index_definition"], indent=2))
-        print("Atlas Search index definition (hybrid and lexical modes):")
-        print(json.dumps(result["text_index_definition"], indent=2))
+        return 0
+    for memory_type, created in result["indexes"].items():
+        vector, text = result["vector_indexes"].get(memory_type), result["text_indexes"].get(memory_type)
+        print(f"{memory_type}: {', '.join(created)}; vector index: {vector}; search index: {text}")
+    vector_index, text_index = (json.dumps(result[f"{kind}_index_definition"], indent=2) for kind in ("vector", "text"))
+    print(f"Atlas Vector Search index definition:\n{vector_index}")
+    print(f"Atlas Search index definition (hybrid and lexical modes):\n{text_index}")
     return 0
 
 
@@ -593,11 +563,12 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
 def dead_letters_command(args: argparse.Namespace) -> int:
     from memq.ops import dead_letters
 
+    show = printable  # the listing's columns, below
     if args.replay is not None or args.replay_all:
         replayed = dead_letters.replay(None if args.replay_all else args.replay)
         if args.json:
             print(json.dumps({"replayed": [vars(r) for r in replayed]}))
-        for outcome in replayed if not args.json else []:
+        for outcome in [] if args.json else replayed:
             print(replay_line(outcome))
         return 0 if all(r.outcome == "replayed" for r in replayed) else 1
     if args.purge_all:
@@ -609,22 +580,18 @@ def dead_letters_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"dead_letters": [letter.fields for letter in letters], "purged": purged}))
         return 0
-    for letter in letters:
-        fields, show = letter.fields, dead_letters.printable
+    for fields in (letter.fields for letter in letters):
         replay_note = show(fields.get("replay"), 120) if fields.get("replay") else "preview only"
         print(
             f"{float(fields.get('at') or 0):.3f}  {show(fields.get('id', ''), 32)}  {show(fields.get('queue'), 8):<8} "
             f"{show(fields.get('reason'), 24):<20} {show(fields.get('detail'), 200)}  [{replay_note}]"
         )
-        print(f"    headers: {show(fields.get('headers'))}")
-        print(f"    body:    {show(fields.get('body'))}")
+        print(f"    headers: {show(fields.get('headers'))}\n    body:    {show(fields.get('body'))}")
     print(f"{len(letters)} dead letter(s) shown" + (f"; purged those {purged}" if purged is not None else ""))
     return 0
 
 
 def replay_line(outcome: Any) -> str:
-    from memq.core.letters import printable
-
     line = f"{printable(outcome.id, 40)}  {outcome.outcome}"
     if outcome.outcome == "replayed":
         line += f" -> {outcome.queue} (task {printable(outcome.task_id, 40)})"
@@ -632,7 +599,6 @@ def replay_line(outcome: Any) -> str:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from memq.core import broker
     from memq.core.settings import get_settings
 
     if args.broker_command == "permissions":
@@ -661,9 +627,17 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_flower(args: argparse.Namespace) -> int:
-    from memq.ops.flower import run_flower
+    """Flower on memq's app until SIGTERM/SIGINT, like ``celery -A memq.client.app flower --basic-auth=...``; the
+    credentials reach it through its own ``FLOWER_BASIC_AUTH`` variable, never its command line (``ps``)."""
+    from memq.core.settings import get_settings
 
-    return run_flower(args.port, args.address)
+    credentials = get_settings().flower_basic_auth
+    if not all(user and password for user, _, password in (pair.partition(":") for pair in credentials.split(","))):
+        raise ConfigError("MEMQ_FLOWER_BASIC_AUTH must be set to user:password (comma-separated for several)")
+    os.environ["FLOWER_BASIC_AUTH"] = credentials
+    from memq.client.app import app
+
+    return int(app.start(["flower", f"--port={args.port}", f"--address={args.address}"]) or 0)
 
 
 def cmd_exporter(args: argparse.Namespace) -> int:

