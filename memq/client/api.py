@@ -1,13 +1,7 @@
-"""The API a web app calls. Import-light: no torch, no pymongo, no worker code.
-
-    from memq.client.api import retrieve, aretrieve, remember, remember_many, forget
-
-Every call checks its input before anything is sent (``InvalidInput`` names the field), and waits at
-most ``timeout_s`` (``RetrievalTimeout``). ``aretrieve``/``aremember`` never block the event loop.
-
-``retrieve`` asks the result cache first (``memq.client.result_cache``): a hit returns with no task sent
-(``cached: true``); identical concurrent misses share one chord (single-flight); Redis errors there
-degrade to an uncached retrieval.
+"""The API a web app calls. Import-light: no torch, no pymongo, no worker code. Every call checks its input before
+anything is sent (``InvalidInput`` names the field) and waits at most ``timeout_s`` (``RetrievalTimeout``);
+``aretrieve``/``aremember`` never block the event loop; ``retrieve`` asks the result cache first
+(``memq.client.result_cache``: a hit sends no task; identical concurrent misses share one chord).
 """
 
 from __future__ import annotations
@@ -137,11 +131,8 @@ def create_indexes(dimensions: int | None = None, timeout_s: float = 120.0) -> d
 
 
 async def aretrieve(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """``retrieve`` for asyncio (same arguments): the wait runs on a dedicated thread pool, never on the event loop.
-    The deadline starts now, not when a pool thread is free: a call that waited for a thread gets only what is left,
-    and the caller gets ``RetrievalTimeout`` by ``timeout_s`` + ``ASYNC_MARGIN_S`` (``memq.core.deadlines``) whatever
-    the
-    pool is doing."""
+    """``retrieve`` for asyncio (same arguments), waiting on a dedicated thread pool. The deadline starts now, not
+    when a pool thread is free: ``RetrievalTimeout`` by ``timeout_s`` + ``ASYNC_MARGIN_S`` whatever the pool does."""
     call = inspect.signature(retrieve).bind(*args, **kwargs)  # a wrong argument raises TypeError here, as in retrieve
     budget_s = field_rules.check_timeout(call.arguments.get("timeout_s"), get_settings().retrieve_timeout_s)
     deadline_ts = time.time() + budget_s
@@ -230,19 +221,10 @@ def remember_many(
     skip: int = 0,
     timeout_s: float = deadlines.INGEST_TIMEOUT_S,
 ) -> dict[str, Any]:
-    """Store any number of memories from ``items``, read lazily (a generator, a file's lines: never all in memory).
-
-    One ``remember`` chain (embed | store) per batch of ``batch_items`` memories (default and most:
-    ``field_rules.MAX_BATCH_ITEMS``), at most ``max_in_flight`` batches sent and not yet stored, their results awaited
-    in
-    order (each for at most ``timeout_s``). Each batch is checked, item by item, before it is sent: a bad item stops
-    the import with ``InvalidItem`` naming its position (1-based), and nothing from its batch on is sent.
-
-    Any failure raises ``IngestStopped`` (``InvalidItem`` is one), whose ``stored_through`` says that every item up
-    to it is stored: ``skip=stored_through`` on the same input resumes (the first ``skip`` items are read and
-    dropped unchecked; storing is idempotent, so items re-sent are never duplicated). ``on_progress`` gets an
-    ``IngestProgress`` after each stored batch. Returns ``{"memory_id", "type", "stored_through", "items",
-    "batches", "inserted", "updated"}``."""
+    """Store any number of memories from ``items``, read lazily: one ``remember`` chain per batch of ``batch_items``
+    (default and most ``MAX_BATCH_ITEMS``), each checked before it is sent, at most ``max_in_flight`` not yet stored.
+    Any failure raises ``IngestStopped`` (``InvalidItem`` for a bad item): ``skip=stored_through`` resumes.
+    ``on_progress`` gets an ``IngestProgress`` per stored batch; returns its ``summary()`` (README, "Usage")."""
     if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
         raise InvalidInput("skip", f"must be an integer >= 0, got {field_rules.shown(skip)}")
     if isinstance(items, dict | str | bytes) or not isinstance(items, Iterable):

@@ -1,22 +1,10 @@
 """The result cache: a repeated retrieval costs one Redis round trip and no task at all.
 
-Client side (``lookup``, ``wait``, ``release``): one Lua script, one round trip, reads the requested types'
-data versions, builds the key ``memq:v1:res:<fingerprint>:<versions>`` and GETs it; on a miss it also tries
-the single-flight lock (``SET NX PX``). The caller that gets the lock runs the chord; identical callers
-that arrive meanwhile poll the same script until the result appears (or the lock frees up, and one of
-them takes it), within their own timeout.
-
-The look-up's key and the data versions it names travel with the request (``memq.core.wire.with_cache``) to
-``memq.merge``, which files the result there (``memq.workers.plumbing.cache_filing``) only if the key is its own
-request's.
-
-Every entry's envelope names the tenant and the request fingerprint it answers; the client serves an entry only
-if both are its own (and the result inside names that tenant too); anything else counts as ``foreign`` and is
-overwritten like a ``stale`` one, never served.
-
-Any Redis error degrades to a miss with a warning (never a failed retrieval), and the cache's breaker then
-leaves it alone a while (``memq.client.cache_redis``), so a dead Redis costs nothing per call.
-Import-light: redis, json, prometheus.
+``lookup`` (one Lua script, one round trip) reads the requested types' data versions, builds the key
+``memq:v1:res:<fingerprint>:<versions>`` and GETs it; on a miss it tries the single-flight lock (``SET NX PX``): its
+holder runs the chord, whose merge files the result under that key (``memq.core.wire.with_cache``), while identical
+callers ``wait``, polling the same script. An entry is served only if its envelope names this tenant and request
+(else ``foreign``). A Redis error degrades to a miss and opens the breaker a while (``memq.client.cache_redis``).
 """
 
 from __future__ import annotations

@@ -1,20 +1,10 @@
 """Waiting for many task results at once in one client process, with one reader of the result store.
 
-Celery's default way to wait (``AsyncResult.get``) has every waiting thread drain a pub/sub connection of its own
-and, for a chain, read each parent task's state with a Redis GET on every wake-up: milliseconds of client CPU per
-retrieval, growing with the number of threads a web app waits on.
-
-``ResultWaiter`` keeps, per process, one Redis pub/sub connection to the result store and one daemon thread, the
-drain thread, which alone touches it (redis-py's ``PubSub`` is not thread-safe). A caller hands the drain thread
-the keys of the results it wants and sleeps on its own event; the drain thread SUBSCRIBEs, confirms, and wakes the
-caller whose result, and only whose, arrives. Results stored before the SUBSCRIBE took effect were published to no
-one: after the confirmation the caller reads them with one MGET. A caller also watches its chain's earlier steps:
-Celery stores a failed step's error on that step and on the chord header after it, not on the last step, so a
-failure ends the wait at once without polling. A chord whose part failed ends with Celery's ``ChordError``, which
-names the part only in its text: the caller gets the part's own error instead (one MGET of the parts).
-
-Only public Celery API is used: the result backend's ``get_key_for_task`` (the Redis key, which is also the
-channel Celery publishes the result on), ``decode_result`` and ``exception_to_python``.
+``ResultWaiter`` keeps, per process, one Redis pub/sub connection to the result store and one daemon thread (the
+drain thread) that alone touches it; a caller hands it its chain's result keys and sleeps on its own event. Results
+stored before the SUBSCRIBE took effect are read with one MGET after its confirmation; an earlier step's failure
+ends the wait at once; a chord's ``ChordError`` becomes its failed part's own error. Why: README, "How it works".
+Public Celery API only: the result backend's ``get_key_for_task``, ``decode_result`` and ``exception_to_python``.
 """
 
 from __future__ import annotations

@@ -1,26 +1,10 @@
-"""Which broker a URL names, and memq's RabbitMQ topology as data: queues, dead-letter exchange and queue, policy.
+"""Which broker a URL names, and memq's RabbitMQ topology as data: queues, dead-letter exchange and queue, policy,
+each role's permissions.
 
-One definition, read by the Celery configuration (``memq.config.celery``), by ``memq broker setup``
-(``memq.ops.broker_setup``), by the worker's dead-lettering on AMQP (``memq.workers.plumbing.amqp_poison_guard``) and by
-the
-docker-compose and Kubernetes files (``deploy/rabbitmq/definitions.json``, checked by tests/test_compose.py and
-tests/test_deploy.py against ``definitions``).
-
-- Task queues are quorum queues (replicated by Raft; durable; messages persistent). Their only queue argument is
-  ``x-queue-type``: everything that may change later (the delivery limit, the dead-letter exchange and strategy)
-  is in the policy ``memq-task-queues``, because RabbitMQ refuses (406 PRECONDITION_FAILED) to declare an existing
-  queue again with other arguments, so a changed argument would stop every worker at start.
-- The policy's ``delivery-limit`` is the broker's backstop, above memq's own limit (``MEMQ_MAX_DELIVERIES``, which
-  counts only the deliveries that *started* running): RabbitMQ 3.x counts every return of a message, the ones a
-  crashed consumer had only prefetched included, so a limit as low as memq's would dead-letter innocent messages.
-- Each queue has its own topic exchange of the same name (``exchange_type``).
-- Dead letters go to the fanout exchange ``memq.dead`` and wait in the quorum queue ``memq.dead``
-  (``at-least-once`` dead-lettering, which needs ``overflow: reject-publish``). The same exchange copies each one
-  to ``memq.dead.watch``, which every worker consumes (``memq.workers.plumbing.dead_letter_watch``): a message the
-  broker
-  itself dead-lettered fails its caller at once, while its letter stays in ``memq.dead`` for ``memq dead-letters``.
-
-Import-light: no Celery, no kombu.
+One definition, read by the Celery configuration, ``memq broker setup``, the worker's dead-lettering on AMQP and the
+deployment files (``deploy/rabbitmq/definitions.json``, checked against ``definitions``). Why it is so (quorum
+queues, the delivery limit in a policy above ``MEMQ_MAX_DELIVERIES``, the watched dead letters): README, "Choosing a
+broker", and docs/guarantees.md. Import-light: no Celery, no kombu.
 """
 
 from __future__ import annotations
@@ -58,16 +42,7 @@ def _only(*alternatives: str) -> str:
     return "^(" + "|".join(alternatives) + ")$"
 
 
-#: RabbitMQ permissions (configure, write, read: regular expressions over exchange and queue names; an exchange and
-#: a queue of the same name share them) per role, all in memq's own virtual host (docs/operations.md, "Broker users
-#: per role"; ``memq broker permissions`` prints them as ``rabbitmqctl`` commands).
-#: - ``web``: publishes memq's requests to its task exchanges, nothing else: RabbitMQ itself refuses it a
-#:   remote-control broadcast (``celery.pidbox``), consuming, purging or declaring anything.
-#: - ``<kind>-worker``: consumes (and so may purge) its own kind's queues and ``memq.dead.watch`` only; publishes
-#:   chain and chord steps to any task exchange, dead letters to ``memq.dead``, and Celery's remote-control replies,
-#:   events and delayed retries; declares and deletes only Celery's own names, never a task queue or a dead letter.
-#: - ``operator``: ``memq broker setup`` (declares memq's names), ``memq dead-letters`` (reads, purges and replays
-#:   through the default exchange ``amq.default``), ``memq status`` (remote control): memq's names only.
+#: RabbitMQ permissions (configure, write, read) per role: docs/operations.md, "Broker users per role".
 ROLE_PERMISSIONS: dict[str, tuple[str, str, str]] = {
     "web": ("^$", POLICY_PATTERN, "^$"),
     **{
