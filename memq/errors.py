@@ -66,9 +66,7 @@ class IngestStopped(MemqError):
 
     def __init__(self, reason: str, stored_through: int, summary: dict[str, object]) -> None:
         super().__init__(f"{reason}; {resume_hint(stored_through)}")
-        self.reason = reason
-        self.stored_through = stored_through
-        self.summary = summary
+        self.reason, self.stored_through, self.summary = reason, stored_through, summary
 
 
 class InvalidItem(IngestStopped, InvalidInput):
@@ -77,9 +75,7 @@ class InvalidItem(IngestStopped, InvalidInput):
 
     def __init__(self, field: str, reason: str, stored_through: int, summary: dict[str, object]) -> None:
         InvalidInput.__init__(self, field, f"{reason}; {resume_hint(stored_through)}")
-        self.reason = reason
-        self.stored_through = stored_through
-        self.summary = summary
+        self.reason, self.stored_through, self.summary = reason, stored_through, summary
 
 
 def resume_hint(stored_through: int) -> str:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from celery.canvas import Signature
 from celery.exceptions import TaskRevokedError
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
@@ -35,14 +36,7 @@ from memq.client.waiting import ResultWaiter
 from memq.core import deadlines, field_rules
 from memq.core.settings import Settings, get_settings
 from memq.core.wire import RememberRequest, RetrievalRequest, with_cache
-from memq.errors import (
-    IngestStopped,
-    InvalidInput,
-    MemqError,
-    RetrievalTimeout,
-    TaskFailed,
-    TransientError,
-)
+from memq.errors import IngestStopped, InvalidInput, MemqError, RetrievalTimeout, TaskFailed, TransientError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -88,7 +82,7 @@ def _run_chord(settings: Settings, request: RetrievalRequest, found: result_cach
     if found.cache_key is not None and found.versions is not None:
         request = with_cache(request, found.cache_key, found.versions, settings.result_cache_ttl_s)
     try:
-        result = _send(lambda: retrieval_canvas(request).apply_async())
+        result = _send(retrieval_canvas(request))
         timeout_s = deadlines.budget_s(request["deadline_ts"]) or 0.0  # what sending and the cache look-up left
         if timeout_s <= 0:
             raise RetrievalTimeout(f"retrieval did not finish within {request['timeout_s']:g} s (sending took it all)")
@@ -107,8 +101,7 @@ def remember(
 ) -> dict[str, Any]:
     """Embed and store memories in bulk (idempotent); returns their ids and insert/update counts."""
     request = remember_request(get_settings(), memory_id, memory_type, items, timeout_s)
-    result = _send(lambda: remember_canvas(request).apply_async())
-    return _wait(result, timeout_s, what="remember")
+    return _wait(_send(remember_canvas(request)), timeout_s, what="remember")
 
 
 def forget(
@@ -119,15 +112,13 @@ def forget(
 ) -> dict[str, Any]:
     """Delete this tenant's memories (of one type, or all; all of them, or these ids)."""
     request = forget_request(memory_id, memory_type, ids, timeout_s)
-    result = _send(lambda: forget_signature(request).apply_async())
-    return _wait(result, timeout_s, what="forget")
+    return _wait(_send(forget_signature(request)), timeout_s, what="forget")
 
 
 def create_indexes(dimensions: int | None = None, timeout_s: float = 120.0) -> dict[str, Any]:
     """Create memq's indexes (idempotent); ``dimensions``: the vector index's, by default the model's (an embed
     worker embeds one probe text first)."""
-    result = _send(lambda: indexes_canvas(dimensions).apply_async())
-    return _wait(result, timeout_s, what="create_indexes")
+    return _wait(_send(indexes_canvas(dimensions)), timeout_s, what="create_indexes")
 
 
 async def aretrieve(*args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -165,9 +156,9 @@ async def _in_thread(call: Callable[[], T]) -> T:
     return await asyncio.get_running_loop().run_in_executor(_executor, call)
 
 
-def _send(send: Callable[[], AsyncResult]) -> AsyncResult:
+def _send(canvas: Signature) -> AsyncResult:
     try:
-        return send()
+        return canvas.apply_async()
     except (OperationalError, RedisError, OSError) as exc:
         raise TransientError(f"broker unavailable: {exc}") from exc
     except RuntimeError as exc:
@@ -319,7 +310,7 @@ class _BulkImport:
             "deadline_ts": time.time() + self.timeout_s,
         }
         try:
-            batch.result = _send(lambda: remember_canvas(request).apply_async())
+            batch.result = _send(remember_canvas(request))
         except MemqError as exc:
             raise self._stopped(exc) from exc
         batch.items = []

@@ -1,10 +1,6 @@
-"""The Celery application, as a web process and a worker both see it.
-
-Importing it loads no model, opens no connection and imports nothing of the worker side: the task
-definitions and the worker start-up hooks are named in ``include``, which only a worker process imports.
-
-Every task message published through it carries ``memq_published_at`` (``stamp_published_at``), from which
-``memq exporter`` reports how long the oldest message of each queue has waited.
+"""The Celery application, as a web process and a worker both see it. Importing it loads no model, opens no
+connection and imports nothing of the worker side (the task modules are only named in ``include``). Every task
+message published through it carries ``memq_published_at`` (``stamp_published_at``), which ``memq exporter`` reads.
 """
 
 from __future__ import annotations

@@ -35,8 +35,7 @@ MAX_TAGS = 64
 MAX_FLOAT_INT = 10**308  # larger ints do not convert to float
 MAX_TAG_CHARS = 128
 MAX_ROLE_CHARS = 64
-MODES = ("hybrid", "vector", "lexical")
-DEFAULT_MODE = "hybrid"
+DEFAULT_MODE = "hybrid"  # of memq.core.wire.ModeName
 FILTER_FIELDS = ("tags", "tags_match", "created_after", "created_before", "role")
 TAG_MATCHES = ("any", "all")
 WEIGHT_NAMES = ("relevance", "recency", "importance")
@@ -88,7 +87,7 @@ def check_query(query: Any) -> str:
     most ``MAX_QUERY_CHARS``."""
     if not isinstance(query, str):
         raise InvalidInput("query", f"must be a string, got {type(query).__name__}")
-    return _check_text(text_form(check_utf8(query, "query")).strip(), "query", MAX_QUERY_CHARS)
+    return check_content(text_form(check_utf8(query, "query")).strip(), "query", MAX_QUERY_CHARS)
 
 
 def check_memory_id(memory_id: Any) -> str:
@@ -179,12 +178,8 @@ def check_batch(values: Any, field: str) -> list[Any] | tuple[Any, ...]:
     return values
 
 
-def check_content(content: Any, field: str) -> str:
-    """A memory's text: non-empty, valid UTF-8, at most ``MAX_CONTENT_CHARS``, no NUL."""
-    return _check_text(content, field, MAX_CONTENT_CHARS)
-
-
-def _check_text(content: Any, field: str, max_chars: int) -> str:
+def check_content(content: Any, field: str, max_chars: int = MAX_CONTENT_CHARS) -> str:
+    """A memory's text (or a query): non-empty, valid UTF-8, at most ``max_chars``, no NUL."""
     if not isinstance(content, str) or not content.strip():
         raise InvalidInput(field, "must be a non-empty string")
     check_utf8(content, field)
@@ -316,15 +311,6 @@ def check_tags(tags: Any, field: str) -> list[str]:
     if any(t.startswith("$") for t in tags):
         raise InvalidInput(field, "must not hold values starting with '$'")
     return [check_utf8(t, field) for t in tags]
-
-
-def check_mode(mode: Any) -> str:
-    """How each type is searched: ``hybrid`` (lexical and vector, fused), ``vector`` or ``lexical``."""
-    if mode is None:
-        return DEFAULT_MODE
-    if mode not in MODES:
-        raise InvalidInput("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
-    return str(mode)
 
 
 def check_filters(filters: Any) -> dict[str, Any]:

@@ -90,7 +90,8 @@ Seconds = Annotated[float | None, Strict(), AllowInfNan(False)]  # Unix seconds 
 Query = Annotated[str, _rule(field_rules.check_query)]
 MemoryId = Annotated[str, _rule(field_rules.check_memory_id)]
 TypeName = Annotated[str, _rule(_type_value)]
-Mode = Annotated[str, _rule(field_rules.check_mode)]
+ModeName = Literal["hybrid", "vector", "lexical"]  # hybrid: lexical and vector relevance fused (memq.core.ranking)
+Mode = Annotated[ModeName, BeforeValidator(lambda mode: field_rules.DEFAULT_MODE if mode is None else mode)]
 Filters = Annotated[dict[str, Any], _rule(field_rules.check_filters)]
 
 
