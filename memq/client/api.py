@@ -58,11 +58,8 @@ def retrieve(
     mode: str | None = None,
     filters: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Relevant memories of each requested type, ranked; see the README for the result's shape.
-
-    ``mode``: ``hybrid`` (default: BM25 and cosine fused), ``vector`` or ``lexical``. ``filters``: ``tags`` (with
-    ``tags_match`` ``any`` (default) or ``all``), ``created_after``, ``created_before``, ``role``; applied in
-    the search, before its top k."""
+    """Relevant memories of each requested type, ranked (README, "Usage": the arguments and the result's shape);
+    ``filters`` apply in the search, before its top k."""
     settings = get_settings()
     request = retrieval_request(settings, query, memory_id, limits, weights, timeout_s, strategy, mode, filters)
     found = result_cache.lookup(settings, request)

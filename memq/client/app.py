@@ -50,9 +50,7 @@ app.steps["consumer"].add("memq.workers.plumbing.dead_letter_watch:DeadLetterWat
 
 @before_task_publish.connect(dispatch_uid="memq.stamp_published_at")
 def stamp_published_at(headers: dict[str, Any] | None = None, **_: Any) -> None:
-    """Stamps the publish time (Unix seconds) on every task message this process sends: a web process's
-    retrievals and writes, a worker's chain and chord steps, retries. Set on each publish, never kept from an
-    earlier one: Celery copies a task's custom headers onto its retry, whose wait starts when it is sent again.
-    Celery's documented signal (``before_task_publish``: "headers ... can be modified")."""
+    """Stamps the publish time (Unix seconds) on every task message this process sends, on each publish (a retry,
+    which carries its task's custom headers, waits from when it is sent again), through Celery's documented signal."""
     if isinstance(headers, dict):
         headers[PUBLISHED_AT_HEADER] = time.time()

@@ -45,11 +45,9 @@ class _Wait:
     problem: BaseException | None = None  # the result store's error, if the drain thread could not subscribe
 
     def offer(self, key: bytes, meta: dict[str, Any]) -> None:
-        status = meta.get("status")
-        if key == self.last_key and status in states.READY_STATES:
+        # An earlier step's failure ends the wait too: the last step will never run.
+        if meta.get("status") in (states.READY_STATES if key == self.last_key else states.PROPAGATE_STATES):
             self._end(meta)
-        elif key != self.last_key and status in states.PROPAGATE_STATES:
-            self._end(meta)  # an earlier step failed: the last step will never run
 
     def _end(self, meta: dict[str, Any]) -> None:
         if self.outcome is None:

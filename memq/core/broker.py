@@ -70,10 +70,8 @@ def permission_commands(vhost: str) -> list[str]:
 
 
 def exchange_type(amqp: bool) -> str:
-    """Each queue's exchange: ``topic`` on RabbitMQ, where Celery's native delayed delivery (the countdown of a
-    retry, on quorum queues) routes only through topic exchanges (on a direct one the worker would hold a delayed
-    message in its prefetch until its time); ``direct`` on Redis, as before. The routing key is the queue's name,
-    which a topic binding of the same name matches exactly."""
+    """Each queue's exchange: ``topic`` on RabbitMQ (Celery's native delayed delivery, a retry's countdown on quorum
+    queues, routes only through topic exchanges), ``direct`` on Redis; the routing key is the queue's name."""
     return "topic" if amqp else "direct"
 
 
@@ -114,22 +112,17 @@ def definitions(vhost: str, search_shards: int, delivery_limit: int = DEFAULT_DE
     """RabbitMQ's definitions format (``load_definitions``, the management API's import): the same topology
     ``memq broker setup`` declares."""
     queues = task_queues(search_shards)
+    durable = {"vhost": vhost, "durable": True, "auto_delete": False}
+    to_queue = {"vhost": vhost, "destination_type": "queue"}
 
     def exchange(name: str, kind: str) -> dict[str, Any]:
-        return {"name": name, "vhost": vhost, "type": kind, "durable": True, "auto_delete": False, "internal": False}
+        return {"name": name, "type": kind, "internal": False, **durable}
 
     def queue(name: str) -> dict[str, Any]:
-        return {"name": name, "vhost": vhost, "durable": True, "auto_delete": False, "arguments": dict(QUORUM)}
+        return {"name": name, "arguments": dict(QUORUM), **durable}
 
     def binding(source: str, destination: str, key: str) -> dict[str, Any]:
-        return {
-            "source": source,
-            "vhost": vhost,
-            "destination": destination,
-            "destination_type": "queue",
-            "routing_key": key,
-            "arguments": {},
-        }
+        return {"source": source, "destination": destination, "routing_key": key, "arguments": {}, **to_queue}
 
     return {
         "vhosts": [{"name": vhost}],

@@ -74,11 +74,9 @@ def is_finite_number(value: Any) -> bool:
 
 
 def text_form(text: str) -> str:
-    """The one form in which search compares texts: Unicode NFKC, so that full-width letters (``Ｒｅｓｅｒｖｅｄ``),
-    ligatures (``ﬁ``) and other compatibility characters meet their plain spellings. The embedding sees it, of a query
-    and of a memory alike (``memq.workers.steps``); BM25 case-folds it (``memq.workers.search.lexical``); the result
-    cache
-    keys on it. A memory is stored and returned as written."""
+    """The one form in which search compares texts: Unicode NFKC (full-width letters, ligatures meet their plain
+    spellings), for the embedding and BM25 of queries and memories alike, and the result cache's key. A memory is
+    stored and returned as written."""
     return unicodedata.normalize("NFKC", text)
 
 
