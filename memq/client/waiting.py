@@ -9,6 +9,7 @@ Public Celery API only: the result backend's ``get_key_for_task``, ``decode_resu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -98,10 +99,8 @@ class _Drain:
                 self._fail_unconfirmed(exc)
                 time.sleep(RETRY_AFTER_S)
             finally:
-                try:
+                with contextlib.suppress(Exception):  # the connection is already gone
                     pubsub.close()
-                except Exception:  # the connection is already gone
-                    log.debug("closing a broken result pub/sub connection failed", exc_info=True)
 
     def _apply_commands(self, pubsub: Any) -> None:
         while True:

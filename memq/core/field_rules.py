@@ -145,10 +145,8 @@ def check_weights(weights: Any) -> dict[str, float]:
         raise InvalidInput("weights", f"unknown weight(s) {sorted(map(str, unknown))}; known: {WEIGHT_NAMES}")
     checked = dict.fromkeys(WEIGHT_NAMES, 0.0)
     for name, value in weights.items():
-        if not is_finite_number(value):
-            raise InvalidInput(f"weights[{name!r}]", f"must be a finite number, got {shown(value)}")
-        if not 0 <= value <= 1000:
-            raise InvalidInput(f"weights[{name!r}]", f"must be in 0..1000, got {shown(value)}")
+        if not is_finite_number(value) or not 0 <= value <= 1000:
+            raise InvalidInput(f"weights[{name!r}]", f"must be a number in 0..1000, got {shown(value)}")
         checked[name] = float(value)
     if sum(checked.values()) <= 0:
         raise InvalidInput("weights", "at least one weight must be positive")
@@ -158,10 +156,8 @@ def check_weights(weights: Any) -> dict[str, float]:
 def check_timeout(timeout_s: Any, default_s: float | None = None) -> float:
     """How long a caller waits; ``None``: ``default_s`` (``MEMQ_RETRIEVE_TIMEOUT_S`` for a retrieval)."""
     timeout_s = default_s if timeout_s is None else timeout_s
-    if not is_finite_number(timeout_s):
-        raise InvalidInput("timeout_s", f"must be a number of seconds, got {shown(timeout_s)}")
-    if not 0 < timeout_s <= MAX_TIMEOUT_S:
-        raise InvalidInput("timeout_s", f"must be in (0, {MAX_TIMEOUT_S:g}], got {shown(timeout_s)}")
+    if not is_finite_number(timeout_s) or not 0 < timeout_s <= MAX_TIMEOUT_S:
+        raise InvalidInput("timeout_s", f"must be seconds in (0, {MAX_TIMEOUT_S:g}], got {shown(timeout_s)}")
     return float(timeout_s)
 
 
@@ -271,26 +267,18 @@ def _check_no_operator_keys(value: Any, where: str, depth: int = 0) -> None:
 def check_timestamp(value: Any, field: str) -> float:
     """Unix seconds (number) or ISO-8601 text (UTC without an offset) → Unix seconds, within ``TIMESTAMP_RANGE``
     once the offset is applied: ``1e20`` or ``"9999-12-31T23:00:00-05:00"`` (10000-01-01 in UTC) are refused."""
-    if isinstance(value, bool):
-        raise InvalidInput(field, "must be Unix seconds or an ISO-8601 timestamp")
-    if isinstance(value, int | float):
-        if isinstance(value, float) and not math.isfinite(value):
-            raise InvalidInput(field, f"must be finite Unix seconds, got {shown(value)}")
-        seconds: float = value
-    elif isinstance(value, str):
+    if isinstance(value, str):
         check_utf8(value, field)
         try:
             parsed = datetime.fromisoformat(value)
         except ValueError:
             raise InvalidInput(field, f"is not an ISO-8601 timestamp: {value[:64]!r}") from None
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=UTC)
-        seconds = parsed.timestamp()
-    else:
+        value = (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+    elif isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidInput(field, "must be Unix seconds or an ISO-8601 timestamp")
-    if not MIN_TIMESTAMP <= seconds <= MAX_TIMESTAMP:  # compared before any conversion: 10**400 is refused too
+    if not MIN_TIMESTAMP <= value <= MAX_TIMESTAMP:  # NaN too; compared before any conversion: 10**400 is refused too
         raise InvalidInput(field, f"must lie within {TIMESTAMP_RANGE} (Unix seconds 0..{MAX_TIMESTAMP:.0f})")
-    return float(seconds)
+    return float(value)
 
 
 def check_role(role: Any, field: str) -> str:

@@ -27,13 +27,9 @@ def jump_hash(key: int, buckets: int) -> int:
     return bucket
 
 
-def tenant_key(memory_id: str) -> int:
-    """A stable 64-bit key of a tenant (the first 8 bytes of its SHA-256)."""
-    return int.from_bytes(hashlib.sha256(memory_id.encode("utf-8")).digest()[:8], "big")
-
-
 def shard_of(memory_id: str, shards: int) -> int:
-    return jump_hash(tenant_key(memory_id), shards)
+    """The tenant's shard: the jump hash of a stable 64-bit key, the first 8 bytes of its SHA-256."""
+    return jump_hash(int.from_bytes(hashlib.sha256(memory_id.encode("utf-8")).digest()[:8], "big"), shards)
 
 
 def shard_queue(shard: int) -> str:
