@@ -18,14 +18,12 @@ from memq.core import names
 from memq.core.settings import get_settings
 
 WORKER_MODULES = ["memq.workers.startup", "memq.tasks.retrieval", "memq.tasks.ingest"]
-# The header memq.ops.exporter reads (it keeps its own copy of the name: it never imports Celery).
-PUBLISHED_AT_HEADER = names.PUBLISHED_AT_HEADER
+PUBLISHED_AT_HEADER = names.PUBLISHED_AT_HEADER  # what memq.ops.exporter reads (through names: it never imports Celery)
 
 
 class ConfigFromSettings(Mapping[str, Any]):
-    """Celery's configuration, derived from the settings when Celery first reads it (Celery reads its configuration
-    source lazily), so importing the app never raises: a bad ``MEMQ_*`` value surfaces as ``ConfigError`` at a
-    worker's start or a client's first call, naming the variable."""
+    """Celery's configuration, derived from the settings when Celery first reads it, so importing the app never
+    raises: a bad ``MEMQ_*`` value is a ``ConfigError`` at a worker's start or a client's first call."""
 
     @functools.cached_property
     def _config(self) -> dict[str, Any]:

@@ -196,9 +196,8 @@ def queue_consumer_step(
     on_decode_error: Callable[[Any, Exception], None],
     prefetch: int,
 ) -> type[Any]:
-    """A consumer bootstep that consumes ``queue`` (JSON only) where ``enabled(app)``, handing each message to
-    ``on_message(app, message)``. The queue is never declared (the broker's setup does that): a passive check
-    first, and without it the step logs and consumes nothing, so the worker still starts."""
+    """A consumer bootstep that consumes ``queue`` (JSON only; never declared: without it the step logs and consumes
+    nothing) where ``enabled(app)``, handing each message to ``on_message(app, message)``."""
     import amqp.exceptions
     from celery import bootsteps
     from kombu import Consumer, Queue

@@ -92,7 +92,7 @@ def check_memory_id(memory_id: Any) -> str:
     if not isinstance(memory_id, str):
         raise InvalidInput("memory_id", f"must be a string, got {type(memory_id).__name__}")
     check_utf8(memory_id, "memory_id")
-    if not memory_id or not memory_id.strip():
+    if not memory_id.strip():
         raise InvalidInput("memory_id", "must not be empty")
     if len(memory_id) > MAX_MEMORY_ID_CHARS:
         raise InvalidInput("memory_id", f"must be at most {MAX_MEMORY_ID_CHARS} characters")
@@ -163,7 +163,7 @@ def check_timeout(timeout_s: Any, default_s: float | None = None) -> float:
 
 def check_batch(values: Any, field: str) -> list[Any] | tuple[Any, ...]:
     """A non-empty list of at most ``MAX_BATCH_ITEMS`` values (memories, or their texts)."""
-    if isinstance(values, Mapping | str) or not isinstance(values, list | tuple):
+    if not isinstance(values, list | tuple):
         raise InvalidInput(field, "must be a list of memories")
     if not values:
         raise InvalidInput(field, "must not be empty")
@@ -331,7 +331,7 @@ def check_filters(filters: Any) -> dict[str, Any]:
 def check_ids(ids: Any) -> list[str] | None:
     if ids is None:
         return None
-    if isinstance(ids, str) or not isinstance(ids, list | tuple) or not ids:
+    if not isinstance(ids, list | tuple) or not ids:
         raise InvalidInput("ids", "must be a non-empty list of memory ids")
     if not all(isinstance(i, str) and i and not i.startswith("$") for i in ids):
         raise InvalidInput("ids", "must be strings, none starting with '$'")

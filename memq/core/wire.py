@@ -53,9 +53,8 @@ Message = TypeVar("Message")
 
 
 def parse(model: TypeAdapter[Message], message: Any, settings: Settings | None = None, where: str = "") -> Message:
-    """``message`` as ``model`` defines it, every field checked by its one rule (``memq.core.field_rules``), else the
-    ``InvalidInput`` of the first bad field (under ``where``: ``embedded.model``). The edge and the receiving task
-    call this same function."""
+    """``message`` as ``model`` defines it, at the edge and on receipt alike, else the ``InvalidInput`` of the first
+    bad field (under ``where``: ``embedded.model``)."""
     try:
         return model.validate_python(message, context=settings or get_settings())
     except ValidationError as exc:
@@ -245,9 +244,7 @@ EMBED_RESULT: TypeAdapter[EmbedResult] = TypeAdapter(EmbedResult)
 
 def embed_timings(embedded: Any) -> dict[str, Any]:
     """The ``EmbedTimings`` of an ``EmbedResult`` (none from a malformed one)."""
-    if not isinstance(embedded, dict):
-        return {}
-    return {key: embedded.get(key) for key in EMBED_TIMING_FIELDS}
+    return {key: embedded.get(key) for key in EMBED_TIMING_FIELDS} if isinstance(embedded, dict) else {}
 
 
 # -- one type's search -------------------------------------------------------------------------------------------
@@ -367,10 +364,8 @@ def parse_merge_input(results: Any, request: Any, settings: Settings | None = No
             errors[memory_type] = f"malformed search result: {exc}"
             continue
         items = [item for item in result.get("items", []) if item_problem(item) is None]
-        if len(items) < len(result.get("items", [])):
-            errors[memory_type] = (
-                f"malformed search result: {len(result['items']) - len(items)} malformed item(s) left out"
-            )
+        if dropped := len(result.get("items", [])) - len(items):
+            errors[memory_type] = f"malformed search result: {dropped} malformed item(s) left out"
             result["items"] = items
         kept.append(result)
     return {"request": parsed, "results": kept, "errors": errors}
@@ -448,10 +443,9 @@ def embedded_texts(vectors: list[np.ndarray], model: str, embed_ms: float, hits:
 
 
 def parse_embedded_texts(embedded: Any, count: int, model: str, dimensions: int | None = None) -> np.ndarray:
-    """What ``memq.store`` is asked to write: ``{"vectors": [one base64 float32 vector per item], "model": name}``,
-    each vector by ``check_vector`` (of ``dimensions``, the model's once known, and all of one dimension), ``model``
-    the embed model's name. Returns the ``(count, dimensions)`` float32 matrix; anything else is ``InvalidInput``
-    naming the field (``embedded.vectors[3]``), so nothing is written."""
+    """The ``(count, dimensions)`` float32 matrix of the ``EmbeddedTexts`` ``memq.store`` is asked to write: one vector
+    per item by ``check_vector`` (all of one dimension, the model's once known), of the embed model ``model``; else
+    ``InvalidInput`` naming the field (``embedded.vectors[3]``), so nothing is written."""
     if not isinstance(embedded, Mapping):
         raise InvalidInput("embedded", "must be an object with 'vectors' and 'model'")
     vectors = embedded.get("vectors")
