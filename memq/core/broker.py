@@ -32,9 +32,8 @@ POLICY_PATTERN = rf"^({TASK_NAMES})$"
 #: What each worker kind consumes.
 KIND_QUEUES = {"embed": r"embed", "search": r"search|search\.[0-9]{1,4}", "ingest": r"ingest"}
 DEAD_NAMES = r"memq\.dead|memq\.dead\.watch"
-#: Celery's own names: remote control (the ``celery.pidbox`` and ``reply.celery.pidbox`` exchanges, each worker's
-#: and each caller's pidbox queue), events (``celeryev``, each worker's ``celeryev.<uuid>``), and native delayed
-#: delivery (``celery_delayed_*``, declared by each worker at start).
+#: Celery's own names: remote control (pidbox exchanges, each worker's and caller's pidbox queue), events
+#: (``celeryev``, each worker's ``celeryev.<uuid>``), native delayed delivery (declared by each worker at start).
 CELERY_NAMES = r"celery\.pidbox|reply\.celery\.pidbox|.+\.celery\.pidbox|celeryev|celeryev\..+|celery_delayed_.+"
 
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from memq.core.memory_types import ALIASES, MemoryType, known_type_names
+from memq.core.memory_types import BY_NAME, MemoryType, known_type_names
 from memq.errors import InvalidInput
 
 MAX_MEMORY_ID_CHARS = 256
@@ -105,14 +105,9 @@ def check_memory_type(memory_type: Any, field: str = "type") -> MemoryType:
     if not isinstance(memory_type, str):
         raise InvalidInput(field, f"must be a string, got {type(memory_type).__name__}")
     name = memory_type.strip().lower()
-    if name in ALIASES:
-        return ALIASES[name]
-    try:
-        return MemoryType(name)
-    except ValueError:
-        raise InvalidInput(
-            field, f"unknown memory type {memory_type!r}; known: {', '.join(known_type_names())}"
-        ) from None
+    if name not in BY_NAME:
+        raise InvalidInput(field, f"unknown memory type {memory_type!r}; known: {', '.join(known_type_names())}")
+    return BY_NAME[name]
 
 
 def check_limits(limits: Any) -> dict[str, int]:
@@ -221,12 +216,9 @@ def _check_item(index: int, item: Any) -> dict[str, Any]:
     if isinstance(importance, bool) or not isinstance(importance, int | float) or not 0 <= importance <= 1:
         raise InvalidInput(f"{where}.importance", f"must be a number in 0..1, got {shown(importance)}")
     checked["importance"] = float(importance)
-    if item.get("created_at") is not None:
-        checked["created_at"] = check_timestamp(item["created_at"], f"{where}.created_at")
-    if item.get("role") is not None:
-        checked["role"] = check_role(item["role"], f"{where}.role")
-    if item.get("tags") is not None:
-        checked["tags"] = check_tags(item["tags"], f"{where}.tags")
+    for name, check in (("created_at", check_timestamp), ("role", check_role), ("tags", check_tags)):
+        if item.get(name) is not None:
+            checked[name] = check(item[name], f"{where}.{name}")
     if item.get("metadata") is not None:
         metadata = item["metadata"]
         if not isinstance(metadata, Mapping):
