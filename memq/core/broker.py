@@ -92,9 +92,8 @@ def vhost_of(url: str) -> str:
 
 
 def task_queues(search_shards: int) -> list[str]:
-    """Every task queue memq uses with ``search_shards`` shards."""
-    shards = [sharding.shard_queue(shard) for shard in range(search_shards)] if search_shards > 1 else []
-    return [*names.QUEUES, *shards]
+    """Every task queue memq uses with ``search_shards`` shards (``search`` always: merge runs there)."""
+    return [*names.QUEUES, *(sharding.search_queues(search_shards) if search_shards > 1 else [])]
 
 
 def policy(delivery_limit: int) -> dict[str, Any]:

@@ -92,6 +92,7 @@ TypeName = Annotated[str, _rule(_type_value)]
 ModeName = Literal["hybrid", "vector", "lexical"]  # hybrid: lexical and vector relevance fused (memq.core.ranking)
 Mode = Annotated[ModeName, BeforeValidator(lambda mode: field_rules.DEFAULT_MODE if mode is None else mode)]
 Filters = Annotated[dict[str, Any], _rule(field_rules.check_filters)]
+Candidates = Annotated[int, Strict(), Field(ge=1, le=MAX_CANDIDATES)]  # what one type's search returns
 
 
 # -- the retrieval request ---------------------------------------------------------------------------------------
@@ -107,7 +108,7 @@ class RetrievalRequest(TypedDict):
     strategy: SearchStrategy  # auto | exact | vector_search
     mode: Mode  # hybrid | vector | lexical
     filters: Filters  # see memq.core.field_rules.check_filters
-    candidates: dict[str, Annotated[int, Strict(), Field(ge=1, le=MAX_CANDIDATES)]] | None  # how many each returns
+    candidates: dict[str, Candidates] | None  # how many each type's search returns
     timeout_s: Annotated[
         float, PlainValidator(lambda value, info: field_rules.check_timeout(value, _settings(info).retrieve_timeout_s))
     ]
@@ -255,7 +256,7 @@ class SearchCall(TypedDict):
 
     memory_id: MemoryId
     memory_type: TypeName
-    k: Annotated[int, Strict(), Field(ge=1, le=MAX_CANDIDATES)]
+    k: Candidates
     strategy: SearchStrategy
     query: Annotated[str | None, _rule(field_rules.check_query, optional=True)]
     mode: Mode
