@@ -59,16 +59,13 @@ class DeadLettered(TaskFailed):
 
 
 class IngestStopped(MemqError):
-    """``remember_many`` (or ``memq remember --file``) stopped before the end of its input. ``stored_through``: every
-    item up to and including this position (1-based; a file's line) is stored, so ``skip=stored_through``
-    (``--skip N``) resumes; items after it may be stored too (re-sending them never duplicates them).
-    ``reason``: why it stopped, without that hint; ``summary``: what was stored, as ``remember_many`` returns it."""
+    """``remember_many`` (or ``memq remember --file``) stopped before the end of its input: every item up to
+    ``stored_through`` (1-based; a file's line) is stored, so ``skip=stored_through`` (``--skip N``) resumes.
+    ``reason``: why it stopped; ``summary``: what was stored, as ``remember_many`` returns it."""
 
     def __init__(self, reason: str, stored_through: int, summary: dict[str, object]) -> None:
         super().__init__(f"{reason}; {resume_hint(stored_through)}")
-        self.reason = reason
-        self.stored_through = stored_through
-        self.summary = summary
+        self.reason, self.stored_through, self.summary = reason, stored_through, summary
 
 
 class InvalidItem(IngestStopped, InvalidInput):
@@ -77,9 +74,7 @@ class InvalidItem(IngestStopped, InvalidInput):
 
     def __init__(self, field: str, reason: str, stored_through: int, summary: dict[str, object]) -> None:
         InvalidInput.__init__(self, field, f"{reason}; {resume_hint(stored_through)}")
-        self.reason = reason
-        self.stored_through = stored_through
-        self.summary = summary
+        self.reason, self.stored_through, self.summary = reason, stored_through, summary
 
 
 def resume_hint(stored_through: int) -> str:

@@ -1,7 +1,6 @@
-"""What a web process runs: the retrieval API, the Celery app and canvases, result waiting, the result cache.
-
-Never imports torch, sentence-transformers, pymongo or the worker side (import-linter checks it). The API's names
-(``memq.client.retrieve`` ..., as before the API moved to ``memq.client.api``) resolve on first use.
+"""What a web process runs: the retrieval API, the Celery app and canvases, result waiting, the result cache; never
+torch, pymongo or the worker side (import-linter checks it). The API's names (``memq.client.retrieve`` ...,
+``memq.client.api``'s) resolve on first use.
 """
 
 from typing import Any

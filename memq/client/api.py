@@ -1,13 +1,7 @@
-"""The API a web app calls. Import-light: no torch, no pymongo, no worker code.
-
-    from memq.client.api import retrieve, aretrieve, remember, remember_many, forget
-
-Every call checks its input before anything is sent (``InvalidInput`` names the field), and waits at
-most ``timeout_s`` (``RetrievalTimeout``). ``aretrieve``/``aremember`` never block the event loop.
-
-``retrieve`` asks the result cache first (``memq.client.result_cache``): a hit returns with no task sent
-(``cached: true``); identical concurrent misses share one chord (single-flight); Redis errors there
-degrade to an uncached retrieval.
+"""The API a web app calls. Import-light: no torch, no pymongo, no worker code. Every call checks its input before
+anything is sent (``InvalidInput`` names the field) and waits at most ``timeout_s`` (``RetrievalTimeout``);
+``aretrieve``/``aremember`` never block the event loop; ``retrieve`` asks the result cache first
+(``memq.client.result_cache``: a hit sends no task; identical concurrent misses share one chord).
 """
 
 from __future__ import annotations
@@ -25,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from celery.canvas import Signature
 from celery.exceptions import TaskRevokedError
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
@@ -41,14 +36,7 @@ from memq.client.waiting import ResultWaiter
 from memq.core import deadlines, field_rules
 from memq.core.settings import Settings, get_settings
 from memq.core.wire import RememberRequest, RetrievalRequest, with_cache
-from memq.errors import (
-    IngestStopped,
-    InvalidInput,
-    MemqError,
-    RetrievalTimeout,
-    TaskFailed,
-    TransientError,
-)
+from memq.errors import IngestStopped, InvalidInput, MemqError, RetrievalTimeout, TaskFailed, TransientError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,11 +58,8 @@ def retrieve(
     mode: str | None = None,
     filters: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Relevant memories of each requested type, ranked; see the README for the result's shape.
-
-    ``mode``: ``hybrid`` (default: BM25 and cosine fused), ``vector`` or ``lexical``. ``filters``: ``tags`` (with
-    ``tags_match`` ``any`` (default) or ``all``), ``created_after``, ``created_before``, ``role``; applied in
-    the search, before its top k."""
+    """Relevant memories of each requested type, ranked (README, "Usage": the arguments and the result's shape);
+    ``filters`` apply in the search, before its top k."""
     settings = get_settings()
     request = retrieval_request(settings, query, memory_id, limits, weights, timeout_s, strategy, mode, filters)
     found = result_cache.lookup(settings, request)
@@ -94,7 +79,7 @@ def _run_chord(settings: Settings, request: RetrievalRequest, found: result_cach
     if found.cache_key is not None and found.versions is not None:
         request = with_cache(request, found.cache_key, found.versions, settings.result_cache_ttl_s)
     try:
-        result = _send(lambda: retrieval_canvas(request).apply_async())
+        result = _send(retrieval_canvas(request))
         timeout_s = deadlines.budget_s(request["deadline_ts"]) or 0.0  # what sending and the cache look-up left
         if timeout_s <= 0:
             raise RetrievalTimeout(f"retrieval did not finish within {request['timeout_s']:g} s (sending took it all)")
@@ -113,8 +98,7 @@ def remember(
 ) -> dict[str, Any]:
     """Embed and store memories in bulk (idempotent); returns their ids and insert/update counts."""
     request = remember_request(get_settings(), memory_id, memory_type, items, timeout_s)
-    result = _send(lambda: remember_canvas(request).apply_async())
-    return _wait(result, timeout_s, what="remember")
+    return _wait(_send(remember_canvas(request)), timeout_s, what="remember")
 
 
 def forget(
@@ -125,23 +109,18 @@ def forget(
 ) -> dict[str, Any]:
     """Delete this tenant's memories (of one type, or all; all of them, or these ids)."""
     request = forget_request(memory_id, memory_type, ids, timeout_s)
-    result = _send(lambda: forget_signature(request).apply_async())
-    return _wait(result, timeout_s, what="forget")
+    return _wait(_send(forget_signature(request)), timeout_s, what="forget")
 
 
 def create_indexes(dimensions: int | None = None, timeout_s: float = 120.0) -> dict[str, Any]:
     """Create memq's indexes (idempotent); ``dimensions``: the vector index's, by default the model's (an embed
     worker embeds one probe text first)."""
-    result = _send(lambda: indexes_canvas(dimensions).apply_async())
-    return _wait(result, timeout_s, what="create_indexes")
+    return _wait(_send(indexes_canvas(dimensions)), timeout_s, what="create_indexes")
 
 
 async def aretrieve(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """``retrieve`` for asyncio (same arguments): the wait runs on a dedicated thread pool, never on the event loop.
-    The deadline starts now, not when a pool thread is free: a call that waited for a thread gets only what is left,
-    and the caller gets ``RetrievalTimeout`` by ``timeout_s`` + ``ASYNC_MARGIN_S`` (``memq.core.deadlines``) whatever
-    the
-    pool is doing."""
+    """``retrieve`` for asyncio (same arguments), waiting on a dedicated thread pool. The deadline starts now, not
+    when a pool thread is free: ``RetrievalTimeout`` by ``timeout_s`` + ``ASYNC_MARGIN_S`` whatever the pool does."""
     call = inspect.signature(retrieve).bind(*args, **kwargs)  # a wrong argument raises TypeError here, as in retrieve
     budget_s = field_rules.check_timeout(call.arguments.get("timeout_s"), get_settings().retrieve_timeout_s)
     deadline_ts = time.time() + budget_s
@@ -174,9 +153,9 @@ async def _in_thread(call: Callable[[], T]) -> T:
     return await asyncio.get_running_loop().run_in_executor(_executor, call)
 
 
-def _send(send: Callable[[], AsyncResult]) -> AsyncResult:
+def _send(canvas: Signature) -> AsyncResult:
     try:
-        return send()
+        return canvas.apply_async()
     except (OperationalError, RedisError, OSError) as exc:
         raise TransientError(f"broker unavailable: {exc}") from exc
     except RuntimeError as exc:
@@ -230,19 +209,10 @@ def remember_many(
     skip: int = 0,
     timeout_s: float = deadlines.INGEST_TIMEOUT_S,
 ) -> dict[str, Any]:
-    """Store any number of memories from ``items``, read lazily (a generator, a file's lines: never all in memory).
-
-    One ``remember`` chain (embed | store) per batch of ``batch_items`` memories (default and most:
-    ``field_rules.MAX_BATCH_ITEMS``), at most ``max_in_flight`` batches sent and not yet stored, their results awaited
-    in
-    order (each for at most ``timeout_s``). Each batch is checked, item by item, before it is sent: a bad item stops
-    the import with ``InvalidItem`` naming its position (1-based), and nothing from its batch on is sent.
-
-    Any failure raises ``IngestStopped`` (``InvalidItem`` is one), whose ``stored_through`` says that every item up
-    to it is stored: ``skip=stored_through`` on the same input resumes (the first ``skip`` items are read and
-    dropped unchecked; storing is idempotent, so items re-sent are never duplicated). ``on_progress`` gets an
-    ``IngestProgress`` after each stored batch. Returns ``{"memory_id", "type", "stored_through", "items",
-    "batches", "inserted", "updated"}``."""
+    """Store any number of memories from ``items``, read lazily: one ``remember`` chain per batch of ``batch_items``
+    (default and most ``MAX_BATCH_ITEMS``), each checked before it is sent, at most ``max_in_flight`` not yet stored.
+    Any failure raises ``IngestStopped`` (``InvalidItem`` for a bad item): ``skip=stored_through`` resumes.
+    ``on_progress`` gets an ``IngestProgress`` per stored batch; returns its ``summary()`` (README, "Usage")."""
     if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
         raise InvalidInput("skip", f"must be an integer >= 0, got {field_rules.shown(skip)}")
     if isinstance(items, dict | str | bytes) or not isinstance(items, Iterable):
@@ -337,7 +307,7 @@ class _BulkImport:
             "deadline_ts": time.time() + self.timeout_s,
         }
         try:
-            batch.result = _send(lambda: remember_canvas(request).apply_async())
+            batch.result = _send(remember_canvas(request))
         except MemqError as exc:
             raise self._stopped(exc) from exc
         batch.items = []

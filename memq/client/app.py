@@ -1,10 +1,6 @@
-"""The Celery application, as a web process and a worker both see it.
-
-Importing it loads no model, opens no connection and imports nothing of the worker side: the task
-definitions and the worker start-up hooks are named in ``include``, which only a worker process imports.
-
-Every task message published through it carries ``memq_published_at`` (``stamp_published_at``), from which
-``memq exporter`` reports how long the oldest message of each queue has waited.
+"""The Celery application, as a web process and a worker both see it. Importing it loads no model, opens no
+connection and imports nothing of the worker side (the task modules are only named in ``include``). Every task
+message published through it carries ``memq_published_at`` (``stamp_published_at``), which ``memq exporter`` reads.
 """
 
 from __future__ import annotations
@@ -22,14 +18,12 @@ from memq.core import names
 from memq.core.settings import get_settings
 
 WORKER_MODULES = ["memq.workers.startup", "memq.tasks.retrieval", "memq.tasks.ingest"]
-# The header memq.ops.exporter reads (it keeps its own copy of the name: it never imports Celery).
-PUBLISHED_AT_HEADER = names.PUBLISHED_AT_HEADER
+PUBLISHED_AT_HEADER = names.PUBLISHED_AT_HEADER  # what memq.ops.exporter reads (through names: it never imports Celery)
 
 
 class ConfigFromSettings(Mapping[str, Any]):
-    """Celery's configuration, derived from the settings when Celery first reads it (Celery reads its configuration
-    source lazily), so importing the app never raises: a bad ``MEMQ_*`` value surfaces as ``ConfigError`` at a
-    worker's start or a client's first call, naming the variable."""
+    """Celery's configuration, derived from the settings when Celery first reads it, so importing the app never
+    raises: a bad ``MEMQ_*`` value is a ``ConfigError`` at a worker's start or a client's first call."""
 
     @functools.cached_property
     def _config(self) -> dict[str, Any]:
@@ -54,9 +48,7 @@ app.steps["consumer"].add("memq.workers.plumbing.dead_letter_watch:DeadLetterWat
 
 @before_task_publish.connect(dispatch_uid="memq.stamp_published_at")
 def stamp_published_at(headers: dict[str, Any] | None = None, **_: Any) -> None:
-    """Stamps the publish time (Unix seconds) on every task message this process sends: a web process's
-    retrievals and writes, a worker's chain and chord steps, retries. Set on each publish, never kept from an
-    earlier one: Celery copies a task's custom headers onto its retry, whose wait starts when it is sent again.
-    Celery's documented signal (``before_task_publish``: "headers ... can be modified")."""
+    """Stamps the publish time (Unix seconds) on every task message this process sends, on each publish (a retry,
+    which carries its task's custom headers, waits from when it is sent again), through Celery's documented signal."""
     if isinstance(headers, dict):
         headers[PUBLISHED_AT_HEADER] = time.time()

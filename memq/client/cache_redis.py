@@ -1,12 +1,7 @@
 """The process's Redis client for caches and tenant data versions (not the broker's connection), with one
-timeout policy and one circuit breaker for everything that treats Redis as optional.
-
-- ``cache_redis``: built on first use in each process (rebuilt after fork) from ``MEMQ_REDIS_URL`` (or the
-  broker's URL), with ``CACHE_SOCKET_TIMEOUT_S`` (``memq.core.deadlines``) for connecting and for each reply: a cache
-  that is slow to answer costs a caller at most that, then the caller goes on without it.
-- ``breaker``: after a Redis error the caches (results, embeddings) leave Redis alone for ``RETRY_AFTER_S``, so
-  a dead Redis costs nothing per call. Tenant data versions do not use it: a write whose version bump fails
-  must be retried (``bump_versions`` raises ``TransientError``).
+timeout policy (``CACHE_SOCKET_TIMEOUT_S``: a slow cache costs a caller at most that a reply) and one circuit breaker
+(``breaker``: after an error the caches leave Redis alone for ``RETRY_AFTER_S``) for everything that treats Redis as
+optional. Tenant data versions do not use the breaker: a failed version bump is retried (``TransientError``).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from celery import chain, chord
 from celery.canvas import Signature
@@ -13,29 +14,25 @@ from memq.core.settings import get_settings
 from memq.core.wire import ForgetRequest, RememberRequest, RetrievalRequest, search_call
 
 
-def expires_at(deadline_ts: float | None) -> datetime | None:
-    """A message's ``expires``: its call's deadline (Celery drops a message received after it)."""
-    return None if deadline_ts is None else datetime.fromtimestamp(deadline_ts, tz=UTC)
+def deadline_options(deadline_ts: float | None) -> dict[str, Any]:
+    """A step's ``deadline_ts`` argument and its message's ``expires`` (Celery drops a message received after it)."""
+    expires = None if deadline_ts is None else datetime.fromtimestamp(deadline_ts, tz=UTC)
+    return {"kwargs": {"deadline_ts": deadline_ts}, "expires": expires}
 
 
 def retrieval_canvas(request: RetrievalRequest) -> Signature:
     """``embed(query) | group(search(type) for type in limits) | merge``: the query is embedded once,
     each type is searched in parallel on the search queue, and merge ranks the union."""
-    expires = expires_at(request["deadline_ts"])
+    deadline = deadline_options(request["deadline_ts"])
     search_queue = sharding.search_queue_for(request["memory_id"], get_settings().search_shards)
     searches = [
-        app.signature(names.SEARCH, *search_call(request, memory_type), queue=search_queue, expires=expires)
+        app.signature(names.SEARCH, *search_call(request, memory_type), queue=search_queue, expires=deadline["expires"])
         for memory_type in request["limits"]
     ]
     # The embedding travels to the searches in the messages; storing it as a result too would cost a 2 KB
     # SET + PUBLISH per retrieval that nobody reads (its failures are still stored: see tasks/retrieval.py).
     embed = app.signature(
-        names.EMBED_QUERY,
-        args=(request["query"],),
-        kwargs={"deadline_ts": request["deadline_ts"]},
-        queue=names.EMBED_QUEUE,
-        expires=expires,
-        ignore_result=True,
+        names.EMBED_QUERY, args=(request["query"],), queue=names.EMBED_QUEUE, ignore_result=True, **deadline
     )
     merge = app.signature(names.MERGE, kwargs={"request": request}, queue=names.SEARCH_QUEUE)
     return chain(embed, chord(searches, merge))
@@ -45,7 +42,7 @@ def remember_canvas(request: RememberRequest) -> Signature:
     """``embed_texts(contents) | store(...)``: embedding on the embed queue, the bulk write on ingest; both messages
     carry the request's deadline."""
     texts = [item["content"] for item in request["items"]]
-    deadline = {"kwargs": {"deadline_ts": request["deadline_ts"]}, "expires": expires_at(request["deadline_ts"])}
+    deadline = deadline_options(request["deadline_ts"])
     embed = app.signature(names.EMBED_TEXTS, args=(texts,), queue=names.EMBED_QUEUE, ignore_result=True, **deadline)
     args = (request["memory_id"], request["memory_type"], request["items"])
     return chain(embed, app.signature(names.STORE, args=args, queue=names.INGEST_QUEUE, **deadline))
@@ -53,13 +50,8 @@ def remember_canvas(request: RememberRequest) -> Signature:
 
 def forget_signature(request: ForgetRequest) -> Signature:
     """``forget(...)`` on the ingest queue, with the request's deadline."""
-    return app.signature(
-        names.FORGET,
-        args=(request["memory_id"], request["memory_type"], request["ids"]),
-        kwargs={"deadline_ts": request["deadline_ts"]},
-        queue=names.INGEST_QUEUE,
-        expires=expires_at(request["deadline_ts"]),
-    )
+    args = (request["memory_id"], request["memory_type"], request["ids"])
+    return app.signature(names.FORGET, args=args, queue=names.INGEST_QUEUE, **deadline_options(request["deadline_ts"]))
 
 
 #: What ``indexes_canvas`` embeds to learn the model's dimension (its vector is thrown away).

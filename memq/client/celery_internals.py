@@ -1,49 +1,7 @@
 """The one module of memq that overrides or touches private parts of Celery and kombu: every subclass of theirs,
-every method or table of theirs that memq replaces. Each hook is small, says why it exists, and has a canary test
-(tests/test_celery_internals.py) that fails with a message naming the upstream change that would break or obsolete
-it. docs/celery.md lists them with their upstream issues. What the hooks decide (which message is poison, which
-command is refused) lives with the worker (``memq.workers.plumbing.poison_guard``,
-``memq.workers.plumbing.remote_control``) and is passed in.
-
-1. ``guarded_transport`` (kombu's Redis transport, installed by ``memq worker`` as the broker transport): its
-   ``Channel`` is a ``GuardedRedisChannel`` whose ``Message`` class refuses (``PoisonEnvelope``) an envelope the
-   guard's ``envelope_problem`` names, before kombu records it as unacknowledged.
-   - ``_brpop_read``: an envelope popped from a task queue that cannot be decoded or made a message of (a
-     100,000-deep JSON header exhausts the decoder's stack) goes to ``on_undecodable_envelope`` and is dropped,
-     instead of stopping the worker. kombu has no hook between the pop and the message.
-   - ``_receive_one``: the same for the pub/sub channels a worker listens on (remote control ``*.pidbox``, the
-     ``celeryev`` events gossip and mingle read): whatever a published message makes fail after it was read, in
-     kombu or in Celery's handler, goes to ``on_poison_broadcast``; only a connection error propagates.
-   - ``close``: Celery 5.7 closes a broker connection right after ``collect()``-ing it (consumer
-     ``on_connection_error_after_connected``); kombu's channel close then restores unacknowledged messages through
-     the collected connection, and the worker exits with ``AttributeError``. Here a channel whose connection was
-     collected closes without that restore: the messages stay in kombu's unacked index, and kombu restores them
-     after ``visibility_timeout``, as it did on Celery 5.6, which only collects.
-   - ``basic_ack`` / ``basic_reject``: a task that started before the connection was lost and ends after the
-     reconnect acknowledges on its old, collected channel; kombu then fails the same way and the worker exits.
-     Here that acknowledgement is skipped: the message stays unacknowledged and is redelivered after
-     ``visibility_timeout`` (memq's tasks are idempotent).
-2. ``event_dispatcher_class``: Celery's ``EventDispatcher`` before 5.7 publishes its buffered task events and then
-   empties the buffer, dropping an event a pool thread buffers during the publish (celery#10434, fixed in 5.7).
-   On Celery < 5.7 the flush here, under the dispatcher's lock, removes exactly what it published. On every
-   version, a dispatcher replaced after a reconnect hands its *buffered task events* (not only its parked ones)
-   to the new one (``extend_buffer``), which Celery 5.7 still does not do.
-3. ``screened_consumer``: the worker's consumer class (setting ``worker_consumer``) whose task handler
-   (``create_task_handler``) passes every task message through a screen first.
-4. ``mark_not_registered`` / ``mark_failed``: fails a task id (``NotRegistered``, or a dead letter's
-   ``DeadLettered``, into its chord and chain) the way Celery does (the backend wants a request;
-   Celery's ``Bunch`` stands in for one).
-4b. ``guarded_amqp_transport`` (RabbitMQ; installed by ``memq worker`` on an ``amqp://`` broker): kombu's py-amqp
-   transport whose connections decode a content-header frame py-amqp cannot read (a header table nested too deep
-   for its recursive decoder) as a header without properties, through py-amqp's documented
-   ``Connection(frame_handler=...)`` argument, so the guard dead-letters the message instead of every worker
-   exiting with "Unrecoverable error: RecursionError".
-4c. ``queue_consumer_step`` (RabbitMQ): a worker consumer bootstep, Celery's documented ``bootsteps.ConsumerStep``
-   (added to ``app.steps["consumer"]``), that consumes one more queue on the worker's broker connection and hands
-   each message, undecoded, to the worker side: ``memq.workers.plumbing.dead_letter_watch``.
-5. ``refuse_control_commands``: replaces entries of Celery's remote-control command table (``Panel.data``).
-6. ``is_result_store_outage``: Celery's result consumer gives up reconnecting with a bare ``RuntimeError``; only
-   its cause says that the result store was unreachable.
+every method or table of theirs that memq replaces. docs/celery.md lists each hook, why it exists, its upstream issue
+and its canary test (tests/test_celery_internals.py). What a hook decides (which message is poison, which command is
+refused) lives with the worker (``memq.workers.plumbing.poison_guard``, ``.remote_control``) and is passed in.
 """
 
 from __future__ import annotations
@@ -129,13 +87,8 @@ class GuardedRedisChannel(kombu_redis.Channel):
             return True
 
     def close(self) -> None:
-        if not self.connection_collected():
-            super().close()
-            return
-        # Collected: restoring would need the connection's parameters, which collect() dropped (kombu's QoS has a
-        # public switch for that, which its exit-time finalizer honours too).
-        if self._qos is not None:
-            self._qos.restore_at_shutdown = False
+        if self.connection_collected() and self._qos is not None:  # restoring needs what collect() dropped
+            self._qos.restore_at_shutdown = False  # kombu's QoS switch, which its exit-time finalizer honours too
         super().close()
 
     def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> None:
@@ -243,9 +196,8 @@ def queue_consumer_step(
     on_decode_error: Callable[[Any, Exception], None],
     prefetch: int,
 ) -> type[Any]:
-    """A consumer bootstep that consumes ``queue`` (JSON only) where ``enabled(app)``, handing each message to
-    ``on_message(app, message)``. The queue is never declared (the broker's setup does that): a passive check
-    first, and without it the step logs and consumes nothing, so the worker still starts."""
+    """A consumer bootstep that consumes ``queue`` (JSON only; never declared: without it the step logs and consumes
+    nothing) where ``enabled(app)``, handing each message to ``on_message(app, message)``."""
     import amqp.exceptions
     from celery import bootsteps
     from kombu import Consumer, Queue
@@ -337,30 +289,20 @@ def refuse_control_commands(allowed: frozenset[str], refusal: Callable[[str], Ca
 
 
 def is_result_store_outage(exc: BaseException) -> bool:
-    """Celery's result consumer gives up reconnecting with a bare ``RuntimeError`` raised from the connection
-    error (``celery.backends.asynchronous``); the next call in the same process reconnects, so to the caller
-    this is a transient outage, not a crash. Recognised by its cause, never by its text."""
+    """Celery's result consumer's bare ``RuntimeError`` on giving up reconnecting (the next call reconnects): a
+    transient outage, recognised by its cause, never by its text."""
     return isinstance(exc, RuntimeError) and isinstance(exc.__cause__, RESULT_STORE_ERRORS)
 
 
-#: What py-amqp raises for a content-header frame it cannot decode (never a connection's own error).
-UNDECODABLE_HEADER_ERRORS: tuple[type[BaseException], ...] = (
-    RecursionError,
-    struct.error,
-    UnicodeDecodeError,
-    ValueError,
-    KeyError,
-    IndexError,
-)
+#: What py-amqp raises for a content-header frame it cannot decode (never a connection's own error; ValueError
+#: includes UnicodeDecodeError).
+UNDECODABLE_HEADER_ERRORS = (RecursionError, struct.error, ValueError, KeyError, IndexError)
 AMQP_HEADER_FRAME = 2
 
 
 def guarded_amqp_transport(on_undecodable: Callable[[str], None]) -> type[Any]:
-    """kombu's py-amqp transport whose connections read frames through py-amqp's own frame handler, except that a
-    content-header frame it cannot decode (a header table nested 3,000 deep exhausts its recursive decoder: on
-    Celery that is "Unrecoverable error: RecursionError" on every worker the message reaches) is read as the same
-    header with no properties: the message is delivered, the guard finds no ``id``/``task`` header and dead-letters
-    it. Through py-amqp's documented ``Connection(frame_handler=...)`` argument."""
+    """kombu's py-amqp transport (through py-amqp's documented ``Connection(frame_handler=...)``) reading a
+    content-header frame it cannot decode as the same header with no properties, which the guard dead-letters."""
     from amqp.method_framing import frame_handler
     from kombu.transport import pyamqp
 

@@ -39,18 +39,12 @@ def retrieval_request(
     return parse_retrieval_request({**arguments, **options}, settings)
 
 
-def normalise_query(query: str) -> str:
-    """The query as the result cache sees it: its text form (as the edge already made it, ``check_query``), runs of
-    whitespace as one space."""
-    return " ".join(field_rules.text_form(query).split())
-
-
 def cache_identity(settings: Settings, request: RetrievalRequest) -> dict[str, Any]:
     """Everything that decides a retrieval's result, apart from the tenant's data versions (and the
     clock, through recency, which moves little within a cache TTL). ``timeout_s`` is not in it."""
     return {
         "format": RESULT_FORMAT,
-        "query": normalise_query(request["query"]),
+        "query": " ".join(request["query"].split()),  # its text form (check_query), whitespace runs as one space
         "memory_id": request["memory_id"],
         "limits": sorted(request["limits"].items()),
         "weights": sorted(request["weights"].items()),

@@ -1,22 +1,10 @@
 """The result cache: a repeated retrieval costs one Redis round trip and no task at all.
 
-Client side (``lookup``, ``wait``, ``release``): one Lua script, one round trip, reads the requested types'
-data versions, builds the key ``memq:v1:res:<fingerprint>:<versions>`` and GETs it; on a miss it also tries
-the single-flight lock (``SET NX PX``). The caller that gets the lock runs the chord; identical callers
-that arrive meanwhile poll the same script until the result appears (or the lock frees up, and one of
-them takes it), within their own timeout.
-
-The look-up's key and the data versions it names travel with the request (``memq.core.wire.with_cache``) to
-``memq.merge``, which files the result there (``memq.workers.plumbing.cache_filing``) only if the key is its own
-request's.
-
-Every entry's envelope names the tenant and the request fingerprint it answers; the client serves an entry only
-if both are its own (and the result inside names that tenant too); anything else counts as ``foreign`` and is
-overwritten like a ``stale`` one, never served.
-
-Any Redis error degrades to a miss with a warning (never a failed retrieval), and the cache's breaker then
-leaves it alone a while (``memq.client.cache_redis``), so a dead Redis costs nothing per call.
-Import-light: redis, json, prometheus.
+``lookup`` (one Lua script, one round trip) reads the requested types' data versions, builds the key
+``memq:v1:res:<fingerprint>:<versions>`` and GETs it; on a miss it tries the single-flight lock (``SET NX PX``): its
+holder runs the chord, whose merge files the result under that key (``memq.core.wire.with_cache``), while identical
+callers ``wait``, polling the same script. An entry is served only if its envelope names this tenant and request
+(else ``foreign``). A Redis error degrades to a miss and opens the breaker a while (``memq.client.cache_redis``).
 """
 
 from __future__ import annotations
@@ -43,10 +31,11 @@ log = logging.getLogger(__name__)
 POLL_FIRST_S = 0.002
 POLL_MAX_S = 0.010
 
+OUTCOMES = ("hit", "shared", "miss", "wait", "stale", "foreign", "error", "disabled", "timeout")  # Lookup.outcome's
 LOOKUPS_TOTAL = "memq_result_cache_lookups_total"
 LOOKUPS = Counter(
     LOOKUPS_TOTAL.removesuffix("_total"),
-    "Client result-cache look-ups by outcome (hit, shared, miss, wait, stale, foreign, error, disabled, timeout)",
+    f"Client result-cache look-ups by outcome ({', '.join(OUTCOMES)})",
     ["outcome"],
 )
 LOOKUP_SECONDS = Histogram(
@@ -54,8 +43,6 @@ LOOKUP_SECONDS = Histogram(
     "One result-cache round trip, client side",
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.25),
 )
-OUTCOMES = ("hit", "shared", "miss", "wait", "stale", "foreign", "error", "disabled", "timeout")
-
 # KEYS: the requested types' version keys. ARGV: fingerprint, result prefix, lock prefix, token, lock ms.
 # Returns {suffix, versions, "hit", value} | {suffix, versions, "leader"} | {suffix, versions, "wait"}. The result
 # and lock keys are built here from the versions (so one round trip suffices); they are not declared, which a Redis
@@ -77,11 +64,10 @@ return 0
 
 @dataclass
 class Lookup:
-    """What the cache said. ``outcome``: hit | shared (a hit after waiting) | miss (``leader``: this caller
-    holds the single-flight lock; run the chord under ``cache_key``, then ``release``) | wait (an identical
-    retrieval is in flight) | stale (an entry of another format: run the chord, overwrite it) | foreign (an
-    entry whose envelope names another tenant or request: never served; run the chord, overwrite it) | error |
-    disabled (run the chord uncached) | timeout (waited until the caller's deadline)."""
+    """What the cache said. ``outcome``: hit | shared (a hit after waiting) | miss (``leader``: this caller holds the
+    single-flight lock: run the chord, then ``release``) | wait (an identical retrieval is in flight) | stale (another
+    format) or foreign (another tenant or request: never served): run the chord, overwrite it | error | disabled
+    (run it uncached) | timeout (waited until the caller's deadline)."""
 
     outcome: str
     cache_key: str | None = None
@@ -129,7 +115,7 @@ def wait(settings: Settings, request: RetrievalRequest, first: Lookup) -> Lookup
             found.outcome = "shared" if found.outcome == "hit" else found.outcome
             break
     found.cache_ms = cache_ms
-    found.wait_ms = (time.perf_counter() - started) * 1000
+    found.wait_ms = _elapsed_ms(started)
     if found.result is not None:
         found.result["timings_ms"].update(cache_ms=found.cache_ms, wait_ms=found.wait_ms)
     return _count(found)

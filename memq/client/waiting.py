@@ -1,24 +1,15 @@
 """Waiting for many task results at once in one client process, with one reader of the result store.
 
-Celery's default way to wait (``AsyncResult.get``) has every waiting thread drain a pub/sub connection of its own
-and, for a chain, read each parent task's state with a Redis GET on every wake-up: milliseconds of client CPU per
-retrieval, growing with the number of threads a web app waits on.
-
-``ResultWaiter`` keeps, per process, one Redis pub/sub connection to the result store and one daemon thread, the
-drain thread, which alone touches it (redis-py's ``PubSub`` is not thread-safe). A caller hands the drain thread
-the keys of the results it wants and sleeps on its own event; the drain thread SUBSCRIBEs, confirms, and wakes the
-caller whose result, and only whose, arrives. Results stored before the SUBSCRIBE took effect were published to no
-one: after the confirmation the caller reads them with one MGET. A caller also watches its chain's earlier steps:
-Celery stores a failed step's error on that step and on the chord header after it, not on the last step, so a
-failure ends the wait at once without polling. A chord whose part failed ends with Celery's ``ChordError``, which
-names the part only in its text: the caller gets the part's own error instead (one MGET of the parts).
-
-Only public Celery API is used: the result backend's ``get_key_for_task`` (the Redis key, which is also the
-channel Celery publishes the result on), ``decode_result`` and ``exception_to_python``.
+``ResultWaiter`` keeps, per process, one Redis pub/sub connection to the result store and one daemon thread (the
+drain thread) that alone touches it; a caller hands it its chain's result keys and sleeps on its own event. Results
+stored before the SUBSCRIBE took effect are read with one MGET after its confirmation; an earlier step's failure
+ends the wait at once; a chord's ``ChordError`` becomes its failed part's own error. Why: README, "How it works".
+Public Celery API only: the result backend's ``get_key_for_task``, ``decode_result`` and ``exception_to_python``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -55,11 +46,9 @@ class _Wait:
     problem: BaseException | None = None  # the result store's error, if the drain thread could not subscribe
 
     def offer(self, key: bytes, meta: dict[str, Any]) -> None:
-        status = meta.get("status")
-        if key == self.last_key and status in states.READY_STATES:
+        # An earlier step's failure ends the wait too: the last step will never run.
+        if meta.get("status") in (states.READY_STATES if key == self.last_key else states.PROPAGATE_STATES):
             self._end(meta)
-        elif key != self.last_key and status in states.PROPAGATE_STATES:
-            self._end(meta)  # an earlier step failed: the last step will never run
 
     def _end(self, meta: dict[str, Any]) -> None:
         if self.outcome is None:
@@ -110,10 +99,8 @@ class _Drain:
                 self._fail_unconfirmed(exc)
                 time.sleep(RETRY_AFTER_S)
             finally:
-                try:
+                with contextlib.suppress(Exception):  # the connection is already gone
                     pubsub.close()
-                except Exception:  # the connection is already gone
-                    log.debug("closing a broken result pub/sub connection failed", exc_info=True)
 
     def _apply_commands(self, pubsub: Any) -> None:
         while True:

@@ -1,26 +1,10 @@
-"""Which broker a URL names, and memq's RabbitMQ topology as data: queues, dead-letter exchange and queue, policy.
+"""Which broker a URL names, and memq's RabbitMQ topology as data: queues, dead-letter exchange and queue, policy,
+each role's permissions.
 
-One definition, read by the Celery configuration (``memq.config.celery``), by ``memq broker setup``
-(``memq.ops.broker_setup``), by the worker's dead-lettering on AMQP (``memq.workers.plumbing.amqp_poison_guard``) and by
-the
-docker-compose and Kubernetes files (``deploy/rabbitmq/definitions.json``, checked by tests/test_compose.py and
-tests/test_deploy.py against ``definitions``).
-
-- Task queues are quorum queues (replicated by Raft; durable; messages persistent). Their only queue argument is
-  ``x-queue-type``: everything that may change later (the delivery limit, the dead-letter exchange and strategy)
-  is in the policy ``memq-task-queues``, because RabbitMQ refuses (406 PRECONDITION_FAILED) to declare an existing
-  queue again with other arguments, so a changed argument would stop every worker at start.
-- The policy's ``delivery-limit`` is the broker's backstop, above memq's own limit (``MEMQ_MAX_DELIVERIES``, which
-  counts only the deliveries that *started* running): RabbitMQ 3.x counts every return of a message, the ones a
-  crashed consumer had only prefetched included, so a limit as low as memq's would dead-letter innocent messages.
-- Each queue has its own topic exchange of the same name (``exchange_type``).
-- Dead letters go to the fanout exchange ``memq.dead`` and wait in the quorum queue ``memq.dead``
-  (``at-least-once`` dead-lettering, which needs ``overflow: reject-publish``). The same exchange copies each one
-  to ``memq.dead.watch``, which every worker consumes (``memq.workers.plumbing.dead_letter_watch``): a message the
-  broker
-  itself dead-lettered fails its caller at once, while its letter stays in ``memq.dead`` for ``memq dead-letters``.
-
-Import-light: no Celery, no kombu.
+One definition, read by the Celery configuration, ``memq broker setup``, the worker's dead-lettering on AMQP and the
+deployment files (``deploy/rabbitmq/definitions.json``, checked against ``definitions``). Why it is so (quorum
+queues, the delivery limit in a policy above ``MEMQ_MAX_DELIVERIES``, the watched dead letters): README, "Choosing a
+broker", and docs/guarantees.md. Import-light: no Celery, no kombu.
 """
 
 from __future__ import annotations
@@ -48,9 +32,8 @@ POLICY_PATTERN = rf"^({TASK_NAMES})$"
 #: What each worker kind consumes.
 KIND_QUEUES = {"embed": r"embed", "search": r"search|search\.[0-9]{1,4}", "ingest": r"ingest"}
 DEAD_NAMES = r"memq\.dead|memq\.dead\.watch"
-#: Celery's own names: remote control (the ``celery.pidbox`` and ``reply.celery.pidbox`` exchanges, each worker's
-#: and each caller's pidbox queue), events (``celeryev``, each worker's ``celeryev.<uuid>``), and native delayed
-#: delivery (``celery_delayed_*``, declared by each worker at start).
+#: Celery's own names: remote control (pidbox exchanges, each worker's and caller's pidbox queue), events
+#: (``celeryev``, each worker's ``celeryev.<uuid>``), native delayed delivery (declared by each worker at start).
 CELERY_NAMES = r"celery\.pidbox|reply\.celery\.pidbox|.+\.celery\.pidbox|celeryev|celeryev\..+|celery_delayed_.+"
 
 
@@ -58,16 +41,7 @@ def _only(*alternatives: str) -> str:
     return "^(" + "|".join(alternatives) + ")$"
 
 
-#: RabbitMQ permissions (configure, write, read: regular expressions over exchange and queue names; an exchange and
-#: a queue of the same name share them) per role, all in memq's own virtual host (docs/operations.md, "Broker users
-#: per role"; ``memq broker permissions`` prints them as ``rabbitmqctl`` commands).
-#: - ``web``: publishes memq's requests to its task exchanges, nothing else: RabbitMQ itself refuses it a
-#:   remote-control broadcast (``celery.pidbox``), consuming, purging or declaring anything.
-#: - ``<kind>-worker``: consumes (and so may purge) its own kind's queues and ``memq.dead.watch`` only; publishes
-#:   chain and chord steps to any task exchange, dead letters to ``memq.dead``, and Celery's remote-control replies,
-#:   events and delayed retries; declares and deletes only Celery's own names, never a task queue or a dead letter.
-#: - ``operator``: ``memq broker setup`` (declares memq's names), ``memq dead-letters`` (reads, purges and replays
-#:   through the default exchange ``amq.default``), ``memq status`` (remote control): memq's names only.
+#: RabbitMQ permissions (configure, write, read) per role: docs/operations.md, "Broker users per role".
 ROLE_PERMISSIONS: dict[str, tuple[str, str, str]] = {
     "web": ("^$", POLICY_PATTERN, "^$"),
     **{
@@ -95,10 +69,8 @@ def permission_commands(vhost: str) -> list[str]:
 
 
 def exchange_type(amqp: bool) -> str:
-    """Each queue's exchange: ``topic`` on RabbitMQ, where Celery's native delayed delivery (the countdown of a
-    retry, on quorum queues) routes only through topic exchanges (on a direct one the worker would hold a delayed
-    message in its prefetch until its time); ``direct`` on Redis, as before. The routing key is the queue's name,
-    which a topic binding of the same name matches exactly."""
+    """Each queue's exchange: ``topic`` on RabbitMQ (Celery's native delayed delivery, a retry's countdown on quorum
+    queues, routes only through topic exchanges), ``direct`` on Redis; the routing key is the queue's name."""
     return "topic" if amqp else "direct"
 
 
@@ -120,9 +92,8 @@ def vhost_of(url: str) -> str:
 
 
 def task_queues(search_shards: int) -> list[str]:
-    """Every task queue memq uses with ``search_shards`` shards."""
-    shards = [sharding.shard_queue(shard) for shard in range(search_shards)] if search_shards > 1 else []
-    return [*names.QUEUES, *shards]
+    """Every task queue memq uses with ``search_shards`` shards (``search`` always: merge runs there)."""
+    return [*names.QUEUES, *(sharding.search_queues(search_shards) if search_shards > 1 else [])]
 
 
 def policy(delivery_limit: int) -> dict[str, Any]:
@@ -139,22 +110,17 @@ def definitions(vhost: str, search_shards: int, delivery_limit: int = DEFAULT_DE
     """RabbitMQ's definitions format (``load_definitions``, the management API's import): the same topology
     ``memq broker setup`` declares."""
     queues = task_queues(search_shards)
+    durable = {"vhost": vhost, "durable": True, "auto_delete": False}
+    to_queue = {"vhost": vhost, "destination_type": "queue"}
 
     def exchange(name: str, kind: str) -> dict[str, Any]:
-        return {"name": name, "vhost": vhost, "type": kind, "durable": True, "auto_delete": False, "internal": False}
+        return {"name": name, "type": kind, "internal": False, **durable}
 
     def queue(name: str) -> dict[str, Any]:
-        return {"name": name, "vhost": vhost, "durable": True, "auto_delete": False, "arguments": dict(QUORUM)}
+        return {"name": name, "arguments": dict(QUORUM), **durable}
 
     def binding(source: str, destination: str, key: str) -> dict[str, Any]:
-        return {
-            "source": source,
-            "vhost": vhost,
-            "destination": destination,
-            "destination_type": "queue",
-            "routing_key": key,
-            "arguments": {},
-        }
+        return {"source": source, "destination": destination, "routing_key": key, "arguments": {}, **to_queue}
 
     return {
         "vhosts": [{"name": vhost}],

@@ -1,11 +1,9 @@
 """The one deadline of a call, and every margin taken from it.
 
-The edge (``memq.client.edge``) sets ``deadline_ts`` (Unix seconds: the caller's ``timeout_s`` from when the call
-was made) in the request; the canvas gives each message of the call that same instant as its ``expires`` and its
-``deadline_ts`` argument: ``memq.embed_query`` and ``memq.search`` of a retrieval, ``memq.embed_texts``,
-``memq.store`` and ``memq.forget`` of an ingestion (one deadline per batch of a bulk import). A message past its
-deadline is not started (``refuse_if_passed``; Celery drops one past its ``expires`` before that). Every hop derives
-its budget from it with ``budget_s`` and the margins below, written here once, each with its reason.
+The edge sets ``deadline_ts`` (Unix seconds: the caller's ``timeout_s`` from when the call was made); the canvas
+gives every message of the call that instant as its ``expires`` and ``deadline_ts``; a message past it is not
+started (``refuse_if_passed``), and every hop derives its budget from it with ``budget_s`` and the margins below,
+each with its reason (README, "How it works", "Deadlines").
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from memq.core.memory_types import ALIASES, MemoryType, known_type_names
+from memq.core.memory_types import BY_NAME, MemoryType, known_type_names
 from memq.errors import InvalidInput
 
 MAX_MEMORY_ID_CHARS = 256
@@ -35,8 +35,7 @@ MAX_TAGS = 64
 MAX_FLOAT_INT = 10**308  # larger ints do not convert to float
 MAX_TAG_CHARS = 128
 MAX_ROLE_CHARS = 64
-MODES = ("hybrid", "vector", "lexical")
-DEFAULT_MODE = "hybrid"
+DEFAULT_MODE = "hybrid"  # of memq.core.wire.ModeName
 FILTER_FIELDS = ("tags", "tags_match", "created_after", "created_before", "role")
 TAG_MATCHES = ("any", "all")
 WEIGHT_NAMES = ("relevance", "recency", "importance")
@@ -75,11 +74,9 @@ def is_finite_number(value: Any) -> bool:
 
 
 def text_form(text: str) -> str:
-    """The one form in which search compares texts: Unicode NFKC, so that full-width letters (``Ｒｅｓｅｒｖｅｄ``),
-    ligatures (``ﬁ``) and other compatibility characters meet their plain spellings. The embedding sees it, of a query
-    and of a memory alike (``memq.workers.steps``); BM25 case-folds it (``memq.workers.search.lexical``); the result
-    cache
-    keys on it. A memory is stored and returned as written."""
+    """The one form in which search compares texts: Unicode NFKC (full-width letters, ligatures meet their plain
+    spellings), for the embedding and BM25 of queries and memories alike, and the result cache's key. A memory is
+    stored and returned as written."""
     return unicodedata.normalize("NFKC", text)
 
 
@@ -88,14 +85,14 @@ def check_query(query: Any) -> str:
     most ``MAX_QUERY_CHARS``."""
     if not isinstance(query, str):
         raise InvalidInput("query", f"must be a string, got {type(query).__name__}")
-    return _check_text(text_form(check_utf8(query, "query")).strip(), "query", MAX_QUERY_CHARS)
+    return check_content(text_form(check_utf8(query, "query")).strip(), "query", MAX_QUERY_CHARS)
 
 
 def check_memory_id(memory_id: Any) -> str:
     if not isinstance(memory_id, str):
         raise InvalidInput("memory_id", f"must be a string, got {type(memory_id).__name__}")
     check_utf8(memory_id, "memory_id")
-    if not memory_id or not memory_id.strip():
+    if not memory_id.strip():
         raise InvalidInput("memory_id", "must not be empty")
     if len(memory_id) > MAX_MEMORY_ID_CHARS:
         raise InvalidInput("memory_id", f"must be at most {MAX_MEMORY_ID_CHARS} characters")
@@ -108,14 +105,9 @@ def check_memory_type(memory_type: Any, field: str = "type") -> MemoryType:
     if not isinstance(memory_type, str):
         raise InvalidInput(field, f"must be a string, got {type(memory_type).__name__}")
     name = memory_type.strip().lower()
-    if name in ALIASES:
-        return ALIASES[name]
-    try:
-        return MemoryType(name)
-    except ValueError:
-        raise InvalidInput(
-            field, f"unknown memory type {memory_type!r}; known: {', '.join(known_type_names())}"
-        ) from None
+    if name not in BY_NAME:
+        raise InvalidInput(field, f"unknown memory type {memory_type!r}; known: {', '.join(known_type_names())}")
+    return BY_NAME[name]
 
 
 def check_limits(limits: Any) -> dict[str, int]:
@@ -148,10 +140,8 @@ def check_weights(weights: Any) -> dict[str, float]:
         raise InvalidInput("weights", f"unknown weight(s) {sorted(map(str, unknown))}; known: {WEIGHT_NAMES}")
     checked = dict.fromkeys(WEIGHT_NAMES, 0.0)
     for name, value in weights.items():
-        if not is_finite_number(value):
-            raise InvalidInput(f"weights[{name!r}]", f"must be a finite number, got {shown(value)}")
-        if not 0 <= value <= 1000:
-            raise InvalidInput(f"weights[{name!r}]", f"must be in 0..1000, got {shown(value)}")
+        if not is_finite_number(value) or not 0 <= value <= 1000:
+            raise InvalidInput(f"weights[{name!r}]", f"must be a number in 0..1000, got {shown(value)}")
         checked[name] = float(value)
     if sum(checked.values()) <= 0:
         raise InvalidInput("weights", "at least one weight must be positive")
@@ -161,16 +151,14 @@ def check_weights(weights: Any) -> dict[str, float]:
 def check_timeout(timeout_s: Any, default_s: float | None = None) -> float:
     """How long a caller waits; ``None``: ``default_s`` (``MEMQ_RETRIEVE_TIMEOUT_S`` for a retrieval)."""
     timeout_s = default_s if timeout_s is None else timeout_s
-    if not is_finite_number(timeout_s):
-        raise InvalidInput("timeout_s", f"must be a number of seconds, got {shown(timeout_s)}")
-    if not 0 < timeout_s <= MAX_TIMEOUT_S:
-        raise InvalidInput("timeout_s", f"must be in (0, {MAX_TIMEOUT_S:g}], got {shown(timeout_s)}")
+    if not is_finite_number(timeout_s) or not 0 < timeout_s <= MAX_TIMEOUT_S:
+        raise InvalidInput("timeout_s", f"must be seconds in (0, {MAX_TIMEOUT_S:g}], got {shown(timeout_s)}")
     return float(timeout_s)
 
 
 def check_batch(values: Any, field: str) -> list[Any] | tuple[Any, ...]:
     """A non-empty list of at most ``MAX_BATCH_ITEMS`` values (memories, or their texts)."""
-    if isinstance(values, Mapping | str) or not isinstance(values, list | tuple):
+    if not isinstance(values, list | tuple):
         raise InvalidInput(field, "must be a list of memories")
     if not values:
         raise InvalidInput(field, "must not be empty")
@@ -179,12 +167,8 @@ def check_batch(values: Any, field: str) -> list[Any] | tuple[Any, ...]:
     return values
 
 
-def check_content(content: Any, field: str) -> str:
-    """A memory's text: non-empty, valid UTF-8, at most ``MAX_CONTENT_CHARS``, no NUL."""
-    return _check_text(content, field, MAX_CONTENT_CHARS)
-
-
-def _check_text(content: Any, field: str, max_chars: int) -> str:
+def check_content(content: Any, field: str, max_chars: int = MAX_CONTENT_CHARS) -> str:
+    """A memory's text (or a query): non-empty, valid UTF-8, at most ``max_chars``, no NUL."""
     if not isinstance(content, str) or not content.strip():
         raise InvalidInput(field, "must be a non-empty string")
     check_utf8(content, field)
@@ -232,12 +216,9 @@ def _check_item(index: int, item: Any) -> dict[str, Any]:
     if isinstance(importance, bool) or not isinstance(importance, int | float) or not 0 <= importance <= 1:
         raise InvalidInput(f"{where}.importance", f"must be a number in 0..1, got {shown(importance)}")
     checked["importance"] = float(importance)
-    if item.get("created_at") is not None:
-        checked["created_at"] = check_timestamp(item["created_at"], f"{where}.created_at")
-    if item.get("role") is not None:
-        checked["role"] = check_role(item["role"], f"{where}.role")
-    if item.get("tags") is not None:
-        checked["tags"] = check_tags(item["tags"], f"{where}.tags")
+    for name, check in (("created_at", check_timestamp), ("role", check_role), ("tags", check_tags)):
+        if item.get(name) is not None:
+            checked[name] = check(item[name], f"{where}.{name}")
     if item.get("metadata") is not None:
         metadata = item["metadata"]
         if not isinstance(metadata, Mapping):
@@ -278,26 +259,18 @@ def _check_no_operator_keys(value: Any, where: str, depth: int = 0) -> None:
 def check_timestamp(value: Any, field: str) -> float:
     """Unix seconds (number) or ISO-8601 text (UTC without an offset) → Unix seconds, within ``TIMESTAMP_RANGE``
     once the offset is applied: ``1e20`` or ``"9999-12-31T23:00:00-05:00"`` (10000-01-01 in UTC) are refused."""
-    if isinstance(value, bool):
-        raise InvalidInput(field, "must be Unix seconds or an ISO-8601 timestamp")
-    if isinstance(value, int | float):
-        if isinstance(value, float) and not math.isfinite(value):
-            raise InvalidInput(field, f"must be finite Unix seconds, got {shown(value)}")
-        seconds: float = value
-    elif isinstance(value, str):
+    if isinstance(value, str):
         check_utf8(value, field)
         try:
             parsed = datetime.fromisoformat(value)
         except ValueError:
             raise InvalidInput(field, f"is not an ISO-8601 timestamp: {value[:64]!r}") from None
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=UTC)
-        seconds = parsed.timestamp()
-    else:
+        value = (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+    elif isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidInput(field, "must be Unix seconds or an ISO-8601 timestamp")
-    if not MIN_TIMESTAMP <= seconds <= MAX_TIMESTAMP:  # compared before any conversion: 10**400 is refused too
+    if not MIN_TIMESTAMP <= value <= MAX_TIMESTAMP:  # NaN too; compared before any conversion: 10**400 is refused too
         raise InvalidInput(field, f"must lie within {TIMESTAMP_RANGE} (Unix seconds 0..{MAX_TIMESTAMP:.0f})")
-    return float(seconds)
+    return float(value)
 
 
 def check_role(role: Any, field: str) -> str:
@@ -316,15 +289,6 @@ def check_tags(tags: Any, field: str) -> list[str]:
     if any(t.startswith("$") for t in tags):
         raise InvalidInput(field, "must not hold values starting with '$'")
     return [check_utf8(t, field) for t in tags]
-
-
-def check_mode(mode: Any) -> str:
-    """How each type is searched: ``hybrid`` (lexical and vector, fused), ``vector`` or ``lexical``."""
-    if mode is None:
-        return DEFAULT_MODE
-    if mode not in MODES:
-        raise InvalidInput("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
-    return str(mode)
 
 
 def check_filters(filters: Any) -> dict[str, Any]:
@@ -359,7 +323,7 @@ def check_filters(filters: Any) -> dict[str, Any]:
 def check_ids(ids: Any) -> list[str] | None:
     if ids is None:
         return None
-    if isinstance(ids, str) or not isinstance(ids, list | tuple) or not ids:
+    if not isinstance(ids, list | tuple) or not ids:
         raise InvalidInput("ids", "must be a non-empty list of memory ids")
     if not all(isinstance(i, str) and i and not i.startswith("$") for i in ids):
         raise InvalidInput("ids", "must be strings, none starting with '$'")

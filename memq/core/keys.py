@@ -18,13 +18,9 @@
 ``<fingerprint>`` is ``sha256`` of the request's identity (see ``memq.client.edge.cache_identity``) and
 ``<versions>`` the requested types' data versions joined by ``.``: a write bumps a version, so the
 entries written before it can no longer be named (nothing is scanned or deleted; they expire by TTL).
-Bump ``PREFIX`` when a key's layout changes; the values carry their own format version too.
-
-A stored memory's MongoDB ``_id`` (``memory_object_id``) is data, not a Redis key: its format has its own version,
-``OBJECT_ID_FORMAT``, and moving it leaves ``PREFIX`` (and every cache) alone. Format 1 digested
-``memory_id + "\\x1f" + key``, so ``("p", "q\\x1fnotes")`` and ``("p\\x1fq", "notes")`` shared an ``_id``; format 2
-digests the JSON-encoded pair. Memories stored under format 1 keep their ``_id`` until moved by
-``scripts/migrate_object_ids.py`` (README, "Stored ids and their migration").
+Bump ``PREFIX`` when a key's layout changes; the values carry their own format version too. A stored memory's
+MongoDB ``_id`` (``memory_object_id``) is data, not a Redis key, with its own ``OBJECT_ID_FORMAT`` (README, "Stored
+ids and their migration").
 """
 
 from __future__ import annotations
@@ -70,13 +66,9 @@ def result_key(fingerprint: str, versions: list[int]) -> str:
     return result_cache(f"{fingerprint}:{'.'.join(str(version) for version in versions)}")
 
 
-def result_lock(suffix: str) -> str:
-    return f"{LOCK_PREFIX}{suffix}"
-
-
 def lock_of(result_key: str) -> str:
     """The single-flight lock that guards ``result_key``."""
-    return result_lock(result_key.removeprefix(RESULT_PREFIX))
+    return LOCK_PREFIX + result_key.removeprefix(RESULT_PREFIX)
 
 
 def fingerprint(identity: Mapping[str, Any]) -> str:

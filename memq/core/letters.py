@@ -1,11 +1,6 @@
 """A dead letter as the operator's tools see it, on either broker, and the one check a kept message must pass before
-``memq dead-letters --replay`` republishes it.
-
-A kept message is replayed only if it parses as a memq task message for a memq queue: the queue is one of memq's
-(``names.is_memq_queue``: never ``unacked`` or any other key or queue), the headers name a memq task with a
-non-empty string id, that task is routed to that queue, and the body is Celery's ``[args, kwargs, embed]`` in JSON.
-The listing shows that parsed message (its task, id and queue), so what the operator reads is what replay
-publishes. Import-light: no Celery, no kombu, no Redis.
+``memq dead-letters --replay`` republishes it (``parse_kept``); the listing shows that parsed message, so what the
+operator reads is what replay publishes. Import-light: no Celery, no kombu, no Redis.
 """
 
 from __future__ import annotations

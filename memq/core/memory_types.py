@@ -23,6 +23,8 @@ ALIASES: dict[str, MemoryType] = {
     "procedural": MemoryType.WORKFLOW_MEMORY,
 }
 
+BY_NAME: dict[str, MemoryType] = {**{memory_type.value: memory_type for memory_type in MemoryType}, **ALIASES}
+
 # Types whose memories carry a speaker role worth indexing.
 ROLE_TYPES = frozenset({MemoryType.CONVERSATION_MEMORY, MemoryType.SHORT_TERM_MEMORY})
 

@@ -1,25 +1,6 @@
-"""Stable task names and their queues. Import-light: a web app can ``send_task`` by these names
-without importing torch, pymongo or any worker code.
-
-| name                | queue  | args                                                                      |
-|---------------------|--------|---------------------------------------------------------------------------|
-| memq.retrieve       | search | query, memory_id, limits, weights=None, timeout_s=None, mode=None,        |
-|                     |        | filters=None                                                              |
-| memq.remember       | ingest | memory_id, memory_type, items, timeout_s=None                             |
-| memq.forget         | ingest | memory_id, memory_type=None, ids=None, deadline_ts=None                   |
-| memq.create_indexes | ingest | dimensions, or the embed_texts result of a probe text        (chain step)   |
-| memq.embed_query    | embed  | query, deadline_ts=None                                    (canvas step)  |
-| memq.embed_texts    | embed  | texts, deadline_ts=None                                    (canvas step)  |
-| memq.search         | search | embedded, memory_id, memory_type, k, strategy="auto", deadline_ts=None,   |
-|                     |        | query=None, mode=None, filters=None; the tenant's search.<s> with         |
-|                     |        | MEMQ_SEARCH_SHARDS > 1 (memq.core.sharding)                                    |
-| memq.merge          | search | results, request                                           (chord body)   |
-| memq.store          | ingest | embedded, memory_id, memory_type, items, deadline_ts=None  (chain step)   |
-
-``deadline_ts``: Unix seconds, the call's deadline (``memq.core.deadlines``); a message received past it is not
-run. ``None``: none (a raw ``send_task``).
-
-``mode=None`` is ``memq.core.field_rules.DEFAULT_MODE`` (``hybrid``) wherever it is taken.
+"""Stable task names and their queues. Import-light: a web app can ``send_task`` by these names without importing
+torch, pymongo or any worker code. Each task's arguments: README, "By task name"; ``deadline_ts`` (Unix seconds,
+``memq.core.deadlines``): a message received past it is not run; ``mode=None`` is ``field_rules.DEFAULT_MODE``.
 """
 
 RETRIEVE = "memq.retrieve"

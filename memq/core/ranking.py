@@ -1,16 +1,7 @@
-"""Ranking: fusing lexical and vector relevance per type, then relevance, recency and importance per memory.
-
-1. ``fuse`` (in the search worker, over every memory of the tenant and type that passes the filters): ``vector``
-   is the cosine; ``lexical`` is BM25; ``hybrid`` is ``HYBRID_VECTOR_WEIGHT * minmax(cosine) + (1 - it) *
-   minmax(BM25)``, each normalised over the same memories (the choice and its weight were measured on LoCoMo;
-   README, "Retrieval quality").
-2. ``rank_type`` (in merge, over the type's candidates): ``memory_signal = (w_rel * relevance + w_rec * recency
-   + w_imp * importance) / sum(w)`` with each term min-max normalised over the candidates (as in Generative
-   Agents), so a term's scale cannot swamp another's: with the default weights a weakly related memory does
-   not outrank a strongly related one because it is recent or important. With relevance-only weights the
-   order is the relevance order, so ``mode="vector"`` returns exactly the cosine top-k. Recency is the age since
-   the memory's ``created_at`` (its own, else its first insert): nothing records an access, and re-sending a
-   memory never moves it.
+"""Ranking: fusing lexical and vector relevance per type (``fuse``, in the search worker, over every memory that
+passes the filters), then relevance, recency and importance per memory (``rank_type``, in merge, over the type's
+candidates, each term min-max normalised as in Generative Agents). The formulas and why: README, "Usage" (``mode``,
+``memory_signal``); the hybrid weight was measured on LoCoMo (README, "Retrieval quality").
 """
 
 from __future__ import annotations

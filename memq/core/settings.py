@@ -1,28 +1,20 @@
-"""Typed settings, read from the environment (prefix ``MEMQ_``) once per process.
+"""Typed settings, read from the environment (prefix ``MEMQ_``) once per process. Import-light: pydantic only.
 
-A pydantic model: every number has a range, floats refuse NaN and infinities, the string choices are checked.
-A bad value raises ``ConfigError`` naming the ``MEMQ_*`` variable, what it accepts and what it got, whether it came
-from the environment (``Settings.from_env``, an empty variable counts as unset) or from keyword construction
-(``Settings(broker_url=...)``, the defaults for the rest).
-
-The README's configuration table is generated from this model: ``python -m memq.core.settings --markdown`` prints it,
-and ``tests/test_units.py`` checks that the README holds exactly that table. A new field needs a ``description``
-and, if it is a number, a range (``ge``/``gt`` and ``le``); a test refuses a number without both bounds.
-
-Import-light: pydantic only (no Celery, no torch).
+A pydantic model: every number has a range, floats refuse NaN and infinities, the string choices are checked; a bad
+value raises ``ConfigError`` naming the ``MEMQ_*`` variable, what it accepts and what it got (an empty variable
+counts as unset). The README's configuration table is generated from the model (``python -m memq.core.settings
+--markdown``; tests/test_units.py checks both): a new field needs a ``description`` and, if a number, both bounds.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
-import annotated_types
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from memq.core import broker
@@ -32,10 +24,7 @@ from memq.errors import ConfigError
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 SearchStrategy = Literal["auto", "exact", "vector_search"]
-SEARCH_STRATEGIES: tuple[str, ...] = get_args(SearchStrategy)
-EMBED_DEVICE_PATTERN = (
-    r"^(auto|cpu|cuda|cuda:[0-9]+|mps)$"  # what workers/embedding/embedder.py's choose_device accepts
-)
+EMBED_DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:[0-9]+|mps)$"  # what workers/embedding/embedder.py's choose_device takes
 DAY_S = 24 * 3600
 YEAR_S = 365 * DAY_S
 MAX_PORT = 65535
@@ -281,39 +270,34 @@ def config_error(exc: ValidationError) -> ConfigError:
     return ConfigError("; ".join(problems))
 
 
+@lru_cache(maxsize=1)
+def _fields() -> dict[str, dict[str, Any]]:
+    """Each field's JSON schema: its type, default, bounds (``minimum``, ``exclusiveMinimum`` ...), choices."""
+    properties: dict[str, dict[str, Any]] = Settings.model_json_schema()["properties"]
+    return properties
+
+
 def allowed(name: str) -> str:
     """What a field accepts, in words: ``in 1..10000 (a whole number)``, ``in (0, 3600] (a finite number)``,
     ``one of `auto`, `exact` ...``."""
-    info = Settings.model_fields[name]
-    shown = (info.json_schema_extra or {}).get("shown_allowed")  # type: ignore[union-attr]
-    if shown:
-        return f"one of {shown}"
-    if get_args(info.annotation):
-        return "one of " + ", ".join(f"`{choice}`" for choice in get_args(info.annotation))
-    if info.annotation is int:
-        return f"in {number_range(name)} (a whole number)"
-    if info.annotation is float:
-        return f"in {number_range(name)} (a finite number)"
-    return "non-empty text" if _bound(name, annotated_types.MinLen) else "text"
+    field = _fields()[name]
+    choices = field.get("shown_allowed") or ", ".join(f"`{choice}`" for choice in field.get("enum", ()))
+    if choices:
+        return f"one of {choices}"
+    if field["type"] in ("integer", "number"):
+        return f"in {number_range(name)} ({'a whole number' if field['type'] == 'integer' else 'a finite number'})"
+    return "non-empty text" if field.get("minLength") else "text"
 
 
 def number_range(name: str) -> str:
     """``1..10000`` when both ends are included, else interval notation: ``(0, 3600]``."""
-    ge, gt = _bound(name, annotated_types.Ge), _bound(name, annotated_types.Gt)
-    le, lt = _bound(name, annotated_types.Le), _bound(name, annotated_types.Lt)
+    field = _fields()[name]
+    ge, le = field.get("minimum"), field.get("maximum")
     if ge is not None and le is not None:
         return f"{_number(ge)}..{_number(le)}"
-    low = f"[{_number(ge)}" if ge is not None else f"({_number(gt)}"
-    high = f"{_number(le)}]" if le is not None else f"{_number(lt)})"
+    low = f"[{_number(ge)}" if ge is not None else f"({_number(field.get('exclusiveMinimum'))}"
+    high = f"{_number(le)}]" if le is not None else f"{_number(field.get('exclusiveMaximum'))})"
     return f"{low}, {high}"
-
-
-def _bound(name: str, kind: type) -> Any:
-    """The value of a field's constraint of this kind (``annotated_types.Ge(1)`` -> 1), or None."""
-    for constraint in Settings.model_fields[name].metadata:
-        if isinstance(constraint, kind):
-            return next(iter(dataclasses.asdict(constraint).values()))
-    return None
 
 
 def _number(value: object) -> str:
@@ -323,11 +307,11 @@ def _number(value: object) -> str:
 def markdown_table() -> str:
     """The README's configuration table, one row per field."""
     rows = ["| variable | default | allowed | meaning |", "|---|---|---|---|"]
-    for name, info in Settings.model_fields.items():
-        extra = info.json_schema_extra or {}
-        default = extra.get("shown_default") or (f"`{_number(info.default)}`" if info.default != "" else "empty")  # type: ignore[union-attr]
-        shown = number_range(name) if info.annotation in (int, float) else allowed(name).removeprefix("one of ")
-        rows.append(f"| `{env_name(name)}` | {default} | {shown} | {info.description} |")
+    for name, field in _fields().items():
+        value = field["default"]
+        default = field.get("shown_default") or (f"`{_number(value)}`" if value != "" else "empty")
+        shown = number_range(name) if field["type"] in ("integer", "number") else allowed(name).removeprefix("one of ")
+        rows.append(f"| `{env_name(name)}` | {default} | {shown} | {field['description']} |")
     return "\n".join(rows) + "\n"
 
 

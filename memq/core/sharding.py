@@ -1,10 +1,7 @@
-"""Tenant-affinity shards of the search pool: every search of a ``memory_id`` goes to one shard's queue.
-
-With ``MEMQ_SEARCH_SHARDS=N`` > 1, the searches of a tenant are routed to queue ``search.<s>``, ``s`` = jump
-consistent hash (Lamping & Veach, 2014) of the tenant, so each tenant's matrices live in the cache of the workers of
-one shard only, and going from N to N + 1 shards moves about 1/(N + 1) of the tenants (never Python's salted
-``hash()``: every process must agree). With N = 1 (the default) searches use the shared ``search`` queue, as before.
-Merge always runs on the shared ``search`` queue, which every search worker serves.
+"""Tenant-affinity shards of the search pool: with ``MEMQ_SEARCH_SHARDS=N`` > 1 every search of a ``memory_id`` goes
+to queue ``search.<s>``, ``s`` its jump consistent hash (Lamping & Veach, 2014; never Python's salted ``hash()``:
+every process must agree), so going to N + 1 shards moves about 1/(N + 1) of the tenants. With N = 1 searches use
+the shared ``search`` queue; merge always does. README, "Scaling the search pool: tenant-affinity shards".
 """
 
 from __future__ import annotations
@@ -30,13 +27,9 @@ def jump_hash(key: int, buckets: int) -> int:
     return bucket
 
 
-def tenant_key(memory_id: str) -> int:
-    """A stable 64-bit key of a tenant (the first 8 bytes of its SHA-256)."""
-    return int.from_bytes(hashlib.sha256(memory_id.encode("utf-8")).digest()[:8], "big")
-
-
 def shard_of(memory_id: str, shards: int) -> int:
-    return jump_hash(tenant_key(memory_id), shards)
+    """The tenant's shard: the jump hash of a stable 64-bit key, the first 8 bytes of its SHA-256."""
+    return jump_hash(int.from_bytes(hashlib.sha256(memory_id.encode("utf-8")).digest()[:8], "big"), shards)
 
 
 def shard_queue(shard: int) -> str:

@@ -26,12 +26,8 @@ def to_bson(vector: np.ndarray) -> Binary:
 
 
 def from_stored(value: Any) -> np.ndarray:
-    """Decode an embedding as MongoDB returns it.
-
-    Real MongoDB returns ``Binary`` subtype 9; nx-27017 drops the subtype and returns the raw
-    bytes (header included) — ``_strip_vector_header`` is that one workaround. Float arrays
-    (older documents) are accepted too.
-    """
+    """An embedding as MongoDB returns it: ``Binary`` subtype 9; raw bytes, header included, from nx-27017, which
+    drops the subtype (``_strip_vector_header``); or a float array (older documents)."""
     if isinstance(value, Binary) and value.subtype == 9:
         return np.asarray(value.as_vector().data, dtype=np.float32)
     if isinstance(value, bytes | bytearray | memoryview):

@@ -1,10 +1,8 @@
 """The wire contract: every message a retrieval or an ingestion passes between processes, defined once.
 
-Each message is one model: a ``TypedDict`` whose fields carry their rule (``memq.core.field_rules``, NFKC text form,
-limits, filters, modes, ids, times), read by ``parse`` at the edge (``memq.client.edge``: the client, or the
-``memq.retrieve`` / ``memq.remember`` / ``memq.forget`` tasks that ``send_task`` reaches) and again on receipt, so
-that each rule is written once. A malformed field is ``InvalidInput`` naming it: a forged message or a broken worker
-never crashes a worker and is never ranked or written.
+Each message is one model: a ``TypedDict`` whose fields carry their rule (``memq.core.field_rules``), read by
+``parse`` at the edge (``memq.client.edge``) and again on receipt. A malformed field is ``InvalidInput`` naming it:
+a forged message or a broken worker never crashes a worker and is never ranked or written.
 
 | message          | sent by                  | received by          | model (read by ``parse``)  | built with         |
 |------------------|--------------------------|----------------------|----------------------------|---------------------|
@@ -17,10 +15,6 @@ never crashes a worker and is never ranked or written.
 | EmbedTexts       | the ingest canvas        | memq.embed_texts     | ``EMBED_TEXTS``            | remember_canvas    |
 | EmbeddedTexts    | memq.embed_texts         | memq.store           | ``parse_embedded_texts``   | embedded_texts     |
 | ForgetRequest    | the edge                 | memq.forget          | ``FORGET_REQUEST``         | forget_request     |
-
-A request that asks ``memq.merge`` to cache its result carries the cache key the client's look-up built, the data
-versions that key names and the client's TTL (``with_cache``); merge files the result under that key only if it is
-the key of this request (its tenant and identity, ``memq.workers.plumbing.cache_filing``).
 """
 
 import time
@@ -47,12 +41,11 @@ from memq.core import field_rules
 from memq.core.field_rules import MAX_CACHE_TTL_S, MAX_CANDIDATES, is_finite_number
 from memq.core.ranking import candidates_for
 from memq.core.settings import SearchStrategy, Settings, get_settings
-from memq.core.vectors import from_wire
+from memq.core.vectors import from_wire, to_wire
 from memq.errors import InvalidInput
 
 MAX_DATA_VERSION = 2**63 - 1  # a Redis INCR counter
 MAX_ERROR_CHARS = 500
-EMBED_TIMING_FIELDS = ("embed_ms", "embed_started_ts", "embed_ended_ts")
 Message = TypeVar("Message")
 
 
@@ -60,9 +53,8 @@ Message = TypeVar("Message")
 
 
 def parse(model: TypeAdapter[Message], message: Any, settings: Settings | None = None, where: str = "") -> Message:
-    """``message`` as ``model`` defines it, every field checked by its one rule (``memq.core.field_rules``), else the
-    ``InvalidInput`` of the first bad field (under ``where``: ``embedded.model``). The edge and the receiving task
-    call this same function."""
+    """``message`` as ``model`` defines it, at the edge and on receipt alike, else the ``InvalidInput`` of the first
+    bad field (under ``where``: ``embedded.model``)."""
     try:
         return model.validate_python(message, context=settings or get_settings())
     except ValidationError as exc:
@@ -80,9 +72,13 @@ def _settings(info: ValidationInfo) -> Settings:
     return info.context if isinstance(info.context, Settings) else get_settings()
 
 
-def _rule(check: Any) -> PlainValidator:
-    """A field checked by ``check(value)``."""
-    return PlainValidator(lambda value: check(value))
+def _rule(check: Any, optional: bool = False) -> PlainValidator:
+    """A field checked by ``check(value)``; ``optional``: ``None`` too, as it is."""
+    return PlainValidator(lambda value: None if optional and value is None else check(value))
+
+
+def _type_value(memory_type: Any) -> str:
+    return field_rules.check_memory_type(memory_type).value
 
 
 Text = Annotated[str, Strict()]
@@ -92,10 +88,11 @@ Seconds = Annotated[float | None, Strict(), AllowInfNan(False)]  # Unix seconds 
 
 Query = Annotated[str, _rule(field_rules.check_query)]
 MemoryId = Annotated[str, _rule(field_rules.check_memory_id)]
-TypeName = Annotated[str, _rule(lambda memory_type: field_rules.check_memory_type(memory_type).value)]
-Strategy = SearchStrategy
-Mode = Annotated[str, _rule(field_rules.check_mode)]
+TypeName = Annotated[str, _rule(_type_value)]
+ModeName = Literal["hybrid", "vector", "lexical"]  # hybrid: lexical and vector relevance fused (memq.core.ranking)
+Mode = Annotated[ModeName, BeforeValidator(lambda mode: field_rules.DEFAULT_MODE if mode is None else mode)]
 Filters = Annotated[dict[str, Any], _rule(field_rules.check_filters)]
+Candidates = Annotated[int, Strict(), Field(ge=1, le=MAX_CANDIDATES)]  # what one type's search returns
 
 
 # -- the retrieval request ---------------------------------------------------------------------------------------
@@ -108,10 +105,10 @@ class RetrievalRequest(TypedDict):
     memory_id: MemoryId
     limits: Annotated[dict[str, int], _rule(field_rules.check_limits)]  # memory type -> k
     weights: Annotated[dict[str, float], _rule(field_rules.check_weights)]  # relevance, recency, importance
-    strategy: Strategy  # auto | exact | vector_search
+    strategy: SearchStrategy  # auto | exact | vector_search
     mode: Mode  # hybrid | vector | lexical
     filters: Filters  # see memq.core.field_rules.check_filters
-    candidates: dict[str, Annotated[int, Strict(), Field(ge=1, le=MAX_CANDIDATES)]] | None  # how many each returns
+    candidates: dict[str, Candidates] | None  # how many each type's search returns
     timeout_s: Annotated[
         float, PlainValidator(lambda value, info: field_rules.check_timeout(value, _settings(info).retrieve_timeout_s))
     ]
@@ -159,16 +156,15 @@ RETRIEVAL_REQUEST: TypeAdapter[RetrievalRequest] = TypeAdapter(
 
 
 def parse_retrieval_request(request: Any, settings: Settings | None = None) -> RetrievalRequest:
-    """A retrieval request, as the edge builds it (from the caller's arguments) and ``memq.merge`` receives it:
-    each field by its rule (``InvalidInput`` naming it); missing optional fields take their defaults. Cache fields
-    are taken only with a ``cache_key`` (then all three must be sound); ``memq.workers.plumbing.cache_filing`` files the
-    result only under the key of this very request."""
+    """A retrieval request, as the edge builds it and ``memq.merge`` receives it: each field by its rule; missing
+    optional fields take their defaults; cache fields count only with a ``cache_key`` (then all three must be sound)."""
     return parse(RETRIEVAL_REQUEST, request, settings)
 
 
 def with_cache(request: RetrievalRequest, cache_key: Any, cache_versions: Any, cache_ttl_s: Any) -> RetrievalRequest:
     """The request plus what ``memq.merge`` needs to cache its result: the key the client's look-up built, the data
-    versions it names (one per requested type, in ``cache_types`` order) and the client's TTL (merge caps it)."""
+    versions it names (one per requested type, in ``cache_types`` order) and the client's TTL (merge caps it); merge
+    files the result only under the key of this very request (``memq.workers.plumbing.cache_filing``)."""
     cache = {"cache_key": cache_key, "cache_versions": cache_versions, "cache_ttl_s": cache_ttl_s}
     return parse_retrieval_request({**request, **cache})
 
@@ -186,22 +182,28 @@ class EmbedQuery(TypedDict):
 EMBED_QUERY: TypeAdapter[EmbedQuery] = TypeAdapter(EmbedQuery)
 
 
-class EmbedResult(TypedDict):
+class EmbedTimings(TypedDict):
+    """The embed step's timings, which each search passes on so that merge sees them."""
+
+    embed_ms: NotRequired[Seconds]
+    embed_started_ts: NotRequired[Seconds]
+    embed_ended_ts: NotRequired[Seconds]
+
+
+EMBED_TIMING_FIELDS = tuple(EmbedTimings.__annotations__)
+
+
+class EmbedResult(EmbedTimings):
     """``memq.embed_query``'s result, the first argument of every ``memq.search`` of the chord."""
 
     vector: Annotated[str, PlainValidator(lambda text: text)]  # memq.core.vectors.to_wire, decoded by check_vector
     model: NotRequired[OptionalText]
-    embed_ms: NotRequired[Seconds]
     embed_cache: NotRequired[Literal["hit", "miss", None]]
-    embed_started_ts: NotRequired[Seconds]
-    embed_ended_ts: NotRequired[Seconds]
 
 
 def embed_result(
     vector: np.ndarray, model: str, embed_ms: float, cache: str, started_ts: float, ended_ts: float
 ) -> EmbedResult:
-    from memq.core.vectors import to_wire
-
     return {
         "vector": to_wire(vector),
         "model": model,
@@ -221,8 +223,7 @@ def parse_embed_result(embedded: Any, dimensions: int | None) -> np.ndarray:
 
 def check_vector(text: Any, field: str, dimensions: int | None = None) -> np.ndarray:
     """A vector as ``memq.core.vectors.to_wire`` writes it: base64 of 1..``MAX_VECTOR_DIMENSIONS`` finite float32
-    values,
-    exactly ``dimensions`` of them when given (the model's: there is no setting for it)."""
+    values, exactly ``dimensions`` of them when given (the model's: there is no setting for it)."""
     expected = f"base64 text of 1..{field_rules.MAX_VECTOR_DIMENSIONS} float32 values"
     if not isinstance(text, str) or len(text) > 2 * 4 * -(-4 * field_rules.MAX_VECTOR_DIMENSIONS // 3):
         raise InvalidInput(field, f"must be {expected}")
@@ -243,10 +244,8 @@ EMBED_RESULT: TypeAdapter[EmbedResult] = TypeAdapter(EmbedResult)
 
 
 def embed_timings(embedded: Any) -> dict[str, Any]:
-    """The embed step's timings, which each search passes on so that merge sees them (none from a malformed one)."""
-    if not isinstance(embedded, dict):
-        return {}
-    return {key: embedded.get(key) for key in EMBED_TIMING_FIELDS}
+    """The ``EmbedTimings`` of an ``EmbedResult`` (none from a malformed one)."""
+    return {key: embedded.get(key) for key in EMBED_TIMING_FIELDS} if isinstance(embedded, dict) else {}
 
 
 # -- one type's search -------------------------------------------------------------------------------------------
@@ -257,9 +256,9 @@ class SearchCall(TypedDict):
 
     memory_id: MemoryId
     memory_type: TypeName
-    k: Annotated[int, Strict(), Field(ge=1, le=MAX_CANDIDATES)]
-    strategy: Strategy
-    query: Annotated[str | None, _rule(lambda query: None if query is None else field_rules.check_query(query))]
+    k: Candidates
+    strategy: SearchStrategy
+    query: Annotated[str | None, _rule(field_rules.check_query, optional=True)]
     mode: Mode
     filters: Filters
     deadline_ts: Seconds  # the caller's deadline (Unix seconds); None: none
@@ -280,30 +279,19 @@ def _needs_query(call: SearchCall) -> SearchCall:
 SEARCH_CALL: TypeAdapter[SearchCall] = TypeAdapter(Annotated[SearchCall, AfterValidator(_needs_query)])
 
 
-def check_items_list(items: Any) -> list[Any]:
-    if not isinstance(items, list) or len(items) > MAX_CANDIDATES:
-        raise InvalidInput("items", f"must be a list of at most {MAX_CANDIDATES}")
-    return items
-
-
 @with_config(ConfigDict(extra="allow"))
-class SearchResult(TypedDict):
+class SearchResult(EmbedTimings):
     """One type's candidates (or its ``error``), a member of the chord's header, with the embed step's timings."""
 
     type: str
-    items: NotRequired[Annotated[list[dict[str, Any]], _rule(check_items_list)]]
+    items: NotRequired[Annotated[list[Any], Strict(), Field(max_length=MAX_CANDIDATES)]]  # checked by item_problem
     strategy: NotRequired[OptionalText]
-    matrix_cache: NotRequired[
-        Literal["hit", "miss", "bypass", "n/a", None]
-    ]  # memq.workers.search.strategies.SearchOutcome
+    matrix_cache: NotRequired[Literal["hit", "miss", "bypass", "n/a", None]]  # strategies.SearchOutcome
     search_ms: NotRequired[Seconds]
     search_started_ts: NotRequired[Seconds]
     model: NotRequired[OptionalText]
     served_by: NotRequired[OptionalText]
     error: NotRequired[Text]
-    embed_ms: NotRequired[Seconds]
-    embed_started_ts: NotRequired[Seconds]
-    embed_ended_ts: NotRequired[Seconds]
 
 
 def _complete(result: SearchResult) -> SearchResult:
@@ -377,10 +365,8 @@ def parse_merge_input(results: Any, request: Any, settings: Settings | None = No
             errors[memory_type] = f"malformed search result: {exc}"
             continue
         items = [item for item in result.get("items", []) if item_problem(item) is None]
-        if len(items) < len(result.get("items", [])):
-            errors[memory_type] = (
-                f"malformed search result: {len(result['items']) - len(items)} malformed item(s) left out"
-            )
+        if dropped := len(result.get("items", [])) - len(items):
+            errors[memory_type] = f"malformed search result: {dropped} malformed item(s) left out"
             result["items"] = items
         kept.append(result)
     return {"request": parsed, "results": kept, "errors": errors}
@@ -419,9 +405,7 @@ class ForgetRequest(TypedDict):
     """What ``memq.forget`` deletes: a tenant's memories, of one type or all, by id or all."""
 
     memory_id: MemoryId
-    memory_type: Annotated[
-        str | None, _rule(lambda name: None if name is None else field_rules.check_memory_type(name).value)
-    ]
+    memory_type: Annotated[str | None, _rule(_type_value, optional=True)]
     ids: Annotated[list[str] | None, _rule(field_rules.check_ids)]
     deadline_ts: Seconds
 
@@ -451,8 +435,6 @@ class EmbeddedTexts(TypedDict):
 
 
 def embedded_texts(vectors: list[np.ndarray], model: str, embed_ms: float, hits: int, computed: int) -> EmbeddedTexts:
-    from memq.core.vectors import to_wire
-
     return {
         "vectors": [to_wire(vector) for vector in vectors],
         "model": model,
@@ -462,10 +444,9 @@ def embedded_texts(vectors: list[np.ndarray], model: str, embed_ms: float, hits:
 
 
 def parse_embedded_texts(embedded: Any, count: int, model: str, dimensions: int | None = None) -> np.ndarray:
-    """What ``memq.store`` is asked to write: ``{"vectors": [one base64 float32 vector per item], "model": name}``,
-    each vector by ``check_vector`` (of ``dimensions``, the model's once known, and all of one dimension), ``model``
-    the embed model's name. Returns the ``(count, dimensions)`` float32 matrix; anything else is ``InvalidInput``
-    naming the field (``embedded.vectors[3]``), so nothing is written."""
+    """The ``(count, dimensions)`` float32 matrix of the ``EmbeddedTexts`` ``memq.store`` is asked to write: one vector
+    per item by ``check_vector`` (all of one dimension, the model's once known), of the embed model ``model``; else
+    ``InvalidInput`` naming the field (``embedded.vectors[3]``), so nothing is written."""
     if not isinstance(embedded, Mapping):
         raise InvalidInput("embedded", "must be an object with 'vectors' and 'model'")
     vectors = embedded.get("vectors")
