@@ -23,6 +23,7 @@ from memq.core.vectors import from_stored, to_wire
 from memq.errors import StoreUnavailable
 from memq.ops import services
 from memq.workers import steps
+from memq.workers.search import lexical
 from memq.workers.search.lexical import BM25_B, BM25_K1, LexicalIndex, LexicalWriter, analyse
 from memq.workers.storage import reads, versions
 
@@ -239,7 +240,11 @@ def test_bm25_scores_equal_bm25s_lucene_on_a_corpus() -> None:
         np.testing.assert_allclose(index.scores(query), bm25s_scores(texts, query), rtol=1e-5, atol=1e-6)
 
 
-def test_bm25_after_random_adds_and_removes_equals_a_fresh_index_of_the_alive_rows_and_bm25s() -> None:
+@pytest.mark.parametrize("tail_max_postings", [lexical.TAIL_MAX_POSTINGS, 40])  # 40: most commits make a segment
+def test_bm25_after_random_adds_and_removes_equals_a_fresh_index_of_the_alive_rows_and_bm25s(
+    tail_max_postings: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lexical, "TAIL_MAX_POSTINGS", tail_max_postings)
     rng = random.Random(11)
     pool = corpus_texts(600, seed=5)
     writer = LexicalWriter()

@@ -82,13 +82,13 @@ return version
 
 
 # KEYS: the version, its change log. ARGV: the version the reader holds (-1: none), the log's length bound. The
-# version, and the log's tail from the held version on when the reader is behind by what the log can bridge: a
-# search after a write reads both in one round trip.
+# version, and the log's entries after the held version when the reader is behind by what the log can bridge (read
+# in the same step as the version: its last version - held entries, if the log holds them all).
 READ_SCRIPT = """
 local version = tonumber(redis.call('GET', KEYS[1]) or '0')
 local held = tonumber(ARGV[1])
 if held < 0 or version <= held or version - held > tonumber(ARGV[2]) then return {version, {}} end
-return {version, redis.call('LRANGE', KEYS[2], -(version - held + 4), -1)}
+return {version, redis.call('LRANGE', KEYS[2], -(version - held), -1)}
 """
 
 
