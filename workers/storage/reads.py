@@ -1,9 +1,6 @@
-"""What the search reads from MongoDB: a tenant's documents (exact search), and the server-side searches (Atlas
-``$vectorSearch``, ``$search``, ``$rankFusion``) with the probes that find out whether a server runs them.
-
-Every query filters on ``memory_id`` in the database query itself, so a tenant's request can never read or rank
-another tenant's documents. The client and its errors are in ``memq.workers.storage.mongo``; writes in
-``memq.workers.storage.writes``; index administration in ``memq.workers.storage.indexes``.
+"""What the search reads from MongoDB: a tenant's documents (exact search), the server-side searches (Atlas
+``$vectorSearch``, ``$search``, ``$rankFusion``) and the probes that find out whether a server runs them. Every query
+filters on ``memory_id`` in the database query itself, so a tenant's request never reads another tenant's documents.
 """
 
 from __future__ import annotations
@@ -65,8 +62,7 @@ LOAD_BATCH_ROWS = 250
 
 
 def load_tenant(memory_id: str, memory_type: str) -> Iterator[dict[str, Any]]:
-    """Every document of this tenant and type, embeddings included (exact search), streamed from the cursor a
-    batch at a time (never all of them in a list)."""
+    """Every document of this tenant and type, embeddings included, streamed from the cursor a batch at a time."""
     with transient_errors():
         yield from collection(memory_type).find({"memory_id": memory_id}, batch_size=LOAD_BATCH_ROWS)
 
@@ -152,9 +148,8 @@ def _aggregate(memory_type: str, pipeline: list[dict[str, Any]]) -> list[dict[st
 
 
 def searchable(memory_type: str, scored: list[tuple[dict[str, Any], Any, Any, Any]]) -> list[dict[str, Any]]:
-    """Result items of the documents a server-side search returned, with their (fused, vector, lexical) scores;
-    a document that cannot make a valid item (a row written by hand, a score missing) is left out and counted, as
-    the exact path does, so one bad row never fails its tenant's search."""
+    """Result items of the documents a server-side search returned, with their (fused, vector, lexical) scores; one
+    that cannot make a valid item is left out and counted, as the exact path does."""
     from memq.core.wire import item_problem
     from memq.workers.plumbing.metrics import BAD_STORED_ROWS
 
@@ -222,10 +217,8 @@ def rank_fusion_search(
         }
     }
     docs = _aggregate(memory_type, [fusion, {"$limit": limit}, {"$set": {"_fusion": {"$meta": "scoreDetails"}}}])
-    scored = [
-        (doc, (doc.get("_fusion") or {}).get("value") if isinstance(doc.get("_fusion"), dict) else None) for doc in docs
-    ]
-    return searchable(memory_type, [(doc, fused, None, None) for doc, fused in scored])
+    fused = [doc["_fusion"].get("value") if isinstance(doc.get("_fusion"), dict) else None for doc in docs]
+    return searchable(memory_type, [(doc, score, None, None) for doc, score in zip(docs, fused, strict=True)])
 
 
 def _fusion_pipelines(
@@ -248,11 +241,9 @@ PROBE_COLLECTION = "memq_stage_probe"  # never written: a probe reads nothing, w
 
 
 def probe_stage(stage: str, memory_type: str, dimensions: int) -> bool:
-    """Does this server run ``stage``? Found out by trying it on a collection memq never writes: a server that runs
-    the stage answers with nothing (Atlas runs ``$vectorSearch`` on a missing collection), one that does not
-    refuses it (``OperationFailure``). Not on the memory type's own collection: a server that reads documents
-    before it checks the stages (nx-27017: 2.7 s at 50,000 memories) would hold every other request meanwhile.
-    Whether the type's index is there and queryable is ``index_readiness``'s question."""
+    """Does this server run ``stage``? Found out by trying it on a collection memq never writes (a server that reads
+    documents before it checks the stages, nx-27017, would otherwise read the tenant's: 2.7 s at 50,000 memories);
+    one that does not run it refuses it (``OperationFailure``). Whether the index is ready: ``index_readiness``."""
     settings = get_settings()
     nobody = "\x1fmemq-probe"
     vector = np.zeros(dimensions, dtype=np.float32)
