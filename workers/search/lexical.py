@@ -60,10 +60,11 @@ def normalise(text: str) -> str:
 
 
 def analyse(texts: Sequence[str]) -> list[list[str]]:
-    """Each text's terms, as the index and the queries see them."""
+    """Each text's terms, as the index and the queries see them (ASCII has no CJK run nor symbol term, and its
+    punctuation splits words as the space replacing it would)."""
     normalised = [normalise(text) for text in texts]
-    extra = [_cjk_bigrams(text) + _symbols(text) for text in normalised]
-    words_only = [SYMBOL.sub(" ", CJK_RUN.sub(" ", text)) for text in normalised]
+    extra = [[] if text.isascii() else _cjk_bigrams(text) + _symbols(text) for text in normalised]
+    words_only = [text if text.isascii() else SYMBOL.sub(" ", CJK_RUN.sub(" ", text)) for text in normalised]
     return [terms + more for terms, more in zip(_words(words_only), extra, strict=True)]
 
 
@@ -259,7 +260,7 @@ class LexicalWriter:
         self._staged = []
         if terms.size <= TAIL_MAX_POSTINGS:
             order = np.argsort(terms, kind="stable")  # the tail's rows, then later ones: (term, row) order
-            self.tail = Tail(terms[order], rows[order], counts[order].astype(np.float32))
+            self.tail = Tail(terms[order], rows[order], counts[order])
             return
         self.tail = EMPTY_TAIL
         segments = [*self.segments, build_segment(terms, rows, counts, len(self.vocabulary))]

@@ -119,7 +119,7 @@ class RowStore:
                 usable.append((doc, row[0], row[1]))
         if not usable:
             return skipped
-        block = np.stack([vector for _, vector, _ in usable])  # one chunk's vectors (LOAD_CHUNK_ROWS at most)
+        block = np.array([vector for _, vector, _ in usable], dtype=np.float32)  # a chunk (LOAD_CHUNK_ROWS at most)
         finite = np.isfinite(block).all(axis=1)
         if not finite.all():
             skipped += [usable[i][0].get("_id") for i in np.flatnonzero(~finite)]

@@ -35,20 +35,16 @@ def _timestamp(value: Any) -> float | None:
     return None
 
 
-def _iso(value: Any) -> str | None:
-    ts = _timestamp(value)
-    return None if ts is None else to_datetime(ts).isoformat()
-
-
 def to_item(doc: dict[str, Any], score: float) -> dict[str, Any]:
     """A stored document → a JSON-safe result item (no embedding)."""
+    created_ts = _timestamp(doc.get("created_at"))
     item: dict[str, Any] = {
         "id": doc.get("key", doc["_id"]),
         "content": doc.get("content", ""),
         "score": float(score),
-        "created_at": _iso(doc.get("created_at")),
+        "created_at": None if created_ts is None else to_datetime(created_ts).isoformat(),
         "importance": float(doc.get("importance", 0.5)),
-        "created_at_ts": _timestamp(doc.get("created_at")),
+        "created_at_ts": created_ts,
     }
     for name in ITEM_FIELDS_OUT:
         if doc.get(name) is not None:
