@@ -149,26 +149,18 @@ class LexicalIndex:
     rows not alive. ``LexicalIndex(texts)`` indexes ``texts`` as rows 0..n-1, all alive (a ``LexicalWriter`` makes
     the snapshots of a tenant that changes)."""
 
+    vocabulary: dict[str, int]
+    parts: tuple[Segment | Tail, ...]  # the writer's segments and tail when the snapshot was taken
+    lengths: np.ndarray  # terms per row
+    alive: np.ndarray | None  # the rows that count (None: all)
+    alive_rows: int
+    total_length: int
+
     def __init__(self, texts: Sequence[str] = ()) -> None:
         writer = LexicalWriter()
         writer.add(0, texts)
         writer.commit(None)
         self.__dict__.update(writer.view(len(texts), None).__dict__)
-
-    @classmethod
-    def of(
-        cls,
-        vocabulary: dict[str, int],
-        parts: tuple[Segment | Tail, ...],
-        lengths: np.ndarray,
-        alive: np.ndarray | None,
-        alive_rows: int,
-        total_length: int,
-    ) -> LexicalIndex:
-        view = cls.__new__(cls)
-        view.vocabulary, view.parts, view.lengths, view.alive = vocabulary, parts, lengths, alive
-        view.alive_rows, view.total_length = alive_rows, total_length
-        return view
 
     @property
     def size(self) -> int:
@@ -282,8 +274,11 @@ class LexicalWriter:
 
     def view(self, rows: int, alive: np.ndarray | None) -> LexicalIndex:
         """A snapshot of rows ``0..rows-1`` (``alive``: which of them count; ``None``: all)."""
-        parts = (*self.segments, self.tail) if self.tail.size else self.segments
-        return LexicalIndex.of(self.vocabulary, parts, self.lengths[:rows], alive, self.alive_rows, self.total_length)
+        view = LexicalIndex.__new__(LexicalIndex)
+        view.parts = (*self.segments, self.tail) if self.tail.size else self.segments
+        view.vocabulary, view.lengths, view.alive = self.vocabulary, self.lengths[:rows], alive
+        view.alive_rows, view.total_length = self.alive_rows, self.total_length
+        return view
 
     def _set_lengths(self, first_row: int, doc_lengths: list[int]) -> None:
         end = first_row + len(doc_lengths)

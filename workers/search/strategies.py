@@ -48,7 +48,7 @@ LOAD_CHUNK_ROWS = 1000  # documents taken from the cursor at a time by a load
 CATCH_UP_MAX_FRACTION = 0.25  # more changed ids than this fraction of the tenant (and CATCH_UP_MIN_IDS): reload
 CATCH_UP_MIN_IDS = 256  # changed ids a catch-up always takes, however small the tenant
 COMPACT_DEAD_FRACTION = 0.5  # tombstoned rows past this fraction of the rows (and MIN_CAPACITY_ROWS): reload
-NUM_CANDIDATES_FACTOR = 20  # `$vectorSearch` numCandidates per k: Atlas's advice (10-20 x k) for recall near exact
+ROW_COLUMNS = ("vectors", "created_ts", "roles", "tags", "alive")  # a RowStore's buffers, one entry per row
 LOADS_IN_FLIGHT = 2  # tenant loads a process builds at once (a small one beside a large one); a catch-up takes no slot
 
 
@@ -151,31 +151,21 @@ class RowStore:
         """The rows as they are now, for searches at ``version`` (becomes ``latest``)."""
         rows = self.rows
         self.lexical.commit(self.alive[:rows])
-        alive = None if self.dead_rows == 0 else self.alive[:rows].copy()
-        self.latest = TenantMatrix(
-            version,
-            self.items,
-            self.vectors[:rows],
-            self.lexical.view(rows, alive),
-            self.created_ts[:rows],
-            self.roles[:rows],
-            self.tags[:rows],
-            alive,
-            self,
-        )
+        alive = None if self.dead_rows == 0 else self.alive[:rows].copy()  # tombstones come later: the rest never moves
+        columns = (self.vectors[:rows], self.lexical.view(rows, alive), self.created_ts[:rows], self.roles[:rows])
+        self.latest = TenantMatrix(version, self.items, *columns, self.tags[:rows], alive, self)
         return self.latest
 
     def nbytes(self) -> int:
         """What the rows hold besides the BM25 index: the buffers (their whole capacity) and the items."""
-        columns = self.vectors.nbytes + self.created_ts.nbytes + self.alive.nbytes
-        return columns + self.roles.nbytes + self.tags.nbytes + self.item_bytes
+        return sum(getattr(self, name).nbytes for name in ROW_COLUMNS) + self.item_bytes
 
     def _reserve(self, rows: int) -> None:
         capacity = self.vectors.shape[0]
         if rows <= capacity:
             return
         grown = max(rows, capacity + max(MIN_CAPACITY_ROWS, int(capacity * GROWTH_FRACTION)))
-        for name in ("vectors", "created_ts", "roles", "tags", "alive"):
+        for name in ROW_COLUMNS:
             old = getattr(self, name)
             new = np.zeros((grown, *old.shape[1:]), dtype=old.dtype)
             new[: self.rows] = old[: self.rows]
@@ -724,23 +714,19 @@ def server_search(
     """The search in MongoDB Atlas, ``memory_id`` and every filter inside each stage: ``$vectorSearch``;
     ``$search``; for hybrid ``$rankFusion`` of both (MongoDB 8.1+), else both lists fused here. ``None`` when the
     server lacks what the mode needs (the caller then searches exactly)."""
-    settings = get_settings()
-    num_candidates = k * NUM_CANDIDATES_FACTOR
     if wanted.mode == "vector":
-        items = reads.vector_search(memory_id, memory_type, query, k, num_candidates, settings, wanted.filters)
+        items = reads.vector_search(memory_id, memory_type, query, k, wanted.filters)
         return SearchOutcome(items, "vector_search", "n/a")
     if wanted.query is None or not supports("$search", memory_type, dimensions):
         return None
-    if index_readiness.require_ready(memory_type, settings.text_index, "search") == "building":
+    if index_readiness.require_ready(memory_type, get_settings().text_index, "search") == "building":
         return None  # searched exactly until the text index is queryable
     if wanted.mode == "lexical":
-        items = reads.text_search(memory_id, memory_type, wanted.query, k, settings, wanted.filters)
+        items = reads.text_search(memory_id, memory_type, wanted.query, k, wanted.filters)
         return SearchOutcome(items, "text_search", "n/a")
     if supports("$rankFusion", memory_type, dimensions):
-        items = reads.rank_fusion_search(
-            memory_id, memory_type, query, wanted.query, k, num_candidates, settings, wanted.filters
-        )
+        items = reads.rank_fusion_search(memory_id, memory_type, query, wanted.query, k, wanted.filters)
         return SearchOutcome(items, "rank_fusion", "n/a")
-    vector_items = reads.vector_search(memory_id, memory_type, query, k, num_candidates, settings, wanted.filters)
-    text_items = reads.text_search(memory_id, memory_type, wanted.query, k, settings, wanted.filters)
+    vector_items = reads.vector_search(memory_id, memory_type, query, k, wanted.filters)
+    text_items = reads.text_search(memory_id, memory_type, wanted.query, k, wanted.filters)
     return SearchOutcome(ranking.fuse_lists(vector_items, text_items, k), "vector_search+text_search", "n/a")

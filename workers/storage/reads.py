@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from pymongo.errors import OperationFailure
 
-from memq.core.settings import Settings, get_settings
+from memq.core.settings import get_settings
 from memq.core.vectors import to_bson
 from memq.workers.storage.mongo import (
     CONTEXT_FIELD,
@@ -25,6 +25,8 @@ from memq.workers.storage.mongo import (
 )
 
 log = logging.getLogger(__name__)
+
+NUM_CANDIDATES_FACTOR = 20  # `$vectorSearch` numCandidates per result: Atlas's advice (10-20 x k), recall near exact
 
 
 def _timestamp(value: Any) -> float | None:
@@ -119,11 +121,11 @@ def _filter_clauses(
 
 
 def _vector_stage(
-    memory_id: str, query: np.ndarray, limit: int, num_candidates: int, index: str, filters: dict[str, Any]
+    memory_id: str, query: np.ndarray, limit: int, num_candidates: int, filters: dict[str, Any]
 ) -> dict[str, Any]:
     return {
         "$vectorSearch": {
-            "index": index,
+            "index": get_settings().vector_index,
             "path": EMBEDDING_FIELD,
             "queryVector": to_bson(query),
             "numCandidates": max(num_candidates, limit),
@@ -133,9 +135,10 @@ def _vector_stage(
     }
 
 
-def _text_stage(memory_id: str, text: str, index: str, filters: dict[str, Any]) -> dict[str, Any]:
+def _text_stage(memory_id: str, text: str, filters: dict[str, Any]) -> dict[str, Any]:
     must = [{"text": {"query": text, "path": ["content", CONTEXT_FIELD]}}]
-    return {"$search": {"index": index, "compound": {"must": must, "filter": search_filter(memory_id, filters)}}}
+    compound = {"must": must, "filter": search_filter(memory_id, filters)}
+    return {"$search": {"index": get_settings().text_index, "compound": compound}}
 
 
 def _aggregate(memory_type: str, pipeline: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -167,16 +170,10 @@ def _scored_item(doc: dict[str, Any], fused: float, vector: float | None, lexica
 
 
 def vector_search(
-    memory_id: str,
-    memory_type: str,
-    query: np.ndarray,
-    limit: int,
-    num_candidates: int,
-    settings: Settings,
-    filters: dict[str, Any] | None = None,
+    memory_id: str, memory_type: str, query: np.ndarray, limit: int, filters: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
     """Atlas ``$vectorSearch`` with ``memory_id`` and the filters as a pre-filter inside the stage."""
-    stage = _vector_stage(memory_id, query, limit, num_candidates, settings.vector_index, filters or {})
+    stage = _vector_stage(memory_id, query, limit, limit * NUM_CANDIDATES_FACTOR, filters or {})
     docs = _aggregate(memory_type, [stage, {"$set": {"_vector_score": {"$meta": "vectorSearchScore"}}}])
     # Atlas reports cosine as (1 + cos) / 2; memq reports the cosine itself.
     cosines = [2.0 * float(doc.get("_vector_score", 0.5)) - 1.0 for doc in docs]
@@ -184,52 +181,33 @@ def vector_search(
 
 
 def text_search(
-    memory_id: str, memory_type: str, text: str, limit: int, settings: Settings, filters: dict[str, Any] | None = None
+    memory_id: str, memory_type: str, text: str, limit: int, filters: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
     """Atlas Search (BM25) over ``content``, ``memory_id`` and the filters as ``compound.filter`` clauses."""
-    stage = _text_stage(memory_id, text, settings.text_index, filters or {})
+    stage = _text_stage(memory_id, text, filters or {})
     docs = _aggregate(memory_type, [stage, {"$limit": limit}, {"$set": {"_text_score": {"$meta": "searchScore"}}}])
     return searchable(memory_type, [(doc, doc.get("_text_score"), None, doc.get("_text_score")) for doc in docs])
 
 
 def rank_fusion_search(
-    memory_id: str,
-    memory_type: str,
-    query: np.ndarray,
-    text: str,
-    limit: int,
-    num_candidates: int,
-    settings: Settings,
-    filters: dict[str, Any] | None = None,
+    memory_id: str, memory_type: str, query: np.ndarray, text: str, limit: int, filters: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
     """Hybrid in the server: ``$rankFusion`` (MongoDB 8.1+) of ``$vectorSearch`` and ``$search``, each with
     ``memory_id`` and the filters inside."""
-    fusion = {
-        "$rankFusion": {
-            "input": {
-                "pipelines": _fusion_pipelines(memory_id, query, text, limit, num_candidates, settings, filters or {})
-            },
-            "scoreDetails": True,
-        }
-    }
+    pipelines = _fusion_pipelines(memory_id, query, text, limit, limit * NUM_CANDIDATES_FACTOR, filters or {})
+    fusion = {"$rankFusion": {"input": {"pipelines": pipelines}, "scoreDetails": True}}
     docs = _aggregate(memory_type, [fusion, {"$limit": limit}, {"$set": {"_fusion": {"$meta": "scoreDetails"}}}])
     fused = [doc["_fusion"].get("value") if isinstance(doc.get("_fusion"), dict) else None for doc in docs]
     return searchable(memory_type, [(doc, score, None, None) for doc, score in zip(docs, fused, strict=True)])
 
 
 def _fusion_pipelines(
-    memory_id: str,
-    query: np.ndarray,
-    text: str,
-    limit: int,
-    num_candidates: int,
-    settings: Settings,
-    filters: dict[str, Any],
+    memory_id: str, query: np.ndarray, text: str, limit: int, num_candidates: int, filters: dict[str, Any]
 ) -> dict[str, list[dict[str, Any]]]:
     depth = max(limit, num_candidates // 2)
     return {
-        "vector": [_vector_stage(memory_id, query, depth, num_candidates, settings.vector_index, filters)],
-        "text": [_text_stage(memory_id, text, settings.text_index, filters), {"$limit": depth}],
+        "vector": [_vector_stage(memory_id, query, depth, num_candidates, filters)],
+        "text": [_text_stage(memory_id, text, filters), {"$limit": depth}],
     }
 
 
@@ -240,11 +218,10 @@ def probe_stage(stage: str, memory_type: str, dimensions: int) -> bool:
     """Does this server run ``stage``? Found out by trying it on a collection memq never writes (a server that reads
     documents before it checks the stages, nx-27017, would otherwise read the tenant's: 2.7 s at 50,000 memories);
     one that does not run it refuses it (``OperationFailure``). Whether the index is ready: ``index_readiness``."""
-    settings = get_settings()
     nobody = "\x1fmemq-probe"
     vector = np.zeros(dimensions, dtype=np.float32)
     vector[-1] = 1.0
-    pipelines = _fusion_pipelines(nobody, vector, "probe", 1, 1, settings, {})
+    pipelines = _fusion_pipelines(nobody, vector, "probe", 1, 1, {})
     stages = {
         "$vectorSearch": pipelines["vector"][0],
         "$search": pipelines["text"][0],
