@@ -15,6 +15,7 @@ import bson
 import numpy as np
 import pytest
 import redis
+import Stemmer
 
 from bench import corpus
 from memq.core import keys
@@ -24,7 +25,7 @@ from memq.errors import StoreUnavailable
 from memq.ops import services
 from memq.workers import steps
 from memq.workers.search import lexical
-from memq.workers.search.lexical import BM25_B, BM25_K1, LexicalIndex, LexicalWriter, analyse
+from memq.workers.search.lexical import BM25_B, BM25_K1, STOPWORDS, LexicalIndex, LexicalWriter, analyse
 from memq.workers.storage import reads, versions
 
 LTM = "long_term_memory"
@@ -231,6 +232,21 @@ def bm25s_scores(texts: list[str], query: str) -> np.ndarray:
     reference.index(analyse(texts), show_progress=False)
     terms = [term for term in analyse([query])[0] if term in reference.vocab_dict]
     return np.asarray(reference.get_scores(terms), dtype=np.float64) if terms else np.zeros(len(texts))
+
+
+def test_ascii_text_is_analysed_as_bm25s_tokenizes_it_punctuation_splitting_words() -> None:
+    texts = [
+        "Don't stop-believing: it's 3pm, e-mail me@example.com!",
+        "snake_case and CamelCase (v2.0) -- ok? #tags",
+        "The runners were running quickly; RAN, runs...",
+        "a I x y",
+        "",
+        "C++/C# and Node.js <3 ~~ ^_^ $5 100%",
+    ]
+    stemmer = Stemmer.Stemmer("english")
+    expected = bm25s.tokenize(texts, stopwords=list(STOPWORDS), stemmer=stemmer, return_ids=False, show_progress=False)
+
+    assert analyse(texts) == expected
 
 
 def test_bm25_scores_equal_bm25s_lucene_on_a_corpus() -> None:
