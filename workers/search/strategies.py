@@ -410,7 +410,9 @@ def top_k(entry: TenantMatrix, query: np.ndarray, k: int, wanted: Wanted | None 
         query = np.zeros_like(query)
     vector = entry.matrix @ normalise(query.astype(np.float32)) if query.size else np.zeros(rows)
     lexical_used = wanted.mode != "vector" and wanted.query is not None and entry.lexical is not None
-    lexical = entry.lexical.scores(wanted.query) if lexical_used else np.zeros(rows, dtype=np.float32)  # type: ignore
+    lexical = np.zeros(rows, dtype=np.float32)
+    if lexical_used and entry.lexical is not None and wanted.query is not None:
+        lexical = entry.lexical.scores(wanted.query)
     eligible = np.flatnonzero(filter_mask(entry, wanted.filters))
     if wanted.mode == "lexical":  # only memories the query's terms match, as Atlas $search returns
         eligible = eligible[lexical[eligible] > 0]
