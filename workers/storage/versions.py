@@ -132,24 +132,15 @@ def bump_versions(
     logged = "null" if touched_ids is None or len(touched_ids) > CHANGE_LOG_MAX_IDS else json.dumps(sorted(touched_ids))
     read_before = write.read_before if write is not None and logged != "null" else None
     known = encode_known(write.known) if write is not None and read_before is not None else ""
+    deletes = "1" if write is not None and write.deletes else ""
     try:
         client = cache_redis.get()
         bump = client.register_script(BUMP_SCRIPT)
         pipe = client.pipeline(transaction=False)
         for t in names:
             before = "" if read_before is None or t not in read_before else str(read_before[t])
-            bump(
-                keys=[keys.tenant_version(memory_id, t), keys.change_log(memory_id, t)],
-                args=[
-                    logged,
-                    CHANGE_LOG_MAX_ENTRIES,
-                    CHANGE_LOG_TTL_MS,
-                    before,
-                    known if before else "",
-                    "1" if write is not None and write.deletes else "",
-                ],
-                client=pipe,
-            )
+            args = [logged, CHANGE_LOG_MAX_ENTRIES, CHANGE_LOG_TTL_MS, before, known if before else "", deletes]
+            bump(keys=[keys.tenant_version(memory_id, t), keys.change_log(memory_id, t)], args=args, client=pipe)
         pipe.execute()
     except (redis.RedisError, OSError) as exc:
         VERSION_BUMP_FAILURES.inc()
