@@ -248,7 +248,7 @@ class LexicalWriter:
         if not self._staged:
             return
         parts = [(self.tail.terms, self.tail.rows, self.tail.counts), *self._staged]
-        terms, rows, counts = (np.concatenate(part) for part in zip(*parts, strict=True))
+        terms, rows, counts = map(np.concatenate, zip(*parts, strict=True))
         self._staged = []
         if terms.size <= TAIL_MAX_POSTINGS:
             order = np.argsort(terms, kind="stable")  # the tail's rows, then later ones: (term, row) order
