@@ -15,6 +15,7 @@ import bson
 import numpy as np
 import pytest
 import redis
+import Stemmer
 
 from bench import corpus
 from memq.core import keys
@@ -23,7 +24,8 @@ from memq.core.vectors import from_stored, to_wire
 from memq.errors import StoreUnavailable
 from memq.ops import services
 from memq.workers import steps
-from memq.workers.search.lexical import BM25_B, BM25_K1, LexicalIndex, LexicalWriter, analyse
+from memq.workers.search import lexical
+from memq.workers.search.lexical import BM25_B, BM25_K1, STOPWORDS, LexicalIndex, LexicalWriter, analyse
 from memq.workers.storage import reads, versions
 
 LTM = "long_term_memory"
@@ -232,6 +234,21 @@ def bm25s_scores(texts: list[str], query: str) -> np.ndarray:
     return np.asarray(reference.get_scores(terms), dtype=np.float64) if terms else np.zeros(len(texts))
 
 
+def test_ascii_text_is_analysed_as_bm25s_tokenizes_it_punctuation_splitting_words() -> None:
+    texts = [
+        "Don't stop-believing: it's 3pm, e-mail me@example.com!",
+        "snake_case and CamelCase (v2.0) -- ok? #tags",
+        "The runners were running quickly; RAN, runs...",
+        "a I x y",
+        "",
+        "C++/C# and Node.js <3 ~~ ^_^ $5 100%",
+    ]
+    stemmer = Stemmer.Stemmer("english")
+    expected = bm25s.tokenize(texts, stopwords=list(STOPWORDS), stemmer=stemmer, return_ids=False, show_progress=False)
+
+    assert analyse(texts) == expected
+
+
 def test_bm25_scores_equal_bm25s_lucene_on_a_corpus() -> None:
     texts = corpus_texts(400, seed=3)
     index = LexicalIndex(texts)
@@ -239,7 +256,11 @@ def test_bm25_scores_equal_bm25s_lucene_on_a_corpus() -> None:
         np.testing.assert_allclose(index.scores(query), bm25s_scores(texts, query), rtol=1e-5, atol=1e-6)
 
 
-def test_bm25_after_random_adds_and_removes_equals_a_fresh_index_of_the_alive_rows_and_bm25s() -> None:
+@pytest.mark.parametrize("tail_max_postings", [lexical.TAIL_MAX_POSTINGS, 40])  # 40: most commits make a segment
+def test_bm25_after_random_adds_and_removes_equals_a_fresh_index_of_the_alive_rows_and_bm25s(
+    tail_max_postings: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lexical, "TAIL_MAX_POSTINGS", tail_max_postings)
     rng = random.Random(11)
     pool = corpus_texts(600, seed=5)
     writer = LexicalWriter()

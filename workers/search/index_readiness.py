@@ -1,15 +1,8 @@
-"""Is an Atlas Search / Vector Search index there and queryable? Checked beside the stage probe.
-
-``$vectorSearch`` on a collection whose vector index is missing (or still building) returns no documents and no
-error, so the stage probe alone would pick the Atlas path and every retrieval would come back empty. Before a
-search uses an Atlas stage, the index it needs is looked up with ``list_search_indexes`` (re-checked every
-``INDEX_STATE_TTL_S``):
-
-- ``ready``: it exists and is queryable (``queryable: true``; also while a new definition builds beside it);
-- ``building``: it exists and is not queryable yet (``PENDING``, ``BUILDING``): ``auto`` searches exactly meanwhile
-  (``timings_ms.strategy`` says ``exact (vector index building)``), an explicit ``vector_search`` gets an error;
-- ``missing`` / ``failed``: the type's search fails with ``IndexNotReady`` naming ``memq indexes``;
-- ``unknown``: the server cannot list search indexes (mongod, nx-27017): nothing changes.
+"""Is an Atlas Search / Vector Search index there and queryable? Checked beside the stage probe, because
+``$vectorSearch`` without its index (missing or building) returns nothing and no error. Looked up with
+``list_search_indexes`` every ``INDEX_STATE_TTL_S``: ``ready``; ``building`` (``auto`` searches exactly meanwhile, an
+explicit ``vector_search`` gets an error); ``missing`` / ``failed`` (``IndexNotReady`` naming ``memq indexes``);
+``unknown`` (the server cannot list search indexes: mongod, nx-27017; nothing changes).
 """
 
 from __future__ import annotations

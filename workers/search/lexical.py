@@ -1,30 +1,12 @@
 """BM25 over one (tenant, memory type)'s memories, in the search worker, beside the cosine matrix.
 
-The index is memq's own, kept up to date write by write: ``bm25s`` (the reference it replaced, still used by the
-parity test) builds a static index, with no way to add or remove a document, so every write would rebuild it, which
-at 50,000 memories took seconds. Here the postings (for each term, the rows it occurs in and how often) live in
-immutable *segments*: the first load of a tenant builds one, each change applied after a write adds a small one,
-and small segments are merged into larger ones as they accumulate (``LexicalWriter``), dropping the postings of
-removed rows. A search reads a ``LexicalIndex``: the segments, the per-row document lengths and the alive rows of
-one snapshot, so a change applied meanwhile never moves what it scores. Document frequencies, the number of
-documents and the average length are counted over the snapshot's alive rows only, so its scores are exactly those
-of an index freshly built from those rows: the Lucene variant of the formula, as ``bm25s`` computes it with
-``method="lucene"`` (``idf = ln(1 + (N - df + 0.5) / (df + 0.5))``, ``tf / (tf + k1 (1 - b + b |d| / avgdl))``,
-a query term repeated counts again, a term no document holds is left out), parameters ``BM25_K1``, ``BM25_B``
-(chosen on the LoCoMo dev conversations: README, "Retrieval quality"). ``tests/test_change_log.py`` checks the
-scores against ``bm25s`` and against a fresh index after random adds and removes.
-
-A memory is indexed with its ``content`` and the ``context`` its writer supplied beside it. Analysis
-(``analyse``), the same for memories and queries:
-
-- Unicode NFKC, then case folding: NFD and NFC spellings, full-width and compatibility forms, and case all meet;
-- Chinese, Japanese and Korean runs (Han, Hiragana, Katakana, Hangul), which have no spaces between words:
-  overlapping character bigrams (a run of one character: that character), so "咖喱" finds "我喜欢吃泰国咖喱";
-- emoji and other pictographic symbols (Unicode category So): one term each;
-- everything else: words of two or more letters or digits, English stop words (NLTK's list) dropped, Snowball
-  English stemming (PyStemmer), exactly as bm25s tokenises (its token pattern and stop words, without its
-  per-call overhead: about 60 µs a text, on every query and every write applied); other
-  alphabetic languages get words without stemming or stop words (the English stemmer leaves them as they are).
+memq's own index, kept up to date write by write (``bm25s``, the reference the parity test keeps, builds a static
+index only): postings live in immutable segments, the rows added since the last segment in a small term-sorted
+``Tail``; a ``LexicalIndex`` is one snapshot of them, scored exactly as an index freshly built from its alive rows
+(Lucene BM25, as ``bm25s`` ``method="lucene"``). Analysis (``analyse``), the same for memories and queries: NFKC and
+case folding; CJK runs as overlapping bigrams; pictographic symbols one term each; other words as ``bm25s``
+tokenises them (English stop words dropped, Snowball stemming). Why, and the parameters: docs/architecture.md,
+"Lexical search".
 """
 
 from __future__ import annotations
@@ -33,6 +15,7 @@ import math
 import re
 import threading
 import unicodedata
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -52,6 +35,7 @@ VOCABULARY_ENTRY_BYTES = 2 * 50  # a dict entry and its int id per term, with sl
 TERM_STRING_BYTES = 56  # a short str object (CPython 3.11: 49 bytes plus its characters)
 SEGMENT_MERGE_RATIO = 4  # the newest segment is merged into the one before once it is a quarter of its size
 MAX_SEGMENTS = 8  # and whatever their sizes, a search never reads more segments than this
+TAIL_MAX_POSTINGS = 2048  # postings the tail holds before it becomes a segment: a commit copies and sorts them
 
 _per_thread = threading.local()  # a PyStemmer stemmer is not thread-safe: each search thread gets its own
 
@@ -76,10 +60,11 @@ def normalise(text: str) -> str:
 
 
 def analyse(texts: Sequence[str]) -> list[list[str]]:
-    """Each text's terms, as the index and the queries see them."""
+    """Each text's terms, as the index and the queries see them (ASCII has no CJK run nor symbol term, and its
+    punctuation splits words as the space replacing it would)."""
     normalised = [normalise(text) for text in texts]
-    extra = [_cjk_bigrams(text) + _symbols(text) for text in normalised]
-    words_only = [SYMBOL.sub(" ", CJK_RUN.sub(" ", text)) for text in normalised]
+    extra = [[] if text.isascii() else _cjk_bigrams(text) + _symbols(text) for text in normalised]
+    words_only = [text if text.isascii() else SYMBOL.sub(" ", CJK_RUN.sub(" ", text)) for text in normalised]
     return [terms + more for terms, more in zip(_words(words_only), extra, strict=True)]
 
 
@@ -115,6 +100,10 @@ class Segment:
     def size(self) -> int:
         return int(self.rows.size)
 
+    def postings(self, term_id: int) -> tuple[np.ndarray, np.ndarray]:
+        start, end = (self.starts[term_id], self.starts[term_id + 1]) if term_id + 1 < self.starts.size else (0, 0)
+        return self.rows[start:end], self.counts[start:end]
+
     def term_ids(self) -> np.ndarray:
         """Each posting's term id."""
         return np.repeat(np.arange(self.starts.size - 1, dtype=np.int32), np.diff(self.starts))
@@ -123,8 +112,32 @@ class Segment:
         return self.starts.nbytes + self.rows.nbytes + self.counts.nbytes
 
 
+@dataclass(frozen=True)
+class Tail:
+    """The postings of the rows added since the last segment, sorted by (term, row): what a commit of a few rows
+    rebuilds in O(its size), with no array as long as the vocabulary. Never modified."""
+
+    terms: np.ndarray  # int32
+    rows: np.ndarray  # int32
+    counts: np.ndarray  # float32
+
+    @property
+    def size(self) -> int:
+        return int(self.rows.size)
+
+    def postings(self, term_id: int) -> tuple[np.ndarray, np.ndarray]:
+        start, end = np.searchsorted(self.terms, term_id), np.searchsorted(self.terms, term_id, side="right")
+        return self.rows[start:end], self.counts[start:end]
+
+    def nbytes(self) -> int:
+        return self.terms.nbytes + self.rows.nbytes + self.counts.nbytes
+
+
+EMPTY_TAIL = Tail(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32))
+
+
 def build_segment(term_ids: np.ndarray, rows: np.ndarray, counts: np.ndarray, vocabulary_size: int) -> Segment:
-    """A segment of postings given in row order (so each term's rows come out ascending)."""
+    """A segment of postings whose rows ascend within each term (row order, or a tail followed by later rows)."""
     order = np.argsort(term_ids, kind="stable")
     starts = np.zeros(vocabulary_size + 1, dtype=np.int64)
     np.cumsum(np.bincount(term_ids, minlength=vocabulary_size), out=starts[1:])
@@ -136,27 +149,22 @@ class LexicalIndex:
     rows not alive. ``LexicalIndex(texts)`` indexes ``texts`` as rows 0..n-1, all alive (a ``LexicalWriter`` makes
     the snapshots of a tenant that changes)."""
 
+    vocabulary: dict[str, int]
+    parts: tuple[Segment | Tail, ...]  # the writer's segments and tail when the snapshot was taken
+    lengths: np.ndarray  # terms per row
+    alive: np.ndarray | None  # the rows that count (None: all)
+    alive_rows: int
+    total_length: int
+
     def __init__(self, texts: Sequence[str] = ()) -> None:
         writer = LexicalWriter()
         writer.add(0, texts)
         writer.commit(None)
-        view = writer.view(len(texts), None)
-        self.__dict__.update(view.__dict__)
+        self.__dict__.update(writer.view(len(texts), None).__dict__)
 
-    @classmethod
-    def of(
-        cls,
-        vocabulary: dict[str, int],
-        segments: tuple[Segment, ...],
-        lengths: np.ndarray,
-        alive: np.ndarray | None,
-        alive_rows: int,
-        total_length: int,
-    ) -> LexicalIndex:
-        view = cls.__new__(cls)
-        view.vocabulary, view.segments, view.lengths, view.alive = vocabulary, segments, lengths, alive
-        view.size, view.alive_rows, view.total_length = int(lengths.size), alive_rows, total_length
-        return view
+    @property
+    def size(self) -> int:
+        return int(self.lengths.size)
 
     def scores(self, query: str) -> np.ndarray:
         scores = np.zeros(self.size, dtype=np.float32)
@@ -175,37 +183,34 @@ class LexicalIndex:
 
     def _postings(self, term_id: int) -> tuple[np.ndarray, np.ndarray]:
         """The alive rows holding ``term_id`` in this snapshot, and the term's count in each."""
-        rows, counts = [], []
-        for segment in self.segments:
-            if term_id + 1 < segment.starts.size:
-                start, end = segment.starts[term_id], segment.starts[term_id + 1]
-                rows.append(segment.rows[start:end])
-                counts.append(segment.counts[start:end])
-        if not rows:
+        found = [pair for pair in (part.postings(term_id) for part in self.parts) if pair[0].size]
+        if not found:
             return np.zeros(0, np.int32), np.zeros(0, np.float32)
-        found, tf = (rows[0], counts[0]) if len(rows) == 1 else (np.concatenate(rows), np.concatenate(counts))
+        rows, counts = found[0] if len(found) == 1 else (np.concatenate(pair) for pair in zip(*found, strict=True))
         if self.alive is not None:
-            live = self.alive[found]
-            found, tf = found[live], tf[live]
-        return found, tf
+            live = self.alive[rows]
+            rows, counts = rows[live], counts[live]
+        return rows, counts
 
     def nbytes(self) -> int:
         """Memory held by the index: its postings and lengths, and its vocabulary (each term's string and its dict
-        entry, ``VOCABULARY_ENTRY_BYTES`` besides the string; estimated from the term count)."""
-        postings = sum(segment.nbytes() for segment in self.segments)
+        entry, estimated from the term count)."""
+        postings = sum(part.nbytes() for part in self.parts)
         return postings + self.lengths.nbytes + len(self.vocabulary) * (VOCABULARY_ENTRY_BYTES + TERM_STRING_BYTES)
 
 
 class LexicalWriter:
     """The BM25 index of one (tenant, type) as it changes, for one writer at a time (the caller's lock).
 
-    ``add`` analyses texts as new rows, ``commit`` turns what was added into a segment (merging small segments),
-    ``remove`` takes a row out of the statistics (its postings are dropped at the next merge; a snapshot's
-    ``alive`` mask hides them until then), ``view`` is a snapshot for searches."""
+    ``add`` analyses texts as new rows, ``commit`` files what was added in the tail (past ``TAIL_MAX_POSTINGS``,
+    the tail becomes a segment and small segments are merged), ``remove`` takes a row out of the statistics (its
+    postings are dropped at the next merge; a snapshot's ``alive`` mask hides them until then), ``view`` is a
+    snapshot for searches."""
 
     def __init__(self) -> None:
         self.vocabulary: dict[str, int] = {}
         self.segments: tuple[Segment, ...] = ()
+        self.tail = EMPTY_TAIL
         self.lengths = np.zeros(1024, dtype=np.int32)  # per row; rows once written never change
         self.rows = 0
         self.alive_rows = 0
@@ -216,29 +221,40 @@ class LexicalWriter:
         """Index ``texts`` as rows ``first_row``, ``first_row + 1``, ... (after every row added before)."""
         if not texts:
             return
-        analysed = analyse(texts)
-        doc_lengths = np.fromiter((len(terms) for terms in analysed), dtype=np.int64, count=len(analysed))
-        flat = [self.vocabulary.setdefault(term, len(self.vocabulary)) for terms in analysed for term in terms]
-        term_ids = np.asarray(flat, dtype=np.int64)
-        rows = np.repeat(np.arange(first_row, first_row + len(texts), dtype=np.int64), doc_lengths)
-        width = len(self.vocabulary) + 1
-        pairs, counts = np.unique(rows * width + term_ids, return_counts=True)  # row order, then term order
-        self._staged.append(((pairs % width).astype(np.int32), (pairs // width).astype(np.int32), counts))
+        terms: list[int] = []
+        rows: list[int] = []
+        counts: list[int] = []
+        doc_lengths = []
+        for row, doc_terms in enumerate(analyse(texts), first_row):
+            counted = Counter([self.vocabulary.setdefault(term, len(self.vocabulary)) for term in doc_terms])
+            term_ids = sorted(counted)
+            terms += term_ids
+            rows += [row] * len(term_ids)
+            counts += [counted[term_id] for term_id in term_ids]
+            doc_lengths.append(len(doc_terms))
+        self._staged.append((np.array(terms, np.int32), np.array(rows, np.int32), np.array(counts, np.float32)))
         self._set_lengths(first_row, doc_lengths)
         self.alive_rows += len(texts)
-        self.total_length += int(doc_lengths.sum())
+        self.total_length += sum(doc_lengths)
 
     def remove(self, row: int) -> None:
         self.alive_rows -= 1
         self.total_length -= int(self.lengths[row])
 
     def commit(self, alive: np.ndarray | None) -> None:
-        """What was added since the last commit becomes a segment; small segments are merged (``alive``: the rows
-        still alive, whose postings a merge keeps; ``None``: all)."""
+        """What was added since the last commit joins the tail; a tail past ``TAIL_MAX_POSTINGS`` becomes a segment
+        and small segments are merged (``alive``: the rows still alive, whose postings a merge keeps; ``None``:
+        all)."""
         if not self._staged:
             return
-        terms, rows, counts = (np.concatenate(part) for part in zip(*self._staged, strict=True))
+        parts = [(self.tail.terms, self.tail.rows, self.tail.counts), *self._staged]
+        terms, rows, counts = map(np.concatenate, zip(*parts, strict=True))
         self._staged = []
+        if terms.size <= TAIL_MAX_POSTINGS:
+            order = np.argsort(terms, kind="stable")  # the tail's rows, then later ones: (term, row) order
+            self.tail = Tail(terms[order], rows[order], counts[order])
+            return
+        self.tail = EMPTY_TAIL
         segments = [*self.segments, build_segment(terms, rows, counts, len(self.vocabulary))]
         while len(segments) > 1 and (
             segments[-1].size * SEGMENT_MERGE_RATIO >= segments[-2].size or len(segments) > MAX_SEGMENTS
@@ -258,19 +274,17 @@ class LexicalWriter:
 
     def view(self, rows: int, alive: np.ndarray | None) -> LexicalIndex:
         """A snapshot of rows ``0..rows-1`` (``alive``: which of them count; ``None``: all)."""
-        return LexicalIndex.of(
-            self.vocabulary, self.segments, self.lengths[:rows], alive, self.alive_rows, self.total_length
-        )
+        view = LexicalIndex.__new__(LexicalIndex)
+        view.parts = (*self.segments, self.tail) if self.tail.size else self.segments
+        view.vocabulary, view.lengths, view.alive = self.vocabulary, self.lengths[:rows], alive
+        view.alive_rows, view.total_length = self.alive_rows, self.total_length
+        return view
 
-    def _set_lengths(self, first_row: int, doc_lengths: np.ndarray) -> None:
-        end = first_row + doc_lengths.size
+    def _set_lengths(self, first_row: int, doc_lengths: list[int]) -> None:
+        end = first_row + len(doc_lengths)
         if end > self.lengths.size:  # a new array: the snapshots hold views of the old one, which stays as it was
             grown = np.zeros(max(end, 2 * self.lengths.size), dtype=np.int32)
             grown[: self.rows] = self.lengths[: self.rows]
             self.lengths = grown
         self.lengths[first_row:end] = doc_lengths
         self.rows = end
-
-    def nbytes(self) -> int:
-        postings = sum(segment.nbytes() for segment in self.segments)
-        return postings + self.lengths.nbytes + len(self.vocabulary) * (VOCABULARY_ENTRY_BYTES + TERM_STRING_BYTES)

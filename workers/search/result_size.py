@@ -1,11 +1,8 @@
 """The byte budget of one retrieval's result (``MAX_RESULT_BYTES``), applied by merge after ranking.
 
-An item's size is its ``content`` in UTF-8 plus its ``metadata`` as JSON: what a caller stored and gets back. Past
-the budget, the lowest-ranked items are dropped: items are taken rank by rank across the types (every type's best,
-then every type's second, ... in the order the types were asked for) until the next one does not fit, and that one
-and all ranked after it are dropped. Each type so keeps a prefix of its ranking (never a gap in it), and no type's
-best items are crowded out by another type's long tail. A result always says whether this happened:
-``"truncated": false``, or ``true`` with ``"truncated_items"``, the number dropped per type.
+An item's size is its ``content`` in UTF-8 plus its ``metadata`` as JSON. Items are taken rank by rank across the
+types (each type's best, then each one's second, ...) until one does not fit: it and all ranked after it are dropped,
+so each type keeps a prefix of its ranking. The result says so (``"truncated"``, ``"truncated_items"`` per type).
 """
 
 from __future__ import annotations

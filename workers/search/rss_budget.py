@@ -1,39 +1,10 @@
 """The one memory limit of a search process: its resident memory budget (``MEMQ_SEARCH_MAX_RSS_BYTES``).
 
-A search process holds its tenants' matrices (``workers.search.strategies.MatrixCache``), the loads building them and
-the
-merges ranking results. The guard watches what a pod's memory limit meets, the process's resident memory, at the
-one place memq can still say no: before a tenant load or a merge begins (``admitted``). Where the resident memory is
-above the admission level (the budget less its headroom, ``headroom_bytes``):
-
-1. the least recently used tenant matrices are dropped from the cache, as many bytes as the excess (``shed``), and
-   the C allocator hands its free pages back to the system (``release_free_memory``, glibc's ``malloc_trim``);
-2. if it is still above, the work waits (its own deadline at most) while other admitted work finishes and frees
-   what it held, looking again every ``POLL_S``;
-3. work that finds nothing else admitted runs whatever the reading: what holds the memory then is not memq's work
-   in flight, and waiting would not free it (so the fleet never stalls on a budget set too low); work whose wait
-   runs out gets ``WorkerBusy`` (retried within its retrieval's deadline).
-
-The reading is only as good as the allocator's return of freed memory. With glibc's defaults each thread allocates
-from its own arena (up to 8 per core) and, after a large block is freed, glibc raises its memory-map threshold, so
-later results of a few MB come from those arenas and stay there, fragmented: measured on the benchmark below, a
-search process then sat at ~285 MiB after shedding everything (an admission level of 224 never reached) and peaked
-at 739 MiB over a 448 MiB budget. So the guard also fixes the allocator of a search process at start
-(``configure_allocator``, before any thread): two arenas and a fixed 128 KiB memory-map threshold, glibc's documented
-``mallopt`` knobs (its ``MALLOC_ARENA_MAX`` and ``MALLOC_MMAP_THRESHOLD_``, set from inside the process so ``memq
-worker`` needs no wrapper; an operator's own glibc variables win). These are constants, not settings.
-
-A merge is admitted with what it will hold (``MERGE_HOLDS_INPUT_TIMES`` its input's bytes) counted as resident until
-it ends, since its memory shows in the reading only once it runs: merges admitted together cannot all start from the
-same reading below the level.
-
-The cache has no bound of its own: it holds whatever fits under the admission level, and every way it grows (a
-load) is admitted here. The headroom is for what no one admits: the messages a worker has received and decoded (at
-most its concurrency, with prefetch 1, each merge message carrying every type's results), its chord joins and
-Celery's encoding of a merge's result after the merge returns.
-At 9 types x k = 100 over 4 KB memories with 8 threads those reached about 154 MiB above the level (README, "Memory
-under the heaviest retrievals"), so the headroom is ``HEADROOM_MAX_BYTES`` (256 MiB), or half the budget where
-that is less.
+Before a tenant load or a merge (``admitted``), a process above the budget less its headroom sheds the least
+recently used cached tenants and returns free pages (``malloc_trim``), then waits while admitted work finishes;
+work that finds nothing else admitted runs anyway, work whose wait runs out gets ``WorkerBusy``. The allocator is
+fixed at start (``configure_allocator``) so that the reading falls when memory is freed. Why and the measurements:
+README, "One memory limit per search process".
 """
 
 from __future__ import annotations
@@ -62,7 +33,7 @@ OPERATOR_VARIABLES = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNAB
 
 
 def headroom_bytes(max_rss_bytes: int) -> int:
-    """The part of the budget kept for what the guard cannot hold back (see the module's docstring)."""
+    """The part of the budget kept for what the guard cannot hold back (received messages, encoding results)."""
     return min(HEADROOM_MAX_BYTES, int(max_rss_bytes * HEADROOM_MAX_FRACTION))
 
 
@@ -107,15 +78,8 @@ class MemoryGuard:
                 self._changed.notify_all()
 
     def info(self) -> dict[str, int]:
-        return {
-            "max_rss_bytes": self.max_rss_bytes,
-            "admit_below_bytes": self.admit_below_bytes,
-            "in_flight": self.in_flight,
-            "held_bytes": self.held_bytes,
-            "shed_bytes": self.shed_bytes,
-            "waited": self.waited,
-            "over_budget_runs": self.over_budget_runs,
-        }
+        names = ("max_rss_bytes", "admit_below_bytes", "in_flight", "held_bytes", "shed_bytes", "waited")
+        return {name: getattr(self, name) for name in (*names, "over_budget_runs")}
 
     def _admit(self, work: str, wait_s: float | None, holds_bytes: int) -> None:
         deadline = None if wait_s is None else time.monotonic() + max(0.0, wait_s)
@@ -173,26 +137,17 @@ def resident_bytes() -> int | None:
 
 
 def configure_allocator() -> dict[str, int]:
-    """Two malloc arenas and a fixed memory-map threshold in this process (see the module's docstring); call it
-    before any thread starts. What was set: nothing where the C library is not glibc or the operator set glibc's own
-    variables."""
+    """Two malloc arenas and a fixed memory-map threshold in this process, before any thread starts; what was set
+    (nothing where the C library is not glibc or the operator set glibc's own variables)."""
     libc = _glibc()
     if libc is None or any(os.environ.get(name) for name in OPERATOR_VARIABLES):
         return {}
-    applied = {}
-    for name, option, value in (
-        ("arena_max", M_ARENA_MAX, ARENA_MAX),
-        ("mmap_threshold", M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES),
-    ):
-        if libc.mallopt(option, value) == 1:
-            applied[name] = value
-    return applied
+    wanted = {"arena_max": (M_ARENA_MAX, ARENA_MAX), "mmap_threshold": (M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)}
+    return {name: value for name, (option, value) in wanted.items() if libc.mallopt(option, value) == 1}
 
 
 def release_free_memory() -> None:
-    """Hand the free pages of every malloc arena back to the system (glibc's ``malloc_trim(0)``, which also returns
-    whole free pages inside an arena, where freed results of many threads sit between live blocks); nothing
-    elsewhere (musl, macOS)."""
+    """Hand the free pages of every malloc arena back to the system (glibc's ``malloc_trim(0)``); nothing elsewhere."""
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)

@@ -1,10 +1,8 @@
-"""Single-flight: one load per key at a time, shared by every caller that asks for that key meanwhile.
+"""Single-flight: one load per key at a time, run in its own thread and shared by every caller asking meanwhile.
 
-The load runs in its own thread, never in a caller's: each caller (the one that started it included) waits for
-it at most its own ``wait_s`` and then gets ``FlightTimeout``, while the load goes on and finishes for the callers
-still waiting and for whatever it fills (the search worker's matrix cache). A load that fails hands its exception
-to every caller waiting on it; the next caller starts a new one. A new thread starts with an empty context, so a
-caller's ``pymongo.timeout`` never reaches the load: the load sets its own limit.
+Each caller waits at most its own ``wait_s`` (then ``FlightTimeout``) while the load goes on for the others and for
+what it fills; a failed load hands its exception to every waiter. A new thread starts with an empty context, so a
+caller's ``pymongo.timeout`` never reaches the load.
 """
 
 from __future__ import annotations

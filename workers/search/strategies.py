@@ -1,33 +1,16 @@
 """Search strategies for one (tenant, memory type).
 
-- ``exact``: in this worker, over the tenant's memories loaded by one ``find`` on ``memory_id``, streamed from the
-  cursor into the rows of a ``RowStore``: the cosine matrix, the BM25 index (``workers.search.lexical``) and the filter
-  columns (created_at, role, tags) are built together, cached per process and keyed on the tenant's data version
-  (``workers.storage.versions``), so a write makes them unreachable at once. A warm search is one matrix-vector product
-  and
-  one sparse BM25 sum, fused (``memq.core.ranking.fuse``), with the filters applied before the top k; it makes no
-  MongoDB round trip. After a write, a process holding the tenant at version v that finds V catches up
-  (``catch_up``): the change log beside the version names the stored ``_id`` s versions v+1..V touched, it reads
-  just those (``memory_id`` in the query) and applies them: a present document becomes a new row and the row it
-  replaces is tombstoned, an absent one is tombstoned. Those whose state the log itself carries (a new memory's
-  stored document, a forgotten id: ``versions.Changes.known``) are applied without reading MongoDB. Rows once
-  written never change, so a search still reading the snapshot of version v (its row count, alive mask and BM25
-  segments) is unaffected. The tenant is loaded
-  whole only when the change cannot be bridged: a cold process, a log that no longer holds every version since v
-  or says anything may have changed (forget without ids, a migration), more changed ids than
-  ``CATCH_UP_MAX_FRACTION`` of the tenant, or tombstones past ``COMPACT_DEAD_FRACTION`` of the rows. A stored
-  row that cannot be searched (embedding missing, undecodable, of another dimension than the query's
-  or not finite; fields unreadable) is left out of all three and counted (``memq_bad_stored_rows_total``), so one
-  bad row never fails its tenant's search. A miss is loaded once per (tenant, type, data version) in the process
-  (``load_shared``, single-flight): the searches that miss meanwhile wait on that one load, each within its own
-  budget, and the load runs under the MongoDB client's own timeouts and fills the cache even when every search that
-  waited on it has given up. The matrix has the dimension of the query vector (the embed model's).
+- ``exact``: in this worker, over the tenant's rows (``RowStore``: cosine matrix, BM25 index, filter columns) loaded
+  once per process and data version, then kept in step with writes by applying the change log (``catch_up``).
 - ``vector_search``: Atlas ``$vectorSearch`` with ``memory_id`` as a pre-filter.
 - ``auto``: ``vector_search`` where the server runs the stage, ``exact`` elsewhere (nx-27017, mongod).
+
+How and why: docs/architecture.md, "Inside a search worker".
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -65,21 +48,15 @@ LOAD_CHUNK_ROWS = 1000  # documents taken from the cursor at a time by a load
 CATCH_UP_MAX_FRACTION = 0.25  # more changed ids than this fraction of the tenant (and CATCH_UP_MIN_IDS): reload
 CATCH_UP_MIN_IDS = 256  # changed ids a catch-up always takes, however small the tenant
 COMPACT_DEAD_FRACTION = 0.5  # tombstoned rows past this fraction of the rows (and MIN_CAPACITY_ROWS): reload
-NUM_CANDIDATES_FACTOR = 20  # `$vectorSearch` numCandidates per k: Atlas's advice (10-20 x k) for recall near exact
-#: Tenant loads (one `find`, the matrix and BM25 build) a search process runs at once; more wait for a slot. Each
-#: holds a batch of documents and its tenant's postings while it builds: two let a small tenant load beside a large
-#: one, and the memory guard (MEMQ_SEARCH_MAX_RSS_BYTES) admits each. A catch-up takes no slot.
-LOADS_IN_FLIGHT = 2
+ROW_COLUMNS = ("vectors", "created_ts", "roles", "tags", "alive")  # a RowStore's buffers, one entry per row
+LOADS_IN_FLIGHT = 2  # tenant loads a process builds at once (a small one beside a large one); a catch-up takes no slot
 
 
 @dataclass
 class TenantMatrix:
-    """Everything an exact search of one (tenant, type) at one data version needs: a snapshot of its rows.
-
-    Row i of ``matrix``, ``items``, ``created_ts``, ``roles``, ``tags`` and the BM25 index is one stored memory.
-    A snapshot of a ``RowStore`` (``store``) views the store's arrays up to its row count and shares its ``items``
-    list, which may hold later rows (only the first ``rows`` count); ``alive`` says which of its rows are still the
-    memory's current state (``None``: all of them)."""
+    """What an exact search of one (tenant, type) at one data version needs: row i of ``matrix``, ``items``,
+    ``created_ts``, ``roles``, ``tags`` and the BM25 index is one stored memory. A snapshot of a ``RowStore``
+    (``store``) shares its ``items`` list, which may hold later rows; ``alive``: its rows still current (None: all)."""
 
     version: int
     items: list[dict[str, Any]]
@@ -105,10 +82,9 @@ class TenantMatrix:
 
 
 class RowStore:
-    """The rows of one (tenant, type), append-only, with spare capacity: an update appends the memory's new row
-    and tombstones its old one, a delete tombstones. A row once written is never modified and a full buffer is
-    replaced by a larger copy (``GROWTH_FRACTION``), never resized in place, so every snapshot (``snapshot``) stays
-    valid while later changes are applied. One writer at a time (``lock``)."""
+    """The rows of one (tenant, type), append-only: an update appends a new row and tombstones the old one. A row is
+    never modified and a full buffer is replaced by a larger copy, so every snapshot stays valid. One writer
+    (``lock``)."""
 
     def __init__(self, dimensions: int, capacity_rows: int) -> None:
         capacity_rows = max(capacity_rows, MIN_CAPACITY_ROWS)
@@ -143,7 +119,7 @@ class RowStore:
                 usable.append((doc, row[0], row[1]))
         if not usable:
             return skipped
-        block = np.stack([vector for _, vector, _ in usable])  # one chunk's vectors (LOAD_CHUNK_ROWS at most)
+        block = np.array([vector for _, vector, _ in usable], dtype=np.float32)  # a chunk (LOAD_CHUNK_ROWS at most)
         finite = np.isfinite(block).all(axis=1)
         if not finite.all():
             skipped += [usable[i][0].get("_id") for i in np.flatnonzero(~finite)]
@@ -175,31 +151,21 @@ class RowStore:
         """The rows as they are now, for searches at ``version`` (becomes ``latest``)."""
         rows = self.rows
         self.lexical.commit(self.alive[:rows])
-        alive = None if self.dead_rows == 0 else self.alive[:rows].copy()
-        self.latest = TenantMatrix(
-            version,
-            self.items,
-            self.vectors[:rows],
-            self.lexical.view(rows, alive),
-            self.created_ts[:rows],
-            self.roles[:rows],
-            self.tags[:rows],
-            alive,
-            self,
-        )
+        alive = None if self.dead_rows == 0 else self.alive[:rows].copy()  # tombstones come later: the rest never moves
+        columns = (self.vectors[:rows], self.lexical.view(rows, alive), self.created_ts[:rows], self.roles[:rows])
+        self.latest = TenantMatrix(version, self.items, *columns, self.tags[:rows], alive, self)
         return self.latest
 
     def nbytes(self) -> int:
         """What the rows hold besides the BM25 index: the buffers (their whole capacity) and the items."""
-        columns = self.vectors.nbytes + self.created_ts.nbytes + self.alive.nbytes
-        return columns + self.roles.nbytes + self.tags.nbytes + self.item_bytes
+        return sum(getattr(self, name).nbytes for name in ROW_COLUMNS) + self.item_bytes
 
     def _reserve(self, rows: int) -> None:
         capacity = self.vectors.shape[0]
         if rows <= capacity:
             return
         grown = max(rows, capacity + max(MIN_CAPACITY_ROWS, int(capacity * GROWTH_FRACTION)))
-        for name in ("vectors", "created_ts", "roles", "tags", "alive"):
+        for name in ROW_COLUMNS:
             old = getattr(self, name)
             new = np.zeros((grown, *old.shape[1:]), dtype=old.dtype)
             new[: self.rows] = old[: self.rows]
@@ -228,15 +194,14 @@ class SearchOutcome:
 
 
 class MatrixCache:
-    """LRU of tenant matrices with the bytes each holds (``entry_nbytes``: vectors, items, BM25 index). It has no
-    bound of its own: the memory guard (``MEMQ_SEARCH_MAX_RSS_BYTES``) sheds the least recently used entries
-    (``shed``) before a load or merge that finds the process over its budget."""
+    """LRU of tenant matrices with the bytes each holds (``entry_nbytes``), unbounded: the memory guard sheds the
+    least recently used (``shed``) before a load or merge that finds the process over its budget."""
 
     def __init__(self) -> None:
         self._entries: OrderedDict[tuple[str, str], TenantMatrix] = OrderedDict()
         self._sizes: dict[tuple[str, str], int] = {}
-        self._vectors = 0
-        self._bytes = 0
+        self.vectors = 0
+        self.nbytes = 0
         self._lock = threading.Lock()
         self.loads = 0  # matrices loaded from MongoDB and built by this process (single-flight: one per version)
         self.catch_ups = 0  # versions reached by applying the change log instead of a load
@@ -255,14 +220,16 @@ class MatrixCache:
         with self._lock:
             return self._entries.get(key)
 
-    def put(self, key: tuple[str, str], entry: TenantMatrix) -> None:
+    def put(self, key: tuple[str, str], entry: TenantMatrix, *, loaded: bool = False, caught_up: bool = False) -> None:
+        """Cache ``entry`` (counted in ``loads`` / ``catch_ups`` when ``loaded`` / ``caught_up``)."""
         size = entry_nbytes(entry)
         with self._lock:
             self._drop(key)
-            self._entries[key] = entry
-            self._sizes[key] = size
-            self._vectors += entry.rows
-            self._bytes += size
+            self._entries[key], self._sizes[key] = entry, size
+            self.vectors += entry.rows
+            self.nbytes += size
+            self.loads += loaded
+            self.catch_ups += caught_up
 
     def shed(self, nbytes: int) -> int:
         """Drop the least recently used entries until at least ``nbytes`` are freed (or the cache is empty); the
@@ -278,24 +245,8 @@ class MatrixCache:
     def _drop(self, key: tuple[str, str]) -> None:
         old = self._entries.pop(key, None)
         if old is not None:
-            self._vectors -= old.rows
-            self._bytes -= self._sizes.pop(key)
-
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
-
-    @property
-    def vectors(self) -> int:
-        return self._vectors
-
-    def count_load(self) -> None:
-        with self._lock:
-            self.loads += 1
-
-    def count_catch_up(self) -> None:
-        with self._lock:
-            self.catch_ups += 1
+            self.vectors -= old.rows
+            self.nbytes -= self._sizes.pop(key)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -354,9 +305,8 @@ class KeyedLocks:
 
 
 def entry_nbytes(entry: TenantMatrix) -> int:
-    """The memory one cached entry holds: its matrix and filter columns, its BM25 index, and its items (each
-    ``ITEM_OVERHEAD_BYTES`` for the dict and its small values, plus its content, id, tags and metadata). A snapshot
-    of a ``RowStore`` counts the store's buffers (spare capacity included) and items, kept as rows are added."""
+    """The memory one cached entry holds: its matrix and filter columns (a ``RowStore``'s whole buffers), its BM25
+    index and its items (``item_nbytes``)."""
     lexical = entry.lexical.nbytes() if entry.lexical is not None else 0
     if entry.store is not None:
         return entry.store.nbytes() + lexical
@@ -381,30 +331,18 @@ def build_matrix(
     *,
     dimensions: int,
 ) -> TenantMatrix:
-    """The matrix, BM25 index and filter columns of one tenant and type, row i of each from the same document,
-    taken from ``docs`` (a cursor) ``LOAD_CHUNK_ROWS`` at a time into a ``RowStore`` sized for ``expected_rows``:
-    the documents are never all held at once, nor the vectors copied into a second matrix. Rows that cannot be
-    searched are left out (``usable_row``, then the finite check; ``dimensions``: the query's, so the model's),
-    counted, and logged once per load."""
+    """The snapshot of a ``RowStore`` sized for ``expected_rows``, filled from ``docs`` (a cursor)
+    ``LOAD_CHUNK_ROWS`` at a time (never all held at once); rows that cannot be searched (``dimensions``: the
+    query's) are left out, counted and logged once."""
     rows = RowStore(dimensions, expected_rows + expected_rows // 8)
     skipped: list[Any] = []
     seen = 0
-    for chunk in chunked(docs, LOAD_CHUNK_ROWS):
+    cursor = iter(docs)
+    while chunk := list(itertools.islice(cursor, LOAD_CHUNK_ROWS)):
         seen += len(chunk)
         skipped += rows.append(chunk)
     count_skipped(skipped, seen, memory_type, dimensions)
     return rows.snapshot(version)
-
-
-def chunked(docs: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
-    chunk: list[dict[str, Any]] = []
-    for doc in docs:
-        chunk.append(doc)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def count_skipped(skipped: list[Any], seen: int, memory_type: str, dimensions: int) -> None:
@@ -424,7 +362,7 @@ def count_skipped(skipped: list[Any], seen: int, memory_type: str, dimensions: i
 
 def usable_row(doc: dict[str, Any], dimensions: int) -> tuple[np.ndarray, dict[str, Any]] | None:
     """A stored document's vector and result item, or ``None`` when its embedding is missing, undecodable or not
-    ``dimensions`` long, or its fields cannot make a JSON-safe item. (Finiteness is checked on the whole matrix.)"""
+    ``dimensions`` long, or its fields cannot make a JSON-safe item (finiteness: ``RowStore.append``)."""
     try:
         vector = from_stored(doc[reads.EMBEDDING_FIELD])
         item = reads.to_item(doc, 0.0)
@@ -462,9 +400,8 @@ def filter_mask(entry: TenantMatrix, filters: dict[str, Any]) -> np.ndarray:
 
 
 def top_k(entry: TenantMatrix, query: np.ndarray, k: int, wanted: Wanted | None = None) -> list[dict[str, Any]]:
-    """The k best alive rows that pass the filters, by the mode's score (``memq.core.ranking.fuse``); ties broken by
-    cosine, then id, so results are deterministic (and the same whatever the rows' order). Each item carries its
-    ``scores``."""
+    """The k best alive rows that pass the filters, by the mode's score (``memq.core.ranking.fuse``), ties broken by
+    cosine then id (deterministic whatever the rows' order); each item with its ``scores``."""
     wanted = wanted or Wanted()
     rows = entry.rows
     if rows == 0 or k <= 0:
@@ -500,10 +437,9 @@ def top_k(entry: TenantMatrix, query: np.ndarray, k: int, wanted: Wanted | None 
 
 
 def candidates(fused: np.ndarray, cosine: np.ndarray, k: int) -> np.ndarray:
-    """The rows that can be among the k best by (fused desc, cosine desc, id), found by partial selection: every row
-    better than the k-th best fused score, and of the rows tied with it only those that can win the cosine
-    tie-break (tied again on cosine, all of them: the id decides). A lexical query that matches fewer than k
-    memories so sorts a few rows, not every zero-score row of the tenant."""
+    """The rows that can be among the k best by (fused desc, cosine desc, id), by partial selection: every row better
+    than the k-th best fused score, and of those tied with it the ones that can win the cosine tie-break (so a
+    lexical query matching fewer than k memories sorts a few rows, not every zero-score row)."""
     if k >= fused.size:
         return np.arange(fused.size)
     kth_best = np.partition(-fused, k - 1)[k - 1]
@@ -545,16 +481,9 @@ def exact_search(memory_id: str, memory_type: str, query: np.ndarray, k: int, wa
 
 
 def load_shared(memory_id: str, memory_type: str, version: int, dimensions: int) -> TenantMatrix:
-    """The tenant's matrix at ``version`` (of ``dimensions``), from the one load under way for it in this process or
-    a new one.
-
-    The load runs without this search's MongoDB budget, under the client's own timeouts (server selection, each
-    socket read: ``mongo.URI_OPTION_DEFAULTS`` unless the URI sets them), and puts its matrix in the cache when done.
-    This search waits for it only as long as its own budget (``mongo.time_limit``;
-    ``deadlines.LOAD_WAIT_WITHOUT_DEADLINE_S`` when it has none) lasts, then raises, as a MongoDB timeout does,
-    ``StoreUnavailable`` when the load was reading MongoDB and ``WorkerBusy`` when it was still waiting for a load
-    slot or for memory (the task retries within the caller's deadline and finds the same load, or its matrix in the
-    cache)."""
+    """The tenant's matrix at ``version``, from the one load under way for it in this process or a new one, waited for
+    at most this search's budget (``load_wait_s``); then ``StoreUnavailable`` if the load was reading MongoDB, else
+    ``WorkerBusy`` (the load goes on under the client's own timeouts and fills the cache)."""
     wait_s = load_wait_s()
     flight_key = (memory_id, memory_type, version, dimensions)
     try:
@@ -573,11 +502,9 @@ def load_shared(memory_id: str, memory_type: str, version: int, dimensions: int)
 def caught_up_here(
     memory_id: str, memory_type: str, version: int, tail: list[bytes], dimensions: int
 ) -> TenantMatrix | None:
-    """The tenant at ``version`` caught up in the search's own thread, when that waits for nothing: the process
-    holds the tenant, no load or catch-up of it is under way, and the change log carries the state of every changed
-    id (no MongoDB read). ``None`` otherwise: the search then goes through ``load_shared``. (A thread of its own
-    costs more than such a catch-up: about 0.3 ms here.) ``tail``: the change log's newest entries, read with the
-    version."""
+    """The tenant at ``version`` caught up in the search's own thread when that waits for nothing: the process holds
+    the tenant, no load or catch-up of it is under way, and ``tail`` (the log's entries read with the version)
+    carries the state of every changed id. ``None`` otherwise (the search then goes through ``load_shared``)."""
     key = (memory_id, memory_type)
     held = matrix_cache.get().held(key)
     if held is None or held.store is None or held.dimensions != dimensions:
@@ -587,67 +514,46 @@ def caught_up_here(
 
 
 def apply_catch_up(
-    memory_id: str, memory_type: str, held: TenantMatrix, version: int, tail: list[bytes] | None
+    memory_id: str, memory_type: str, held: TenantMatrix | None, version: int, tail: list[bytes] | None
 ) -> TenantMatrix | None:
-    """``catch_up`` of the held entry's store, its snapshot put in the cache (the caller holds the tenant's lock).
-    With a ``tail`` (the search's own thread) it reads nothing from MongoDB; without, it may."""
-    if held.store is None:
+    """``catch_up`` of the held entry's store, its snapshot put in the cache (the caller holds the tenant's lock)."""
+    if held is None or held.store is None:
         return None
     caught_up = catch_up(memory_id, memory_type, held.store, version, tail)
     if caught_up is not None and caught_up is not held:  # changes applied (else: the held entry, newer)
-        cache = matrix_cache.get()
-        cache.put((memory_id, memory_type), caught_up)
-        cache.count_catch_up()
+        matrix_cache.get().put((memory_id, memory_type), caught_up, caught_up=True)
     return caught_up
 
 
 def load_into_cache(memory_id: str, memory_type: str, version: int, dimensions: int) -> TenantMatrix:
-    """The tenant at ``version`` put in the cache: caught up from the entry the cache holds (``catch_up``) where the
-    change log bridges the versions, else one load from MongoDB under the client's own timeouts (no overall limit:
-    an unreachable server fails at server selection, a stalled one at a socket read, and a large tenant takes as
-    long as its ``find`` does), streamed and built (unless a load of the same version finished just before this
-    one began). A load waits for one of the process's load slots, then for the memory guard, at most
-    ``deadlines.LOAD_WAIT_WITHOUT_DEADLINE_S`` for the latter; a catch-up, which reads only the changed documents,
-    waits for neither."""
+    """The tenant at ``version`` put in the cache: caught up from the entry the cache holds where the change log
+    bridges the versions, else loaded from MongoDB (no overall limit: the client's own timeouts) once one of the
+    process's load slots and then the memory guard admit it; a catch-up waits for neither."""
     cache = matrix_cache.get()
     key = (memory_id, memory_type)
     flight_key = (memory_id, memory_type, version, dimensions)
-    entry = cache.get(key, version, dimensions)
-    if entry is not None:
+    if (entry := cache.get(key, version, dimensions)) is not None:
         return entry
     load_phases[flight_key] = "waiting for the load of an earlier version of this tenant"
     try:
         with tenant_locks.get().held(key):  # a version that changed during a load is caught up from that load
-            return caught_up_or_loaded(memory_id, memory_type, version, dimensions)
-    finally:
-        load_phases.pop(flight_key, None)
-
-
-def caught_up_or_loaded(memory_id: str, memory_type: str, version: int, dimensions: int) -> TenantMatrix:
-    cache = matrix_cache.get()
-    key = (memory_id, memory_type)
-    flight_key = (memory_id, memory_type, version, dimensions)
-    entry = cache.get(key, version, dimensions)
-    if entry is not None:
-        return entry
-    held = cache.held(key)
-    if held is not None and held.dimensions == dimensions:
-        caught_up = apply_catch_up(memory_id, memory_type, held, version, None)
-        if caught_up is not None:
-            return caught_up
-    try:
-        load_phases[flight_key] = "waiting for a load slot"
-        with load_slots.get():  # at most LOADS_IN_FLIGHT loads hold their documents at once
-            entry = cache.get(key, version, dimensions)  # filled by a load of the same version that held the slot
-            if entry is not None:
+            if (entry := cache.get(key, version, dimensions)) is not None:
                 return entry
-            load_phases[flight_key] = "waiting for memory (MEMQ_SEARCH_MAX_RSS_BYTES)"
-            with memory_guard.get().admitted("load", deadlines.LOAD_WAIT_WITHOUT_DEADLINE_S):
-                load_phases[flight_key] = READING
-                expected_rows = held.alive_rows if held is not None else 0
-                entry = load_tenant(memory_id, memory_type, version, expected_rows, dimensions=dimensions)
-            cache.put(key, entry)
-            cache.count_load()
+            held = cache.held(key)
+            same_dimensions = held is not None and held.dimensions == dimensions
+            caught_up = apply_catch_up(memory_id, memory_type, held, version, None) if same_dimensions else None
+            if caught_up is not None:
+                return caught_up
+            load_phases[flight_key] = "waiting for a load slot"
+            with load_slots.get():  # at most LOADS_IN_FLIGHT loads hold their documents at once
+                if (entry := cache.get(key, version, dimensions)) is not None:  # a load of this version just ended
+                    return entry
+                load_phases[flight_key] = "waiting for memory (MEMQ_SEARCH_MAX_RSS_BYTES)"
+                with memory_guard.get().admitted("load", deadlines.LOAD_WAIT_WITHOUT_DEADLINE_S):
+                    load_phases[flight_key] = READING
+                    expected_rows = held.alive_rows if held is not None else 0
+                    entry = load_tenant(memory_id, memory_type, version, expected_rows, dimensions=dimensions)
+                cache.put(key, entry, loaded=True)
     finally:
         load_phases.pop(flight_key, None)
     MATRIX_LOADS.labels(memory_type=memory_type).inc()
@@ -657,8 +563,8 @@ def caught_up_or_loaded(memory_id: str, memory_type: str, version: int, dimensio
 def load_tenant(
     memory_id: str, memory_type: str, version: int, expected_rows: int = 0, *, dimensions: int
 ) -> TenantMatrix:
-    """The whole tenant from MongoDB, streamed into a ``RowStore`` sized for ``expected_rows`` (the rows of the
-    entry it replaces, if any: no count is asked of MongoDB, which on some servers reads every document)."""
+    """The whole tenant from MongoDB, streamed into a ``RowStore`` sized for ``expected_rows`` (the rows of the entry
+    it replaces: a count would read every document on some servers)."""
     return build_matrix(
         reads.load_tenant(memory_id, memory_type), version, memory_type, expected_rows, dimensions=dimensions
     )
@@ -667,17 +573,11 @@ def load_tenant(
 def catch_up(
     memory_id: str, memory_type: str, rows: RowStore, version: int, tail: list[bytes] | None = None
 ) -> TenantMatrix | None:
-    """The snapshot of ``rows`` at ``version`` or later, reached by applying the changes the change log names since
-    the store's latest snapshot; ``None`` when only a full load can tell (see the module's docstring), or, given a
-    ``tail`` (the log's newest entries, read with the version), when some changed id's state must be read from
-    MongoDB (nothing is applied then).
-
-    One catch-up per store at a time (``rows.lock``); a store whose latest snapshot is already newer than
-    ``version`` is returned as it is once Redis confirms that version (a counter reset in Redis means a reload).
-    Applying takes the state of each changed ``_id`` from the log where its latest entry carries it, else reads
-    its current state from MongoDB: present (and searchable), it becomes a new row and its old row is tombstoned;
-    absent, its row is tombstoned. Reading the current state makes it idempotent, so a document newer than
-    ``version`` (a write under way) is right too: its own version will apply it again."""
+    """The snapshot of ``rows`` at ``version`` or later, reached by applying the changes the log names since the
+    store's latest snapshot (each changed ``_id``'s state from the log where it carries it, else read from MongoDB);
+    ``None`` when only a full load can tell, or, given a ``tail`` (the log's entries read with the version), when
+    some state must be read (nothing is applied then). A latest snapshot newer than ``version`` is returned once
+    Redis confirms its version (a counter reset means a reload). One catch-up per store at a time (``rows.lock``)."""
     with rows.lock:
         latest = rows.latest
         if latest is None or rows.broken:
@@ -739,18 +639,10 @@ def load_wait_s() -> float:
 
 def cache_info() -> dict[str, Any]:
     """What this process's matrix cache holds, for ``memq_info`` (nothing is built to answer)."""
-    if not matrix_cache.is_built():
-        return {"entries": 0, "vectors": 0, "bytes": 0, "loads": 0, "catch_ups": 0, "loads_in_flight": 0}
-    cache = matrix_cache.get()
+    cache = matrix_cache.get() if matrix_cache.is_built() else MatrixCache()
     in_flight = matrix_loads.get().in_flight() if matrix_loads.is_built() else 0
-    return {
-        "entries": len(cache),
-        "vectors": cache.vectors,
-        "bytes": cache.nbytes,
-        "loads": cache.loads,
-        "catch_ups": cache.catch_ups,
-        "loads_in_flight": in_flight,
-    }
+    counts = (len(cache), cache.vectors, cache.nbytes, cache.loads, cache.catch_ups, in_flight)
+    return dict(zip(("entries", "vectors", "bytes", "loads", "catch_ups", "loads_in_flight"), counts, strict=True))
 
 
 def guard_info() -> dict[str, Any]:
@@ -761,10 +653,9 @@ def guard_info() -> dict[str, Any]:
 
 
 def supports(stage: str, memory_type: str, dimensions: int) -> bool:
-    """Does this server run ``stage`` ($vectorSearch, $search, $rankFusion) here? Found out by trying it,
-    remembered for ``PROBE_TTL_S``. One search at a time probes: the others wait for its answer, or, once an answer
-    is known, go on with it while the probe refreshes it (a probe can take seconds where the server does not know
-    the stage: eight first searches each probing in turn ran past their budgets)."""
+    """Does this server run ``stage`` ($vectorSearch, $search, $rankFusion) here? Found out by trying it, remembered
+    for ``PROBE_TTL_S``. One search at a time probes (it can take seconds); the others wait for a first answer, or
+    go on with the last one while it is refreshed."""
     key = f"{stage}:{memory_type}"
     known = _probe_results.get(key)
     if known is not None and time.monotonic() - known[1] <= PROBE_TTL_S:
@@ -825,23 +716,19 @@ def server_search(
     """The search in MongoDB Atlas, ``memory_id`` and every filter inside each stage: ``$vectorSearch``;
     ``$search``; for hybrid ``$rankFusion`` of both (MongoDB 8.1+), else both lists fused here. ``None`` when the
     server lacks what the mode needs (the caller then searches exactly)."""
-    settings = get_settings()
-    num_candidates = k * NUM_CANDIDATES_FACTOR
     if wanted.mode == "vector":
-        items = reads.vector_search(memory_id, memory_type, query, k, num_candidates, settings, wanted.filters)
+        items = reads.vector_search(memory_id, memory_type, query, k, wanted.filters)
         return SearchOutcome(items, "vector_search", "n/a")
     if wanted.query is None or not supports("$search", memory_type, dimensions):
         return None
-    if index_readiness.require_ready(memory_type, settings.text_index, "search") == "building":
+    if index_readiness.require_ready(memory_type, get_settings().text_index, "search") == "building":
         return None  # searched exactly until the text index is queryable
     if wanted.mode == "lexical":
-        items = reads.text_search(memory_id, memory_type, wanted.query, k, settings, wanted.filters)
+        items = reads.text_search(memory_id, memory_type, wanted.query, k, wanted.filters)
         return SearchOutcome(items, "text_search", "n/a")
     if supports("$rankFusion", memory_type, dimensions):
-        items = reads.rank_fusion_search(
-            memory_id, memory_type, query, wanted.query, k, num_candidates, settings, wanted.filters
-        )
+        items = reads.rank_fusion_search(memory_id, memory_type, query, wanted.query, k, wanted.filters)
         return SearchOutcome(items, "rank_fusion", "n/a")
-    vector_items = reads.vector_search(memory_id, memory_type, query, k, num_candidates, settings, wanted.filters)
-    text_items = reads.text_search(memory_id, memory_type, wanted.query, k, settings, wanted.filters)
+    vector_items = reads.vector_search(memory_id, memory_type, query, k, wanted.filters)
+    text_items = reads.text_search(memory_id, memory_type, wanted.query, k, wanted.filters)
     return SearchOutcome(ranking.fuse_lists(vector_items, text_items, k), "vector_search+text_search", "n/a")

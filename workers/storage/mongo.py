@@ -1,7 +1,5 @@
 """MongoDB: one pooled ``MongoClient`` per worker process, built after fork; its collections, its transient errors
-and the time limit of an operation. What is written (``memq.workers.storage.writes``), read
-(``memq.workers.storage.reads``) and
-indexed (``memq.workers.storage.indexes``) lives beside it.
+and the time limit of an operation (writes, reads and indexes live beside it).
 """
 
 from __future__ import annotations

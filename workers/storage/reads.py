@@ -1,9 +1,6 @@
-"""What the search reads from MongoDB: a tenant's documents (exact search), and the server-side searches (Atlas
-``$vectorSearch``, ``$search``, ``$rankFusion``) with the probes that find out whether a server runs them.
-
-Every query filters on ``memory_id`` in the database query itself, so a tenant's request can never read or rank
-another tenant's documents. The client and its errors are in ``memq.workers.storage.mongo``; writes in
-``memq.workers.storage.writes``; index administration in ``memq.workers.storage.indexes``.
+"""What the search reads from MongoDB: a tenant's documents (exact search), the server-side searches (Atlas
+``$vectorSearch``, ``$search``, ``$rankFusion``) and the probes that find out whether a server runs them. Every query
+filters on ``memory_id`` in the database query itself, so a tenant's request never reads another tenant's documents.
 """
 
 from __future__ import annotations
@@ -16,7 +13,7 @@ from typing import Any
 import numpy as np
 from pymongo.errors import OperationFailure
 
-from memq.core.settings import Settings, get_settings
+from memq.core.settings import get_settings
 from memq.core.vectors import to_bson
 from memq.workers.storage.mongo import (
     CONTEXT_FIELD,
@@ -29,6 +26,8 @@ from memq.workers.storage.mongo import (
 
 log = logging.getLogger(__name__)
 
+NUM_CANDIDATES_FACTOR = 20  # `$vectorSearch` numCandidates per result: Atlas's advice (10-20 x k), recall near exact
+
 
 def _timestamp(value: Any) -> float | None:
     if isinstance(value, datetime):
@@ -38,20 +37,16 @@ def _timestamp(value: Any) -> float | None:
     return None
 
 
-def _iso(value: Any) -> str | None:
-    ts = _timestamp(value)
-    return None if ts is None else to_datetime(ts).isoformat()
-
-
 def to_item(doc: dict[str, Any], score: float) -> dict[str, Any]:
     """A stored document → a JSON-safe result item (no embedding)."""
+    created_ts = _timestamp(doc.get("created_at"))
     item: dict[str, Any] = {
         "id": doc.get("key", doc["_id"]),
         "content": doc.get("content", ""),
         "score": float(score),
-        "created_at": _iso(doc.get("created_at")),
+        "created_at": None if created_ts is None else to_datetime(created_ts).isoformat(),
         "importance": float(doc.get("importance", 0.5)),
-        "created_at_ts": _timestamp(doc.get("created_at")),
+        "created_at_ts": created_ts,
     }
     for name in ITEM_FIELDS_OUT:
         if doc.get(name) is not None:
@@ -65,8 +60,7 @@ LOAD_BATCH_ROWS = 250
 
 
 def load_tenant(memory_id: str, memory_type: str) -> Iterator[dict[str, Any]]:
-    """Every document of this tenant and type, embeddings included (exact search), streamed from the cursor a
-    batch at a time (never all of them in a list)."""
+    """Every document of this tenant and type, embeddings included, streamed from the cursor a batch at a time."""
     with transient_errors():
         yield from collection(memory_type).find({"memory_id": memory_id}, batch_size=LOAD_BATCH_ROWS)
 
@@ -127,11 +121,11 @@ def _filter_clauses(
 
 
 def _vector_stage(
-    memory_id: str, query: np.ndarray, limit: int, num_candidates: int, index: str, filters: dict[str, Any]
+    memory_id: str, query: np.ndarray, limit: int, num_candidates: int, filters: dict[str, Any]
 ) -> dict[str, Any]:
     return {
         "$vectorSearch": {
-            "index": index,
+            "index": get_settings().vector_index,
             "path": EMBEDDING_FIELD,
             "queryVector": to_bson(query),
             "numCandidates": max(num_candidates, limit),
@@ -141,9 +135,10 @@ def _vector_stage(
     }
 
 
-def _text_stage(memory_id: str, text: str, index: str, filters: dict[str, Any]) -> dict[str, Any]:
+def _text_stage(memory_id: str, text: str, filters: dict[str, Any]) -> dict[str, Any]:
     must = [{"text": {"query": text, "path": ["content", CONTEXT_FIELD]}}]
-    return {"$search": {"index": index, "compound": {"must": must, "filter": search_filter(memory_id, filters)}}}
+    compound = {"must": must, "filter": search_filter(memory_id, filters)}
+    return {"$search": {"index": get_settings().text_index, "compound": compound}}
 
 
 def _aggregate(memory_type: str, pipeline: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -152,9 +147,8 @@ def _aggregate(memory_type: str, pipeline: list[dict[str, Any]]) -> list[dict[st
 
 
 def searchable(memory_type: str, scored: list[tuple[dict[str, Any], Any, Any, Any]]) -> list[dict[str, Any]]:
-    """Result items of the documents a server-side search returned, with their (fused, vector, lexical) scores;
-    a document that cannot make a valid item (a row written by hand, a score missing) is left out and counted, as
-    the exact path does, so one bad row never fails its tenant's search."""
+    """Result items of the documents a server-side search returned, with their (fused, vector, lexical) scores; one
+    that cannot make a valid item is left out and counted, as the exact path does."""
     from memq.core.wire import item_problem
     from memq.workers.plumbing.metrics import BAD_STORED_ROWS
 
@@ -176,16 +170,10 @@ def _scored_item(doc: dict[str, Any], fused: float, vector: float | None, lexica
 
 
 def vector_search(
-    memory_id: str,
-    memory_type: str,
-    query: np.ndarray,
-    limit: int,
-    num_candidates: int,
-    settings: Settings,
-    filters: dict[str, Any] | None = None,
+    memory_id: str, memory_type: str, query: np.ndarray, limit: int, filters: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
     """Atlas ``$vectorSearch`` with ``memory_id`` and the filters as a pre-filter inside the stage."""
-    stage = _vector_stage(memory_id, query, limit, num_candidates, settings.vector_index, filters or {})
+    stage = _vector_stage(memory_id, query, limit, limit * NUM_CANDIDATES_FACTOR, filters or {})
     docs = _aggregate(memory_type, [stage, {"$set": {"_vector_score": {"$meta": "vectorSearchScore"}}}])
     # Atlas reports cosine as (1 + cos) / 2; memq reports the cosine itself.
     cosines = [2.0 * float(doc.get("_vector_score", 0.5)) - 1.0 for doc in docs]
@@ -193,54 +181,33 @@ def vector_search(
 
 
 def text_search(
-    memory_id: str, memory_type: str, text: str, limit: int, settings: Settings, filters: dict[str, Any] | None = None
+    memory_id: str, memory_type: str, text: str, limit: int, filters: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
     """Atlas Search (BM25) over ``content``, ``memory_id`` and the filters as ``compound.filter`` clauses."""
-    stage = _text_stage(memory_id, text, settings.text_index, filters or {})
+    stage = _text_stage(memory_id, text, filters or {})
     docs = _aggregate(memory_type, [stage, {"$limit": limit}, {"$set": {"_text_score": {"$meta": "searchScore"}}}])
     return searchable(memory_type, [(doc, doc.get("_text_score"), None, doc.get("_text_score")) for doc in docs])
 
 
 def rank_fusion_search(
-    memory_id: str,
-    memory_type: str,
-    query: np.ndarray,
-    text: str,
-    limit: int,
-    num_candidates: int,
-    settings: Settings,
-    filters: dict[str, Any] | None = None,
+    memory_id: str, memory_type: str, query: np.ndarray, text: str, limit: int, filters: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
     """Hybrid in the server: ``$rankFusion`` (MongoDB 8.1+) of ``$vectorSearch`` and ``$search``, each with
     ``memory_id`` and the filters inside."""
-    fusion = {
-        "$rankFusion": {
-            "input": {
-                "pipelines": _fusion_pipelines(memory_id, query, text, limit, num_candidates, settings, filters or {})
-            },
-            "scoreDetails": True,
-        }
-    }
+    pipelines = _fusion_pipelines(memory_id, query, text, limit, limit * NUM_CANDIDATES_FACTOR, filters or {})
+    fusion = {"$rankFusion": {"input": {"pipelines": pipelines}, "scoreDetails": True}}
     docs = _aggregate(memory_type, [fusion, {"$limit": limit}, {"$set": {"_fusion": {"$meta": "scoreDetails"}}}])
-    scored = [
-        (doc, (doc.get("_fusion") or {}).get("value") if isinstance(doc.get("_fusion"), dict) else None) for doc in docs
-    ]
-    return searchable(memory_type, [(doc, fused, None, None) for doc, fused in scored])
+    fused = [doc["_fusion"].get("value") if isinstance(doc.get("_fusion"), dict) else None for doc in docs]
+    return searchable(memory_type, [(doc, score, None, None) for doc, score in zip(docs, fused, strict=True)])
 
 
 def _fusion_pipelines(
-    memory_id: str,
-    query: np.ndarray,
-    text: str,
-    limit: int,
-    num_candidates: int,
-    settings: Settings,
-    filters: dict[str, Any],
+    memory_id: str, query: np.ndarray, text: str, limit: int, num_candidates: int, filters: dict[str, Any]
 ) -> dict[str, list[dict[str, Any]]]:
     depth = max(limit, num_candidates // 2)
     return {
-        "vector": [_vector_stage(memory_id, query, depth, num_candidates, settings.vector_index, filters)],
-        "text": [_text_stage(memory_id, text, settings.text_index, filters), {"$limit": depth}],
+        "vector": [_vector_stage(memory_id, query, depth, num_candidates, filters)],
+        "text": [_text_stage(memory_id, text, filters), {"$limit": depth}],
     }
 
 
@@ -248,16 +215,13 @@ PROBE_COLLECTION = "memq_stage_probe"  # never written: a probe reads nothing, w
 
 
 def probe_stage(stage: str, memory_type: str, dimensions: int) -> bool:
-    """Does this server run ``stage``? Found out by trying it on a collection memq never writes: a server that runs
-    the stage answers with nothing (Atlas runs ``$vectorSearch`` on a missing collection), one that does not
-    refuses it (``OperationFailure``). Not on the memory type's own collection: a server that reads documents
-    before it checks the stages (nx-27017: 2.7 s at 50,000 memories) would hold every other request meanwhile.
-    Whether the type's index is there and queryable is ``index_readiness``'s question."""
-    settings = get_settings()
+    """Does this server run ``stage``? Found out by trying it on a collection memq never writes (a server that reads
+    documents before it checks the stages, nx-27017, would otherwise read the tenant's: 2.7 s at 50,000 memories);
+    one that does not run it refuses it (``OperationFailure``). Whether the index is ready: ``index_readiness``."""
     nobody = "\x1fmemq-probe"
     vector = np.zeros(dimensions, dtype=np.float32)
     vector[-1] = 1.0
-    pipelines = _fusion_pipelines(nobody, vector, "probe", 1, 1, settings, {})
+    pipelines = _fusion_pipelines(nobody, vector, "probe", 1, 1, {})
     stages = {
         "$vectorSearch": pipelines["vector"][0],
         "$search": pipelines["text"][0],

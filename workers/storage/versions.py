@@ -1,34 +1,10 @@
 """Tenant data versions: a Redis counter per (memory_id, type), bumped after every write, and its change log.
 
-Readers that cache derived data (the exact-search matrices, the result cache) key it on the
-version, so a write makes old entries unreachable at once, without scanning or deleting.
-If Redis cannot be read, callers get ``None`` and must not use a cache.
-
-Each bump also appends ``{"v": <the new version>, "ids": [<stored _id>, ...]}`` to the (tenant, type)'s change log
-(``keys.change_log``), in the same Lua script as the INCR, so no version exists without its entry: the stored
-``_id`` s (``keys.memory_object_id``) the write touched, or ``"ids": null`` for "anything may have changed" (a
-forget without ids, a migration, more than ``CHANGE_LOG_MAX_IDS`` ids). The log keeps the last
-``CHANGE_LOG_MAX_ENTRIES`` entries and expires ``CHANGE_LOG_TTL_MS`` after its last write. A search process that
-holds a tenant at version v and finds V re-reads just the ids of v+1..V (``changes_between``) when the log still
-holds all of them, and reloads the tenant otherwise (``workers.search.strategies``). The ids are recorded even when the
-write
-failed part-way: the reader reads their current state, whatever it is.
-
-An entry may also say what some of its ids now are, so a search process applies them without reading MongoDB:
-``"known"``, base64 BSON ``{"docs": [the stored document, ...], "gone": [_id, ...]}`` (``Changes.known``). A write
-passes it (``Write.known``) only once MongoDB acknowledged all of it: a store the documents it inserted (their whole
-stored form is known: ``_id``, ``memory_id``, the ``$set`` fields and the ``$setOnInsert`` ``created_at``; a re-sent
-memory keeps fields the writer did not send, so it is read back), a forget the ids it deleted. The bump keeps it only
-when no other bump of that (tenant, type) came between the version the write read before it began (``MGET``) and the
-one it makes: two writes whose spans overlap may reach MongoDB in one order and Redis in the other, and the later
-bump (which sees the earlier one's version) then logs ids alone, so the reader reads the state MongoDB settled on.
-A ``"known"`` over ``CHANGE_LOG_MAX_KNOWN_BYTES`` is left out too (the log lives in Redis for a day). A write that
-deletes (``Write.deletes``: a forget, whatever its outcome) first strips every earlier entry of its ``"known"``, in
-the same script: a forgotten memory's content and vector never outlive the forget in Redis (readers then read those
-ids back from MongoDB).
-
-Every write (store, forget, a migration) runs inside ``bumped_whatever_happens``: the one place that bumps the
-versions of every type the write touched or may have touched, whether it succeeded, failed part-way or raised.
+Readers that cache derived data (the exact-search matrices, the result cache) key it on the version, so a write makes
+old entries unreachable at once; if Redis cannot be read, callers get ``None`` and must not use a cache. Each bump
+appends the stored ``_id`` s the write touched (or "anything changed"), and possibly their new state (``"known"``),
+to the (tenant, type)'s change log, so a search process catches up on just those (``changes_between``). Every write
+runs inside ``bumped_whatever_happens``. The log's format and rules: docs/architecture.md, "Inside a search worker".
 """
 
 from __future__ import annotations
@@ -82,13 +58,13 @@ return version
 
 
 # KEYS: the version, its change log. ARGV: the version the reader holds (-1: none), the log's length bound. The
-# version, and the log's tail from the held version on when the reader is behind by what the log can bridge: a
-# search after a write reads both in one round trip.
+# version, and the log's entries after the held version when the reader is behind by what the log can bridge (read
+# in the same step as the version: its last version - held entries, if the log holds them all).
 READ_SCRIPT = """
 local version = tonumber(redis.call('GET', KEYS[1]) or '0')
 local held = tonumber(ARGV[1])
 if held < 0 or version <= held or version - held > tonumber(ARGV[2]) then return {version, {}} end
-return {version, redis.call('LRANGE', KEYS[2], -(version - held + 4), -1)}
+return {version, redis.call('LRANGE', KEYS[2], -(version - held), -1)}
 """
 
 
@@ -119,8 +95,8 @@ def read_versions(memory_id: str, memory_types: Iterable[str]) -> dict[str, int]
 
 @dataclass
 class Write:
-    """What a write tells its bump: the versions it read before it began, and (set once MongoDB acknowledged all
-    of it) the state it left each of some of its ids in: the stored document, or ``None`` for deleted."""
+    """What a write tells its bump: the versions it read before it began, and (once MongoDB acknowledged all of it)
+    the state it left some of its ids in: the stored document, or ``None`` for deleted."""
 
     read_before: dict[str, int] | None = None
     known: dict[str, dict[str, Any] | None] | None = None
@@ -149,33 +125,22 @@ def encode_known(known: Mapping[str, dict[str, Any] | None] | None) -> str:
 def bump_versions(
     memory_id: str, memory_types: Iterable[str], touched_ids: Collection[str] | None = None, write: Write | None = None
 ) -> None:
-    """Called after a write has been acknowledged by MongoDB: bumps each type's version and logs the stored
-    ``_id`` s the write touched in every one of ``memory_types`` (``None``: anything may have changed), with what
-    ``write`` knows of them (see the module's docstring). A Redis error is a ``TransientError``, so the store /
-    forget task retries (the write is idempotent): a write whose invalidation failed must not pass for done, or
-    every cache would go on serving the tenant's data from before it."""
+    """Bump each type's version and log the stored ``_id`` s the write touched (``None``: anything may have changed)
+    with what ``write`` knows of them. A Redis error is a ``TransientError``, so the idempotent write is retried: a
+    write whose invalidation failed must not pass for done."""
     names = list(memory_types)
     logged = "null" if touched_ids is None or len(touched_ids) > CHANGE_LOG_MAX_IDS else json.dumps(sorted(touched_ids))
     read_before = write.read_before if write is not None and logged != "null" else None
     known = encode_known(write.known) if write is not None and read_before is not None else ""
+    deletes = "1" if write is not None and write.deletes else ""
     try:
         client = cache_redis.get()
         bump = client.register_script(BUMP_SCRIPT)
         pipe = client.pipeline(transaction=False)
         for t in names:
             before = "" if read_before is None or t not in read_before else str(read_before[t])
-            bump(
-                keys=[keys.tenant_version(memory_id, t), keys.change_log(memory_id, t)],
-                args=[
-                    logged,
-                    CHANGE_LOG_MAX_ENTRIES,
-                    CHANGE_LOG_TTL_MS,
-                    before,
-                    known if before else "",
-                    "1" if write is not None and write.deletes else "",
-                ],
-                client=pipe,
-            )
+            args = [logged, CHANGE_LOG_MAX_ENTRIES, CHANGE_LOG_TTL_MS, before, known if before else "", deletes]
+            bump(keys=[keys.tenant_version(memory_id, t), keys.change_log(memory_id, t)], args=args, client=pipe)
         pipe.execute()
     except (redis.RedisError, OSError) as exc:
         VERSION_BUMP_FAILURES.inc()
@@ -188,10 +153,9 @@ def bump_versions(
 def changes_between(
     memory_id: str, memory_type: str, held_version: int, version: int, tail: list[bytes] | None = None
 ) -> Changes | None:
-    """What versions ``held_version + 1 .. version`` of (tenant, type) changed, or ``None`` when the log cannot
-    say: an entry is missing (evicted, expired, Redis flushed or unreachable, or written by a bump without a log),
-    one of them says anything may have changed, or one is not what memq writes. ``tail``: the log's newest entries
-    as ``read_version_and_log`` read them, used when they bridge the versions."""
+    """What versions ``held_version + 1 .. version`` of (tenant, type) changed, or ``None`` when the log cannot say
+    (an entry missing, saying anything may have changed, or not what memq writes). ``tail``: the entries
+    ``read_version_and_log`` read, used when they bridge the versions."""
     if version <= held_version:
         return Changes()
     wanted = version - held_version
@@ -270,20 +234,11 @@ def _known(encoded: Any, ids: list[str] | None) -> dict[str, dict[str, Any] | No
 def bumped_whatever_happens(
     memory_id: str, memory_types: Iterable[str], touched_ids: Collection[str] | None = None, deletes: bool = False
 ) -> Iterator[Write]:
-    """Run a write to MongoDB, then bump the data versions of ``memory_types`` (every type the write touches or may
-    touch) however it ended, so no cache goes on serving what the write changed, even part of it. ``touched_ids``:
-    the stored ``_id`` s (``keys.memory_object_id``) the write touches in those types, logged with the bump so a
-    search process re-reads just those (``None``: anything may have changed, the tenant is reloaded). The write
-    may set ``known`` on the ``Write`` it is given once MongoDB acknowledged all of it; it is logged only then.
-    ``deletes``: the write deletes (a forget), so its bump strips the content the log holds, whatever happened.
-
-    - The write succeeded: a failed bump is a ``TransientError`` (counted in ``VERSION_BUMP_FAILURES``), so the
-      task is retried and re-runs its idempotent write and the bump; once its retries run out the task fails with
-      that error, visible to the caller.
-    - The write raised (MongoDB lost mid-way: a delete of a later type failed, a batch was written in part): the
-      versions are bumped before its error goes up; a bump that fails then is counted, logged and noted on the
-      write's error, which is the one that goes up (the retried task bumps again).
-    """
+    """Run a write to MongoDB, then bump the versions of ``memory_types`` (every type it touches or may touch)
+    however it ended, logging ``touched_ids`` (stored ``_id`` s; ``None``: anything may have changed) and the
+    ``known`` the write set on the ``Write`` it is given. ``deletes``: a forget (its bump strips the log's content).
+    After a successful write a failed bump raises ``TransientError`` (the task retries); after a failed write, a
+    failed bump is logged and noted on the write's error, which goes up."""
     names = list(memory_types)
     write = Write(read_before=read_versions(memory_id, names) if touched_ids is not None else None, deletes=deletes)
     try:

@@ -38,10 +38,8 @@ def memory_key(item: dict[str, Any]) -> str:
 def build_writes(
     memory_id: str, memory_type: str, items: Sequence[dict[str, Any]], vectors: np.ndarray, model: str, now_ts: float
 ) -> list[UpdateOne]:
-    """Idempotent upserts: ``_id`` is derived from (memory_id, key), so a redelivered write never
-    duplicates. ``created_at`` (the item's own, else the time of this write) is set only when the memory is first
-    inserted (``$setOnInsert``): re-sending a memory, changed or not, never moves it, and recency, the age since
-    ``created_at`` (``memq.core.ranking``), never makes a re-sent memory recent."""
+    """Idempotent upserts: ``_id`` derives from (memory_id, key), so a redelivered write never duplicates;
+    ``created_at`` (the item's own, else now) is set only on insert, so a re-sent memory never becomes recent."""
     writes = []
     for item, vector in zip(items, vectors, strict=True):
         inserted = inserted_document(memory_id, item, vector, model, now_ts)
@@ -76,22 +74,16 @@ def inserted_document(
 
 def upsert(memory_type: str, writes: list[UpdateOne]) -> tuple[dict[str, Any], list[int]]:
     """One unordered bulk write: ``{"inserted", "updated", "failed"}``, and the positions in ``writes`` of those
-    that inserted a new document (none after a partly failed batch).
-
-    A partly failed batch (``BulkWriteError``: a unique index the operator added, a schema validator) is not an
-    exception: the other writes are in MongoDB, so it returns their counts and, under ``failed``, each failed
-    write as ``{"index": its position in the batch, "reason": a short reason}`` (``write_error_reason``: never
-    the document nor the server's message, which quotes it). The caller (``steps.store_memories``) bumps the
-    tenant's data version either way, and ``memq.store`` returns this result rather than failing, so the caller
-    learns what was written and which items to fix or re-send (the write is idempotent). A write-concern error
-    alone (written, durability unconfirmed) raises ``StoreUnavailable``, so the store is retried."""
+    that inserted a new document (none after a partly failed batch). A partly failed batch is no exception: each
+    failed write is ``{"index": its position, "reason": write_error_reason}`` (never the document nor the server's
+    message; README, "Writes"). A write-concern error alone raises ``StoreUnavailable`` (the store is retried)."""
     try:
         with mongo.transient_errors():
             result = mongo.collection(memory_type).bulk_write(writes, ordered=False)
     except BulkWriteError as exc:
         details = exc.details or {}
         failed = [
-            {"index": _write_index(error), "reason": write_error_reason(error)}
+            {"index": _as_int(error.get("index"), -1), "reason": write_error_reason(error)}
             for error in details.get("writeErrors") or []
         ]
         if not failed:
@@ -108,18 +100,15 @@ def upsert(memory_type: str, writes: list[UpdateOne]) -> tuple[dict[str, Any], l
 
 def write_error_reason(error: Mapping[str, Any]) -> str:
     """A short reason for one failed write of a bulk write, from its code alone."""
-    try:
-        code = int(error.get("code"))  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return "write error"
-    return WRITE_ERROR_REASONS.get(code, f"write error {code}")
+    code = _as_int(error.get("code"), None)
+    return "write error" if code is None else WRITE_ERROR_REASONS.get(code, f"write error {code}")
 
 
-def _write_index(error: Mapping[str, Any]) -> int:
+def _as_int(value: Any, default: int | None) -> int | None:
     try:
-        return int(error.get("index"))  # type: ignore[arg-type]
+        return int(value)
     except (TypeError, ValueError):
-        return -1
+        return default
 
 
 def delete(memory_id: str, memory_type: str, ids: Sequence[str] | None) -> int:
