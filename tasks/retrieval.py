@@ -64,7 +64,8 @@ def search(
         call = wire.parse(wire.SEARCH_CALL, {**arguments, **options}, settings)
         memory_id, memory_type, deadline_ts = call["memory_id"], call["memory_type"], call["deadline_ts"]
         wanted = steps.Wanted(query=call["query"], mode=call["mode"], filters=call["filters"])
-        budget_s = attempt_budget_s(deadline_ts, settings, attempts_left=search_attempts_left(self))
+        attempts_left = max(1, retry.SEARCH.max_retries + 1 - self.request.retries)
+        budget_s = attempt_budget_s(deadline_ts, settings, attempts_left=attempts_left)
         # search_type checks the EmbedResult's shape (wire.parse_embed_result) before MongoDB is asked anything.
         found = steps.search_type(embedded, memory_id, memory_type, call["k"], call["strategy"], wanted, budget_s)
         return {**found, "served_by": self.request.hostname}
@@ -84,15 +85,10 @@ def search(
         return wire.search_failure(str(memory_type), f"{type(exc).__name__}: {exc}", embedded, self.request.hostname)
 
 
-def search_attempts_left(task: Task) -> int:
-    return max(1, retry.SEARCH.max_retries + 1 - task.request.retries)
-
-
 def attempt_budget_s(deadline_ts: float | None, settings: Settings, attempts_left: int) -> float | None:
-    """How long one search attempt may spend in MongoDB: never past the caller's deadline (less a margin for
-    merge and delivery), and half of what is left while retries remain, so a stalled server still leaves
-    time to retry and to report the type under ``errors`` before the caller gives up; never more than the MongoDB
-    client's socket timeout."""
+    """How long one search attempt may spend in MongoDB: never past the caller's deadline (less a margin for merge
+    and delivery), half of what is left while retries remain (a stalled server still leaves time to retry and to
+    report the type), never more than the MongoDB client's socket timeout."""
     from memq.workers.storage.mongo import socket_timeout_s
 
     return deadlines.budget_s(

@@ -70,4 +70,3 @@ def store_merged(client: redis.Redis, settings: Settings, request: RetrievalRequ
         log.warning("result cache unavailable (%s); result not cached", exc)
         return False
     return bool(stored)
-
