@@ -1,7 +1,4 @@
-"""Retrieval tasks: thin wrappers that check arguments, retry transient failures, and route.
-
-The logic is in ``memq.workers.steps``; the canvas is built in ``memq.client.canvas``.
-"""
+"""Retrieval tasks: thin wrappers that check arguments, retry transient failures, and route (``memq.workers.steps``)."""
 
 from __future__ import annotations
 
@@ -15,7 +12,6 @@ from memq.core import deadlines, names, sharding, wire
 from memq.core.settings import Settings, get_settings
 from memq.errors import InvalidInput, TransientError
 from memq.tasks import retry
-from memq.tasks.retry import retrying
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +19,7 @@ log = logging.getLogger(__name__)
 # store_errors_even_if_ignored: the canvas does not store this step's result, but a failure must be stored so
 # that Celery marks the rest of the chain failed and the caller learns it at once instead of timing out.
 @app.task(name=names.EMBED_QUERY, bind=True, max_retries=None, store_errors_even_if_ignored=True)
-@retrying(retry.EMBED)
+@retry.retrying(retry.EMBED)
 def embed_query(self: Task, query: str, deadline_ts: float | None = None) -> dict[str, Any]:
     from memq.workers import steps
 
@@ -72,11 +68,10 @@ def search(
     except InvalidInput as exc:
         return wire.search_failure(str(memory_type), f"invalid input: {exc}", embedded, self.request.hostname)
     except TransientError as exc:
-        settings = get_settings()
         log.warning("search %s for %s failed (%s); attempt %d", memory_type, memory_id, exc, self.request.retries + 1)
         # To the queue of this worker's MEMQ_SEARCH_SHARDS, not back to the one the message came from: a retry
         # follows a change of N (and never waits on a shard queue that is being drained).
-        retry_queue = sharding.search_queue_for(memory_id, settings.search_shards)
+        retry_queue = sharding.search_queue_for(memory_id, get_settings().search_shards)
         retry.retry_transient(self, exc, retry.SEARCH, deadline_ts, retry_queue)
         message = f"unavailable after {self.request.retries + 1} attempt(s): {exc}"
         return wire.search_failure(memory_type, message, embedded, self.request.hostname)

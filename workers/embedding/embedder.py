@@ -113,12 +113,9 @@ class Embedder:
         # Started on first use in this process: its thread never crosses a fork.
         self._batcher: ProcessLocal[DynamicBatcher] = ProcessLocal(self._new_batcher, close=lambda b: b.close(30.0))
         self._warm_up()  # first calls allocate (and on CUDA pick kernels); pay before taking tasks
+        ready_ms = (time.perf_counter() - started) * 1000
         log.info(
-            "embedder ready: model=%s device=%s dim=%d in %.0f ms",
-            model_name,
-            self.device,
-            self.dimensions,
-            (time.perf_counter() - started) * 1000,
+            "embedder ready: model=%s device=%s dim=%d in %.0f ms", model_name, self.device, self.dimensions, ready_ms
         )
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
