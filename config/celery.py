@@ -58,11 +58,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 def task_queues(settings: Settings) -> tuple[Queue, ...]:
-    """memq's queues. On RabbitMQ: durable quorum queues whose only argument is their type (the rest is the
-    broker's policy), behind topic exchanges, which Celery's native delayed delivery needs, the search shards'
-    included; never declared by a client or a worker (``no_declare``) but by ``memq broker setup`` (or the
-    compose/Kubernetes definitions), so a web app's broker user needs no ``configure`` permission
-    (``memq.core.broker``)."""
+    """memq's queues. On RabbitMQ: quorum queues (the rest is the broker's policy) behind topic exchanges (for native
+    delayed delivery), declared only by ``memq broker setup``: a web app's broker user needs no ``configure``."""
     if not broker.is_amqp(settings.broker_url):
         return tuple(Queue(name, Exchange(name, type="direct"), routing_key=name) for name in names.QUEUES)
     return tuple(

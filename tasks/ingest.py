@@ -16,11 +16,10 @@ from memq.core.memory_types import MemoryType
 from memq.core.settings import get_settings
 from memq.core.wire import EMBED_TEXTS, FORGET_REQUEST, REMEMBER_REQUEST, parse, parse_embedded_texts
 from memq.tasks import retry
-from memq.tasks.retry import retrying
 
 
 @app.task(name=names.EMBED_TEXTS, bind=True, max_retries=None, store_errors_even_if_ignored=True)
-@retrying(retry.INGEST)
+@retry.retrying(retry.INGEST)
 def embed_texts(self: Task, texts: list[str], deadline_ts: float | None = None) -> dict[str, Any]:
     from memq.workers import steps
 
@@ -36,7 +35,7 @@ def embed_texts(self: Task, texts: list[str], deadline_ts: float | None = None) 
 
 
 @app.task(name=names.STORE, bind=True, max_retries=None)
-@retrying(retry.INGEST)
+@retry.retrying(retry.INGEST)
 def store(
     self: Task,
     embedded: dict[str, Any],
@@ -68,7 +67,7 @@ def remember(
 
 
 @app.task(name=names.FORGET, bind=True, max_retries=None)
-@retrying(retry.INGEST)
+@retry.retrying(retry.INGEST)
 def forget(
     self: Task,
     memory_id: str,
@@ -86,7 +85,7 @@ def forget(
 
 
 @app.task(name=names.CREATE_INDEXES, bind=True, max_retries=None)
-@retrying(retry.INGEST)
+@retry.retrying(retry.INGEST)
 def create_indexes(self: Task, dimensions: int | dict[str, Any] | None = None) -> dict[str, Any]:
     """``dimensions``: the vector index's, or the ``memq.embed_texts`` result of a probe text chained in front of
     this task (``memq.client.canvas.indexes_canvas``), whose vector has the loaded model's; none is ``InvalidInput``."""

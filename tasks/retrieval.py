@@ -1,7 +1,4 @@
-"""Retrieval tasks: thin wrappers that check arguments, retry transient failures, and route.
-
-The logic is in ``memq.workers.steps``; the canvas is built in ``memq.client.canvas``.
-"""
+"""Retrieval tasks: thin wrappers that check arguments, retry transient failures, and route (``memq.workers.steps``)."""
 
 from __future__ import annotations
 
@@ -15,7 +12,6 @@ from memq.core import deadlines, names, sharding, wire
 from memq.core.settings import Settings, get_settings
 from memq.errors import InvalidInput, TransientError
 from memq.tasks import retry
-from memq.tasks.retry import retrying
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +19,7 @@ log = logging.getLogger(__name__)
 # store_errors_even_if_ignored: the canvas does not store this step's result, but a failure must be stored so
 # that Celery marks the rest of the chain failed and the caller learns it at once instead of timing out.
 @app.task(name=names.EMBED_QUERY, bind=True, max_retries=None, store_errors_even_if_ignored=True)
-@retrying(retry.EMBED)
+@retry.retrying(retry.EMBED)
 def embed_query(self: Task, query: str, deadline_ts: float | None = None) -> dict[str, Any]:
     from memq.workers import steps
 
@@ -64,18 +60,18 @@ def search(
         call = wire.parse(wire.SEARCH_CALL, {**arguments, **options}, settings)
         memory_id, memory_type, deadline_ts = call["memory_id"], call["memory_type"], call["deadline_ts"]
         wanted = steps.Wanted(query=call["query"], mode=call["mode"], filters=call["filters"])
-        budget_s = attempt_budget_s(deadline_ts, settings, attempts_left=search_attempts_left(self))
+        attempts_left = max(1, retry.SEARCH.max_retries + 1 - self.request.retries)
+        budget_s = attempt_budget_s(deadline_ts, settings, attempts_left=attempts_left)
         # search_type checks the EmbedResult's shape (wire.parse_embed_result) before MongoDB is asked anything.
         found = steps.search_type(embedded, memory_id, memory_type, call["k"], call["strategy"], wanted, budget_s)
         return {**found, "served_by": self.request.hostname}
     except InvalidInput as exc:
         return wire.search_failure(str(memory_type), f"invalid input: {exc}", embedded, self.request.hostname)
     except TransientError as exc:
-        settings = get_settings()
         log.warning("search %s for %s failed (%s); attempt %d", memory_type, memory_id, exc, self.request.retries + 1)
         # To the queue of this worker's MEMQ_SEARCH_SHARDS, not back to the one the message came from: a retry
         # follows a change of N (and never waits on a shard queue that is being drained).
-        retry_queue = sharding.search_queue_for(memory_id, settings.search_shards)
+        retry_queue = sharding.search_queue_for(memory_id, get_settings().search_shards)
         retry.retry_transient(self, exc, retry.SEARCH, deadline_ts, retry_queue)
         message = f"unavailable after {self.request.retries + 1} attempt(s): {exc}"
         return wire.search_failure(memory_type, message, embedded, self.request.hostname)
@@ -84,15 +80,10 @@ def search(
         return wire.search_failure(str(memory_type), f"{type(exc).__name__}: {exc}", embedded, self.request.hostname)
 
 
-def search_attempts_left(task: Task) -> int:
-    return max(1, retry.SEARCH.max_retries + 1 - task.request.retries)
-
-
 def attempt_budget_s(deadline_ts: float | None, settings: Settings, attempts_left: int) -> float | None:
-    """How long one search attempt may spend in MongoDB: never past the caller's deadline (less a margin for
-    merge and delivery), and half of what is left while retries remain, so a stalled server still leaves
-    time to retry and to report the type under ``errors`` before the caller gives up; never more than the MongoDB
-    client's socket timeout."""
+    """How long one search attempt may spend in MongoDB: never past the caller's deadline (less a margin for merge
+    and delivery), half of what is left while retries remain (a stalled server still leaves time to retry and to
+    report the type), never more than the MongoDB client's socket timeout."""
     from memq.workers.storage.mongo import socket_timeout_s
 
     return deadlines.budget_s(

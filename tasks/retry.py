@@ -1,15 +1,6 @@
-"""One retry policy for every task.
-
-A transient failure (``TransientError``: MongoDB, Redis or the model's batcher unavailable) is retried through
-``Task.retry`` after ``RetryPolicy.delay_s(attempt)``, at most ``max_retries`` times, and, for a step of a
-retrieval, only while the retry can still start before the caller's deadline (less a margin for merge and the
-result's way back). Anything else (``InvalidInput`` above all) is never retried. The tasks declare
-``max_retries=None`` so that this policy alone decides.
-
-On RabbitMQ a countdown travels through Celery's native delayed delivery (quorum queues have no other), which
-refuses one under a second and rounds the rest down to whole seconds. So there (``countdown_for``) a wait under
-``AMQP_MIN_COUNTDOWN_S`` is slept by the task's own thread before it republishes at once (at most that long: the
-search policy's 0.05 and 0.2 s, the embed policy's first waits), and a longer one is rounded to whole seconds.
+"""One retry policy for every task: a ``TransientError`` is retried through ``Task.retry`` after
+``RetryPolicy.delay_s(attempt)``, at most ``max_retries`` times and only while the retry can start before the caller's
+deadline; anything else (``InvalidInput`` above all) never is. The tasks declare ``max_retries=None``: this decides.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """Worker start-up: each worker kind builds its own process resources before taking tasks.
 
-``memq worker KIND`` sets the kind (``set_kind``) before Celery starts, in the worker's own process. With the
-threads or solo pool, resources are built
-once in the worker process at ``worker_init``; with prefork they are built in each child at
-``worker_process_init`` (after fork: no CUDA context or Mongo socket crosses a fork).
+``memq worker KIND`` sets the kind (``set_kind``) before Celery starts. Resources are built at ``worker_init`` with the
+threads or solo pool, and in each child at ``worker_process_init`` with prefork (nothing heavy crosses a fork).
 """
 
 from __future__ import annotations
@@ -15,9 +13,7 @@ from celery.signals import worker_init, worker_process_init, worker_shutdown
 
 from memq.core.settings import get_settings
 from memq.workers.plumbing import metrics
-from memq.workers.plumbing.remote_control import (
-    restrict_remote_control,  # (also registers the memq_info inspect command)
-)
+from memq.workers.plumbing.remote_control import restrict_remote_control  # (also registers memq_info)
 
 log = logging.getLogger(__name__)
 _kind = ""  # embed, search or ingest in a worker started by `memq worker`; the children of a prefork pool inherit it
@@ -54,21 +50,18 @@ def _forks_children(sender: Any) -> bool:
 
 @worker_init.connect
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
-    kind = worker_kind()
-    if not kind:
+    if not _kind:
         return
     refused = restrict_remote_control(get_settings().remote_control)
     log.info("remote control: refusing %s (MEMQ_REMOTE_CONTROL)", ", ".join(refused) or "nothing")
     metrics.serve(get_settings().metrics_port)
     if not _forks_children(sender):
-        build_resources(kind)
+        build_resources(_kind)
 
 
 @worker_process_init.connect
 def _on_worker_process_init(**_: Any) -> None:
-    kind = worker_kind()
-    if kind:
-        build_resources(kind)
+    build_resources(_kind)  # (nothing for a process not started by `memq worker`)
 
 
 @worker_shutdown.connect

@@ -89,16 +89,14 @@ def search_type(
 def merge(results: Any, request: Any) -> dict[str, Any]:
     """Rank each type's candidates by memory_signal, keep its k, report per-type errors and timings. ``results``
     and ``request`` as they arrived: their shape is checked here, once (``wire.parse_merge_input``)."""
-    started_ts = time.time()
-    started = time.perf_counter()
+    started_ts, started = time.time(), time.perf_counter()
     settings = get_settings()
-    now_ts = time.time()
     merge_input = wire.parse_merge_input(results, request, settings)
-    input_bytes = sum(item_bytes(item) for result in merge_input["results"] for item in result.get("items", ()))
+    items = (item for result in merge_input["results"] for item in result.get("items", ()))
+    holds_bytes = MERGE_HOLDS_INPUT_TIMES * sum(item_bytes(item) for item in items)
     guard = search_strategies.memory_guard.get()
-    wait_s = merge_wait_s(merge_input["request"], settings)
-    with guard.admitted("merge", wait_s, holds_bytes=MERGE_HOLDS_INPUT_TIMES * input_bytes):
-        return _merge(merge_input, started, started_ts, now_ts)
+    with guard.admitted("merge", merge_wait_s(merge_input["request"], settings), holds_bytes=holds_bytes):
+        return _merge(merge_input, started, started_ts)
 
 
 def merge_wait_s(request: dict[str, Any], settings: Any) -> float:
@@ -110,11 +108,10 @@ def merge_wait_s(request: dict[str, Any], settings: Any) -> float:
     return deadlines.budget_s(request.get("deadline_ts") or None, cap_s=cap_s, default_s=default_s) or 0.0
 
 
-def _merge(merge_input: wire.MergeInput, started: float, started_ts: float, now_ts: float) -> dict[str, Any]:
+def _merge(merge_input: wire.MergeInput, started: float, started_ts: float) -> dict[str, Any]:
     settings = get_settings()
     request, results, errors = merge_input["request"], merge_input["results"], merge_input["errors"]
     limits: dict[str, int] = request["limits"]
-    weights: dict[str, float] = request["weights"]
     ranked: dict[str, list[dict[str, Any]]] = {t: [] for t in limits}
     timings: dict[str, Any] = {"search_ms": {}, "matrix_cache": {}, "served_by": {}}
     for result in results:
@@ -128,29 +125,20 @@ def _merge(merge_input: wire.MergeInput, started: float, started_ts: float, now_
             continue
         timings["search_ms"][memory_type] = result.get("search_ms", 0.0)
         timings["matrix_cache"][memory_type] = result.get("matrix_cache")
-        best = ranking.rank_type(result["items"], limits[memory_type], weights, now_ts, settings.recency_half_life_s)
-        ranked[memory_type] = [_public(item) for item in best]
-    arrived = {result["type"] for result in results}
-    for memory_type in limits:
-        if (
-            memory_type not in arrived and memory_type not in errors
-        ):  # a lost (or duplicated-in-its-place) chord header: never silently empty
-            errors[memory_type] = "no search result arrived for this type"
+        best = ranking.rank_type(
+            result["items"], limits[memory_type], request["weights"], started_ts, settings.recency_half_life_s
+        )
+        ranked[memory_type] = [{k: v for k, v in item.items() if k not in INTERNAL_ITEM_FIELDS} for item in best]
+    answered = {result["type"] for result in results} | errors.keys()  # a lost chord header: never silently empty
+    errors.update({t: "no search result arrived for this type" for t in limits if t not in answered})
     merge_s = time.perf_counter() - started
     MERGE_SECONDS.observe(merge_s)
     timings["merge_ms"] = merge_s * 1000
     if request.get("requested_at"):
         timings["total_ms"] = (time.time() - request["requested_at"]) * 1000
     timings["queue_ms"] = queue_waits_ms(results, request.get("requested_at"), started_ts)
-    merged = {
-        "query": request["query"],
-        "memory_id": request["memory_id"],
-        "results": ranked,
-        "errors": errors,
-        "timings_ms": timings,
-        "cached": False,
-    }
-    merged = bound_result_bytes(merged, MAX_RESULT_BYTES)
+    merged = {"query": request["query"], "memory_id": request["memory_id"], "results": ranked, "errors": errors}
+    merged = bound_result_bytes({**merged, "timings_ms": timings, "cached": False}, MAX_RESULT_BYTES)
     if request.get("cache_key") is not None:  # filed only under the key of this very request
         cache_filing.store_merged(cache_redis.get(), settings, request, merged)
     return merged
@@ -176,21 +164,11 @@ def queue_waits_ms(
     return waits
 
 
-def _public(item: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in item.items() if key not in INTERNAL_ITEM_FIELDS}
-
-
 def store_memories(
     embedded: dict[str, Any], memory_id: str, memory_type: str, items: Sequence[dict[str, Any]]
 ) -> dict[str, Any]:
-    """Write checked ``items`` with their vectors, then bump the tenant's data version.
-
-    The vectors are checked first (``wire.parse_embedded_texts``: one per item, the model's dimension, finite,
-    from the embed model), so a bad one is ``InvalidInput`` and nothing is written. Once the bulk write ran the
-    version is bumped whatever its outcome: after a partly failed batch (which returns its ``failed`` items, see
-    ``writes.upsert``) and before an error goes up (a lost connection may have written part of the batch; the task
-    is retried and the write is idempotent), so no cache goes on serving the tenant's memories from before it
-    (``versions.bumped_whatever_happens``, the one bump path of every write)."""
+    """Write checked ``items`` with their vectors (a bad vector is ``InvalidInput`` before anything is written), then
+    bump the tenant's data version whatever the write's outcome (``versions.bumped_whatever_happens``)."""
     settings = get_settings()
     dimensions = embedding_cache.model_dimensions(settings.embed_model)
     vectors = wire.parse_embedded_texts(embedded, len(items), settings.embed_model, dimensions)

@@ -1,14 +1,8 @@
 """Dynamic batching: one thread coalesces concurrent encode requests into large forward passes.
 
-Callers (the embed worker's task threads) ``submit`` their texts and get a ``Future``. The batcher
-thread sleeps while nothing waits; as soon as a request arrives it drains everything queued, up to
-``max_batch_texts`` texts and ``max_batch_chars`` characters (a cheap stand-in for a token budget), and
-runs one ``encode`` over it. While that pass runs, new requests queue up and become the next batch. So
-a lone query is encoded at once, alone, and under load batches grow by themselves: there is no timer.
-
-The batcher is generic over ``encode(list[str]) -> np.ndarray`` (one row per text, in order), so it
-runs the real model in tests and any callable in a benchmark. Build it in the process that uses it
-(after fork): its thread does not survive a fork.
+Each pass takes everything queued, up to ``max_batch_texts`` texts and ``max_batch_chars`` characters; there is no
+timer (docs/architecture.md, "The embed worker"). Generic over ``encode(list[str]) -> np.ndarray``; build it in the
+process that uses it (after fork): its thread does not survive a fork.
 """
 
 from __future__ import annotations
@@ -127,9 +121,7 @@ class DynamicBatcher:
         with self._ready:
             while not self._queue and not self._closing:
                 self._ready.wait()
-            if not self._queue:
-                return None
-            return self._drain_locked()
+            return self._drain_locked() if self._queue else None
 
     def _drain_locked(self) -> list[_Request]:
         taken: list[_Request] = []
@@ -160,19 +152,14 @@ class DynamicBatcher:
             for request in batch:
                 request.future.set_exception(exc)
             return
-        self._record(len(texts), time.perf_counter() - started)
-        offset = 0
-        for request in batch:
-            count = len(request.texts)
-            request.future.set_result(rows[offset : offset + count].copy())
-            offset += count
-
-    def _record(self, texts: int, elapsed_s: float) -> None:
         self.stats.batches += 1
-        self.stats.texts += texts
-        self.stats.largest_batch_texts = max(self.stats.largest_batch_texts, texts)
-        EMBED_SECONDS.labels(device=self.device).observe(elapsed_s)
-        EMBED_BATCH_SIZE.labels(device=self.device).observe(texts)
+        self.stats.texts += len(texts)
+        self.stats.largest_batch_texts = max(self.stats.largest_batch_texts, len(texts))
+        EMBED_SECONDS.labels(device=self.device).observe(time.perf_counter() - started)
+        EMBED_BATCH_SIZE.labels(device=self.device).observe(len(texts))
+        bounds = np.cumsum([len(request.texts) for request in batch])[:-1]
+        for request, rows_of_request in zip(batch, np.split(rows, bounds), strict=True):
+            request.future.set_result(rows_of_request.copy())
 
     def _fail_leftovers(self) -> None:
         """If the thread ever stops, nobody waits forever: refuse new work and fail what is queued."""

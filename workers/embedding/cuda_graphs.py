@@ -1,15 +1,7 @@
 """Captured CUDA graphs of the model's forward pass for short texts: a query's latency without launch overhead.
 
-An eager forward pass of all-MiniLM-L6-v2 launches about a hundred small kernels; for one short query on an H200
-that launch overhead is the whole cost (about 3 ms, measured). A CUDA graph replays the same kernels in one launch
-(about 0.6 ms end to end). Graphs need fixed shapes, so the forward pass is captured once per (texts, tokens)
-bucket, and a batch is zero-padded up to the smallest bucket that holds it: padded tokens are masked out (the rows'
-embeddings are those of the eager pass, to fp16 rounding) and padded rows are dropped.
-
-All graphs share one memory pool and are captured largest first, so the pool is sized by the largest bucket. They
-are replayed one at a time (the embedder's lock) and each result is copied out before the next replay, which is
-what makes sharing the pool safe. Texts longer than the largest token bucket (ingestion's passages) run eagerly:
-their passes are compute-bound and gain nothing from a graph.
+One graph per (texts, tokens) bucket, all in one memory pool, captured largest first and replayed one at a time (the
+embedder's lock); a batch is zero-padded up to its bucket. Why and what it measured: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -55,15 +47,12 @@ class CudaGraphs:
             for tokens in reversed(TOKEN_BUCKETS):
                 self._graphs[(texts, tokens)] = self._capture(input_names, texts, tokens)
 
-    def fits(self, features: Mapping[str, Any]) -> bool:
+    def run(self, features: Mapping[str, Any]) -> np.ndarray | None:
+        """The normalised float32 embeddings of a tokenised batch, or None when it fits no bucket (run it eagerly)."""
         texts, tokens = features["input_ids"].shape
-        return bucket(texts, TEXT_BUCKETS) is not None and bucket(tokens, TOKEN_BUCKETS) is not None
-
-    def run(self, features: Mapping[str, Any]) -> np.ndarray:
-        """The normalised float32 embeddings of a tokenised batch that ``fits``."""
-        texts, tokens = features["input_ids"].shape
-        key = (bucket(texts, TEXT_BUCKETS), bucket(tokens, TOKEN_BUCKETS))
-        graph = self._graphs[key]  # type: ignore[index]
+        graph = self._graphs.get((bucket(texts, TEXT_BUCKETS), bucket(tokens, TOKEN_BUCKETS)))  # type: ignore[arg-type]
+        if graph is None:
+            return None
         for name, static in graph.inputs.items():
             static.zero_()
             static[:texts, :tokens].copy_(features[name], non_blocking=True)

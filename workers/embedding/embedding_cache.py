@@ -1,10 +1,7 @@
 """The embedding cache: ``memq:v1:emb:<digest of (model, text)>`` → a format byte + float32 little-endian.
 
-The embed tasks read it for every text in one ``MGET`` and write what they computed in one pipeline, with
-a TTL of a day (``settings.EMBEDDING_CACHE_TTL_S``) while the result cache is on (``MEMQ_RESULT_CACHE_TTL_S=0``
-turns both off). The model's name is in the key, so another model never reads
-these vectors. A Redis error is a miss with a warning (then the cache's breaker leaves it alone a while):
-the text is embedded as if there were no cache.
+Read in one ``MGET``, written in one pipeline for ``settings.embedding_cache_ttl_s`` (0: off). A Redis error is a
+miss (then the cache's breaker leaves Redis alone a while): the text is embedded as if there were no cache.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """``memq worker embed --gpus 0,1``: one pinned embed worker process per GPU, supervised together.
 
-Each child is ``memq worker embed --device cuda:N -n embed-gpuN@%h [extra celery args]``: its own
-process (so its own CUDA context, created after start, never forked), its own node name, its own
-model copy in fp16 and its own batcher. The launcher forwards SIGINT/SIGTERM/SIGQUIT to every child
-and waits for them. If one child exits on its own, the launcher stops the others and exits with that
-child's code, so a supervisor (compose, systemd, Kubernetes) restarts the set as a whole.
+Each child is ``memq worker embed --device cuda:N -n embed-gpuN@%h [extra celery args]`` (its own CUDA context,
+never forked). Signals are forwarded to every child; one child ending stops the set, with its exit code, so a
+supervisor (compose, systemd, Kubernetes) restarts the set as a whole.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from types import FrameType
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +39,16 @@ def split_gpus_arg(argv: Sequence[str]) -> tuple[list[int] | None, list[str]]:
     """Take ``--gpus X`` or ``--gpus=X`` out of a worker's arguments; None when absent."""
     rest: list[str] = []
     spec: str | None = None
-    items = list(argv)
-    i = 0
-    while i < len(items):
-        arg = items[i]
+    items = iter(argv)
+    for arg in items:
         if arg == "--gpus":
-            if i + 1 >= len(items):
+            spec = next(items, None)
+            if spec is None:
                 raise ValueError("--gpus needs a value, e.g. --gpus 0,1")
-            spec, i = items[i + 1], i + 2
-            continue
-        if arg.startswith("--gpus="):
+        elif arg.startswith("--gpus="):
             spec = arg.split("=", 1)[1]
         else:
             rest.append(arg)
-        i += 1
     return (parse_gpus(spec) if spec is not None else None), rest
 
 
@@ -96,19 +89,16 @@ class Supervisor:
         code. If a child ends on its own, the others are stopped and the set exits with that child's code
         (1 if it was 0: the set was left incomplete)."""
         first_code: int | None = None
-        while self._running():
+        while True:
+            running = any([process.poll() is None for process in self.processes])  # poll each: all codes current
             if first_code is None and not self._stopping.is_set():
                 first_code = self._first_unrequested_exit()
+            if not running:
+                break
             time.sleep(POLL_INTERVAL_S)
-        if first_code is None and not self._stopping.is_set():
-            first_code = self._first_unrequested_exit()
         if first_code is not None:
             return first_code
         return next((exit_code(p.returncode) for p in self.processes if p.returncode != 0), 0)
-
-    def _running(self) -> bool:
-        codes = [process.poll() for process in self.processes]  # poll each: every returncode is current
-        return any(code is None for code in codes)
 
     def _first_unrequested_exit(self) -> int | None:
         ended = [process for process in self.processes if process.returncode is not None]
@@ -128,11 +118,7 @@ def exit_code(returncode: int) -> int:
 def launch(gpus: Sequence[int], extra: Sequence[str]) -> int:
     """Start one pinned embed worker per GPU, forward signals to them, wait; the exit code of the set."""
     supervisor = Supervisor([worker_command(gpu, extra) for gpu in gpus])
-
-    def forward(signum: int, _frame: FrameType | None) -> None:
-        supervisor.stop(signum)
-
-    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
+    previous = {sig: signal.signal(sig, lambda signum, _: supervisor.stop(signum)) for sig in FORWARDED_SIGNALS}
     try:
         supervisor.start()
         return supervisor.wait()
@@ -145,9 +131,7 @@ def run_from_argv(argv: Sequence[str]) -> int | None:
     """For ``memq worker embed ARGS``: launch per GPU when ARGS has ``--gpus``, else None (run one worker)."""
     try:
         gpus, extra = split_gpus_arg(argv)
-        if gpus is None:
-            return None
-        return launch(gpus, extra)
+        return None if gpus is None else launch(gpus, extra)
     except ValueError as exc:
         print(f"memq: error: {exc}", file=sys.stderr)
         return 2

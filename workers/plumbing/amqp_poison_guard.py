@@ -1,19 +1,9 @@
-"""The worker's guard on RabbitMQ.
+"""The worker's guard on RabbitMQ: deliveries with undecodable headers, and dead letters kept by the broker.
 
-1. A delivery whose AMQP header frame cannot be decoded (a header table nested 3,000 deep exhausts py-amqp's
-   recursive decoder; on Celery that is "Unrecoverable error: RecursionError", every worker of the queue dies, and
-   the message, never acknowledged, kills the next one) is handed on without its properties
-   (``memq.client.celery_internals.guarded_amqp_transport``, through py-amqp's documented
-   ``Connection(frame_handler=...)``
-   argument; ``memq worker`` installs ``GuardedAmqpTransport`` on an ``amqp://`` broker): the guard then finds no
-   ``id``/``task`` header and dead-letters it like any malformed message.
-2. Dead letters: a message the guard (``memq.workers.plumbing.poison_guard``) refuses is published, whole, to the
-broker's ``memq.dead`` exchange (``memq.core.broker``), with headers saying why, before the guard acknowledges it. The
-broker keeps it in the ``memq.dead`` quorum queue, replicated like the task queues, beside the letters it
-dead-letters itself (past the policy's delivery limit), where ``memq dead-letters`` lists, purges and replays both
-(``memq.ops.dead_letters``). Publishing waits for the broker's confirm; if it fails the guard records the letter
-in the cache Redis instead, as on the Redis broker, so a refused message is never run and never lost silently. It
-declares nothing (``memq broker setup`` did): a worker's broker user may not configure memq's queues.
+A delivery whose header frame py-amqp cannot decode is handed on without its properties (``GuardedAmqpTransport``,
+docs/celery.md), so the guard dead-letters it like any malformed message. A message the guard refuses is published
+whole to ``memq.dead``, confirmed, before the guard acknowledges it; failing that it is recorded in the cache Redis
+(docs/guarantees.md). Nothing is declared here: ``memq broker setup`` did that.
 """
 
 from __future__ import annotations
@@ -87,9 +77,6 @@ def keep_on_broker(app: Any, message: Any, letter: dict[str, Any]) -> bool:
         log.error("could not dead-letter to RabbitMQ (%s: %s); recording it in Redis", type(exc).__name__, exc)
         return False
     DEAD_LETTERS.labels(queue=letter["queue"], reason=letter["reason"]).inc()
-    log.error("dead-lettered a message from %s to %s: %s (%s)", queue, broker.DEAD_LETTER_QUEUE, *_why(letter))
+    why = (letter["reason"], letter["detail"])
+    log.error("dead-lettered a message from %s to %s: %s (%s)", queue, broker.DEAD_LETTER_QUEUE, *why)
     return True
-
-
-def _why(letter: dict[str, Any]) -> tuple[str, str]:
-    return str(letter["reason"]), str(letter["detail"])

@@ -1,11 +1,7 @@
 """The result cache, worker side: ``memq.merge`` files its result under the cache key its request carries.
 
-The key is the one the client's look-up built (``memq.client.result_cache``) and travels with the request, with the data
-versions it names (``memq.core.wire.with_cache``). It is taken only if it is this very request's key: its fingerprint
-with this worker's settings (so its tenant and identity) and the versions it carries. So a request can only fill
-its own tenant's entries, and a client whose settings differ from the workers' (another model name) only misses.
-The entry is written for at most the worker's TTL, only while the tenant's data versions are still the ones the
-key names, and that key's single-flight lock is dropped, in one script.
+Only this very request's key is taken, and written only while the tenant's data versions are still the ones it
+names (docs/guarantees.md, the result cache).
 """
 
 from __future__ import annotations
@@ -47,11 +43,9 @@ STORE_IF_CURRENT = Script(None, STORE_IF_CURRENT_LUA.encode())  # run with ``cli
 
 
 def store_merged(client: redis.Redis, settings: Settings, request: RetrievalRequest, result: dict[str, Any]) -> bool:
-    """Worker side: cache ``memq.merge``'s ``result`` of a ``request`` that carries a cache key, under that key, for
-    the client's TTL capped by this worker's ``result_cache_ttl_s`` (0: not cached), and drop that key's
-    single-flight lock. Only the key of this very request is taken: its fingerprint with this worker's settings (so
-    its tenant and identity) and the versions it carries; any other (a forged key naming another tenant's entry, a
-    client whose settings differ) is refused, and the result is not cached."""
+    """Cache ``result`` under ``request``'s cache key for the client's TTL capped by this worker's (0: not cached) and
+    drop that key's single-flight lock; a key other than this request's own (forged, or from other settings) is
+    refused."""
     key = request.get("cache_key")
     if not enabled(settings) or key is None:
         return False
@@ -59,9 +53,12 @@ def store_merged(client: redis.Redis, settings: Settings, request: RetrievalRequ
     if key != keys.result_key(fingerprint, request["cache_versions"]):
         log.warning("result cache: a merge named a cache key that is not its request's; result not cached")
         return False
-    ttl_ms = _ttl_ms(result, min(request["cache_ttl_s"], settings.result_cache_ttl_s))
+    ttl_ms = min(request["cache_ttl_s"], settings.result_cache_ttl_s) * 1000
+    if result.get("errors"):
+        ttl_ms = min(ttl_ms, PARTIAL_RESULT_TTL_MS)
     version_keys = [keys.tenant_version(request["memory_id"], t) for t in cache_types(request)]
-    entry = encode_entry(result, request["memory_id"], fingerprint)
+    envelope = {"format": RESULT_FORMAT, "stored_at": time.time(), "memory_id": request["memory_id"]}  # whose answer
+    entry = json.dumps({**envelope, "fingerprint": fingerprint, "result": result}, separators=(",", ":"))
     versions = [str(v) for v in request["cache_versions"]]
     try:
         stored = STORE_IF_CURRENT(
@@ -73,19 +70,3 @@ def store_merged(client: redis.Redis, settings: Settings, request: RetrievalRequ
         log.warning("result cache unavailable (%s); result not cached", exc)
         return False
     return bool(stored)
-
-
-def _ttl_ms(result: dict[str, Any], ttl_s: int) -> int:
-    return ttl_s * 1000 if not result.get("errors") else min(ttl_s * 1000, PARTIAL_RESULT_TTL_MS)
-
-
-def encode_entry(result: dict[str, Any], memory_id: str | None, fingerprint: str | None) -> str:
-    """The envelope: format, time, and whose answer it is (tenant and request fingerprint)."""
-    entry = {
-        "format": RESULT_FORMAT,
-        "stored_at": time.time(),
-        "memory_id": memory_id,
-        "fingerprint": fingerprint,
-        "result": result,
-    }
-    return json.dumps(entry, separators=(",", ":"))

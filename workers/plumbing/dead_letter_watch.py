@@ -1,16 +1,6 @@
 """On RabbitMQ, a task message the broker itself dead-letters fails its caller at once, as one memq's guard refuses
-does (``memq.workers.plumbing.poison_guard.fail_caller``): ``DeadLettered``, into its chord and chain, not a wait to the
-timeout.
-
-RabbitMQ dead-letters a message past the policy's delivery limit (it killed, or was returned by, its consumers again
-and again) to the fanout exchange ``memq.dead`` with ``x-first-death-reason: delivery_limit`` (or ``rejected``,
-``expired``). The exchange puts one copy in ``memq.dead``, the letter ``memq dead-letters`` lists and replays, and
-one in ``memq.dead.watch`` (``memq.core.broker``), which every worker consumes through a Celery consumer bootstep
-(``memq.client.celery_internals.queue_consumer_step``, added to the app's consumer steps by ``memq.client.app``). Each
-copy is
-acknowledged once read. The letters memq's guard publishes (headers ``memq_dead_*``) reach it too and are only
-acknowledged: the guard failed their callers already. Without ``memq.dead.watch`` on the broker (a topology set up
-before it existed) the worker logs that ``memq broker setup`` is due and serves as before.
+does: each worker consumes ``memq.dead.watch`` (a copy of each letter) and acknowledges every copy once read; the
+letters memq's guard wrote (headers ``memq_dead_*``) are only acknowledged (docs/celery.md, docs/guarantees.md).
 """
 
 from __future__ import annotations

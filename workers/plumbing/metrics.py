@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +64,14 @@ def serve(port: int) -> None:
     """Expose /metrics on ``port`` (0: off). Multi-process safe via PROMETHEUS_MULTIPROC_DIR."""
     if port <= 0:
         return
-    registry = None
+    registry = REGISTRY
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     try:
-        start_http_server(port, addr="0.0.0.0", registry=registry) if registry else start_http_server(port)
+        start_http_server(port, addr="0.0.0.0", registry=registry)
         log.info("metrics on :%d/metrics", port)
     except OSError as exc:
         log.warning("metrics port %d unavailable: %s", port, exc)

@@ -1,13 +1,8 @@
 """Remote control of memq workers: what a broker client may ask of them.
 
-- ``memq_info``: an inspect command that says what a worker is (``memq status`` asks every worker). Registered at
-  import (``memq.workers.startup`` imports this module, so every worker has it). It reads only what the worker
-  already built: an embed worker that has not loaded its model yet says so instead of loading it.
-- ``restrict_remote_control``: a command allow-list. By default a worker answers the read-only commands that
-  ``memq status``, Flower and ``celery inspect`` use, plus ``enable_events`` and ``heartbeat`` (Flower turns events
-  on); every other command (``shutdown``, ``pool_restart``, ``cancel_consumer``, ``revoke``, ``rate_limit`` ...) is
-  refused with a reply that says so, logged and counted. ``MEMQ_REMOTE_CONTROL`` names more commands to allow
-  (``shutdown,revoke``) or ``all``. Celery's command table is rewritten by ``memq.client.celery_internals``.
+``memq_info`` is an inspect command saying what a worker is (``memq status``), registered at import; it reads only what
+the worker already built. ``restrict_remote_control`` refuses every command outside an allow-list, widened by
+``MEMQ_REMOTE_CONTROL`` (docs/guarantees.md, "Broadcast channels and remote control").
 """
 
 from __future__ import annotations
@@ -29,28 +24,11 @@ from memq.workers.search.rss_budget import resident_bytes
 
 log = logging.getLogger(__name__)
 
-#: Read-only commands (Celery's own inspect commands that cannot stall a worker, and memq's) and the two control
-#: commands Flower needs; allowed by default. Not ``hello``: it carries a ``revoked`` map that every worker adopts
-#: (anyone could revoke any task id); mingle at start-up gets the refusal and goes on. ``objgraph``, ``memdump``
-#: and ``memsample`` are inspect commands too, but can hold a worker for seconds: they need ``MEMQ_REMOTE_CONTROL``.
+#: Read-only commands that cannot stall a worker (Celery's and memq's) and the two control commands Flower needs;
+#: not ``hello`` (its ``revoked`` map is adopted by every worker) nor ``objgraph``/``memdump`` (they hold a worker).
 DEFAULT_ALLOWED_COMMANDS = frozenset(
-    {
-        "active",
-        "active_queues",
-        "clock",
-        "conf",
-        "ping",
-        "query_task",
-        "registered",
-        "report",
-        "reserved",
-        "revoked",
-        "scheduled",
-        "stats",
-        INFO_COMMAND,
-        "enable_events",
-        "heartbeat",
-    }
+    {"active", "active_queues", "clock", "conf", "ping", "query_task", "registered", "report", "reserved"}
+    | {"revoked", "scheduled", "stats", INFO_COMMAND, "enable_events", "heartbeat"}
 )
 ALL_COMMANDS = "all"
 
@@ -106,8 +84,11 @@ def model_info() -> dict[str, Any]:
     return {"name": model.model_name, "device": model.device, "dimensions": model.dimensions, "loaded": True}
 
 
-def allowed_commands(setting: str, known: frozenset[str]) -> frozenset[str]:
-    """The commands ``MEMQ_REMOTE_CONTROL`` (a comma-separated list, or ``all``) allows beside the defaults."""
+def check_remote_control(setting: str) -> frozenset[str]:
+    """The commands ``setting`` (``MEMQ_REMOTE_CONTROL``: a comma-separated list, or ``all``) allows on a memq
+    worker beside the defaults; ``ConfigError`` naming ``MEMQ_REMOTE_CONTROL`` for a name the worker does not have
+    (a misspelling, ``ALL``)."""
+    known = celery_internals.control_command_names()
     extra = {name.strip() for name in setting.split(",") if name.strip()}
     if ALL_COMMANDS in extra:
         return known
@@ -117,12 +98,6 @@ def allowed_commands(setting: str, known: frozenset[str]) -> frozenset[str]:
             f"MEMQ_REMOTE_CONTROL names unknown command(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
         )
     return DEFAULT_ALLOWED_COMMANDS | extra
-
-
-def check_remote_control(setting: str) -> frozenset[str]:
-    """The commands ``setting`` allows on a memq worker; ``ConfigError`` naming ``MEMQ_REMOTE_CONTROL`` for a name
-    the worker does not have (a misspelling, ``ALL``)."""
-    return allowed_commands(setting, celery_internals.control_command_names())
 
 
 def restrict_remote_control(setting: str) -> list[str]:
