@@ -262,7 +262,7 @@ def warm_without_and_with_fp16(tenant: Tenant, repeats: int) -> tuple[float, flo
     without: list[float] = []
     with_: list[float] = []
     for _ in range(repeats):
-        strategies.half_precision_torch = ProcessLocal(lambda: None)
+        strategies.half_precision_torch = ProcessLocal(lambda: False)
         without.append(tenant.search_ms())
         strategies.half_precision_torch = with_fp16
         with_.append(tenant.search_ms())

@@ -492,7 +492,7 @@ def half_scores(half: np.ndarray, query: np.ndarray) -> np.ndarray | None:
     """Every row's cosine with ``query`` from the fp16 copy, within ``HALF_SCORE_ERROR``: torch's CPU kernel reads
     half the bytes of a float32 product (numpy has no fast fp16 one). ``None`` without such a torch."""
     torch = half_precision_torch.get()
-    if torch is None:
+    if not torch:
         return None
     scores = torch.mv(torch.from_numpy(half), torch.from_numpy(query.astype(np.float16)))
     return np.asarray(scores.float().numpy())
@@ -500,15 +500,15 @@ def half_scores(half: np.ndarray, query: np.ndarray) -> np.ndarray | None:
 
 def _torch_summing_in_fp32() -> Any:
     """torch, if its fp16 product sums in fp32 (``HALF_SCORE_ERROR`` assumes it): 1 + 383 x 2^-11 summed in fp16
-    stays 1.0. ``None`` where torch is missing or sums otherwise."""
+    stays 1.0. ``False`` (kept: not probed again) where torch is missing or sums otherwise."""
     try:
         import torch
     except ImportError:
-        return None
+        return False
     probe = np.full((4096, 384), 2.0**-11, dtype=np.float16)
     probe[:, 0] = 1.0
     total = torch.mv(torch.from_numpy(probe), torch.ones(384, dtype=torch.float16)).float().numpy()
-    return torch if np.allclose(total, 1 + 383 * 2.0**-11, atol=2e-3) else None
+    return torch if np.allclose(total, 1 + 383 * 2.0**-11, atol=2e-3) else False
 
 
 half_precision_torch: ProcessLocal[Any] = ProcessLocal(_torch_summing_in_fp32)
