@@ -252,6 +252,23 @@ def start_fleet(env: dict[str, str]) -> Any:
     return fleet
 
 
+def warm_without_and_with_fp16(tenant: Tenant, repeats: int) -> tuple[float, float]:
+    """Warm searches scoring every row in float32, then with the fp16 first pass (where the tenant is past
+    ``HALF_SCORING_MIN_ROWS``), alternating, medians."""
+    from memq.core.process_local import ProcessLocal
+    from memq.workers.search import strategies
+
+    with_fp16 = strategies.half_precision_torch
+    without: list[float] = []
+    with_: list[float] = []
+    for _ in range(repeats):
+        strategies.half_precision_torch = ProcessLocal(lambda: False)
+        without.append(tenant.search_ms())
+        strategies.half_precision_torch = with_fp16
+        with_.append(tenant.search_ms())
+    return statistics.median(without), statistics.median(with_)
+
+
 def full_reloads(enabled: bool) -> None:
     """Disable (or restore) the catch-up: with it off, every search after a write reloads the tenant."""
     from memq.workers.search import strategies
@@ -297,6 +314,7 @@ def measure_size(size: int, dimensions: int, repeats: int, client: bool) -> dict
             row[f"{name}_{label}_ms"], row[f"{name}_{label}_to_warm"] = after_write(tenant, count, rounds, measure)
     full_reloads(False)
     row["warm_after_ms"] = median_of(max(20, repeats * 4), tenant.search_ms)
+    row["warm_float32_ms"], row["warm_fp16_first_ms"] = warm_without_and_with_fp16(tenant, max(20, repeats * 4))
     entry = strategies.matrix_cache.get().held((tenant.name, LTM))
     row["bytes"] = strategies.entry_nbytes(entry) if entry is not None else None
     strategies.matrix_cache = ProcessLocal(
@@ -323,7 +341,8 @@ def print_row(row: dict[str, Any]) -> None:
     print(
         f"{row['memories']:>9,} {row['write_s']:>8.1f} {'step':>6} {row['cold_ms']:>8.0f} {row['warm_ms']:>6.1f} │ "
         f"{pair('', 'after_1')} {pair('', 'after_100'):>17} {pair('', 'concurrent'):>17} │ "
-        f"{row['after_1_incremental_to_warm']:>7.2f}x",
+        f"{row['after_1_incremental_to_warm']:>7.2f}x │ warm float32 {row['warm_float32_ms']:.1f}, "
+        f"fp16 first {row['warm_fp16_first_ms']:.1f}",
         flush=True,
     )
     if "client_warm_ms" not in row:

@@ -3,6 +3,7 @@ byte budget, and lexical top-k by partial selection."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from memq.core.vectors import normalise
 from memq.errors import InvalidInput, StoreUnavailable, WorkerBusy
 from memq.workers.search import strategies
 from memq.workers.search.result_size import bound_result_bytes, item_bytes
@@ -317,6 +319,86 @@ def test_a_lexical_query_with_fewer_matches_than_k_returns_only_the_matches() ->
     got = strategies.top_k(entry, entry.matrix[3] + 0.0, 100, wanted)
 
     assert 0 < len(got) < 100 and all(item["scores"]["lexical"] > 0 for item in got)
+
+
+def stored_doc(key: str, vector: np.ndarray) -> dict[str, Any]:
+    return {"_id": f"id-{key}", "memory_id": "t", "key": key, "content": f"about {key}", "embedding": vector.tolist()}
+
+
+def near_twins_tenant(size: int, seed: int) -> strategies.TenantMatrix:
+    """Rows in clusters of near twins (apart by less than fp16 can tell), with words, roles, tags and dates to filter
+    on, ids out of row order."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((size // 20, 384)).astype(np.float32)
+    matrix = centres[rng.integers(len(centres), size=size)] + rng.standard_normal((size, 384)).astype(np.float32) * 1e-4
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    words = ["alpine", "hiking", "sourdough", "piano", "jazz", "taxes"]
+    texts = [" ".join(rng.choice(words, 2)) if i % 3 else f"note {i}" for i in range(size)]
+    items = [{"id": f"m{(i * 7919) % size:05d}", "content": text} for i, text in enumerate(texts)]
+    return strategies.TenantMatrix(
+        1,
+        items,
+        matrix,
+        strategies.LexicalIndex(texts),
+        created_ts=np.arange(size, dtype=np.float64),
+        roles=[("user", "assistant", None)[i % 3] for i in range(size)],
+        tags=[frozenset({f"t{i % 4}"}) for i in range(size)],
+    )
+
+
+@pytest.mark.parametrize("mode", ["vector", "hybrid", "lexical"])
+@pytest.mark.parametrize(
+    "filters", [{}, {"role": "user"}, {"tags": ["t1", "t2"]}, {"created_after": 2500.0, "tags": ["t3"]}]
+)
+def test_the_fp16_first_pass_leaves_out_only_rows_that_cannot_be_in_the_top_k(
+    mode: str, filters: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entry = near_twins_tenant(4000, seed=len(filters))
+    halved = dataclasses.replace(entry, half=entry.matrix.astype(np.float16))
+    queries = [entry.matrix[5] + 0.0, entry.matrix[17] + 1e-4, np.random.default_rng(3).standard_normal(384)]
+    for query in queries:
+        for k in (1, 10, 100):
+            wanted = strategies.Wanted(query="jazz piano", mode=mode, filters=filters)
+            with monkeypatch.context() as every_row_scored:
+                every_row_scored.setattr(strategies, "HALF_SCORE_ERROR", 10.0)
+                expected = strategies.top_k(halved, query.astype(np.float32), k, wanted)
+
+            got = strategies.top_k(halved, query.astype(np.float32), k, wanted)
+
+            assert got == expected
+            float32_scores = [item["score"] for item in strategies.top_k(entry, query.astype(np.float32), k, wanted)]
+            assert np.allclose([item["score"] for item in got], float32_scores, rtol=0, atol=1e-6)
+
+
+def test_the_fp16_first_pass_scores_exactly_only_a_shortlist() -> None:
+    entry = near_twins_tenant(4000, seed=0)
+    query = normalise(np.random.default_rng(3).standard_normal(384).astype(np.float32))
+    everything = np.arange(entry.rows)
+    lexical = entry.lexical.scores("jazz piano") if entry.lexical is not None else np.zeros(entry.rows)
+    halved = dataclasses.replace(entry, half=entry.matrix.astype(np.float16))
+
+    for mode in ("vector", "hybrid"):
+        rows, _, _ = strategies.scored_rows(halved, query, everything, lexical, 10, mode)
+
+        assert 10 <= rows.size < entry.rows // 10, mode
+
+
+def test_a_tenant_past_the_fp16_threshold_keeps_an_fp16_copy_in_step_with_its_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(strategies, "HALF_SCORING_MIN_ROWS", 30)
+    rows = strategies.RowStore(dimensions=8, capacity_rows=0)
+    vectors = np.random.default_rng(0).standard_normal((2000, 8)).astype(np.float32)
+    docs = [stored_doc(f"m{i}", vectors[i]) for i in range(2000)]
+
+    rows.append(docs[:20])
+    assert rows.snapshot(1).half is None
+    for start in range(20, 2000, 300):  # past the threshold, then past the first capacity
+        rows.append(docs[start : start + 300])
+    snapshot = rows.snapshot(2)
+
+    assert snapshot.half is not None and snapshot.half.dtype == np.float16
+    assert np.array_equal(snapshot.half, snapshot.matrix.astype(np.float16))
 
 
 # -- loads in flight -----------------------------------------------------------------------------------------------

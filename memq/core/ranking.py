@@ -32,24 +32,33 @@ def item_recency(item: dict[str, Any], now_ts: float, half_life_s: float) -> flo
     return 0.0 if created_ts is None else recency(float(created_ts), now_ts, half_life_s)
 
 
-def minmax(values: np.ndarray) -> np.ndarray:
-    """``values`` mapped onto 0..1; all equal (or one value) maps to 1: none is worse than another."""
+def minmax(values: np.ndarray, value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """``values`` mapped onto 0..1 by their own range or ``value_range`` (of a larger set they belong to); all equal
+    (or one value) maps to 1: none is worse than another."""
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
         return values
-    low, high = float(values.min()), float(values.max())
+    low, high = value_range or (float(values.min()), float(values.max()))
     if not high > low:
         return np.ones_like(values)
     return (values - low) / (high - low)
 
 
-def fuse(vector: np.ndarray, lexical: np.ndarray, mode: str) -> np.ndarray:
-    """One relevance score per memory for ``mode``; the arrays hold the same memories in the same order."""
+def fuse(
+    vector: np.ndarray,
+    lexical: np.ndarray,
+    mode: str,
+    vector_range: tuple[float, float] | None = None,
+    lexical_range: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """One relevance score per memory for ``mode``; the arrays hold the same memories in the same order (hybrid:
+    each scaled by its range, of a larger set of memories when given)."""
     if mode == "vector":
         return np.asarray(vector, dtype=np.float64)
     if mode == "lexical":
         return np.asarray(lexical, dtype=np.float64)
-    return HYBRID_VECTOR_WEIGHT * minmax(vector) + (1.0 - HYBRID_VECTOR_WEIGHT) * minmax(lexical)
+    fused: np.ndarray = HYBRID_VECTOR_WEIGHT * minmax(vector, vector_range)
+    return fused + (1.0 - HYBRID_VECTOR_WEIGHT) * minmax(lexical, lexical_range)
 
 
 def fuse_lists(first: Sequence[dict[str, Any]], second: Sequence[dict[str, Any]], k: int) -> list[dict[str, Any]]:

@@ -48,8 +48,10 @@ LOAD_CHUNK_ROWS = 1000  # documents taken from the cursor at a time by a load
 CATCH_UP_MAX_FRACTION = 0.25  # more changed ids than this fraction of the tenant (and CATCH_UP_MIN_IDS): reload
 CATCH_UP_MIN_IDS = 256  # changed ids a catch-up always takes, however small the tenant
 COMPACT_DEAD_FRACTION = 0.5  # tombstoned rows past this fraction of the rows (and MIN_CAPACITY_ROWS): reload
-ROW_COLUMNS = ("vectors", "created_ts", "roles", "tags", "alive")  # a RowStore's buffers, one entry per row
+ROW_COLUMNS = ("vectors", "created_ts", "roles", "tags", "alive", "half")  # a RowStore's buffers, one entry per row
 LOADS_IN_FLIGHT = 2  # tenant loads a process builds at once (a small one beside a large one); a catch-up takes no slot
+HALF_SCORING_MIN_ROWS = 65_536  # from here a tenant's rows are kept in fp16 too, for a first pass over half the bytes
+HALF_SCORE_ERROR = 4e-3  # |fp16 - float32 cosine| of unit rows at most: inputs and result rounded, sums in fp32
 
 
 @dataclass
@@ -67,6 +69,7 @@ class TenantMatrix:
     tags: Sequence[frozenset[str]] = field(default_factory=list)
     alive: np.ndarray | None = None
     store: RowStore | None = None
+    half: np.ndarray | None = None  # ``matrix`` in fp16, from ``HALF_SCORING_MIN_ROWS`` rows (``half_scores``)
 
     @property
     def rows(self) -> int:
@@ -94,6 +97,7 @@ class RowStore:
         self.roles = np.empty(capacity_rows, dtype=object)
         self.tags = np.empty(capacity_rows, dtype=object)
         self.alive = np.zeros(capacity_rows, dtype=bool)
+        self.half: np.ndarray | None = None
         self.items: list[dict[str, Any]] = []
         self.row_of: dict[Any, int] = {}  # stored _id -> its alive row
         self.rows = 0
@@ -127,6 +131,11 @@ class RowStore:
         start, end = self.rows, self.rows + len(usable)
         self._reserve(end)
         self.vectors[start:end] = normalise(block)
+        if self.half is None and end >= HALF_SCORING_MIN_ROWS and half_precision_torch.get():
+            self.half = np.zeros(self.vectors.shape, dtype=np.float16)
+            self.half[:start] = self.vectors[:start]
+        if self.half is not None:
+            self.half[start:end] = self.vectors[start:end]
         for row, (doc, _, item) in enumerate(usable, start):
             self.remove(doc["_id"])
             self.created_ts[row] = np.nan if item["created_at_ts"] is None else item["created_at_ts"]
@@ -153,12 +162,14 @@ class RowStore:
         self.lexical.commit(self.alive[:rows])
         alive = None if self.dead_rows == 0 else self.alive[:rows].copy()  # tombstones come later: the rest never moves
         columns = (self.vectors[:rows], self.lexical.view(rows, alive), self.created_ts[:rows], self.roles[:rows])
-        self.latest = TenantMatrix(version, self.items, *columns, self.tags[:rows], alive, self)
+        half = None if self.half is None else self.half[:rows]
+        self.latest = TenantMatrix(version, self.items, *columns, self.tags[:rows], alive, self, half)
         return self.latest
 
     def nbytes(self) -> int:
         """What the rows hold besides the BM25 index: the buffers (their whole capacity) and the items."""
-        return sum(getattr(self, name).nbytes for name in ROW_COLUMNS) + self.item_bytes
+        columns = (getattr(self, name) for name in ROW_COLUMNS)
+        return sum(column.nbytes for column in columns if column is not None) + self.item_bytes
 
     def _reserve(self, rows: int) -> None:
         capacity = self.vectors.shape[0]
@@ -167,6 +178,8 @@ class RowStore:
         grown = max(rows, capacity + max(MIN_CAPACITY_ROWS, int(capacity * GROWTH_FRACTION)))
         for name in ROW_COLUMNS:
             old = getattr(self, name)
+            if old is None:
+                continue
             new = np.zeros((grown, *old.shape[1:]), dtype=old.dtype)
             new[: self.rows] = old[: self.rows]
             setattr(self, name, new)
@@ -310,7 +323,7 @@ def entry_nbytes(entry: TenantMatrix) -> int:
     lexical = entry.lexical.nbytes() if entry.lexical is not None else 0
     if entry.store is not None:
         return entry.store.nbytes() + lexical
-    columns = entry.matrix.nbytes + entry.created_ts.nbytes
+    columns = entry.matrix.nbytes + entry.created_ts.nbytes + (0 if entry.half is None else entry.half.nbytes)
     return columns + lexical + sum(item_nbytes(item) for item in entry.items)
 
 
@@ -403,14 +416,13 @@ def top_k(entry: TenantMatrix, query: np.ndarray, k: int, wanted: Wanted | None 
     """The k best alive rows that pass the filters, by the mode's score (``memq.core.ranking.fuse``), ties broken by
     cosine then id (deterministic whatever the rows' order); each item with its ``scores``."""
     wanted = wanted or Wanted()
-    rows = entry.rows
-    if rows == 0 or k <= 0:
+    if entry.rows == 0 or k <= 0:
         return []
     if not np.isfinite(query).all():  # a forged query vector: no NaN scores (stored rows are finite, see build_matrix)
         query = np.zeros_like(query)
-    vector = entry.matrix @ normalise(query.astype(np.float32)) if query.size else np.zeros(rows)
+    query = normalise(query.astype(np.float32))
     lexical_used = wanted.mode != "vector" and wanted.query is not None and entry.lexical is not None
-    lexical = np.zeros(rows, dtype=np.float32)
+    lexical = np.zeros(entry.rows, dtype=np.float32)
     if lexical_used and entry.lexical is not None and wanted.query is not None:
         lexical = entry.lexical.scores(wanted.query)
     eligible = np.flatnonzero(filter_mask(entry, wanted.filters))
@@ -418,22 +430,88 @@ def top_k(entry: TenantMatrix, query: np.ndarray, k: int, wanted: Wanted | None 
         eligible = eligible[lexical[eligible] > 0]
     if eligible.size == 0:
         return []
-    fused = ranking.fuse(vector[eligible], lexical[eligible], wanted.mode)
-    cosine = vector[eligible]
     k = min(k, eligible.size)
+    rows, cosine, fused = scored_rows(entry, query, eligible, lexical, k, wanted.mode)
     order = sorted(
         candidates(fused, cosine, k).tolist(),
-        key=lambda i: (-float(fused[i]), -float(cosine[i]), str(entry.items[eligible[i]]["id"])),
+        key=lambda i: (-float(fused[i]), -float(cosine[i]), str(entry.items[rows[i]]["id"])),
     )[:k]
     return [
         _scored(
-            entry.items[eligible[i]],
-            float(vector[eligible[i]]),
-            float(lexical[eligible[i]]) if lexical_used else None,
+            entry.items[rows[i]],
+            float(cosine[i]),
+            float(lexical[rows[i]]) if lexical_used else None,
             float(fused[i]),
         )
         for i in order
     ]
+
+
+def scored_rows(
+    entry: TenantMatrix, query: np.ndarray, eligible: np.ndarray, lexical: np.ndarray, k: int, mode: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of ``eligible`` among which the k best are, with their cosines and fused scores, as if every eligible
+    row were scored. With an fp16 copy (``half_scores``) only the rows its estimate cannot rule out are scored
+    exactly (``shortlist``); hybrid's min-max scaling takes the exact extremes of all eligible cosines, found so."""
+    estimate = half_scores(entry.half, query) if entry.half is not None and mode != "lexical" else None
+    if estimate is None:
+        cosine = (entry.matrix @ query)[eligible]
+        return eligible, cosine, ranking.fuse(cosine, lexical[eligible], mode)
+    estimate = estimate[eligible]
+    if mode == "vector":
+        rows = eligible[shortlist(estimate, k, HALF_SCORE_ERROR)]
+        cosine = exact_cosines(entry.matrix, rows, query)
+        return rows, cosine, ranking.fuse(cosine, lexical[rows], mode)
+    top = eligible[estimate >= estimate.max() - 2 * HALF_SCORE_ERROR]
+    bottom = eligible[estimate <= estimate.min() + 2 * HALF_SCORE_ERROR]
+    low, high = exact_cosines(entry.matrix, bottom, query).min(), exact_cosines(entry.matrix, top, query).max()
+    ranges = (float(low), float(high)), (float(lexical[eligible].min()), float(lexical[eligible].max()))
+    rows = eligible
+    if high > low:  # (else every row's scaled cosine is 1)
+        fused_estimate = ranking.fuse(estimate, lexical[eligible], mode, *ranges)
+        rows = eligible[shortlist(fused_estimate, k, ranking.HYBRID_VECTOR_WEIGHT * HALF_SCORE_ERROR / (high - low))]
+    cosine = exact_cosines(entry.matrix, rows, query)
+    return rows, cosine, ranking.fuse(cosine, lexical[rows], mode, *ranges)
+
+
+def exact_cosines(matrix: np.ndarray, rows: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """The cosines of ``rows`` in float64, row by row: the same value for a row wherever it sits, so equal rows tie
+    and the id decides between them."""
+    return np.einsum("ij,j->i", matrix[rows], query, dtype=np.float64)
+
+
+def shortlist(estimate: np.ndarray, k: int, error: float) -> np.ndarray:
+    """Positions that can hold the k best of scores ``estimate`` gives within ``error``: the true k-th best is at
+    least the estimated k-th best less ``error``, and a row of the true top k is estimated at least that less
+    ``error`` again."""
+    kth_best = -np.partition(-estimate, k - 1)[k - 1]
+    return np.flatnonzero(estimate >= kth_best - 2 * error)
+
+
+def half_scores(half: np.ndarray, query: np.ndarray) -> np.ndarray | None:
+    """Every row's cosine with ``query`` from the fp16 copy, within ``HALF_SCORE_ERROR``: torch's CPU kernel reads
+    half the bytes of a float32 product (numpy has no fast fp16 one). ``None`` without such a torch."""
+    torch = half_precision_torch.get()
+    if not torch:
+        return None
+    scores = torch.mv(torch.from_numpy(half), torch.from_numpy(query.astype(np.float16)))
+    return np.asarray(scores.float().numpy())
+
+
+def _torch_summing_in_fp32() -> Any:
+    """torch, if its fp16 product sums in fp32 (``HALF_SCORE_ERROR`` assumes it): 1 + 383 x 2^-11 summed in fp16
+    stays 1.0. ``False`` (kept: not probed again) where torch is missing or sums otherwise."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    probe = np.full((4096, 384), 2.0**-11, dtype=np.float16)
+    probe[:, 0] = 1.0
+    total = torch.mv(torch.from_numpy(probe), torch.ones(384, dtype=torch.float16)).float().numpy()
+    return torch if np.allclose(total, 1 + 383 * 2.0**-11, atol=2e-3) else False
+
+
+half_precision_torch: ProcessLocal[Any] = ProcessLocal(_torch_summing_in_fp32)
 
 
 def candidates(fused: np.ndarray, cosine: np.ndarray, k: int) -> np.ndarray:
