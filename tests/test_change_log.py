@@ -76,6 +76,17 @@ def test_a_bump_logs_the_ids_it_touched_under_the_version_it_made_in_every_type(
     assert ids_between(tenant, 2, 2) == set()
 
 
+def test_a_search_holding_the_current_version_reads_no_log_entry_and_one_behind_reads_just_the_newer_ones() -> None:
+    tenant = fresh_tenant()
+    for touched in (["a"], ["b"], ["c"]):
+        with versions.bumped_whatever_happens(tenant, [LTM], touched):
+            pass
+
+    assert versions.read_version_and_log(tenant, LTM, 3) == (3, [])
+    version, tail = versions.read_version_and_log(tenant, LTM, 1) or (None, [])
+    assert version == 3 and [json.loads(entry)["ids"] for entry in tail] == [["b"], ["c"]]
+
+
 def test_a_write_that_fails_part_way_still_logs_the_ids_it_may_have_touched() -> None:
 
     tenant = fresh_tenant()
