@@ -47,7 +47,7 @@ REMOVED_SETTINGS: dict[str, str] = {
     "MEMQ_EMBED_DIMENSIONS": "taken from the embed model's vectors: each embed worker publishes its model's at start "
     "and searches and stores check vectors against it; `memq indexes` embeds a probe text",
     "MEMQ_EMBED_BATCH_SIZE": f"{_CONSTANT} (64 texts per forward pass, 512 on CUDA, memq.workers.embedding.embedder)",
-    "MEMQ_NUM_CANDIDATES_FACTOR": f"{_CONSTANT} (numCandidates = 20 x k, memq.workers.search.strategies)",
+    "MEMQ_NUM_CANDIDATES_FACTOR": f"{_CONSTANT} (numCandidates = 20 x k, memq.workers.storage.reads)",
     "MEMQ_CANDIDATE_OVERSAMPLE": f"{_CONSTANT} (3 candidates per k, memq.core.field_rules)",
     "MEMQ_EXACT_LOADS_IN_FLIGHT": f"{_CONSTANT} (2 tenant loads per search process; memory is bounded by "
     "MEMQ_SEARCH_MAX_RSS_BYTES)",
