@@ -4,6 +4,7 @@ byte budget, and lexical top-k by partial selection."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import time
 from typing import Any
@@ -277,8 +278,9 @@ def test_merge_applies_the_byte_budget_after_ranking(monkeypatch: pytest.MonkeyP
 
 
 def full_sort_top_k(entry: strategies.TenantMatrix, query: np.ndarray, k: int, wanted: strategies.Wanted) -> list[str]:
-    """The ranking as top_k defined it before partial selection: every row sorted by (fused, cosine, id)."""
-    vector = entry.matrix @ (query / np.linalg.norm(query))
+    """The ranking as top_k defines it, without any selection: every row's exact cosine, every row sorted by (fused,
+    cosine, id)."""
+    vector = entry.matrix.astype(np.float64) @ normalise(query).astype(np.float64)
     lexical = entry.lexical.scores(wanted.query) if wanted.mode != "vector" else np.zeros(len(entry.items))
     fused = strategies.ranking.fuse(vector, lexical, wanted.mode)
     rows = [i for i in range(len(entry.items)) if wanted.mode != "lexical" or lexical[i] > 0]  # lexical: matches only
@@ -350,7 +352,7 @@ def near_twins_tenant(size: int, seed: int) -> strategies.TenantMatrix:
 @pytest.mark.parametrize(
     "filters", [{}, {"role": "user"}, {"tags": ["t1", "t2"]}, {"created_after": 2500.0, "tags": ["t3"]}]
 )
-def test_the_fp16_first_pass_leaves_out_only_rows_that_cannot_be_in_the_top_k(
+def test_the_fp16_and_float32_estimates_leave_out_only_rows_that_cannot_be_in_the_top_k(
     mode: str, filters: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     entry = near_twins_tenant(4000, seed=len(filters))
@@ -363,11 +365,43 @@ def test_the_fp16_first_pass_leaves_out_only_rows_that_cannot_be_in_the_top_k(
                 every_row_scored.setattr(strategies, "HALF_SCORE_ERROR", 10.0)
                 expected = strategies.top_k(halved, query.astype(np.float32), k, wanted)
 
-            got = strategies.top_k(halved, query.astype(np.float32), k, wanted)
+            assert strategies.top_k(halved, query.astype(np.float32), k, wanted) == expected
+            assert strategies.top_k(entry, query.astype(np.float32), k, wanted) == expected  # float32 estimate
 
-            assert got == expected
-            float32_scores = [item["score"] for item in strategies.top_k(entry, query.astype(np.float32), k, wanted)]
-            assert np.allclose([item["score"] for item in got], float32_scores, rtol=0, atol=1e-6)
+
+def test_equal_memories_tie_and_the_id_decides_in_every_mode_wherever_their_rows_sit() -> None:
+    rng = np.random.default_rng(0)
+    matrix = normalise(rng.standard_normal((1003, 384)).astype(np.float32))
+    matrix[1::2] = normalise(rng.standard_normal(384).astype(np.float32))  # one memory, written 501 times
+    texts = ["jazz" if i % 2 else "other words" for i in range(1003)]
+    items = [{"id": f"m{i:05d}", "content": text} for i, text in enumerate(texts)]
+    entry = strategies.TenantMatrix(1, items, matrix, strategies.LexicalIndex(texts))
+
+    for _ in range(10):
+        query = rng.standard_normal(384).astype(np.float32)
+        for mode in ("vector", "hybrid", "lexical"):
+            wanted = strategies.Wanted(query="jazz", mode=mode)
+            equal = [item for item in strategies.top_k(entry, query, 5, wanted) if item["content"] == "jazz"]
+
+            assert [item["id"] for item in equal] == sorted(item["id"] for item in equal), mode
+            assert len({json.dumps(item["scores"]) for item in equal}) <= 1, mode
+
+
+def test_a_query_whose_squares_underflow_float32_is_still_scored_as_a_unit_vector() -> None:
+    entry = near_twins_tenant(2000, seed=9)
+    halved = dataclasses.replace(entry, half=entry.matrix.astype(np.float16))
+    tiny = (entry.matrix[7] * 1e-22).astype(np.float32)  # finite, but its squares are below float32's range
+
+    assert np.isclose(np.linalg.norm(normalise(tiny).astype(np.float64)), 1.0)
+    for mode in ("vector", "hybrid"):
+        wanted = strategies.Wanted(query="jazz", mode=mode)
+        got, expected = (
+            strategies.top_k(halved, tiny, 5, wanted),
+            strategies.top_k(entry, entry.matrix[7] + 0.0, 5, wanted),
+        )
+
+        assert [item["id"] for item in got] == [item["id"] for item in expected], mode
+        assert np.allclose([item["score"] for item in got], [item["score"] for item in expected], atol=1e-6), mode
 
 
 def test_the_fp16_first_pass_scores_exactly_only_a_shortlist() -> None:

@@ -46,6 +46,9 @@ def _strip_vector_header(raw: bytes) -> np.ndarray:
 
 
 def normalise(matrix: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(matrix, axis=-1, keepdims=True)
+    """Unit rows in float32 (a zero row stays zero); the norm in float64, whose squares of float32 values neither
+    underflow nor overflow."""
+    wide = np.asarray(matrix, dtype=np.float64)
+    norms = np.linalg.norm(wide, axis=-1, keepdims=True)
     norms[norms == 0] = 1.0
-    return (matrix / norms).astype(np.float32, copy=False)
+    return (wide / norms).astype(np.float32)

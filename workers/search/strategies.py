@@ -51,6 +51,7 @@ COMPACT_DEAD_FRACTION = 0.5  # tombstoned rows past this fraction of the rows (a
 ROW_COLUMNS = ("vectors", "created_ts", "roles", "tags", "alive", "half")  # a RowStore's buffers, one entry per row
 LOADS_IN_FLIGHT = 2  # tenant loads a process builds at once (a small one beside a large one); a catch-up takes no slot
 HALF_SCORING_MIN_ROWS = 65_536  # from here a tenant's rows are kept in fp16 too, for a first pass over half the bytes
+EXACT_CHUNK_ROWS = 8192
 HALF_SCORE_ERROR = 4e-3  # |fp16 - float32 cosine| of unit rows at most: inputs and result rounded, sums in fp32
 
 
@@ -450,34 +451,46 @@ def top_k(entry: TenantMatrix, query: np.ndarray, k: int, wanted: Wanted | None 
 def scored_rows(
     entry: TenantMatrix, query: np.ndarray, eligible: np.ndarray, lexical: np.ndarray, k: int, mode: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows of ``eligible`` among which the k best are, with their cosines and fused scores, as if every eligible
-    row were scored. With an fp16 copy (``half_scores``) only the rows its estimate cannot rule out are scored
-    exactly (``shortlist``); hybrid's min-max scaling takes the exact extremes of all eligible cosines, found so."""
-    estimate = half_scores(entry.half, query) if entry.half is not None and mode != "lexical" else None
-    if estimate is None:
-        cosine = (entry.matrix @ query)[eligible]
-        return eligible, cosine, ranking.fuse(cosine, lexical[eligible], mode)
-    estimate = estimate[eligible]
-    if mode == "vector":
-        rows = eligible[shortlist(estimate, k, HALF_SCORE_ERROR)]
+    """Rows of ``eligible`` among which the k best are, with their exact cosines (``exact_cosines``) and fused
+    scores, as if every eligible row were scored exactly. Only the rows an estimate (``estimated_cosines``) cannot
+    rule out are (``shortlist``); hybrid's min-max scaling takes the exact extremes of all eligible cosines, found so.
+    In lexical mode the cosine only breaks the ties at the k-th BM25 score."""
+    if mode == "lexical":
+        rows = eligible[shortlist(lexical[eligible], k, 0.0)]
         cosine = exact_cosines(entry.matrix, rows, query)
         return rows, cosine, ranking.fuse(cosine, lexical[rows], mode)
-    top = eligible[estimate >= estimate.max() - 2 * HALF_SCORE_ERROR]
-    bottom = eligible[estimate <= estimate.min() + 2 * HALF_SCORE_ERROR]
-    low, high = exact_cosines(entry.matrix, bottom, query).min(), exact_cosines(entry.matrix, top, query).max()
-    ranges = (float(low), float(high)), (float(lexical[eligible].min()), float(lexical[eligible].max()))
-    rows = eligible
-    if high > low:  # (else every row's scaled cosine is 1)
-        fused_estimate = ranking.fuse(estimate, lexical[eligible], mode, *ranges)
-        rows = eligible[shortlist(fused_estimate, k, ranking.HYBRID_VECTOR_WEIGHT * HALF_SCORE_ERROR / (high - low))]
+    all_estimated, error = estimated_cosines(entry, query)
+    estimate = all_estimated[eligible]
+    ranges: tuple[tuple[float, float] | None, ...] = (None, None)
+    if mode == "vector":
+        rows = eligible[shortlist(estimate, k, error)]
+    else:
+        top = eligible[estimate >= estimate.max() - 2 * error]
+        bottom = eligible[estimate <= estimate.min() + 2 * error]
+        low, high = exact_cosines(entry.matrix, bottom, query).min(), exact_cosines(entry.matrix, top, query).max()
+        ranges = (float(low), float(high)), (float(lexical[eligible].min()), float(lexical[eligible].max()))
+        rows = eligible
+        if high > low:  # (else every row's scaled cosine is 1)
+            fused_estimate = ranking.fuse(estimate, lexical[eligible], mode, *ranges)
+            rows = eligible[shortlist(fused_estimate, k, ranking.HYBRID_VECTOR_WEIGHT * error / (high - low))]
     cosine = exact_cosines(entry.matrix, rows, query)
     return rows, cosine, ranking.fuse(cosine, lexical[rows], mode, *ranges)
 
 
+def estimated_cosines(entry: TenantMatrix, query: np.ndarray) -> tuple[np.ndarray, float]:
+    """Every row's cosine with ``query`` and a bound on its error: from the fp16 copy where there is one
+    (``half_scores``), else the float32 product (its sums err by at most d x 2^-24 on unit rows; 4 times that)."""
+    estimate = half_scores(entry.half, query) if entry.half is not None else None
+    if estimate is not None:
+        return estimate, HALF_SCORE_ERROR
+    return entry.matrix @ query, query.size * 2.0**-22
+
+
 def exact_cosines(matrix: np.ndarray, rows: np.ndarray, query: np.ndarray) -> np.ndarray:
     """The cosines of ``rows`` in float64, row by row: the same value for a row wherever it sits, so equal rows tie
-    and the id decides between them."""
-    return np.einsum("ij,j->i", matrix[rows], query, dtype=np.float64)
+    and the id decides between them. ``EXACT_CHUNK_ROWS`` rows copied at a time (a shortlist of ties can be long)."""
+    chunks = np.array_split(rows, max(1, rows.size // EXACT_CHUNK_ROWS))
+    return np.concatenate([np.einsum("ij,j->i", matrix[chunk], query, dtype=np.float64) for chunk in chunks])
 
 
 def shortlist(estimate: np.ndarray, k: int, error: float) -> np.ndarray:
