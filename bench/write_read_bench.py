@@ -63,6 +63,7 @@ CLIENT_TIMEOUT_S = 120.0
 SIZES = (1_000, 10_000, 50_000)
 WRITE_BATCH = 1_000  # upserts per bulk write: each well within the MongoDB client's socket timeout
 CONCURRENT = 8
+BLOCK_SEARCHES = 10
 
 
 def unit_vectors(rng: np.random.Generator, count: int, dimensions: int) -> np.ndarray:
@@ -253,20 +254,20 @@ def start_fleet(env: dict[str, str]) -> Any:
 
 
 def warm_without_and_with_fp16(tenant: Tenant, repeats: int) -> tuple[float, float]:
-    """Warm searches scoring every row in float32, then with the fp16 first pass (where the tenant is past
-    ``HALF_SCORING_MIN_ROWS``), alternating, medians."""
+    """Warm searches estimating in float32, then with the fp16 copy (where the tenant is past
+    ``HALF_SCORING_MIN_ROWS``), in alternating blocks of ``BLOCK_SEARCHES`` (a switch costs the first search of a
+    block its caches), medians of all but each block's first."""
     from memq.core.process_local import ProcessLocal
     from memq.workers.search import strategies
 
     with_fp16 = strategies.half_precision_torch
-    without: list[float] = []
-    with_: list[float] = []
-    for _ in range(repeats):
-        strategies.half_precision_torch = ProcessLocal(lambda: False)
-        without.append(tenant.search_ms())
-        strategies.half_precision_torch = with_fp16
-        with_.append(tenant.search_ms())
-    return statistics.median(without), statistics.median(with_)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(max(1, repeats // BLOCK_SEARCHES)):
+        for fp16 in (False, True):
+            strategies.half_precision_torch = with_fp16 if fp16 else ProcessLocal(lambda: False)
+            times[fp16] += [tenant.search_ms() for _ in range(BLOCK_SEARCHES + 1)][1:]
+    strategies.half_precision_torch = with_fp16
+    return statistics.median(times[False]), statistics.median(times[True])
 
 
 def full_reloads(enabled: bool) -> None:
